@@ -1,0 +1,31 @@
+// The fusednn._cuda extension module: what the CUDA build targets and what
+// the driver reports. Kernels are bound from their own files.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda/device.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "fusednn CUDA kernels (private; use the fusednn package)";
+  m.attr("version") = FUSEDNN_VERSION;
+  m.def("archs", [] {
+    std::vector<int> archs;
+    std::string csv = FUSEDNN_CUDA_ARCHS;
+    size_t start = 0;
+    while (start < csv.size()) {
+      size_t end = csv.find(',', start);
+      if (end == std::string::npos) end = csv.size();
+      archs.push_back(std::stoi(csv.substr(start, end - start)));
+      start = end + 1;
+    }
+    return archs;
+  });
+  m.def("runtime_version", &fusednn::cuda::runtime_version);
+  m.def("device_count", &fusednn::cuda::device_count,
+        "Number of visible CUDA devices (0 when there is no driver or device).");
+}

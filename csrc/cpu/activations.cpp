@@ -1,0 +1,167 @@
+// CPU loops for the activations: y = f(x) and grad_input = g * f'(.) over
+// arrays of any shape and strides, plus the plain copy used as the memory
+// roof. The math is fusednn/activations.h; this file only decides how to
+// loop (vectorized contiguous runs, strided fallback, threads, streaming
+// stores). Compiled once per ISA into namespace FUSEDNN_ISA.
+#include "cpu/activations.h"
+
+#include "cpu/elementwise.h"
+
+namespace fusednn {
+namespace cpu {
+namespace FUSEDNN_ISA {
+namespace {
+
+template <class Op, class T>
+void forward_typed(const ActivationParams& params, const ArrayRef& x, const ArrayRef& y) {
+  const int64_t* strides[2] = {x.strides, y.strides};
+  const int sizes[2] = {int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
+  const bool stream = loop.size * int64_t(sizeof(T)) >= kStreamBytes;
+  char* base[2] = {static_cast<char*>(x.data), static_cast<char*>(y.data)};
+  struct Body {
+    ActivationParams p;
+    bool stream;
+    void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+      const T* in = reinterpret_cast<const T*>(ptr[0]);
+      T* out = reinterpret_cast<T*>(ptr[1]);
+      const ActivationParams local = p;
+      if (inner[0] == 1 && inner[1] == 1) {
+        produce(out, len, stream, [&](T* dst, int64_t start, int64_t count) {
+          const T* src = in + start;
+          const ActivationParams q = local;  // by value: the vectorizer needs it in registers
+#pragma omp simd
+          for (int64_t i = 0; i < count; ++i) dst[i] = Op::template forward<T>(src[i], q);
+        });
+      } else {
+        for (int64_t i = 0; i < len; ++i)
+          out[i * inner[1]] = Op::template forward<T>(in[i * inner[0]], local);
+      }
+    }
+    void finish() {
+      if (stream) store_fence();
+    }
+  };
+  loop.run(base, sizes, [&] { return Body{params, stream}; });
+}
+
+template <class Op, class T, bool kFromOutput>
+void backward_typed(const ActivationParams& params, const ArrayRef& g, const ArrayRef& saved,
+                    const ArrayRef& gi) {
+  const int64_t* strides[3] = {g.strides, saved.strides, gi.strides};
+  const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<3> loop(g.ndim, g.shape, strides, sizes);
+  const bool stream = loop.size * int64_t(sizeof(T)) >= kStreamBytes;
+  char* base[3] = {static_cast<char*>(g.data), static_cast<char*>(saved.data),
+                   static_cast<char*>(gi.data)};
+  struct Body {
+    ActivationParams p;
+    bool stream;
+    static T one(T grad, T value, const ActivationParams& q) {
+      if constexpr (kFromOutput) {
+        return Op::template backward_y<T>(grad, value, q);
+      } else {
+        return Op::template backward_x<T>(grad, value, q);
+      }
+    }
+    void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+      const T* grad = reinterpret_cast<const T*>(ptr[0]);
+      const T* value = reinterpret_cast<const T*>(ptr[1]);
+      T* out = reinterpret_cast<T*>(ptr[2]);
+      const ActivationParams local = p;
+      if (inner[0] == 1 && inner[1] == 1 && inner[2] == 1) {
+        produce(out, len, stream, [&](T* dst, int64_t start, int64_t count) {
+          const T* gs = grad + start;
+          const T* vs = value + start;
+          const ActivationParams q = local;  // by value: the vectorizer needs it in registers
+#pragma omp simd
+          for (int64_t i = 0; i < count; ++i) dst[i] = one(gs[i], vs[i], q);
+        });
+      } else {
+        for (int64_t i = 0; i < len; ++i)
+          out[i * inner[2]] = one(grad[i * inner[0]], value[i * inner[1]], local);
+      }
+    }
+    void finish() {
+      if (stream) store_fence();
+    }
+  };
+  loop.run(base, sizes, [&] { return Body{params, stream}; });
+}
+
+template <class T> void copy_typed(const ArrayRef& src, const ArrayRef& dst) {
+  const int64_t* strides[2] = {src.strides, dst.strides};
+  const int sizes[2] = {int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<2> loop(src.ndim, src.shape, strides, sizes);
+  const bool stream = loop.size * int64_t(sizeof(T)) >= kStreamBytes;
+  char* base[2] = {static_cast<char*>(src.data), static_cast<char*>(dst.data)};
+  struct Body {
+    bool stream;
+    void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+      const T* in = reinterpret_cast<const T*>(ptr[0]);
+      T* out = reinterpret_cast<T*>(ptr[1]);
+      if (inner[0] == 1 && inner[1] == 1) {
+        produce(out, len, stream, [&](T* d, int64_t start, int64_t count) {
+          std::memcpy(d, in + start, static_cast<size_t>(count) * sizeof(T));
+        });
+      } else {
+        for (int64_t i = 0; i < len; ++i) out[i * inner[1]] = in[i * inner[0]];
+      }
+    }
+    void finish() {
+      if (stream) store_fence();
+    }
+  };
+  loop.run(base, sizes, [&] { return Body{stream}; });
+}
+
+}  // namespace
+
+void activation_forward(Activation act, const ActivationParams& p, const ArrayRef& x,
+                        const ArrayRef& y) {
+  visit_activation(act, p, [&](auto op) {
+    using Op = decltype(op);
+    if (x.dtype == DType::float64) {
+      forward_typed<Op, double>(p, x, y);
+    } else {
+      forward_typed<Op, float>(p, x, y);
+    }
+  });
+}
+
+void activation_backward(Activation act, const ActivationParams& p, bool from_output,
+                         const ArrayRef& grad_output, const ArrayRef& saved,
+                         const ArrayRef& grad_input) {
+  visit_activation(act, p, [&](auto op) {
+    using Op = decltype(op);
+    if constexpr (Op::kBackwardFromY) {
+      if (from_output) {
+        if (grad_output.dtype == DType::float64) {
+          backward_typed<Op, double, true>(p, grad_output, saved, grad_input);
+        } else {
+          backward_typed<Op, float, true>(p, grad_output, saved, grad_input);
+        }
+        return;
+      }
+    } else if (from_output) {
+      throw std::invalid_argument("this activation's derivative needs x, not y");
+    }
+    if (grad_output.dtype == DType::float64) {
+      backward_typed<Op, double, false>(p, grad_output, saved, grad_input);
+    } else {
+      backward_typed<Op, float, false>(p, grad_output, saved, grad_input);
+    }
+  });
+}
+
+void copy(const ArrayRef& src, const ArrayRef& dst) {
+  if (src.dtype == DType::float64) {
+    copy_typed<double>(src, dst);
+  } else {
+    copy_typed<float>(src, dst);
+  }
+}
+
+}  // namespace FUSEDNN_ISA
+}  // namespace cpu
+}  // namespace fusednn

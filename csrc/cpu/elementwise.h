@@ -1,0 +1,184 @@
+// The loop driver shared by the elementwise CPU kernels: it merges the
+// dimensions that all operands traverse contiguously, splits the flat index
+// range into one slice per thread, and hands the body runs along the
+// innermost dimension. Also the streaming-store helpers: large outputs are
+// written with non-temporal stores, because the output is not re-read soon
+// and a normal store would first read each line into the cache.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/array.h"
+#include "cpu/threadpool.h"
+
+namespace fusednn {
+namespace cpu {
+
+constexpr int kMaxDims = 64;
+// Elements per task below which splitting across threads does not pay.
+constexpr int64_t kGrain = 1 << 16;
+// Outputs at least this large are streamed past the cache.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// Size of the cache-resident staging buffer for streamed outputs.
+constexpr int kStageBytes = 8192;
+
+template <int N> struct StridedLoop {
+  int ndim = 0;
+  int64_t size = 0;
+  int64_t shape[kMaxDims];
+  int64_t strides[N][kMaxDims];  // in elements
+
+  // All operands share `shape`; strides are in bytes (0 broadcasts).
+  StridedLoop(int in_ndim, const int64_t* in_shape, const int64_t* const in_strides[N],
+              const int itemsizes[N]) {
+    if (in_ndim > kMaxDims) throw std::invalid_argument("too many dimensions");
+    size = 1;
+    for (int d = 0; d < in_ndim; ++d) size *= in_shape[d];
+    // Build from the innermost dimension outwards, skipping length-1 axes
+    // and merging an axis into the previous one when every operand steps
+    // over it as one contiguous extent.
+    int64_t rev_shape[kMaxDims];
+    int64_t rev_strides[N][kMaxDims];
+    int count = 0;
+    for (int d = in_ndim - 1; d >= 0; --d) {
+      if (in_shape[d] == 1) continue;
+      bool mergeable = count > 0;
+      for (int k = 0; k < N && mergeable; ++k) {
+        const int64_t s = in_strides[k][d] / itemsizes[k];
+        mergeable = s == rev_strides[k][count - 1] * rev_shape[count - 1];
+      }
+      if (mergeable) {
+        rev_shape[count - 1] *= in_shape[d];
+      } else {
+        rev_shape[count] = in_shape[d];
+        for (int k = 0; k < N; ++k) rev_strides[k][count] = in_strides[k][d] / itemsizes[k];
+        ++count;
+      }
+    }
+    if (count == 0) {
+      rev_shape[0] = 1;
+      for (int k = 0; k < N; ++k) rev_strides[k][0] = 1;
+      count = 1;
+    }
+    ndim = count;
+    for (int d = 0; d < count; ++d) {
+      shape[d] = rev_shape[count - 1 - d];
+      for (int k = 0; k < N; ++k) strides[k][d] = rev_strides[k][count - 1 - d];
+    }
+  }
+
+  // Calls body(ptrs, len, inner_strides) for consecutive runs along the
+  // innermost dimension covering flat indices [begin, end).
+  template <class Body>
+  void walk(char* const base[N], const int itemsizes[N], int64_t begin, int64_t end,
+            Body& body) const {
+    int64_t index[kMaxDims];
+    int64_t rest = begin;
+    for (int d = ndim - 1; d >= 0; --d) {
+      index[d] = rest % shape[d];
+      rest /= shape[d];
+    }
+    char* ptr[N];
+    int64_t inner[N];
+    for (int k = 0; k < N; ++k) {
+      int64_t offset = 0;
+      for (int d = 0; d < ndim; ++d) offset += index[d] * strides[k][d];
+      ptr[k] = base[k] + offset * itemsizes[k];
+      inner[k] = strides[k][ndim - 1];
+    }
+    const int last = ndim - 1;
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t len = std::min(shape[last] - index[last], end - pos);
+      body(ptr, len, inner);
+      pos += len;
+      for (int k = 0; k < N; ++k) ptr[k] += len * inner[k] * itemsizes[k];
+      index[last] += len;
+      for (int d = last; d > 0 && index[d] == shape[d]; --d) {
+        index[d] = 0;
+        ++index[d - 1];
+        for (int k = 0; k < N; ++k)
+          ptr[k] += (strides[k][d - 1] - shape[d] * strides[k][d]) * itemsizes[k];
+      }
+    }
+  }
+
+  // Splits [0, size) into equal slices (one per thread, boundaries on
+  // 64-element multiples) and walks each on the pool. make_body(slice)
+  // returns the body for one slice; its finish() runs when the slice ends.
+  template <class MakeBody>
+  void run(char* const base[N], const int itemsizes[N], MakeBody make_body) const {
+    if (size == 0) return;
+    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
+    parallel_for(slices, [&](int64_t s) {
+      const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~int64_t(63);
+      const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~int64_t(63);
+      auto body = make_body();
+      walk(base, itemsizes, begin, end, body);
+      body.finish();
+    });
+  }
+};
+
+// Copies n bytes to dst with non-temporal stores where the ISA has them.
+// src must be 64-byte aligned; dst is aligned by the caller's staging.
+inline void stream_bytes(void* dst, const void* src, size_t n) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  size_t i = 0;
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(d) & 63) == 0)
+    for (; i + 64 <= n; i += 64)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i),
+                          _mm512_load_si512(reinterpret_cast<const __m512i*>(s + i)));
+#elif defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(d) & 31) == 0)
+    for (; i + 32 <= n; i += 32)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                          _mm256_load_si256(reinterpret_cast<const __m256i*>(s + i)));
+#elif defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(d) & 15) == 0)
+    for (; i + 16 <= n; i += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i),
+                       _mm_load_si128(reinterpret_cast<const __m128i*>(s + i)));
+#endif
+  if (i < n) std::memcpy(d + i, s + i, n - i);
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Produces len contiguous outputs at y. compute(dst, start, count) writes
+// outputs [start, start + count) to dst. With stream set, outputs go
+// through a cache-resident buffer and are streamed out in 64-byte-aligned
+// blocks; otherwise compute writes y directly.
+template <class T, class Compute>
+inline void produce(T* y, int64_t len, bool stream, Compute&& compute) {
+  if (!stream) {
+    compute(y, 0, len);
+    return;
+  }
+  constexpr int64_t kBlock = kStageBytes / sizeof(T);
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) & 63);
+  const int64_t head = std::min<int64_t>(len, ((64 - misalignment) & 63) / int64_t(sizeof(T)));
+  if (head > 0) compute(y, 0, head);
+  alignas(64) T stage[kBlock];
+  for (int64_t i = head; i < len; i += kBlock) {
+    const int64_t count = std::min(kBlock, len - i);
+    compute(stage, i, count);
+    stream_bytes(y + i, stage, static_cast<size_t>(count) * sizeof(T));
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusednn

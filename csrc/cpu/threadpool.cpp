@@ -1,0 +1,179 @@
+// The thread pool behind parallel_for: workers sleep on a condition
+// variable between calls and take task indices from an atomic counter.
+#include "cpu/threadpool.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace fusednn {
+namespace cpu {
+namespace {
+
+int threads_from_environment() {
+  for (const char* name : {"FUSEDNN_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    const char* value = std::getenv(name);
+    if (value != nullptr && *value != '\0') {
+      char* end = nullptr;
+      const long n = std::strtol(value, &end, 10);
+      if (end != value && n > 0) return static_cast<int>(std::min(n, 1024L));
+    }
+  }
+  const unsigned cores = std::thread::hardware_concurrency();
+  return cores == 0 ? 1 : static_cast<int>(cores);
+}
+
+thread_local bool t_inside_task = false;
+
+class Pool {
+ public:
+  explicit Pool(int threads) : threads_(threads) {}
+
+  // Worker threads are detached and live for the process: joining them at
+  // interpreter exit could deadlock with a thread still blocked in Python.
+  int threads() const { return threads_; }
+
+  void resize(int threads) {
+    std::lock_guard<std::mutex> run_lock(run_mutex_);
+    threads_ = threads;
+  }
+
+  void run(int64_t ntasks, const std::function<void(int64_t)>& task) {
+    if (ntasks <= 0) return;
+    std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
+    if (ntasks == 1 || threads_ <= 1 || t_inside_task || !run_lock.owns_lock()) {
+      run_serially(ntasks, task);
+      return;
+    }
+    ensure_workers(threads_ - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      ntasks_ = ntasks;
+      next_.store(0);
+      remaining_ = ntasks;
+      error_ = nullptr;
+      active_workers_ = std::min<int64_t>(threads_ - 1, ntasks - 1);
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return remaining_ == 0 && busy_ == 0; });
+    // Workers that have not woken yet must not join a finished region.
+    active_workers_ = 0;
+    task_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  static void run_serially(int64_t ntasks, const std::function<void(int64_t)>& task) {
+    const bool was_inside = t_inside_task;
+    t_inside_task = true;
+    try {
+      for (int64_t i = 0; i < ntasks; ++i) task(i);
+    } catch (...) {
+      t_inside_task = was_inside;
+      throw;
+    }
+    t_inside_task = was_inside;
+  }
+
+  void ensure_workers(int count) {
+    while (static_cast<int>(workers_started_) < count) {
+      std::thread([this] { worker_loop(); }).detach();
+      ++workers_started_;
+    }
+  }
+
+  // Takes tasks until none are left; records the first exception.
+  void work() {
+    t_inside_task = true;
+    int64_t done_here = 0;
+    for (;;) {
+      const int64_t i = next_.fetch_add(1);
+      if (i >= ntasks_) break;
+      try {
+        (*task_)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      ++done_here;
+    }
+    t_inside_task = false;
+    std::lock_guard<std::mutex> lock(mutex_);
+    remaining_ -= done_here;
+    if (remaining_ == 0) done_.notify_all();
+  }
+
+  void worker_loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (active_workers_ <= 0) continue;
+      --active_workers_;
+      ++busy_;
+      lock.unlock();
+      work();
+      lock.lock();
+      --busy_;
+      if (remaining_ == 0 && busy_ == 0) done_.notify_all();
+    }
+  }
+
+  int threads_;
+  std::mutex run_mutex_;  // one parallel region at a time
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t ntasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  int64_t remaining_ = 0;
+  int64_t active_workers_ = 0;
+  int busy_ = 0;
+  uint64_t generation_ = 0;
+  unsigned workers_started_ = 0;
+  std::exception_ptr error_;
+};
+
+Pool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
+// A forked child has none of the parent's worker threads: give it a fresh
+// pool (the old one is leaked on purpose; its mutexes may be held).
+void reset_pool_in_child() {
+  g_pool = new Pool(g_pool != nullptr ? g_pool->threads() : threads_from_environment());
+}
+
+Pool& pool() {
+  std::call_once(g_pool_once, [] {
+    g_pool = new Pool(threads_from_environment());
+    pthread_atfork(nullptr, nullptr, reset_pool_in_child);
+  });
+  return *g_pool;
+}
+
+}  // namespace
+
+int num_threads() { return pool().threads(); }
+
+void set_num_threads(int n) { pool().resize(std::max(1, std::min(n, 1024))); }
+
+void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& task) {
+  pool().run(ntasks, task);
+}
+
+}  // namespace cpu
+}  // namespace fusednn

@@ -1,0 +1,328 @@
+// The activation functions and their derivatives, one struct per
+// activation, shared by the CPU and CUDA kernels. Each struct has
+//   forward(x, params)            -> y
+//   backward_x(g, x, params)      -> g * f'(x)
+//   backward_y(g, y, params)      -> g * f'(x), from y = f(x)
+// the last one only where kBackwardFromY says the derivative can be formed
+// from the output. Conventions follow PyTorch (parameters, the one-sided
+// derivative at kinks, NaN and infinity handling); float32 inputs are
+// evaluated in float32 where that stays within a few ulp, and in double
+// where a float32 evaluation would not (the GELUs, products with a
+// parameter that is not a float32 value).
+#pragma once
+
+#include "fusednn/math.h"
+
+namespace fusednn {
+
+enum class Activation : int {
+  sigmoid = 0,
+  tanh,
+  relu,
+  leaky_relu,
+  elu,
+  selu,
+  gelu,
+  silu,
+  softplus,
+  mish,
+  hardsigmoid,
+  hardswish,
+  hardtanh,
+  count
+};
+
+// Parameters by activation: leaky_relu (a = negative_slope), elu (a = alpha),
+// gelu (tanh_approximation), softplus (a = beta, b = threshold), hardtanh
+// (a = min_val, b = max_val).
+struct ActivationParams {
+  double a = 0.0;
+  double b = 0.0;
+  bool tanh_approximation = false;
+};
+
+namespace act {
+
+using math::abs_;
+using math::exp_;
+using math::is_nan;
+
+constexpr double kSeluScale = 1.0507009873554804934193349852946;
+constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
+
+struct Sigmoid {
+  static constexpr bool kBackwardFromY = true;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    return math::sigmoid_(x);
+  }
+  // e / (1 + e)^2 with e = exp(-|x|): symmetric and free of 1 - s.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const T e = exp_(-abs_(x));
+    const T q = T(1) + e;
+    return g * (e / q / q);
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
+    return g * (y * (T(1) - y));
+  }
+};
+
+struct Tanh {
+  static constexpr bool kBackwardFromY = true;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    return math::tanh_(x);
+  }
+  // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|).
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const T e = exp_(T(-2) * abs_(x));
+    const T q = T(1) + e;
+    return g * (T(4) * e / q / q);
+  }
+  // (1 - y)(1 + y) is exact where y*y would cancel.
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
+    return g * ((T(1) - y) * (T(1) + y));
+  }
+};
+
+struct Relu {
+  static constexpr bool kBackwardFromY = true;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    return x < T(0) ? T(0) : x;  // -0 and NaN pass, as in PyTorch
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    return x <= T(0) ? T(0) : g;
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
+    return backward_x(g, y, p);
+  }
+};
+
+// The product with the slope is formed in double and rounded once, so the
+// float32 result is the correctly rounded float64 one.
+struct LeakyRelu {
+  static constexpr bool kBackwardFromY = true;  // for negative_slope >= 0
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    return x > T(0) ? x : T(double(x) * p.a);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    return x > T(0) ? g : T(double(g) * p.a);
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
+    return backward_x(g, y, p);
+  }
+};
+
+struct Elu {
+  static constexpr bool kBackwardFromY = true;  // for alpha >= 0
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    return x > T(0) ? x : T(p.a) * math::expm1_nonpositive(x);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    return x <= T(0) ? g * T(p.a) * exp_(x) : g;
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
+    return y <= T(0) ? g * (y + T(p.a)) : g;
+  }
+};
+
+struct Selu {
+  static constexpr bool kBackwardFromY = true;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    return x > T(0) ? T(kSeluScale) * x
+                    : T(kSeluScale * kSeluAlpha) * math::expm1_nonpositive(x);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    return x <= T(0) ? g * T(kSeluScale * kSeluAlpha) * exp_(x) : g * T(kSeluScale);
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
+    return y <= T(0) ? g * (y + T(kSeluScale * kSeluAlpha)) : g * T(kSeluScale);
+  }
+};
+
+// GELU, exact (x Phi(x)) or with the tanh approximation
+// 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+// Evaluated in double: the tails need Phi and sigmoid(2u) with relative
+// accuracy where u itself is large.
+template <class T> FUSEDNN_HD double normal_cdf_for(double x) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return math::normal_cdf_f32(x);
+  } else {
+    return math::normal_cdf_f64(x);
+  }
+}
+
+struct GeluErf {
+  static constexpr bool kBackwardFromY = false;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const double xd = x;
+    return T(xd * normal_cdf_for<T>(xd));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const double xd = x;
+    return T(double(g) * (normal_cdf_for<T>(xd) + xd * math::normal_pdf(xd)));
+  }
+};
+
+struct GeluTanh {
+  static constexpr bool kBackwardFromY = false;
+  static constexpr double kSqrt2OverPi = 0.79788456080286535588;
+  static constexpr double kCubic = 0.044715;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const double xd = x;
+    const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * xd * xd * xd);
+    return T(xd * math::sigmoid_(two_u));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const double xd = x;
+    const double x2 = xd * xd;
+    const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * x2 * xd);
+    const double e = exp_(-abs_(two_u));
+    const double q = 1.0 + e;
+    const double s = math::sigmoid_from_exp(two_u, e);
+    const double ds = e / q / q;  // s (1 - s)
+    const double d_two_u = 2.0 * kSqrt2OverPi * (1.0 + 3.0 * kCubic * x2);
+    return T(double(g) * (s + xd * ds * d_two_u));
+  }
+};
+
+struct Silu {
+  static constexpr bool kBackwardFromY = false;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const T e = exp_(-abs_(x));
+    return (x >= T(0) ? x : x * e) / (T(1) + e);
+  }
+  // s (1 + x (1 - s)), with 1 - s = sigmoid(-x) formed without cancelling.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const T e = exp_(-abs_(x));
+    const T q = T(1) + e;
+    const T s = (x >= T(0) ? T(1) : e) / q;
+    const T s_neg = (x >= T(0) ? e : T(1)) / q;
+    return g * (s * (T(1) + x * s_neg));
+  }
+};
+
+// softplus(x) = log1p(exp(beta x)) / beta, and x where beta x > threshold
+// (PyTorch). The product beta x is carried as a pair (hi + lo) so that
+// beta != 1 costs no accuracy in the exponential tail.
+struct Softplus {
+  static constexpr bool kBackwardFromY = false;
+  template <class T> FUSEDNN_HD static void scaled(T x, const ActivationParams& p, T& hi, T& lo) {
+    const T beta = T(p.a);
+    hi = x * beta;
+    lo = fmadd(x, beta, -hi);
+    lo = is_nan(lo) ? T(0) : lo;  // infinite x
+  }
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    T hi, lo;
+    scaled(x, p, hi, lo);
+    const bool positive = hi > T(0);
+    const T e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
+    const T sp = (positive ? hi : T(0)) + (math::log1p_unit(e) + (positive ? lo : T(0)));
+    return hi > T(p.b) ? x : sp / T(p.a);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    T hi, lo;
+    scaled(x, p, hi, lo);
+    const bool positive = hi >= T(0);
+    const T e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
+    return hi > T(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+  }
+};
+
+// mish(x) = x tanh(softplus(x)); with n = e^x,
+// tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels
+// nor overflows once x is capped (beyond 40 the ratio is 1 in double).
+struct Mish {
+  static constexpr bool kBackwardFromY = false;
+  static constexpr double kCap = 40.0;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const T n = exp_(x > T(kCap) ? T(kCap) : x);
+    const T num = fmadd(n, n, T(2) * n);
+    return x * (num / (num + T(2)));
+  }
+  // d/dx = tanh(sp) + x sech^2(sp) sigmoid(x)
+  //      = N / D + 4 x n (n + 1) / D^2,  N = n (n + 2), D = N + 2.
+  // Past the cap the second term is x * 0, so infinity gives NaN as in
+  // PyTorch.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const bool capped = x > T(kCap);
+    const T n = exp_(capped ? T(kCap) : x);
+    const T num = fmadd(n, n, T(2) * n);
+    const T den = num + T(2);
+    const T slope = (T(4) * x * n * (n + T(1)) / den) / den;
+    return g * (num / den + (capped ? x * T(0) : slope));
+  }
+};
+
+// The hard activations are evaluated in double: then (x + 3) / 6 and the
+// products round once, exactly as the float64 reference rounds to float32.
+struct Hardsigmoid {
+  static constexpr bool kBackwardFromY = false;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const double xd = x;
+    return xd <= -3.0 ? T(0) : (xd >= 3.0 ? T(1) : T((xd + 3.0) / 6.0));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    return (x > T(-3) && x < T(3)) ? T(double(g) / 6.0) : T(0);
+  }
+};
+
+struct Hardswish {
+  static constexpr bool kBackwardFromY = false;
+  // x * clamp(x + 3, 0, 6) / 6: -inf gives NaN, as in PyTorch.
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const double xd = x;
+    double r = xd + 3.0;
+    r = r < 0.0 ? 0.0 : r;
+    r = r > 6.0 ? 6.0 : r;
+    return T(xd * r / 6.0);
+  }
+  // PyTorch's one-sided choices: 0 at x = -3, 1 at x = 3.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const double xd = x;
+    return xd <= -3.0 ? T(0) : (xd < 3.0 ? T(double(g) * (xd / 3.0 + 0.5)) : g);
+  }
+};
+
+struct Hardtanh {
+  static constexpr bool kBackwardFromY = true;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    const double xd = x;
+    return xd < p.a ? T(p.a) : (xd > p.b ? T(p.b) : x);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    const double xd = x;
+    return (xd <= p.a || xd >= p.b) ? T(0) : g;
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
+    return backward_x(g, y, p);
+  }
+};
+
+}  // namespace act
+
+// Calls fn(Op{}) with the struct for `a`; used by the CPU and CUDA
+// dispatchers so that the list of activations lives in one place.
+template <class Fn>
+decltype(auto) visit_activation(Activation a, const ActivationParams& p, Fn&& fn) {
+  switch (a) {
+    case Activation::sigmoid: return fn(act::Sigmoid{});
+    case Activation::tanh: return fn(act::Tanh{});
+    case Activation::relu: return fn(act::Relu{});
+    case Activation::leaky_relu: return fn(act::LeakyRelu{});
+    case Activation::elu: return fn(act::Elu{});
+    case Activation::selu: return fn(act::Selu{});
+    case Activation::gelu:
+      if (p.tanh_approximation) return fn(act::GeluTanh{});
+      return fn(act::GeluErf{});
+    case Activation::silu: return fn(act::Silu{});
+    case Activation::softplus: return fn(act::Softplus{});
+    case Activation::mish: return fn(act::Mish{});
+    case Activation::hardsigmoid: return fn(act::Hardsigmoid{});
+    case Activation::hardswish: return fn(act::Hardswish{});
+    case Activation::hardtanh: return fn(act::Hardtanh{});
+    default: break;
+  }
+  return fn(act::Relu{});  // unreachable: the bindings validate the id
+}
+
+}  // namespace fusednn

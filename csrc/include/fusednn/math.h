@@ -1,0 +1,260 @@
+// Elementary functions for the kernels, written once for float and double,
+// for the host and the device. They are branch-free (selects, no loops or
+// table look-ups) so that a CPU loop calling them vectorizes, and they keep
+// their accuracy over the whole input range: exp is within about 1 ulp,
+// expm1 and log1p keep relative accuracy near zero. Special values follow
+// IEEE: NaN in gives NaN out, overflow gives infinity, underflow degrades
+// through the subnormals.
+#pragma once
+
+#include "fusednn/config.h"
+
+namespace fusednn {
+namespace math {
+
+template <class T> struct Traits;
+
+template <> struct Traits<float> {
+  using Bits = uint32_t;
+  using SBits = int32_t;
+  static constexpr int kMantissaBits = 23;
+  static constexpr int kExponentBias = 127;
+  // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low bits.
+  static constexpr float kRoundShifter = 12582912.0f;
+  static constexpr float kLn2Hi = 0.693147182464599609375f;
+  static constexpr float kLn2Lo = -1.904654299957768e-09f;
+  // exp's input is clamped here: beyond it the result is 0 or infinity and
+  // the split scaling below still produces that.
+  static constexpr float kExpMin = -110.0f;
+  static constexpr float kExpMax = 100.0f;
+  // expm1(x) rounds to -1 below this.
+  static constexpr float kExpm1Min = -30.0f;
+};
+
+template <> struct Traits<double> {
+  using Bits = uint64_t;
+  using SBits = int64_t;
+  static constexpr int kMantissaBits = 52;
+  static constexpr int kExponentBias = 1023;
+  static constexpr double kRoundShifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2Hi = 0x1.62e42fefa39efp-1;
+  static constexpr double kLn2Lo = 0x1.abc9e3b39803fp-56;
+  static constexpr double kExpMin = -1400.0;
+  static constexpr double kExpMax = 1400.0;
+  static constexpr double kExpm1Min = -60.0;
+};
+
+template <class T> FUSEDNN_HD T from_bits(typename Traits<T>::Bits b);
+template <> FUSEDNN_HD float from_bits<float>(uint32_t b) { return float_from_bits(b); }
+template <> FUSEDNN_HD double from_bits<double>(uint64_t b) { return double_from_bits(b); }
+
+template <class T> FUSEDNN_HD bool is_nan(T x) { return x != x; }
+
+template <class T> FUSEDNN_HD T abs_(T x) { return x < T(0) ? -x : x; }  // -0 -> -0 is fine here
+
+template <class T> FUSEDNN_HD T copysign_(T magnitude, T sign_source) {
+  using Tr = Traits<T>;
+  constexpr typename Tr::Bits sign_bit = typename Tr::Bits(1) << (sizeof(T) * 8 - 1);
+  return from_bits<T>((bits_of(magnitude) & ~sign_bit) | (bits_of(sign_source) & sign_bit));
+}
+
+// 2^k for k in the normal exponent range.
+template <class T> FUSEDNN_HD T pow2i(typename Traits<T>::SBits k) {
+  using Tr = Traits<T>;
+  using Bits = typename Tr::Bits;
+  return from_bits<T>(static_cast<Bits>(k + Tr::kExponentBias) << Tr::kMantissaBits);
+}
+
+// Cody-Waite reduction x = k ln2 + r with |r| <= ln2/2 (plus rounding);
+// returns r and sets k.
+template <class T>
+FUSEDNN_HD T reduce_ln2(T x, T& kf, typename Traits<T>::SBits& k) {
+  using Tr = Traits<T>;
+  using SBits = typename Tr::SBits;
+  const T shifted = x * T(1.4426950408889634) + Tr::kRoundShifter;
+  kf = shifted - Tr::kRoundShifter;
+  k = static_cast<SBits>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+  T r = fmadd(kf, -Tr::kLn2Hi, x);
+  return fmadd(kf, -Tr::kLn2Lo, r);
+}
+
+// e^r - 1 for |r| <= 0.35: Taylor series, to degree 8 (float) or 14 (double),
+// whose truncation error is far below half an ulp.
+FUSEDNN_HD float expm1_reduced(float r) {
+  float p = 1.0f / 40320;
+  p = fmadd(p, r, 1.0f / 5040);
+  p = fmadd(p, r, 1.0f / 720);
+  p = fmadd(p, r, 1.0f / 120);
+  p = fmadd(p, r, 1.0f / 24);
+  p = fmadd(p, r, 1.0f / 6);
+  p = fmadd(p, r, 0.5f);
+  return fmadd(p, r * r, r);
+}
+
+FUSEDNN_HD double expm1_reduced(double r) {
+  double p = 1.0 / 87178291200.0;
+  p = fmadd(p, r, 1.0 / 6227020800.0);
+  p = fmadd(p, r, 1.0 / 479001600.0);
+  p = fmadd(p, r, 1.0 / 39916800.0);
+  p = fmadd(p, r, 1.0 / 3628800.0);
+  p = fmadd(p, r, 1.0 / 362880.0);
+  p = fmadd(p, r, 1.0 / 40320.0);
+  p = fmadd(p, r, 1.0 / 5040.0);
+  p = fmadd(p, r, 1.0 / 720.0);
+  p = fmadd(p, r, 1.0 / 120.0);
+  p = fmadd(p, r, 1.0 / 24.0);
+  p = fmadd(p, r, 1.0 / 6.0);
+  p = fmadd(p, r, 0.5);
+  return fmadd(p, r * r, r);
+}
+
+// e^x. The scale 2^k is applied as two factors so that results in the
+// subnormal range are rounded once, and overflow reaches infinity.
+template <class T> FUSEDNN_HD T exp_(T x) {
+  using Tr = Traits<T>;
+  using SBits = typename Tr::SBits;
+  T xc = x < Tr::kExpMin ? Tr::kExpMin : x;
+  xc = xc > Tr::kExpMax ? Tr::kExpMax : xc;
+  T kf;
+  SBits k;
+  const T r = reduce_ln2(xc, kf, k);
+  const T p = expm1_reduced(r) + T(1);
+  const SBits k_half = k >> 1;
+  const T y = (p * pow2i<T>(k_half)) * pow2i<T>(k - k_half);
+  return is_nan(x) ? x : y;
+}
+
+// e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
+// second factor is 1 + lo to within lo^2.
+template <class T> FUSEDNN_HD T exp_pair(T hi, T lo) {
+  const T e = exp_(hi);
+  return fmadd(e, lo, e);
+}
+
+// e^x - 1 for x <= 0 (positive x is treated as 0). Relative accuracy holds
+// near zero; -0 and NaN pass through.
+template <class T> FUSEDNN_HD T expm1_nonpositive(T x) {
+  using Tr = Traits<T>;
+  using SBits = typename Tr::SBits;
+  T xc = x < Tr::kExpm1Min ? Tr::kExpm1Min : x;
+  xc = xc > T(0) ? T(0) : xc;
+  T kf;
+  SBits k;
+  const T r = reduce_ln2(xc, kf, k);
+  const T p = expm1_reduced(r);
+  const T scale = pow2i<T>(k);
+  // 2^k (p + 1) - 1, with 2^k - 1 exact for the k that matter.
+  const T y = fmadd(scale, p, scale - T(1));
+  return (x == T(0) || is_nan(x)) ? x : y;
+}
+
+// log(1 + u) for u in [0, 1]: the u <= sqrt(2) - 1 half uses u itself as the
+// reduced argument (no rounding), the rest reduces 1 + u by a factor 2 and
+// adds back the rounding error of 1 + u. Series in s = f / (2 + f).
+FUSEDNN_HD float log1p_series(float z) {
+  float r = 2.0f / 9;
+  r = fmadd(r, z, 2.0f / 7);
+  r = fmadd(r, z, 2.0f / 5);
+  r = fmadd(r, z, 2.0f / 3);
+  return r * z;
+}
+
+FUSEDNN_HD double log1p_series(double z) {
+  double r = 2.0 / 21;
+  r = fmadd(r, z, 2.0 / 19);
+  r = fmadd(r, z, 2.0 / 17);
+  r = fmadd(r, z, 2.0 / 15);
+  r = fmadd(r, z, 2.0 / 13);
+  r = fmadd(r, z, 2.0 / 11);
+  r = fmadd(r, z, 2.0 / 9);
+  r = fmadd(r, z, 2.0 / 7);
+  r = fmadd(r, z, 2.0 / 5);
+  r = fmadd(r, z, 2.0 / 3);
+  return r * z;
+}
+
+template <class T> FUSEDNN_HD T log1p_unit(T u) {
+  using Tr = Traits<T>;
+  const bool reduced = u > T(0.41421356237309503);
+  const T w = T(1) + u;
+  const T f = reduced ? w * T(0.5) - T(1) : u;
+  const T correction = reduced ? (u - (w - T(1))) / w : T(0);
+  const T k = reduced ? T(1) : T(0);
+  const T s = f / (T(2) + f);
+  const T half_f_sq = T(0.5) * f * f;
+  const T log1p_f = f - (half_f_sq - s * (half_f_sq + log1p_series(s * s)));
+  return fmadd(k, Tr::kLn2Hi, log1p_f + fmadd(k, Tr::kLn2Lo, correction));
+}
+
+// The logistic function 1 / (1 + e^-x), from e = e^-|x| so nothing
+// overflows and the small side keeps its relative accuracy.
+template <class T> FUSEDNN_HD T sigmoid_from_exp(T x, T e) {
+  return (x >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
+template <class T> FUSEDNN_HD T sigmoid_(T x) { return sigmoid_from_exp(x, exp_(-abs_(x))); }
+
+template <class T> FUSEDNN_HD T tanh_(T x) {
+  const T t = expm1_nonpositive(T(-2) * abs_(x));
+  return copysign_(-t / (t + T(2)), x);
+}
+
+// The standard normal CDF Phi(x) and density, in double, accurate to about
+// 1e-11 relative: enough for every float32 result to round correctly. The
+// central part is the Taylor series of erf; the tails are
+// exp(-x^2/2) * M(|x|) with M fitted by scripts/fit_normal_tail.py.
+FUSEDNN_HD double normal_pdf(double x) {
+  return exp_(-0.5 * x * x) * 0.3989422804014327;
+}
+
+FUSEDNN_HD double normal_cdf_f32(double x) {
+  const double t = abs_(x);
+  // |x| <= 1: 0.5 + x * sum_n (-1)^n x^(2n) / (sqrt(2 pi) 2^n n! (2n + 1)).
+  const double x2 = x * x;
+  double c = -2.1217614742170462e-13;
+  c = fmadd(c, x2, 5.112434790256311e-12);
+  c = fmadd(c, x2, -1.1301171641619214e-10);
+  c = fmadd(c, x2, 2.273529824372807e-09);
+  c = fmadd(c, x2, -4.122667414862689e-08);
+  c = fmadd(c, x2, 6.659693516316652e-07);
+  c = fmadd(c, x2, -9.444656259503615e-06);
+  c = fmadd(c, x2, 0.0001154346876161553);
+  c = fmadd(c, x2, -0.0011873282154804545);
+  c = fmadd(c, x2, 0.009973557010035819);
+  c = fmadd(c, x2, -0.06649038006690546);
+  c = fmadd(c, x2, 0.3989422804014327);
+  const double central = fmadd(x, c, 0.5);
+  // |x| > 1: tail = Phi(-|x|); beyond 16 it is below 1e-57, so M is
+  // evaluated at most there (and stays finite for infinite x).
+  const double tc = t > 16.0 ? 16.0 : t;
+  const double v = (tc - 4.0) / (tc + 4.0);
+  double m = -3.7968025221088592e-06;
+  m = fmadd(m, v, 3.879558653744604e-06);
+  m = fmadd(m, v, 2.85353794202305e-05);
+  m = fmadd(m, v, -4.526911404742751e-05);
+  m = fmadd(m, v, -0.00018718990472767352);
+  m = fmadd(m, v, 0.0006387614455536779);
+  m = fmadd(m, v, 0.0005075670592957981);
+  m = fmadd(m, v, -0.008492090896117306);
+  m = fmadd(m, v, 0.030864803543543227);
+  m = fmadd(m, v, -0.07170740750404365);
+  m = fmadd(m, v, 0.12437925535819883);
+  m = fmadd(m, v, -0.170397721546795);
+  m = fmadd(m, v, 0.09441064130186719);
+  const double tail = exp_(-0.5 * t * t) * m;
+  const double outer = x < 0.0 ? tail : 1.0 - tail;
+  return t <= 1.0 ? central : outer;
+}
+
+// Phi(x) for float64 results: the C library's erfc, which is accurate to the
+// last bits in double.
+FUSEDNN_HD double normal_cdf_f64(double x) {
+#if defined(__CUDA_ARCH__)
+  return 0.5 * ::erfc(-x * 0.70710678118654752440);
+#else
+  return 0.5 * std::erfc(-x * 0.70710678118654752440);
+#endif
+}
+
+}  // namespace math
+}  // namespace fusednn

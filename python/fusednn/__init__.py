@@ -1,0 +1,24 @@
+"""fusednn: fused training kernels for numpy (CPU) and CuPy (GPU) arrays.
+
+    import fusednn as fn
+    y = fn.gelu(x)
+    gx = fn.activation_backward("gelu", gy, x=x)
+
+``fusednn.reference`` holds a float64 numpy implementation of every kernel,
+used to check them. ``python -m fusednn bench`` times the kernels against a
+memory copy, the reference and PyTorch; ``python -m fusednn info`` prints
+the build configuration.
+"""
+from . import reference
+from ._backend import get_num_threads, info, set_num_threads
+from .activations import (ACTIVATIONS, activation, activation_backward, elu, gelu,
+                          hardsigmoid, hardswish, hardtanh, leaky_relu, mish, relu, selu,
+                          sigmoid, silu, softplus, tanh)
+
+__version__ = info()["version"]
+
+__all__ = [
+    "ACTIVATIONS", "activation", "activation_backward", "elu", "gelu", "get_num_threads",
+    "hardsigmoid", "hardswish", "hardtanh", "info", "leaky_relu", "mish", "reference", "relu",
+    "selu", "set_num_threads", "sigmoid", "silu", "softplus", "tanh",
+]

@@ -1,0 +1,143 @@
+"""Array plumbing shared by the public functions: which compiled module an
+array belongs to, dtype and ``out=`` validation, and build information.
+
+Validation happens here, once, before any kernel runs, so that a bad
+argument raises without writing anything.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _cpu
+
+try:  # the CUDA module exists only when the build found nvcc
+    from . import _cuda
+except ImportError:  # pragma: no cover - depends on the build
+    _cuda = None
+
+SUPPORTED_DTYPES = ("float32", "float64")
+_SUPPORTED = tuple(np.dtype(d) for d in SUPPORTED_DTYPES)
+
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def cuda_unavailable(function: str) -> Exception:
+    """The error for a CuPy array passed to a function without a CUDA kernel."""
+    if _cuda is None:
+        return RuntimeError(
+            f"fusednn.{function}: got a CuPy array, but this fusednn was built without "
+            "CUDA. Reinstall with nvcc on PATH (FUSEDNN_CUDA=ON pip install . "
+            "-Ccmake.fresh=true), or pass numpy arrays.")
+    return NotImplementedError(
+        f"fusednn.{function}: this version has no CUDA kernel for this function; "
+        "pass numpy arrays (cupy.asnumpy) to run it on the CPU.")
+
+
+def as_cpu_array(x, name: str, function: str) -> np.ndarray:
+    """Checks that x is a numpy array of a supported dtype and returns it in
+    native byte order and aligned (copying once only if it is not)."""
+    if is_cupy_array(x):
+        raise cuda_unavailable(function)
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"fusednn.{function}: {name} must be a numpy or CuPy array, "
+                        f"not {type(x).__name__}")
+    check_dtype(x.dtype, name, function)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    if not x.flags.aligned:
+        x = x.copy()
+    return x
+
+
+def check_dtype(dtype, name: str, function: str) -> None:
+    if np.dtype(dtype) not in _SUPPORTED and np.dtype(dtype).newbyteorder("=") not in _SUPPORTED:
+        raise TypeError(f"fusednn.{function}: {name} has dtype {np.dtype(dtype)}; "
+                        f"supported dtypes are {', '.join(SUPPORTED_DTYPES)}")
+
+
+def check_same(a: np.ndarray, b: np.ndarray, names: str, function: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"fusednn.{function}: {names} must have the same shape, "
+                         f"got {a.shape} and {b.shape}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"fusednn.{function}: {names} must have the same dtype, "
+                        f"got {a.dtype} and {b.dtype}")
+
+
+def prepare_out(out, shape, dtype, function: str) -> np.ndarray:
+    """Returns out after checking it, or a new array when out is None."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if is_cupy_array(out):
+        raise ValueError(f"fusednn.{function}: out is a CuPy array but the inputs are "
+                         "numpy arrays; out must be on the inputs' device")
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"fusednn.{function}: out must be a numpy array, "
+                         f"not {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"fusednn.{function}: out has shape {out.shape}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise ValueError(f"fusednn.{function}: out has dtype {out.dtype}, expected {np.dtype(dtype)}")
+    if not out.flags.writeable:
+        raise ValueError(f"fusednn.{function}: out is read-only")
+    if not out.flags.aligned:
+        raise ValueError(f"fusednn.{function}: out is not aligned to its item size")
+    return out
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def detach_from_out(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Elementwise kernels may write out while reading x when both are the
+    same view (in place); any other overlap would read already-written
+    values, so x is copied first."""
+    if out is x or _same_view(x, out) or not np.may_share_memory(x, out):
+        return x
+    return x.copy()
+
+
+def check_real(value, name: str, function: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fusednn.{function}: {name} must be a real number, "
+                        f"not {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"fusednn.{function}: {name} must be finite, got {value}")
+    return value
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use."""
+    return _cpu.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the CPU kernels' thread count (results do not depend on it)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"fusednn.set_num_threads: n must be a positive integer, got {n!r}")
+    _cpu.set_num_threads(int(n))
+
+
+def info() -> dict:
+    """Build configuration: version, cuda_built, cuda_archs, simd, threads."""
+    result = {
+        "version": _cpu.version,
+        "cuda_built": _cuda is not None,
+        "cuda_archs": list(_cuda.archs()) if _cuda is not None else [],
+        "simd": _cpu.simd(),
+        "simd_available": list(_cpu.available_simd()),
+        "threads": _cpu.get_num_threads(),
+    }
+    if _cuda is not None:
+        result["cuda_runtime"] = _cuda.runtime_version()
+        result["cuda_devices"] = _cuda.device_count()
+    return result

@@ -1,0 +1,181 @@
+"""Activation functions and their derivatives on numpy arrays (CPU kernels).
+
+Every function takes an array of any shape (0-d, empty and strided views
+included) in float32 or float64 and returns a new array, or writes ``out``
+when given (``out=x`` works in place). Parameters and edge cases follow
+PyTorch; see docs/activations.md for each formula, the derivative's input
+and the measured accuracy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend
+from ._backend import _cpu
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu",
+               "softplus", "mish", "hardsigmoid", "hardswish", "hardtanh")
+_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+# name -> {parameter: default}
+_PARAMETERS = {
+    "leaky_relu": {"negative_slope": 0.01},
+    "elu": {"alpha": 1.0},
+    "gelu": {"approximate": "none"},
+    "softplus": {"beta": 1.0, "threshold": 20.0},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
+}
+
+# Activations whose derivative can be formed from the forward output y.
+_FROM_OUTPUT = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
+
+
+def _check_name(name: str, function: str) -> None:
+    if not isinstance(name, str) or name not in _IDS:
+        raise ValueError(f"fusednn.{function}: unknown activation {name!r}; "
+                         f"choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _kernel_params(name: str, params: dict, function: str):
+    """Validates an activation's keyword parameters and maps them to the
+    kernel's (a, b, tanh_approximation)."""
+    allowed = _PARAMETERS.get(name, {})
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        accepted = ", ".join(allowed) if allowed else "no parameters"
+        raise TypeError(f"fusednn.{function}: {name} got unexpected parameter(s) "
+                        f"{', '.join(unknown)} (it takes {accepted})")
+    p = {**allowed, **params}
+    if name == "leaky_relu":
+        return _backend.check_real(p["negative_slope"], "negative_slope", function), 0.0, False
+    if name == "elu":
+        return _backend.check_real(p["alpha"], "alpha", function), 0.0, False
+    if name == "gelu":
+        if p["approximate"] not in ("none", "tanh"):
+            raise ValueError(f"fusednn.{function}: approximate must be 'none' or 'tanh', "
+                             f"got {p['approximate']!r}")
+        return 0.0, 0.0, p["approximate"] == "tanh"
+    if name == "softplus":
+        beta = _backend.check_real(p["beta"], "beta", function)
+        if beta <= 0:
+            raise ValueError(f"fusednn.{function}: beta must be positive, got {beta}")
+        return beta, _backend.check_real(p["threshold"], "threshold", function), False
+    if name == "hardtanh":
+        lo = _backend.check_real(p["min_val"], "min_val", function)
+        hi = _backend.check_real(p["max_val"], "max_val", function)
+        if lo > hi:
+            raise ValueError(f"fusednn.{function}: min_val ({lo}) must not exceed max_val ({hi})")
+        return lo, hi, False
+    return 0.0, 0.0, False
+
+
+def activation(name: str, x, *, out=None, **params):
+    """Applies the activation ``name`` elementwise: ``y = f(x)``.
+
+    ``params`` are the activation's own keyword parameters (e.g.
+    ``negative_slope`` for leaky_relu). Returns ``out`` when given.
+    """
+    function = name if isinstance(name, str) and name in _IDS else "activation"
+    _check_name(name, "activation")
+    a, b, tanh_approx = _kernel_params(name, params, function)
+    x = _backend.as_cpu_array(x, "x", function)
+    out = _backend.prepare_out(out, x.shape, x.dtype, function)
+    x = _backend.detach_from_out(x, out)
+    _cpu.activation_forward(_IDS[name], x, out, a, b, tanh_approx)
+    return out
+
+
+def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **params):
+    """Returns ``grad_input = grad_output * f'(x)`` for the activation ``name``.
+
+    Give the forward input ``x`` (every activation accepts it) or the
+    forward output ``y`` (sigmoid, tanh, relu, leaky_relu with
+    negative_slope >= 0, elu with alpha >= 0, selu, hardtanh). When both
+    are given, ``y`` is used where the activation accepts it.
+    """
+    function = "activation_backward"
+    _check_name(name, function)
+    a, b, tanh_approx = _kernel_params(name, params, function)
+    if x is None and y is None:
+        raise ValueError(f"fusednn.{function}: give x (the forward input) or y "
+                         "(the forward output)")
+    use_y = y is not None and name in _FROM_OUTPUT
+    if use_y and name in ("leaky_relu", "elu") and a < 0:
+        use_y = False
+    if y is not None and x is None and not use_y:
+        raise ValueError(f"fusednn.{function}: the derivative of {name} with these "
+                         "parameters needs x, the forward input; y is not enough")
+    saved_name = "y" if use_y else "x"
+    grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
+    saved = _backend.as_cpu_array(y if use_y else x, saved_name, function)
+    _backend.check_same(grad_output, saved, f"grad_output and {saved_name}", function)
+    out = _backend.prepare_out(out, grad_output.shape, grad_output.dtype, function)
+    grad_output = _backend.detach_from_out(grad_output, out)
+    saved = _backend.detach_from_out(saved, out)
+    _cpu.activation_backward(_IDS[name], use_y, grad_output, saved, out, a, b, tanh_approx)
+    return out
+
+
+def sigmoid(x, *, out=None):
+    """1 / (1 + exp(-x))."""
+    return activation("sigmoid", x, out=out)
+
+
+def tanh(x, *, out=None):
+    """Hyperbolic tangent."""
+    return activation("tanh", x, out=out)
+
+
+def relu(x, *, out=None):
+    """max(x, 0); -0 and NaN pass through, as in PyTorch."""
+    return activation("relu", x, out=out)
+
+
+def leaky_relu(x, negative_slope=0.01, *, out=None):
+    """x for x > 0, negative_slope * x otherwise."""
+    return activation("leaky_relu", x, out=out, negative_slope=negative_slope)
+
+
+def elu(x, alpha=1.0, *, out=None):
+    """x for x > 0, alpha * (exp(x) - 1) otherwise."""
+    return activation("elu", x, out=out, alpha=alpha)
+
+
+def selu(x, *, out=None):
+    """scale * elu(x, alpha) with the self-normalizing constants."""
+    return activation("selu", x, out=out)
+
+
+def gelu(x, approximate="none", *, out=None):
+    """x * Phi(x) (approximate='none') or its tanh approximation ('tanh')."""
+    return activation("gelu", x, out=out, approximate=approximate)
+
+
+def silu(x, *, out=None):
+    """x * sigmoid(x) (swish)."""
+    return activation("silu", x, out=out)
+
+
+def softplus(x, beta=1.0, threshold=20.0, *, out=None):
+    """log(1 + exp(beta x)) / beta, and x where beta x > threshold."""
+    return activation("softplus", x, out=out, beta=beta, threshold=threshold)
+
+
+def mish(x, *, out=None):
+    """x * tanh(softplus(x))."""
+    return activation("mish", x, out=out)
+
+
+def hardsigmoid(x, *, out=None):
+    """clamp(x + 3, 0, 6) / 6."""
+    return activation("hardsigmoid", x, out=out)
+
+
+def hardswish(x, *, out=None):
+    """x * clamp(x + 3, 0, 6) / 6."""
+    return activation("hardswish", x, out=out)
+
+
+def hardtanh(x, min_val=-1.0, max_val=1.0, *, out=None):
+    """clamp(x, min_val, max_val)."""
+    return activation("hardtanh", x, out=out, min_val=min_val, max_val=max_val)

@@ -1,0 +1,273 @@
+"""The float64 numpy reference for every fusednn kernel.
+
+Readable, numpy-only and computed in float64 whatever the input dtype (the
+results are float64): this is what the tests check the kernels against.
+Formulas are the numerically stable ones (sigmoid from exp(-|x|), softplus
+as log1p(exp(-|x|)) + max(x, 0), derivatives without 1 - s or 1 - t*t
+cancellation) so that the reference is accurate at every input the float32
+kernels can see. Parameters, kinks and infinities follow PyTorch.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu",
+               "softplus", "mish", "hardsigmoid", "hardswish", "hardtanh")
+
+SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def _f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+def _quiet(func):
+    """Evaluates with floating-point warnings off: infinities and NaN are
+    part of the domain here."""
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return func(*args, **kwargs)
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def normal_cdf(x):
+    """Phi(x) = erfc(-x / sqrt(2)) / 2."""
+    x = _f64(x)
+    return 0.5 * _erfc(-x / math.sqrt(2.0)).astype(np.float64)
+
+
+@_quiet
+def normal_pdf(x):
+    x = _f64(x)
+    return np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+@_quiet
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@_quiet
+def _sigmoid_slope(x):
+    """sigmoid'(x) = e / (1 + e)^2 with e = exp(-|x|)."""
+    e = np.exp(-np.abs(x))
+    return e / (1.0 + e) ** 2
+
+
+@_quiet
+def _softplus_core(z):
+    return np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0.0)
+
+
+# ---- forward -----------------------------------------------------------------
+
+@_quiet
+def sigmoid(x):
+    return _sigmoid(_f64(x))
+
+
+@_quiet
+def tanh(x):
+    return np.tanh(_f64(x))
+
+
+@_quiet
+def relu(x):
+    x = _f64(x)
+    return np.where(x < 0, 0.0, x)
+
+
+@_quiet
+def leaky_relu(x, negative_slope=0.01):
+    x = _f64(x)
+    return np.where(x > 0, x, x * negative_slope)
+
+
+@_quiet
+def elu(x, alpha=1.0):
+    x = _f64(x)
+    return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+
+@_quiet
+def selu(x):
+    x = _f64(x)
+    return SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0.0)))
+
+
+@_quiet
+def gelu(x, approximate="none"):
+    x = _f64(x)
+    if approximate == "tanh":
+        # 0.5 x (1 + tanh(u)) written as x * sigmoid(2u), which does not cancel.
+        u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        return x * _sigmoid(2.0 * u)
+    if approximate != "none":
+        raise ValueError("approximate must be 'none' or 'tanh'")
+    return x * normal_cdf(x)
+
+
+@_quiet
+def silu(x):
+    x = _f64(x)
+    return x * _sigmoid(x)
+
+
+@_quiet
+def softplus(x, beta=1.0, threshold=20.0):
+    x = _f64(x)
+    z = x * beta
+    return np.where(z > threshold, x, _softplus_core(z) / beta)
+
+
+@_quiet
+def mish(x):
+    x = _f64(x)
+    return x * np.tanh(_softplus_core(x))
+
+
+@_quiet
+def hardsigmoid(x):
+    x = _f64(x)
+    return np.where(x <= -3, 0.0, np.where(x >= 3, 1.0, (x + 3.0) / 6.0))
+
+
+@_quiet
+def hardswish(x):
+    x = _f64(x)
+    return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+@_quiet
+def hardtanh(x, min_val=-1.0, max_val=1.0):
+    x = _f64(x)
+    return np.where(x < min_val, min_val, np.where(x > max_val, max_val, x))
+
+
+# ---- derivatives: f'(x) given x, and given y where that is possible ---------
+
+@_quiet
+def _d_sigmoid(x):
+    return _sigmoid_slope(x)
+
+
+@_quiet
+def _d_tanh(x):
+    return 1.0 / np.cosh(x) ** 2
+
+
+def _d_relu(x):
+    return np.where(x <= 0, 0.0, 1.0)
+
+
+def _d_leaky_relu(x, negative_slope=0.01):
+    return np.where(x > 0, 1.0, negative_slope)
+
+
+@_quiet
+def _d_elu(x, alpha=1.0):
+    return np.where(x <= 0, alpha * np.exp(np.minimum(x, 0.0)), 1.0)
+
+
+@_quiet
+def _d_selu(x):
+    return np.where(x <= 0, SELU_SCALE * SELU_ALPHA * np.exp(np.minimum(x, 0.0)), SELU_SCALE)
+
+
+@_quiet
+def _d_gelu(x, approximate="none"):
+    if approximate == "tanh":
+        u2 = 2.0 * _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        du2 = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+        return _sigmoid(u2) + x * _sigmoid_slope(u2) * du2
+    return normal_cdf(x) + x * normal_pdf(x)
+
+
+@_quiet
+def _d_silu(x):
+    return _sigmoid(x) * (1.0 + x * _sigmoid(-x))
+
+
+@_quiet
+def _d_softplus(x, beta=1.0, threshold=20.0):
+    z = x * beta
+    return np.where(z > threshold, 1.0, _sigmoid(z))
+
+
+@_quiet
+def _d_mish(x):
+    sp = _softplus_core(x)
+    return np.tanh(sp) + x * _sigmoid(x) / np.cosh(sp) ** 2
+
+
+def _d_hardsigmoid(x):
+    return np.where((x > -3) & (x < 3), 1.0 / 6.0, 0.0)
+
+
+@_quiet
+def _d_hardswish(x):
+    return np.where(x <= -3, 0.0, np.where(x < 3, x / 3.0 + 0.5, 1.0))
+
+
+def _d_hardtanh(x, min_val=-1.0, max_val=1.0):
+    return np.where((x <= min_val) | (x >= max_val), 0.0, 1.0)
+
+
+_FORWARD = {name: globals()[name] for name in ACTIVATIONS}
+_DERIVATIVE = {name: globals()["_d_" + name] for name in ACTIVATIONS}
+
+
+@_quiet
+def _derivative_from_y(name, y, params):
+    if name == "sigmoid":
+        return y * (1.0 - y)
+    if name == "tanh":
+        return (1.0 - y) * (1.0 + y)
+    if name == "relu":
+        return np.where(y <= 0, 0.0, 1.0)
+    if name == "leaky_relu":
+        return np.where(y > 0, 1.0, params.get("negative_slope", 0.01))
+    if name == "elu":
+        return np.where(y <= 0, y + params.get("alpha", 1.0), 1.0)
+    if name == "selu":
+        return np.where(y <= 0, y + SELU_SCALE * SELU_ALPHA, SELU_SCALE)
+    if name == "hardtanh":
+        return _d_hardtanh(y, **params)
+    raise ValueError(f"the derivative of {name} needs x")
+
+
+def activation(name, x, **params):
+    """f(x) for the activation ``name``, in float64."""
+    if name not in _FORWARD:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return _FORWARD[name](x, **params)
+
+
+@_quiet
+def activation_backward(name, grad_output, *, x=None, y=None, **params):
+    """grad_output * f'(x), in float64, from x or (where possible) from y."""
+    if name not in _FORWARD:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    g = _f64(grad_output)
+    if y is not None and (x is None or name in ("sigmoid", "tanh", "relu", "hardtanh")):
+        return g * _derivative_from_y(name, _f64(y), params)
+    if x is None:
+        raise ValueError("give x (the forward input) or y (the forward output)")
+    d = _DERIVATIVE[name](_f64(x), **params)
+    # Where the derivative is exactly 0 the gradient is 0 even for an
+    # infinite or NaN grad_output, as in PyTorch's selecting kernels.
+    return np.where(d == 0, 0.0, g * d) if name in _ZERO_SELECTING else g * d
+
+
+# Activations whose backward selects 0 rather than multiplying by 0.
+_ZERO_SELECTING = {"relu", "hardsigmoid", "hardswish", "hardtanh"}
