@@ -27,7 +27,12 @@ EXTRA_PARAMS = {
     "hardtanh": [{"min_val": -2.0, "max_val": 0.5}],
 }
 EXACT = {"relu", "leaky_relu", "hardtanh"}
+# Activations whose derivative has a root where its terms cancel (gelu' near
+# -0.75, silu' near -1.28, mish' near -1.19). Around it, where the
+# derivative is below CANCELLING_BELOW in magnitude, the bound is an
+# absolute 8 * 2^-24 * |grad| instead of 4 ulp.
 ROOT_CANCELLING = {"gelu", "silu", "mish"}
+CANCELLING_BELOW = 0.5
 
 
 def sweep(seed=0, dense=2_000_001, random_bits=1_000_000) -> np.ndarray:
@@ -64,6 +69,8 @@ def f32max():
 
 def measure(name: str, params: dict, x: np.ndarray, rng) -> dict:
     row = {}
+    with np.errstate(invalid="ignore"):  # the random bit patterns include signalling NaNs
+        x = x.astype(np.float64).astype(np.float32)
     y = fn.activation(name, x, **params)
     row["forward"] = float(ulp_error(y, ref.activation(name, x, **params)).max())
     g = rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
@@ -73,7 +80,8 @@ def measure(name: str, params: dict, x: np.ndarray, rng) -> dict:
     if name in ROOT_CANCELLING:
         with np.errstate(all="ignore"):
             abs_units = np.abs(gi.astype(np.float64) - expected) / (2.0**-24 * np.abs(g))
-        near_root = (err > 4) & (abs_units <= 8)
+            slope = ref.activation_backward(name, np.ones_like(x), x=x, **params)
+            near_root = (np.abs(slope) < CANCELLING_BELOW) & (x > -5) & (x < 0)
         row["backward_x"] = float(np.where(near_root, 0, err).max())
         row["near_root_abs"] = float(np.where(near_root, abs_units, 0).max())
     else:
@@ -95,7 +103,9 @@ def main(argv=None) -> int:
               random_bits=100_000 if args.quick else 1_000_000)
     rng = np.random.default_rng(1)
     print(f"fusednn {fn.info()['version']}, simd {fn.info()['simd']}, {x.size} float32 inputs")
-    print(f"{'activation':<34} {'forward':>8} {'bwd(x)':>8} {'bwd(y)':>8}  near-root abs")
+    print("max error in float32 ulp; near-root: max |error| / (2^-24 |grad|) where the "
+          f"derivative's terms cancel (|f'| < {CANCELLING_BELOW} around its root; bound 8)")
+    print(f"{'activation':<34} {'forward':>8} {'bwd(x)':>8} {'bwd(y)':>8}  near-root")
     worst = 0.0
     failed = []
     for name in fn.ACTIVATIONS:
@@ -111,6 +121,8 @@ def main(argv=None) -> int:
                 failed.append(f"{label} forward not exact")
             if max(values) > 4:
                 failed.append(f"{label}: {max(values):.2f} ulp")
+            if row.get("near_root_abs", 0) > 8:
+                failed.append(f"{label}: {row['near_root_abs']:.2f} x 2^-24 |grad| near the root")
     print(f"worst: {worst:.2f} ulp (bound 4)")
     for line in failed:
         print("FAIL", line)

@@ -57,7 +57,7 @@ void backward_typed(const ActivationParams& params, const ArrayRef& g, const Arr
   struct Body {
     ActivationParams p;
     bool stream;
-    static T one(T grad, T value, const ActivationParams& q) {
+    FUSEDNN_HD static T one(T grad, T value, const ActivationParams& q) {
       if constexpr (kFromOutput) {
         return Op::template backward_y<T>(grad, value, q);
       } else {

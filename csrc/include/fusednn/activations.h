@@ -55,11 +55,13 @@ struct Sigmoid {
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     return math::sigmoid_(x);
   }
-  // e / (1 + e)^2 with e = exp(-|x|): symmetric and free of 1 - s.
+  // e / (1 + e)^2 with e = exp(-|x|): symmetric and free of 1 - s; the
+  // scaled exponential keeps the subnormal tail accurate.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const T e = exp_(-abs_(x));
-    const T q = T(1) + e;
-    return g * (e / q / q);
+    using Tr = math::Traits<T>;
+    const T scaled = math::exp_scaled(-abs_(x));
+    const T e = scaled * Tr::kExpUnscale;
+    return g * ((scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
     return g * (y * (T(1) - y));
@@ -73,9 +75,10 @@ struct Tanh {
   }
   // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|).
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const T e = exp_(T(-2) * abs_(x));
-    const T q = T(1) + e;
-    return g * (T(4) * e / q / q);
+    using Tr = math::Traits<T>;
+    const T scaled = math::exp_scaled(T(-2) * abs_(x));
+    const T e = scaled * Tr::kExpUnscale;
+    return g * ((T(4) * scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
   }
   // (1 - y)(1 + y) is exact where y*y would cancel.
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
@@ -119,8 +122,10 @@ struct Elu {
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     return x <= T(0) ? g * T(p.a) * exp_(x) : g;
   }
+  // y + alpha in double: near y = -alpha it cancels, and alpha need not be
+  // a float32 value.
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
-    return y <= T(0) ? g * (y + T(p.a)) : g;
+    return y <= T(0) ? T(double(g) * (double(y) + p.a)) : g;
   }
 };
 
@@ -134,7 +139,7 @@ struct Selu {
     return x <= T(0) ? g * T(kSeluScale * kSeluAlpha) * exp_(x) : g * T(kSeluScale);
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
-    return y <= T(0) ? g * (y + T(kSeluScale * kSeluAlpha)) : g * T(kSeluScale);
+    return y <= T(0) ? T(double(g) * (double(y) + kSeluScale * kSeluAlpha)) : g * T(kSeluScale);
   }
 };
 
@@ -184,19 +189,37 @@ struct GeluTanh {
   }
 };
 
+// silu(x) = x sigmoid(x). For x < 0 the numerator x e^x is formed from the
+// scaled exponential, so far-negative x (where e^x is subnormal) rounds once.
 struct Silu {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const T e = exp_(-abs_(x));
-    return (x >= T(0) ? x : x * e) / (T(1) + e);
+    using Tr = math::Traits<T>;
+    const T scaled = math::exp_scaled(-abs_(x));
+    const T e = scaled * Tr::kExpUnscale;
+    const bool positive = x >= T(0);
+    const T ratio = (positive ? x : x * scaled) / (T(1) + e);
+    const T y = positive ? ratio : ratio * Tr::kExpUnscale;
+    return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
   }
-  // s (1 + x (1 - s)), with 1 - s = sigmoid(-x) formed without cancelling.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const T e = exp_(-abs_(x));
-    const T q = T(1) + e;
-    const T s = (x >= T(0) ? T(1) : e) / q;
-    const T s_neg = (x >= T(0) ? e : T(1)) / q;
-    return g * (s * (T(1) + x * s_neg));
+  // s (1 + x (1 - s)) = a (q + x b) / q^2 with q = 1 + e, e = exp(-|x|),
+  // (a, b) = (1, e) for x >= 0 and (e, 1) below: one division, and neither
+  // 1 - s nor a subnormal intermediate.
+  // Float inputs are evaluated in double: the products around the root of
+  // the derivative would otherwise cost more than 4 ulp.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return T(backward_x<double>(double(g), double(x), p));
+    }
+    using Tr = math::Traits<T>;
+    const T scaled = math::exp_scaled(-abs_(x));
+    const T e = scaled * Tr::kExpUnscale;
+    const bool positive = x >= T(0);
+    const T a = positive ? T(1) : scaled;
+    const T b = positive ? e : T(1);
+    const T d = a * fmadd(x, b, T(1) + e) / math::one_plus_squared(e);
+    const T derivative = positive ? d : d * Tr::kExpUnscale;
+    return x < Tr::kNegligibleBelow ? g * (x * T(0)) : g * derivative;
   }
 };
 
@@ -209,7 +232,7 @@ struct Softplus {
     const T beta = T(p.a);
     hi = x * beta;
     lo = fmadd(x, beta, -hi);
-    lo = is_nan(lo) ? T(0) : lo;  // infinite x
+    lo = abs_(hi) <= math::Traits<T>::kMaxFinite ? lo : T(0);  // x * beta overflowed
   }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     T hi, lo;
@@ -217,7 +240,7 @@ struct Softplus {
     const bool positive = hi > T(0);
     const T e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
     const T sp = (positive ? hi : T(0)) + (math::log1p_unit(e) + (positive ? lo : T(0)));
-    return hi > T(p.b) ? x : sp / T(p.a);
+    return hi > T(p.b) ? x : sp * T(1.0 / p.a);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     T hi, lo;
@@ -229,27 +252,44 @@ struct Softplus {
 };
 
 // mish(x) = x tanh(softplus(x)); with n = e^x,
-// tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels
-// nor overflows once x is capped (beyond 40 the ratio is 1 in double).
+// tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels nor
+// overflows once x is capped (beyond 40 the ratio is 1 in double). For
+// x < 0 the factor n comes from the scaled exponential so that the
+// subnormal tail rounds once.
 struct Mish {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kCap = 40.0;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const T n = exp_(x > T(kCap) ? T(kCap) : x);
-    const T num = fmadd(n, n, T(2) * n);
-    return x * (num / (num + T(2)));
+    using Tr = math::Traits<T>;
+    const T scaled = math::exp_scaled(x > T(kCap) ? T(kCap) : x);
+    const T n = scaled * Tr::kExpUnscale;
+    const bool positive = x >= T(0);
+    const T u = fmadd(n, n, T(2) * n);  // n (n + 2), one rounding
+    const T num = positive ? u : fmadd(scaled, n, T(2) * scaled);
+    const T y = x * (num / (u + T(2)));
+    const T result = positive ? y : y * Tr::kExpUnscale;
+    return x < Tr::kNegligibleBelow ? x * T(0) : result;  // -inf gives NaN, as in PyTorch
   }
   // d/dx = tanh(sp) + x sech^2(sp) sigmoid(x)
-  //      = N / D + 4 x n (n + 1) / D^2,  N = n (n + 2), D = N + 2.
-  // Past the cap the second term is x * 0, so infinity gives NaN as in
-  // PyTorch.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+  //      = n ((n + 2) / D + 4 x (n + 1) / D^2),  D = n (n + 2) + 2.
+  // Past the cap the slope term is x * 0 and far below zero the whole
+  // derivative is x * 0 (it underflows), so infinities give NaN as in
+  // PyTorch and huge finite x give 0.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return T(backward_x<double>(double(g), double(x), p));  // see Silu::backward_x
+    }
+    using Tr = math::Traits<T>;
     const bool capped = x > T(kCap);
-    const T n = exp_(capped ? T(kCap) : x);
-    const T num = fmadd(n, n, T(2) * n);
-    const T den = num + T(2);
-    const T slope = (T(4) * x * n * (n + T(1)) / den) / den;
-    return g * (num / den + (capped ? x * T(0) : slope));
+    const T scaled = math::exp_scaled(capped ? T(kCap) : x);
+    const T n = scaled * Tr::kExpUnscale;
+    const bool positive = x >= T(0);
+    const T den = fmadd(n, n, T(2) * n) + T(2);
+    const T inv_den = T(1) / den;
+    const T slope = capped ? x * T(0) : T(4) * x * (n + T(1)) * inv_den * inv_den;
+    const T d = (positive ? n : scaled) * fmadd(n + T(2), inv_den, slope);
+    const T derivative = positive ? d : d * Tr::kExpUnscale;
+    return x < Tr::kNegligibleBelow ? g * (x * T(0)) : g * derivative;
   }
 };
 

@@ -23,10 +23,16 @@ template <> struct Traits<float> {
   static constexpr float kRoundShifter = 12582912.0f;
   static constexpr float kLn2Hi = 0.693147182464599609375f;
   static constexpr float kLn2Lo = -1.904654299957768e-09f;
-  // exp's input is clamped here: beyond it the result is 0 or infinity and
-  // the split scaling below still produces that.
-  static constexpr float kExpMin = -110.0f;
-  static constexpr float kExpMax = 100.0f;
+  // exp_scaled returns e^x * 2^kExpScale, which is a normal number for every
+  // x in [kExpMin, kExpMax]; below kExpMin e^x rounds to 0 anyway.
+  static constexpr float kMaxFinite = 3.40282347e+38f;
+  static constexpr int kExpScale = 64;
+  static constexpr float kExpScaleValue = 18446744073709551616.0f;  // 2^64
+  static constexpr float kExpUnscale = 5.42101086242752217e-20f;    // 2^-64
+  static constexpr float kExpMin = -112.0f;
+  // x e^x and its derivative are 0 (or NaN for -inf) below this.
+  static constexpr float kNegligibleBelow = -200.0f;
+  static constexpr float kExpMax = 44.0f;
   // expm1(x) rounds to -1 below this.
   static constexpr float kExpm1Min = -30.0f;
 };
@@ -39,8 +45,13 @@ template <> struct Traits<double> {
   static constexpr double kRoundShifter = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr double kLn2Hi = 0x1.62e42fefa39efp-1;
   static constexpr double kLn2Lo = 0x1.abc9e3b39803fp-56;
-  static constexpr double kExpMin = -1400.0;
-  static constexpr double kExpMax = 1400.0;
+  static constexpr double kMaxFinite = 1.7976931348623157e308;
+  static constexpr int kExpScale = 600;
+  static constexpr double kExpScaleValue = 0x1p600;
+  static constexpr double kExpUnscale = 0x1p-600;
+  static constexpr double kExpMin = -760.0;
+  static constexpr double kNegligibleBelow = -800.0;
+  static constexpr double kExpMax = 290.0;
   static constexpr double kExpm1Min = -60.0;
 };
 
@@ -108,9 +119,11 @@ FUSEDNN_HD double expm1_reduced(double r) {
   return fmadd(p, r * r, r);
 }
 
-// e^x. The scale 2^k is applied as two factors so that results in the
-// subnormal range are rounded once, and overflow reaches infinity.
-template <class T> FUSEDNN_HD T exp_(T x) {
+// e^x * 2^kExpScale for x <= kExpMax (larger x is clamped). The extra
+// scale keeps results whose e^x is subnormal in the normal range, so a
+// caller that multiplies e^x by a large factor (silu, mish) rounds only once,
+// when it finally multiplies by kExpUnscale. NaN propagates.
+template <class T> FUSEDNN_HD T exp_scaled(T x) {
   using Tr = Traits<T>;
   using SBits = typename Tr::SBits;
   T xc = x < Tr::kExpMin ? Tr::kExpMin : x;
@@ -119,10 +132,13 @@ template <class T> FUSEDNN_HD T exp_(T x) {
   SBits k;
   const T r = reduce_ln2(xc, kf, k);
   const T p = expm1_reduced(r) + T(1);
-  const SBits k_half = k >> 1;
-  const T y = (p * pow2i<T>(k_half)) * pow2i<T>(k - k_half);
-  return is_nan(x) ? x : y;
+  return p * pow2i<T>(k + Tr::kExpScale);
 }
+
+// e^x for x <= kExpMax (44 in float, 290 in double; larger x is clamped):
+// within about 1 ulp, subnormal results rounded once, NaN propagates. Every
+// caller's argument is bounded this way.
+template <class T> FUSEDNN_HD T exp_(T x) { return exp_scaled(x) * Traits<T>::kExpUnscale; }
 
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
 // second factor is 1 + lo to within lo^2.
@@ -178,7 +194,9 @@ template <class T> FUSEDNN_HD T log1p_unit(T u) {
   const bool reduced = u > T(0.41421356237309503);
   const T w = T(1) + u;
   const T f = reduced ? w * T(0.5) - T(1) : u;
-  const T correction = reduced ? (u - (w - T(1))) / w : T(0);
+  // The rounding error of w, divided by w; a first-order 1/w suffices because
+  // the correction itself is below an ulp of the result.
+  const T correction = reduced ? (u - (w - T(1))) * (T(0.5) - T(0.5) * f) : T(0);
   const T k = reduced ? T(1) : T(0);
   const T s = f / (T(2) + f);
   const T half_f_sq = T(0.5) * f * f;
@@ -192,7 +210,15 @@ template <class T> FUSEDNN_HD T sigmoid_from_exp(T x, T e) {
   return (x >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
-template <class T> FUSEDNN_HD T sigmoid_(T x) { return sigmoid_from_exp(x, exp_(-abs_(x))); }
+template <class T> FUSEDNN_HD T sigmoid_(T x) {
+  using Tr = Traits<T>;
+  const T scaled = exp_scaled(-abs_(x));
+  const T e = scaled * Tr::kExpUnscale;
+  return ((x >= T(0) ? Tr::kExpScaleValue : scaled) / (T(1) + e)) * Tr::kExpUnscale;
+}
+
+// (1 + e)^2 for e in [0, 1] with one rounding after the exact-ish e + 2.
+template <class T> FUSEDNN_HD T one_plus_squared(T e) { return fmadd(e, e + T(2), T(1)); }
 
 template <class T> FUSEDNN_HD T tanh_(T x) {
   const T t = expm1_nonpositive(T(-2) * abs_(x));
