@@ -253,21 +253,39 @@ def activation(name, x, **params):
     return _FORWARD[name](x, **params)
 
 
+# Activations whose derivative can be formed from y (for leaky_relu and elu
+# only with a non-negative slope or alpha, so that y and x have the same sign).
+_FROM_OUTPUT = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
+
+# Activations whose backward selects 0 rather than multiplying by 0, as in
+# PyTorch: an infinite or NaN grad_output still gives 0 there.
+_ZERO_SELECTING = {"relu", "hardsigmoid", "hardswish", "hardtanh"}
+
+
+def _accepts_output(name, params):
+    if name not in _FROM_OUTPUT:
+        return False
+    if name == "leaky_relu":
+        return params.get("negative_slope", 0.01) >= 0
+    if name == "elu":
+        return params.get("alpha", 1.0) >= 0
+    return True
+
+
 @_quiet
 def activation_backward(name, grad_output, *, x=None, y=None, **params):
-    """grad_output * f'(x), in float64, from x or (where possible) from y."""
+    """grad_output * f'(x), in float64, from x or from y.
+
+    As in the kernels, y is used when given and the activation accepts it;
+    otherwise x is required.
+    """
     if name not in _FORWARD:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
     g = _f64(grad_output)
-    if y is not None and (x is None or name in ("sigmoid", "tanh", "relu", "hardtanh")):
-        return g * _derivative_from_y(name, _f64(y), params)
-    if x is None:
-        raise ValueError("give x (the forward input) or y (the forward output)")
-    d = _DERIVATIVE[name](_f64(x), **params)
-    # Where the derivative is exactly 0 the gradient is 0 even for an
-    # infinite or NaN grad_output, as in PyTorch's selecting kernels.
+    if y is not None and _accepts_output(name, params):
+        d = _derivative_from_y(name, _f64(y), params)
+    elif x is not None:
+        d = _DERIVATIVE[name](_f64(x), **params)
+    else:
+        raise ValueError(f"the derivative of {name} needs x, the forward input")
     return np.where(d == 0, 0.0, g * d) if name in _ZERO_SELECTING else g * d
-
-
-# Activations whose backward selects 0 rather than multiplying by 0.
-_ZERO_SELECTING = {"relu", "hardsigmoid", "hardswish", "hardtanh"}
