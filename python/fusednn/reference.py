@@ -42,7 +42,7 @@ def _quiet(func):
 def normal_cdf(x):
     """Phi(x) = erfc(-x / sqrt(2)) / 2."""
     x = _f64(x)
-    return 0.5 * _erfc(-x / math.sqrt(2.0)).astype(np.float64)
+    return 0.5 * np.asarray(_erfc(-x / math.sqrt(2.0)), dtype=np.float64)
 
 
 @_quiet
@@ -123,11 +123,34 @@ def silu(x):
     return x * _sigmoid(x)
 
 
+def _two_product(a, b):
+    """a * b as hi + lo exactly (Dekker's product with Veltkamp splitting),
+    so that exp(beta * x) does not inherit the rounding of beta * x."""
+    def split(v):
+        c = 134217729.0 * v  # 2^27 + 1
+        hi = c - (c - v)
+        return hi, v - hi
+    hi = a * b
+    a_hi, a_lo = split(a)
+    b_hi, b_lo = split(b)
+    lo = ((a_hi * b_hi - hi) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    return hi, np.where(np.isfinite(lo), lo, 0.0)
+
+
+@_quiet
+def _softplus_scaled(x, beta):
+    """softplus(beta * x) with beta * x carried exactly."""
+    hi, lo = _two_product(x, beta)
+    positive = hi > 0
+    e = np.exp(-np.abs(hi)) * (1.0 - np.where(positive, lo, -lo))
+    return np.log1p(e) + np.where(positive, hi + lo, 0.0)
+
+
 @_quiet
 def softplus(x, beta=1.0, threshold=20.0):
     x = _f64(x)
     z = x * beta
-    return np.where(z > threshold, x, _softplus_core(z) / beta)
+    return np.where(z > threshold, x, _softplus_scaled(x, beta) / beta)
 
 
 @_quiet
@@ -145,7 +168,7 @@ def hardsigmoid(x):
 @_quiet
 def hardswish(x):
     x = _f64(x)
-    return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+    return np.where(x >= 3, x, x * np.clip(x + 3.0, 0.0, 6.0) / 6.0)
 
 
 @_quiet
@@ -189,7 +212,9 @@ def _d_gelu(x, approximate="none"):
     if approximate == "tanh":
         u2 = 2.0 * _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
         du2 = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
-        return _sigmoid(u2) + x * _sigmoid_slope(u2) * du2
+        # For huge |x| sigmoid' is 0 and x^2 may overflow: the term is x * 0.
+        slope = np.where(np.abs(x) > 1e10, x * 0.0, x * _sigmoid_slope(u2) * du2)
+        return _sigmoid(u2) + slope
     return normal_cdf(x) + x * normal_pdf(x)
 
 
@@ -200,8 +225,9 @@ def _d_silu(x):
 
 @_quiet
 def _d_softplus(x, beta=1.0, threshold=20.0):
-    z = x * beta
-    return np.where(z > threshold, 1.0, _sigmoid(z))
+    hi, lo = _two_product(x, beta)
+    e = np.exp(-np.abs(hi)) * (1.0 - np.where(hi >= 0, lo, -lo))
+    return np.where(hi > threshold, 1.0, np.where(hi >= 0, 1.0, e) / (1.0 + e))
 
 
 @_quiet

@@ -185,41 +185,32 @@ struct GeluTanh {
     const double s = math::sigmoid_from_exp(two_u, e);
     const double ds = e / q / q;  // s (1 - s)
     const double d_two_u = 2.0 * kSqrt2OverPi * (1.0 + 3.0 * kCubic * x2);
-    return T(double(g) * (s + xd * ds * d_two_u));
+    // Where sigmoid' has underflowed, x^2 may have overflowed: the slope term
+    // is then x * 0 (NaN only for infinite x, as in PyTorch).
+    const double slope = abs_(xd) > 1e10 ? xd * 0.0 : xd * ds * d_two_u;
+    return T(double(g) * (s + slope));
   }
 };
 
-// silu(x) = x sigmoid(x). For x < 0 the numerator x e^x is formed from the
-// scaled exponential, so far-negative x (where e^x is subnormal) rounds once.
+// silu(x) = x sigmoid(x). The exponential is evaluated in the input's
+// precision, the rest in double (one rounding at the end).
 struct Silu {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled(-abs_(x));
-    const T e = scaled * Tr::kExpUnscale;
-    const bool positive = x >= T(0);
-    const T ratio = (positive ? x : x * scaled) / (T(1) + e);
-    const T y = positive ? ratio : ratio * Tr::kExpUnscale;
-    return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
+    const double xd = x;
+    const double e = math::exp_wide(-abs_(x));
+    const T y = T((xd >= 0.0 ? xd : xd * e) / (1.0 + e));
+    return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : y;  // -inf: NaN, as in PyTorch
   }
   // s (1 + x (1 - s)) = a (q + x b) / q^2 with q = 1 + e, e = exp(-|x|),
-  // (a, b) = (1, e) for x >= 0 and (e, 1) below: one division, and neither
-  // 1 - s nor a subnormal intermediate.
-  // Float inputs are evaluated in double: the products around the root of
-  // the derivative would otherwise cost more than 4 ulp.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
-    if constexpr (sizeof(T) == sizeof(float)) {
-      return T(backward_x<double>(double(g), double(x), p));
-    }
-    using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled(-abs_(x));
-    const T e = scaled * Tr::kExpUnscale;
-    const bool positive = x >= T(0);
-    const T a = positive ? T(1) : scaled;
-    const T b = positive ? e : T(1);
-    const T d = a * fmadd(x, b, T(1) + e) / math::one_plus_squared(e);
-    const T derivative = positive ? d : d * Tr::kExpUnscale;
-    return x < Tr::kNegligibleBelow ? g * (x * T(0)) : g * derivative;
+  // (a, b) = (1, e) for x >= 0 and (e, 1) below: no 1 - s cancellation.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const double xd = x;
+    const double e = math::exp_wide(-abs_(x));
+    const bool positive = xd >= 0.0;
+    const double q = 1.0 + e;
+    const double d = (positive ? 1.0 : e) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
+    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * d);
   }
 };
 
@@ -253,43 +244,29 @@ struct Softplus {
 
 // mish(x) = x tanh(softplus(x)); with n = e^x,
 // tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels nor
-// overflows once x is capped (beyond 40 the ratio is 1 in double). For
-// x < 0 the factor n comes from the scaled exponential so that the
-// subnormal tail rounds once.
+// overflows once x is capped (beyond 40 the ratio is 1 in double). The
+// exponential is evaluated in the input's precision, the rest in double.
 struct Mish {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kCap = 40.0;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled(x > T(kCap) ? T(kCap) : x);
-    const T n = scaled * Tr::kExpUnscale;
-    const bool positive = x >= T(0);
-    const T u = fmadd(n, n, T(2) * n);  // n (n + 2), one rounding
-    const T num = positive ? u : fmadd(scaled, n, T(2) * scaled);
-    const T y = x * (num / (u + T(2)));
-    const T result = positive ? y : y * Tr::kExpUnscale;
-    return x < Tr::kNegligibleBelow ? x * T(0) : result;  // -inf gives NaN, as in PyTorch
+    const double n = math::exp_wide(x > T(kCap) ? T(kCap) : x);
+    const double u = n * (n + 2.0);
+    const T y = T(double(x) * (u / (u + 2.0)));
+    return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : y;  // -inf: NaN, as in PyTorch
   }
   // d/dx = tanh(sp) + x sech^2(sp) sigmoid(x)
   //      = n ((n + 2) / D + 4 x (n + 1) / D^2),  D = n (n + 2) + 2.
-  // Past the cap the slope term is x * 0 and far below zero the whole
-  // derivative is x * 0 (it underflows), so infinities give NaN as in
-  // PyTorch and huge finite x give 0.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
-    if constexpr (sizeof(T) == sizeof(float)) {
-      return T(backward_x<double>(double(g), double(x), p));  // see Silu::backward_x
-    }
-    using Tr = math::Traits<T>;
+  // Past the cap the slope term is x * 0, so +inf gives NaN as in PyTorch;
+  // far below zero the derivative underflows and is x * 0 (NaN for -inf).
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
     const bool capped = x > T(kCap);
-    const T scaled = math::exp_scaled(capped ? T(kCap) : x);
-    const T n = scaled * Tr::kExpUnscale;
-    const bool positive = x >= T(0);
-    const T den = fmadd(n, n, T(2) * n) + T(2);
-    const T inv_den = T(1) / den;
-    const T slope = capped ? x * T(0) : T(4) * x * (n + T(1)) * inv_den * inv_den;
-    const T d = (positive ? n : scaled) * fmadd(n + T(2), inv_den, slope);
-    const T derivative = positive ? d : d * Tr::kExpUnscale;
-    return x < Tr::kNegligibleBelow ? g * (x * T(0)) : g * derivative;
+    const double xd = x;
+    const double n = math::exp_wide(capped ? T(kCap) : x);
+    const double inv_den = 1.0 / (n * (n + 2.0) + 2.0);
+    const double slope = capped ? xd * 0.0 : 4.0 * xd * (n + 1.0) * inv_den * inv_den;
+    const T d = T(double(g) * (n * fmadd(n + 2.0, inv_den, slope)));
+    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : d;
   }
 };
 
@@ -308,13 +285,12 @@ struct Hardsigmoid {
 
 struct Hardswish {
   static constexpr bool kBackwardFromY = false;
-  // x * clamp(x + 3, 0, 6) / 6: -inf gives NaN, as in PyTorch.
+  // x * clamp(x + 3, 0, 6) / 6, and x itself from 3 on (x * 6 could
+  // overflow): -inf gives NaN, as in PyTorch.
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     const double xd = x;
-    double r = xd + 3.0;
-    r = r < 0.0 ? 0.0 : r;
-    r = r > 6.0 ? 6.0 : r;
-    return T(xd * r / 6.0);
+    const double r = xd + 3.0 < 0.0 ? 0.0 : xd + 3.0;
+    return xd >= 3.0 ? x : T(xd * r / 6.0);
   }
   // PyTorch's one-sided choices: 0 at x = -3, 1 at x = 3.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {

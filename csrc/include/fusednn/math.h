@@ -140,6 +140,16 @@ template <class T> FUSEDNN_HD T exp_scaled(T x) {
 // caller's argument is bounded this way.
 template <class T> FUSEDNN_HD T exp_(T x) { return exp_scaled(x) * Traits<T>::kExpUnscale; }
 
+// e^x in double from an exponential evaluated in T: for float input this
+// is the float exponential (within about 1 ulp) made exact in double, so
+// the arithmetic that follows can run in double and round once at the end
+// while the costly part stays in float.
+FUSEDNN_HD double exp_wide(float x) {
+  // Below kExpMin the float result is 0; keep it 0 in double too.
+  return x < Traits<float>::kExpMin ? 0.0 : double(exp_scaled(x)) * 0x1p-64;
+}
+FUSEDNN_HD double exp_wide(double x) { return exp_(x); }
+
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
 // second factor is 1 + lo to within lo^2.
 template <class T> FUSEDNN_HD T exp_pair(T hi, T lo) {

@@ -1,0 +1,365 @@
+"""Shared numerics for the tests: the accuracy bounds of DESIGN section 6,
+the inputs they are checked on, an error measure in units in the last place
+(ulp), and fixtures that restore the global CPU settings (thread count, SIMD
+path) a test changes.
+
+A kernel's result is compared with the float64 reference of
+``fusednn.reference``. Its error is measured in ulp of the reference value
+rounded to the kernel's dtype, so that a bound reads the same for every
+magnitude; where the reference overflows the dtype, the ulp of the largest
+finite value is used. NaN must meet NaN and an infinity the same infinity.
+The float32 bounds are DESIGN's; the float64 ones are measured, and their
+reasons are given beside them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fusednn as fn
+from fusednn import _cpu
+from fusednn import reference as ref
+
+DTYPES = (np.float32, np.float64)
+
+# Every activation with its defaults, and the parameter sets that exercise
+# its parameters (a value that is not a float32 number, zero, negative).
+PARAM_SETS = [
+    ("sigmoid", {}),
+    ("tanh", {}),
+    ("relu", {}),
+    ("leaky_relu", {}),
+    ("leaky_relu", {"negative_slope": 0.2}),
+    ("leaky_relu", {"negative_slope": 0.0}),
+    ("leaky_relu", {"negative_slope": -0.1}),
+    ("elu", {}),
+    ("elu", {"alpha": 0.5}),
+    ("elu", {"alpha": 1.3}),
+    ("elu", {"alpha": -0.5}),
+    ("selu", {}),
+    ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}),
+    ("silu", {}),
+    ("softplus", {}),
+    ("softplus", {"beta": 2.5, "threshold": 15.0}),
+    ("softplus", {"beta": 0.5, "threshold": 5.0}),
+    ("mish", {}),
+    ("hardsigmoid", {}),
+    ("hardswish", {}),
+    ("hardtanh", {}),
+    ("hardtanh", {"min_val": -2.0, "max_val": 0.5}),
+    ("hardtanh", {"min_val": -0.3, "max_val": 0.3}),
+]
+
+
+def param_id(name: str, params: dict) -> str:
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+PARAM_IDS = [param_id(name, params) for name, params in PARAM_SETS]
+
+# Activations whose derivative the public API forms from the forward output
+# y (for leaky_relu and elu only with a non-negative parameter).
+FROM_OUTPUT = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
+
+
+def accepts_output(name: str, params: dict) -> bool:
+    if name == "leaky_relu":
+        return params.get("negative_slope", 0.01) >= 0
+    if name == "elu":
+        return params.get("alpha", 1.0) >= 0
+    return name in FROM_OUTPUT
+
+
+# Piecewise-linear activations round once, so in float32 they must equal
+# the reference rounded to float32, bit for bit. In float64 that holds for
+# the ones that select or multiply once; hardsigmoid' (g / 6 against the
+# reference's g * (1/6)) and hardswish may differ by the reference's own
+# rounding and get the float64 ulp bound.
+EXACT = {np.dtype(np.float32): {"relu", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish"},
+         np.dtype(np.float64): {"relu", "leaky_relu", "hardtanh"}}
+
+# Elementwise bounds in ulp of the dtype. float32: DESIGN section 6.
+# float64: the kernels and the reference both evaluate exp, log1p, erfc and
+# tanh to about 1 ulp and combine a few of them, each ending within 6 ulp of
+# the true value (measured against mpmath: mish' 5 ulp in the kernel, 6 in
+# the reference; tanh' 2 and 3), so they differ by at most 12.
+ULP_BOUND = {np.dtype(np.float32): 4.0, np.dtype(np.float64): 12.0}
+
+# Derivatives that are a sum of two terms of opposite sign below their
+# root. Where the terms cancel (their sum is less than half their
+# magnitudes' sum) the float32 bound is instead an absolute
+# 8 * 2^-24 * |grad_output| (DESIGN section 6); float64 gets the same floor
+# with 2^-53. In float64 each term carries the libm-level error above in
+# ulp of the term, so the sum's bound is ULP_BOUND times the cancellation
+# factor (|t1| + |t2|) / |t1 + t2| (mish' at x = -3.85, where the factor
+# is 1.7, differs by 11 ulp between the two).
+ROOT_CANCELLING = {"gelu", "silu", "mish"}
+ROOT_FLOOR_UNITS = 8.0
+CANCELLATION = 2.0
+
+# The GELUs round their inner argument (x / sqrt(2), or
+# sqrt(2/pi) (x + 0.044715 x^3)) before erfc or exp, whose relative
+# condition there is about x^2; any float64 evaluation, the reference's
+# included, then carries an error of the size of f's change over a few ulp
+# of x. For float64 their bound adds that change (CONDITIONED_STEPS ulp of x).
+CONDITIONED = {"gelu"}
+CONDITIONED_STEPS = 8
+
+
+def may_overflow(name: str, params: dict, x: np.ndarray, dtype) -> np.ndarray:
+    """Where the true f(x) lies beyond the dtype's range: only selu (scale
+    > 1) and leaky_relu with |negative_slope| > 1 grow faster than |x|."""
+    limit = float(np.finfo(dtype).max)
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    if name == "selu":
+        return x > limit / ref.SELU_SCALE
+    if name == "leaky_relu":
+        return x * abs(params.get("negative_slope", 0.01)) > limit
+    return np.zeros(x.shape, dtype=bool)
+
+
+def significand_bits(dtype) -> int:
+    return np.finfo(dtype).nmant + 1
+
+
+def ulp_error(actual: np.ndarray, expected64: np.ndarray) -> np.ndarray:
+    """|actual - expected| in ulp of expected rounded to actual's dtype.
+
+    0 where both are NaN or both are the same infinity (an expected value
+    past the dtype's range rounds to infinity); inf where only one is NaN."""
+    dtype = actual.dtype
+    a = actual.astype(np.float64)
+    e = np.asarray(expected64, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        e_rounded = e.astype(dtype)
+        ulp = np.spacing(np.abs(e_rounded)).astype(np.float64)
+        ulp = np.where(np.isinf(e_rounded), float(np.spacing(np.finfo(dtype).max)), ulp)
+        err = np.abs(a - e) / ulp
+    agree = (np.isnan(a) & np.isnan(e)) | (np.isinf(a) & (a == e_rounded.astype(np.float64)))
+    err = np.where(agree, 0.0, err)
+    return np.where(np.isnan(err), np.inf, err)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b hold identical bits, signed zeros included, except
+    that a NaN matches any NaN (IEEE leaves the sign and payload of a NaN
+    result unspecified, and vector and scalar code may pick differently)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    uint = np.uint32 if a.dtype.itemsize == 4 else np.uint64
+    a_nan, b_nan = np.isnan(a), np.isnan(b)
+    a_bits = np.where(a_nan, 0, np.ascontiguousarray(a).view(uint))
+    b_bits = np.where(b_nan, 0, np.ascontiguousarray(b).view(uint))
+    return bool(np.array_equal(a_nan, b_nan) and np.array_equal(a_bits, b_bits))
+
+
+def rounded_equal(actual: np.ndarray, expected64: np.ndarray) -> np.ndarray:
+    """Where actual equals expected rounded to its dtype, signed zeros and
+    NaN included."""
+    with np.errstate(all="ignore"):
+        e = np.asarray(expected64, dtype=np.float64).astype(actual.dtype)
+    same = (actual == e) & (np.signbit(actual) == np.signbit(e))
+    return same | (np.isnan(actual) & np.isnan(e))
+
+
+def derivative_terms(name: str, params: dict, x: np.ndarray):
+    """The two terms of f' that cancel at its negative root, in float64:
+    gelu' = Phi(x) + x phi(x) (or s(2u) + x s(2u) s(-2u) 2u' for the tanh
+    form), silu' = s(x) + x s(x) s(-x), mish' = tanh(sp) + x sech^2(sp) s(x)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        if name == "silu":
+            s = ref.sigmoid(x)
+            return s, x * s * ref.sigmoid(-x)
+        if name == "mish":
+            sp = ref.softplus(x)
+            return np.tanh(sp), x * ref.sigmoid(x) / np.cosh(sp) ** 2
+        if params.get("approximate", "none") == "tanh":
+            c = math.sqrt(2.0 / math.pi)
+            two_u = 2.0 * c * (x + 0.044715 * x ** 3)
+            s = ref.sigmoid(two_u)
+            return s, x * s * ref.sigmoid(-two_u) * 2.0 * c * (1.0 + 3.0 * 0.044715 * x * x)
+        return ref.normal_cdf(x), x * ref.normal_pdf(x)
+
+
+def _cancellation_allowance(name, params, x, grad, expected, dtype):
+    """The absolute allowance for a derivative whose terms cancel: the
+    near-root floor where they cancel by CANCELLATION or more, and in
+    float64 ULP_BOUND ulp scaled by the cancellation factor everywhere."""
+    if name not in ROOT_CANCELLING:
+        return np.zeros(np.shape(x))
+    first, second = derivative_terms(name, params, x)
+    with np.errstate(all="ignore"):
+        magnitude = np.abs(first) + np.abs(second)
+        factor = magnitude / np.abs(first + second)
+        cancels = factor >= CANCELLATION
+        floor = ROOT_FLOOR_UNITS * 2.0 ** -significand_bits(dtype) * np.abs(grad.astype(np.float64))
+        allowance = np.where(cancels, floor, 0.0)
+        if np.dtype(dtype) == np.float64:
+            allowance = np.maximum(allowance, _ulps_of(expected, dtype) * factor)
+    return allowance
+
+
+def _ulps_of(expected, dtype) -> np.ndarray:
+    """ULP_BOUND ulp of each expected value as an absolute amount (0 where
+    the value is not finite)."""
+    with np.errstate(all="ignore"):
+        amount = ULP_BOUND[np.dtype(dtype)] * np.spacing(np.abs(np.asarray(expected, np.float64)))
+    return np.where(np.isfinite(amount), amount, 0.0)
+
+
+def _conditioning(func, x: np.ndarray, dtype) -> np.ndarray:
+    """How far func moves when x moves by CONDITIONED_STEPS ulp either way."""
+    x64 = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        step = CONDITIONED_STEPS * np.spacing(np.abs(x64.astype(dtype))).astype(np.float64)
+        center = func(x64)
+        spread = np.maximum(np.abs(func(x64 + step) - center), np.abs(func(x64 - step) - center))
+    return np.where(np.isfinite(spread), spread, 0.0)
+
+
+def assert_matches(actual, expected64, *, exact=False, ulps=None, abs_tol=None, inputs=None,
+                   what=""):
+    """Asserts that actual is within ulps of expected64 (or within abs_tol
+    where that is larger), or equals it rounded when exact. The message
+    names the worst element and the inputs there."""
+    assert isinstance(actual, np.ndarray), f"{what}: result is {type(actual).__name__}"
+    expected64 = np.broadcast_to(np.asarray(expected64, dtype=np.float64), actual.shape)
+    if actual.size == 0:
+        return
+    if exact:
+        bad = ~rounded_equal(actual, expected64)
+        if bad.any():
+            i = np.flatnonzero(bad.ravel())[0]
+            raise AssertionError(
+                f"{what}: {int(bad.sum())} of {actual.size} elements differ from the rounded "
+                f"reference; first at {_describe(i, actual, expected64, inputs)}")
+        return
+    ulps = ULP_BOUND[actual.dtype] if ulps is None else ulps
+    err = ulp_error(actual, expected64)
+    if abs_tol is not None:
+        with np.errstate(all="ignore"):
+            abs_err = np.abs(actual.astype(np.float64) - expected64)
+        within_abs = np.broadcast_to(abs_tol, actual.shape) >= abs_err
+        err = np.where(within_abs & np.isfinite(abs_err), 0.0, err)
+    worst = float(err.max())
+    if worst > ulps:
+        i = int(np.argmax(err.ravel()))
+        raise AssertionError(
+            f"{what}: max error {worst:.4g} ulp > {ulps} ulp ({int((err > ulps).sum())} of "
+            f"{actual.size} elements); worst at {_describe(i, actual, expected64, inputs)}")
+
+
+def _describe(i, actual, expected, inputs) -> str:
+    parts = [f"index {i}"]
+    for label, values in (inputs or {}).items():
+        parts.append(f"{label}={np.asarray(values).ravel()[i]!r}")
+    parts.append(f"got {actual.ravel()[i]!r}, reference {expected.ravel()[i]!r}")
+    return ", ".join(parts)
+
+
+def check_forward(name, params, x, y, what=""):
+    """y = fn.activation(name, x) against the reference, to DESIGN's bound."""
+    expected = ref.activation(name, x, **params)
+    abs_tol = None
+    if y.dtype == np.float64 and name in CONDITIONED:
+        abs_tol = _ulps_of(expected, y.dtype) + _conditioning(
+            lambda v: ref.activation(name, v, **params), x, y.dtype)
+    assert_matches(y, expected, exact=name in EXACT[y.dtype], abs_tol=abs_tol, inputs={"x": x},
+                   what=what or f"{name}{params} forward")
+
+
+def check_backward_x(name, params, g, x, gi, what=""):
+    """gi = grad_output * f'(x) against the reference, to DESIGN's bound."""
+    expected = ref.activation_backward(name, g, x=x, **params)
+    abs_tol = _cancellation_allowance(name, params, x, g, expected, gi.dtype)
+    if gi.dtype == np.float64 and name in CONDITIONED:
+        abs_tol = abs_tol + _ulps_of(expected, gi.dtype) + _conditioning(
+            lambda v: ref.activation_backward(name, g, x=v, **params), x, gi.dtype)
+    assert_matches(gi, expected, exact=name in EXACT[gi.dtype], abs_tol=abs_tol,
+                   inputs={"x": x, "grad": g}, what=what or f"{name}{params} backward from x")
+
+
+def check_backward_y(name, params, g, y, gi, what=""):
+    """gi from the forward output y against the reference from the same y."""
+    expected = ref.activation_backward(name, g, y=y, **params)
+    assert_matches(gi, expected, exact=name in EXACT[gi.dtype], inputs={"y": y, "grad": g},
+                   what=what or f"{name}{params} backward from y")
+
+
+# ---- inputs --------------------------------------------------------------------
+
+
+def special_values(dtype) -> np.ndarray:
+    """+-0, subnormals, the smallest normal, +-inf, NaN, huge magnitudes,
+    every kink and threshold of the activations and the exp/log range ends."""
+    info = np.finfo(dtype)
+    values = [0.0, -0.0, np.inf, -np.inf, np.nan, float(info.smallest_subnormal),
+              -float(info.smallest_subnormal), 8 * float(info.smallest_subnormal),
+              -8 * float(info.smallest_subnormal), float(info.smallest_normal),
+              -float(info.smallest_normal), 3e38, -3e38, float(info.max), -float(info.max),
+              1e-8, -1e-8, 1.0, -1.0, 3.0, -3.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3, 6.0, 10.0,
+              20.0, -20.0, 40.0, -40.0, 88.7, -88.7, 104.0, -104.0, -0.75, -1.28, -1.19,
+              1e10, -1e10]
+    if dtype == np.float64:
+        values += [1e-310, -1e-310, 709.7, -709.7, 745.2, -745.2, 1e154, 1e200, -1e200,
+                   1e300, -1e300]
+    return np.array(values, dtype=dtype)
+
+
+def dense_grid(dtype, n=40_001) -> np.ndarray:
+    return np.linspace(-20.0, 20.0, n).astype(dtype)
+
+
+def magnitudes(dtype, n=1_001) -> np.ndarray:
+    """Log-spaced magnitudes over the dtype's whole finite range, both signs."""
+    info = np.finfo(dtype)
+    lo = math.log10(float(info.smallest_subnormal))
+    hi = math.log10(float(info.max))
+    with np.errstate(over="ignore"):  # the last power may round past the range
+        mags = np.logspace(lo, hi, n).astype(dtype)
+    mags = mags[np.isfinite(mags) & (mags > 0)]
+    return np.concatenate([mags, -mags])
+
+
+def random_normals(dtype, n=4_096, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scales = np.array([1.0, 4.0, 30.0]).repeat(n // 3 + 1)[:n]
+    return (rng.standard_normal(n) * scales).astype(dtype)
+
+
+INPUT_KINDS = ("special", "grid", "magnitudes", "normals")
+
+
+def make_inputs(kind: str, dtype) -> np.ndarray:
+    return {"special": special_values, "grid": dense_grid, "magnitudes": magnitudes,
+            "normals": random_normals}[kind](dtype)
+
+
+def grad_for(x: np.ndarray, seed=1) -> np.ndarray:
+    """An upstream gradient of x's shape: magnitudes in [0.5, 2), both signs."""
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0.5, 2.0, x.shape) * rng.choice([-1.0, 1.0], x.shape)
+    return g.astype(x.dtype)
+
+
+# ---- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    """Restores the CPU thread count a test changes."""
+    original = fn.get_num_threads()
+    yield
+    fn.set_num_threads(original)
+
+
+@pytest.fixture
+def restore_simd():
+    """Restores the SIMD path a test changes."""
+    original = _cpu.simd()
+    yield
+    _cpu.set_simd(original)

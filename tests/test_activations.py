@@ -1,0 +1,614 @@
+"""The CPU activation kernels against the float64 reference.
+
+Every activation and parameter set, in float32 and float64, forward and
+backward (from x, and from y where the derivative allows it), on special
+values, a dense grid, the whole magnitude range and random normals, to the
+ulp bounds of DESIGN section 6. Then the array plumbing: shapes, strides,
+``out=``, in-place and overlapping outputs, a large array that takes the
+threaded streaming-store path, bit-identical results for every thread count
+and SIMD path, and the errors raised on bad input before anything is
+written.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import fusednn as fn
+from conftest import (DTYPES, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
+                      check_backward_x, check_backward_y, check_forward, grad_for, make_inputs,
+                      magnitudes, may_overflow, random_normals, same_bits, special_values)
+from fusednn import _cpu
+from fusednn import reference as ref
+
+PYTORCH_DEFAULTS = {
+    "leaky_relu": {"negative_slope": 0.01},
+    "elu": {"alpha": 1.0},
+    "gelu": {"approximate": "none"},
+    "softplus": {"beta": 1.0, "threshold": 20.0},
+    "hardtanh": {"min_val": -1.0, "max_val": 1.0},
+}
+
+DEFAULT_SETS = [(name, {}) for name in fn.ACTIVATIONS] + [("gelu", {"approximate": "tanh"})]
+DEFAULT_IDS = [name + ("-tanh" if params else "") for name, params in DEFAULT_SETS]
+Y_SETS = [(n, p) for n, p in PARAM_SETS if accepts_output(n, p)]
+Y_IDS = [i for (n, p), i in zip(PARAM_SETS, PARAM_IDS) if accepts_output(n, p)]
+X_ONLY_SETS = [(n, p) for n, p in PARAM_SETS if not accepts_output(n, p)]
+X_ONLY_IDS = [i for (n, p), i in zip(PARAM_SETS, PARAM_IDS) if not accepts_output(n, p)]
+
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+param_sets = pytest.mark.parametrize(("name", "params"), PARAM_SETS, ids=PARAM_IDS)
+default_sets = pytest.mark.parametrize(("name", "params"), DEFAULT_SETS, ids=DEFAULT_IDS)
+kinds = pytest.mark.parametrize("kind", INPUT_KINDS)
+
+
+def forward_by_name(name, x, params, **kwargs):
+    """The named public function, e.g. fn.elu(x, alpha=...)."""
+    return getattr(fn, name)(x, **params, **kwargs)
+
+
+# ---- accuracy ------------------------------------------------------------------
+
+
+@param_sets
+@dtypes
+@kinds
+def test_forward_matches_reference(name, params, dtype, kind):
+    x = make_inputs(kind, dtype)
+    y = fn.activation(name, x, **params)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    check_forward(name, params, x, y)
+    assert same_bits(forward_by_name(name, x, params), y)
+
+
+@param_sets
+@dtypes
+@kinds
+def test_backward_from_x_matches_reference(name, params, dtype, kind):
+    x = make_inputs(kind, dtype)
+    g = grad_for(x)
+    gi = fn.activation_backward(name, g, x=x, **params)
+    assert gi.dtype == x.dtype and gi.shape == x.shape
+    check_backward_x(name, params, g, x, gi)
+
+
+@pytest.mark.parametrize(("name", "params"), Y_SETS, ids=Y_IDS)
+@dtypes
+@kinds
+def test_backward_from_y_matches_reference(name, params, dtype, kind):
+    x = make_inputs(kind, dtype)
+    y = fn.activation(name, x, **params)
+    g = grad_for(x)
+    gi = fn.activation_backward(name, g, y=y, **params)
+    check_backward_y(name, params, g, y, gi)
+
+
+@pytest.mark.parametrize(("name", "params"), X_ONLY_SETS, ids=X_ONLY_IDS)
+def test_backward_from_y_alone_needs_x(name, params):
+    x = random_normals(np.float32, 16)
+    y = fn.activation(name, x, **params)
+    with pytest.raises(ValueError, match="needs x"):
+        fn.activation_backward(name, np.ones_like(x), y=y, **params)
+
+
+@param_sets
+@dtypes
+def test_backward_with_both_uses_the_documented_one(name, params, dtype):
+    x = random_normals(dtype, 257)
+    y = fn.activation(name, x, **params)
+    g = grad_for(x)
+    both = fn.activation_backward(name, g, x=x, y=y, **params)
+    if accepts_output(name, params):
+        expected = fn.activation_backward(name, g, y=y, **params)
+    else:
+        expected = fn.activation_backward(name, g, x=x, **params)
+    assert same_bits(both, expected)
+
+
+@param_sets
+@dtypes
+def test_special_gradients_match_reference(name, params, dtype):
+    """Infinite, NaN and zero upstream gradients: where the derivative is
+    selected to be 0 the gradient is 0, otherwise the product's IEEE value."""
+    xs = np.array([-np.inf, -4.0, -3.0, -1.0, -0.0, 0.0, 0.5, 1.0, 3.0, 4.0, np.inf, np.nan])
+    gs = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 1.5])
+    x = np.repeat(xs, gs.size).astype(dtype)
+    g = np.tile(gs, xs.size).astype(dtype)
+    check_backward_x(name, params, g, x, fn.activation_backward(name, g, x=x, **params))
+    if accepts_output(name, params):
+        y = fn.activation(name, x, **params)
+        check_backward_y(name, params, g, y, fn.activation_backward(name, g, y=y, **params))
+
+
+@param_sets
+@dtypes
+def test_finite_inputs_give_finite_results(name, params, dtype):
+    """A finite x gives a finite f(x) unless the true value overflows the
+    dtype, and a finite gradient: every derivative here is bounded."""
+    x = np.concatenate([special_values(dtype), magnitudes(dtype)])
+    x = x[np.isfinite(x)]
+    y = fn.activation(name, x, **params)
+    bad = ~np.isfinite(y) & ~may_overflow(name, params, x, dtype)
+    assert not bad.any(), f"{name}{params}: non-finite f(x) at x={x[bad][:8]}: {y[bad][:8]}"
+    g = grad_for(x)
+    gi = fn.activation_backward(name, g, x=x, **params)
+    bad = ~np.isfinite(gi)
+    assert not bad.any(), f"{name}{params}: non-finite gradient at x={x[bad][:8]}: {gi[bad][:8]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", fn.ACTIVATIONS)
+def test_nan_in_gives_nan_out(name, dtype):
+    x = np.array([np.nan, -np.nan], dtype=dtype)
+    assert np.isnan(fn.activation(name, x)).all()
+
+
+def test_infinities_follow_pytorch():
+    """The reference defines every value; these are the cases where PyTorch's
+    choice is not the limit (x * 0 at an infinity is NaN)."""
+    x = np.array([-np.inf, np.inf], dtype=np.float32)
+    for name in ("silu", "gelu", "mish", "hardswish"):
+        assert np.isnan(fn.activation(name, x)[0]), name
+        assert fn.activation(name, x)[1] == np.inf, name
+    assert np.isnan(fn.gelu(x, approximate="tanh")[0])
+    assert fn.elu(x)[0] == -1.0 and fn.selu(x)[0] == np.float32(-ref.SELU_SCALE * ref.SELU_ALPHA)
+    assert fn.softplus(x)[0] == 0.0 and fn.sigmoid(x)[0] == 0.0 and fn.tanh(x)[0] == -1.0
+    one = np.ones(2, dtype=np.float32)
+    assert np.isnan(fn.activation_backward("silu", one, x=x)[0])
+    assert np.isnan(fn.activation_backward("gelu", one, x=x)).all()
+    kinks = np.array([-3.0, 3.0], dtype=np.float32)
+    assert fn.activation_backward("hardswish", np.ones(2, np.float32), x=kinks).tolist() == [0, 1]
+
+
+# ---- parameters ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PYTORCH_DEFAULTS))
+def test_defaults_are_pytorchs(name):
+    signature = inspect.signature(getattr(fn, name))
+    for parameter, default in PYTORCH_DEFAULTS[name].items():
+        assert signature.parameters[parameter].default == default
+    assert signature.parameters["out"].kind is inspect.Parameter.KEYWORD_ONLY
+    x = np.concatenate([special_values(np.float32), random_normals(np.float32)])
+    explicit = fn.activation(name, x, **PYTORCH_DEFAULTS[name])
+    assert same_bits(fn.activation(name, x), explicit)
+    assert same_bits(getattr(fn, name)(x), explicit)
+    g = grad_for(x)
+    assert same_bits(fn.activation_backward(name, g, x=x),
+                     fn.activation_backward(name, g, x=x, **PYTORCH_DEFAULTS[name]))
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.5}),
+    ("gelu", {"approximate": "tanh"}), ("softplus", {"beta": 2.5, "threshold": 15.0}),
+    ("hardtanh", {"min_val": -2.0, "max_val": 0.5})])
+def test_parameters_change_the_result(name, params):
+    x = np.linspace(-4, 4, 81, dtype=np.float64)
+    assert not np.array_equal(fn.activation(name, x), fn.activation(name, x, **params))
+    positional = getattr(fn, name)(x, *params.values())
+    assert same_bits(positional, fn.activation(name, x, **params))
+
+
+def test_softplus_threshold_switches_to_identity():
+    x = np.array([7.9, 8.0, 8.1, 30.0], dtype=np.float64)
+    y = fn.softplus(x, beta=2.0, threshold=16.0)
+    assert y[2] == 8.1 and y[3] == 30.0
+    assert y[0] != 7.9 and y[1] != 8.0
+
+
+# ---- shapes and strides --------------------------------------------------------
+
+SHAPES = [(), (0,), (3, 0, 2), (1,), (7,), (1023,), (65537,), (3, 5, 7), (2, 1, 3, 1, 4)]
+
+
+@default_sets
+@dtypes
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shapes(name, params, dtype, shape):
+    n = int(np.prod(shape))
+    x = random_normals(dtype, max(n, 1))[:n].reshape(shape)
+    y = fn.activation(name, x, **params)
+    assert type(y) is np.ndarray and y.shape == shape and y.dtype == dtype
+    check_forward(name, params, x, y)
+    g = grad_for(x)
+    gi = fn.activation_backward(name, g, x=x, **params)
+    assert type(gi) is np.ndarray and gi.shape == shape and gi.dtype == dtype
+    check_backward_x(name, params, g, x, gi)
+    if accepts_output(name, params):
+        gy = fn.activation_backward(name, g, y=y, **params)
+        assert gy.shape == shape
+        check_backward_y(name, params, g, y, gy)
+
+
+def _views(dtype):
+    """(label, non-contiguous view) pairs over fresh arrays."""
+    base3 = random_normals(dtype, 6 * 10 * 14).reshape(6, 10, 14)
+    base2 = random_normals(dtype, 37 * 29, seed=3).reshape(37, 29)
+    flat = random_normals(dtype, 3001, seed=4)
+    return [
+        ("step3", flat[::3]),
+        ("reversed", flat[::-1]),
+        ("transpose", base2.T),
+        ("column", base2[:, 5]),
+        ("mixed", base3[::-2, 1:, ::3]),
+        ("swapped", base3.transpose(2, 0, 1)[:, ::-1]),
+        ("broadcast", np.broadcast_to(flat[:29], (37, 29))),
+    ]
+
+
+@default_sets
+@dtypes
+def test_non_contiguous_inputs(name, params, dtype):
+    for label, x in _views(dtype):
+        assert not x.flags.c_contiguous
+        x_before = x.copy()
+        contiguous = np.ascontiguousarray(x)
+        y = fn.activation(name, x, **params)
+        assert y.shape == x.shape
+        assert same_bits(y, fn.activation(name, contiguous, **params)), label
+        g = grad_for(contiguous)[..., ::-1].copy()[..., ::-1]  # also strided
+        expected = fn.activation_backward(name, np.ascontiguousarray(g), x=contiguous, **params)
+        assert same_bits(fn.activation_backward(name, g, x=x, **params), expected), label
+        if accepts_output(name, params):
+            y_strided = np.empty(y.shape[::-1], dtype).T
+            y_strided[...] = y
+            expected = fn.activation_backward(name, np.ascontiguousarray(g), y=y, **params)
+            assert same_bits(fn.activation_backward(name, g, y=y_strided, **params), expected)
+        assert same_bits(x, x_before), f"{label}: input was modified"
+
+
+def test_non_native_and_unaligned_inputs():
+    x = random_normals(np.float32, 1001)
+    expected = fn.gelu(x)
+    assert same_bits(fn.gelu(x.astype(">f4")).astype(np.float32), expected)
+    raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float32)
+    unaligned[...] = x
+    assert not unaligned.flags.aligned
+    assert same_bits(fn.gelu(unaligned), expected)
+    assert same_bits(fn.activation_backward("gelu", unaligned, x=unaligned),
+                     fn.activation_backward("gelu", x, x=x))
+
+
+# ---- out=, in place, overlap ---------------------------------------------------
+
+
+@default_sets
+@dtypes
+def test_out_is_written_and_returned(name, params, dtype):
+    x = random_normals(dtype, 1025)
+    expected = fn.activation(name, x, **params)
+    out = np.full_like(x, np.nan)
+    assert fn.activation(name, x, out=out, **params) is out
+    assert same_bits(out, expected)
+    out2 = np.full_like(x, np.nan)
+    assert forward_by_name(name, x, params, out=out2) is out2
+    assert same_bits(out2, expected)
+    g = grad_for(x)
+    gout = np.full_like(x, np.nan)
+    assert fn.activation_backward(name, g, x=x, out=gout, **params) is gout
+    assert same_bits(gout, fn.activation_backward(name, g, x=x, **params))
+
+
+@default_sets
+@dtypes
+def test_non_contiguous_out(name, params, dtype):
+    x = random_normals(dtype, 15 * 17).reshape(15, 17)
+    expected = fn.activation(name, x, **params)
+    holder = np.full((17, 2, 15), 7.0, dtype=dtype)
+    out = holder[:, 0, :].T
+    assert fn.activation(name, x, out=out, **params) is out
+    assert same_bits(np.ascontiguousarray(out), expected)
+    assert (holder[:, 1, :] == 7.0).all(), "wrote outside out"
+    g = grad_for(x)
+    holder[...] = 7.0
+    assert fn.activation_backward(name, g, x=x, out=out, **params) is out
+    assert same_bits(np.ascontiguousarray(out), fn.activation_backward(name, g, x=x, **params))
+    assert (holder[:, 1, :] == 7.0).all(), "wrote outside out"
+
+
+@default_sets
+@dtypes
+def test_in_place(name, params, dtype):
+    x = random_normals(dtype, 4099)
+    expected = fn.activation(name, x, **params)
+    work = x.copy()
+    assert fn.activation(name, work, out=work, **params) is work
+    assert same_bits(work, expected)
+    g = grad_for(x)
+    expected = fn.activation_backward(name, g, x=x, **params)
+    gw = g.copy()
+    assert fn.activation_backward(name, gw, x=x, out=gw, **params) is gw
+    assert same_bits(gw, expected)
+    xw = x.copy()
+    assert fn.activation_backward(name, g, x=xw, out=xw, **params) is xw
+    assert same_bits(xw, expected)
+    if accepts_output(name, params):
+        y = fn.activation(name, x, **params)
+        expected = fn.activation_backward(name, g, y=y, **params)
+        assert same_bits(fn.activation_backward(name, g, y=y, out=y, **params), expected)
+
+
+@default_sets
+@pytest.mark.parametrize("shift", [1, 3, -1, -8])
+def test_partially_overlapping_out(name, params, shift):
+    """out and the input share memory shifted by a few elements: the result
+    must be the one computed from the unmodified input."""
+    n = 3000
+    buffer = random_normals(np.float64, n + abs(shift))
+    x_at, out_at = (0, shift) if shift > 0 else (-shift, 0)
+    x = buffer[x_at:x_at + n]
+    out = buffer[out_at:out_at + n]
+    x_copy = x.copy()
+    expected = fn.activation(name, x_copy, **params)
+    fn.activation(name, x, out=out, **params)
+    assert same_bits(out, expected)
+
+    buffer = random_normals(np.float64, n + abs(shift), seed=7)
+    g = grad_for(x_copy)
+    saved = buffer[x_at:x_at + n]
+    out = buffer[out_at:out_at + n]
+    saved_copy = saved.copy()
+    expected = fn.activation_backward(name, g, x=saved_copy, **params)
+    fn.activation_backward(name, g, x=saved, out=out, **params)
+    assert same_bits(out, expected)
+
+
+def test_reversed_view_as_out_of_its_own_base():
+    x = random_normals(np.float32, 1001)
+    expected = fn.tanh(x)[::-1]
+    work = x.copy()
+    fn.tanh(work, out=work[::-1])
+    assert same_bits(work, expected)
+
+
+# ---- large arrays and determinism ----------------------------------------------
+
+LARGE_SHAPE = (2_000, 2_500)  # 5e6 float32: a 20 MB output, past L2 and the stream threshold
+
+
+@pytest.fixture(scope="module")
+def large_input():
+    rng = np.random.default_rng(11)
+    return (rng.standard_normal(LARGE_SHAPE) * 4).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["relu", "sigmoid", "silu"])
+def test_large_array(name, large_input, restore_threads):
+    x = large_input
+    y = fn.activation(name, x)
+    check_forward(name, {}, x, y)
+    rows = 100  # 1 MB blocks: neither threaded nor streamed
+    blocks = np.concatenate([fn.activation(name, x[i:i + rows]) for i in range(0, x.shape[0], rows)])
+    assert same_bits(y, blocks)
+    g = grad_for(x[:1]).repeat(x.shape[0], axis=0)
+    gi = fn.activation_backward(name, g, x=x)
+    check_backward_x(name, {}, g, x, gi)
+    fn.set_num_threads(1)
+    assert same_bits(fn.activation(name, x), y)
+    assert same_bits(fn.activation_backward(name, g, x=x), gi)
+
+
+def _determinism_input(dtype, n=200_003):
+    """Larger than three threads' grains, not a multiple of any vector width,
+    with every kind of special value spread through it."""
+    x = random_normals(dtype, n, seed=5)
+    specials = special_values(dtype)
+    x[:: n // specials.size][: specials.size] = specials
+    return x
+
+
+def _all_results(name, params, x, g):
+    results = [fn.activation(name, x, **params), fn.activation_backward(name, g, x=x, **params)]
+    if accepts_output(name, params):
+        results.append(fn.activation_backward(name, g, y=results[0], **params))
+    return results
+
+
+@default_sets
+@dtypes
+def test_same_bits_for_any_thread_count(name, params, dtype, restore_threads):
+    x = _determinism_input(dtype)
+    g = grad_for(x)
+    fn.set_num_threads(1)
+    baseline = _all_results(name, params, x, g)
+    for threads in (2, 3):
+        fn.set_num_threads(threads)
+        for got, want in zip(_all_results(name, params, x, g), baseline):
+            assert same_bits(got, want), f"{threads} threads"
+
+
+@default_sets
+@dtypes
+def test_same_bits_for_every_simd_path(name, params, dtype, restore_simd):
+    x = _determinism_input(dtype)
+    g = grad_for(x)
+    paths = list(_cpu.available_simd())
+    assert "generic" in paths
+    _cpu.set_simd("generic")
+    baseline = _all_results(name, params, x, g)
+    for path in paths[1:]:
+        _cpu.set_simd(path)
+        assert _cpu.simd() == path
+        for got, want in zip(_all_results(name, params, x, g), baseline):
+            assert same_bits(got, want), f"{path} differs from generic"
+
+
+# ---- bad input -----------------------------------------------------------------
+
+UNSUPPORTED = [np.int32, np.int64, np.complex64, np.float16, np.bool_, object]
+
+
+@pytest.mark.parametrize("dtype", UNSUPPORTED, ids=lambda d: np.dtype(d).name)
+def test_unsupported_dtype_is_a_type_error(dtype):
+    bad = np.zeros(5, dtype=dtype)
+    good = np.zeros(5, dtype=np.float32)
+    calls = [lambda: fn.relu(bad), lambda: fn.activation("gelu", bad),
+             lambda: fn.activation_backward("sigmoid", bad, x=good),
+             lambda: fn.activation_backward("sigmoid", good, x=bad),
+             lambda: fn.activation_backward("sigmoid", good, y=bad)]
+    for call in calls:
+        with pytest.raises(TypeError, match="float32.*float64"):
+            call()
+
+
+@pytest.mark.parametrize("value", [[0.5, 1.0], 1.5, 2, None, "x"], ids=repr)
+def test_non_array_input_is_a_type_error(value):
+    good = np.zeros(2, dtype=np.float64)
+    with pytest.raises(TypeError, match="array"):
+        fn.sigmoid(value)
+    with pytest.raises(TypeError, match="array"):
+        fn.activation("relu", value)
+    with pytest.raises(TypeError, match="array"):
+        fn.activation_backward("relu", value, x=good)
+    if value is not None:  # x=None means that x was not given
+        with pytest.raises(TypeError, match="array"):
+            fn.activation_backward("relu", good, x=value)
+
+
+@pytest.mark.parametrize("name", ["gelu2", "Relu", "", "swish"])
+def test_unknown_activation_lists_the_known_ones(name):
+    x = np.zeros(3, dtype=np.float32)
+    for call in (lambda: fn.activation(name, x),
+                 lambda: fn.activation_backward(name, x, x=x)):
+        with pytest.raises(ValueError) as excinfo:
+            call()
+        for known in fn.ACTIVATIONS:
+            assert known in str(excinfo.value)
+
+
+@pytest.mark.parametrize(("name", "params", "unknown"), [
+    ("relu", {"negative_slope": 0.1}, "negative_slope"), ("elu", {"slope": 1.0}, "slope"),
+    ("gelu", {"approx": "tanh"}, "approx"), ("softplus", {"beta": 1.0, "limit": 5.0}, "limit"),
+    ("sigmoid", {"alpha": 1.0}, "alpha"), ("hardtanh", {"min": -1.0}, "min")])
+def test_unknown_parameter_is_a_type_error(name, params, unknown):
+    x = np.zeros(3, dtype=np.float32)
+    with pytest.raises(TypeError, match=rf"\b{unknown}\b"):
+        fn.activation(name, x, **params)
+    with pytest.raises(TypeError, match=rf"\b{unknown}\b"):
+        fn.activation_backward(name, x, x=x, **params)
+
+
+BAD_PARAMETERS = [
+    ("leaky_relu", {"negative_slope": float("nan")}, ValueError),
+    ("elu", {"alpha": float("nan")}, ValueError),
+    ("softplus", {"beta": float("nan")}, ValueError),
+    ("softplus", {"threshold": float("nan")}, ValueError),
+    ("hardtanh", {"min_val": float("nan")}, ValueError),
+    ("hardtanh", {"max_val": float("nan")}, ValueError),
+    ("softplus", {"beta": 0.0}, ValueError),
+    ("softplus", {"beta": -1.0}, ValueError),
+    ("hardtanh", {"min_val": 1.0, "max_val": -1.0}, ValueError),
+    ("gelu", {"approximate": "erf"}, ValueError),
+    ("leaky_relu", {"negative_slope": "0.1"}, TypeError),
+    ("elu", {"alpha": True}, TypeError),
+    ("softplus", {"beta": None}, TypeError),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "error"), BAD_PARAMETERS,
+                         ids=[f"{n}-{p}" for n, p, _ in BAD_PARAMETERS])
+def test_bad_parameter_raises_before_writing(name, params, error):
+    x = random_normals(np.float32, 9)
+    out = np.full_like(x, 42.0)
+    with pytest.raises(error):
+        fn.activation(name, x, out=out, **params)
+    with pytest.raises(error):
+        getattr(fn, name)(x, out=out, **params)
+    with pytest.raises(error):
+        fn.activation_backward(name, x, x=x, out=out, **params)
+    assert (out == 42.0).all()
+
+
+def _bad_outs():
+    x = np.zeros((4, 5), dtype=np.float32)
+    read_only = np.zeros_like(x)
+    read_only.flags.writeable = False
+    return [
+        ("shape", np.zeros((5, 4), np.float32)),
+        ("size", np.zeros((4, 6), np.float32)),
+        ("0-d", np.zeros((), np.float32)),
+        ("dtype", np.zeros((4, 5), np.float64)),
+        ("int dtype", np.zeros((4, 5), np.int32)),
+        ("read-only", read_only),
+        ("list", [[0.0] * 5] * 4),
+        ("memoryview", memoryview(np.zeros((4, 5), np.float32))),
+    ]
+
+
+@pytest.mark.parametrize("label", [label for label, _ in _bad_outs()])
+def test_bad_out_is_a_value_error_and_untouched(label):
+    out = dict(_bad_outs())[label]
+    x = random_normals(np.float32, 20).reshape(4, 5)
+    before = np.array(out).tobytes()
+    with pytest.raises(ValueError, match="out"):
+        fn.relu(x, out=out)
+    with pytest.raises(ValueError, match="out"):
+        fn.activation("hardtanh", x, out=out, min_val=-0.5)
+    with pytest.raises(ValueError, match="out"):
+        fn.activation_backward("tanh", x, x=x, out=out)
+    with pytest.raises(ValueError, match="out"):
+        fn.activation_backward("tanh", x, y=x, out=out)
+    assert np.array(out).tobytes() == before
+
+
+def test_backward_needs_x_or_y():
+    g = np.ones(3, dtype=np.float32)
+    out = np.full_like(g, 5.0)
+    for name in ("sigmoid", "gelu"):
+        with pytest.raises(ValueError, match="x.*y"):
+            fn.activation_backward(name, g, out=out)
+    assert (out == 5.0).all()
+
+
+@pytest.mark.parametrize("saved", ["x", "y"])
+def test_backward_mismatched_arguments(saved):
+    g = np.ones((3, 4), dtype=np.float32)
+    out = np.full_like(g, 5.0)
+    for value, error in [(np.ones((4, 3), np.float32), ValueError),
+                         (np.ones((12,), np.float32), ValueError),
+                         (np.ones((3, 4), np.float64), TypeError)]:
+        with pytest.raises(error):
+            fn.activation_backward("tanh", g, out=out, **{saved: value})
+    assert (out == 5.0).all()
+
+
+class _FakeCupyArray:
+    """Stands for a CuPy array: the package recognizes those by their type's
+    module, so this exercises the path a real one takes."""
+    shape = (3,)
+    dtype = np.dtype(np.float32)
+
+
+_FakeCupyArray.__module__ = "cupy._core.core"
+
+
+def test_cupy_like_input_without_cuda_module_names_the_fix(monkeypatch):
+    from fusednn import _backend
+    monkeypatch.setattr(_backend, "_cuda", None)
+    with pytest.raises((RuntimeError, TypeError), match="CUDA"):
+        fn.relu(_FakeCupyArray())
+    with pytest.raises((RuntimeError, TypeError), match="CUDA"):
+        fn.activation_backward("relu", _FakeCupyArray(), x=_FakeCupyArray())
+
+
+def test_cupy_like_out_for_numpy_input_is_a_value_error():
+    x = np.zeros(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="device"):
+        fn.relu(x, out=_FakeCupyArray())
+
+
+def test_cupy_array_is_rejected_clearly_without_a_cuda_kernel():
+    cp = pytest.importorskip("cupy")
+    try:
+        x = cp.zeros(3, dtype=cp.float32)
+    except cp.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    try:
+        y = fn.relu(x)
+    except RuntimeError as error:  # no CUDA module, or no CUDA kernel for it (NotImplementedError)
+        assert "CUDA" in str(error) and "numpy" in str(error)
+    else:  # the CUDA kernel ran; tests/gpu checks its results
+        assert isinstance(y, cp.ndarray)
