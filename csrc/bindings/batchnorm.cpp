@@ -48,8 +48,8 @@ void bind_batchnorm(py::module_& m) {
         const int64_t channels = xv.shape()[static_cast<size_t>(ax)];
         const auto gv = optional_view(gamma, false, "gamma");
         const auto bv = optional_view(beta, false, "beta");
-        const auto rm = optional_view(running_mean, true, "running_mean");
-        const auto rv = optional_view(running_var, true, "running_var");
+        const auto rm = optional_view(running_mean, training, "running_mean");
+        const auto rv = optional_view(running_var, training, "running_var");
         const ArrayView sm(save_mean, true, "save_mean");
         const ArrayView si(save_invstd, true, "save_invstd");
         require_channels(gv, channels, "gamma");
