@@ -12,6 +12,7 @@ namespace py = pybind11;
 namespace fusednn {
 namespace bindings {
 void bind_activations(py::module_& m);
+void bind_batchnorm(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
@@ -33,4 +34,5 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("get_num_threads", &cpu::num_threads);
   m.def("set_num_threads", &cpu::set_num_threads);
   bindings::bind_activations(m);
+  bindings::bind_batchnorm(m);
 }

@@ -11,6 +11,7 @@ the build configuration.
 """
 from . import reference
 from ._backend import get_num_threads, info, set_num_threads
+from .batchnorm import BatchNormResult, batch_norm, batch_norm_backward
 from .activations import (ACTIVATIONS, activation, activation_backward, elu, gelu,
                           hardsigmoid, hardswish, hardtanh, leaky_relu, mish, relu, selu,
                           sigmoid, silu, softplus, tanh)
@@ -18,7 +19,8 @@ from .activations import (ACTIVATIONS, activation, activation_backward, elu, gel
 __version__ = info()["version"]
 
 __all__ = [
-    "ACTIVATIONS", "activation", "activation_backward", "elu", "gelu", "get_num_threads",
+    "ACTIVATIONS", "BatchNormResult", "activation", "activation_backward", "batch_norm",
+    "batch_norm_backward", "elu", "gelu", "get_num_threads",
     "hardsigmoid", "hardswish", "hardtanh", "info", "leaky_relu", "mish", "reference", "relu",
     "selu", "set_num_threads", "sigmoid", "silu", "softplus", "tanh",
 ]

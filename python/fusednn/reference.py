@@ -9,6 +9,7 @@ kernels can see. Parameters, kinks and infinities follow PyTorch.
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -315,3 +316,75 @@ def activation_backward(name, grad_output, *, x=None, y=None, **params):
     else:
         raise ValueError(f"the derivative of {name} needs x, the forward input")
     return np.where(d == 0, 0.0, g * d) if name in _ZERO_SELECTING else g * d
+
+
+# ---- batch normalization ---------------------------------------------------
+
+BatchNormResult = collections.namedtuple("BatchNormResult", ["y", "save_mean", "save_invstd"])
+BatchNormResult.__doc__ = """Output of batch_norm: y, and the mean and 1/sqrt(var + eps) used."""
+
+
+def _channel_layout(x, axis):
+    """(channel axis, the other axes, the shape a per-channel array is
+    broadcast with)."""
+    axis = axis % x.ndim
+    others = tuple(d for d in range(x.ndim) if d != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return axis, others, tuple(shape)
+
+
+def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
+               training=True, momentum=0.1, eps=1e-5, axis=1):
+    """Batch normalization over the channel axis ``axis``, in float64.
+
+    training: normalize with the batch mean and biased variance (two-pass)
+    and update running_mean/running_var in place when given, the variance
+    with the unbiased estimate var * m / (m - 1). Inference: normalize with
+    the running statistics. Returns (y, mean, 1 / sqrt(var + eps)).
+    """
+    x = _f64(x)
+    axis, others, shape = _channel_layout(x, axis)
+    channels = x.shape[axis]
+    m = x.size // channels if channels else math.prod(x.shape[d] for d in others)
+    if training:
+        if m < 2:
+            raise ValueError("batch_norm needs more than one value per channel when training")
+        mean = x.mean(axis=others)
+        var = ((x - mean.reshape(shape)) ** 2).mean(axis=others)
+        if running_mean is not None:
+            running_mean[...] = (1 - momentum) * _f64(running_mean) + momentum * mean
+        if running_var is not None:
+            running_var[...] = (1 - momentum) * _f64(running_var) + momentum * var * m / (m - 1)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm in inference needs running_mean and running_var")
+        mean = _f64(running_mean).copy()
+        var = _f64(running_var)
+    invstd = 1.0 / np.sqrt(var + eps)
+    gamma = np.ones(channels) if gamma is None else _f64(gamma)
+    beta = np.zeros(channels) if beta is None else _f64(beta)
+    y = ((x - mean.reshape(shape)) * (invstd * gamma).reshape(shape) + beta.reshape(shape))
+    return BatchNormResult(y, mean, invstd)
+
+
+def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1):
+    """Gradients of training-mode batch_norm, in float64: with m values per
+    channel and xhat = (x - mean) * invstd,
+    grad_input = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat)),
+    grad_gamma = sum(dy * xhat), grad_beta = sum(dy).
+    Returns (grad_input, grad_gamma, grad_beta)."""
+    g = _f64(grad_output)
+    x = _f64(x)
+    axis, others, shape = _channel_layout(x, axis)
+    channels = x.shape[axis]
+    m = x.size // channels if channels else 0
+    gamma = np.ones(channels) if gamma is None else _f64(gamma)
+    invstd = _f64(save_invstd).reshape(shape)
+    xhat = (x - _f64(save_mean).reshape(shape)) * invstd
+    grad_beta = g.sum(axis=others)
+    grad_gamma = (g * xhat).sum(axis=others)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        grad_input = (gamma.reshape(shape) * invstd / m
+                      * (m * g - grad_beta.reshape(shape) - xhat * grad_gamma.reshape(shape)))
+    return grad_input, grad_gamma, grad_beta

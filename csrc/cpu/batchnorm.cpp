@@ -1,0 +1,581 @@
+// CPU loops for batch normalization: the per-channel reductions (batch
+// statistics in the forward pass; sum(dy) and sum(dy * (x - mean)) in the
+// backward pass) and the elementwise passes that write y and grad_input.
+// The math is fusednn/batchnorm.h; this file decides how to loop.
+//
+// Each array is viewed as (outer, C, inner) around the channel axis. Two
+// loop shapes cover every layout: inner > 1 (NCHW and the like: runs of
+// `inner` elements share one channel) and inner == 1 (channels-last:
+// consecutive elements are consecutive channels, vectorized across C).
+//
+// Determinism: the reductions are split into units that depend on the
+// shape alone, each unit sums its elements in a fixed lane order in double,
+// and the units of a channel are merged in index order. The thread count
+// only decides who computes a unit, and every ISA build assigns the same
+// elements to the same lanes, so the statistics have the same bits for any
+// thread count and SIMD path. Compiled once per ISA into namespace
+// FUSEDNN_ISA.
+#include "cpu/batchnorm.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu/elementwise.h"
+#include "fusednn/batchnorm.h"
+
+namespace fusednn {
+namespace cpu {
+namespace FUSEDNN_ISA {
+namespace {
+
+// Elements per reduction unit: large enough that merging the units' partial
+// results costs little, small enough to give every thread work.
+constexpr int64_t kUnitElements = int64_t(1) << 16;
+// Channels per channels-last unit: their accumulators stay in L1.
+constexpr int64_t kChannelBlock = 256;
+// Independent accumulators per unit (inner > 1): a fixed number, so that the
+// summation order does not follow the vector width.
+constexpr int kLanes = 16;
+
+struct ChannelView {
+  const char* data;
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+  int64_t stride_outer;  // elements
+  int64_t stride_channel;
+  int64_t stride_inner;
+};
+
+// Merges dimensions [begin, end) into one extent of `size` elements spaced
+// `stride` elements apart; false if they do not form one.
+bool merge_dims(const ArrayRef& a, int begin, int end, int64_t& size, int64_t& stride) {
+  const int item = itemsize(a.dtype);
+  size = 1;
+  stride = 1;
+  bool found = false;
+  bool merges = true;
+  int64_t next = 0;
+  for (int d = end - 1; d >= begin; --d) {
+    size *= a.shape[d];
+    if (a.shape[d] == 1) continue;
+    const int64_t s = a.strides[d] / item;
+    if (!found) {
+      stride = s;
+      found = true;
+    } else if (s != next) {
+      merges = false;
+    }
+    next = s * a.shape[d];
+  }
+  return merges || size == 0;
+}
+
+ChannelView channel_view(const ArrayRef& a, int axis) {
+  ChannelView v;
+  v.data = static_cast<const char*>(a.data);
+  v.channels = a.shape[axis];
+  v.stride_channel = a.strides[axis] / itemsize(a.dtype);
+  if (!merge_dims(a, 0, axis, v.outer, v.stride_outer) ||
+      !merge_dims(a, axis + 1, a.ndim, v.inner, v.stride_inner))
+    throw std::invalid_argument("batch_norm: the dimensions around the channel axis must merge");
+  return v;
+}
+
+bool is_contiguous(const ArrayRef& a) {
+  int64_t size, stride;
+  return merge_dims(a, 0, a.ndim, size, stride) && (stride == 1 || size <= 1);
+}
+
+double load(const ArrayRef& a, int64_t i) {
+  const char* p = static_cast<const char*>(a.data) + i * a.strides[0];
+  return a.dtype == DType::float64 ? *reinterpret_cast<const double*>(p)
+                                   : static_cast<double>(*reinterpret_cast<const float*>(p));
+}
+
+void store(const ArrayRef& a, int64_t i, double value) {
+  char* p = static_cast<char*>(a.data) + i * a.strides[0];
+  if (a.dtype == DType::float64) {
+    *reinterpret_cast<double*>(p) = value;
+  } else {
+    *reinterpret_cast<float*>(p) = static_cast<float>(value);
+  }
+}
+
+// The fixed split of a reduction into units. inner > 1: a unit is one
+// channel over a block of outer rows and a block of the inner extent.
+// inner == 1: a unit is a block of channels over a block of outer rows.
+struct Partition {
+  int64_t outer, channels, inner;
+  int64_t outer_block, outer_blocks;
+  int64_t inner_block, inner_blocks;
+  int64_t channel_block, channel_blocks;
+
+  explicit Partition(const ChannelView& v) : outer(v.outer), channels(v.channels), inner(v.inner) {
+    if (inner > 1) {
+      inner_block = std::min(inner, kUnitElements);
+      channel_block = 1;
+    } else {
+      inner_block = 1;
+      channel_block = std::max<int64_t>(1, std::min(channels, kChannelBlock));
+    }
+    inner_blocks = (inner + inner_block - 1) / inner_block;
+    channel_blocks = (channels + channel_block - 1) / channel_block;
+    outer_block = std::max<int64_t>(1, kUnitElements / (inner_block * channel_block));
+    outer_blocks = (outer + outer_block - 1) / outer_block;
+  }
+  int64_t units_per_channel() const { return outer_blocks * inner_blocks; }
+  int64_t tasks() const { return channel_blocks * units_per_channel(); }
+};
+
+// One unit's sums around `center`, with the element count.
+struct Partial {
+  double count;
+  double center;
+  double s1;
+  double s2;
+};
+
+// Batch statistics: sums of d = x - center and d^2, center a sample of the
+// unit. In double, s2 - s1^2 / n loses about (center - mean)^2 / var
+// times 1e-16 relative to the variance.
+struct StatisticsSums {
+  template <class T> static void add(double& s1, double& s2, T x, T, double center) {
+    const double d = static_cast<double>(x) - center;
+    s1 += d;
+    s2 += d * d;
+  }
+};
+
+// Backward: sums of dy and dy * (x - mean), center the saved mean.
+struct GradientSums {
+  template <class T> static void add(double& s1, double& s2, T x, T dy, double center) {
+    const double g = static_cast<double>(dy);
+    s1 += g;
+    s2 += g * (static_cast<double>(x) - center);
+  }
+};
+
+// The median of a unit's first, middle and last samples: the center of its
+// sums, so that no single outlier can be the center.
+template <class T> double median_of_three(const T* first, const T* middle, const T* last) {
+  const double a = static_cast<double>(*first);
+  const double b = static_cast<double>(*middle);
+  const double c = static_cast<double>(*last);
+  return std::max(std::min(a, b), std::min(std::max(a, b), c));
+}
+
+double sum_lanes(double* lanes) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
+// Adds a run of n elements into the lanes: element i goes to lane i % kLanes.
+template <class Sums, class T>
+void accumulate_run(const T* x, const T* g, int64_t n, int64_t stride_x, int64_t stride_g,
+                    double center, double* s1, double* s2) {
+  int64_t i = 0;
+  if (stride_x == 1 && stride_g == 1) {
+    for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+      for (int j = 0; j < kLanes; ++j) Sums::add(s1[j], s2[j], x[i + j], g[i + j], center);
+    }
+  } else {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int j = 0; j < kLanes; ++j)
+        Sums::add(s1[j], s2[j], x[(i + j) * stride_x], g[(i + j) * stride_g], center);
+  }
+  for (int j = 0; i < n; ++i, ++j) Sums::add(s1[j], s2[j], x[i * stride_x], g[i * stride_g], center);
+}
+
+// Fills partials[c * units_per_channel + u] for every channel c and unit u.
+// centers: one per channel, or null to center each unit on the median of
+// three of its samples.
+template <class Sums, class T>
+void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition& part,
+                  const double* centers, std::vector<Partial>& partials) {
+  const int64_t units = part.units_per_channel();
+  partials.assign(static_cast<size_t>(part.channels * units), Partial{0, 0, 0, 0});
+  const T* x = reinterpret_cast<const T*>(xv.data);
+  const T* g = reinterpret_cast<const T*>(gv.data);
+  parallel_for(part.tasks(), [&](int64_t task) {
+    const int64_t block = task / units;
+    const int64_t unit = task % units;
+    const int64_t outer_index = unit / part.inner_blocks;
+    const int64_t o0 = outer_index * part.outer_block;
+    const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
+    if (part.inner > 1) {
+      const int64_t c = block;
+      const int64_t i0 = (unit % part.inner_blocks) * part.inner_block;
+      const int64_t n = std::min(part.inner, i0 + part.inner_block) - i0;
+      const T* xc = x + c * xv.stride_channel + i0 * xv.stride_inner;
+      const T* gc = g + c * gv.stride_channel + i0 * gv.stride_inner;
+      const double center =
+          centers != nullptr
+              ? centers[c]
+              : median_of_three(xc + o0 * xv.stride_outer,
+                                xc + (o0 + o1 - 1) / 2 * xv.stride_outer + n / 2 * xv.stride_inner,
+                                xc + (o1 - 1) * xv.stride_outer + (n - 1) * xv.stride_inner);
+      alignas(64) double s1[kLanes] = {};
+      alignas(64) double s2[kLanes] = {};
+      for (int64_t o = o0; o < o1; ++o)
+        accumulate_run<Sums>(xc + o * xv.stride_outer, gc + o * gv.stride_outer, n,
+                             xv.stride_inner, gv.stride_inner, center, s1, s2);
+      partials[static_cast<size_t>(c * units + unit)] =
+          Partial{static_cast<double>((o1 - o0) * n), center, sum_lanes(s1), sum_lanes(s2)};
+    } else {
+      const int64_t c0 = block * part.channel_block;
+      const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
+      const T* xc = x + c0 * xv.stride_channel;
+      const T* gc = g + c0 * gv.stride_channel;
+      alignas(64) double center[kChannelBlock];
+      alignas(64) double s1[kChannelBlock] = {};
+      alignas(64) double s2[kChannelBlock] = {};
+      for (int64_t k = 0; k < count; ++k) {
+        const T* xk = xc + k * xv.stride_channel;
+        center[k] = centers != nullptr
+                        ? centers[c0 + k]
+                        : median_of_three(xk + o0 * xv.stride_outer,
+                                          xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
+                                          xk + (o1 - 1) * xv.stride_outer);
+      }
+      for (int64_t o = o0; o < o1; ++o) {
+        const T* xr = xc + o * xv.stride_outer;
+        const T* gr = gc + o * gv.stride_outer;
+        if (xv.stride_channel == 1 && gv.stride_channel == 1) {
+#pragma omp simd
+          for (int64_t k = 0; k < count; ++k) Sums::add(s1[k], s2[k], xr[k], gr[k], center[k]);
+        } else {
+          for (int64_t k = 0; k < count; ++k)
+            Sums::add(s1[k], s2[k], xr[k * xv.stride_channel], gr[k * gv.stride_channel],
+                      center[k]);
+        }
+      }
+      for (int64_t k = 0; k < count; ++k)
+        partials[static_cast<size_t>((c0 + k) * units + outer_index)] =
+            Partial{static_cast<double>(o1 - o0), center[k], s1[k], s2[k]};
+    }
+  });
+}
+
+// Runs fn(c) for every channel on the pool, in blocks of channels.
+template <class Fn> void for_each_channel(int64_t channels, int64_t work_per_channel, Fn fn) {
+  const int64_t per_task = std::max<int64_t>(1, kUnitElements / std::max<int64_t>(1, work_per_channel));
+  parallel_for((channels + per_task - 1) / per_task, [&](int64_t t) {
+    const int64_t end = std::min(channels, (t + 1) * per_task);
+    for (int64_t c = t * per_task; c < end; ++c) fn(c);
+  });
+}
+
+// Produces the contiguous output `out` (size elements, laid out like the
+// contiguous input) one slice per thread; within a slice, calls
+// segment.broadcast(dst, pos, len, c) for runs of one channel (inner > 1)
+// and segment.across(dst, pos, len, c) for runs of consecutive channels
+// starting at c (inner == 1). pos is the flat index of the run's first
+// element, dst where its outputs go.
+template <class T, class Segment>
+void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, const Segment& segment) {
+  const bool stream = size * int64_t(sizeof(T)) >= kStreamBytes;
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
+  parallel_for(slices, [&](int64_t s) {
+    const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~int64_t(63);
+    const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~int64_t(63);
+    const Segment local = segment;
+    produce(out + begin, end - begin, stream, [&](T* dst, int64_t start, int64_t count) {
+      int64_t pos = begin + start;
+      const int64_t stop = pos + count;
+      while (pos < stop) {
+        int64_t len;
+        if (inner > 1) {
+          const int64_t row = pos / inner;
+          len = std::min(inner - (pos - row * inner), stop - pos);
+          local.broadcast(dst, pos, len, row % channels);
+        } else {
+          const int64_t c = pos % channels;
+          len = std::min(channels - c, stop - pos);
+          local.across(dst, pos, len, c);
+        }
+        pos += len;
+        dst += len;
+      }
+    });
+    if (stream) store_fence();
+  });
+}
+
+// Per-channel coefficient arrays as pseudo-operands of a StridedLoop: they
+// step along the channel axis only.
+struct ChannelStrides {
+  std::vector<int64_t> strides;
+  ChannelStrides(const ArrayRef& a, int axis, int item) : strides(static_cast<size_t>(a.ndim), 0) {
+    strides[static_cast<size_t>(axis)] = item;
+  }
+};
+
+template <class T> struct NormalizeSegment {
+  const T* x;
+  const T* mean_hi;
+  const T* mean_lo;
+  const T* scale;
+  const T* shift;
+
+  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
+    const T hi = mean_hi[c], lo = mean_lo[c], s = scale[c], b = shift[c];
+    const T* src = x + pos;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi, lo, s, b);
+  }
+  void across(T* dst, int64_t pos, int64_t len, int64_t c) const {
+    const T* src = x + pos;
+    const T* hi = mean_hi + c;
+    const T* lo = mean_lo + c;
+    const T* s = scale + c;
+    const T* b = shift + c;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi[i], lo[i], s[i], b[i]);
+  }
+};
+
+template <class T>
+void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const NormalizeSegment<T>& seg) {
+  const ChannelView xv = channel_view(x, axis);
+  if (is_contiguous(x) && is_contiguous(y)) {
+    map_contiguous(static_cast<T*>(y.data), xv.outer * xv.channels * xv.inner, xv.channels,
+                   xv.inner, seg);
+    return;
+  }
+  // Any strides: a scalar loop over runs, the coefficients as operands.
+  const ChannelStrides cs(x, axis, int(sizeof(T)));
+  const int64_t* strides[6] = {x.strides, y.strides, cs.strides.data(), cs.strides.data(),
+                               cs.strides.data(), cs.strides.data()};
+  int sizes[6];
+  std::fill(sizes, sizes + 6, int(sizeof(T)));
+  const StridedLoop<6> loop(x.ndim, x.shape, strides, sizes);
+  char* base[6] = {static_cast<char*>(x.data), static_cast<char*>(y.data),
+                   reinterpret_cast<char*>(const_cast<T*>(seg.mean_hi)),
+                   reinterpret_cast<char*>(const_cast<T*>(seg.mean_lo)),
+                   reinterpret_cast<char*>(const_cast<T*>(seg.scale)),
+                   reinterpret_cast<char*>(const_cast<T*>(seg.shift))};
+  struct Body {
+    void operator()(char* const* p, int64_t len, const int64_t* in) {
+      const T* src = reinterpret_cast<const T*>(p[0]);
+      T* dst = reinterpret_cast<T*>(p[1]);
+      const T* hi = reinterpret_cast<const T*>(p[2]);
+      const T* lo = reinterpret_cast<const T*>(p[3]);
+      const T* s = reinterpret_cast<const T*>(p[4]);
+      const T* b = reinterpret_cast<const T*>(p[5]);
+      for (int64_t i = 0; i < len; ++i)
+        dst[i * in[1]] = normalize(src[i * in[0]], hi[i * in[2]], lo[i * in[3]], s[i * in[4]],
+                                   b[i * in[5]]);
+    }
+    void finish() {}
+  };
+  loop.run(base, sizes, [] { return Body{}; });
+}
+
+template <class T> struct InputGradSegment {
+  const T* dy;
+  const T* x;
+  const T* mean_hi;
+  const T* mean_lo;
+  const T* a;
+  const T* e;
+  const T* k;
+
+  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
+    const T hi = mean_hi[c], lo = mean_lo[c], ac = a[c], ec = e[c], kc = k[c];
+    const T* g = dy + pos;
+    const T* v = x + pos;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) dst[i] = input_grad(g[i], v[i], hi, lo, ac, ec, kc);
+  }
+  void across(T* dst, int64_t pos, int64_t len, int64_t c) const {
+    const T* g = dy + pos;
+    const T* v = x + pos;
+    const T* hi = mean_hi + c;
+    const T* lo = mean_lo + c;
+    const T* ac = a + c;
+    const T* ec = e + c;
+    const T* kc = k + c;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i)
+      dst[i] = input_grad(g[i], v[i], hi[i], lo[i], ac[i], ec[i], kc[i]);
+  }
+};
+
+template <class T>
+void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, int axis,
+                     const InputGradSegment<T>& seg) {
+  const ChannelView xv = channel_view(x, axis);
+  if (is_contiguous(dy) && is_contiguous(x) && is_contiguous(dx)) {
+    map_contiguous(static_cast<T*>(dx.data), xv.outer * xv.channels * xv.inner, xv.channels,
+                   xv.inner, seg);
+    return;
+  }
+  const ChannelStrides cs(x, axis, int(sizeof(T)));
+  const int64_t* strides[8] = {dy.strides,        x.strides,          dx.strides,
+                               cs.strides.data(), cs.strides.data(), cs.strides.data(),
+                               cs.strides.data(), cs.strides.data()};
+  int sizes[8];
+  std::fill(sizes, sizes + 8, int(sizeof(T)));
+  const StridedLoop<8> loop(x.ndim, x.shape, strides, sizes);
+  auto coef = [](const T* p) { return reinterpret_cast<char*>(const_cast<T*>(p)); };
+  char* base[8] = {static_cast<char*>(dy.data), static_cast<char*>(x.data),
+                   static_cast<char*>(dx.data), coef(seg.mean_hi), coef(seg.mean_lo),
+                   coef(seg.a),                 coef(seg.e),       coef(seg.k)};
+  struct Body {
+    void operator()(char* const* p, int64_t len, const int64_t* in) {
+      const T* g = reinterpret_cast<const T*>(p[0]);
+      const T* v = reinterpret_cast<const T*>(p[1]);
+      T* dst = reinterpret_cast<T*>(p[2]);
+      const T* hi = reinterpret_cast<const T*>(p[3]);
+      const T* lo = reinterpret_cast<const T*>(p[4]);
+      const T* a = reinterpret_cast<const T*>(p[5]);
+      const T* e = reinterpret_cast<const T*>(p[6]);
+      const T* k = reinterpret_cast<const T*>(p[7]);
+      for (int64_t i = 0; i < len; ++i)
+        dst[i * in[2]] = input_grad(g[i * in[0]], v[i * in[1]], hi[i * in[3]], lo[i * in[4]],
+                                    a[i * in[5]], e[i * in[6]], k[i * in[7]]);
+    }
+    void finish() {}
+  };
+  loop.run(base, sizes, [] { return Body{}; });
+}
+
+template <class T>
+void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
+  const ChannelView xv = channel_view(x, args.axis);
+  const int64_t channels = xv.channels;
+  const int64_t count = xv.outer * xv.inner;
+  const size_t nc = static_cast<size_t>(channels);
+  std::vector<double> mean(nc), var(nc), m2(nc);
+  if (args.training) {
+    const Partition part(xv);
+    std::vector<Partial> partials;
+    if (count > 0) reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
+    const int64_t units = part.units_per_channel();
+    for_each_channel(channels, units, [&](int64_t c) {
+      const Partial* p = partials.data() + c * units;
+      Moments acc = moments_from_shifted_sums(p[0].count, p[0].center, p[0].s1, p[0].s2);
+      for (int64_t u = 1; u < units; ++u)
+        acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1, p[u].s2));
+      mean[static_cast<size_t>(c)] = acc.mean;
+      m2[static_cast<size_t>(c)] = acc.m2;
+      var[static_cast<size_t>(c)] = acc.m2 / acc.count;
+    });
+  } else {
+    for (int64_t c = 0; c < channels; ++c) {
+      mean[static_cast<size_t>(c)] = load(*args.running_mean, c);
+      var[static_cast<size_t>(c)] = load(*args.running_var, c);
+    }
+  }
+
+  std::vector<T> mean_hi(nc), mean_lo(nc), scale(nc), shift(nc);
+  std::vector<double> invstd(nc);
+  for (int64_t c = 0; c < channels; ++c) {
+    const size_t i = static_cast<size_t>(c);
+    invstd[i] = inverse_std(var[i], args.eps);
+    const NormalizeCoefficients<T> k = normalize_coefficients<T>(
+        mean[i], invstd[i], args.gamma != nullptr ? load(*args.gamma, c) : 1.0,
+        args.beta != nullptr ? load(*args.beta, c) : 0.0);
+    mean_hi[i] = k.mean_hi;
+    mean_lo[i] = k.mean_lo;
+    scale[i] = k.scale;
+    shift[i] = k.shift;
+  }
+  if (count > 0 && channels > 0)
+    normalize_pass<T>(x, y, args.axis,
+                      NormalizeSegment<T>{static_cast<const T*>(x.data), mean_hi.data(),
+                                          mean_lo.data(), scale.data(), shift.data()});
+
+  for (int64_t c = 0; c < channels; ++c) {
+    const size_t i = static_cast<size_t>(c);
+    store(*args.save_mean, c, mean[i]);
+    store(*args.save_invstd, c, invstd[i]);
+    if (!args.training) continue;
+    if (args.running_mean != nullptr)
+      store(*args.running_mean, c,
+            running_update(load(*args.running_mean, c), mean[i], args.momentum));
+    if (args.running_var != nullptr)
+      store(*args.running_var, c,
+            running_update(load(*args.running_var, c), m2[i] / static_cast<double>(count - 1),
+                           args.momentum));
+  }
+}
+
+template <class T>
+void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
+                    const BatchNormBackwardArgs& args) {
+  const ChannelView xv = channel_view(x, args.axis);
+  const ChannelView gv = channel_view(dy, args.axis);
+  const int64_t channels = xv.channels;
+  const int64_t count = xv.outer * xv.inner;
+  const size_t nc = static_cast<size_t>(channels);
+  std::vector<double> mean(nc), invstd(nc), sum_dy(nc, 0.0), sum_dy_centered(nc, 0.0);
+  for (int64_t c = 0; c < channels; ++c) {
+    mean[static_cast<size_t>(c)] = load(*args.save_mean, c);
+    invstd[static_cast<size_t>(c)] = load(*args.save_invstd, c);
+  }
+  if (count > 0 && channels > 0) {
+    const Partition part(xv);
+    std::vector<Partial> partials;
+    reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
+    const int64_t units = part.units_per_channel();
+    for_each_channel(channels, units, [&](int64_t c) {
+      const Partial* p = partials.data() + c * units;
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t u = 0; u < units; ++u) {
+        s1 += p[u].s1;
+        s2 += p[u].s2;
+      }
+      sum_dy[static_cast<size_t>(c)] = s1;
+      sum_dy_centered[static_cast<size_t>(c)] = s2;
+    });
+  }
+
+  std::vector<T> mean_hi(nc), mean_lo(nc), a(nc), e(nc), k(nc);
+  for (int64_t c = 0; c < channels; ++c) {
+    const size_t i = static_cast<size_t>(c);
+    store(*args.grad_gamma, c, sum_dy_centered[i] * invstd[i]);
+    store(*args.grad_beta, c, sum_dy[i]);
+    if (count == 0) continue;
+    const InputGradCoefficients<T> q = input_grad_coefficients<T>(
+        static_cast<double>(count), mean[i], invstd[i],
+        args.gamma != nullptr ? load(*args.gamma, c) : 1.0, sum_dy[i], sum_dy_centered[i]);
+    mean_hi[i] = q.mean_hi;
+    mean_lo[i] = q.mean_lo;
+    a[i] = q.a;
+    e[i] = q.e;
+    k[i] = q.k;
+  }
+  if (count > 0 && channels > 0)
+    input_grad_pass<T>(dy, x, dx, args.axis,
+                       InputGradSegment<T>{static_cast<const T*>(dy.data),
+                                           static_cast<const T*>(x.data), mean_hi.data(),
+                                           mean_lo.data(), a.data(), e.data(), k.data()});
+}
+
+}  // namespace
+
+void batch_norm_forward(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
+  if (x.dtype == DType::float64) {
+    forward_typed<double>(x, y, args);
+  } else {
+    forward_typed<float>(x, y, args);
+  }
+}
+
+void batch_norm_backward(const ArrayRef& grad_output, const ArrayRef& x, const ArrayRef& grad_input,
+                         const BatchNormBackwardArgs& args) {
+  if (x.dtype == DType::float64) {
+    backward_typed<double>(grad_output, x, grad_input, args);
+  } else {
+    backward_typed<float>(grad_output, x, grad_input, args);
+  }
+}
+
+}  // namespace FUSEDNN_ISA
+}  // namespace cpu
+}  // namespace fusednn

@@ -1,0 +1,104 @@
+// Batch-normalization math shared by the CPU and CUDA kernels: merging
+// per-chunk statistics (Chan et al.), the per-channel coefficients of the
+// forward normalization and of the input gradient, and the per-element
+// formulas that use them. Kernel files only decide how to loop and in which
+// fixed order to combine partials.
+//
+// Per-channel quantities are computed in double whatever the data type.
+// The channel mean is handed to the elementwise formulas as a pair
+// (hi, lo) of the data type with hi + lo ~= mean: for float32 data whose
+// mean is 1e4 times its spread, x - hi is exact (Sterbenz) and the rounding
+// of the mean alone would otherwise shift every normalized value by up to
+// 5e-4.
+#pragma once
+
+#include "fusednn/config.h"
+
+namespace fusednn {
+
+// Statistics of one chunk of a channel: count, mean and the sum of squared
+// deviations from the mean (M2).
+struct Moments {
+  double count;
+  double mean;
+  double m2;
+};
+
+// Moments from sums taken around a shift close to the data (a sample of the
+// chunk): s1 = sum(x - shift), s2 = sum((x - shift)^2), both accumulated in
+// double. The shift keeps s2 - s1^2 / n from cancelling.
+FUSEDNN_HD Moments moments_from_shifted_sums(double count, double shift, double s1, double s2) {
+  const double offset = s1 / count;
+  const double m2 = s2 - s1 * offset;
+  return {count, shift + offset, m2 < 0.0 ? 0.0 : m2};  // keeps NaN
+}
+
+// Chan's pairwise merge; the result depends on the order of merging, so
+// callers merge partials in a fixed order to get the same bits every run.
+FUSEDNN_HD Moments merge_moments(const Moments& a, const Moments& b) {
+  if (b.count == 0.0) return a;
+  if (a.count == 0.0) return b;
+  const double count = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  const double weight_b = b.count / count;
+  return {count, a.mean + delta * weight_b, a.m2 + b.m2 + delta * delta * a.count * weight_b};
+}
+
+FUSEDNN_HD double inverse_std(double variance, double eps) { return 1.0 / sqrt(variance + eps); }
+
+// running <- (1 - momentum) * running + momentum * batch.
+FUSEDNN_HD double running_update(double running, double batch, double momentum) {
+  return (1.0 - momentum) * running + momentum * batch;
+}
+
+// y = (x - mean) * invstd * gamma + beta, with the mean split into hi + lo.
+template <class T> struct NormalizeCoefficients {
+  T mean_hi;
+  T mean_lo;
+  T scale;  // gamma * invstd
+  T shift;  // beta
+};
+
+template <class T>
+FUSEDNN_HD NormalizeCoefficients<T> normalize_coefficients(double mean, double invstd, double gamma,
+                                                          double beta) {
+  const T hi = static_cast<T>(mean);
+  return {hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(gamma * invstd),
+          static_cast<T>(beta)};
+}
+
+template <class T>
+FUSEDNN_HD T normalize(T x, T mean_hi, T mean_lo, T scale, T shift) {
+  return ((x - mean_hi) - mean_lo) * scale + shift;
+}
+
+// With m elements per channel, xhat = (x - mean) * invstd,
+//   dx = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))
+//      = a * dy - e - k * (x - mean)
+// where a = gamma * invstd, e = a * sum(dy) / m and
+// k = a * invstd^2 * sum(dy * (x - mean)) / m.
+template <class T> struct InputGradCoefficients {
+  T mean_hi;
+  T mean_lo;
+  T a;
+  T e;
+  T k;
+};
+
+template <class T>
+FUSEDNN_HD InputGradCoefficients<T> input_grad_coefficients(double count, double mean, double invstd,
+                                                            double gamma, double sum_dy,
+                                                            double sum_dy_centered) {
+  const T hi = static_cast<T>(mean);
+  const double a = gamma * invstd;
+  return {hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(a),
+          static_cast<T>(a * sum_dy / count),
+          static_cast<T>(a * invstd * invstd * sum_dy_centered / count)};
+}
+
+template <class T>
+FUSEDNN_HD T input_grad(T dy, T x, T mean_hi, T mean_lo, T a, T e, T k) {
+  return (a * dy - e) - k * ((x - mean_hi) - mean_lo);
+}
+
+}  // namespace fusednn

@@ -1,0 +1,429 @@
+"""Tests of fn.batch_norm and fn.batch_norm_backward on the CPU: every
+channel layout against the float64 reference (ordinary data and channels
+whose mean is 1e4 times their spread), the reference's gradients against
+finite differences, running statistics, determinism across thread counts
+and SIMD paths, out= and strided arrays, edge sizes, and bad input that
+must leave out and the running statistics untouched.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fusednn as fn
+from fusednn import _cpu
+from fusednn import reference as ref
+
+DTYPES = (np.float32, np.float64)
+# y and grad_input tolerance: absolute, on outputs of order one.
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+# (shape, axis): NC, NCL, NCHW, NCDHW, channels-last, other axes, and
+# shapes whose reductions span several units (inner beyond one unit, more
+# channels than one channels-last block, many outer blocks).
+LAYOUTS = [
+    ((16, 5), 1),
+    ((4, 3, 7), 1),
+    ((2, 3, 5, 6), 1),
+    ((2, 3, 4, 5, 6), 1),
+    ((2, 5, 6, 3), -1),
+    ((3, 4, 5), 0),
+    ((2, 3, 4, 5, 6), 2),
+    ((7, 1, 9), 1),
+    ((1, 2, 70001), 1),
+    ((900, 300), -1),
+    ((3, 700, 2), 1),
+]
+
+
+@pytest.fixture
+def restore_settings():
+    threads = fn.get_num_threads()
+    simd = _cpu.simd()
+    yield
+    fn.set_num_threads(threads)
+    _cpu.set_simd(simd)
+
+
+def _data(shape, axis, dtype, seed=0, loc=1.0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    channels = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = channels
+    centers = rng.uniform(-2, 2, channels).reshape(bshape) * loc
+    x = (rng.standard_normal(shape) * scale + centers).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    beta = rng.standard_normal(channels).astype(dtype)
+    return x, gamma, beta
+
+
+def _check_close(actual, expected, dtype, scale=1.0):
+    assert actual.dtype == dtype
+    expected = np.asarray(expected, dtype=np.float64)
+    assert np.all(np.isfinite(actual))
+    err = np.max(np.abs(actual.astype(np.float64) - expected), initial=0.0)
+    assert err <= TOL[dtype] * scale, err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_training_forward_matches_reference(shape, axis, dtype):
+    x, gamma, beta = _data(shape, axis, dtype)
+    channels = shape[axis]
+    rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
+    rm_ref, rv_ref = np.zeros(channels), np.ones(channels)
+    result = fn.batch_norm(x, gamma, beta, rm, rv, axis=axis)
+    expected = ref.batch_norm(x, gamma, beta, rm_ref, rv_ref, axis=axis)
+    assert isinstance(result, fn.BatchNormResult)
+    _check_close(result.y, expected.y, dtype, scale=2.0)
+    _check_close(result.save_mean, expected.save_mean, dtype, scale=np.abs(expected.save_mean).max())
+    np.testing.assert_allclose(result.save_invstd, expected.save_invstd, rtol=TOL[dtype])
+    np.testing.assert_allclose(rm, rm_ref, rtol=1e-6, atol=1e-6 * np.abs(rm_ref).max())
+    np.testing.assert_allclose(rv, rv_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS[:6])
+def test_inference_forward_matches_reference(shape, axis, dtype):
+    x, gamma, beta = _data(shape, axis, dtype)
+    rng = np.random.default_rng(1)
+    rm = rng.standard_normal(shape[axis]).astype(dtype)
+    rv = rng.uniform(0.5, 9.0, shape[axis]).astype(dtype)
+    before = rm.copy(), rv.copy()
+    result = fn.batch_norm(x, gamma, beta, rm, rv, training=False, axis=axis, eps=1e-3)
+    expected = ref.batch_norm(x, gamma, beta, rm, rv, training=False, axis=axis, eps=1e-3)
+    _check_close(result.y, expected.y, dtype, scale=4.0)
+    # In inference the returned statistics are the ones used: the running
+    # mean and 1 / sqrt(running_var + eps).
+    np.testing.assert_array_equal(result.save_mean, rm)
+    np.testing.assert_allclose(result.save_invstd, 1 / np.sqrt(rv.astype(np.float64) + 1e-3),
+                               rtol=TOL[dtype])
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 6, 500), 1), ((4000, 6), -1), ((1, 3, 70001), 1)])
+def test_float32_accurate_when_mean_is_1e4_times_std(shape, axis):
+    x, _, _ = _data(shape, axis, np.float32, loc=5e3, scale=1.0)
+    mean = x.astype(np.float64).mean(axis=tuple(d for d in range(x.ndim) if d != axis % x.ndim))
+    assert np.abs(mean).max() > 5e3  # the case PyTorch's CPU kernel gets wrong by ~8e-4
+    result = fn.batch_norm(x, axis=axis)
+    expected = ref.batch_norm(x, axis=axis)
+    _check_close(result.y, expected.y, np.float32)
+    # The backward is as accurate when handed float64 statistics.
+    dy = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    grads = fn.batch_norm_backward(dy, x, None, expected.save_mean, expected.save_invstd, axis=axis)
+    expected_grads = ref.batch_norm_backward(dy, x, None, expected.save_mean,
+                                             expected.save_invstd, axis=axis)
+    _check_close(grads[0], expected_grads[0], np.float32, scale=10.0)
+
+
+def test_statistics_are_stable_for_an_outlying_first_sample():
+    x = np.random.default_rng(3).standard_normal((4000, 2))
+    x[0] += 1e6
+    result = fn.batch_norm(x, axis=-1)
+    expected = ref.batch_norm(x, axis=-1)
+    _check_close(result.y, expected.y, np.float64)
+
+
+def _numeric_gradient(f, values, eps=1e-6):
+    grad = np.zeros_like(values)
+    flat = values.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        up = f()
+        flat[i] = saved - eps
+        down = f()
+        flat[i] = saved
+        grad.reshape(-1)[i] = (up - down) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((2, 3, 4), 1), ((3, 2, 2, 3), -1)])
+def test_reference_gradients_match_finite_differences(shape, axis):
+    x, gamma, beta = _data(shape, axis, np.float64)
+    weights = np.random.default_rng(4).standard_normal(shape)
+
+    def loss():
+        return float(np.sum(ref.batch_norm(x, gamma, beta, axis=axis).y * weights))
+
+    forward = ref.batch_norm(x, gamma, beta, axis=axis)
+    grad_x, grad_gamma, grad_beta = ref.batch_norm_backward(
+        weights, x, gamma, forward.save_mean, forward.save_invstd, axis=axis)
+    np.testing.assert_allclose(grad_x, _numeric_gradient(loss, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad_gamma, _numeric_gradient(loss, gamma), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad_beta, _numeric_gradient(loss, beta), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_gamma", [True, False])
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_backward_matches_reference(shape, axis, dtype, with_gamma):
+    x, gamma, _ = _data(shape, axis, dtype)
+    gamma = gamma if with_gamma else None
+    dy = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    forward = fn.batch_norm(x, gamma, axis=axis)
+    grads = fn.batch_norm_backward(dy, x, gamma, forward.save_mean, forward.save_invstd, axis=axis)
+    expected = ref.batch_norm_backward(dy, x, gamma, forward.save_mean, forward.save_invstd,
+                                       axis=axis)
+    m = x.size // shape[axis]
+    _check_close(grads[0], expected[0], dtype, scale=2.0)
+    # grad_gamma and grad_beta are sums of m terms of order one.
+    _check_close(grads[1], expected[1], dtype, scale=np.sqrt(m))
+    _check_close(grads[2], expected[2], dtype, scale=np.sqrt(m))
+
+
+def test_running_statistics_conventions():
+    x, _, _ = _data((50, 4), 1, np.float64)
+    m = x.shape[0]
+    rm, rv = np.full(4, 2.0), np.full(4, 3.0)
+    fn.batch_norm(x, running_mean=rm, running_var=rv, momentum=0.25)
+    np.testing.assert_allclose(rm, 0.75 * 2.0 + 0.25 * x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(rv, 0.75 * 3.0 + 0.25 * x.var(0) * m / (m - 1), rtol=1e-14)
+    # momentum 0 keeps the running statistics, 1 replaces them.
+    fn.batch_norm(x, running_mean=rm, running_var=rv, momentum=0.0)
+    np.testing.assert_allclose(rm, 0.75 * 2.0 + 0.25 * x.mean(0), rtol=1e-14)
+    fn.batch_norm(x, running_mean=rm, running_var=rv, momentum=1.0)
+    np.testing.assert_allclose(rm, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(rv, x.var(0, ddof=1), rtol=1e-14)
+
+
+@pytest.mark.parametrize("running_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_running_statistics_keep_their_dtype(dtype, running_dtype):
+    x, _, _ = _data((30, 3, 4), 1, dtype)
+    rm, rv = np.zeros(3, running_dtype), np.ones(3, running_dtype)
+    result = fn.batch_norm(x, running_mean=rm, running_var=rv)
+    assert rm.dtype == running_dtype and rv.dtype == running_dtype
+    assert result.save_mean.dtype == dtype and result.save_invstd.dtype == dtype
+    expected_rm, expected_rv = np.zeros(3), np.ones(3)
+    ref.batch_norm(x, running_mean=expected_rm, running_var=expected_rv)
+    np.testing.assert_allclose(rm, expected_rm, rtol=1e-6)
+    np.testing.assert_allclose(rv, expected_rv, rtol=1e-6)
+    y = fn.batch_norm(x, running_mean=rm, running_var=rv, training=False).y
+    assert y.dtype == dtype
+
+
+def _all_outputs(x, dy, axis):
+    channels = x.shape[axis]
+    rm, rv = np.zeros(channels, x.dtype), np.ones(channels, x.dtype)
+    result = fn.batch_norm(x, None, None, rm, rv, axis=axis)
+    grads = fn.batch_norm_backward(dy, x, None, result.save_mean, result.save_invstd, axis=axis)
+    return [*result, rm, rv, *grads]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((6, 5, 30001), 1), ((40000, 37), -1), ((3, 300, 7), 1)])
+def test_same_bits_for_any_thread_count_and_simd_path(shape, axis, dtype, restore_settings):
+    x, _, _ = _data(shape, axis, dtype)
+    dy = np.random.default_rng(6).standard_normal(shape).astype(dtype)
+    fn.set_num_threads(1)
+    _cpu.set_simd("generic")
+    baseline = _all_outputs(x, dy, axis)
+    for path in _cpu.available_simd():
+        _cpu.set_simd(path)
+        for threads in (1, 2, 3):
+            fn.set_num_threads(threads)
+            for got, want in zip(_all_outputs(x, dy, axis), baseline):
+                np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_is_written_and_returned(dtype):
+    x, gamma, beta = _data((4, 3, 5, 5), 1, dtype)
+    out = np.full_like(x, np.nan)
+    result = fn.batch_norm(x, gamma, beta, out=out)
+    assert result.y is out
+    _check_close(out, ref.batch_norm(x, gamma, beta).y, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_strided_out_is_written_in_place(axis):
+    x, gamma, beta = _data((4, 6, 5, 6), axis, np.float64)
+    base = np.zeros((4, 6, 10, 7))
+    out = base[:, :, ::2, 1:]
+    fn.batch_norm(x, gamma, beta, axis=axis, out=out)
+    _check_close(out, ref.batch_norm(x, gamma, beta, axis=axis).y, np.float64, scale=2.0)
+    assert np.all(base[:, :, 1::2] == 0) and np.all(base[..., 0] == 0)
+
+
+def test_in_place():
+    x, gamma, beta = _data((8, 4, 9), 1, np.float32)
+    expected = ref.batch_norm(x, gamma, beta).y
+    fn.batch_norm(x, gamma, beta, out=x)
+    _check_close(x, expected, np.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("view", ["slice", "transpose", "fortran", "reversed", "channel_slice"])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_non_contiguous_inputs(view, axis):
+    x, _, _ = _data((6, 8, 10, 12), 1, np.float32)
+    dy = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+    make = {
+        "slice": lambda a: a[:, :, ::2, 1:],
+        "transpose": lambda a: a.transpose(0, 3, 2, 1),
+        "fortran": np.asfortranarray,
+        "reversed": lambda a: a[::-1, :, :, ::-1],
+        "channel_slice": lambda a: a[:, ::2],
+    }[view]
+    xv, dyv = make(x), make(dy)
+    gamma = np.linspace(0.5, 1.5, xv.shape[axis]).astype(np.float32)
+    result = fn.batch_norm(xv, gamma, axis=axis)
+    expected = ref.batch_norm(xv, gamma, axis=axis)
+    _check_close(result.y, expected.y, np.float32, scale=2.0)
+    grads = fn.batch_norm_backward(dyv, xv, gamma, result.save_mean, result.save_invstd, axis=axis)
+    expected_grads = ref.batch_norm_backward(dyv, xv, gamma, result.save_mean, result.save_invstd,
+                                             axis=axis)
+    _check_close(grads[0], expected_grads[0], np.float32, scale=2.0)
+    _check_close(grads[1], expected_grads[1], np.float32, scale=30.0)
+
+
+def test_nan_stays_in_its_channel():
+    x, gamma, beta = _data((6, 4, 5), 1, np.float32)
+    x[2, 1, 3] = np.nan
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    result = fn.batch_norm(x, gamma, beta, rm, rv)
+    assert np.all(np.isnan(result.y[:, 1]))
+    assert np.isnan(rm[1]) and np.isnan(rv[1])
+    others = [0, 2, 3]
+    _check_close(result.y[:, others], ref.batch_norm(x[:, others], gamma[others], beta[others]).y,
+                 np.float32, scale=2.0)
+    assert np.all(np.isfinite(rm[others])) and np.all(np.isfinite(rv[others]))
+    dy = np.ones_like(x)
+    grad_x, grad_gamma, grad_beta = fn.batch_norm_backward(dy, x, gamma, result.save_mean,
+                                                           result.save_invstd)
+    assert np.all(np.isnan(grad_x[:, 1])) and np.all(np.isfinite(grad_x[:, others]))
+    assert np.isnan(grad_gamma[1]) and np.all(np.isfinite(grad_gamma[others]))
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 0, 3), 1), ((0, 3), -1), ((0, 3, 4), 1)])
+def test_empty_in_inference(shape, axis):
+    channels = shape[axis]
+    x = np.zeros(shape, np.float32)
+    rm, rv = np.arange(channels, dtype=np.float32), np.full(channels, 4.0, np.float32)
+    result = fn.batch_norm(x, running_mean=rm, running_var=rv, training=False, axis=axis)
+    assert result.y.shape == shape
+    np.testing.assert_array_equal(result.save_mean, rm)
+    grads = fn.batch_norm_backward(x, x, None, rm, rv, axis=axis)
+    assert grads[0].shape == shape
+    np.testing.assert_array_equal(grads[1], np.zeros(channels, np.float32))
+    np.testing.assert_array_equal(grads[2], np.zeros(channels, np.float32))
+
+
+def test_zero_channels_in_training():
+    result = fn.batch_norm(np.zeros((4, 0, 3)))
+    assert result.y.shape == (4, 0, 3) and result.save_mean.shape == (0,)
+
+
+def test_one_channel_and_one_dimension():
+    x = np.random.default_rng(8).standard_normal((50, 1))
+    _check_close(fn.batch_norm(x, axis=-1).y, ref.batch_norm(x, axis=-1).y, np.float64)
+    # A 1-D array is one value per channel: inference only.
+    v = np.arange(4.0)
+    rm, rv = np.ones(4), np.full(4, 4.0)
+    y = fn.batch_norm(v, running_mean=rm, running_var=rv, training=False, axis=0, eps=1e-12).y
+    np.testing.assert_allclose(y, (v - 1) / 2, rtol=1e-12)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        fn.batch_norm(v, axis=0)
+
+
+def _bad_calls():
+    """(label, arguments replacing those of a good call, the exception)."""
+    f32 = np.float32
+    return [
+        ("gamma length", {"gamma": np.ones(3, f32)}, ValueError),
+        ("beta length", {"beta": np.ones(5, f32)}, ValueError),
+        ("gamma 2-d", {"gamma": np.ones((1, 4), f32)}, ValueError),
+        ("gamma dtype", {"gamma": np.ones(4)}, TypeError),
+        ("beta dtype", {"beta": np.ones(4, np.int32)}, TypeError),
+        ("gamma list", {"gamma": [1.0] * 4}, TypeError),
+        ("running_mean length", {"running_mean": np.zeros(3, f32)}, ValueError),
+        ("running_var dtype", {"running_var": np.ones(4, np.float16)}, TypeError),
+        ("eps zero", {"eps": 0.0}, ValueError),
+        ("eps negative", {"eps": -1e-5}, ValueError),
+        ("eps nan", {"eps": float("nan")}, ValueError),
+        ("momentum above one", {"momentum": 1.5}, ValueError),
+        ("momentum negative", {"momentum": -0.1}, ValueError),
+        ("momentum string", {"momentum": "0.1"}, TypeError),
+        ("axis out of range", {"axis": 4}, ValueError),
+        ("axis negative out of range", {"axis": -5}, ValueError),
+        ("axis float", {"axis": 1.0}, TypeError),
+        ("training not bool", {"training": "yes"}, TypeError),
+        ("out shape", {"out": np.zeros((2, 4, 3), f32)}, ValueError),
+        ("out dtype", {"out": np.zeros((2, 4, 3, 3))}, ValueError),
+        ("x dtype", {"x": np.zeros((2, 4, 3, 3), np.int64)}, TypeError),
+        ("one value per channel", {"x": np.zeros((1, 4, 1, 1), f32), "out": None}, ValueError),
+        ("inference without running stats",
+         {"training": False, "running_var": None}, ValueError),
+    ]
+
+
+@pytest.mark.parametrize("label,override,error", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_raises_and_changes_nothing(label, override, error):
+    x, gamma, beta = _data((2, 4, 3, 3), 1, np.float32)
+    kwargs = {"x": x, "gamma": gamma, "beta": beta,
+              "running_mean": np.zeros(4, np.float32), "running_var": np.ones(4, np.float32),
+              "out": np.full(x.shape, 7.0, np.float32)}
+    kwargs.update(override)
+    snapshots = {k: v.copy() for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(error):
+        fn.batch_norm(**kwargs)
+    for k, before in snapshots.items():
+        np.testing.assert_array_equal(kwargs[k], before, err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "out"])
+def test_read_only_outputs_are_rejected_before_writing(name):
+    x, _, _ = _data((5, 4), 1, np.float32)
+    arrays = {"running_mean": np.zeros(4, np.float32), "running_var": np.ones(4, np.float32),
+              "out": np.full(x.shape, 7.0, np.float32)}
+    snapshots = {k: v.copy() for k, v in arrays.items()}
+    arrays[name].flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fn.batch_norm(x, **arrays)
+    for k, before in snapshots.items():
+        np.testing.assert_array_equal(arrays[k], before)
+
+
+def test_read_only_running_stats_are_fine_in_inference():
+    x, _, _ = _data((5, 4), 1, np.float32)
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    rm.flags.writeable = rv.flags.writeable = False
+    fn.batch_norm(x, running_mean=rm, running_var=rv, training=False)
+
+
+def test_bad_backward_input():
+    x, gamma, _ = _data((6, 4, 3), 1, np.float32)
+    result = fn.batch_norm(x, gamma)
+    good = (np.ones_like(x), x, gamma, result.save_mean, result.save_invstd)
+    with pytest.raises(ValueError):
+        fn.batch_norm_backward(np.ones((6, 4)), *good[1:])
+    with pytest.raises(TypeError):
+        fn.batch_norm_backward(np.ones(x.shape), *good[1:])
+    with pytest.raises(TypeError):
+        fn.batch_norm_backward(*good[:2], gamma.astype(np.float64), *good[3:])
+    with pytest.raises(ValueError):
+        fn.batch_norm_backward(*good[:3], result.save_mean[:3], good[4])
+    with pytest.raises(TypeError):
+        fn.batch_norm_backward(*good[:3], None, good[4])
+    with pytest.raises(ValueError):
+        fn.batch_norm_backward(*good, axis=3)
+
+
+def test_backward_accepts_float64_statistics_for_float32_data():
+    x, gamma, _ = _data((6, 4, 3), 1, np.float32)
+    dy = np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)
+    stats = ref.batch_norm(x, gamma)
+    grads = fn.batch_norm_backward(dy, x, gamma, stats.save_mean, stats.save_invstd)
+    expected = ref.batch_norm_backward(dy, x, gamma, stats.save_mean, stats.save_invstd)
+    assert all(g.dtype == np.float32 for g in grads)
+    _check_close(grads[0], expected[0], np.float32, scale=2.0)
+
+
+def test_partially_overlapping_out():
+    base, gamma, beta = _data((9, 3, 4), 1, np.float64)
+    x = base[:8]
+    expected = ref.batch_norm(x, gamma, beta).y
+    fn.batch_norm(x, gamma, beta, out=base[1:])
+    _check_close(base[1:], expected, np.float64, scale=2.0)
