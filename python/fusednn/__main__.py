@@ -1,0 +1,82 @@
+"""The ``fusednn`` command (also ``python -m fusednn``).
+
+    fusednn info [--json]     build configuration: version, CUDA, SIMD path, threads
+    fusednn bench [options]   check every kernel against fusednn.reference, then
+                              time it against a memory copy, the reference and PyTorch
+
+``main(argv)`` returns the exit status: 0, 1 when the benchmark cannot run
+or a kernel fails its check, 2 for a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import bench
+from ._backend import info
+
+
+def _format_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) if value else "(none)"
+    return str(value)
+
+
+def _info(args: argparse.Namespace) -> int:
+    build = info()
+    if args.json:
+        print(json.dumps(build, indent=2))
+    else:
+        for key, value in build.items():
+            print(f"{key}: {_format_value(value)}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        return bench.run(args)
+    except bench.UsageError as error:
+        args.parser.error(str(error))
+    except bench.BenchError as error:
+        print(f"fusednn bench: {error}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusednn",
+        description="Fused training kernels: build information and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"fusednn {info()['version']}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info_parser = commands.add_parser(
+        "info", help="print the build configuration",
+        description="Prints fusednn.info(): version, CUDA build and architectures, SIMD path, "
+                    "threads; one key per line.")
+    info_parser.add_argument("--json", action="store_true", help="print it as JSON")
+    info_parser.set_defaults(handler=_info)
+
+    bench_parser = commands.add_parser(
+        "bench", help="check and time the kernels",
+        description="Checks every selected kernel against fusednn.reference on special and "
+                    "random inputs (exit status 1 if one fails), then times it: bytes moved, "
+                    "GB/s, % of a plain copy of the same bytes, and speed-up over the numpy "
+                    "reference and PyTorch (when installed). Table on stdout, progress on "
+                    "stderr.")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=_bench, parser=bench_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

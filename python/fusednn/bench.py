@@ -1,0 +1,904 @@
+"""``python -m fusednn bench``: checks every kernel against the float64
+reference, then times it against the memory roof, the reference and PyTorch.
+
+What a row counts: ``bytes/elem`` is the memory traffic one element costs
+(an activation's forward reads x and writes y: 1 read + 1 write; its
+backward reads grad_output and x or y and writes grad_input: 2 reads + 1
+write). GB/s is bytes moved (elements x bytes/elem) per second, 1 GB = 1e9
+bytes. The roof is a plain copy of the same number of bytes: the faster of
+``fusednn._cpu.copy`` (threaded, streaming stores) and ``np.copyto``. The
+copy, the numpy reference and PyTorch are timed in the same rounds as each
+kernel (one call of each per round, medians over the rounds), so that the
+load of a busy machine hits them alike and every ratio comes from one run.
+
+Kernel families plug in through ``FAMILIES``: a family names its kernels and
+gives, per device, a function that builds its ``Case`` objects (bytes per
+element, the calls to time, the check against ``fusednn.reference``).
+Activations are the first family; a device needs a copy roof in
+``COPY_ROOFS`` before any family can be timed on it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import reference
+from ._backend import _cpu, get_num_threads, info, set_num_threads
+from .activations import activation, activation_backward
+
+DEFAULT_SIZE = 2**25
+QUICK_SIZE = 2**22
+DEFAULT_REPEAT = 7
+QUICK_REPEAT = 5
+WARMUP = 1
+# The reference runs in Python-level float64 (gelu calls math.erfc per
+# element), so it is timed on a prefix of this many elements and scaled.
+REFERENCE_ELEMENTS = 2**20
+
+# Accuracy the check demands, in ulp of the reference rounded to the dtype.
+# float32 is the design's number; float64 has no target there, and this
+# bound still rejects any wrong formula (about 1e-12 relative).
+TOLERANCE_ULP = {"float32": 4.0, "float64": 4096.0}
+# Where a derivative's two terms cancel near its root (their magnitudes
+# add up to CANCELLATION_FACTOR times their sum or more), the design allows
+# an absolute error of CANCELLATION_UNITS * 2^-p * |grad_output| instead,
+# p the dtype's precision (24 for float32).
+CANCELLATION_UNITS = 8.0
+CANCELLATION_FACTOR = 2.0
+CHECK_RANDOM_VALUES = 4096
+
+
+class UsageError(Exception):
+    """A bad option value; the CLI reports it as an argparse error."""
+
+
+class BenchError(Exception):
+    """The benchmark cannot run here (no CUDA, no matplotlib, ...)."""
+
+
+@dataclass
+class Plan:
+    """What one run measures, shared by every case builder."""
+    device: str
+    dtype: np.dtype
+    size: int
+    repeat: int
+    threads: int
+    reference_elements: int
+    torch: object | None      # the torch module, or None when not importable
+    torch_note: str           # why there is no torch column, or its version
+
+
+@dataclass
+class Runners:
+    """The calls one case times, with its inputs already in place."""
+    ours: Callable[[], object]
+    reference: Callable[[], object]          # on the first reference_elements elements
+    reference_elements: int
+    torch: Callable[[], object] | None = None
+    torch_op: str | None = None
+    torch_allocates: bool = False            # no out= overload: torch allocates its result
+
+
+@dataclass
+class CheckResult:
+    """How one kernel compares with fusednn.reference on check_inputs()."""
+    max_ulp: float            # the largest error outside the cancellation allowance
+    tolerance_ulp: float
+    inputs: int
+    worst: str                # where max_ulp occurs, for the failure message
+    cancelling: bool = False  # the absolute bound where the derivative's terms cancel applies
+
+    @property
+    def passed(self) -> bool:
+        return self.max_ulp <= self.tolerance_ulp
+
+
+@dataclass(eq=False)  # compared and hashed by identity: checks are keyed by case
+class Case:
+    """One kernel in one direction, as its family's builder makes it: the
+    memory traffic it costs per element, check() against fusednn.reference,
+    and prepare(), which puts its inputs in place and returns the calls to
+    time."""
+    family: str
+    name: str
+    direction: str            # "forward" or "backward"
+    bytes_per_element: float
+    traffic: str              # what bytes_per_element counts: "2r+1w" is 2 arrays read, 1 written
+    check: Callable[[], CheckResult]
+    prepare: Callable[[], Runners]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.direction}"
+
+
+@dataclass
+class Result:
+    """One row of the table, and of the JSON results."""
+    family: str
+    kernel: str
+    direction: str
+    traffic: str
+    bytes_per_element: float
+    bytes_moved: int
+    time_ms: float
+    gb_per_s: float
+    roof_gb_per_s: float
+    roof_source: str          # the faster copy routine
+    percent_of_roof: float
+    check_max_ulp: float
+    reference_ms: float       # scaled to the full size
+    reference_elements: int   # how many elements it was timed on
+    x_numpy_reference: float
+    torch_op: str | None = None
+    torch_allocates: bool = False
+    torch_ms: float | None = None
+    x_torch: float | None = None
+
+
+# ---- the check: kernel against fusednn.reference on a small input ------------
+
+def check_inputs(dtype) -> tuple[np.ndarray, np.ndarray]:
+    """x: random normal values and the special ones (+-0, subnormals, +-inf,
+    NaN, huge magnitudes, the kinks at +-1 and +-3); grad_output: random
+    normal values. The same for every run."""
+    dtype = np.dtype(dtype)
+    finfo = np.finfo(dtype)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, finfo.smallest_subnormal,
+               -finfo.smallest_subnormal, finfo.tiny / 4, -finfo.tiny / 4, finfo.tiny, -finfo.tiny,
+               finfo.max, -finfo.max, 1e30, -1e30, 1e4, -1e4, 100.0, -100.0, 20.0, -20.0,
+               3.0, -3.0, 1.0, -1.0]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.array(special, dtype=dtype),
+                        (3.0 * rng.standard_normal(CHECK_RANDOM_VALUES)).astype(dtype)])
+    return x, rng.standard_normal(x.size).astype(dtype)
+
+
+def ulp_errors(ours: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|ours - expected| in units of the last place of expected in ours'
+    dtype: 0 where ours equals expected rounded to that dtype (the same
+    infinity and NaN included), inf where only one of them is NaN."""
+    finfo = np.finfo(ours.dtype)
+    with np.errstate(all="ignore"):
+        expected = np.asarray(expected, dtype=np.float64)
+        rounded = expected.astype(ours.dtype)
+        _, exponent = np.frexp(np.abs(expected))
+        ulp = np.maximum(np.ldexp(1.0, exponent - (finfo.nmant + 1)),
+                         float(finfo.smallest_subnormal))
+        ulp = np.where(expected == 0, float(finfo.smallest_subnormal), ulp)
+        errors = np.abs(ours.astype(np.float64) - expected) / ulp
+    errors = np.where(np.isnan(errors), np.inf, errors)
+    agree = (ours == rounded) | (np.isnan(ours) & np.isnan(rounded))
+    return np.where(agree, 0.0, errors)
+
+
+def compare(ours, expected, tolerance_ulp, inputs: dict, grad=None, terms=None) -> CheckResult:
+    """Errors of ours against the reference. Where the derivative's two
+    terms (float64 arrays) cancel, an absolute error up to
+    CANCELLATION_UNITS * 2^-p * |grad| is accepted instead of the ulp
+    bound, p the dtype's precision."""
+    errors = ulp_errors(ours, expected)
+    if terms is not None:
+        finfo = np.finfo(ours.dtype)
+        with np.errstate(all="ignore"):
+            cancels = (np.abs(terms[0]) + np.abs(terms[1])
+                       >= CANCELLATION_FACTOR * np.abs(terms[0] + terms[1]))
+            absolute = np.abs(ours.astype(np.float64) - expected)
+            allowed = absolute <= CANCELLATION_UNITS * (finfo.eps / 2) * np.abs(grad)
+        errors = np.where(cancels & allowed, 0.0, errors)
+    i = int(np.argmax(errors))
+    where = ", ".join(f"{name}={values[i]!s}" for name, values in inputs.items())
+    worst = f"at {where}: got {ours[i]!s}, reference {np.float64(expected[i])!s}"
+    return CheckResult(float(errors[i]), tolerance_ulp, int(errors.size), worst,
+                       terms is not None)
+
+
+# ---- activations --------------------------------------------------------------
+
+@dataclass
+class TorchPeer:
+    op: str                   # the aten overload, e.g. "sigmoid.out"
+    call: Callable            # (aten, params, *tensors, out): runs the op once
+    allocates: bool = False
+
+
+@dataclass
+class ActivationKernel:
+    name: str                 # in the table and in --kernels
+    activation: str           # the fusednn activation
+    params: dict = field(default_factory=dict)
+    _: KW_ONLY
+    torch_forward: TorchPeer
+    torch_backward: TorchPeer
+    # The saved tensor backward reads: y where the kernel accepts it, as
+    # autograd saves it, else x.
+    backward_from: str = "x"
+    exact: bool = False
+    # For derivatives that are the sum of two terms of opposite sign below
+    # their root: x -> the two terms, in float64.
+    derivative_terms: Callable | None = None
+
+
+def _gelu_terms(x):
+    """gelu'(x) = Phi(x) + x phi(x)."""
+    return reference.normal_cdf(x), x * reference.normal_pdf(x)
+
+
+def _gelu_tanh_terms(x):
+    """gelu'(x) = s + x s (1 - s) 2u' with s = sigmoid(2u), u = c (x + 0.044715 x^3)."""
+    c = math.sqrt(2.0 / math.pi)
+    two_u = 2.0 * c * (x + 0.044715 * x**3)
+    s = reference.sigmoid(two_u)
+    return s, x * s * reference.sigmoid(-two_u) * 2.0 * c * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _silu_terms(x):
+    """silu'(x) = s + x s (1 - s) with s = sigmoid(x)."""
+    s = reference.sigmoid(x)
+    return s, x * s * reference.sigmoid(-x)
+
+
+def _mish_terms(x):
+    """mish'(x) = tanh(sp) + x sigmoid(x) sech^2(sp) with sp = softplus(x)."""
+    sp = reference.softplus(x)
+    return np.tanh(sp), x * reference.sigmoid(x) / np.cosh(sp) ** 2
+
+
+# PyTorch's peers take (aten, params, *tensors, out): x for forward; grad
+# and the same saved tensor as ours for backward.
+ACTIVATION_KERNELS = (
+    ActivationKernel(
+        "sigmoid", "sigmoid", backward_from="y",
+        torch_forward=TorchPeer(
+            "sigmoid.out", lambda a, p, x, o: a.sigmoid.out(x, out=o)),
+        torch_backward=TorchPeer(
+            "sigmoid_backward.grad_input",
+            lambda a, p, g, y, o: a.sigmoid_backward.grad_input(g, y, grad_input=o))),
+    ActivationKernel(
+        "tanh", "tanh", backward_from="y",
+        torch_forward=TorchPeer(
+            "tanh.out", lambda a, p, x, o: a.tanh.out(x, out=o)),
+        torch_backward=TorchPeer(
+            "tanh_backward.grad_input",
+            lambda a, p, g, y, o: a.tanh_backward.grad_input(g, y, grad_input=o))),
+    ActivationKernel(
+        "relu", "relu", backward_from="y", exact=True,
+        torch_forward=TorchPeer(
+            "relu.out", lambda a, p, x, o: a.relu.out(x, out=o)),
+        torch_backward=TorchPeer(
+            "threshold_backward.grad_input",
+            lambda a, p, g, y, o: a.threshold_backward.grad_input(g, y, 0, grad_input=o))),
+    ActivationKernel(
+        "leaky_relu", "leaky_relu", {"negative_slope": 0.01}, backward_from="y", exact=True,
+        torch_forward=TorchPeer(
+            "leaky_relu.out",
+            lambda a, p, x, o: a.leaky_relu.out(x, p["negative_slope"], out=o)),
+        torch_backward=TorchPeer(
+            "leaky_relu_backward.grad_input",
+            lambda a, p, g, y, o: a.leaky_relu_backward.grad_input(
+                g, y, p["negative_slope"], True, grad_input=o))),
+    ActivationKernel(
+        "elu", "elu", {"alpha": 1.0}, backward_from="y",
+        torch_forward=TorchPeer(
+            "elu.out", lambda a, p, x, o: a.elu.out(x, p["alpha"], 1, 1, out=o)),
+        torch_backward=TorchPeer(
+            "elu_backward.grad_input",
+            lambda a, p, g, y, o: a.elu_backward.grad_input(
+                g, p["alpha"], 1, 1, True, y, grad_input=o))),
+    ActivationKernel(
+        "selu", "selu", backward_from="y",
+        torch_forward=TorchPeer(
+            "elu.out",
+            lambda a, p, x, o: a.elu.out(
+                x, reference.SELU_ALPHA, reference.SELU_SCALE, 1, out=o)),
+        torch_backward=TorchPeer(
+            "elu_backward.grad_input",
+            lambda a, p, g, y, o: a.elu_backward.grad_input(
+                g, reference.SELU_ALPHA, reference.SELU_SCALE, 1, True, y, grad_input=o))),
+    ActivationKernel(
+        "gelu", "gelu", {"approximate": "none"}, derivative_terms=_gelu_terms,
+        torch_forward=TorchPeer(
+            "gelu.out", lambda a, p, x, o: a.gelu.out(x, approximate=p["approximate"], out=o)),
+        torch_backward=TorchPeer(
+            "gelu_backward.grad_input",
+            lambda a, p, g, x, o: a.gelu_backward.grad_input(
+                g, x, approximate=p["approximate"], grad_input=o))),
+    ActivationKernel(
+        "gelu_tanh", "gelu", {"approximate": "tanh"}, derivative_terms=_gelu_tanh_terms,
+        torch_forward=TorchPeer(
+            "gelu.out", lambda a, p, x, o: a.gelu.out(x, approximate=p["approximate"], out=o)),
+        torch_backward=TorchPeer(
+            "gelu_backward.grad_input",
+            lambda a, p, g, x, o: a.gelu_backward.grad_input(
+                g, x, approximate=p["approximate"], grad_input=o))),
+    ActivationKernel(
+        "silu", "silu", derivative_terms=_silu_terms,
+        torch_forward=TorchPeer(
+            "silu.out", lambda a, p, x, o: a.silu.out(x, out=o)),
+        torch_backward=TorchPeer(
+            "silu_backward.grad_input",
+            lambda a, p, g, x, o: a.silu_backward.grad_input(g, x, grad_input=o))),
+    ActivationKernel(
+        "softplus", "softplus", {"beta": 1.0, "threshold": 20.0},
+        torch_forward=TorchPeer(
+            "softplus.out",
+            lambda a, p, x, o: a.softplus.out(x, p["beta"], p["threshold"], out=o)),
+        torch_backward=TorchPeer(
+            "softplus_backward.grad_input",
+            lambda a, p, g, x, o: a.softplus_backward.grad_input(
+                g, x, p["beta"], p["threshold"], grad_input=o))),
+    ActivationKernel(
+        "mish", "mish", derivative_terms=_mish_terms,
+        torch_forward=TorchPeer(
+            "mish.out", lambda a, p, x, o: a.mish.out(x, out=o)),
+        # mish_backward has no out= overload.
+        torch_backward=TorchPeer(
+            "mish_backward", lambda a, p, g, x, o: a.mish_backward(g, x), allocates=True)),
+    ActivationKernel(
+        "hardsigmoid", "hardsigmoid",
+        torch_forward=TorchPeer(
+            "hardsigmoid.out", lambda a, p, x, o: a.hardsigmoid.out(x, out=o)),
+        torch_backward=TorchPeer(
+            "hardsigmoid_backward.grad_input",
+            lambda a, p, g, x, o: a.hardsigmoid_backward.grad_input(g, x, grad_input=o))),
+    ActivationKernel(
+        "hardswish", "hardswish",
+        torch_forward=TorchPeer(
+            "hardswish.out", lambda a, p, x, o: a.hardswish.out(x, out=o)),
+        torch_backward=TorchPeer(
+            "hardswish_backward.out",
+            lambda a, p, g, x, o: a.hardswish_backward.out(g, x, out=o))),
+    ActivationKernel(
+        "hardtanh", "hardtanh", {"min_val": -1.0, "max_val": 1.0}, backward_from="y", exact=True,
+        torch_forward=TorchPeer(
+            "hardtanh.out",
+            lambda a, p, x, o: a.hardtanh.out(x, p["min_val"], p["max_val"], out=o)),
+        torch_backward=TorchPeer(
+            "hardtanh_backward.grad_input",
+            lambda a, p, g, y, o: a.hardtanh_backward.grad_input(
+                g, y, p["min_val"], p["max_val"], grad_input=o))),
+)
+
+
+class ActivationArrays:
+    """The arrays every activation case shares, so that they are made once
+    per run: x and grad_output (standard normal), y (the forward output, for
+    backward passes that read it) and out, with zero-copy torch views."""
+
+    def __init__(self, size: int, dtype: np.dtype, torch):
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal(size, dtype=dtype)
+        self.grad = rng.standard_normal(size, dtype=dtype)
+        self.y = np.empty(size, dtype=dtype)
+        self.out = np.empty(size, dtype=dtype)
+        if torch is not None:
+            self.tensors = {name: torch.from_numpy(getattr(self, name))
+                            for name in ("x", "grad", "y", "out")}
+
+
+def _activation_check(kernel: ActivationKernel, direction: str, dtype) -> CheckResult:
+    x, grad = check_inputs(dtype)
+    params = kernel.params
+    tolerance = 0.0 if kernel.exact else TOLERANCE_ULP[np.dtype(dtype).name]
+    if direction == "forward":
+        ours = activation(kernel.activation, x, **params)
+        return compare(ours, reference.activation(kernel.activation, x, **params), tolerance,
+                       {"x": x})
+    saved = activation(kernel.activation, x, **params) if kernel.backward_from == "y" else x
+    saved_arg = {kernel.backward_from: saved}
+    ours = activation_backward(kernel.activation, grad, **saved_arg, **params)
+    expected = reference.activation_backward(kernel.activation, grad, **saved_arg, **params)
+    inputs = {"x": x, "grad_output": grad}
+    if kernel.backward_from == "y":
+        inputs["y"] = saved
+    terms = None
+    if kernel.derivative_terms is not None:
+        with np.errstate(all="ignore"):
+            terms = kernel.derivative_terms(x.astype(np.float64))
+    return compare(ours, expected, tolerance, inputs, grad=grad, terms=terms)
+
+
+def _activation_runners(kernel: ActivationKernel, direction: str, plan: Plan,
+                        arrays: ActivationArrays) -> Runners:
+    name, params = kernel.activation, kernel.params
+    m = min(plan.size, plan.reference_elements)
+    x, grad, out = arrays.x, arrays.grad, arrays.out
+    if direction == "forward":
+        runners = Runners(ours=lambda: activation(name, x, out=out, **params),
+                          reference=lambda: reference.activation(name, x[:m], **params),
+                          reference_elements=m)
+        peer, tensors = kernel.torch_forward, ("x",)
+    else:
+        if kernel.backward_from == "y":
+            activation(name, x, out=arrays.y, **params)
+        from_saved = kernel.backward_from
+        saved = getattr(arrays, from_saved)
+        runners = Runners(
+            ours=lambda: activation_backward(name, grad, **{from_saved: saved}, out=out, **params),
+            reference=lambda: reference.activation_backward(
+                name, grad[:m], **{from_saved: saved[:m]}, **params),
+            reference_elements=m)
+        peer, tensors = kernel.torch_backward, ("grad", from_saved)
+    if plan.torch is not None:
+        aten = plan.torch.ops.aten
+        args = [arrays.tensors[t] for t in tensors] + [arrays.tensors["out"]]
+        runners.torch = lambda: peer.call(aten, params, *args)
+        runners.torch_op = peer.op
+        runners.torch_allocates = peer.allocates
+    return runners
+
+
+def activation_cases(plan: Plan) -> list[Case]:
+    """Forward and backward of every activation, as in ACTIVATION_KERNELS."""
+    arrays = functools.cache(lambda: ActivationArrays(plan.size, plan.dtype, plan.torch))
+    item = plan.dtype.itemsize
+    arrays_moved = {"forward": (1, 1), "backward": (2, 1)}  # (read, written)
+    cases = []
+    for kernel in ACTIVATION_KERNELS:
+        for direction, (reads, writes) in arrays_moved.items():
+            cases.append(Case(
+                family="activations", name=kernel.name, direction=direction,
+                bytes_per_element=(reads + writes) * item, traffic=f"{reads}r+{writes}w",
+                check=functools.partial(_activation_check, kernel, direction, plan.dtype),
+                prepare=lambda k=kernel, d=direction: _activation_runners(k, d, plan, arrays())))
+    return cases
+
+
+# ---- registry and selection ---------------------------------------------------
+
+@dataclass
+class Family:
+    name: str
+    kernels: tuple            # kernel names, for --kernels
+    directions: tuple
+    builders: dict            # device -> function(plan) -> list[Case]
+
+
+FAMILIES = {
+    "activations": Family("activations", tuple(k.name for k in ACTIVATION_KERNELS),
+                          ("forward", "backward"), {"cpu": activation_cases}),
+}
+
+
+def parse_selection(spec: str) -> dict:
+    """--kernels: comma-separated family or kernel names, each optionally
+    ':forward' or ':backward'. Returns {family: {(kernel, direction)}}."""
+    known = ", ".join(list(FAMILIES) + [k for f in FAMILIES.values() for k in f.kernels])
+    selected: dict = {}
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        name, _, direction = token.partition(":")
+        matched = False
+        for family in FAMILIES.values():
+            if name not in ("all", family.name) and name not in family.kernels:
+                continue
+            if direction and direction not in family.directions:
+                raise UsageError(f"--kernels: unknown direction {direction!r} in {token!r}; "
+                                 f"use {' or '.join(family.directions)}")
+            kernels = family.kernels if name in ("all", family.name) else (name,)
+            directions = (direction,) if direction else family.directions
+            selected.setdefault(family.name, set()).update(
+                (k, d) for k in kernels for d in directions)
+            matched = True
+        if not matched:
+            raise UsageError(f"--kernels: unknown kernel or family {name!r}; known: all, {known}")
+    if not selected:
+        raise UsageError("--kernels: no kernel named")
+    return selected
+
+
+def check_device(device: str, selection: dict) -> None:
+    """Raises BenchError unless every selected family has kernels on device."""
+    if device == "cuda" and not info()["cuda_built"]:
+        raise BenchError("--device cuda: this fusednn was built without CUDA; reinstall with "
+                         "nvcc on PATH (FUSEDNN_CUDA=ON pip install . -Ccmake.fresh=true)")
+    missing = [f for f in selection if device not in FAMILIES[f].builders]
+    if missing:
+        raise BenchError(f"--device {device}: no {device.upper()} kernels yet for "
+                         f"{', '.join(missing)}; run with --device cpu")
+
+
+def build_cases(plan: Plan, selection: dict) -> list[Case]:
+    cases = []
+    for family, wanted in selection.items():
+        cases += [c for c in FAMILIES[family].builders[plan.device](plan)
+                  if (c.name, c.direction) in wanted]
+    return cases
+
+
+# ---- timing -------------------------------------------------------------------
+
+def interleaved_seconds(calls: dict, repeat: int, warmup: int = WARMUP) -> dict:
+    """Wall times of each call, `repeat` samples each. Rounds interleave the
+    calls (one of each per round) so that a change in machine load hits all
+    of them."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples = {label: [] for label in calls}
+    for _ in range(repeat):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[label].append(time.perf_counter() - start)
+    return samples
+
+
+class CpuCopyRoof:
+    """A plain copy moving the same bytes as a case, half read and half
+    written: fusednn._cpu.copy (threaded, streaming stores) and np.copyto
+    (one thread), on buffers sized for the largest case."""
+
+    def __init__(self, plan: Plan, bytes_per_element: list):
+        self.size, self.itemsize = plan.size, plan.dtype.itemsize
+        largest = max(self.elements(b) for b in bytes_per_element)
+        # Written, so that reading it does not hit the shared zero page.
+        self.source = np.ones(largest, dtype=plan.dtype)
+        self.target = np.empty(largest, dtype=plan.dtype)
+
+    def elements(self, bytes_per_element: float) -> int:
+        return round(self.size * bytes_per_element / (2 * self.itemsize))
+
+    def calls(self, bytes_per_element: float) -> tuple[int, dict]:
+        """(bytes the copy moves, {routine: call})."""
+        n = self.elements(bytes_per_element)
+        src, dst = self.source[:n], self.target[:n]
+        return 2 * n * self.itemsize, {"fusednn._cpu.copy": lambda: _cpu.copy(src, dst),
+                                       "np.copyto": lambda: np.copyto(dst, src)}
+
+
+COPY_ROOFS = {"cpu": CpuCopyRoof}
+
+
+@dataclass
+class Timing:
+    case: Case
+    runners: Runners
+    samples: dict             # "ours", "reference", "torch", copy routines -> seconds
+    copy_bytes: int
+    copies: tuple             # the copy routines' labels in samples
+
+
+def time_case(case: Case, plan: Plan, roof) -> Timing:
+    """Times the case with its peers and the copy of the same bytes, all in
+    the same rounds."""
+    runners = case.prepare()
+    copy_bytes, copies = roof.calls(case.bytes_per_element)
+    calls = {"ours": runners.ours, **copies, "reference": runners.reference}
+    if runners.torch is not None:
+        calls["torch"] = runners.torch
+    return Timing(case, runners, interleaved_seconds(calls, plan.repeat), copy_bytes,
+                  tuple(copies))
+
+
+@dataclass
+class Roof:
+    """The copy roof for one bytes/elem: each routine's median over every
+    copy timed alongside the cases with that traffic in this run."""
+    bytes_per_element: float
+    samples: int
+    gb_per_s: dict            # copy routine -> GB/s
+
+    @property
+    def source(self) -> str:
+        return max(self.gb_per_s, key=self.gb_per_s.get)
+
+    @property
+    def best(self) -> float:
+        return self.gb_per_s[self.source]
+
+
+def pool_roofs(timings: list) -> dict:
+    roofs = {}
+    for b in sorted({t.case.bytes_per_element for t in timings}):
+        group = [t for t in timings if t.case.bytes_per_element == b]
+        rates = {name: [t.copy_bytes / s / 1e9 for t in group for s in t.samples[name]]
+                 for name in group[0].copies}
+        roofs[b] = Roof(b, sum(len(v) for v in rates.values()),
+                        {name: statistics.median(v) for name, v in rates.items()})
+    return roofs
+
+
+def summarize(timing: Timing, plan: Plan, roof: Roof, check: CheckResult) -> Result:
+    case, runners = timing.case, timing.runners
+    seconds = {label: statistics.median(s) for label, s in timing.samples.items()}
+    moved = round(plan.size * case.bytes_per_element)
+    gb_per_s = moved / seconds["ours"] / 1e9
+    reference_s = seconds["reference"] * plan.size / runners.reference_elements
+    result = Result(
+        family=case.family, kernel=case.name, direction=case.direction, traffic=case.traffic,
+        bytes_per_element=case.bytes_per_element, bytes_moved=moved,
+        time_ms=seconds["ours"] * 1e3, gb_per_s=gb_per_s, roof_gb_per_s=roof.best,
+        roof_source=roof.source, percent_of_roof=100.0 * gb_per_s / roof.best,
+        check_max_ulp=check.max_ulp, reference_ms=reference_s * 1e3,
+        reference_elements=runners.reference_elements,
+        x_numpy_reference=reference_s / seconds["ours"])
+    if "torch" in seconds:
+        result.torch_op = runners.torch_op
+        result.torch_allocates = runners.torch_allocates
+        result.torch_ms = seconds["torch"] * 1e3
+        result.x_torch = seconds["torch"] / seconds["ours"]
+    return result
+
+
+# ---- output -------------------------------------------------------------------
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(plan: Plan) -> dict:
+    build = info()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} "
+                   f"{platform.release()}",
+        "device": plan.device,
+        "threads": plan.threads,
+        "simd": build["simd"],
+        "fusednn_version": build["version"],
+        "numpy_version": np.__version__,
+        "torch_version": plan.torch.__version__ if plan.torch is not None else None,
+        "dtype": plan.dtype.name,
+        "size": plan.size,
+        "repeat": plan.repeat,
+        "warmup": WARMUP,
+        "reference_elements": min(plan.size, plan.reference_elements),
+    }
+
+
+def _size_text(n: int) -> str:
+    exponent = n.bit_length() - 1
+    return f"{n} (2^{exponent})" if n == 1 << exponent else str(n)
+
+
+def report_text(plan: Plan, head: dict, checks: dict, roofs: dict, results: list) -> str:
+    lines = [
+        f"fusednn bench  {head['date']}",
+        f"machine: {head['machine']}",
+        f"fusednn {head['fusednn_version']}, simd {head['simd']}, device {plan.device}, "
+        f"threads {plan.threads}; numpy {head['numpy_version']}; torch {plan.torch_note}",
+        f"{_size_text(plan.size)} {plan.dtype.name} elements; median of {plan.repeat} "
+        f"repeat{'s' if plan.repeat > 1 else ''} after {WARMUP} warm-up, peers interleaved",
+    ]
+    exact = sorted({case.name for case, c in checks.items() if c.tolerance_ulp == 0})
+    cancelling = sorted({case.label for case, c in checks.items() if c.cancelling})
+    inputs = next(iter(checks.values())).inputs
+    lines.append(f"check: all {len(checks)} agree with fusednn.reference within "
+                 f"{TOLERANCE_ULP[plan.dtype.name]:g} ulp"
+                 + (f" ({', '.join(exact)} exact)" if exact else "")
+                 + f" on {inputs} inputs incl. +-0, subnormals, +-inf, NaN, huge magnitudes")
+    if cancelling:
+        precision = np.finfo(plan.dtype).nmant + 1
+        lines.append(f"  where the derivative's two terms cancel (by a factor "
+                     f">= {CANCELLATION_FACTOR:g}) |error| <= {CANCELLATION_UNITS:g} * "
+                     f"2^-{precision} * |grad_output| is accepted instead: {', '.join(cancelling)}")
+    lines.append("bytes/elem: memory traffic per element, e.g. 2r+1w = 2 arrays read and 1 "
+                 "written; GB/s = 1e9 bytes/s")
+    lines.append("roof: a plain copy of the same bytes, timed in the same rounds as each "
+                 "kernel; median over the run of the faster of fusednn._cpu.copy (threaded, "
+                 "streaming) and np.copyto:")
+    for b, roof in roofs.items():
+        both = ", ".join(f"{name} {rate:.1f}" for name, rate in roof.gb_per_s.items())
+        lines.append(f"  {b:g} bytes/elem: {roof.best:.1f} GB/s by {roof.source} "
+                     f"({both} GB/s; {roof.samples} copies)")
+    m = min(plan.size, plan.reference_elements)
+    lines.append("x numpy-ref: fusednn.reference (float64) "
+                 + (f"timed on the first {m} elements and scaled linearly to {plan.size}"
+                    if m < plan.size else f"timed on all {plan.size} elements"))
+    if plan.torch is None:
+        lines.append(f"x torch: skipped ({plan.torch_note})")
+    else:
+        lines.append("x torch: torch.ops.aten <op>.out / <op>_backward.grad_input writing a "
+                     f"preallocated output, torch threads {plan.threads}")
+    lines.append("")
+    columns = ("kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof",
+               "x numpy-ref", "x torch")
+    rows = []
+    allocating = any(r.torch_allocates for r in results)
+    for r in results:
+        torch_cell = "-"
+        if r.x_torch is not None:
+            torch_cell = f"{r.x_torch:.2f}"
+        if allocating:  # a marker column, so that the numbers stay aligned
+            torch_cell += "*" if r.torch_allocates else " "
+        rows.append((r.kernel, r.direction,
+                     f"{r.bytes_per_element:g} ({r.traffic})",
+                     f"{r.time_ms:.3f}", f"{r.gb_per_s:.1f}", f"{r.percent_of_roof:.0f}%",
+                     f"{r.x_numpy_reference:.1f}", torch_cell))
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    left = 2  # kernel and direction are left-aligned, numbers right-aligned
+    for row in (columns, *rows):
+        lines.append("  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    if allocating:
+        lines.append("* torch has no out= overload here and allocates its result "
+                     "(" + ", ".join(sorted({r.torch_op for r in results if r.torch_allocates}))
+                     + ")")
+    return "\n".join(lines)
+
+
+def write_json(path: str, head: dict, checks: dict, roofs: dict, results: list) -> None:
+    document = {
+        "header": head,
+        "roofs": [{"bytes_per_element": r.bytes_per_element, "copies": r.samples,
+                   "gb_per_s": r.gb_per_s, "source": r.source} for r in roofs.values()],
+        "checks": [{"kernel": c.name, "direction": c.direction, "max_ulp": result.max_ulp,
+                    "tolerance_ulp": result.tolerance_ulp, "inputs": result.inputs,
+                    "passed": result.passed} for c, result in checks.items()],
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=2)
+        f.write("\n")
+
+
+def _require_matplotlib():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BenchError("--plot needs matplotlib, which is not installed "
+                         "(pip install matplotlib, or pip install fusednn[bench])") from None
+    return Figure
+
+
+def write_plot(path: str, plan: Plan, head: dict, results: list) -> None:
+    """A horizontal bar chart of % of the copy roof, one bar per case."""
+    figure_class = _require_matplotlib()
+    figure = figure_class(figsize=(8, 1.6 + 0.25 * len(results)))
+    axes = figure.add_subplot()
+    for direction, color in (("forward", "tab:blue"), ("backward", "tab:orange")):
+        rows = [i for i, r in enumerate(results) if r.direction == direction]
+        if rows:
+            axes.barh(rows, [results[i].percent_of_roof for i in rows], color=color,
+                      label=direction)
+    axes.set_yticks(range(len(results)), [f"{r.kernel} {r.direction}" for r in results],
+                    fontsize=8)
+    axes.invert_yaxis()
+    axes.axvline(100, color="black", linewidth=0.8)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_xlabel("% of a plain copy of the same bytes (measured in the same run)")
+    axes.set_title(f"fusednn {head['fusednn_version']} {plan.dtype.name}, {plan.size} elements, "
+                   f"{plan.threads} threads\n{head['machine']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+# ---- the command ----------------------------------------------------------------
+
+def _size(text: str) -> int:
+    """A positive element count: 4096, 2^25 or 2**25."""
+    base, sep, exponent = text.replace("**", "^").partition("^")
+    try:
+        value = int(base) ** int(exponent) if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 2^k, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(k.name for k in ACTIVATION_KERNELS)
+    parser.add_argument("--kernels", default="all", metavar="LIST",
+                        help="comma-separated families or kernels, each optionally :forward or "
+                             f":backward (default: all). Families: {', '.join(FAMILIES)}; "
+                             f"activations: {names}")
+    parser.add_argument("--size", type=_size, metavar="N",
+                        help="elements per array (default 2^25; 2^22 with --quick)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--threads", type=_positive, metavar="N",
+                        help="CPU threads for fusednn and torch (default: fusednn's current "
+                             "setting)")
+    parser.add_argument("--repeat", type=_positive, metavar="K",
+                        help=f"timed repeats per call, median reported (default {DEFAULT_REPEAT}; "
+                             f"{QUICK_REPEAT} with --quick)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="also write a PNG bar chart of %% of roof (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller size and fewer repeats, for a look in seconds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as error:
+        return None, f"not importable ({error})"
+    return torch, torch.__version__
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark; returns the exit status (1 when a check fails).
+    Raises UsageError for bad option values and BenchError when the
+    benchmark cannot run here."""
+    selection = parse_selection(args.kernels)
+    check_device(args.device, selection)
+    if args.plot:
+        _require_matplotlib()
+    dtype = np.dtype(args.dtype)
+    torch, torch_note = _import_torch()
+    plan = Plan(device=args.device, dtype=dtype,
+                size=args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE),
+                repeat=args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT),
+                threads=args.threads or get_num_threads(),
+                reference_elements=REFERENCE_ELEMENTS, torch=torch, torch_note=torch_note)
+    cases = build_cases(plan, selection)
+
+    progress(f"checking {len(cases)} kernels against fusednn.reference ({dtype.name})")
+    checks = {case: case.check() for case in cases}
+    failed = [(case, result) for case, result in checks.items() if not result.passed]
+    if failed:
+        for case, result in failed:
+            bound = "exact" if result.tolerance_ulp == 0 else f"{result.tolerance_ulp:g} ulp"
+            progress(f"check failed: {case.label} ({dtype.name}): {result.max_ulp:.3g} ulp from "
+                     f"fusednn.reference {result.worst} (allowed: {bound})")
+        progress(f"fusednn bench: {len(failed)} of {len(cases)} kernels disagree with "
+                 "fusednn.reference; not timing them")
+        return 1
+
+    previous_threads = get_num_threads()
+    previous_torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        set_num_threads(plan.threads)
+        if torch is not None:
+            torch.set_num_threads(plan.threads)
+        roof = COPY_ROOFS[plan.device](plan, [c.bytes_per_element for c in cases])
+        timings = []
+        for i, case in enumerate(cases, 1):
+            progress(f"[{i}/{len(cases)}] timing {case.label}")
+            timings.append(time_case(case, plan, roof))
+    finally:
+        set_num_threads(previous_threads)
+        if torch is not None:
+            torch.set_num_threads(previous_torch_threads)
+
+    roofs = pool_roofs(timings)
+    results = [summarize(t, plan, roofs[t.case.bytes_per_element], checks[t.case])
+               for t in timings]
+    head = header(plan)
+    print(report_text(plan, head, checks, roofs, results))
+    if args.json:
+        write_json(args.json, head, checks, roofs, results)
+        progress(f"wrote {args.json}")
+    if args.plot:
+        write_plot(args.plot, plan, head, results)
+        progress(f"wrote {args.plot}")
+    return 0

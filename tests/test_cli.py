@@ -1,0 +1,316 @@
+"""The ``fusednn`` command: ``info``, and ``bench``'s check stage, table,
+JSON and plot outputs and its errors.
+
+The benchmarks here run on a few thousand elements with one repeat, in
+process through ``main(argv)``: they check what the command reports and how
+it fails, never how fast anything is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusednn as fn
+from fusednn import bench
+from fusednn.__main__ import main
+
+TINY = ["bench", "--quick", "--size", "4096", "--repeat", "1"]
+HEADINGS = ["kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof", "x numpy-ref",
+            "x torch"]
+
+
+@pytest.fixture
+def no_torch(monkeypatch):
+    """Runs the test as if PyTorch were not installed."""
+    monkeypatch.setitem(sys.modules, "torch", None)
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """The benchmark table's rows, split into cells (cells are separated by
+    two or more spaces; the bytes/elem cell holds one)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("*"):
+            break
+        rows.append([cell.strip() for cell in line.split("  ") if cell.strip()])
+    return rows
+
+
+# ---- info ----------------------------------------------------------------------
+
+
+def test_info_prints_one_key_per_line(capsys):
+    assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    build = fn.info()
+    assert [line.split(": ", 1)[0] for line in lines] == list(build)
+    printed = dict(line.split(": ", 1) for line in lines)
+    assert printed["version"] == fn.__version__
+    assert printed["simd"] == build["simd"]
+    assert printed["threads"] == str(fn.get_num_threads())
+    assert printed["cuda_built"] == str(build["cuda_built"])
+    assert printed["simd_available"] == ", ".join(build["simd_available"])
+
+
+def test_info_json_is_fusednn_info(capsys):
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == fn.info()
+
+
+def test_no_arguments_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fusednn")
+    assert "bench" in out and "info" in out
+
+
+def test_module_runs_as_a_command():
+    done = subprocess.run([sys.executable, "-m", "fusednn", "--version"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"fusednn {fn.__version__}"
+
+
+# ---- bench: the table and the JSON --------------------------------------------
+
+
+def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
+    path = tmp_path / "bench.json"
+    assert main(TINY + ["--kernels", "relu,sigmoid:backward,gelu_tanh", "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "checking 5 kernels against fusednn.reference (float32)" in captured.err
+    assert "[5/5] timing gelu_tanh backward" in captured.err
+
+    out = captured.out
+    build = fn.info()
+    assert out.startswith("fusednn bench  ")
+    assert f"fusednn {build['version']}, simd {build['simd']}" in out
+    assert f"threads {fn.get_num_threads()}" in out
+    assert "4096 (2^12) float32 elements; median of 1 repeat" in out
+    assert "check: all 5 agree with fusednn.reference within 4 ulp (relu exact)" in out
+    assert "x torch: skipped (not importable" in out
+
+    rows = table_rows(out)
+    assert rows[0] == HEADINGS
+    assert [(r[0], r[1]) for r in rows[1:]] == [
+        ("sigmoid", "backward"), ("relu", "forward"), ("relu", "backward"),
+        ("gelu_tanh", "forward"), ("gelu_tanh", "backward")]
+    for row in rows[1:]:
+        assert row[2] == ("8 (1r+1w)" if row[1] == "forward" else "12 (2r+1w)")
+        assert float(row[3]) > 0 and float(row[4]) > 0 and float(row[6]) > 0
+        assert row[5].endswith("%")
+        assert row[7] == "-"
+
+    document = json.loads(path.read_text())
+    assert set(document) == {"header", "roofs", "checks", "results"}
+    header = document["header"]
+    assert (header["dtype"], header["size"], header["repeat"]) == ("float32", 4096, 1)
+    assert header["torch_version"] is None
+    assert header["simd"] == build["simd"]
+    assert [r["bytes_per_element"] for r in document["roofs"]] == [8, 12]
+    for roof in document["roofs"]:
+        assert roof["source"] in ("fusednn._cpu.copy", "np.copyto")
+        assert roof["gb_per_s"][roof["source"]] == max(roof["gb_per_s"].values())
+    checks = document["checks"]
+    assert len(checks) == 5 and all(c["passed"] and c["inputs"] > 4096 for c in checks)
+    assert {c["tolerance_ulp"] for c in checks if c["kernel"] == "relu"} == {0.0}
+    results = document["results"]
+    assert [(r["kernel"], r["direction"]) for r in results] == [
+        (r[0], r[1]) for r in rows[1:]]
+    for r in results:
+        assert r["family"] == "activations"
+        assert r["bytes_moved"] == 4096 * r["bytes_per_element"]
+        assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / r["time_ms"] / 1e6)
+        assert r["percent_of_roof"] == pytest.approx(100 * r["gb_per_s"] / r["roof_gb_per_s"])
+        assert r["reference_elements"] == 4096
+        assert r["x_torch"] is None and r["torch_op"] is None
+
+
+def test_bench_float64_counts_eight_byte_elements(capsys, no_torch):
+    assert main(TINY + ["--dtype", "float64", "--kernels", "tanh"]) == 0
+    out = capsys.readouterr().out
+    assert "float64 elements" in out
+    rows = table_rows(out)
+    assert [r[2] for r in rows[1:]] == ["16 (1r+1w)", "24 (2r+1w)"]
+
+
+def test_bench_threads_option_is_restored(capsys, no_torch):
+    before = fn.get_num_threads()
+    assert main(TINY + ["--threads", "1", "--kernels", "relu:forward"]) == 0
+    assert "threads 1" in capsys.readouterr().out
+    assert fn.get_num_threads() == before
+
+
+def test_bench_times_pytorch_into_preallocated_outputs(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch_threads = torch.get_num_threads()
+    path = tmp_path / "bench.json"
+    assert main(TINY + ["--threads", "1", "--kernels", "sigmoid,hardswish:backward",
+                        "--json", str(path)]) == 0
+    assert torch.get_num_threads() == torch_threads
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    assert "allocates" not in out
+    results = json.loads(path.read_text())["results"]
+    assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
+        ("sigmoid.out", False), ("sigmoid_backward.grad_input", False),
+        ("hardswish_backward.out", False)]
+    assert all(r["x_torch"] > 0 for r in results)
+    assert all(float(row[-1]) > 0 for row in table_rows(out)[1:])
+
+
+def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    # As mish_backward, which has no out= overload.
+    allocating = bench.TorchPeer("sigmoid_backward", lambda a, p, g, y, o: a.sigmoid_backward(g, y),
+                                 allocates=True)
+    kernels = tuple(dataclasses.replace(k, torch_backward=allocating) if k.name == "sigmoid" else k
+                    for k in bench.ACTIVATION_KERNELS)
+    monkeypatch.setattr(bench, "ACTIVATION_KERNELS", kernels)
+    assert main(TINY + ["--kernels", "sigmoid,relu:backward"]) == 0
+    out = capsys.readouterr().out
+    assert "* torch has no out= overload here and allocates its result (sigmoid_backward)" in out
+    assert [row[-1].endswith("*") for row in table_rows(out)[1:]] == [False, True, False]
+
+
+# ---- bench: the check stage ----------------------------------------------------
+
+
+def test_a_wrong_kernel_stops_the_bench(monkeypatch, capsys, no_torch):
+    correct = bench.activation
+
+    def sigmoid_off_by_32_ulp(name, x, **kwargs):
+        y = correct(name, x, **kwargs)
+        if name == "sigmoid":
+            y *= np.float32(1 + 2**-18)
+        return y
+
+    monkeypatch.setattr(bench, "activation", sigmoid_off_by_32_ulp)
+    assert main(TINY + ["--kernels", "sigmoid:forward,relu:forward"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing timed
+    assert "check failed: sigmoid forward (float32):" in captured.err
+    assert "ulp from fusednn.reference at x=" in captured.err
+    assert "(allowed: 4 ulp)" in captured.err
+    assert "relu forward" not in captured.err
+    assert "1 of 2 kernels disagree with fusednn.reference; not timing them" in captured.err
+    assert "] timing" not in captured.err
+
+
+def test_exact_kernels_may_not_be_off_by_one_ulp(monkeypatch, capsys, no_torch):
+    correct = bench.activation_backward
+
+    def one_ulp_up(name, grad_output, **kwargs):
+        gi = correct(name, grad_output, **kwargs)
+        return np.nextafter(gi, np.inf, out=gi)
+
+    monkeypatch.setattr(bench, "activation_backward", one_ulp_up)
+    assert main(TINY + ["--kernels", "sigmoid:backward,relu:backward"]) == 1
+    err = capsys.readouterr().err
+    assert "check failed: relu backward (float32): 1 ulp" in err
+    assert "(allowed: exact)" in err
+    assert "sigmoid" not in err
+
+
+def test_ulp_errors():
+    f32 = np.float32
+    ours = np.array([1 + 3 * 2**-23, 2**-149, 0.0, np.inf, np.nan, 1.0, np.inf, -0.0], dtype=f32)
+    expected = np.array([1.0, 0.0, 0.0, np.inf, 1.0, np.nan, 1e39, 0.0])
+    np.testing.assert_array_equal(bench.ulp_errors(ours, expected),
+                                  [3.0, 1.0, 0.0, 0.0, np.inf, np.inf, 0.0, 0.0])
+    # Below a power of two the ulp is half the one above it.
+    assert bench.ulp_errors(np.array([1.0], f32), [1 - 2**-24])[0] == pytest.approx(1.0)
+
+
+def test_cancelling_derivative_terms_get_the_absolute_bound():
+    x = np.array([-0.75, -1.0], dtype=np.float32)
+    grad = np.ones(2, dtype=np.float32)
+    expected = np.array([1e-3, 1e-3])
+    ours = (expected + 4 * 2**-24).astype(np.float32)  # hundreds of ulp, 4 * 2^-24 absolute
+    terms = (np.array([0.25, 0.25]), np.array([-0.2490, -0.05]))  # cancel by 499x and 1.5x
+    result = bench.compare(ours, expected, 4.0, {"x": x}, grad=grad, terms=terms)
+    assert not result.passed and "x=-1.0" in result.worst
+    terms = (np.array([0.25, 0.25]), np.array([-0.2490, -0.2490]))
+    assert bench.compare(ours, expected, 4.0, {"x": x}, grad=grad, terms=terms).passed
+
+
+# ---- bench: options ------------------------------------------------------------
+
+
+def test_kernel_selection():
+    forward = bench.parse_selection("activations:forward")["activations"]
+    assert forward == {(k.name, "forward") for k in bench.ACTIVATION_KERNELS}
+    assert bench.parse_selection("all") == bench.parse_selection("activations")
+    assert bench.parse_selection(" gelu , gelu:backward") == {
+        "activations": {("gelu", "forward"), ("gelu", "backward")}}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--kernels", "nosuch"], "unknown kernel or family 'nosuch'"),
+    (["--kernels", "gelu:sideways"], "unknown direction 'sideways'"),
+    (["--kernels", ","], "no kernel named"),
+    (["--size", "0"], "argument --size: must be at least 1"),
+    (["--size", "many"], "argument --size: expected an integer or 2^k"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice"),
+    (["--threads", "0"], "argument --threads: must be at least 1"),
+    (["--repeat", "two"], "argument --repeat: expected an integer"),
+    (["--device", "tpu"], "argument --device: invalid choice"),
+])
+def test_bad_options_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fusednn bench")
+    assert message in err
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_size_accepts_powers_of_two():
+    assert bench._size("2^25") == bench._size("2**25") == 2**25
+    assert bench._size("4096") == 4096
+
+
+@pytest.mark.parametrize(("cuda_built", "message"), [
+    (False, "this fusednn was built without CUDA"),
+    (True, "no CUDA kernels yet for activations; run with --device cpu"),
+])
+def test_cuda_device_says_why_it_cannot_run(cuda_built, message, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "info", lambda: {**fn.info(), "cuda_built": cuda_built})
+    assert main(TINY + ["--device", "cuda"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("fusednn bench: --device cuda: ")
+    assert message in captured.err
+
+
+def test_plot_without_matplotlib_fails_before_running(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    path = tmp_path / "bench.png"
+    assert main(TINY + ["--plot", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "--plot needs matplotlib, which is not installed" in captured.err
+    assert captured.out == "" and "checking" not in captured.err
+    assert not path.exists()
+
+
+def test_plot_writes_a_png(tmp_path, capsys, no_torch):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert main(TINY + ["--kernels", "relu", "--plot", str(path)]) == 0
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert f"wrote {path}" in capsys.readouterr().err
