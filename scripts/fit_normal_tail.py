@@ -1,8 +1,8 @@
-"""Fit the polynomial that gives the normal tail Phi(-t) for t >= 1.
+"""Fit the polynomial that gives the normal tail Phi(-t) for t >= 0.
 
 GELU for float32 inputs evaluates Phi(-t) = exp(-t^2/2) * M(t), where the
 Mills-type ratio M(t) = Phi(-t) exp(t^2/2) is smooth and slowly varying.
-M is fitted as a polynomial in v = (t - 4) / (t + 4) on t in [1, 16]
+M is fitted as a polynomial in v = (t - 3) / (t + 3) on t in [0, 16]
 (beyond 16 every float32 GELU value underflows), minimizing the relative
 error. Prints the coefficients (lowest degree first) in the form used by
 csrc/include/fusednn/math.h and the fit's maximum relative error.
@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-DEGREE = 12
-CENTER = 4.0
+DEGREE = 13
+CENTER = 3.0
 
 
 def mills(t):
@@ -20,7 +20,7 @@ def mills(t):
 
 
 def main():
-    t = np.concatenate([np.linspace(1.0, 16.0, 40000), np.linspace(1.0, 3.0, 5000)])
+    t = np.concatenate([np.linspace(0.0, 16.0, 60000), np.linspace(0.0, 2.0, 5000)])
     v = (t - CENTER) / (t + CENTER)
     m = mills(t)
     basis = np.polynomial.chebyshev.chebvander(v, DEGREE) / m[:, None]

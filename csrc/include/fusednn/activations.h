@@ -146,24 +146,27 @@ struct Selu {
 // GELU, exact (x Phi(x)) or with the tanh approximation
 // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
 // Evaluated in double: the tails need Phi and sigmoid(2u) with relative
-// accuracy where u itself is large.
-template <class T> FUSEDNN_HD double normal_cdf_for(double x) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-    return math::normal_cdf_f32(x);
-  } else {
-    return math::normal_cdf_f64(x);
-  }
-}
-
+// accuracy where u itself is large. Float inputs use the float-exponential
+// Phi of math.h; double inputs the C library's erfc.
 struct GeluErf {
   static constexpr bool kBackwardFromY = false;
+  template <class T> FUSEDNN_HD static void cdf_pdf(double x, double& cdf, double& pdf) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      math::normal_cdf_pdf_f32(x, cdf, pdf);
+    } else {
+      cdf = math::normal_cdf_f64(x);
+      pdf = math::normal_pdf(x);
+    }
+  }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double xd = x;
-    return T(xd * normal_cdf_for<T>(xd));
+    double cdf, pdf;
+    cdf_pdf<T>(x, cdf, pdf);
+    return T(double(x) * cdf);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const double xd = x;
-    return T(double(g) * (normal_cdf_for<T>(xd) + xd * math::normal_pdf(xd)));
+    double cdf, pdf;
+    cdf_pdf<T>(x, cdf, pdf);
+    return T(double(g) * fmadd(double(x), pdf, cdf));
   }
 };
 
