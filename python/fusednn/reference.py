@@ -66,6 +66,13 @@ def _sigmoid_slope(x):
 
 
 @_quiet
+def _times_exp(f, x):
+    """f * exp(x), also where exp(x) alone underflows but the product does
+    not (x < -600 in float64): exp(x + 400) * exp(-400) then rounds once."""
+    return np.where(x < -600, f * np.exp(x + 400.0) * np.exp(-400.0), f * np.exp(x))
+
+
+@_quiet
 def _softplus_core(z):
     return np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0.0)
 
@@ -121,7 +128,8 @@ def gelu(x, approximate="none"):
 @_quiet
 def silu(x):
     x = _f64(x)
-    return x * _sigmoid(x)
+    # Far below zero silu(x) = x e^x to within e^x: keep its subnormal tail.
+    return np.where(x < -600, _times_exp(x, x), x * _sigmoid(x))
 
 
 def _two_product(a, b):
@@ -157,7 +165,8 @@ def softplus(x, beta=1.0, threshold=20.0):
 @_quiet
 def mish(x):
     x = _f64(x)
-    return x * np.tanh(_softplus_core(x))
+    # Far below zero mish(x) = x e^x to within e^x: keep its subnormal tail.
+    return np.where(x < -600, _times_exp(x, x), x * np.tanh(_softplus_core(x)))
 
 
 @_quiet
@@ -221,7 +230,8 @@ def _d_gelu(x, approximate="none"):
 
 @_quiet
 def _d_silu(x):
-    return _sigmoid(x) * (1.0 + x * _sigmoid(-x))
+    # Far below zero the derivative is (1 + x) e^x to within e^x.
+    return np.where(x < -600, _times_exp(1.0 + x, x), _sigmoid(x) * (1.0 + x * _sigmoid(-x)))
 
 
 @_quiet
@@ -234,7 +244,9 @@ def _d_softplus(x, beta=1.0, threshold=20.0):
 @_quiet
 def _d_mish(x):
     sp = _softplus_core(x)
-    return np.tanh(sp) + x * _sigmoid(x) / np.cosh(sp) ** 2
+    # Far below zero the derivative is (1 + x) e^x to within e^x.
+    return np.where(x < -600, _times_exp(1.0 + x, x),
+                    np.tanh(sp) + x * _sigmoid(x) / np.cosh(sp) ** 2)
 
 
 def _d_hardsigmoid(x):

@@ -195,25 +195,35 @@ struct GeluTanh {
   }
 };
 
-// silu(x) = x sigmoid(x). The exponential is evaluated in the input's
-// precision, the rest in double (one rounding at the end).
+// silu(x) = x sigmoid(x). The forward runs in the input's precision, with
+// the numerator x e^x formed from the scaled exponential so that far-negative
+// x (e^x subnormal) rounds once; the backward evaluates its exponential in
+// the input's precision and the rest in double.
 struct Silu {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double xd = x;
-    const double e = math::exp_wide(-abs_(x));
-    const T y = T((xd >= 0.0 ? xd : xd * e) / (1.0 + e));
-    return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : y;  // -inf: NaN, as in PyTorch
+    using Tr = math::Traits<T>;
+    const T scaled = math::exp_scaled(-abs_(x));
+    const T e = scaled * Tr::kExpUnscale;
+    const bool positive = x >= T(0);
+    const T ratio = (positive ? x : x * scaled) / (T(1) + e);
+    const T y = positive ? ratio : ratio * Tr::kExpUnscale;
+    return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
   }
   // s (1 + x (1 - s)) = a (q + x b) / q^2 with q = 1 + e, e = exp(-|x|),
   // (a, b) = (1, e) for x >= 0 and (e, 1) below: no 1 - s cancellation.
+  // The exponential runs in T, the rest in double; below zero the scaled
+  // exponential keeps the subnormal tail of a float64 result.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const double unscale = math::Traits<T>::kExpUnscale;
     const double xd = x;
-    const double e = math::exp_wide(-abs_(x));
+    const double scaled = math::exp_scaled_wide(-abs_(x));
+    const double e = scaled * unscale;
     const bool positive = xd >= 0.0;
     const double q = 1.0 + e;
-    const double d = (positive ? 1.0 : e) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
-    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * d);
+    const double d = (positive ? 1.0 : scaled) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
+    const double derivative = positive ? d : d * unscale;
+    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * derivative);
   }
 };
 
@@ -253,23 +263,29 @@ struct Mish {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kCap = 40.0;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double n = math::exp_wide(x > T(kCap) ? T(kCap) : x);
+    const double unscale = math::Traits<T>::kExpUnscale;
+    const double xd = x;
+    const double scaled = math::exp_scaled_wide(x > T(kCap) ? T(kCap) : x);
+    const double n = scaled * unscale;
     const double u = n * (n + 2.0);
-    const T y = T(double(x) * (u / (u + 2.0)));
-    return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : y;  // -inf: NaN, as in PyTorch
+    const double y = xd >= 0.0 ? xd * (u / (u + 2.0)) : xd * (scaled * (n + 2.0) / (u + 2.0)) * unscale;
+    return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : T(y);  // -inf: NaN, as in PyTorch
   }
   // d/dx = tanh(sp) + x sech^2(sp) sigmoid(x)
   //      = n ((n + 2) / D + 4 x (n + 1) / D^2),  D = n (n + 2) + 2.
   // Past the cap the slope term is x * 0, so +inf gives NaN as in PyTorch;
   // far below zero the derivative underflows and is x * 0 (NaN for -inf).
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const double unscale = math::Traits<T>::kExpUnscale;
     const bool capped = x > T(kCap);
     const double xd = x;
-    const double n = math::exp_wide(capped ? T(kCap) : x);
+    const double scaled = math::exp_scaled_wide(capped ? T(kCap) : x);
+    const double n = scaled * unscale;
     const double inv_den = 1.0 / (n * (n + 2.0) + 2.0);
     const double slope = capped ? xd * 0.0 : 4.0 * xd * (n + 1.0) * inv_den * inv_den;
-    const T d = T(double(g) * (n * fmadd(n + 2.0, inv_den, slope)));
-    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : d;
+    const double bracket = fmadd(n + 2.0, inv_den, slope);
+    const double d = xd >= 0.0 ? n * bracket : scaled * bracket * unscale;
+    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * d);
   }
 };
 

@@ -140,15 +140,17 @@ template <class T> FUSEDNN_HD T exp_scaled(T x) {
 // caller's argument is bounded this way.
 template <class T> FUSEDNN_HD T exp_(T x) { return exp_scaled(x) * Traits<T>::kExpUnscale; }
 
-// e^x in double from an exponential evaluated in T: for float input this
-// is the float exponential (within about 1 ulp) made exact in double, so
-// the arithmetic that follows can run in double and round once at the end
-// while the costly part stays in float.
-FUSEDNN_HD double exp_wide(float x) {
-  // Below kExpMin the float result is 0; keep it 0 in double too.
-  return x < Traits<float>::kExpMin ? 0.0 : double(exp_scaled(x)) * 0x1p-64;
+// e^x * 2^kExpScale (of T) in double, from the exponential evaluated in T,
+// and exactly 0 below kExpMin. For float input the float exponential
+// (within about 1 ulp) becomes exact in double, so the arithmetic that
+// follows can run in double and round once, while the costly part stays
+// in float; for double input the scale keeps the subnormal tail.
+template <class T> FUSEDNN_HD double exp_scaled_wide(T x) {
+  return x < Traits<T>::kExpMin ? 0.0 : double(exp_scaled(x));
 }
-FUSEDNN_HD double exp_wide(double x) { return exp_(x); }
+
+// e^x in double, from the exponential evaluated in T.
+FUSEDNN_HD double exp_wide(float x) { return exp_scaled_wide(x) * 0x1p-64; }
 
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
 // second factor is 1 + lo to within lo^2.
