@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -120,13 +121,16 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
         assert roof["gb_per_s"][roof["source"]] == max(roof["gb_per_s"].values())
     checks = document["checks"]
     assert len(checks) == 5 and all(c["passed"] and c["inputs"] > 4096 for c in checks)
-    assert {c["tolerance_ulp"] for c in checks if c["kernel"] == "relu"} == {0.0}
+    assert {c["unit"] for c in checks} == {"ulp"}
+    assert {c["tolerance"] for c in checks if c["kernel"] == "relu"} == {0.0}
     results = document["results"]
     assert [(r["kernel"], r["direction"]) for r in results] == [
         (r[0], r[1]) for r in rows[1:]]
     for r in results:
         assert r["family"] == "activations"
+        assert (r["shape"], r["elements"]) == ([4096], 4096)
         assert r["bytes_moved"] == 4096 * r["bytes_per_element"]
+        assert r["check_unit"] == "ulp" and r["check_error"] <= 4
         assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / r["time_ms"] / 1e6)
         assert r["percent_of_roof"] == pytest.approx(100 * r["gb_per_s"] / r["roof_gb_per_s"])
         assert r["reference_elements"] == 4096
@@ -176,8 +180,111 @@ def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
     monkeypatch.setattr(bench, "ACTIVATION_KERNELS", kernels)
     assert main(TINY + ["--kernels", "sigmoid,relu:backward"]) == 0
     out = capsys.readouterr().out
-    assert "* torch has no out= overload here and allocates its result (sigmoid_backward)" in out
+    assert "* torch allocates its result: sigmoid_backward (no out= overload)" in out
     assert [row[-1].endswith("*") for row in table_rows(out)[1:]] == [False, True, False]
+
+
+# ---- bench: batch norm -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "item"), [("float32", 4), ("float64", 8)])
+def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, no_torch):
+    path = tmp_path / "bench.json"
+    assert main(TINY + ["--dtype", dtype, "--kernels", "batchnorm", "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "checking 4 kernels against fusednn.reference" in captured.err
+    out = captured.out
+    # --size 4096 gives 32x128xHxW with H = W = sqrt(4096 / (32 * 128)) = 1.
+    assert (f"batch_norm x 32x128x1x1 (NCHW, axis=1) and 32x1x1x128 (NHWC, axis=-1), "
+            f"4096 {dtype} elements; median of 1 repeat") in out
+    assert "check: all 4 agree with fusednn.reference within per-value bounds" in out
+    assert "x numpy-ref: fusednn.reference (float64) timed on the whole batch" in out
+
+    reads_writes = {"forward": (2, 1), "backward": (4, 1)}
+    rows = table_rows(out)
+    assert rows[0] == HEADINGS
+    assert [(r[0], r[1]) for r in rows[1:]] == [
+        ("batch_norm[NCHW]", "forward"), ("batch_norm[NCHW]", "backward"),
+        ("batch_norm[NHWC]", "forward"), ("batch_norm[NHWC]", "backward")]
+    for row in rows[1:]:
+        reads, writes = reads_writes[row[1]]
+        assert row[2] == f"{(reads + writes) * item} ({reads}r+{writes}w)"
+        assert float(row[3]) > 0 and float(row[4]) > 0 and float(row[6]) > 0
+        assert row[7] == "-"
+
+    document = json.loads(path.read_text())
+    assert [(r["bytes_per_element"], r["elements"]) for r in document["roofs"]] == [
+        (3 * item, 4096), (5 * item, 4096)]
+    checks = document["checks"]
+    assert len(checks) == 4
+    for check in checks:
+        assert check["family"] == "batchnorm" and check["unit"] == "bound"
+        assert check["passed"] and check["error"] <= check["tolerance"] == 1.0
+        assert check["inputs"] == 24 * 20 * 50 * 57
+    shapes = {"batch_norm[NCHW]": [32, 128, 1, 1], "batch_norm[NHWC]": [32, 1, 1, 128]}
+    for r in document["results"]:
+        reads, writes = reads_writes[r["direction"]]
+        assert r["family"] == "batchnorm"
+        assert (r["shape"], r["elements"]) == (shapes[r["kernel"]], 4096)
+        assert r["traffic"] == f"{reads}r+{writes}w"
+        assert r["bytes_moved"] == 4096 * (reads + writes) * item
+        assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / r["time_ms"] / 1e6)
+        assert r["reference_elements"] == 4096
+        assert r["check_unit"] == "bound" and 0 <= r["check_error"] <= 1
+
+
+def test_bench_batchnorm_times_pytorch_on_the_same_memory(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch_threads = torch.get_num_threads()
+    path = tmp_path / "bench.json"
+    assert main(TINY + ["--threads", "1", "--kernels", "batch_norm", "--json", str(path)]) == 0
+    assert torch.get_num_threads() == torch_threads
+    out = capsys.readouterr().out
+    assert "native_batch_norm.out writing preallocated outputs" in out
+    assert "NHWC as channels_last views of the same memory; torch threads 1" in out
+    assert ("* torch allocates its result: native_batch_norm_backward "
+            "(as fn.batch_norm_backward does)") in out
+    results = json.loads(path.read_text())["results"]
+    assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
+        ("native_batch_norm.out", False), ("native_batch_norm_backward", True)] * 2
+    assert all(r["x_torch"] > 0 for r in results)
+    assert [row[-1].endswith("*") for row in table_rows(out)[1:]] == [False, True] * 2
+
+
+def test_bench_with_two_families_reports_each(tmp_path, capsys, no_torch):
+    path = tmp_path / "bench.json"
+    assert main(TINY + ["--kernels", "relu:forward,batch_norm[NHWC]:backward",
+                        "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("activations: 4096 (2^12) float32 elements; batchnorm: batch_norm x 32x1x1x128 "
+            "(NHWC, axis=-1), 4096 float32 elements; median of 1 repeat") in out
+    lines = out.splitlines()
+    start = lines.index("check: all 2 agree with fusednn.reference:")
+    assert lines[start + 1].startswith("  activations: within 4 ulp (relu exact) on ")
+    assert lines[start + 2].startswith("  batchnorm: within per-value bounds ")
+    assert [(r[0], r[1], r[2]) for r in table_rows(out)[1:]] == [
+        ("relu", "forward", "8 (1r+1w)"), ("batch_norm[NHWC]", "backward", "20 (4r+1w)")]
+    roofs = json.loads(path.read_text())["roofs"]
+    assert [(r["bytes_per_element"], r["elements"]) for r in roofs] == [(8, 4096), (20, 4096)]
+
+
+def _plan(**options) -> bench.Plan:
+    return bench.Plan(device="cpu", dtype=np.dtype(np.float32), size=bench.DEFAULT_SIZE,
+                      repeat=1, threads=1, reference_elements=bench.REFERENCE_ELEMENTS,
+                      torch=None, torch_note="", **options)
+
+
+def test_batchnorm_shapes():
+    assert bench.batch_norm_shape(_plan()) == (32, 128, 56, 56)
+    assert bench.batch_norm_shape(_plan(quick=True)) == (32, 128, 32, 32)
+    assert math.prod(bench.BATCH_NORM_QUICK_SHAPE) == bench.QUICK_SIZE
+    sized = {size: bench.batch_norm_shape(dataclasses.replace(_plan(quick=True), size=size,
+                                                              size_given=True))
+             for size in (1, 4096, 2**22, 2**25)}
+    assert sized == {1: (32, 128, 1, 1), 4096: (32, 128, 1, 1), 2**22: (32, 128, 32, 32),
+                     2**25: (32, 128, 91, 91)}
+    nhwc = [c.shape for c in bench.batch_norm_cases(_plan()) if c.name == "batch_norm[NHWC]"]
+    assert nhwc == [(32, 56, 56, 128)] * 2
 
 
 # ---- bench: the check stage ----------------------------------------------------
@@ -219,6 +326,65 @@ def test_exact_kernels_may_not_be_off_by_one_ulp(monkeypatch, capsys, no_torch):
     assert "sigmoid" not in err
 
 
+def _breaks_y(correct):
+    def y_off_by_2e_5(x, *args, **kwargs):
+        result = correct(x, *args, **kwargs)
+        result.y[...] += np.float32(2e-5)
+        return result
+    return "batch_norm", y_off_by_2e_5
+
+
+def _forgets_running_statistics(correct):
+    def no_update(x, gamma=None, beta=None, running_mean=None, running_var=None, **kwargs):
+        return correct(x, gamma, beta, **kwargs)
+    return "batch_norm", no_update
+
+
+def _divides_by_m_minus_1(correct):
+    def grad_input_times_m_over_m_minus_1(grad_output, x, *args, axis=1, **kwargs):
+        grad_input, grad_gamma, grad_beta = correct(grad_output, x, *args, axis=axis, **kwargs)
+        m = x.size // x.shape[axis]
+        return grad_input * np.float32(m / (m - 1)), grad_gamma, grad_beta
+    return "batch_norm_backward", grad_input_times_m_over_m_minus_1
+
+
+@pytest.mark.parametrize(("breakage", "direction", "where"), [
+    (_breaks_y, "forward", "in y[n="),
+    (_forgets_running_statistics, "forward", "in running_"),
+    (_divides_by_m_minus_1, "backward", "in grad_input[n="),
+])
+def test_a_wrong_batchnorm_kernel_stops_the_bench(breakage, direction, where, monkeypatch,
+                                                  capsys, no_torch):
+    name, broken = breakage(getattr(bench, {"forward": "batch_norm",
+                                            "backward": "batch_norm_backward"}[direction]))
+    monkeypatch.setattr(bench, name, broken)
+    assert main(TINY + ["--kernels", f"batchnorm:{direction},relu:forward"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    for layout in ("NCHW", "NHWC"):
+        assert f"check failed: batch_norm[{layout}] {direction} (float32): " in captured.err
+    assert "times the allowed error from fusednn.reference " + where in captured.err
+    assert "relu forward" not in captured.err
+    assert "2 of 3 kernels disagree with fusednn.reference; not timing them" in captured.err
+    assert "] timing" not in captured.err
+
+
+def test_bounded_errors():
+    ours = np.array([1.5, np.nan, np.inf, 2.0, np.nan, 0.0], dtype=np.float32)
+    expected = np.array([1.0, np.nan, np.inf, np.nan, 1.0, 0.0])
+    bound = np.array([0.25, 1.0, 1.0, 1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(bench.bounded_errors(ours, expected, bound),
+                                  [2.0, 0.0, 0.0, np.inf, np.inf, 0.0])
+    result = bench.compare_bounded({"a": (ours[:1], expected[:1], 0.25),
+                                    "b": (ours[3:4], expected[3:4], 1.0)}, 2)
+    assert not result.passed and result.unit == "bound"
+    assert result.worst.startswith("in b[0]: got 2.0, reference nan")
+    named = bench.compare_bounded({"a": (ours[:1], expected[:1], 0.25)}, 1, {1: "c"})
+    assert named.worst == "in a[c=0]: got 1.5, reference 1.0 (|error| 0.5, allowed 0.25)"
+    assert named.describe() == ("2 times the allowed error from fusednn.reference in a[c=0]: "
+                                "got 1.5, reference 1.0 (|error| 0.5, allowed 0.25)")
+
+
 def test_ulp_errors():
     f32 = np.float32
     ours = np.array([1 + 3 * 2**-23, 2**-149, 0.0, np.inf, np.nan, 1.0, np.inf, -0.0], dtype=f32)
@@ -247,14 +413,24 @@ def test_cancelling_derivative_terms_get_the_absolute_bound():
 def test_kernel_selection():
     forward = bench.parse_selection("activations:forward")["activations"]
     assert forward == {(k.name, "forward") for k in bench.ACTIVATION_KERNELS}
-    assert bench.parse_selection("all") == bench.parse_selection("activations")
+    assert bench.parse_selection("all") == {**bench.parse_selection("activations"),
+                                            **bench.parse_selection("batchnorm")}
     assert bench.parse_selection(" gelu , gelu:backward") == {
         "activations": {("gelu", "forward"), ("gelu", "backward")}}
+    both = {(k, d) for k in ("batch_norm[NCHW]", "batch_norm[NHWC]")
+            for d in ("forward", "backward")}
+    assert bench.parse_selection("batchnorm") == bench.parse_selection("batch_norm") == {
+        "batchnorm": both}
+    assert bench.parse_selection("batchnorm:forward") == {
+        "batchnorm": {(k, "forward") for k in ("batch_norm[NCHW]", "batch_norm[NHWC]")}}
+    assert bench.parse_selection("batch_norm[NHWC]:backward,relu:forward") == {
+        "batchnorm": {("batch_norm[NHWC]", "backward")}, "activations": {("relu", "forward")}}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--kernels", "nosuch"], "unknown kernel or family 'nosuch'"),
     (["--kernels", "gelu:sideways"], "unknown direction 'sideways'"),
+    (["--kernels", "batch_norm[NDHWC]"], "unknown kernel or family 'batch_norm[NDHWC]'"),
     (["--kernels", ","], "no kernel named"),
     (["--size", "0"], "argument --size: must be at least 1"),
     (["--size", "many"], "argument --size: expected an integer or 2^k"),
@@ -286,7 +462,7 @@ def test_size_accepts_powers_of_two():
 
 @pytest.mark.parametrize(("cuda_built", "message"), [
     (False, "this fusednn was built without CUDA"),
-    (True, "no CUDA kernels yet for activations; run with --device cpu"),
+    (True, "no CUDA kernels yet for activations, batchnorm; run with --device cpu"),
 ])
 def test_cuda_device_says_why_it_cannot_run(cuda_built, message, monkeypatch, capsys):
     monkeypatch.setattr(bench, "info", lambda: {**fn.info(), "cuda_built": cuda_built})

@@ -4,18 +4,22 @@ reference, then times it against the memory roof, the reference and PyTorch.
 What a row counts: ``bytes/elem`` is the memory traffic one element costs
 (an activation's forward reads x and writes y: 1 read + 1 write; its
 backward reads grad_output and x or y and writes grad_input: 2 reads + 1
-write). GB/s is bytes moved (elements x bytes/elem) per second, 1 GB = 1e9
-bytes. The roof is a plain copy of the same number of bytes: the faster of
+write; batch norm's forward reads x twice, for the statistics and to
+normalize, and writes y: 2 reads + 1 write; its backward reads x and
+grad_output twice each and writes grad_input: 4 reads + 1 write). GB/s is
+bytes moved (elements x bytes/elem) per second, 1 GB = 1e9 bytes. The roof
+is a plain copy of the same number of bytes: the faster of
 ``fusednn._cpu.copy`` (threaded, streaming stores) and ``np.copyto``. The
 copy, the numpy reference and PyTorch are timed in the same rounds as each
 kernel (one call of each per round, medians over the rounds), so that the
 load of a busy machine hits them alike and every ratio comes from one run.
 
 Kernel families plug in through ``FAMILIES``: a family names its kernels and
-gives, per device, a function that builds its ``Case`` objects (bytes per
-element, the calls to time, the check against ``fusednn.reference``).
-Activations are the first family; a device needs a copy roof in
-``COPY_ROOFS`` before any family can be timed on it.
+gives, per device, a function that builds its ``Case`` objects (the array
+shape, bytes per element, the calls to time, the check against
+``fusednn.reference``) and the lines that tell how it is checked and timed.
+The families are the activations and batch normalization; a device needs a
+copy roof in ``COPY_ROOFS`` before any family can be timed on it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import numpy as np
 from . import reference
 from ._backend import _cpu, get_num_threads, info, set_num_threads
 from .activations import activation, activation_backward
+from .batchnorm import batch_norm, batch_norm_backward
 
 DEFAULT_SIZE = 2**25
 QUICK_SIZE = 2**22
@@ -80,6 +85,10 @@ class Plan:
     reference_elements: int
     torch: object | None      # the torch module, or None when not importable
     torch_note: str           # why there is no torch column, or its version
+    # Families with shapes of their own (batch norm) keep them unless
+    # --size is given, and take a smaller one with --quick.
+    size_given: bool = False
+    quick: bool = False
 
 
 @dataclass
@@ -90,32 +99,48 @@ class Runners:
     reference_elements: int
     torch: Callable[[], object] | None = None
     torch_op: str | None = None
-    torch_allocates: bool = False            # no out= overload: torch allocates its result
+    # Why torch allocates its result, where it does (no out= overload, or
+    # because ours does too); None where it writes a preallocated output.
+    torch_allocates: str | None = None
 
 
 @dataclass
 class CheckResult:
-    """How one kernel compares with fusednn.reference on check_inputs()."""
-    max_ulp: float            # the largest error outside the cancellation allowance
-    tolerance_ulp: float
+    """How one kernel compares with fusednn.reference on its family's check
+    inputs. Errors are in `unit`: "ulp" of the reference rounded to the
+    dtype, or "bound" where every value has an error bound of its own (1
+    bound is the most allowed)."""
+    error: float              # the largest error (outside the cancellation allowance)
+    tolerance: float
+    unit: str
     inputs: int
-    worst: str                # where max_ulp occurs, for the failure message
+    worst: str                # where the largest error occurs, for the failure message
     cancelling: bool = False  # the absolute bound where the derivative's terms cancel applies
 
     @property
     def passed(self) -> bool:
-        return self.max_ulp <= self.tolerance_ulp
+        return self.error <= self.tolerance
+
+    def describe(self) -> str:
+        """The largest error and where it occurs."""
+        if self.unit == "bound":
+            return (f"{self.error:.3g} times the allowed error from fusednn.reference "
+                    f"{self.worst}")
+        allowed = "exact" if self.tolerance == 0 else f"{self.tolerance:g} {self.unit}"
+        return (f"{self.error:.3g} {self.unit} from fusednn.reference {self.worst} "
+                f"(allowed: {allowed})")
 
 
 @dataclass(eq=False)  # compared and hashed by identity: checks are keyed by case
 class Case:
     """One kernel in one direction, as its family's builder makes it: the
-    memory traffic it costs per element, check() against fusednn.reference,
-    and prepare(), which puts its inputs in place and returns the calls to
-    time."""
+    shape of its input, the memory traffic it costs per element, check()
+    against fusednn.reference, and prepare(), which puts its inputs in place
+    and returns the calls to time."""
     family: str
     name: str
     direction: str            # "forward" or "backward"
+    shape: tuple              # of x, the array the traffic is counted in
     bytes_per_element: float
     traffic: str              # what bytes_per_element counts: "2r+1w" is 2 arrays read, 1 written
     check: Callable[[], CheckResult]
@@ -125,6 +150,21 @@ class Case:
     def label(self) -> str:
         return f"{self.name} {self.direction}"
 
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class FamilyText:
+    """What the report says about one family's cases; each piece follows a
+    heading of the report ("check: all N agree with fusednn.reference ...")."""
+    arrays: str               # the arrays' sizes and dtype
+    check: str                # the bounds, and on what inputs
+    reference: str            # how the numpy reference is timed
+    torch: str                # the PyTorch ops, and how they are called
+    check_notes: list = field(default_factory=list)   # further lines about the check
+
 
 @dataclass
 class Result:
@@ -132,6 +172,8 @@ class Result:
     family: str
     kernel: str
     direction: str
+    shape: list
+    elements: int
     traffic: str
     bytes_per_element: float
     bytes_moved: int
@@ -140,12 +182,14 @@ class Result:
     roof_gb_per_s: float
     roof_source: str          # the faster copy routine
     percent_of_roof: float
-    check_max_ulp: float
+    check_error: float
+    check_unit: str           # "ulp", or "bound" (see CheckResult)
     reference_ms: float       # scaled to the full size
     reference_elements: int   # how many elements it was timed on
     x_numpy_reference: float
     torch_op: str | None = None
     torch_allocates: bool = False
+    torch_allocates_why: str | None = None
     torch_ms: float | None = None
     x_torch: float | None = None
 
@@ -203,7 +247,7 @@ def compare(ours, expected, tolerance_ulp, inputs: dict, grad=None, terms=None) 
     i = int(np.argmax(errors))
     where = ", ".join(f"{name}={values[i]!s}" for name, values in inputs.items())
     worst = f"at {where}: got {ours[i]!s}, reference {np.float64(expected[i])!s}"
-    return CheckResult(float(errors[i]), tolerance_ulp, int(errors.size), worst,
+    return CheckResult(float(errors[i]), tolerance_ulp, "ulp", int(errors.size), worst,
                        terms is not None)
 
 
@@ -438,7 +482,7 @@ def _activation_runners(kernel: ActivationKernel, direction: str, plan: Plan,
         args = [arrays.tensors[t] for t in tensors] + [arrays.tensors["out"]]
         runners.torch = lambda: peer.call(aten, params, *args)
         runners.torch_op = peer.op
-        runners.torch_allocates = peer.allocates
+        runners.torch_allocates = "no out= overload" if peer.allocates else None
     return runners
 
 
@@ -452,10 +496,333 @@ def activation_cases(plan: Plan) -> list[Case]:
         for direction, (reads, writes) in arrays_moved.items():
             cases.append(Case(
                 family="activations", name=kernel.name, direction=direction,
+                shape=(plan.size,),
                 bytes_per_element=(reads + writes) * item, traffic=f"{reads}r+{writes}w",
                 check=functools.partial(_activation_check, kernel, direction, plan.dtype),
                 prepare=lambda k=kernel, d=direction: _activation_runners(k, d, plan, arrays())))
     return cases
+
+
+def describe_activations(plan: Plan, checks: dict) -> FamilyText:
+    exact = sorted({case.name for case, c in checks.items() if c.tolerance == 0})
+    cancelling = sorted({case.label for case, c in checks.items() if c.cancelling})
+    inputs = next(iter(checks.values())).inputs
+    check = (f"within {TOLERANCE_ULP[plan.dtype.name]:g} ulp"
+             + (f" ({', '.join(exact)} exact)" if exact else "")
+             + f" on {inputs} inputs incl. +-0, subnormals, +-inf, NaN, huge magnitudes")
+    check_notes = []
+    if cancelling:
+        precision = np.finfo(plan.dtype).nmant + 1
+        check_notes.append(
+            f"where the derivative's two terms cancel (by a factor >= {CANCELLATION_FACTOR:g}) "
+            f"|error| <= {CANCELLATION_UNITS:g} * 2^-{precision} * |grad_output| is accepted "
+            f"instead: {', '.join(cancelling)}")
+    m = min(plan.size, plan.reference_elements)
+    reference_text = (f"timed on the first {m} elements and scaled linearly to {plan.size}"
+                      if m < plan.size else f"timed on all {plan.size} elements")
+    return FamilyText(
+        arrays=f"{_size_text(plan.size)} {plan.dtype.name} elements",
+        check=check, check_notes=check_notes, reference=reference_text,
+        torch="torch.ops.aten <op>.out / <op>_backward.grad_input writing a preallocated "
+              "output")
+
+
+# ---- batch normalization ---------------------------------------------------------
+
+# (N, C, H, W) of the timed cases: the shape of the design's numbers, and
+# with --quick 2^22 elements (as many as the activations' QUICK_SIZE).
+BATCH_NORM_SHAPE = (32, 128, 56, 56)
+BATCH_NORM_QUICK_SHAPE = (32, 128, 32, 32)
+BATCH_NORM_MOMENTUM = 0.1
+BATCH_NORM_EPS = 1e-5
+# layout -> (channel axis, the N, C, H, W dimensions in memory order)
+BATCH_NORM_LAYOUTS = {"NCHW": (1, (0, 1, 2, 3)), "NHWC": (-1, (0, 2, 3, 1))}
+BATCH_NORM_KERNELS = tuple(f"batch_norm[{layout}]" for layout in BATCH_NORM_LAYOUTS)
+# The check's (N, C, H, W): more values per channel than one reduction
+# unit of the kernels (65536), and runs (H * W) and a channel count that
+# are not multiples of a vector.
+BATCH_NORM_CHECK_SHAPE = (24, 20, 50, 57)
+# The check's bounds (see _batch_norm_check): y and grad_input absolute, as
+# the design states them for outputs of unit variance; the running
+# statistics relative, as docs/batchnorm.md promises them. float64 has no
+# target in the design: the kernels carry a channel's mean in one double,
+# merged over the reduction's units, so at mean/std = 1e4 (ulp 1.8e-12) y
+# is off by about 1e-12; 1e-11 allows for that and still rejects any wrong
+# formula.
+BATCH_NORM_TOLERANCE = {"float32": 1e-5, "float64": 1e-11}
+RUNNING_STATISTICS_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
+
+
+def batch_norm_shape(plan: Plan) -> tuple:
+    """(N, C, H, W): BATCH_NORM_SHAPE, BATCH_NORM_QUICK_SHAPE with --quick,
+    and with --size n the same N and C with H = W = round(sqrt(n / (N C))),
+    at least 1, so that x has about n elements."""
+    if not plan.size_given:
+        return BATCH_NORM_QUICK_SHAPE if plan.quick else BATCH_NORM_SHAPE
+    batch, channels = BATCH_NORM_SHAPE[:2]
+    side = max(1, round(math.sqrt(plan.size / (batch * channels))))
+    return (batch, channels, side, side)
+
+
+def _in_layout(nchw: tuple, layout: str) -> tuple:
+    return tuple(nchw[d] for d in BATCH_NORM_LAYOUTS[layout][1])
+
+
+def _shape_text(shape: tuple) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _reference_samples(plan: Plan, nchw: tuple) -> int:
+    """How many samples of the batch the reference is timed on: about
+    plan.reference_elements elements, and at least 2 (training needs more
+    than one value per channel)."""
+    per_sample = math.prod(nchw[1:])
+    return min(nchw[0], max(2, plan.reference_elements // per_sample))
+
+
+def _batch_norm_check_inputs(dtype: np.dtype):
+    """x of BATCH_NORM_CHECK_SHAPE (NCHW): each channel a normal sample
+    around its own center with its own spread, except channel 0 (mean 1e4
+    times its spread, where a float32 shift x - mean loses the result),
+    channel 1 (constant: variance 0; 0.75, so that every sum of it is exact)
+    and channel 2 (one NaN). grad_output standard normal; gamma, beta and
+    running statistics of order one."""
+    rng = np.random.default_rng(0)
+    batch, channels, height, width = BATCH_NORM_CHECK_SHAPE
+    center = rng.uniform(-2.0, 2.0, channels)
+    spread = rng.uniform(0.5, 2.0, channels)
+    center[0], spread[0] = 1e4, 1.0
+    center[1], spread[1] = 0.75, 0.0
+    x = (center[:, None, None]
+         + spread[:, None, None] * rng.standard_normal(BATCH_NORM_CHECK_SHAPE))
+    x[batch // 2, 2, height // 2, width // 2] = np.nan
+    grad = rng.standard_normal(BATCH_NORM_CHECK_SHAPE)
+    per_channel = {"gamma": rng.uniform(0.5, 1.5, channels),
+                   "beta": rng.uniform(-1.0, 1.0, channels),
+                   "running_mean": rng.standard_normal(channels),
+                   "running_var": rng.uniform(0.5, 2.0, channels)}
+    return (x.astype(dtype), grad.astype(dtype),
+            {name: a.astype(dtype) for name, a in per_channel.items()})
+
+
+def bounded_errors(ours: np.ndarray, expected: np.ndarray, bound) -> np.ndarray:
+    """|ours - expected| / bound: 0 where ours equals expected (the same
+    infinity included) or both are NaN, inf where only one is NaN."""
+    with np.errstate(all="ignore"):
+        errors = np.abs(ours.astype(np.float64) - expected) / bound
+        agree = (ours == expected) | (np.isnan(ours) & np.isnan(expected))
+    errors = np.where(np.isnan(errors), np.inf, errors)
+    return np.where(agree, 0.0, errors)
+
+
+def compare_bounded(outputs: dict, inputs: int, dims: dict | None = None) -> CheckResult:
+    """outputs: name -> (ours, expected, bound), the bound broadcasting to
+    ours' shape. The error is the largest |ours - expected| / bound. dims
+    names the axes of an output with that many dimensions, e.g.
+    {4: "nchw"}, for the failure message."""
+    largest, worst = -1.0, ""
+    for name, (ours, expected, bound) in outputs.items():
+        expected = np.asarray(expected, dtype=np.float64)
+        bound = np.broadcast_to(bound, ours.shape)
+        errors = bounded_errors(ours, expected, bound)
+        i = np.unravel_index(int(np.argmax(errors)), errors.shape)
+        if errors[i] > largest:
+            largest = float(errors[i])
+            with np.errstate(all="ignore"):
+                absolute = abs(float(ours[i]) - expected[i])
+            names = (dims or {}).get(ours.ndim)
+            index = ", ".join(f"{names[d]}={int(k)}" if names else str(int(k))
+                              for d, k in enumerate(i))
+            worst = (f"in {name}[{index}]: got {ours[i]!s}, "
+                     f"reference {expected[i]!s} (|error| {absolute:.3g}, "
+                     f"allowed {bound[i]:.3g})")
+    return CheckResult(largest, 1.0, "bound", inputs, worst)
+
+
+def _batch_norm_check(layout: str, direction: str, dtype) -> CheckResult:
+    """The kernel, on _batch_norm_check_inputs laid out as `layout`, against
+    the float64 reference on the same values in NCHW (where numpy's sums are
+    pairwise, hence accurate enough to judge float64 kernels by).
+    Bounds, t being BATCH_NORM_TOLERANCE: y within t; save_mean within
+    t * max(|mean|, std); save_invstd within t relative; the running
+    statistics within RUNNING_STATISTICS_TOLERANCE of the sum of their
+    terms' magnitudes. The backward takes the reference's statistics rounded
+    to x's dtype (as the forward returns them), grad_input within t times
+    its channel's gain gamma * invstd (grad_output is of order one),
+    grad_gamma and grad_beta within t of the sum of |grad_output * xhat| and
+    |grad_output| they add up. Errors are reported at (n, c, h, w) indices
+    whatever the layout."""
+    dtype = np.dtype(dtype)
+    axis, order = BATCH_NORM_LAYOUTS[layout]
+    to_nchw = tuple(order.index(d) for d in range(len(order)))
+    x, grad, p = _batch_norm_check_inputs(dtype)
+    x_laid, grad_laid = (np.ascontiguousarray(a.transpose(order)) for a in (x, grad))
+    reduced, per_channel_shape = (0, 2, 3), (1, -1, 1, 1)
+    tolerance = BATCH_NORM_TOLERANCE[dtype.name]
+    settings = {"momentum": BATCH_NORM_MOMENTUM, "eps": BATCH_NORM_EPS}
+    running_mean = p["running_mean"].astype(np.float64)
+    running_var = p["running_var"].astype(np.float64)
+    expected = reference.batch_norm(x, p["gamma"], p["beta"], running_mean, running_var,
+                                    **settings)
+    mean, invstd = expected.save_mean, expected.save_invstd
+    if direction == "forward":
+        ours_running_mean, ours_running_var = p["running_mean"].copy(), p["running_var"].copy()
+        ours = batch_norm(x_laid, p["gamma"], p["beta"], ours_running_mean, ours_running_var,
+                          axis=axis, **settings)
+        running = RUNNING_STATISTICS_TOLERANCE[dtype.name]
+        momentum = BATCH_NORM_MOMENTUM
+        outputs = {
+            "y": (ours.y.transpose(to_nchw), expected.y, tolerance),
+            "save_mean": (ours.save_mean, mean, tolerance * np.maximum(np.abs(mean), 1 / invstd)),
+            "save_invstd": (ours.save_invstd, invstd, tolerance * invstd),
+            "running_mean": (ours_running_mean, running_mean, running * (
+                (1 - momentum) * np.abs(p["running_mean"].astype(np.float64))
+                + momentum * np.abs(mean))),
+            "running_var": (ours_running_var, running_var, running * running_var),
+        }
+    else:
+        save_mean, save_invstd = mean.astype(dtype), invstd.astype(dtype)
+        ours = batch_norm_backward(grad_laid, x_laid, p["gamma"], save_mean, save_invstd,
+                                   axis=axis)
+        want = reference.batch_norm_backward(grad, x, p["gamma"], save_mean, save_invstd)
+        grad64 = grad.astype(np.float64)
+        xhat = ((x.astype(np.float64) - save_mean.astype(np.float64).reshape(per_channel_shape))
+                * save_invstd.astype(np.float64).reshape(per_channel_shape))
+        gain = np.abs(p["gamma"].astype(np.float64) * save_invstd.astype(np.float64))
+        with np.errstate(invalid="ignore"):
+            outputs = {
+                "grad_input": (ours[0].transpose(to_nchw), want[0],
+                               tolerance * gain.reshape(per_channel_shape)),
+                "grad_gamma": (ours[1], want[1],
+                               tolerance * np.abs(grad64 * xhat).sum(axis=reduced)),
+                "grad_beta": (ours[2], want[2], tolerance * np.abs(grad64).sum(axis=reduced)),
+            }
+    return compare_bounded(outputs, x.size, {4: "nchw", 1: "c"})
+
+
+class BatchNormArrays:
+    """The arrays the batch-norm cases share, made once per run: x and
+    grad_output (standard normal) and out, one buffer each that either
+    layout views in its own shape; gamma, beta; running statistics for each
+    caller, which every training forward updates in place."""
+
+    def __init__(self, nchw: tuple, dtype: np.dtype):
+        rng = np.random.default_rng(0)
+        size, channels = math.prod(nchw), nchw[1]
+        self.x = rng.standard_normal(size, dtype=dtype)
+        self.grad = rng.standard_normal(size, dtype=dtype)
+        self.out = np.empty(size, dtype=dtype)
+        self.gamma = rng.uniform(0.5, 1.5, channels).astype(dtype)
+        self.beta = rng.uniform(-1.0, 1.0, channels).astype(dtype)
+        self.running = {caller: (np.zeros(channels, dtype), np.ones(channels, dtype))
+                        for caller in ("ours", "reference", "torch")}
+
+
+def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
+                        arrays: BatchNormArrays) -> Runners:
+    axis, order = BATCH_NORM_LAYOUTS[layout]
+    shape = _in_layout(nchw, layout)
+    x, grad, out = (a.reshape(shape) for a in (arrays.x, arrays.grad, arrays.out))
+    gamma, beta = arrays.gamma, arrays.beta
+    samples = _reference_samples(plan, nchw)
+    x_few, grad_few = x[:samples], grad[:samples]
+    settings = {"momentum": BATCH_NORM_MOMENTUM, "eps": BATCH_NORM_EPS, "axis": axis}
+    if direction == "forward":
+        running_mean, running_var = arrays.running["ours"]
+        reference_running = arrays.running["reference"]
+        runners = Runners(
+            ours=lambda: batch_norm(x, gamma, beta, running_mean, running_var, out=out,
+                                    **settings),
+            reference=lambda: reference.batch_norm(x_few, gamma, beta, *reference_running,
+                                                   **settings),
+            reference_elements=x_few.size)
+    else:
+        saved = batch_norm(x, gamma, beta, **settings)
+        runners = Runners(
+            ours=lambda: batch_norm_backward(grad, x, gamma, saved.save_mean, saved.save_invstd,
+                                             axis=axis),
+            reference=lambda: reference.batch_norm_backward(
+                grad_few, x_few, gamma, saved.save_mean, saved.save_invstd, axis=axis),
+            reference_elements=x_few.size)
+    if plan.torch is not None:
+        torch = plan.torch
+        aten = torch.ops.aten
+        # torch takes NCHW-shaped tensors; other layouts are permuted views
+        # of the same buffers (NHWC: channels_last), so that torch reads the
+        # same memory in the same order as ours.
+        to_nchw = tuple(order.index(d) for d in range(len(order)))
+        tx, tgrad, tout = (torch.from_numpy(a).permute(to_nchw) for a in (x, grad, out))
+        tgamma, tbeta = torch.from_numpy(gamma), torch.from_numpy(beta)
+        trunning_mean, trunning_var = (torch.from_numpy(a) for a in arrays.running["torch"])
+        momentum, eps = BATCH_NORM_MOMENTUM, BATCH_NORM_EPS
+        if direction == "forward":
+            tmean, tinvstd = (torch.from_numpy(np.empty(nchw[1], plan.dtype)) for _ in range(2))
+            runners.torch = lambda: aten.native_batch_norm.out(
+                tx, tgamma, tbeta, trunning_mean, trunning_var, True, momentum, eps,
+                out=tout, save_mean=tmean, save_invstd=tinvstd)
+            runners.torch_op = "native_batch_norm.out"
+        else:
+            _, tmean, tinvstd = aten.native_batch_norm(tx, tgamma, tbeta, None, None, True,
+                                                       momentum, eps)
+            runners.torch = lambda: aten.native_batch_norm_backward(
+                tgrad, tx, tgamma, trunning_mean, trunning_var, tmean, tinvstd, True, eps,
+                [True, True, True])
+            runners.torch_op = "native_batch_norm_backward"
+            runners.torch_allocates = "as fn.batch_norm_backward does"
+    return runners
+
+
+def batch_norm_cases(plan: Plan) -> list[Case]:
+    """Training forward and backward of batch_norm in each layout of
+    BATCH_NORM_LAYOUTS, on batch_norm_shape(plan)."""
+    nchw = batch_norm_shape(plan)
+    arrays = functools.cache(lambda: BatchNormArrays(nchw, plan.dtype))
+    item = plan.dtype.itemsize
+    # The forward reads x for the statistics, then x again to write y; the
+    # backward reads x and grad_output for its sums, then both again to
+    # write grad_input.
+    arrays_moved = {"forward": (2, 1), "backward": (4, 1)}  # (read, written)
+    cases = []
+    for layout, kernel in zip(BATCH_NORM_LAYOUTS, BATCH_NORM_KERNELS):
+        for direction, (reads, writes) in arrays_moved.items():
+            cases.append(Case(
+                family="batchnorm", name=kernel, direction=direction,
+                shape=_in_layout(nchw, layout),
+                bytes_per_element=(reads + writes) * item, traffic=f"{reads}r+{writes}w",
+                check=functools.partial(_batch_norm_check, layout, direction, plan.dtype),
+                prepare=lambda l=layout, d=direction: _batch_norm_runners(l, d, plan, nchw,
+                                                                          arrays())))
+    return cases
+
+
+def describe_batch_norm(plan: Plan, checks: dict) -> FamilyText:
+    nchw = batch_norm_shape(plan)
+    kernel_layouts = dict(zip(BATCH_NORM_KERNELS, BATCH_NORM_LAYOUTS))
+    timed = dict.fromkeys(kernel_layouts[case.name] for case in checks)
+    layouts = " and ".join(f"{_shape_text(_in_layout(nchw, layout))} ({layout}, "
+                           f"axis={BATCH_NORM_LAYOUTS[layout][0]})" for layout in timed)
+    largest = max(c.error for c in checks.values())
+    tolerance = BATCH_NORM_TOLERANCE[plan.dtype.name]
+    running = RUNNING_STATISTICS_TOLERANCE[plan.dtype.name]
+    samples = _reference_samples(plan, nchw)
+    if samples < nchw[0]:
+        reference_text = (f"timed on the first {samples} of {nchw[0]} samples "
+                          f"({samples * math.prod(nchw[1:])} elements) and scaled linearly")
+    else:
+        reference_text = "timed on the whole batch"
+    return FamilyText(
+        arrays=f"batch_norm x {layouts}, {math.prod(nchw)} {plan.dtype.name} elements",
+        check=(f"within per-value bounds (largest error {largest:.2g} of its bound) on x of "
+               f"{_shape_text(BATCH_NORM_CHECK_SHAPE)} (NCHW) in each kernel's layout, with a "
+               "channel at mean/std = 1e4, a constant one and one holding a NaN"),
+        check_notes=[f"bounds: y {tolerance:g}; grad_input {tolerance:g} * gamma * invstd; "
+                     f"save_mean {tolerance:g} * max(|mean|, std); save_invstd {tolerance:g} "
+                     f"relative; grad_gamma, grad_beta {tolerance:g} * the sum of their terms' "
+                     f"magnitudes; running statistics {running:g} * the same"],
+        reference=reference_text,
+        torch="torch.ops.aten.native_batch_norm.out writing preallocated outputs, "
+              "native_batch_norm_backward allocating grad_input as fn.batch_norm_backward "
+              "does; NHWC as channels_last views of the same memory")
 
 
 # ---- registry and selection ---------------------------------------------------
@@ -466,18 +833,37 @@ class Family:
     kernels: tuple            # kernel names, for --kernels
     directions: tuple
     builders: dict            # device -> function(plan) -> list[Case]
+    describe: Callable        # (plan, {case: CheckResult}) -> FamilyText
+
+    @property
+    def variants(self) -> tuple:
+        """The names before "[" of kernels that come in variants
+        ("batch_norm" of "batch_norm[NCHW]"), each selecting them all."""
+        return tuple(dict.fromkeys(k.partition("[")[0] for k in self.kernels if "[" in k))
+
+    def select(self, name: str) -> tuple:
+        """The kernels `name` picks: all of them for "all" or the family's
+        name, else the kernel of that name or every variant of it."""
+        if name in ("all", self.name):
+            return self.kernels
+        return tuple(k for k in self.kernels if name in (k, k.partition("[")[0]))
 
 
 FAMILIES = {
     "activations": Family("activations", tuple(k.name for k in ACTIVATION_KERNELS),
-                          ("forward", "backward"), {"cpu": activation_cases}),
+                          ("forward", "backward"), {"cpu": activation_cases},
+                          describe_activations),
+    "batchnorm": Family("batchnorm", BATCH_NORM_KERNELS, ("forward", "backward"),
+                        {"cpu": batch_norm_cases}, describe_batch_norm),
 }
 
 
 def parse_selection(spec: str) -> dict:
-    """--kernels: comma-separated family or kernel names, each optionally
-    ':forward' or ':backward'. Returns {family: {(kernel, direction)}}."""
-    known = ", ".join(list(FAMILIES) + [k for f in FAMILIES.values() for k in f.kernels])
+    """--kernels: comma-separated family or kernel names (or the name of a
+    kernel's variants, e.g. batch_norm), each optionally ':forward' or
+    ':backward'. Returns {family: {(kernel, direction)}}."""
+    known = ", ".join(list(FAMILIES) + [k for f in FAMILIES.values()
+                                        for k in f.kernels + f.variants])
     selected: dict = {}
     for token in (t.strip() for t in spec.split(",")):
         if not token:
@@ -485,12 +871,12 @@ def parse_selection(spec: str) -> dict:
         name, _, direction = token.partition(":")
         matched = False
         for family in FAMILIES.values():
-            if name not in ("all", family.name) and name not in family.kernels:
+            kernels = family.select(name)
+            if not kernels:
                 continue
             if direction and direction not in family.directions:
                 raise UsageError(f"--kernels: unknown direction {direction!r} in {token!r}; "
                                  f"use {' or '.join(family.directions)}")
-            kernels = family.kernels if name in ("all", family.name) else (name,)
             directions = (direction,) if direction else family.directions
             selected.setdefault(family.name, set()).update(
                 (k, d) for k in kernels for d in directions)
@@ -544,19 +930,20 @@ class CpuCopyRoof:
     written: fusednn._cpu.copy (threaded, streaming stores) and np.copyto
     (one thread), on buffers sized for the largest case."""
 
-    def __init__(self, plan: Plan, bytes_per_element: list):
-        self.size, self.itemsize = plan.size, plan.dtype.itemsize
-        largest = max(self.elements(b) for b in bytes_per_element)
+    def __init__(self, plan: Plan, cases: list):
+        self.itemsize = plan.dtype.itemsize
+        largest = max(self.copied(c.elements, c.bytes_per_element) for c in cases)
         # Written, so that reading it does not hit the shared zero page.
         self.source = np.ones(largest, dtype=plan.dtype)
         self.target = np.empty(largest, dtype=plan.dtype)
 
-    def elements(self, bytes_per_element: float) -> int:
-        return round(self.size * bytes_per_element / (2 * self.itemsize))
+    def copied(self, elements: int, bytes_per_element: float) -> int:
+        """How many elements the copy of that traffic copies."""
+        return round(elements * bytes_per_element / (2 * self.itemsize))
 
-    def calls(self, bytes_per_element: float) -> tuple[int, dict]:
+    def calls(self, elements: int, bytes_per_element: float) -> tuple[int, dict]:
         """(bytes the copy moves, {routine: call})."""
-        n = self.elements(bytes_per_element)
+        n = self.copied(elements, bytes_per_element)
         src, dst = self.source[:n], self.target[:n]
         return 2 * n * self.itemsize, {"fusednn._cpu.copy": lambda: _cpu.copy(src, dst),
                                        "np.copyto": lambda: np.copyto(dst, src)}
@@ -578,7 +965,7 @@ def time_case(case: Case, plan: Plan, roof) -> Timing:
     """Times the case with its peers and the copy of the same bytes, all in
     the same rounds."""
     runners = case.prepare()
-    copy_bytes, copies = roof.calls(case.bytes_per_element)
+    copy_bytes, copies = roof.calls(case.elements, case.bytes_per_element)
     calls = {"ours": runners.ours, **copies, "reference": runners.reference}
     if runners.torch is not None:
         calls["torch"] = runners.torch
@@ -588,9 +975,11 @@ def time_case(case: Case, plan: Plan, roof) -> Timing:
 
 @dataclass
 class Roof:
-    """The copy roof for one bytes/elem: each routine's median over every
-    copy timed alongside the cases with that traffic in this run."""
+    """The copy roof for one traffic (bytes/elem over a number of elements):
+    each routine's median over every copy timed alongside the cases with
+    that traffic in this run."""
     bytes_per_element: float
+    elements: int
     samples: int
     gb_per_s: dict            # copy routine -> GB/s
 
@@ -603,34 +992,41 @@ class Roof:
         return self.gb_per_s[self.source]
 
 
+def traffic_key(case: Case) -> tuple:
+    """Cases with the same key share a roof."""
+    return case.bytes_per_element, case.elements
+
+
 def pool_roofs(timings: list) -> dict:
     roofs = {}
-    for b in sorted({t.case.bytes_per_element for t in timings}):
-        group = [t for t in timings if t.case.bytes_per_element == b]
+    for key in sorted({traffic_key(t.case) for t in timings}):
+        group = [t for t in timings if traffic_key(t.case) == key]
         rates = {name: [t.copy_bytes / s / 1e9 for t in group for s in t.samples[name]]
                  for name in group[0].copies}
-        roofs[b] = Roof(b, sum(len(v) for v in rates.values()),
-                        {name: statistics.median(v) for name, v in rates.items()})
+        roofs[key] = Roof(*key, sum(len(v) for v in rates.values()),
+                          {name: statistics.median(v) for name, v in rates.items()})
     return roofs
 
 
-def summarize(timing: Timing, plan: Plan, roof: Roof, check: CheckResult) -> Result:
+def summarize(timing: Timing, roof: Roof, check: CheckResult) -> Result:
     case, runners = timing.case, timing.runners
     seconds = {label: statistics.median(s) for label, s in timing.samples.items()}
-    moved = round(plan.size * case.bytes_per_element)
+    moved = round(case.elements * case.bytes_per_element)
     gb_per_s = moved / seconds["ours"] / 1e9
-    reference_s = seconds["reference"] * plan.size / runners.reference_elements
+    reference_s = seconds["reference"] * case.elements / runners.reference_elements
     result = Result(
-        family=case.family, kernel=case.name, direction=case.direction, traffic=case.traffic,
+        family=case.family, kernel=case.name, direction=case.direction,
+        shape=list(case.shape), elements=case.elements, traffic=case.traffic,
         bytes_per_element=case.bytes_per_element, bytes_moved=moved,
         time_ms=seconds["ours"] * 1e3, gb_per_s=gb_per_s, roof_gb_per_s=roof.best,
         roof_source=roof.source, percent_of_roof=100.0 * gb_per_s / roof.best,
-        check_max_ulp=check.max_ulp, reference_ms=reference_s * 1e3,
+        check_error=check.error, check_unit=check.unit, reference_ms=reference_s * 1e3,
         reference_elements=runners.reference_elements,
         x_numpy_reference=reference_s / seconds["ours"])
     if "torch" in seconds:
         result.torch_op = runners.torch_op
-        result.torch_allocates = runners.torch_allocates
+        result.torch_allocates = runners.torch_allocates is not None
+        result.torch_allocates_why = runners.torch_allocates
         result.torch_ms = seconds["torch"] * 1e3
         result.x_torch = seconds["torch"] / seconds["ours"]
     return result
@@ -678,50 +1074,62 @@ def _size_text(n: int) -> str:
     return f"{n} (2^{exponent})" if n == 1 << exponent else str(n)
 
 
+def family_texts(plan: Plan, checks: dict) -> dict:
+    """{family name: FamilyText}, in the order the cases come."""
+    by_family: dict = {}
+    for case, result in checks.items():
+        by_family.setdefault(case.family, {})[case] = result
+    return {name: FAMILIES[name].describe(plan, family_checks)
+            for name, family_checks in by_family.items()}
+
+
+def _per_family(texts: dict, piece: str) -> str:
+    """One piece of every family's text: as it is for one family, else each
+    after its family's name."""
+    if len(texts) == 1:
+        return getattr(next(iter(texts.values())), piece)
+    return "; ".join(f"{name}: {getattr(text, piece)}" for name, text in texts.items())
+
+
 def report_text(plan: Plan, head: dict, checks: dict, roofs: dict, results: list) -> str:
+    texts = family_texts(plan, checks)
     lines = [
         f"fusednn bench  {head['date']}",
         f"machine: {head['machine']}",
         f"fusednn {head['fusednn_version']}, simd {head['simd']}, device {plan.device}, "
         f"threads {plan.threads}; numpy {head['numpy_version']}; torch {plan.torch_note}",
-        f"{_size_text(plan.size)} {plan.dtype.name} elements; median of {plan.repeat} "
+        f"{_per_family(texts, 'arrays')}; median of {plan.repeat} "
         f"repeat{'s' if plan.repeat > 1 else ''} after {WARMUP} warm-up, peers interleaved",
     ]
-    exact = sorted({case.name for case, c in checks.items() if c.tolerance_ulp == 0})
-    cancelling = sorted({case.label for case, c in checks.items() if c.cancelling})
-    inputs = next(iter(checks.values())).inputs
-    lines.append(f"check: all {len(checks)} agree with fusednn.reference within "
-                 f"{TOLERANCE_ULP[plan.dtype.name]:g} ulp"
-                 + (f" ({', '.join(exact)} exact)" if exact else "")
-                 + f" on {inputs} inputs incl. +-0, subnormals, +-inf, NaN, huge magnitudes")
-    if cancelling:
-        precision = np.finfo(plan.dtype).nmant + 1
-        lines.append(f"  where the derivative's two terms cancel (by a factor "
-                     f">= {CANCELLATION_FACTOR:g}) |error| <= {CANCELLATION_UNITS:g} * "
-                     f"2^-{precision} * |grad_output| is accepted instead: {', '.join(cancelling)}")
+    if len(texts) == 1:
+        text = next(iter(texts.values()))
+        lines.append(f"check: all {len(checks)} agree with fusednn.reference {text.check}")
+        lines += [f"  {note}" for note in text.check_notes]
+    else:
+        lines.append(f"check: all {len(checks)} agree with fusednn.reference:")
+        for name, text in texts.items():
+            lines.append(f"  {name}: {text.check}")
+            lines += [f"    {note}" for note in text.check_notes]
     lines.append("bytes/elem: memory traffic per element, e.g. 2r+1w = 2 arrays read and 1 "
                  "written; GB/s = 1e9 bytes/s")
     lines.append("roof: a plain copy of the same bytes, timed in the same rounds as each "
                  "kernel; median over the run of the faster of fusednn._cpu.copy (threaded, "
                  "streaming) and np.copyto:")
-    for b, roof in roofs.items():
+    for roof in roofs.values():
         both = ", ".join(f"{name} {rate:.1f}" for name, rate in roof.gb_per_s.items())
-        lines.append(f"  {b:g} bytes/elem: {roof.best:.1f} GB/s by {roof.source} "
-                     f"({both} GB/s; {roof.samples} copies)")
-    m = min(plan.size, plan.reference_elements)
-    lines.append("x numpy-ref: fusednn.reference (float64) "
-                 + (f"timed on the first {m} elements and scaled linearly to {plan.size}"
-                    if m < plan.size else f"timed on all {plan.size} elements"))
+        lines.append(f"  {roof.bytes_per_element:g} bytes/elem x {roof.elements} elements: "
+                     f"{roof.best:.1f} GB/s by {roof.source} ({both} GB/s; "
+                     f"{roof.samples} copies)")
+    lines.append(f"x numpy-ref: fusednn.reference (float64) {_per_family(texts, 'reference')}")
     if plan.torch is None:
         lines.append(f"x torch: skipped ({plan.torch_note})")
     else:
-        lines.append("x torch: torch.ops.aten <op>.out / <op>_backward.grad_input writing a "
-                     f"preallocated output, torch threads {plan.threads}")
+        lines.append(f"x torch: {_per_family(texts, 'torch')}; torch threads {plan.threads}")
     lines.append("")
     columns = ("kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof",
                "x numpy-ref", "x torch")
     rows = []
-    allocating = any(r.torch_allocates for r in results)
+    allocating = {r.torch_op: r.torch_allocates_why for r in results if r.torch_allocates}
     for r in results:
         torch_cell = "-"
         if r.x_torch is not None:
@@ -738,20 +1146,21 @@ def report_text(plan: Plan, head: dict, checks: dict, roofs: dict, results: list
         lines.append("  ".join(cell.ljust(w) if i < left else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     if allocating:
-        lines.append("* torch has no out= overload here and allocates its result "
-                     "(" + ", ".join(sorted({r.torch_op for r in results if r.torch_allocates}))
-                     + ")")
+        lines.append("* torch allocates its result: "
+                     + "; ".join(f"{op} ({why})" for op, why in sorted(allocating.items())))
     return "\n".join(lines)
 
 
 def write_json(path: str, head: dict, checks: dict, roofs: dict, results: list) -> None:
     document = {
         "header": head,
-        "roofs": [{"bytes_per_element": r.bytes_per_element, "copies": r.samples,
-                   "gb_per_s": r.gb_per_s, "source": r.source} for r in roofs.values()],
-        "checks": [{"kernel": c.name, "direction": c.direction, "max_ulp": result.max_ulp,
-                    "tolerance_ulp": result.tolerance_ulp, "inputs": result.inputs,
-                    "passed": result.passed} for c, result in checks.items()],
+        "roofs": [{"bytes_per_element": r.bytes_per_element, "elements": r.elements,
+                   "copies": r.samples, "gb_per_s": r.gb_per_s, "source": r.source}
+                  for r in roofs.values()],
+        "checks": [{"family": c.family, "kernel": c.name, "direction": c.direction,
+                    "error": result.error, "tolerance": result.tolerance, "unit": result.unit,
+                    "inputs": result.inputs, "passed": result.passed}
+                   for c, result in checks.items()],
         "results": [dataclasses.asdict(r) for r in results],
     }
     with open(path, "w", encoding="utf-8") as f:
@@ -784,7 +1193,7 @@ def write_plot(path: str, plan: Plan, head: dict, results: list) -> None:
     axes.axvline(100, color="black", linewidth=0.8)
     axes.legend(loc="lower right", fontsize=8)
     axes.set_xlabel("% of a plain copy of the same bytes (measured in the same run)")
-    axes.set_title(f"fusednn {head['fusednn_version']} {plan.dtype.name}, {plan.size} elements, "
+    axes.set_title(f"fusednn {head['fusednn_version']} {plan.dtype.name}, "
                    f"{plan.threads} threads\n{head['machine']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -819,9 +1228,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="all", metavar="LIST",
                         help="comma-separated families or kernels, each optionally :forward or "
                              f":backward (default: all). Families: {', '.join(FAMILIES)}; "
-                             f"activations: {names}")
+                             f"activations: {names}; batchnorm: "
+                             f"{', '.join(BATCH_NORM_KERNELS)} (batch_norm: both)")
+    batch, channels = BATCH_NORM_SHAPE[:2]
     parser.add_argument("--size", type=_size, metavar="N",
-                        help="elements per array (default 2^25; 2^22 with --quick)")
+                        help="elements per array (default 2^25; 2^22 with --quick). Batch norm "
+                             f"takes x of {_shape_text(BATCH_NORM_SHAPE)} (NCHW, and its NHWC "
+                             f"twin; {_shape_text(BATCH_NORM_QUICK_SHAPE)} with --quick); "
+                             f"with --size, {batch}x{channels}xHxW with H = W = "
+                             f"round(sqrt(N / {batch * channels})), at least 1")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--threads", type=_positive, metavar="N",
                         help="CPU threads for fusednn and torch (default: fusednn's current "
@@ -859,7 +1274,8 @@ def run(args: argparse.Namespace) -> int:
                 size=args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE),
                 repeat=args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT),
                 threads=args.threads or get_num_threads(),
-                reference_elements=REFERENCE_ELEMENTS, torch=torch, torch_note=torch_note)
+                reference_elements=REFERENCE_ELEMENTS, torch=torch, torch_note=torch_note,
+                size_given=args.size is not None, quick=args.quick)
     cases = build_cases(plan, selection)
 
     progress(f"checking {len(cases)} kernels against fusednn.reference ({dtype.name})")
@@ -867,9 +1283,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [(case, result) for case, result in checks.items() if not result.passed]
     if failed:
         for case, result in failed:
-            bound = "exact" if result.tolerance_ulp == 0 else f"{result.tolerance_ulp:g} ulp"
-            progress(f"check failed: {case.label} ({dtype.name}): {result.max_ulp:.3g} ulp from "
-                     f"fusednn.reference {result.worst} (allowed: {bound})")
+            progress(f"check failed: {case.label} ({dtype.name}): {result.describe()}")
         progress(f"fusednn bench: {len(failed)} of {len(cases)} kernels disagree with "
                  "fusednn.reference; not timing them")
         return 1
@@ -880,7 +1294,7 @@ def run(args: argparse.Namespace) -> int:
         set_num_threads(plan.threads)
         if torch is not None:
             torch.set_num_threads(plan.threads)
-        roof = COPY_ROOFS[plan.device](plan, [c.bytes_per_element for c in cases])
+        roof = COPY_ROOFS[plan.device](plan, cases)
         timings = []
         for i, case in enumerate(cases, 1):
             progress(f"[{i}/{len(cases)}] timing {case.label}")
@@ -891,8 +1305,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(previous_torch_threads)
 
     roofs = pool_roofs(timings)
-    results = [summarize(t, plan, roofs[t.case.bytes_per_element], checks[t.case])
-               for t in timings]
+    results = [summarize(t, roofs[traffic_key(t.case)], checks[t.case]) for t in timings]
     head = header(plan)
     print(report_text(plan, head, checks, roofs, results))
     if args.json:
