@@ -1253,11 +1253,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _import_torch():
+    # PyTorch's OpenMP workers otherwise spin for a while after each of its
+    # calls, taking the cores from the kernel timed next: with peers
+    # interleaved that would slow every kernel but PyTorch's.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
     except ImportError as error:
         return None, f"not importable ({error})"
-    return torch, torch.__version__
+    return torch, f"{torch.__version__} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})"
 
 
 def run(args: argparse.Namespace) -> int:
