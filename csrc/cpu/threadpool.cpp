@@ -3,6 +3,9 @@
 #include "cpu/threadpool.h"
 
 #include <pthread.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -27,6 +30,13 @@ int threads_from_environment() {
       if (end != value && n > 0) return static_cast<int>(std::min(n, 1024L));
     }
   }
+#if defined(__linux__)
+  // The cores this process may run on (taskset, container CPU sets), not
+  // every core of the machine.
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof allowed, &allowed) == 0 && CPU_COUNT(&allowed) > 0)
+    return CPU_COUNT(&allowed);
+#endif
   const unsigned cores = std::thread::hardware_concurrency();
   return cores == 0 ? 1 : static_cast<int>(cores);
 }
