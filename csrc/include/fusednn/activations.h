@@ -174,19 +174,29 @@ struct GeluTanh {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kSqrt2OverPi = 0.79788456080286535588;
   static constexpr double kCubic = 0.044715;
+  // sigmoid(2u) and e = exp(-|2u|) for float input: 2u in double, the
+  // exponential in float (exp_neg_wide); for double input all in double.
+  template <class T> FUSEDNN_HD static double exp_neg(double a) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return math::exp_neg_wide(a);
+    } else {
+      return exp_(-a);
+    }
+  }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     const double xd = x;
     const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * xd * xd * xd);
-    return T(xd * math::sigmoid_(two_u));
+    const double e = exp_neg<T>(abs_(two_u));
+    return T(xd * math::sigmoid_from_exp(two_u, e));
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
     const double xd = x;
     const double x2 = xd * xd;
     const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * x2 * xd);
-    const double e = exp_(-abs_(two_u));
+    const double e = exp_neg<T>(abs_(two_u));
     const double q = 1.0 + e;
     const double s = math::sigmoid_from_exp(two_u, e);
-    const double ds = e / q / q;  // s (1 - s)
+    const double ds = e / (q * q);  // s (1 - s)
     const double d_two_u = 2.0 * kSqrt2OverPi * (1.0 + 3.0 * kCubic * x2);
     // Where sigmoid' has underflowed, x^2 may have overflowed: the slope term
     // is then x * 0 (NaN only for infinite x, as in PyTorch).

@@ -152,6 +152,16 @@ template <class T> FUSEDNN_HD double exp_scaled_wide(T x) {
 // e^x in double, from the exponential evaluated in T.
 FUSEDNN_HD double exp_wide(float x) { return exp_scaled_wide(x) * 0x1p-64; }
 
+// e^-a for a double a >= 0, through the float exponential: a is split into
+// its float rounding and the remainder, whose factor e^-rest is 1 - rest to
+// within 1e-14 (|rest| <= 2^-24 a and the result underflows beyond a = 104).
+FUSEDNN_HD double exp_neg_wide(double a) {
+  const bool far = a > 150.0;  // e^-a is 0 in float; also keeps inf - inf out
+  const float head = static_cast<float>(far ? 150.0 : a);
+  const double rest = (far ? 150.0 : a) - double(head);
+  return far ? 0.0 : exp_wide(-head) * (1.0 - rest);
+}
+
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
 // second factor is 1 + lo to within lo^2.
 template <class T> FUSEDNN_HD T exp_pair(T hi, T lo) {
@@ -241,17 +251,11 @@ template <class T> FUSEDNN_HD T tanh_(T x) {
 // accurate to about 1e-9 relative: Phi(-t) = exp(-t^2/2) M(t) for t = |x|,
 // with M fitted by scripts/fit_normal_tail.py as a polynomial in
 // v = (t - 3) / (t + 3) (relative error 3e-10 on [0, 16]; beyond 16 the
-// float32 results underflow). The exponential runs in float: t^2/2 is exact
-// in double, split into a float part and a remainder that corrects the
-// float exponential to first order.
+// float32 results underflow). The exponential runs in float (exp_neg_wide).
 FUSEDNN_HD void normal_cdf_pdf_f32(double x, double& cdf, double& pdf) {
   const double t = abs_(x);
-  const double half_square = 0.5 * t * t;
-  const float head = static_cast<float>(half_square);
-  const double rest = half_square - double(head);
-  const bool far = t > 16.0;  // exp(-t^2/2) < 1e-55; also keeps inf - inf out
-  const double gauss = far ? 0.0 : exp_wide(-head) * (1.0 - rest);  // exp(-t^2/2)
-  const double tc = far ? 16.0 : t;
+  const double gauss = exp_neg_wide(0.5 * t * t);  // t^2 / 2 is exact in double
+  const double tc = t > 16.0 ? 16.0 : t;
   const double v = (tc - 3.0) / (tc + 3.0);
   double m = 1.375189875723707e-06;
   m = fmadd(m, v, 1.641130343084609e-07);
