@@ -78,15 +78,20 @@ def accepts_output(name: str, params: dict) -> bool:
 # the ones that select or multiply once; hardsigmoid' (g / 6 against the
 # reference's g * (1/6)) and hardswish may differ by the reference's own
 # rounding and get the float64 ulp bound.
+# float16 (GPU only) is computed in float32 and rounded once more: only
+# the activations that select rather than compute stay exact.
 EXACT = {np.dtype(np.float32): {"relu", "leaky_relu", "hardtanh", "hardsigmoid", "hardswish"},
-         np.dtype(np.float64): {"relu", "leaky_relu", "hardtanh"}}
+         np.dtype(np.float64): {"relu", "leaky_relu", "hardtanh"},
+         np.dtype(np.float16): {"relu", "hardtanh"}}
 
 # Elementwise bounds in ulp of the dtype. float32: DESIGN section 6.
 # float64: the kernels and the reference both evaluate exp, log1p, erfc and
 # tanh to about 1 ulp and combine a few of them, each ending within 6 ulp of
 # the true value (measured against mpmath: mish' 5 ulp in the kernel, 6 in
-# the reference; tanh' 2 and 3), so they differ by at most 12.
-ULP_BOUND = {np.dtype(np.float32): 4.0, np.dtype(np.float64): 12.0}
+# the reference; tanh' 2 and 3), so they differ by at most 12. float16: a
+# float32 result within 4 float32 ulp, rounded to float16, is within half a
+# float16 ulp plus 2^-11 of one, so 1 ulp.
+ULP_BOUND = {np.dtype(np.float32): 4.0, np.dtype(np.float64): 12.0, np.dtype(np.float16): 1.0}
 
 # Derivatives that are a sum of two terms of opposite sign below their
 # root. Where the terms cancel (their sum is less than half their
@@ -149,7 +154,7 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     result unspecified, and vector and scalar code may pick differently)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    uint = np.uint32 if a.dtype.itemsize == 4 else np.uint64
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
     a_nan, b_nan = np.isnan(a), np.isnan(b)
     a_bits = np.where(a_nan, 0, np.ascontiguousarray(a).view(uint))
     b_bits = np.where(b_nan, 0, np.ascontiguousarray(b).view(uint))
@@ -188,15 +193,18 @@ def derivative_terms(name: str, params: dict, x: np.ndarray):
 def _cancellation_allowance(name, params, x, grad, expected, dtype):
     """The absolute allowance for a derivative whose terms cancel: the
     near-root floor where they cancel by CANCELLATION or more, and in
-    float64 ULP_BOUND ulp scaled by the cancellation factor everywhere."""
+    float64 ULP_BOUND ulp scaled by the cancellation factor everywhere.
+    float16 is computed in float32 and gets float32's floor."""
     if name not in ROOT_CANCELLING:
         return np.zeros(np.shape(x))
+    precision = np.float32 if np.dtype(dtype) == np.float16 else dtype
     first, second = derivative_terms(name, params, x)
     with np.errstate(all="ignore"):
         magnitude = np.abs(first) + np.abs(second)
         factor = magnitude / np.abs(first + second)
         cancels = factor >= CANCELLATION
-        floor = ROOT_FLOOR_UNITS * 2.0 ** -significand_bits(dtype) * np.abs(grad.astype(np.float64))
+        floor = ROOT_FLOOR_UNITS * 2.0 ** -significand_bits(precision) * np.abs(
+            grad.astype(np.float64))
         allowance = np.where(cancels, floor, 0.0)
         if np.dtype(dtype) == np.float64:
             allowance = np.maximum(allowance, _ulps_of(expected, dtype) * factor)
@@ -307,7 +315,8 @@ def special_values(dtype) -> np.ndarray:
     if dtype == np.float64:
         values += [1e-310, -1e-310, 709.7, -709.7, 745.2, -745.2, 1e154, 1e200, -1e200,
                    1e300, -1e300]
-    return np.array(values, dtype=dtype)
+    with np.errstate(over="ignore"):  # float16: the float32-sized magnitudes become inf
+        return np.array(values, dtype=np.float64).astype(dtype)
 
 
 def dense_grid(dtype, n=40_001) -> np.ndarray:

@@ -1,5 +1,5 @@
-// The fusednn._cuda extension module: what the CUDA build targets and what
-// the driver reports. Kernels are bound from their own files.
+// The fusednn._cuda extension module: what the CUDA build targets, what
+// the driver reports, and the kernel families (each bound in its own file).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +9,12 @@
 #include "cuda/device.h"
 
 namespace py = pybind11;
+
+namespace fusednn {
+namespace bindings {
+void bind_cuda_activations(py::module_& m);
+}  // namespace bindings
+}  // namespace fusednn
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fusednn CUDA kernels (private; use the fusednn package)";
@@ -28,4 +34,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("runtime_version", &fusednn::cuda::runtime_version);
   m.def("device_count", &fusednn::cuda::device_count,
         "Number of visible CUDA devices (0 when there is no driver or device).");
+  fusednn::bindings::bind_cuda_activations(m);
 }

@@ -1,8 +1,10 @@
 """Array plumbing shared by the public functions: which compiled module an
-array belongs to, dtype and ``out=`` validation, and build information.
+array belongs to (numpy arrays run on ``_cpu``, CuPy arrays on ``_cuda``),
+dtype and ``out=`` validation, and build information.
 
 Validation happens here, once, before any kernel runs, so that a bad
-argument raises without writing anything.
+argument raises without writing anything. CuPy is imported only when a
+CuPy array arrives, so fusednn never needs it to import.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ except ImportError:  # pragma: no cover - depends on the build
 
 SUPPORTED_DTYPES = ("float32", "float64")
 _SUPPORTED = tuple(np.dtype(d) for d in SUPPORTED_DTYPES)
+# The CUDA kernels also take float16 (computed in float32); the codes are
+# the binding's DType.
+SUPPORTED_CUDA_DTYPES = ("float32", "float64", "float16")
+_CUDA_DTYPE_CODES = {np.dtype(d): code for code, d in enumerate(SUPPORTED_CUDA_DTYPES)}
 
 
 def is_cupy_array(a) -> bool:
@@ -35,6 +41,99 @@ def cuda_unavailable(function: str) -> Exception:
     return NotImplementedError(
         f"fusednn.{function}: this version has no CUDA kernel for this function; "
         "pass numpy arrays (cupy.asnumpy) to run it on the CPU.")
+
+
+def device_of(function: str, **arrays) -> str:
+    """'cuda' when the given arrays (None skipped) are CuPy arrays, 'cpu'
+    otherwise. Mixing the two is a TypeError, a CuPy array without the
+    CUDA module a RuntimeError; both name the fix."""
+    on_gpu = [name for name, a in arrays.items() if a is not None and is_cupy_array(a)]
+    if not on_gpu:
+        return "cpu"
+    on_cpu = [name for name, a in arrays.items() if a is not None and not is_cupy_array(a)]
+    if on_cpu:
+        raise TypeError(
+            f"fusednn.{function}: {', '.join(on_gpu)} on the GPU (CuPy) but "
+            f"{', '.join(on_cpu)} on the CPU; put every array on one device "
+            "(cupy.asarray(a) moves a numpy array to the GPU, cupy.asnumpy(a) brings a "
+            "CuPy array back)")
+    if _cuda is None:
+        raise cuda_unavailable(function)
+    return "cuda"
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def check_cuda_dtype(dtype, name: str, function: str) -> None:
+    if np.dtype(dtype) not in _CUDA_DTYPE_CODES:
+        raise TypeError(f"fusednn.{function}: {name} has dtype {np.dtype(dtype)}; supported "
+                        f"dtypes are {', '.join(SUPPORTED_CUDA_DTYPES)} (float16 on the GPU only)")
+
+
+def as_cuda_array(x, name: str, function: str):
+    """Checks that x is a CuPy array of a supported dtype on the current
+    CuPy device, and returns it aligned to its item size (copying once
+    only if it is not)."""
+    cupy = _cupy()
+    if not isinstance(x, cupy.ndarray):
+        raise TypeError(f"fusednn.{function}: {name} must be a numpy or CuPy array, "
+                        f"not {type(x).__name__}")
+    check_cuda_dtype(x.dtype, name, function)
+    current = cupy.cuda.Device().id
+    if x.device.id != current:
+        raise ValueError(f"fusednn.{function}: {name} is on GPU {x.device.id} but the current "
+                         f"CuPy device is GPU {current}; call it inside "
+                         f"`with cupy.cuda.Device({x.device.id}):`")
+    if x.data.ptr % x.dtype.itemsize or any(s % x.dtype.itemsize for s in x.strides):
+        x = cupy.ascontiguousarray(x)
+    return x
+
+
+def prepare_cuda_out(out, like, function: str):
+    """Returns out after checking it against the CuPy array `like` (shape,
+    dtype, device), or a new CuPy array when out is None."""
+    cupy = _cupy()
+    if out is None:
+        return cupy.empty(like.shape, dtype=like.dtype)
+    if not isinstance(out, cupy.ndarray):
+        raise ValueError(f"fusednn.{function}: out is a {type(out).__module__.split('.')[0]} "
+                         f"{type(out).__name__} but the inputs are CuPy arrays; out must be a "
+                         "CuPy array on the inputs' device")
+    if out.shape != like.shape:
+        raise ValueError(f"fusednn.{function}: out has shape {out.shape}, expected {like.shape}")
+    if out.dtype != like.dtype:
+        raise ValueError(f"fusednn.{function}: out has dtype {out.dtype}, expected {like.dtype}")
+    if out.device.id != like.device.id:
+        raise ValueError(f"fusednn.{function}: out is on GPU {out.device.id}, the inputs on "
+                         f"GPU {like.device.id}")
+    itemsize = out.dtype.itemsize
+    if out.data.ptr % itemsize or any(s % itemsize for s in out.strides):
+        raise ValueError(f"fusednn.{function}: out is not aligned to its item size")
+    return out
+
+
+def detach_from_cuda_out(x, out):
+    """As detach_from_out, for CuPy arrays."""
+    if (out is x or (x.data.ptr == out.data.ptr and x.strides == out.strides
+                     and x.shape == out.shape)
+            or not _cupy().may_share_memory(x, out)):
+        return x
+    return x.copy()
+
+
+def cuda_operand(a) -> tuple:
+    """A CuPy array as the CUDA module takes it: (device pointer, dtype
+    code, shape, byte strides)."""
+    return (a.data.ptr, _CUDA_DTYPE_CODES[a.dtype], a.shape, a.strides)
+
+
+def cuda_target(a) -> tuple:
+    """(device id, CuPy's current stream as an integer) for a launch on a's
+    device."""
+    return a.device.id, _cupy().cuda.get_current_stream().ptr
 
 
 def as_cpu_array(x, name: str, function: str) -> np.ndarray:

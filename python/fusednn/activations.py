@@ -1,17 +1,19 @@
-"""Activation functions and their derivatives on numpy arrays (CPU kernels).
+"""Activation functions and their derivatives on numpy arrays (CPU kernels)
+and CuPy arrays (CUDA kernels, on CuPy's current stream).
 
 Every function takes an array of any shape (0-d, empty and strided views
-included) in float32 or float64 and returns a new array, or writes ``out``
-when given (``out=x`` works in place). Parameters and edge cases follow
-PyTorch; see docs/activations.md for each formula, the derivative's input
-and the measured accuracy.
+included) in float32 or float64 (and float16 on the GPU) and returns a new
+array of the same library, or writes ``out`` when given (``out=x`` works in
+place). Parameters and edge cases follow PyTorch; see docs/activations.md
+for each formula, the derivative's input and the measured accuracy, and
+docs/cuda.md for the GPU.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import _backend
-from ._backend import _cpu
+from ._backend import _cpu, _cuda
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu",
                "softplus", "mish", "hardsigmoid", "hardswish", "hardtanh")
@@ -78,6 +80,13 @@ def activation(name: str, x, *, out=None, **params):
     function = name if isinstance(name, str) and name in _IDS else "activation"
     _check_name(name, "activation")
     a, b, tanh_approx = _kernel_params(name, params, function)
+    if _backend.device_of(function, x=x) == "cuda":
+        x = _backend.as_cuda_array(x, "x", function)
+        out = _backend.prepare_cuda_out(out, x, function)
+        x = _backend.detach_from_cuda_out(x, out)
+        _cuda.activation_forward(_IDS[name], _backend.cuda_operand(x), _backend.cuda_operand(out),
+                                 a, b, tanh_approx, *_backend.cuda_target(x))
+        return out
     x = _backend.as_cpu_array(x, "x", function)
     out = _backend.prepare_out(out, x.shape, x.dtype, function)
     x = _backend.detach_from_out(x, out)
@@ -106,8 +115,20 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
         raise ValueError(f"fusednn.{function}: the derivative of {name} with these "
                          "parameters needs x, the forward input; y is not enough")
     saved_name = "y" if use_y else "x"
+    saved = y if use_y else x
+    if _backend.device_of(function, grad_output=grad_output, **{saved_name: saved}) == "cuda":
+        grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
+        saved = _backend.as_cuda_array(saved, saved_name, function)
+        _backend.check_same(grad_output, saved, f"grad_output and {saved_name}", function)
+        out = _backend.prepare_cuda_out(out, grad_output, function)
+        grad_output = _backend.detach_from_cuda_out(grad_output, out)
+        saved = _backend.detach_from_cuda_out(saved, out)
+        _cuda.activation_backward(_IDS[name], use_y, _backend.cuda_operand(grad_output),
+                                  _backend.cuda_operand(saved), _backend.cuda_operand(out),
+                                  a, b, tanh_approx, *_backend.cuda_target(grad_output))
+        return out
     grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
-    saved = _backend.as_cpu_array(y if use_y else x, saved_name, function)
+    saved = _backend.as_cpu_array(saved, saved_name, function)
     _backend.check_same(grad_output, saved, f"grad_output and {saved_name}", function)
     out = _backend.prepare_out(out, grad_output.shape, grad_output.dtype, function)
     grad_output = _backend.detach_from_out(grad_output, out)
