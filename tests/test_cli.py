@@ -460,13 +460,17 @@ def test_size_accepts_powers_of_two():
     assert bench._size("4096") == 4096
 
 
-@pytest.mark.parametrize(("cuda_built", "message"), [
-    (False, "this fusednn was built without CUDA"),
-    (True, "no CUDA kernels yet for activations, batchnorm; run with --device cpu"),
+@pytest.mark.parametrize(("cuda_built", "cupy", "kernels", "message"), [
+    (False, None, "all", "this fusednn was built without CUDA"),
+    (True, None, "all", "needs CuPy, which is not importable (no cupy here)"),
+    (True, "cupy", "batchnorm", "no CUDA kernels yet for batchnorm; run with --device cpu"),
 ])
-def test_cuda_device_says_why_it_cannot_run(cuda_built, message, monkeypatch, capsys):
+def test_cuda_device_says_why_it_cannot_run(cuda_built, cupy, kernels, message, monkeypatch,
+                                            capsys):
     monkeypatch.setattr(bench, "info", lambda: {**fn.info(), "cuda_built": cuda_built})
-    assert main(TINY + ["--device", "cuda"]) == 1
+    monkeypatch.setattr(bench, "_import_cupy",
+                        lambda: (cupy, "13.0") if cupy else (None, "not importable (no cupy here)"))
+    assert main(TINY + ["--device", "cuda", "--kernels", kernels]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("fusednn bench: --device cuda: ")

@@ -8,11 +8,14 @@ write; batch norm's forward reads x twice, for the statistics and to
 normalize, and writes y: 2 reads + 1 write; its backward reads x and
 grad_output twice each and writes grad_input: 4 reads + 1 write). GB/s is
 bytes moved (elements x bytes/elem) per second, 1 GB = 1e9 bytes. The roof
-is a plain copy of the same number of bytes: the faster of
-``fusednn._cpu.copy`` (threaded, streaming stores) and ``np.copyto``. The
-copy, the numpy reference and PyTorch are timed in the same rounds as each
-kernel (one call of each per round, medians over the rounds), so that the
-load of a busy machine hits them alike and every ratio comes from one run.
+is a plain copy of the same number of bytes: on the CPU the faster of
+``fusednn._cpu.copy`` (threaded, streaming stores) and ``np.copyto``; on the
+GPU (``--device cuda``) the faster of a device-to-device ``cudaMemcpyAsync``
+and ``cupy.copyto``. The copy, the numpy reference and PyTorch are timed in
+the same rounds as each kernel (one call of each per round, medians over the
+rounds), so that the load of a busy machine hits them alike and every ratio
+comes from one run. GPU work is timed with CUDA events on CuPy's current
+stream; the numpy reference always runs on the host, by wall clock.
 
 Kernel families plug in through ``FAMILIES``: a family names its kernels and
 gives, per device, a function that builds its ``Case`` objects (the array
@@ -46,6 +49,10 @@ from .batchnorm import batch_norm, batch_norm_backward
 
 DEFAULT_SIZE = 2**25
 QUICK_SIZE = 2**22
+# A GPU streams 2^22 elements in microseconds, where launch overhead and
+# caches would decide; these sizes measure memory bandwidth.
+CUDA_DEFAULT_SIZE = 2**28
+CUDA_QUICK_SIZE = 2**26
 DEFAULT_REPEAT = 7
 QUICK_REPEAT = 5
 WARMUP = 1
@@ -418,33 +425,50 @@ ACTIVATION_KERNELS = (
 )
 
 
+def on_device(device: str):
+    """(to_device, to_host) array conversions for the kernels of `device`:
+    identities on the CPU, CuPy's asarray and asnumpy on the GPU."""
+    if device == "cuda":
+        import cupy
+        return cupy.asarray, cupy.asnumpy
+    return (lambda a: a), (lambda a: a)
+
+
 class ActivationArrays:
     """The arrays every activation case shares, so that they are made once
     per run: x and grad_output (standard normal), y (the forward output, for
-    backward passes that read it) and out, with zero-copy torch views."""
+    backward passes that read it) and out, on the plan's device (numpy or
+    CuPy), with zero-copy torch views; to_host copies a prefix back for the
+    numpy reference."""
 
-    def __init__(self, size: int, dtype: np.dtype, torch):
+    def __init__(self, size: int, dtype: np.dtype, torch, device: str = "cpu"):
         rng = np.random.default_rng(0)
-        self.x = rng.standard_normal(size, dtype=dtype)
-        self.grad = rng.standard_normal(size, dtype=dtype)
-        self.y = np.empty(size, dtype=dtype)
-        self.out = np.empty(size, dtype=dtype)
+        put, self.to_host = on_device(device)
+        self.x = put(rng.standard_normal(size, dtype=dtype))
+        self.grad = put(rng.standard_normal(size, dtype=dtype))
+        self.y = put(np.empty(size, dtype=dtype))
+        self.out = put(np.empty(size, dtype=dtype))
         if torch is not None:
-            self.tensors = {name: torch.from_numpy(getattr(self, name))
-                            for name in ("x", "grad", "y", "out")}
+            view = torch.from_numpy if device == "cpu" else torch.from_dlpack
+            self.tensors = {name: view(getattr(self, name)) for name in ("x", "grad", "y", "out")}
 
 
-def _activation_check(kernel: ActivationKernel, direction: str, dtype) -> CheckResult:
+def _activation_check(kernel: ActivationKernel, direction: str, dtype,
+                      device: str = "cpu") -> CheckResult:
     x, grad = check_inputs(dtype)
     params = kernel.params
     tolerance = 0.0 if kernel.exact else TOLERANCE_ULP[np.dtype(dtype).name]
+    put, get = on_device(device)
     if direction == "forward":
-        ours = activation(kernel.activation, x, **params)
+        ours = get(activation(kernel.activation, put(x), **params))
         return compare(ours, reference.activation(kernel.activation, x, **params), tolerance,
                        {"x": x})
-    saved = activation(kernel.activation, x, **params) if kernel.backward_from == "y" else x
+    saved = x
+    if kernel.backward_from == "y":
+        saved = get(activation(kernel.activation, put(x), **params))
     saved_arg = {kernel.backward_from: saved}
-    ours = activation_backward(kernel.activation, grad, **saved_arg, **params)
+    ours = get(activation_backward(kernel.activation, put(grad),
+                                   **{kernel.backward_from: put(saved)}, **params))
     expected = reference.activation_backward(kernel.activation, grad, **saved_arg, **params)
     inputs = {"x": x, "grad_output": grad}
     if kernel.backward_from == "y":
@@ -461,9 +485,10 @@ def _activation_runners(kernel: ActivationKernel, direction: str, plan: Plan,
     name, params = kernel.activation, kernel.params
     m = min(plan.size, plan.reference_elements)
     x, grad, out = arrays.x, arrays.grad, arrays.out
+    x_host = arrays.to_host(x[:m])
     if direction == "forward":
         runners = Runners(ours=lambda: activation(name, x, out=out, **params),
-                          reference=lambda: reference.activation(name, x[:m], **params),
+                          reference=lambda: reference.activation(name, x_host, **params),
                           reference_elements=m)
         peer, tensors = kernel.torch_forward, ("x",)
     else:
@@ -471,10 +496,11 @@ def _activation_runners(kernel: ActivationKernel, direction: str, plan: Plan,
             activation(name, x, out=arrays.y, **params)
         from_saved = kernel.backward_from
         saved = getattr(arrays, from_saved)
+        grad_host, saved_host = arrays.to_host(grad[:m]), arrays.to_host(saved[:m])
         runners = Runners(
             ours=lambda: activation_backward(name, grad, **{from_saved: saved}, out=out, **params),
             reference=lambda: reference.activation_backward(
-                name, grad[:m], **{from_saved: saved[:m]}, **params),
+                name, grad_host, **{from_saved: saved_host}, **params),
             reference_elements=m)
         peer, tensors = kernel.torch_backward, ("grad", from_saved)
     if plan.torch is not None:
@@ -488,7 +514,8 @@ def _activation_runners(kernel: ActivationKernel, direction: str, plan: Plan,
 
 def activation_cases(plan: Plan) -> list[Case]:
     """Forward and backward of every activation, as in ACTIVATION_KERNELS."""
-    arrays = functools.cache(lambda: ActivationArrays(plan.size, plan.dtype, plan.torch))
+    arrays = functools.cache(
+        lambda: ActivationArrays(plan.size, plan.dtype, plan.torch, plan.device))
     item = plan.dtype.itemsize
     arrays_moved = {"forward": (1, 1), "backward": (2, 1)}  # (read, written)
     cases = []
@@ -498,7 +525,8 @@ def activation_cases(plan: Plan) -> list[Case]:
                 family="activations", name=kernel.name, direction=direction,
                 shape=(plan.size,),
                 bytes_per_element=(reads + writes) * item, traffic=f"{reads}r+{writes}w",
-                check=functools.partial(_activation_check, kernel, direction, plan.dtype),
+                check=functools.partial(_activation_check, kernel, direction, plan.dtype,
+                                        plan.device),
                 prepare=lambda k=kernel, d=direction: _activation_runners(k, d, plan, arrays())))
     return cases
 
@@ -851,7 +879,8 @@ class Family:
 
 FAMILIES = {
     "activations": Family("activations", tuple(k.name for k in ACTIVATION_KERNELS),
-                          ("forward", "backward"), {"cpu": activation_cases},
+                          ("forward", "backward"),
+                          {"cpu": activation_cases, "cuda": activation_cases},
                           describe_activations),
     "batchnorm": Family("batchnorm", BATCH_NORM_KERNELS, ("forward", "backward"),
                         {"cpu": batch_norm_cases}, describe_batch_norm),
@@ -893,6 +922,11 @@ def check_device(device: str, selection: dict) -> None:
     if device == "cuda" and not info()["cuda_built"]:
         raise BenchError("--device cuda: this fusednn was built without CUDA; reinstall with "
                          "nvcc on PATH (FUSEDNN_CUDA=ON pip install . -Ccmake.fresh=true)")
+    if device == "cuda":
+        cupy, note = _import_cupy()
+        if cupy is None:
+            raise BenchError(f"--device cuda: needs CuPy, which is {note} (pip install "
+                             "cupy-cuda12x, or fusednn[cuda])")
     missing = [f for f in selection if device not in FAMILIES[f].builders]
     if missing:
         raise BenchError(f"--device {device}: no {device.upper()} kernels yet for "
@@ -909,19 +943,44 @@ def build_cases(plan: Plan, selection: dict) -> list[Case]:
 
 # ---- timing -------------------------------------------------------------------
 
-def interleaved_seconds(calls: dict, repeat: int, warmup: int = WARMUP) -> dict:
-    """Wall times of each call, `repeat` samples each. Rounds interleave the
+def wall_seconds(call) -> float:
+    """Seconds call() takes by the host's clock (CPU kernels, the reference)."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+class CudaEventClock:
+    """Seconds of GPU work call() enqueues on CuPy's current stream, from two
+    CUDA events around it; launch overhead on the host is not counted."""
+
+    def __init__(self):
+        import cupy
+        self.cupy = cupy
+        self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def __call__(self, call) -> float:
+        self.start.record()
+        call()
+        self.end.record()
+        self.end.synchronize()
+        return self.cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3
+
+
+def interleaved_seconds(calls: dict, repeat: int, warmup: int = WARMUP,
+                        clocks: dict | None = None) -> dict:
+    """Times of each call, `repeat` samples each, by the clock `clocks`
+    gives for its label (wall_seconds by default). Rounds interleave the
     calls (one of each per round) so that a change in machine load hits all
     of them."""
+    clocks = clocks or {}
     for call in calls.values():
         for _ in range(warmup):
             call()
     samples = {label: [] for label in calls}
     for _ in range(repeat):
         for label, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[label].append(time.perf_counter() - start)
+            samples[label].append(clocks.get(label, wall_seconds)(call))
     return samples
 
 
@@ -929,6 +988,9 @@ class CpuCopyRoof:
     """A plain copy moving the same bytes as a case, half read and half
     written: fusednn._cpu.copy (threaded, streaming stores) and np.copyto
     (one thread), on buffers sized for the largest case."""
+
+    clock = staticmethod(wall_seconds)
+    description = "the faster of fusednn._cpu.copy (threaded, streaming) and np.copyto"
 
     def __init__(self, plan: Plan, cases: list):
         self.itemsize = plan.dtype.itemsize
@@ -949,7 +1011,32 @@ class CpuCopyRoof:
                                        "np.copyto": lambda: np.copyto(dst, src)}
 
 
-COPY_ROOFS = {"cpu": CpuCopyRoof}
+class CudaCopyRoof(CpuCopyRoof):
+    """The GPU's copy of the same bytes, device to device on CuPy's current
+    stream: cudaMemcpyAsync (the driver's copy path) and cupy.copyto (an
+    elementwise kernel), timed by CUDA events like the kernels and peers."""
+
+    description = "the faster of a device-to-device cudaMemcpyAsync and cupy.copyto"
+
+    def __init__(self, plan: Plan, cases: list):
+        import cupy
+        self.cupy = cupy
+        self.clock = CudaEventClock()
+        self.itemsize = plan.dtype.itemsize
+        largest = max(self.copied(c.elements, c.bytes_per_element) for c in cases)
+        self.source = cupy.ones(largest, dtype=plan.dtype)
+        self.target = cupy.empty(largest, dtype=plan.dtype)
+
+    def calls(self, elements: int, bytes_per_element: float) -> tuple[int, dict]:
+        n = self.copied(elements, bytes_per_element)
+        src, dst = self.source[:n], self.target[:n]
+        nbytes = n * self.itemsize
+        return 2 * nbytes, {
+            "cudaMemcpyAsync": lambda: dst.data.copy_from_device_async(src.data, nbytes),
+            "cupy.copyto": lambda: self.cupy.copyto(dst, src)}
+
+
+COPY_ROOFS = {"cpu": CpuCopyRoof, "cuda": CudaCopyRoof}
 
 
 @dataclass
@@ -969,8 +1056,10 @@ def time_case(case: Case, plan: Plan, roof) -> Timing:
     calls = {"ours": runners.ours, **copies, "reference": runners.reference}
     if runners.torch is not None:
         calls["torch"] = runners.torch
-    return Timing(case, runners, interleaved_seconds(calls, plan.repeat), copy_bytes,
-                  tuple(copies))
+    # Everything but the host-side reference runs on the roof's device.
+    clocks = {label: roof.clock for label in calls if label != "reference"}
+    return Timing(case, runners, interleaved_seconds(calls, plan.repeat, clocks=clocks),
+                  copy_bytes, tuple(copies))
 
 
 @dataclass
@@ -1054,7 +1143,8 @@ def header(plan: Plan) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} "
-                   f"{platform.release()}",
+                   f"{platform.release()}"
+                   + (f"; {gpu_model()}" if plan.device == "cuda" else ""),
         "device": plan.device,
         "threads": plan.threads,
         "simd": build["simd"],
@@ -1113,8 +1203,8 @@ def report_text(plan: Plan, head: dict, checks: dict, roofs: dict, results: list
     lines.append("bytes/elem: memory traffic per element, e.g. 2r+1w = 2 arrays read and 1 "
                  "written; GB/s = 1e9 bytes/s")
     lines.append("roof: a plain copy of the same bytes, timed in the same rounds as each "
-                 "kernel; median over the run of the faster of fusednn._cpu.copy (threaded, "
-                 "streaming) and np.copyto:")
+                 f"kernel; median over the run of {COPY_ROOFS[plan.device].description}"
+                 + (" (CUDA events)" if plan.device == "cuda" else "") + ":")
     for roof in roofs.values():
         both = ", ".join(f"{name} {rate:.1f}" for name, rate in roof.gb_per_s.items())
         lines.append(f"  {roof.bytes_per_element:g} bytes/elem x {roof.elements} elements: "
@@ -1124,7 +1214,9 @@ def report_text(plan: Plan, head: dict, checks: dict, roofs: dict, results: list
     if plan.torch is None:
         lines.append(f"x torch: skipped ({plan.torch_note})")
     else:
-        lines.append(f"x torch: {_per_family(texts, 'torch')}; torch threads {plan.threads}")
+        where = ("on the GPU, same stream" if plan.device == "cuda"
+                 else f"torch threads {plan.threads}")
+        lines.append(f"x torch: {_per_family(texts, 'torch')}; {where}")
     lines.append("")
     columns = ("kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof",
                "x numpy-ref", "x torch")
@@ -1232,7 +1324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(BATCH_NORM_KERNELS)} (batch_norm: both)")
     batch, channels = BATCH_NORM_SHAPE[:2]
     parser.add_argument("--size", type=_size, metavar="N",
-                        help="elements per array (default 2^25; 2^22 with --quick). Batch norm "
+                        help="elements per array (default 2^25, 2^22 with --quick; on --device "
+                             "cuda 2^28, 2^26 with --quick). Batch norm "
                              f"takes x of {_shape_text(BATCH_NORM_SHAPE)} (NCHW, and its NHWC "
                              f"twin; {_shape_text(BATCH_NORM_QUICK_SHAPE)} with --quick); "
                              f"with --size, {batch}x{channels}xHxW with H = W = "
@@ -1252,7 +1345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
 
-def _import_torch():
+def _import_torch(device: str = "cpu"):
     # PyTorch's OpenMP workers otherwise spin for a while after each of its
     # calls, taking the cores from the kernel timed next: with peers
     # interleaved that would slow every kernel but PyTorch's.
@@ -1261,7 +1354,32 @@ def _import_torch():
         import torch
     except ImportError as error:
         return None, f"not importable ({error})"
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, f"{torch.__version__} without CUDA"
     return torch, f"{torch.__version__} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})"
+
+
+def _import_cupy():
+    """(cupy, its version) when it sees a CUDA device, else (None, why not)."""
+    try:
+        import cupy
+    except ImportError as error:
+        return None, f"not importable ({error})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as error:
+        return None, f"installed but sees no CUDA device ({error})"
+    if count == 0:
+        return None, "installed but sees no CUDA device"
+    return cupy, cupy.__version__
+
+
+def gpu_model() -> str:
+    import cupy
+    device = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return f"GPU {device.id}: {name}, compute capability {device.compute_capability}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1273,9 +1391,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _require_matplotlib()
     dtype = np.dtype(args.dtype)
-    torch, torch_note = _import_torch()
+    torch, torch_note = _import_torch(args.device)
+    if args.device == "cuda":
+        quick_size, default_size = CUDA_QUICK_SIZE, CUDA_DEFAULT_SIZE
+    else:
+        quick_size, default_size = QUICK_SIZE, DEFAULT_SIZE
     plan = Plan(device=args.device, dtype=dtype,
-                size=args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE),
+                size=args.size or (quick_size if args.quick else default_size),
                 repeat=args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT),
                 threads=args.threads or get_num_threads(),
                 reference_elements=REFERENCE_ELEMENTS, torch=torch, torch_note=torch_note,
