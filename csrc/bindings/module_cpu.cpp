@@ -13,6 +13,7 @@ namespace fusednn {
 namespace bindings {
 void bind_activations(py::module_& m);
 void bind_batchnorm(py::module_& m);
+void bind_dropout(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
@@ -35,4 +36,5 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("set_num_threads", &cpu::set_num_threads);
   bindings::bind_activations(m);
   bindings::bind_batchnorm(m);
+  bindings::bind_dropout(m);
 }

@@ -1,0 +1,450 @@
+// CPU loops for dropout and the fused bias + activation + dropout epilogue.
+// The keep decisions are drawn on the fly, a chunk at a time, into a small
+// cache-resident buffer (one byte per element) by a loop over Philox
+// counters that vectorizes across counters; the elementwise loop then reads
+// them next to its inputs. Every chunk starts on a multiple of 64 elements,
+// so chunks own whole Philox blocks and whole mask bytes, and the bits are
+// the same for any thread count or SIMD width. Compiled once per ISA into
+// namespace FUSEDNN_ISA.
+#include "cpu/dropout.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/elementwise.h"
+#include "fusednn/philox.h"
+
+// The keep buffer is written as one uint32 per Philox block and read as one
+// byte per element, which puts lane l in byte l only on little-endian CPUs.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "dropout kernels assume little-endian");
+
+namespace fusednn {
+namespace cpu {
+namespace FUSEDNN_ISA {
+namespace {
+
+// Elements per keep buffer; a multiple of 64 (whole mask bytes and Philox
+// blocks), small enough for the buffers to stay in L1.
+constexpr int64_t kChunk = 2048;
+// Thread slices start on multiples of this, for the same reason.
+constexpr int64_t kSliceAlign = 64;
+// Row groups of the grad_bias reduction: fixed by the shape alone, so the
+// summation order never depends on the thread count.
+constexpr int64_t kBiasGroups = 16;
+
+// Supplies the keep decision of each element of one thread's slice
+// [begin, end), in increasing order, a chunk at a time.
+class KeepCursor {
+ public:
+  KeepCursor(const DropoutSpec& spec, int64_t begin, int64_t end)
+      : spec_(spec), begin_(begin), end_(end) {}
+
+  // Calls fn(keep, done, m) for consecutive pieces covering [pos, pos +
+  // count): keep[k] (0 or 1) decides element pos + done + k. Positions
+  // must not decrease from one call to the next.
+  template <class Fn> void pieces(int64_t pos, int64_t count, Fn&& fn) {
+    int64_t done = 0;
+    while (done < count) {
+      const int64_t at = pos + done;
+      if (at >= chunk_end_ || at < chunk_begin_) load(at);
+      const int64_t m = std::min(count - done, chunk_end_ - at);
+      fn(keep_ + (at - chunk_begin_), done, m);
+      done += m;
+    }
+  }
+
+ private:
+  void load(int64_t at) {
+    chunk_begin_ = begin_ + (at - begin_) / kChunk * kChunk;
+    chunk_end_ = std::min(chunk_begin_ + kChunk, end_);
+    const int64_t count = chunk_end_ - chunk_begin_;
+    if (spec_.mask_in != nullptr) {
+      unpack(count);
+      keep_ = reinterpret_cast<const uint8_t*>(unpacked_);
+      return;
+    }
+    draw(count);
+    keep_ = reinterpret_cast<const uint8_t*>(drawn_);
+    if (spec_.mask_out != nullptr) pack(count);
+  }
+
+  // One Philox block per iteration: four decisions as the four bytes of a
+  // uint32 (little-endian, so byte l is element 4j + l) and as a nibble.
+  void draw(int64_t count) {
+    const int64_t blocks = (count + 3) / 4;
+    if (spec_.threshold == 0) {
+      std::memset(drawn_, 0, sizeof drawn_);
+      std::memset(nibbles_, 0, sizeof nibbles_);
+      return;
+    }
+    // keep iff draw < T, i.e. draw <= T - 1, which fits in 32 bits.
+    const uint32_t limit = static_cast<uint32_t>(spec_.threshold - 1);
+    const uint64_t first = static_cast<uint64_t>(chunk_begin_) / philox::kLanes;
+    const uint32_t first_lo = static_cast<uint32_t>(first);
+    const uint32_t first_hi = static_cast<uint32_t>(first >> 32);
+    const uint32_t offset_lo = static_cast<uint32_t>(spec_.offset);
+    const uint32_t offset_hi = static_cast<uint32_t>(spec_.offset >> 32);
+    const uint32_t key0 = static_cast<uint32_t>(spec_.seed);
+    const uint32_t key1 = static_cast<uint32_t>(spec_.seed >> 32);
+    uint32_t* drawn = drawn_;
+    uint8_t* nibbles = nibbles_;
+#pragma omp simd
+    for (int64_t j = 0; j < blocks; ++j) {
+      // The 64-bit block number in 32-bit halves, carrying by hand, keeps
+      // the loop in 32-bit lanes.
+      uint32_t c0 = first_lo + static_cast<uint32_t>(j);
+      uint32_t c1 = first_hi + (c0 < first_lo ? 1u : 0u);
+      uint32_t c2 = offset_lo;
+      uint32_t c3 = offset_hi;
+#if defined(__AVX512DQ__)
+      philox::philox4x32_10_wide(c0, c1, c2, c3, key0, key1);
+#else
+      philox::philox4x32_10(c0, c1, c2, c3, key0, key1);
+#endif
+      const uint32_t k0 = c0 <= limit ? 1u : 0u;
+      const uint32_t k1 = c1 <= limit ? 1u : 0u;
+      const uint32_t k2 = c2 <= limit ? 1u : 0u;
+      const uint32_t k3 = c3 <= limit ? 1u : 0u;
+      drawn[j] = k0 | (k1 << 8) | (k2 << 16) | (k3 << 24);
+      nibbles[j] = static_cast<uint8_t>(k0 | (k1 << 1) | (k2 << 2) | (k3 << 3));
+    }
+  }
+
+  // Writes the chunk's mask bytes; bits past the end of the array stay 0.
+  void pack(int64_t count) {
+    const int64_t blocks = (count + 3) / 4;
+    if (blocks % 2 == 1) nibbles_[blocks] = 0;
+    const int64_t bytes = (count + 7) / 8;
+    uint8_t* dst = spec_.mask_out + chunk_begin_ / 8;
+    const uint8_t* nibbles = nibbles_;
+#pragma omp simd
+    for (int64_t q = 0; q < bytes; ++q)
+      dst[q] = static_cast<uint8_t>(nibbles[2 * q] | (nibbles[2 * q + 1] << 4));
+    if (count % 8 != 0) dst[bytes - 1] &= static_cast<uint8_t>((1u << (count % 8)) - 1);
+  }
+
+  // Spreads each mask byte over 8 bytes: replicate it, keep bit k in byte
+  // k, and turn each nonzero byte into 1 (adding 0x7f sets bit 7 of a
+  // nonzero byte without carrying into the next).
+  void unpack(int64_t count) {
+    const int64_t bytes = (count + 7) / 8;
+    const uint8_t* src = spec_.mask_in + chunk_begin_ / 8;
+    uint64_t* out = unpacked_;
+#pragma omp simd
+    for (int64_t q = 0; q < bytes; ++q) {
+      const uint64_t spread = (uint64_t(src[q]) * 0x0101010101010101ull) & 0x8040201008040201ull;
+      out[q] = ((spread + 0x7f7f7f7f7f7f7f7full) >> 7) & 0x0101010101010101ull;
+    }
+  }
+
+  DropoutSpec spec_;
+  int64_t begin_;
+  int64_t end_;
+  int64_t chunk_begin_ = 0;
+  int64_t chunk_end_ = 0;
+  const uint8_t* keep_ = nullptr;
+  alignas(64) uint32_t drawn_[kChunk / 4];
+  alignas(64) uint64_t unpacked_[kChunk / 8];
+  alignas(64) uint8_t nibbles_[kChunk / 4];
+};
+
+// Splits [0, size) into one slice per thread (boundaries on multiples of
+// kSliceAlign) and walks each; make_body(begin, end) builds a slice's body.
+template <int N, class MakeBody>
+void run_slices(const StridedLoop<N>& loop, char* const base[N], const int sizes[N],
+                MakeBody make_body) {
+  const int64_t size = loop.size;
+  if (size == 0) return;
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
+  parallel_for(slices, [&](int64_t s) {
+    const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~(kSliceAlign - 1);
+    const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~(kSliceAlign - 1);
+    auto body = make_body(begin, end);
+    loop.walk(base, sizes, begin, end, body);
+    body.finish();
+  });
+}
+
+template <class T> bool streams(int64_t size) { return size * int64_t(sizeof(T)) >= kStreamBytes; }
+
+template <class T> struct DropoutBody {
+  KeepCursor cursor;
+  int64_t pos;
+  T scale;
+  bool stream;
+
+  void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+    const T* x = reinterpret_cast<const T*>(ptr[0]);
+    T* y = reinterpret_cast<T*>(ptr[1]);
+    const int64_t at = pos;
+    pos += len;
+    if (inner[0] == 1 && inner[1] == 1) {
+      produce(y, len, stream, [&](T* dst, int64_t start, int64_t count) {
+        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+          const T* src = x + start + done;
+          T* out = dst + done;
+          const T s = scale;
+#pragma omp simd
+          for (int64_t k = 0; k < m; ++k) out[k] = src[k] * (keep[k] ? s : T(0));
+        });
+      });
+    } else {
+      cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
+        for (int64_t k = 0; k < m; ++k)
+          y[(done + k) * inner[1]] = x[(done + k) * inner[0]] * (keep[k] ? scale : T(0));
+      });
+    }
+  }
+  void finish() {
+    if (stream) store_fence();
+  }
+};
+
+template <class Op, class T> struct BiasActForwardBody {
+  KeepCursor cursor;
+  int64_t pos;
+  T scale;
+  bool stream;
+  ActivationParams params;
+
+  void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+    const T* h = reinterpret_cast<const T*>(ptr[0]);
+    const T* b = reinterpret_cast<const T*>(ptr[1]);
+    T* o = reinterpret_cast<T*>(ptr[2]);
+    const int64_t at = pos;
+    pos += len;
+    if (inner[0] == 1 && inner[2] == 1 && (inner[1] == 1 || inner[1] == 0)) {
+      const bool bias_varies = inner[1] == 1;
+      produce(o, len, stream, [&](T* dst, int64_t start, int64_t count) {
+        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+          const T* hs = h + start + done;
+          T* out = dst + done;
+          const T s = scale;
+          const ActivationParams q = params;  // by value: the vectorizer needs it in registers
+          if (bias_varies) {
+            const T* bs = b + start + done;
+#pragma omp simd
+            for (int64_t k = 0; k < m; ++k)
+              out[k] = Op::template forward<T>(hs[k] + bs[k], q) * (keep[k] ? s : T(0));
+          } else {
+            const T bv = *b;
+#pragma omp simd
+            for (int64_t k = 0; k < m; ++k)
+              out[k] = Op::template forward<T>(hs[k] + bv, q) * (keep[k] ? s : T(0));
+          }
+        });
+      });
+    } else {
+      cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = done + k;
+          const T z = h[i * inner[0]] + b[i * inner[1]];
+          o[i * inner[2]] = Op::template forward<T>(z, params) * (keep[k] ? scale : T(0));
+        }
+      });
+    }
+  }
+  void finish() {
+    if (stream) store_fence();
+  }
+};
+
+template <class Op, class T> struct BiasActBackwardBody {
+  KeepCursor cursor;
+  int64_t pos;
+  T scale;
+  bool stream;
+  ActivationParams params;
+
+  void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+    const T* g = reinterpret_cast<const T*>(ptr[0]);
+    const T* h = reinterpret_cast<const T*>(ptr[1]);
+    const T* b = reinterpret_cast<const T*>(ptr[2]);
+    T* gh = reinterpret_cast<T*>(ptr[3]);
+    const int64_t at = pos;
+    pos += len;
+    if (inner[0] == 1 && inner[1] == 1 && inner[3] == 1 && (inner[2] == 1 || inner[2] == 0)) {
+      const bool bias_varies = inner[2] == 1;
+      produce(gh, len, stream, [&](T* dst, int64_t start, int64_t count) {
+        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+          const T* gs = g + start + done;
+          const T* hs = h + start + done;
+          T* out = dst + done;
+          const T s = scale;
+          const ActivationParams q = params;  // by value: the vectorizer needs it in registers
+          if (bias_varies) {
+            const T* bs = b + start + done;
+#pragma omp simd
+            for (int64_t k = 0; k < m; ++k)
+              out[k] = Op::template backward_x<T>(gs[k] * (keep[k] ? s : T(0)), hs[k] + bs[k], q);
+          } else {
+            const T bv = *b;
+#pragma omp simd
+            for (int64_t k = 0; k < m; ++k)
+              out[k] = Op::template backward_x<T>(gs[k] * (keep[k] ? s : T(0)), hs[k] + bv, q);
+          }
+        });
+      });
+    } else {
+      cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = done + k;
+          const T dy = g[i * inner[0]] * (keep[k] ? scale : T(0));
+          gh[i * inner[3]] =
+              Op::template backward_x<T>(dy, h[i * inner[1]] + b[i * inner[2]], params);
+        }
+      });
+    }
+  }
+  void finish() {
+    if (stream) store_fence();
+  }
+};
+
+template <class T> void dropout_typed(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y) {
+  const int64_t* strides[2] = {x.strides, y.strides};
+  const int sizes[2] = {int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
+  char* base[2] = {static_cast<char*>(x.data), static_cast<char*>(y.data)};
+  const bool stream = streams<T>(loop.size);
+  run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+    return DropoutBody<T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream};
+  });
+}
+
+template <class Op, class T>
+void bias_act_forward_typed(const ActivationParams& params, const DropoutSpec& spec,
+                            const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+  const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
+  const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
+  char* base[3] = {static_cast<char*>(h.data), static_cast<char*>(bias.data),
+                   static_cast<char*>(out.data)};
+  const bool stream = streams<T>(loop.size);
+  run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+    return BiasActForwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
+                                     params};
+  });
+}
+
+template <class Op, class T>
+void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& spec,
+                             const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
+                             const ArrayRef& gh) {
+  const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
+  const int sizes[4] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
+  char* base[4] = {static_cast<char*>(g.data), static_cast<char*>(h.data),
+                   static_cast<char*>(bias.data), static_cast<char*>(gh.data)};
+  const bool stream = streams<T>(loop.size);
+  run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+    return BiasActBackwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
+                                      params};
+  });
+}
+
+// Sum of n contiguous values in 8 interleaved double accumulators combined
+// pairwise: the same operations in the same order on every ISA.
+template <class T> double lane_sum(const T* x, int64_t n) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(x[k + l]);
+  for (int l = 0; k + l < n; ++l) lanes[l] += static_cast<double>(x[k + l]);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+template <class T> void bias_grad_typed(const ArrayRef& grad_h, int axis, const ArrayRef& grad_bias) {
+  int64_t outer = 1, inner = 1;
+  for (int d = 0; d < axis; ++d) outer *= grad_h.shape[d];
+  for (int d = axis + 1; d < grad_h.ndim; ++d) inner *= grad_h.shape[d];
+  const int64_t channels = grad_h.shape[axis];
+  const T* g = static_cast<const T*>(grad_h.data);
+  T* out = static_cast<T*>(grad_bias.data);
+  const int64_t out_stride = grad_bias.ndim > 0 ? grad_bias.strides[0] / int64_t(sizeof(T)) : 1;
+  if (channels == 0) return;
+  const int64_t groups = std::max<int64_t>(1, std::min(outer, kBiasGroups));
+  std::vector<double> partial(static_cast<size_t>(groups * channels), 0.0);
+  if (inner > 0) {
+    parallel_for(groups, [&](int64_t group) {
+      double* acc = partial.data() + group * channels;
+      const int64_t first = outer * group / groups;
+      const int64_t last = outer * (group + 1) / groups;
+      for (int64_t o = first; o < last; ++o) {
+        const T* rows = g + o * channels * inner;
+        if (inner == 1) {
+#pragma omp simd
+          for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<double>(rows[c]);
+        } else {
+          for (int64_t c = 0; c < channels; ++c) acc[c] += lane_sum(rows + c * inner, inner);
+        }
+      }
+    });
+  }
+  for (int64_t group = 1; group < groups; ++group) {
+    const double* acc = partial.data() + group * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) partial[c] += acc[c];
+  }
+  for (int64_t c = 0; c < channels; ++c) out[c * out_stride] = static_cast<T>(partial[c]);
+}
+
+}  // namespace
+
+void dropout_apply(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y) {
+  if (x.dtype == DType::float64) {
+    dropout_typed<double>(spec, x, y);
+  } else {
+    dropout_typed<float>(spec, x, y);
+  }
+}
+
+void dropout_mask(const DropoutSpec& spec, int64_t n) {
+  if (n == 0) return;
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), n / kGrain));
+  parallel_for(slices, [&](int64_t s) {
+    const int64_t begin = s == 0 ? 0 : (n * s / slices) & ~(kSliceAlign - 1);
+    const int64_t end = s == slices - 1 ? n : (n * (s + 1) / slices) & ~(kSliceAlign - 1);
+    KeepCursor cursor(spec, begin, end);
+    cursor.pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t) {});
+  });
+}
+
+void bias_act_dropout_forward(Activation act, const ActivationParams& p, const DropoutSpec& spec,
+                              const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+  visit_activation(act, p, [&](auto op) {
+    using Op = decltype(op);
+    if (h.dtype == DType::float64) {
+      bias_act_forward_typed<Op, double>(p, spec, h, bias, out);
+    } else {
+      bias_act_forward_typed<Op, float>(p, spec, h, bias, out);
+    }
+  });
+}
+
+void bias_act_dropout_backward(Activation act, const ActivationParams& p, const DropoutSpec& spec,
+                               const ArrayRef& grad_output, const ArrayRef& h,
+                               const ArrayRef& bias, const ArrayRef& grad_h) {
+  visit_activation(act, p, [&](auto op) {
+    using Op = decltype(op);
+    if (h.dtype == DType::float64) {
+      bias_act_backward_typed<Op, double>(p, spec, grad_output, h, bias, grad_h);
+    } else {
+      bias_act_backward_typed<Op, float>(p, spec, grad_output, h, bias, grad_h);
+    }
+  });
+}
+
+void bias_grad(const ArrayRef& grad_h, int axis, const ArrayRef& grad_bias) {
+  if (grad_h.dtype == DType::float64) {
+    bias_grad_typed<double>(grad_h, axis, grad_bias);
+  } else {
+    bias_grad_typed<float>(grad_h, axis, grad_bias);
+  }
+}
+
+}  // namespace FUSEDNN_ISA
+}  // namespace cpu
+}  // namespace fusednn
