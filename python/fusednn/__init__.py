@@ -3,6 +3,7 @@
     import fusednn as fn
     y = fn.gelu(x)
     gx = fn.activation_backward("gelu", gy, x=x)
+    y, mask = fn.dropout(x, 0.1, seed=1234, offset=step, return_mask=True)
 
 ``fusednn.reference`` holds a float64 numpy implementation of every kernel,
 used to check them. ``python -m fusednn bench`` times the kernels against a
@@ -15,12 +16,15 @@ from .batchnorm import BatchNormResult, batch_norm, batch_norm_backward
 from .activations import (ACTIVATIONS, activation, activation_backward, elu, gelu,
                           hardsigmoid, hardswish, hardtanh, leaky_relu, mish, relu, selu,
                           sigmoid, silu, softplus, tanh)
+from .dropout import (bias_act_dropout, bias_act_dropout_backward, dropout, dropout_backward,
+                      dropout_mask)
 
 __version__ = info()["version"]
 
 __all__ = [
     "ACTIVATIONS", "BatchNormResult", "activation", "activation_backward", "batch_norm",
-    "batch_norm_backward", "elu", "gelu", "get_num_threads",
+    "batch_norm_backward", "bias_act_dropout", "bias_act_dropout_backward", "dropout",
+    "dropout_backward", "dropout_mask", "elu", "gelu", "get_num_threads",
     "hardsigmoid", "hardswish", "hardtanh", "info", "leaky_relu", "mish", "reference", "relu",
     "selu", "set_num_threads", "sigmoid", "silu", "softplus", "tanh",
 ]

@@ -400,3 +400,137 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
         grad_input = (gamma.reshape(shape) * invstd / m
                       * (m * g - grad_beta.reshape(shape) - xhat * grad_gamma.reshape(shape)))
     return grad_input, grad_gamma, grad_beta
+
+
+# Activations whose backward selects 0 rather than multiplying by 0.
+_ZERO_SELECTING = {"relu", "hardsigmoid", "hardswish", "hardtanh"}
+
+
+# ---- dropout: the Philox mask contract, written out in numpy -----------------
+
+PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 of counters (c0, c1, c2, c3) under key (k0, k1).
+
+    Each of the six may be an integer or an array (broadcast together);
+    returns four uint32 arrays. Products are formed in uint64, where a
+    32 x 32-bit product fits exactly.
+    """
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = (np.asarray(k, dtype=np.uint64) for k in key)
+    m0, m1 = (np.uint64(m) for m in PHILOX_MULTIPLIERS)
+    w0, w1 = (np.uint64(w) for w in PHILOX_KEY_STEPS)
+    for r in range(10):
+        if r > 0:
+            k0 = (k0 + w0) & _LOW32
+            k1 = (k1 + w1) & _LOW32
+        p0 = m0 * c0
+        p1 = m1 * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _LOW32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _LOW32)
+    return tuple(c.astype(np.uint32) for c in (c0, c1, c2, c3))
+
+
+def dropout_threshold(p):
+    """T = round((1 - p) * 2**32): element i is kept iff its draw is < T.
+    (1 - p) * 2**32 is exact in float64; round() rounds half to even."""
+    return int(round((1.0 - float(p)) * 2.0 ** 32))
+
+
+def dropout_draws(n, *, seed, offset=0):
+    """The uint32 draw of each of n elements: lane i % 4 of Philox with
+    counter (i // 4 as two 32-bit words, offset as two 32-bit words) and
+    key (seed low word, seed high word)."""
+    blocks = np.arange((n + 3) // 4, dtype=np.uint64)
+    seed, offset = int(seed), int(offset)
+    lanes = philox4x32_10(
+        (blocks & _LOW32, blocks >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32),
+        (seed & 0xFFFFFFFF, seed >> 32))
+    return np.stack(lanes, axis=-1).reshape(-1)[:n]
+
+
+def dropout_keep(shape, p, *, seed, offset=0):
+    """The boolean keep mask of an array of `shape`, in C order."""
+    shape = (shape,) if np.isscalar(shape) else tuple(shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    return (dropout_draws(n, seed=seed, offset=offset).astype(np.int64)
+            < dropout_threshold(p)).reshape(shape)
+
+
+def dropout_mask(shape, p, *, seed, offset=0):
+    """The keep mask bit-packed: bit i % 8 of byte i // 8."""
+    return np.packbits(dropout_keep(shape, p, seed=seed, offset=offset).reshape(-1),
+                       bitorder="little")
+
+
+def unpack_mask(mask, shape):
+    """The boolean keep mask of `shape` from its bit-packed form."""
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.unpackbits(np.asarray(mask, dtype=np.uint8).reshape(-1),
+                         bitorder="little")[:n].astype(bool).reshape(shape)
+
+
+def _scale_kept(x, keep, p):
+    """x * keep / (1 - p); x * 0 where nothing is kept (p = 1)."""
+    keep_probability = 1.0 - float(p)
+    if keep_probability == 0.0:
+        return x * 0.0
+    return x * keep / keep_probability
+
+
+@_quiet
+def dropout(x, p, *, seed, offset=0, training=True, return_mask=False):
+    """Inverted dropout in float64: x * mask / (1 - p)."""
+    x = _f64(x)
+    keep = dropout_keep(x.shape, p, seed=seed, offset=offset) if training else np.ones(x.shape, bool)
+    y = _scale_kept(x, keep, p) if training else x.copy()
+    if return_mask:
+        return y, np.packbits(keep.reshape(-1), bitorder="little")
+    return y
+
+
+@_quiet
+def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0):
+    """grad_output * mask / (1 - p), the mask given packed or by (seed, offset)."""
+    g = _f64(grad_output)
+    if mask is not None:
+        keep = unpack_mask(mask, g.shape)
+    else:
+        keep = dropout_keep(g.shape, p, seed=seed, offset=offset)
+    return _scale_kept(g, keep, p)
+
+
+def _broadcast_bias(bias, ndim, axis):
+    shape = [1] * ndim
+    shape[axis] = -1
+    return _f64(bias).reshape(shape)
+
+
+@_quiet
+def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=False,
+                     **act_params):
+    """mask * act(h + bias) / (1 - p), bias broadcast along `axis`, in float64."""
+    h = _f64(h)
+    z = h + _broadcast_bias(bias, h.ndim, axis)
+    keep = dropout_keep(h.shape, p, seed=seed, offset=offset)
+    y = _scale_kept(activation(act, z, **act_params), keep, p)
+    if return_mask:
+        return y, np.packbits(keep.reshape(-1), bitorder="little")
+    return y
+
+
+@_quiet
+def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=None, offset=0,
+                              axis=-1, **act_params):
+    """(grad_h, grad_bias) of bias_act_dropout, in float64."""
+    h = _f64(h)
+    axis = axis % h.ndim
+    z = h + _broadcast_bias(bias, h.ndim, axis)
+    g = dropout_backward(grad_output, p, mask=mask, seed=seed, offset=offset)
+    grad_h = activation_backward(act, g, x=z, **act_params)
+    other_axes = tuple(d for d in range(h.ndim) if d != axis)
+    return grad_h, grad_h.sum(axis=other_axes)
