@@ -414,7 +414,10 @@ def test_kernel_selection():
     forward = bench.parse_selection("activations:forward")["activations"]
     assert forward == {(k.name, "forward") for k in bench.ACTIVATION_KERNELS}
     assert bench.parse_selection("all") == {**bench.parse_selection("activations"),
-                                            **bench.parse_selection("batchnorm")}
+                                            **bench.parse_selection("batchnorm"),
+                                            **bench.parse_selection("dropout")}
+    assert bench.parse_selection("dropout:backward") == {
+        "dropout": {(k.name, "backward") for k in bench.DROPOUT_KERNELS}}
     assert bench.parse_selection(" gelu , gelu:backward") == {
         "activations": {("gelu", "forward"), ("gelu", "backward")}}
     both = {(k, d) for k in ("batch_norm[NCHW]", "batch_norm[NHWC]")
@@ -464,6 +467,7 @@ def test_size_accepts_powers_of_two():
     (False, None, "all", "this fusednn was built without CUDA"),
     (True, None, "all", "needs CuPy, which is not importable (no cupy here)"),
     (True, "cupy", "batchnorm", "no CUDA kernels yet for batchnorm; run with --device cpu"),
+    (True, "cupy", "dropout", "no CUDA kernels yet for dropout; run with --device cpu"),
 ])
 def test_cuda_device_says_why_it_cannot_run(cuda_built, cupy, kernels, message, monkeypatch,
                                             capsys):

@@ -21,7 +21,8 @@ Kernel families plug in through ``FAMILIES``: a family names its kernels and
 gives, per device, a function that builds its ``Case`` objects (the array
 shape, bytes per element, the calls to time, the check against
 ``fusednn.reference``) and the lines that tell how it is checked and timed.
-The families are the activations and batch normalization; a device needs a
+The families are the activations, batch normalization and dropout (with the
+fused bias + activation + dropout); a device needs a
 copy roof in ``COPY_ROOFS`` before any family can be timed on it.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from . import reference
 from ._backend import _cpu, get_num_threads, info, set_num_threads
 from .activations import activation, activation_backward
 from .batchnorm import batch_norm, batch_norm_backward
+from .dropout import bias_act_dropout, bias_act_dropout_backward, dropout, dropout_backward
 
 DEFAULT_SIZE = 2**25
 QUICK_SIZE = 2**22
@@ -853,6 +855,213 @@ def describe_batch_norm(plan: Plan, checks: dict) -> FamilyText:
               "does; NHWC as channels_last views of the same memory")
 
 
+# ---- dropout and the fused epilogue ----------------------------------------------
+
+DROPOUT_P = 0.1
+DROPOUT_SEED = 20240601
+DROPOUT_OFFSET = 2**33 + 7
+DROPOUT_SCALE_ULP = 1.5
+
+
+@dataclass
+class DropoutKernel:
+    name: str                 # in the table and in --kernels
+    activation: str | None    # None: plain dropout; else bias + activation + dropout
+    params: dict = field(default_factory=dict)
+
+
+DROPOUT_KERNELS = (
+    DropoutKernel("dropout", None),
+    DropoutKernel("bias_relu_dropout", "relu"),
+    DropoutKernel("bias_gelu_dropout", "gelu", {"approximate": "none"}),
+)
+
+
+def _activation_kernel(name: str) -> ActivationKernel:
+    return next(k for k in ACTIVATION_KERNELS if k.name == name)
+
+
+def _dropout_check(kernel: DropoutKernel, direction: str, dtype) -> CheckResult:
+    """The output against the reference (whose masks follow the contract
+    bit for bit); a forward mask that differs in any bit fails outright."""
+    x, grad = check_inputs(dtype)
+    stream = dict(seed=DROPOUT_SEED, offset=DROPOUT_OFFSET)
+    if kernel.activation is None:
+        # Kept elements are x times 1 / keep rounded to the dtype: two
+        # roundings, at most 1.5 ulp of x / keep.
+        tolerance = DROPOUT_SCALE_ULP
+        if direction == "forward":
+            ours, mask = dropout(x, DROPOUT_P, return_mask=True, **stream)
+            expected = reference.dropout(x, DROPOUT_P, **stream)
+        else:
+            ours = dropout_backward(grad, DROPOUT_P, **stream)
+            expected = reference.dropout_backward(grad, DROPOUT_P, **stream)
+            mask = None
+        inputs = {"x": x} if direction == "forward" else {"grad_output": grad}
+        result = compare(ours, expected, tolerance, inputs)
+    else:
+        act = _activation_kernel(kernel.name.split("_")[1])
+        tolerance = DROPOUT_SCALE_ULP + (0.0 if act.exact else TOLERANCE_ULP[np.dtype(dtype).name])
+        h = x.reshape(-1, 1)
+        bias = np.zeros(1, dtype=dtype)  # h + 0 is exact: the error is the kernel's own
+        if direction == "forward":
+            ours, mask = bias_act_dropout(
+                h, bias, kernel.activation, DROPOUT_P, return_mask=True, **stream,
+                **kernel.params)
+            expected = reference.bias_act_dropout(h, bias, kernel.activation, DROPOUT_P,
+                                                  **stream, **kernel.params)
+            result = compare(ours.reshape(-1), expected.reshape(-1), tolerance, {"h": x})
+        else:
+            g = grad.reshape(-1, 1)
+            ours, _ = bias_act_dropout_backward(
+                g, h, bias, kernel.activation, DROPOUT_P, **stream, **kernel.params)
+            expected, _ = reference.bias_act_dropout_backward(
+                g, h, bias, kernel.activation, DROPOUT_P, **stream, **kernel.params)
+            mask = None
+            terms = None
+            if act.derivative_terms is not None:
+                with np.errstate(all="ignore"):
+                    terms = act.derivative_terms(x.astype(np.float64))
+            scaled = grad.astype(np.float64) / (1.0 - DROPOUT_P)
+            result = compare(ours.reshape(-1), expected.reshape(-1), tolerance,
+                             {"h": x, "grad_output": grad}, grad=scaled, terms=terms)
+    if mask is not None and not np.array_equal(
+            mask, reference.dropout_mask(x.shape, DROPOUT_P, **stream)):
+        result.error, result.worst = math.inf, "the mask differs from the Philox contract"
+    return result
+
+
+class DropoutArrays:
+    """Inputs shared by the dropout cases: x and grad_output as flat arrays,
+    and the same memory viewed as (rows, 4096) with a bias of 4096 for the
+    fused epilogue, plus zero-copy torch views."""
+
+    COLUMNS = 4096
+
+    @classmethod
+    def shape_for(cls, size: int) -> tuple:
+        columns = cls.COLUMNS if size % cls.COLUMNS == 0 else 1
+        return (size // columns, columns)
+
+    def __init__(self, size: int, dtype: np.dtype, torch):
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal(size, dtype=dtype)
+        self.grad = rng.standard_normal(size, dtype=dtype)
+        self.out = np.empty(size, dtype=dtype)
+        self.shape = self.shape_for(size)
+        self.bias = rng.standard_normal(self.shape[1], dtype=dtype)
+        if torch is not None:
+            self.tensors = {name: torch.from_numpy(getattr(self, name))
+                            for name in ("x", "grad", "bias")}
+            _, self.torch_mask = torch.ops.aten.native_dropout(self.tensors["x"], DROPOUT_P, True)
+
+
+def _dropout_runners(kernel: DropoutKernel, direction: str, plan: Plan,
+                     arrays: DropoutArrays) -> Runners:
+    m = min(plan.size, plan.reference_elements)
+    stream = dict(seed=DROPOUT_SEED, offset=DROPOUT_OFFSET)
+    x, grad, out = arrays.x, arrays.grad, arrays.out
+    scale = 1.0 / (1.0 - DROPOUT_P)
+    if kernel.activation is None:
+        if direction == "forward":
+            runners = Runners(
+                ours=lambda: dropout(x, DROPOUT_P, return_mask=True, out=out,
+                                                    **stream),
+                reference=lambda: reference.dropout(x[:m], DROPOUT_P, **stream),
+                reference_elements=m)
+            torch_op = "native_dropout"
+            torch_call = lambda t: t.ops.aten.native_dropout(arrays.tensors["x"], DROPOUT_P, True)
+        else:
+            runners = Runners(
+                ours=lambda: dropout_backward(grad, DROPOUT_P, out=out, **stream),
+                reference=lambda: reference.dropout_backward(grad[:m], DROPOUT_P, **stream),
+                reference_elements=m)
+            torch_op = "native_dropout_backward (stored mask)"
+            torch_call = lambda t: t.ops.aten.native_dropout_backward(
+                arrays.tensors["grad"], arrays.torch_mask, scale)
+    else:
+        name, params = kernel.activation, kernel.params
+        h, g, o = (a.reshape(arrays.shape) for a in (x, grad, out))
+        rows = max(1, m // arrays.shape[1])
+        if direction == "forward":
+            runners = Runners(
+                ours=lambda: bias_act_dropout(h, arrays.bias, name, DROPOUT_P,
+                                                             out=o, **stream, **params),
+                reference=lambda: reference.bias_act_dropout(h[:rows], arrays.bias, name,
+                                                             DROPOUT_P, **stream, **params),
+                reference_elements=rows * arrays.shape[1])
+            torch_op = f"add + {name} + native_dropout"
+
+            def torch_call(t):
+                z = t.add(arrays.tensors["x"].view(arrays.shape), arrays.tensors["bias"])
+                return t.ops.aten.native_dropout(getattr(t.nn.functional, name)(z), DROPOUT_P,
+                                                 True)
+        else:
+            runners = Runners(
+                ours=lambda: bias_act_dropout_backward(
+                    g, h, arrays.bias, name, DROPOUT_P, **stream, **params),
+                reference=lambda: reference.bias_act_dropout_backward(
+                    g[:rows], h[:rows], arrays.bias, name, DROPOUT_P, **stream, **params),
+                reference_elements=rows * arrays.shape[1])
+            torch_op = f"native_dropout_backward + {name}_backward + sum"
+
+            def torch_call(t):
+                aten = t.ops.aten
+                hh = arrays.tensors["x"].view(arrays.shape)
+                z = t.add(hh, arrays.tensors["bias"])
+                dz = aten.native_dropout_backward(arrays.tensors["grad"].view(arrays.shape),
+                                                  arrays.torch_mask.view(arrays.shape), scale)
+                dz = (aten.gelu_backward(dz, z) if name == "gelu"
+                      else aten.threshold_backward(dz, z, 0))
+                return dz, dz.sum(0)
+    if plan.torch is not None:
+        runners.torch = functools.partial(torch_call, plan.torch)
+        runners.torch_op = torch_op
+        runners.torch_allocates = "no out= overload"
+    return runners
+
+
+def dropout_cases(plan: Plan) -> list[Case]:
+    """Dropout (forward returning the packed mask, backward regenerating it
+    from (seed, offset)) and the fused bias + activation + dropout."""
+    arrays = functools.cache(lambda: DropoutArrays(plan.size, plan.dtype, plan.torch))
+    arrays_shape = DropoutArrays.shape_for(plan.size)
+    item = plan.dtype.itemsize
+    cases = []
+    for kernel in DROPOUT_KERNELS:
+        fused = kernel.activation is not None
+        # The forward of plain dropout also writes the packed mask: 1/8 byte.
+        traffic = {"forward": ("1r+1w" if fused else "1r+1w+mask",
+                               2 * item + (0 if fused else 1 / 8)),
+                   "backward": ("2r+1w" if fused else "1r+1w", (3 if fused else 2) * item)}
+        for direction, (label, moved) in traffic.items():
+            shape = (plan.size,) if kernel.activation is None else arrays_shape
+            cases.append(Case(
+                family="dropout", name=kernel.name, direction=direction, shape=shape,
+                bytes_per_element=moved, traffic=label,
+                check=functools.partial(_dropout_check, kernel, direction, plan.dtype),
+                prepare=lambda k=kernel, d=direction: _dropout_runners(k, d, plan, arrays())))
+    return cases
+
+
+def describe_dropout(plan: Plan, checks: dict) -> FamilyText:
+    inputs = next(iter(checks.values())).inputs
+    m = min(plan.size, plan.reference_elements)
+    reference_text = (f"timed on the first {m} elements and scaled linearly to {plan.size}"
+                      if m < plan.size else f"timed on all {plan.size} elements")
+    rows, columns = DropoutArrays.shape_for(plan.size)
+    return FamilyText(
+        arrays=(f"{_size_text(plan.size)} {plan.dtype.name} elements; the fused kernels on "
+                f"({rows}, {columns}) with a bias of {columns}; p = {DROPOUT_P}"),
+        check=(f"masks bit-exact to the Philox contract; outputs within "
+               f"{DROPOUT_SCALE_ULP:g} ulp (+ the activation's "
+               f"{TOLERANCE_ULP[plan.dtype.name]:g}) on {inputs} inputs incl. +-0, "
+               "subnormals, +-inf, NaN"),
+        reference=reference_text,
+        torch=("torch.ops.aten native_dropout / native_dropout_backward (from its stored "
+               "mask), and add + activation + native_dropout for the fused rows"))
+
+
 # ---- registry and selection ---------------------------------------------------
 
 @dataclass
@@ -884,6 +1093,8 @@ FAMILIES = {
                           describe_activations),
     "batchnorm": Family("batchnorm", BATCH_NORM_KERNELS, ("forward", "backward"),
                         {"cpu": batch_norm_cases}, describe_batch_norm),
+    "dropout": Family("dropout", tuple(k.name for k in DROPOUT_KERNELS), ("forward", "backward"),
+                      {"cpu": dropout_cases}, describe_dropout),
 }
 
 
