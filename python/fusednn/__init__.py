@@ -5,7 +5,8 @@
     gx = fn.activation_backward("gelu", gy, x=x)
     y, mask = fn.dropout(x, 0.1, seed=1234, offset=step, return_mask=True)
 
-``fusednn.init`` holds the weight initializers (Glorot, He, LeCun).
+``fusednn.init`` holds the weight initializers (Glorot, He, LeCun) and
+``fusednn.nn`` small layers, losses and optimizers built on the kernels.
 ``fusednn.reference`` holds a float64 numpy implementation of every kernel,
 used to check them. ``python -m fusednn bench`` times the kernels against a
 memory copy, the reference and PyTorch; ``python -m fusednn info`` prints
@@ -19,7 +20,7 @@ from .activations import (ACTIVATIONS, activation, activation_backward, elu, gel
                           sigmoid, silu, softplus, tanh)
 from .dropout import (bias_act_dropout, bias_act_dropout_backward, dropout, dropout_backward,
                       dropout_mask)
-from . import init
+from . import init, nn
 
 __version__ = info()["version"]
 
@@ -27,6 +28,6 @@ __all__ = [
     "ACTIVATIONS", "BatchNormResult", "activation", "activation_backward", "batch_norm",
     "batch_norm_backward", "bias_act_dropout", "bias_act_dropout_backward", "dropout",
     "dropout_backward", "dropout_mask", "elu", "gelu", "get_num_threads",
-    "hardsigmoid", "hardswish", "hardtanh", "info", "init", "leaky_relu", "mish",
+    "hardsigmoid", "hardswish", "hardtanh", "info", "init", "leaky_relu", "mish", "nn",
     "reference", "relu", "selu", "set_num_threads", "sigmoid", "silu", "softplus", "tanh",
 ]

@@ -1,0 +1,458 @@
+"""fusednn.nn: every layer's backward against central finite differences in
+float64 (relative error <= 1e-6 over the whole gradient), train/eval
+behaviour, the loss, the optimizers (against PyTorch's when installed),
+penalties, pruning, early stopping, snapshots and bad input.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+
+import fusednn as fn
+from fusednn import nn
+
+FD_STEP = 1e-6
+FD_TOLERANCE = 1e-6
+
+
+def relative_error(actual, expected) -> float:
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+def numeric_gradient(loss, array: np.ndarray) -> np.ndarray:
+    """d loss / d array by central differences, perturbing array in place."""
+    grad = np.zeros_like(array)
+    flat, flat_grad = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + FD_STEP
+        up = loss()
+        flat[i] = saved - FD_STEP
+        down = loss()
+        flat[i] = saved
+        flat_grad[i] = (up - down) / (2 * FD_STEP)
+    return grad
+
+
+def check_gradients(layer, x: np.ndarray, seed=0):
+    """Checks layer.backward for the loss sum(layer(x) * weights) against
+    finite differences, for x and every parameter."""
+    weights = np.random.default_rng(seed).standard_normal(layer.forward(x).shape)
+
+    def loss():
+        return float((layer.forward(x) * weights).sum())
+
+    layer.forward(x)
+    grad_x = layer.backward(weights.copy())
+    analytic = {"x": grad_x, **{p.name: p.grad.copy() for p in layer.parameters()}}
+    numeric = {"x": numeric_gradient(loss, x)}
+    for p in layer.parameters():
+        numeric[p.name] = numeric_gradient(loss, p.value)
+    for name in analytic:
+        error = relative_error(analytic[name], numeric[name])
+        assert error <= FD_TOLERANCE, f"{layer!r}: d/d{name} relative error {error:.3g}"
+
+
+def normals(*shape, seed=1, scale=1.0):
+    return np.random.default_rng(seed).standard_normal(shape) * scale
+
+
+# ---- finite differences ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_gradients(bias):
+    layer = nn.Dense(5, 3, seed=0, bias=bias, bias_init=0.3, dtype="float64")
+    check_gradients(layer, normals(7, 5))
+
+
+@pytest.mark.parametrize("name", fn.ACTIVATIONS)
+def test_activation_gradients(name):
+    # Values in [0.2, 2.5] of either sign stay clear of every kink
+    # (0 and +-1 for hardtanh, +-3 for the hard ones) by more than the step.
+    magnitudes = np.random.default_rng(2).uniform(0.2, 2.5, (4, 6))
+    x = magnitudes * np.where(np.arange(24).reshape(4, 6) % 2, 1.0, -1.0)
+    x[np.abs(np.abs(x) - 1.0) < 0.05] += 0.1
+    check_gradients(nn.Activation(name), x)
+
+
+def test_activation_with_parameters_gradients():
+    check_gradients(nn.Activation("softplus", beta=2.0, threshold=5.0), normals(3, 8))
+    check_gradients(nn.Activation("elu", alpha=0.5), normals(3, 8))
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 4), 1), ((4, 3, 5), 1), ((3, 2, 3, 4), 1),
+                                        ((6, 5), -1), ((2, 3, 4), -1)])
+def test_batchnorm_training_gradients(shape, axis):
+    layer = nn.BatchNorm(shape[axis], axis=axis, dtype="float64")
+    layer.gamma.value[...] = np.linspace(0.5, 1.5, shape[axis])
+    layer.beta.value[...] = np.linspace(-1, 1, shape[axis])
+    check_gradients(layer, normals(*shape, scale=2.0) + 3.0)
+
+
+def test_batchnorm_without_affine_gradients():
+    layer = nn.BatchNorm(4, affine=False, dtype="float64")
+    assert layer.parameters() == []
+    check_gradients(layer, normals(6, 4))
+
+
+def test_batchnorm_eval_gradients():
+    layer = nn.BatchNorm(4, dtype="float64")
+    layer.forward(normals(10, 4, scale=3.0) + 1.0)   # moves the running statistics
+    layer.gamma.value[...] = [0.5, 1.0, 1.5, 2.0]
+    layer.eval()
+    check_gradients(layer, normals(6, 4))
+
+
+def test_sequential_gradients():
+    model = nn.Sequential(
+        nn.Dense(6, 8, init="he_normal", seed=0, dtype="float64"),
+        nn.BatchNorm(8, dtype="float64"), nn.Activation("tanh"),
+        nn.Dense(8, 5, init="glorot_normal", seed=1, dtype="float64"),
+        nn.Activation("gelu"), nn.Dense(5, 3, seed=2, dtype="float64"))
+    check_gradients(model, normals(9, 6))
+
+
+def test_softmax_cross_entropy_gradient():
+    logits = normals(6, 4, scale=3.0)
+    labels = np.array([0, 3, 1, 1, 2, 0])
+    _, grad = nn.softmax_cross_entropy(logits, labels)
+    numeric = numeric_gradient(lambda: nn.softmax_cross_entropy(logits, labels)[0], logits)
+    assert relative_error(grad, numeric) <= FD_TOLERANCE
+
+
+# ---- layers ----------------------------------------------------------------------------
+
+
+def test_dense_forward_is_affine_map_in_pytorch_layout():
+    layer = nn.Dense(3, 2, seed=0, bias_init=0.5, dtype="float64")
+    assert layer.weight.value.shape == (2, 3) and layer.weight.is_weight
+    x = normals(4, 3)
+    np.testing.assert_allclose(layer(x), x @ layer.weight.value.T + 0.5, rtol=1e-15)
+    assert layer(x.astype(np.float64)).dtype == np.float64
+
+
+@pytest.mark.parametrize("init", fn.init.INITIALIZERS)
+def test_dense_uses_named_initializer(init):
+    layer = nn.Dense(40, 30, init=init, seed=4)
+    assert np.array_equal(layer.weight.value, getattr(fn.init, init)((30, 40), seed=4))
+    assert layer.weight.value.dtype == np.float32
+
+
+def test_dense_accepts_callable_initializer():
+    def small(shape, *, seed, dtype, device):
+        return fn.init.normal(shape, 0.0, 0.01, seed=seed, dtype=dtype, device=device)
+    layer = nn.Dense(10, 20, init=small, seed=0)
+    assert layer.weight.value.std() < 0.02
+
+
+def test_activation_matches_kernel():
+    x = normals(5, 5).astype(np.float32)
+    y = nn.Activation("leaky_relu", negative_slope=0.2)(x)
+    assert np.array_equal(y, fn.leaky_relu(x, 0.2))
+
+
+def test_batchnorm_train_and_eval():
+    layer = nn.BatchNorm(3, momentum=0.5, dtype="float64")
+    x = normals(50, 3, scale=2.0) + 4.0
+    y = layer(x)
+    np.testing.assert_allclose(y.mean(axis=0), 0, atol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, 0.5 * x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var, 0.5 + 0.5 * x.var(axis=0, ddof=1), rtol=1e-12)
+    layer.eval()
+    running_mean = layer.running_mean.copy()
+    y_eval = layer(x)
+    assert np.array_equal(layer.running_mean, running_mean)
+    np.testing.assert_allclose(
+        y_eval, (x - running_mean) / np.sqrt(layer.running_var + layer.eps), rtol=1e-12)
+
+
+def test_sequential_train_eval_propagates():
+    model = nn.Sequential(nn.Dense(2, 2), nn.Sequential(nn.BatchNorm(2), nn.Activation("relu")))
+    model.eval()
+    assert not model.training and not model[1][0].training
+    model.train()
+    assert all(layer.training for layer in (model, model[0], model[1], model[1][0]))
+
+
+def test_state_snapshot_round_trip():
+    model = nn.Sequential(nn.Dense(3, 4, seed=0), nn.BatchNorm(4), nn.Dense(4, 2, seed=1))
+    model(normals(8, 3).astype(np.float32))
+    snapshot = model.state()
+    assert set(snapshot) == {"0.weight", "0.bias", "1.gamma", "1.beta", "1.running_mean",
+                             "1.running_var", "2.weight", "2.bias"}
+    before = {name: a.copy() for name, a in snapshot.items()}
+    for p in model.parameters():
+        p.value += 1.0
+    model[1].running_mean += 1.0
+    model.load_state(snapshot)
+    for name, a in model.state().items():
+        assert np.array_equal(a, before[name]), name
+
+
+def test_load_state_checks_before_writing():
+    model = nn.Sequential(nn.Dense(3, 4, seed=0), nn.Dense(4, 2, seed=1))
+    state = model.state()
+    weight = model[0].weight.value.copy()
+    bad = dict(state, **{"0.weight": state["0.weight"] + 1, "1.bias": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="1.bias"):
+        model.load_state(bad)
+    assert np.array_equal(model[0].weight.value, weight)
+    with pytest.raises(ValueError, match="missing"):
+        model.load_state({"0.weight": state["0.weight"]})
+
+
+# ---- loss ------------------------------------------------------------------------------
+
+
+def test_softmax_cross_entropy_value():
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    loss, _ = nn.softmax_cross_entropy(logits, np.array([2, 1]))
+    expected = (-math.log(math.exp(3) / (math.exp(1) + math.exp(2) + math.exp(3)))
+                + math.log(3)) / 2
+    assert loss == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_is_stable(dtype):
+    logits = np.array([[1e4, 0.0, -1e4], [-5e3, 5e3, 5e3 - 1.0]], dtype=dtype)
+    loss, grad = nn.softmax_cross_entropy(logits, np.array([1, 2]))
+    assert math.isfinite(loss) and np.isfinite(grad).all()
+    expected = (1e4 + (1.0 + math.log1p(math.exp(-1.0)))) / 2
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(grad.sum(axis=1), 0, atol=1e-7)
+
+
+def test_accuracy_and_softmax():
+    logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 1.0]])
+    assert nn.accuracy(logits, np.array([1, 0, 0])) == pytest.approx(2 / 3)
+    np.testing.assert_allclose(nn.softmax(logits).sum(axis=1), 1.0, rtol=1e-15)
+
+
+@pytest.mark.parametrize("labels,error,match", [
+    (np.array([0, 3]), ValueError, r"\[0, 3\)"),
+    (np.array([0, -1]), ValueError, "lie in"),
+    (np.array([0.0, 1.0]), TypeError, "integer"),
+    (np.array([0, 1, 2]), ValueError, "shape"),
+])
+def test_loss_rejects_bad_labels(labels, error, match):
+    with pytest.raises(error, match=match):
+        nn.softmax_cross_entropy(np.zeros((2, 3)), labels)
+
+
+# ---- optimizers and penalties ----------------------------------------------------------
+
+
+def _torch_run(torch_optimizer, ours, steps=5, **kwargs):
+    torch = pytest.importorskip("torch")
+    start = normals(4, 3, seed=5)
+    grads = [normals(4, 3, seed=10 + i) for i in range(steps)]
+    p = nn.Parameter(start.copy(), "w", is_weight=True)
+    optimizer = ours([p], **kwargs)
+    t = torch.nn.Parameter(torch.tensor(start))
+    reference = torch_optimizer(torch, t)
+    for g in grads:
+        p.grad[...] = g
+        optimizer.step()
+        t.grad = torch.tensor(g)
+        reference.step()
+    np.testing.assert_allclose(p.value, t.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_sgd_momentum_matches_pytorch():
+    _torch_run(lambda torch, t: torch.optim.SGD([t], lr=0.1, momentum=0.9, weight_decay=0.01),
+               nn.SGD, lr=0.1, momentum=0.9, l2=0.01)
+
+
+def test_adam_matches_pytorch():
+    _torch_run(lambda torch, t: torch.optim.Adam([t], lr=0.01, betas=(0.8, 0.99), eps=1e-7,
+                                                  weight_decay=0.05),
+               nn.Adam, lr=0.01, betas=(0.8, 0.99), eps=1e-7, l2=0.05)
+
+
+def test_sgd_plain_step_and_l1():
+    w = nn.Parameter(np.array([1.0, -2.0, 0.0]), "w", is_weight=True)
+    b = nn.Parameter(np.array([1.0, -2.0]), "b")
+    w.grad[...] = [0.5, 0.5, 0.5]
+    b.grad[...] = [0.5, 0.5]
+    nn.SGD([w, b], lr=0.1, l1=0.2).step()
+    np.testing.assert_allclose(w.value, [1.0 - 0.1 * 0.7, -2.0 - 0.1 * 0.3, -0.05])
+    np.testing.assert_allclose(b.value, [0.95, -2.05])   # biases carry no penalty
+
+
+def test_penalty_value():
+    model = nn.Sequential(nn.Dense(2, 2, seed=0, dtype="float64"))
+    model[0].weight.value[...] = [[1.0, -2.0], [0.5, 0.0]]
+    model[0].bias.value[...] = 10.0
+    assert nn.penalty(model, l1=0.1, l2=0.2) == pytest.approx(0.1 * 3.5 + 0.1 * 5.25)
+
+
+def test_training_reduces_loss():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 4))
+    labels = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    model = nn.Sequential(nn.Dense(4, 16, init="he_normal", seed=0, dtype="float64"),
+                          nn.BatchNorm(16, dtype="float64"), nn.Activation("relu"),
+                          nn.Dense(16, 2, seed=1, dtype="float64"))
+    optimizer = nn.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    first, _ = nn.softmax_cross_entropy(model(x), labels)
+    for _ in range(50):
+        loss, grad = nn.softmax_cross_entropy(model(x), labels)
+        model.backward(grad)
+        optimizer.step()
+    assert loss < 0.2 * first
+    assert nn.accuracy(model.eval()(x), labels) > 0.95
+
+
+# ---- pruning and early stopping --------------------------------------------------------
+
+
+def test_prune_layer_scope_zeros_smallest_and_keeps_them_zero():
+    model = nn.Sequential(nn.Dense(10, 20, seed=0), nn.Dense(20, 5, seed=1))
+    magnitudes = [np.abs(layer.weight.value).copy() for layer in model]
+    assert nn.prune_by_magnitude(model, 0.75) == pytest.approx(0.75)
+    for layer, before in zip(model, magnitudes):
+        w = layer.weight.value
+        zero = w == 0
+        assert zero.sum() == round(0.75 * w.size)
+        assert before[zero].max() <= before[~zero].min()
+        assert np.array_equal(layer.weight.mask, (~zero).astype(np.float32))
+        assert (layer.bias.value == 0).all() and layer.bias.mask is None
+    optimizer = nn.Adam(model.parameters(), lr=0.1)
+    for layer in model:
+        layer.weight.grad[...] = 1.0
+    optimizer.step()
+    assert nn.sparsity(model) == pytest.approx(0.75)
+
+
+def test_prune_global_scope_ranks_all_weights_together():
+    small, large = nn.Dense(4, 4, seed=0), nn.Dense(4, 4, seed=1)
+    small.weight.value *= 1e-3
+    nn.prune_by_magnitude(nn.Sequential(small, large), 0.5, scope="global")
+    assert (small.weight.value == 0).all() and (large.weight.value != 0).all()
+
+
+def test_prune_more_keeps_earlier_zeros():
+    layer = nn.Dense(8, 8, seed=0)
+    nn.prune_by_magnitude([layer.weight], 0.25)
+    first = layer.weight.value == 0
+    nn.prune_by_magnitude([layer.weight], 0.5)
+    assert (layer.weight.value[first] == 0).all() and nn.sparsity([layer.weight]) == 0.5
+
+
+@pytest.mark.parametrize("kwargs,error", [({"fraction": 1.5}, ValueError),
+                                          ({"fraction": 0.5, "scope": "net"}, ValueError)])
+def test_prune_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        nn.prune_by_magnitude(nn.Dense(2, 2), **kwargs)
+
+
+def test_early_stopping_counts_patience_and_restores_best():
+    model = nn.Sequential(nn.Dense(2, 2, seed=0))
+    stopper = nn.EarlyStopping(patience=2, min_delta=0.01)
+    decisions = []
+    for metric in [0.5, 0.7, 0.705, 0.69]:
+        if metric == 0.7:
+            best_weight = model[0].weight.value.copy()
+        decisions.append(stopper.update(metric, model))
+        model[0].weight.value += 1.0
+    assert decisions == [False, False, False, True]
+    assert stopper.best == 0.7 and stopper.best_check == 1
+    stopper.restore(model)
+    assert np.array_equal(model[0].weight.value, best_weight)
+
+
+def test_early_stopping_min_mode():
+    stopper = nn.EarlyStopping(patience=1, mode="min")
+    model = nn.Dense(1, 1)
+    assert not stopper.update(1.0, model) and not stopper.update(0.5, model)
+    assert stopper.update(0.6, model)
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: nn.Activation("swish"), ValueError, "unknown activation"),
+    (lambda: nn.Activation("relu", alpha=1.0), TypeError, "unexpected parameter"),
+    (lambda: nn.Activation("gelu", approximate="fast"), ValueError, "approximate"),
+    (lambda: nn.Dense(4, 0), ValueError, "out_features"),
+    (lambda: nn.Dense(4, 2, init="xavier"), ValueError, "unknown init"),
+    (lambda: nn.Dense(4, 2, dtype="int32"), TypeError, "dtype"),
+    (lambda: nn.Dense(4, 2, device="tpu"), ValueError, "device"),
+    (lambda: nn.BatchNorm(4, momentum=1.5), ValueError, "momentum"),
+    (lambda: nn.BatchNorm(4, eps=0.0), ValueError, "eps"),
+    (lambda: nn.Sequential(nn.Dense(4, 8), nn.Dense(9, 2)), ValueError, "takes 9 features"),
+    (lambda: nn.Sequential(nn.Dense(4, 8), nn.Activation("relu"), nn.BatchNorm(7)),
+     ValueError, "normalizes 7"),
+    (lambda: nn.Sequential(nn.Dense(4, 8), nn.BatchNorm(8, axis=0)), ValueError, "axis"),
+    (lambda: nn.Sequential(nn.Dense(4, 8), "relu"), TypeError, "not a fusednn.nn layer"),
+    (lambda: nn.Sequential(nn.Dense(2, 2, dtype="float64"), nn.Dense(2, 2)), TypeError,
+     "mixed dtypes"),
+    (lambda: nn.SGD([], lr=0.1), ValueError, "no parameters"),
+    (lambda: nn.SGD(nn.Dense(2, 2), lr=0.0), ValueError, "lr"),
+    (lambda: nn.Adam(nn.Dense(2, 2), betas=(0.9, 1.0)), ValueError, "betas"),
+    (lambda: nn.EarlyStopping(patience=0), ValueError, "patience"),
+])
+def test_bad_options_raise_at_construction(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_repeated_layer_is_rejected():
+    act = nn.Activation("relu")
+    with pytest.raises(ValueError, match="twice"):
+        nn.Sequential(nn.Dense(2, 2), act, act)
+
+
+def test_first_call_checks_shape_and_dtype():
+    model = nn.Sequential(nn.Dense(4, 3), nn.Activation("relu"))
+    with pytest.raises(ValueError, match=r"\(batch, 4\)"):
+        model(np.zeros((2, 5), np.float32))
+    with pytest.raises(TypeError, match="dtype float64"):
+        model(np.zeros((2, 4)))
+    with pytest.raises(TypeError, match="numpy or CuPy array"):
+        model([[0.0] * 4])
+    with pytest.raises(ValueError, match="channels"):
+        nn.BatchNorm(3)(np.zeros((4, 2), np.float32))
+
+
+def test_backward_before_forward():
+    with pytest.raises(RuntimeError, match="before forward"):
+        nn.Dense(2, 2).backward(np.zeros((1, 2), np.float32))
+
+
+class _FakeCupyArray:
+    """Stands in for a CuPy array: fusednn recognises CuPy by the module of
+    an array's type."""
+    __module__ = "cupy._core.core"
+    dtype = np.dtype(np.float32)
+    shape = (2, 4)
+    ndim = 2
+
+
+def test_mixed_devices_are_rejected_on_first_call():
+    with pytest.raises(TypeError, match="CuPy array but the layer's parameters are numpy"):
+        nn.Dense(4, 3)(_FakeCupyArray())
+    labels = _FakeCupyArray()
+    with pytest.raises(TypeError, match="one device"):
+        nn.softmax_cross_entropy(np.zeros((2, 4), np.float32), labels)
+
+
+def test_mixed_device_model_is_rejected_at_construction():
+    gpu_layer = nn.Dense(4, 4)
+    gpu_layer.weight.value = _FakeCupyArray()
+    with pytest.raises(TypeError, match="mixed devices"):
+        nn.Sequential(nn.Dense(2, 4), gpu_layer)
+
+
+def test_cuda_layers_without_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(RuntimeError, match="CuPy"):
+        nn.BatchNorm(4, device="cuda")
+    with pytest.raises(RuntimeError, match="CuPy"):
+        nn.Dense(4, 2, device="cuda")
