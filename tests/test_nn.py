@@ -124,7 +124,50 @@ def test_softmax_cross_entropy_gradient():
     assert relative_error(grad, numeric) <= FD_TOLERANCE
 
 
-# ---- layers ----------------------------------------------------------------------------
+def test_dropout_gradient():
+    """Dropout is linear once its mask is drawn: the backward of the forward
+    at stream k matches finite differences of fn.dropout at stream k."""
+    layer = nn.Dropout(0.3, seed=17, offset=5)
+    x = normals(6, 7)
+    weights = normals(6, 7, seed=2)
+    layer.forward(x)
+    layer.forward(x)                      # the backward below is of this call, stream 6
+    grad = layer.backward(weights.copy())
+    numeric = numeric_gradient(
+        lambda: float((fn.dropout(x, 0.3, seed=17, offset=6) * weights).sum()), x)
+    assert relative_error(grad, numeric) <= FD_TOLERANCE
+
+
+# ---- dropout ---------------------------------------------------------------------------
+
+
+def test_dropout_streams_advance_and_reproduce():
+    x = np.ones((50, 40), np.float32)
+    layer, twin = nn.Dropout(0.25, seed=3, offset=10), nn.Dropout(0.25, seed=3, offset=10)
+    outputs = [layer(x) for _ in range(3)]
+    assert layer.offset == 13
+    for k, y in enumerate(outputs):
+        assert np.array_equal(y, fn.dropout(x, 0.25, seed=3, offset=10 + k))
+        assert np.array_equal(y, twin(x))
+    assert not np.array_equal(outputs[0], outputs[1])
+    assert abs((outputs[0] == 0).mean() - 0.25) < 0.03
+    assert set(np.unique(outputs[0])) == {0.0, np.float32(1 / 0.75)}
+
+
+def test_dropout_eval_is_identity():
+    layer = nn.Dropout(0.5, seed=0)
+    x = normals(4, 4)
+    layer.eval()
+    assert layer(x) is x and layer.offset == 0
+    g = normals(4, 4, seed=3)
+    assert layer.backward(g) is g
+
+
+def test_dropout_seed_none_draws_one():
+    assert nn.Dropout(0.1).seed != nn.Dropout(0.1).seed
+
+
+# ---- other layers ----------------------------------------------------------------------
 
 
 def test_dense_forward_is_affine_map_in_pytorch_layout():
@@ -397,6 +440,10 @@ def test_early_stopping_min_mode():
     (lambda: nn.SGD(nn.Dense(2, 2), lr=0.0), ValueError, "lr"),
     (lambda: nn.Adam(nn.Dense(2, 2), betas=(0.9, 1.0)), ValueError, "betas"),
     (lambda: nn.EarlyStopping(patience=0), ValueError, "patience"),
+    (lambda: nn.Dropout(1.5), ValueError, "p must be"),
+    (lambda: nn.Dropout(0.5, seed=-1), ValueError, "seed"),
+    (lambda: nn.Dropout(0.5, seed=1.5), TypeError, "seed"),
+    (lambda: nn.Dropout(0.5, seed=0, offset=2 ** 64), ValueError, "offset"),
 ])
 def test_bad_options_raise_at_construction(build, error, match):
     with pytest.raises(error, match=match):

@@ -37,8 +37,9 @@ from . import _backend
 from . import init as _init
 from .activations import _check_name, _kernel_params, activation, activation_backward
 from .batchnorm import batch_norm, batch_norm_backward
+from .dropout import dropout, dropout_backward
 
-__all__ = ["Activation", "Adam", "BatchNorm", "Dense", "EarlyStopping", "Layer",
+__all__ = ["Activation", "Adam", "BatchNorm", "Dense", "Dropout", "EarlyStopping", "Layer",
            "Parameter", "SGD", "Sequential", "accuracy", "penalty", "prune_by_magnitude",
            "softmax", "softmax_cross_entropy", "sparsity"]
 
@@ -401,6 +402,60 @@ class BatchNorm(Layer):
             self.gamma.grad[...] = grad_gamma
             self.beta.grad[...] = grad_beta
         return grad_input
+
+
+class Dropout(Layer):
+    """Inverted dropout with drop probability ``p`` (``fn.dropout``):
+    training multiplies by a Bernoulli(1 - p) mask and divides by 1 - p;
+    eval mode passes the input through unchanged.
+
+    The masks follow fusednn's counter-based RNG: each training forward
+    draws stream ``offset`` under ``seed`` and then advances ``offset`` by
+    one, so every step gets a new mask and a run repeats exactly from the
+    same seed and starting offset. ``seed=None`` draws a seed from fresh
+    entropy. Backward regenerates the mask from (seed, offset) instead of
+    storing it.
+    """
+
+    def __init__(self, p, *, seed=None, offset=0):
+        where = "fusednn.nn.Dropout"
+        self.p = _real_in(p, "p", where, 0.0, 1.0)
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2 ** 63))
+        for name, value in (("seed", seed), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{where}: {name} must be an integer, not {type(value).__name__}")
+            if not 0 <= value < 2 ** 64:
+                raise ValueError(f"{where}: {name} must be in [0, 2**64), got {value}")
+        self.seed = int(seed)
+        self.offset = int(offset)
+        self._last = None  # ("eval",) or ("train", offset, shape) of the last forward
+
+    def __repr__(self) -> str:
+        return f"Dropout({self.p:g}, seed={self.seed})"
+
+    def forward(self, x):
+        x = _check_array(x, "input", repr(self))
+        if not self.training:
+            self._last = ("eval",)
+            return x
+        if self.offset >= 2 ** 64:
+            raise ValueError(f"{self!r}: the 2**64 mask streams of this seed are used up")
+        y = dropout(x, self.p, seed=self.seed, offset=self.offset)
+        self._last = ("train", self.offset, tuple(x.shape))
+        self.offset += 1
+        return y
+
+    def backward(self, grad_output):
+        last = self._saved("_last")
+        grad_output = _check_array(grad_output, "grad_output", repr(self))
+        if last[0] == "eval":
+            return grad_output
+        _, offset, shape = last
+        if tuple(grad_output.shape) != shape:
+            raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
+                             f"expected {shape}")
+        return dropout_backward(grad_output, self.p, seed=self.seed, offset=offset)
 
 
 class Sequential(Layer):
