@@ -3,9 +3,11 @@
     fusednn info [--json]     build configuration: version, CUDA, SIMD path, threads
     fusednn bench [options]   check every kernel against fusednn.reference, then
                               time it against a memory copy, the reference and PyTorch
+    fusednn demo [options]    the lecture's experiments (initialization, batch norm,
+                              dropout, pruning) with fusednn.nn on scikit-learn's digits
 
-``main(argv)`` returns the exit status: 0, 1 when the benchmark cannot run
-or a kernel fails its check, 2 for a usage error.
+``main(argv)`` returns the exit status: 0, 1 when the benchmark or the demo
+cannot run or a kernel fails its check, 2 for a usage error.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import json
 import sys
 
-from . import bench
+from . import bench, demo
 from ._backend import info
 
 
@@ -43,10 +45,18 @@ def _bench(args: argparse.Namespace) -> int:
         return 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        return demo.run(args)
+    except demo.DemoError as error:
+        print(f"fusednn demo: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusednn",
-        description="Fused training kernels: build information and benchmarks.")
+        description="Fused training kernels: build information, benchmarks and a demo.")
     parser.add_argument("--version", action="version", version=f"fusednn {info()['version']}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -66,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "stderr.")
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(handler=_bench, parser=bench_parser)
+
+    demo_parser = commands.add_parser(
+        "demo", help="run the lecture's experiments on handwritten digits",
+        description="Trains small networks built with fusednn.nn on scikit-learn's digits: "
+                    "pre-activation variance by layer for three initializations, vanishing "
+                    "gradients and dead ReLU units, learning curves with and without batch "
+                    "norm and dropout, the train/test gap, and accuracy against pruned "
+                    "fraction. Tables on stdout, progress on stderr, PNG plots in --out. "
+                    "Needs scikit-learn (and matplotlib for plots): "
+                    "pip install 'fusednn[demo]'.")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(handler=_demo)
     return parser
 
 
