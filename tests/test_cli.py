@@ -105,7 +105,9 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
         ("gelu_tanh", "forward"), ("gelu_tanh", "backward")]
     for row in rows[1:]:
         assert row[2] == ("8 (1r+1w)" if row[1] == "forward" else "12 (2r+1w)")
-        assert float(row[3]) > 0 and float(row[4]) > 0 and float(row[6]) > 0
+        # Printed rounded: on a busy machine a tiny case may show 0.0 GB/s, so
+        # the table is only parsed here and positivity is checked in the JSON.
+        assert all(float(row[k]) >= 0 for k in (3, 4, 6))
         assert row[5].endswith("%")
         assert row[7] == "-"
 
@@ -131,6 +133,7 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
         assert (r["shape"], r["elements"]) == ([4096], 4096)
         assert r["bytes_moved"] == 4096 * r["bytes_per_element"]
         assert r["check_unit"] == "ulp" and r["check_error"] <= 4
+        assert r["time_ms"] > 0 and r["x_numpy_reference"] > 0
         assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / r["time_ms"] / 1e6)
         assert r["percent_of_roof"] == pytest.approx(100 * r["gb_per_s"] / r["roof_gb_per_s"])
         assert r["reference_elements"] == 4096
@@ -209,7 +212,9 @@ def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, n
     for row in rows[1:]:
         reads, writes = reads_writes[row[1]]
         assert row[2] == f"{(reads + writes) * item} ({reads}r+{writes}w)"
-        assert float(row[3]) > 0 and float(row[4]) > 0 and float(row[6]) > 0
+        # Printed rounded: on a busy machine a tiny case may show 0.0 GB/s, so
+        # the table is only parsed here and positivity is checked in the JSON.
+        assert all(float(row[k]) >= 0 for k in (3, 4, 6))
         assert row[7] == "-"
 
     document = json.loads(path.read_text())
@@ -228,6 +233,7 @@ def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, n
         assert (r["shape"], r["elements"]) == (shapes[r["kernel"]], 4096)
         assert r["traffic"] == f"{reads}r+{writes}w"
         assert r["bytes_moved"] == 4096 * (reads + writes) * item
+        assert r["time_ms"] > 0 and r["x_numpy_reference"] > 0
         assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / r["time_ms"] / 1e6)
         assert r["reference_elements"] == 4096
         assert r["check_unit"] == "bound" and 0 <= r["check_error"] <= 1
