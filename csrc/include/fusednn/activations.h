@@ -278,7 +278,9 @@ struct Mish {
     const double scaled = math::exp_scaled_wide(x > T(kCap) ? T(kCap) : x);
     const double n = scaled * unscale;
     const double u = n * (n + 2.0);
-    const double y = xd >= 0.0 ? xd * (u / (u + 2.0)) : xd * (scaled * (n + 2.0) / (u + 2.0)) * unscale;
+    const bool positive = xd >= 0.0;
+    const double ratio = (positive ? u : scaled * (n + 2.0)) / (u + 2.0);
+    const double y = positive ? xd * ratio : xd * ratio * unscale;
     return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : T(y);  // -inf: NaN, as in PyTorch
   }
   // d/dx = tanh(sp) + x sech^2(sp) sigmoid(x)
@@ -300,15 +302,16 @@ struct Mish {
 };
 
 // The hard activations are evaluated in double: then (x + 3) / 6 and the
-// products round once, exactly as the float64 reference rounds to float32.
+// products round once, exactly as the float64 reference rounds to float32
+// (the divisions by 6 and 3 are exact-quotient multiplications, divide_by).
 struct Hardsigmoid {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     const double xd = x;
-    return xd <= -3.0 ? T(0) : (xd >= 3.0 ? T(1) : T((xd + 3.0) / 6.0));
+    return xd <= -3.0 ? T(0) : (xd >= 3.0 ? T(1) : T(math::divide_by(xd + 3.0, 6.0, 1.0 / 6.0)));
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    return (x > T(-3) && x < T(3)) ? T(double(g) / 6.0) : T(0);
+    return (x > T(-3) && x < T(3)) ? T(math::divide_by(double(g), 6.0, 1.0 / 6.0)) : T(0);
   }
 };
 
@@ -319,12 +322,13 @@ struct Hardswish {
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     const double xd = x;
     const double r = xd + 3.0 < 0.0 ? 0.0 : xd + 3.0;
-    return xd >= 3.0 ? x : T(xd * r / 6.0);
+    return xd >= 3.0 ? x : T(math::divide_by(xd * r, 6.0, 1.0 / 6.0));
   }
   // PyTorch's one-sided choices: 0 at x = -3, 1 at x = 3.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
     const double xd = x;
-    return xd <= -3.0 ? T(0) : (xd < 3.0 ? T(double(g) * (xd / 3.0 + 0.5)) : g);
+    const double slope = math::divide_by(xd, 3.0, 1.0 / 3.0) + 0.5;
+    return xd <= -3.0 ? T(0) : (xd < 3.0 ? T(double(g) * slope) : g);
   }
 };
 

@@ -226,6 +226,19 @@ template <class T> FUSEDNN_HD T log1p_unit(T u) {
   return fmadd(k, Tr::kLn2Hi, log1p_f + fmadd(k, Tr::kLn2Lo, correction));
 }
 
+// a / b correctly rounded in double for a constant b with inv_b = RN(1/b),
+// without a division instruction: the remainder a - q b is exact with an
+// FMA, and one correction step makes q the correctly rounded quotient
+// (Markstein's theorem), so the result has the same bits as a / b.
+FUSEDNN_HD double divide_by(double a, double b, double inv_b) {
+  const double q = a * inv_b;
+  const double corrected = fmadd(fmadd(-q, b, a), inv_b, q);
+  // Zeros (keeping their sign), infinities and NaN need no correction (and
+  // would get NaN from it).
+  const bool plain = a == 0.0 || !(abs_(a) <= Traits<double>::kMaxFinite);
+  return plain ? a * inv_b : corrected;
+}
+
 // The logistic function 1 / (1 + e^-x), from e = e^-|x| so nothing
 // overflows and the small side keeps its relative accuracy.
 template <class T> FUSEDNN_HD T sigmoid_from_exp(T x, T e) {
