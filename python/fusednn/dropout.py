@@ -312,8 +312,9 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     """Gradients of ``bias_act_dropout``: returns ``(grad_h, grad_bias)``
     with ``grad_h = grad_output * mask / (1 - p) * act'(h + bias)`` and
     ``grad_bias`` its sum over every axis but ``axis``, accumulated in
-    double in a fixed order (the same bits for any thread count). Give the
-    forward's packed mask, or the (seed, offset) that drew it.
+    double in an order fixed by the shape (the same bits for any thread
+    count, and on the GPU on every run). Give the forward's packed mask, or
+    the (seed, offset) that drew it.
     """
     function = "bias_act_dropout_backward"
     act_id, (a, b, tanh_approx) = _activation_args(act, act_params, function)

@@ -246,7 +246,8 @@ def test_more_than_2_31_elements():
     keep = np.unpackbits(expected[-8:], bitorder="little")[:valid][-37:].astype(bool)
     tail = cp.asnumpy(y[-37:])
     np.testing.assert_array_equal(tail, np.where(keep, 2.0, 0.0).astype(np.float16))
-    assert int(cp.count_nonzero(y)) == int(np.unpackbits(expected).sum())
+    ones_per_byte = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+    assert int(cp.count_nonzero(y)) == int(ones_per_byte[expected].sum(dtype=np.int64))
 
 
 # ---- the fused epilogue ----------------------------------------------------------------
@@ -273,12 +274,15 @@ def on_cpu(function, *arrays, **kwargs):
     return result.astype(np.float16)
 
 
-def agrees(name, gpu, cpu, exact_set=EXACT):
+def agrees(name, gpu, cpu, grad=None):
     """Bit-identical to the CPU for the activations that round once;
-    elsewhere within the activations' float ulp bound of each other (both
-    are held to the reference by the CPU and activation tests) and with
-    the same NaN positions."""
-    if name in exact_set[gpu.dtype]:
+    elsewhere within the activations' ulp bound of each other (both are
+    held to the reference by the CPU and activation tests), with the same
+    NaN positions. For gradients (grad: grad_output / keep), where a
+    derivative's terms cancel near its root, an absolute 8 eps * |grad|
+    instead (DESIGN section 6): float64 GELU calls the device's own erfc,
+    whose last bit the cancellation magnifies."""
+    if name in EXACT[gpu.dtype]:
         assert same_bits(gpu, cpu)
         return
     np.testing.assert_array_equal(np.isnan(gpu), np.isnan(cpu))
@@ -286,7 +290,11 @@ def agrees(name, gpu, cpu, exact_set=EXACT):
     # The activation's bound each way plus the scale's rounding (float16:
     # one rounding of float32 values that may differ in their last bits).
     ulps = {np.float16: 1, np.float32: 10, np.float64: 64}[gpu.dtype.type]
-    np.testing.assert_array_max_ulp(gpu[finite], cpu[finite], maxulp=ulps)
+    allowed = ulps * np.spacing(np.abs(cpu[finite])).astype(np.float64)
+    if grad is not None:
+        allowed += 8 * np.finfo(gpu.dtype).eps * np.abs(grad[finite].astype(np.float64))
+    error = np.abs(gpu[finite].astype(np.float64) - cpu[finite].astype(np.float64))
+    assert np.all(error <= allowed), f"largest excess {np.max(error - allowed)}"
 
 
 @activation_cases
@@ -312,7 +320,7 @@ def test_fused_backward_equals_cpu(act, params, dtype):
     grad_h, grad_bias = host(grad_h, h.shape, dtype), host(grad_bias, (17,), dtype)
     cpu_h, _ = on_cpu(fn.bias_act_dropout_backward, g, h, bias, act=act, p=0.25, seed=9,
                       offset=4, **params)
-    agrees(act, grad_h, cpu_h)
+    agrees(act, grad_h, cpu_h, grad=g / 0.75)
     # grad_bias is the sum of the GPU's own grad_h (float64 accumulation,
     # one rounding).
     want = grad_h.astype(np.float64).sum(axis=0)
@@ -385,7 +393,7 @@ def test_fused_axes_strides_and_out(axis, dtype):
     cpu_h, _ = on_cpu(fn.bias_act_dropout_backward, np.ascontiguousarray(g),
                       np.ascontiguousarray(h), np.ascontiguousarray(bias), act="tanh", p=0.5,
                       seed=2, axis=axis)
-    agrees("tanh", host(grad_h, h.shape), cpu_h)
+    agrees("tanh", host(grad_h, h.shape), cpu_h, grad=g / 0.5)
     other = tuple(d for d in range(3) if d != axis % 3)
     want = host(grad_h).astype(np.float64).sum(axis=other)
     np.testing.assert_allclose(host(grad_bias).astype(np.float64), want,
