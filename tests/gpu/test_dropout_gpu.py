@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fusednn as fn
+from fusednn import nn
 from fusednn import reference as ref
 
 cp = pytest.importorskip("cupy")
@@ -414,6 +415,19 @@ def test_fused_in_place_zero_size_and_p_one():
     grad_h, grad_bias = fn.bias_act_dropout_backward(cp.ones((20, 6), cp.float32),
                                                      cp.asarray(h), bd, "sigmoid", 1.0, seed=1)
     assert not bool(grad_h.any()) and not bool(grad_bias.any())
+
+
+def test_nn_dropout_layer_draws_the_cpu_masks():
+    """fusednn.nn.Dropout on CuPy arrays: step after step, the outputs and
+    the gradients (mask regenerated from (seed, offset)) of the CPU layer."""
+    x = np.random.default_rng(12).standard_normal((33, 17)).astype(np.float32)
+    on_cpu_layer = nn.Dropout(0.4, seed=5, offset=2**33)
+    on_gpu_layer = nn.Dropout(0.4, seed=5, offset=2**33)
+    for _ in range(3):
+        y = on_gpu_layer(cp.asarray(x))
+        assert same_bits(host(y, x.shape), on_cpu_layer(x))
+        g = on_gpu_layer.backward(cp.asarray(x))
+        assert same_bits(host(g, x.shape), on_cpu_layer.backward(x))
 
 
 # ---- bad input: a clear exception, and nothing written ----------------------------------
