@@ -51,7 +51,7 @@ if run_step build env FUSEDNN_CUDA=ON python3 -m pip install --no-build-isolatio
     -Ccmake.fresh=true "${arch_flag[@]}"; then
   run_step info python3 -m fusednn info
   run_step tests python3 -m pytest tests/gpu -ra -q -p no:cacheprovider
-  run_step bench python3 -m fusednn bench --device cuda --quick --kernels activations \
+  run_step bench python3 -m fusednn bench --device cuda --quick --kernels activations,dropout \
     --json "$LOGDIR/bench.json"
 fi
 

@@ -881,20 +881,23 @@ def _activation_kernel(name: str) -> ActivationKernel:
     return next(k for k in ACTIVATION_KERNELS if k.name == name)
 
 
-def _dropout_check(kernel: DropoutKernel, direction: str, dtype) -> CheckResult:
+def _dropout_check(kernel: DropoutKernel, direction: str, dtype,
+                   device: str = "cpu") -> CheckResult:
     """The output against the reference (whose masks follow the contract
     bit for bit); a forward mask that differs in any bit fails outright."""
     x, grad = check_inputs(dtype)
     stream = dict(seed=DROPOUT_SEED, offset=DROPOUT_OFFSET)
+    put, get = on_device(device)
     if kernel.activation is None:
         # Kept elements are x times 1 / keep rounded to the dtype: two
         # roundings, at most 1.5 ulp of x / keep.
         tolerance = DROPOUT_SCALE_ULP
         if direction == "forward":
-            ours, mask = dropout(x, DROPOUT_P, return_mask=True, **stream)
+            ours, mask = (get(a) for a in dropout(put(x), DROPOUT_P, return_mask=True,
+                                                  **stream))
             expected = reference.dropout(x, DROPOUT_P, **stream)
         else:
-            ours = dropout_backward(grad, DROPOUT_P, **stream)
+            ours = get(dropout_backward(put(grad), DROPOUT_P, **stream))
             expected = reference.dropout_backward(grad, DROPOUT_P, **stream)
             mask = None
         inputs = {"x": x} if direction == "forward" else {"grad_output": grad}
@@ -905,16 +908,17 @@ def _dropout_check(kernel: DropoutKernel, direction: str, dtype) -> CheckResult:
         h = x.reshape(-1, 1)
         bias = np.zeros(1, dtype=dtype)  # h + 0 is exact: the error is the kernel's own
         if direction == "forward":
-            ours, mask = bias_act_dropout(
-                h, bias, kernel.activation, DROPOUT_P, return_mask=True, **stream,
-                **kernel.params)
+            ours, mask = (get(a) for a in bias_act_dropout(
+                put(h), put(bias), kernel.activation, DROPOUT_P, return_mask=True, **stream,
+                **kernel.params))
             expected = reference.bias_act_dropout(h, bias, kernel.activation, DROPOUT_P,
                                                   **stream, **kernel.params)
             result = compare(ours.reshape(-1), expected.reshape(-1), tolerance, {"h": x})
         else:
             g = grad.reshape(-1, 1)
-            ours, _ = bias_act_dropout_backward(
-                g, h, bias, kernel.activation, DROPOUT_P, **stream, **kernel.params)
+            ours = get(bias_act_dropout_backward(
+                put(g), put(h), put(bias), kernel.activation, DROPOUT_P, **stream,
+                **kernel.params)[0])
             expected, _ = reference.bias_act_dropout_backward(
                 g, h, bias, kernel.activation, DROPOUT_P, **stream, **kernel.params)
             mask = None
@@ -932,9 +936,10 @@ def _dropout_check(kernel: DropoutKernel, direction: str, dtype) -> CheckResult:
 
 
 class DropoutArrays:
-    """Inputs shared by the dropout cases: x and grad_output as flat arrays,
-    and the same memory viewed as (rows, 4096) with a bias of 4096 for the
-    fused epilogue, plus zero-copy torch views."""
+    """Inputs shared by the dropout cases, on the plan's device (numpy or
+    CuPy): x and grad_output as flat arrays, and the same memory viewed as
+    (rows, 4096) with a bias of 4096 for the fused epilogue, plus zero-copy
+    torch views; to_host copies a prefix back for the numpy reference."""
 
     COLUMNS = 4096
 
@@ -943,16 +948,17 @@ class DropoutArrays:
         columns = cls.COLUMNS if size % cls.COLUMNS == 0 else 1
         return (size // columns, columns)
 
-    def __init__(self, size: int, dtype: np.dtype, torch):
+    def __init__(self, size: int, dtype: np.dtype, torch, device: str = "cpu"):
         rng = np.random.default_rng(0)
-        self.x = rng.standard_normal(size, dtype=dtype)
-        self.grad = rng.standard_normal(size, dtype=dtype)
-        self.out = np.empty(size, dtype=dtype)
+        put, self.to_host = on_device(device)
+        self.x = put(rng.standard_normal(size, dtype=dtype))
+        self.grad = put(rng.standard_normal(size, dtype=dtype))
+        self.out = put(np.empty(size, dtype=dtype))
         self.shape = self.shape_for(size)
-        self.bias = rng.standard_normal(self.shape[1], dtype=dtype)
+        self.bias = put(rng.standard_normal(self.shape[1], dtype=dtype))
         if torch is not None:
-            self.tensors = {name: torch.from_numpy(getattr(self, name))
-                            for name in ("x", "grad", "bias")}
+            view = torch.from_numpy if device == "cpu" else torch.from_dlpack
+            self.tensors = {name: view(getattr(self, name)) for name in ("x", "grad", "bias")}
             _, self.torch_mask = torch.ops.aten.native_dropout(self.tensors["x"], DROPOUT_P, True)
 
 
@@ -961,20 +967,21 @@ def _dropout_runners(kernel: DropoutKernel, direction: str, plan: Plan,
     m = min(plan.size, plan.reference_elements)
     stream = dict(seed=DROPOUT_SEED, offset=DROPOUT_OFFSET)
     x, grad, out = arrays.x, arrays.grad, arrays.out
+    x_host, grad_host = arrays.to_host(x[:m]), arrays.to_host(grad[:m])
     scale = 1.0 / (1.0 - DROPOUT_P)
     if kernel.activation is None:
         if direction == "forward":
             runners = Runners(
                 ours=lambda: dropout(x, DROPOUT_P, return_mask=True, out=out,
                                                     **stream),
-                reference=lambda: reference.dropout(x[:m], DROPOUT_P, **stream),
+                reference=lambda: reference.dropout(x_host, DROPOUT_P, **stream),
                 reference_elements=m)
             torch_op = "native_dropout"
             torch_call = lambda t: t.ops.aten.native_dropout(arrays.tensors["x"], DROPOUT_P, True)
         else:
             runners = Runners(
                 ours=lambda: dropout_backward(grad, DROPOUT_P, out=out, **stream),
-                reference=lambda: reference.dropout_backward(grad[:m], DROPOUT_P, **stream),
+                reference=lambda: reference.dropout_backward(grad_host, DROPOUT_P, **stream),
                 reference_elements=m)
             torch_op = "native_dropout_backward (stored mask)"
             torch_call = lambda t: t.ops.aten.native_dropout_backward(
@@ -983,11 +990,13 @@ def _dropout_runners(kernel: DropoutKernel, direction: str, plan: Plan,
         name, params = kernel.activation, kernel.params
         h, g, o = (a.reshape(arrays.shape) for a in (x, grad, out))
         rows = max(1, m // arrays.shape[1])
+        h_host, g_host = arrays.to_host(h[:rows]), arrays.to_host(g[:rows])
+        bias_host = arrays.to_host(arrays.bias)
         if direction == "forward":
             runners = Runners(
                 ours=lambda: bias_act_dropout(h, arrays.bias, name, DROPOUT_P,
                                                              out=o, **stream, **params),
-                reference=lambda: reference.bias_act_dropout(h[:rows], arrays.bias, name,
+                reference=lambda: reference.bias_act_dropout(h_host, bias_host, name,
                                                              DROPOUT_P, **stream, **params),
                 reference_elements=rows * arrays.shape[1])
             torch_op = f"add + {name} + native_dropout"
@@ -1001,7 +1010,7 @@ def _dropout_runners(kernel: DropoutKernel, direction: str, plan: Plan,
                 ours=lambda: bias_act_dropout_backward(
                     g, h, arrays.bias, name, DROPOUT_P, **stream, **params),
                 reference=lambda: reference.bias_act_dropout_backward(
-                    g[:rows], h[:rows], arrays.bias, name, DROPOUT_P, **stream, **params),
+                    g_host, h_host, bias_host, name, DROPOUT_P, **stream, **params),
                 reference_elements=rows * arrays.shape[1])
             torch_op = f"native_dropout_backward + {name}_backward + sum"
 
@@ -1024,7 +1033,8 @@ def _dropout_runners(kernel: DropoutKernel, direction: str, plan: Plan,
 def dropout_cases(plan: Plan) -> list[Case]:
     """Dropout (forward returning the packed mask, backward regenerating it
     from (seed, offset)) and the fused bias + activation + dropout."""
-    arrays = functools.cache(lambda: DropoutArrays(plan.size, plan.dtype, plan.torch))
+    arrays = functools.cache(
+        lambda: DropoutArrays(plan.size, plan.dtype, plan.torch, plan.device))
     arrays_shape = DropoutArrays.shape_for(plan.size)
     item = plan.dtype.itemsize
     cases = []
@@ -1039,7 +1049,8 @@ def dropout_cases(plan: Plan) -> list[Case]:
             cases.append(Case(
                 family="dropout", name=kernel.name, direction=direction, shape=shape,
                 bytes_per_element=moved, traffic=label,
-                check=functools.partial(_dropout_check, kernel, direction, plan.dtype),
+                check=functools.partial(_dropout_check, kernel, direction, plan.dtype,
+                                        plan.device),
                 prepare=lambda k=kernel, d=direction: _dropout_runners(k, d, plan, arrays())))
     return cases
 
@@ -1094,7 +1105,7 @@ FAMILIES = {
     "batchnorm": Family("batchnorm", BATCH_NORM_KERNELS, ("forward", "backward"),
                         {"cpu": batch_norm_cases}, describe_batch_norm),
     "dropout": Family("dropout", tuple(k.name for k in DROPOUT_KERNELS), ("forward", "backward"),
-                      {"cpu": dropout_cases}, describe_dropout),
+                      {"cpu": dropout_cases, "cuda": dropout_cases}, describe_dropout),
 }
 
 

@@ -1,5 +1,6 @@
 """Inverted dropout and the fused bias + activation + dropout epilogue on
-numpy arrays (CPU kernels).
+numpy arrays (CPU kernels) and CuPy arrays (CUDA kernels, on CuPy's current
+stream; float16 too, computed in float32).
 
 ``p`` is the drop probability; kept elements are scaled by ``1 / (1 - p)``.
 The mask is a pure function of (seed, offset, p, n): element ``i`` (flat
@@ -8,7 +9,7 @@ C-order index of the logical array, whatever its strides) is kept iff lane
 ``seed`` is below ``round((1 - p) * 2**32)``. It can be returned bit-packed
 (bit ``i % 8`` of byte ``i // 8``) or not stored at all: the backward
 functions accept either the packed mask or the (seed, offset) that drew it.
-See docs/dropout.md.
+Both devices draw the same bits. See docs/dropout.md and docs/cuda.md.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numbers
 import numpy as np
 
 from . import _backend
-from ._backend import _cpu
+from ._backend import _cpu, _cuda
 from .activations import _IDS, _check_name, _kernel_params
 
 _UINT64_LIMIT = 1 << 64
@@ -64,8 +65,6 @@ def _mask_bytes(size: int) -> int:
 
 
 def _check_mask(mask, size: int, function: str) -> np.ndarray:
-    if _backend.is_cupy_array(mask):
-        raise _backend.cuda_unavailable(function)
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"fusednn.{function}: mask must be a numpy array, "
                         f"not {type(mask).__name__}")
@@ -78,9 +77,43 @@ def _check_mask(mask, size: int, function: str) -> np.ndarray:
     return np.ascontiguousarray(mask).reshape(-1)
 
 
-def _mask_or_seed(mask, seed, offset, size: int, function: str):
+def _check_cuda_mask(mask, size: int, like, function: str):
+    """A CuPy mask for the CuPy array `like`, as _check_mask checks a numpy
+    one; returned C-contiguous and flat."""
+    cupy = _backend._cupy()
+    if mask.dtype != np.uint8:
+        raise TypeError(f"fusednn.{function}: mask must have dtype uint8 (bit-packed), "
+                        f"got {mask.dtype}")
+    if mask.size != _mask_bytes(size):
+        raise ValueError(f"fusednn.{function}: mask must hold (n + 7) // 8 = "
+                         f"{_mask_bytes(size)} bytes for {size} elements, got {mask.size}")
+    if mask.device.id != like.device.id:
+        raise ValueError(f"fusednn.{function}: mask is on GPU {mask.device.id}, the arrays on "
+                         f"GPU {like.device.id}")
+    return cupy.ascontiguousarray(mask).reshape(-1)
+
+
+def _device_buffer(buffer):
+    """A CuPy array as the CUDA module takes a mask or workspace: (device
+    pointer, bytes), or None."""
+    return None if buffer is None else (buffer.data.ptr, buffer.nbytes)
+
+
+def _cupy_for(function: str):
+    """CuPy, for a call that asks for the GPU without passing a CuPy array."""
+    if _cuda is None:
+        raise _backend.cuda_unavailable(function)
+    try:
+        return _backend._cupy()
+    except ImportError:
+        raise RuntimeError(f"fusednn.{function}: device='cuda' needs CuPy, which is not "
+                           "installed (pip install cupy-cuda12x, or fusednn[cuda])") from None
+
+
+def _mask_or_seed(mask, seed, offset, size: int, function: str, like=None):
     """Validates the backward's source of the mask: exactly one of mask and
-    seed. Returns (packed mask or None, seed, offset)."""
+    seed; `like` is the CuPy array the mask must sit beside, or None on the
+    CPU. Returns (packed mask or None, seed, offset)."""
     if mask is None and seed is None:
         raise ValueError(f"fusednn.{function}: give the forward's mask, or the seed (and "
                          "offset) that drew it")
@@ -88,6 +121,8 @@ def _mask_or_seed(mask, seed, offset, size: int, function: str):
         raise ValueError(f"fusednn.{function}: give either mask or seed, not both")
     offset = _check_counter(offset, "offset", function)
     if mask is not None:
+        if like is not None:
+            return _check_cuda_mask(mask, size, like, function), 0, 0
         return _check_mask(mask, size, function), 0, 0
     return None, _check_counter(seed, "seed", function), offset
 
@@ -105,6 +140,18 @@ def dropout(x, p, *, seed, offset=0, training=True, return_mask=False, out=None)
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
+    if _backend.device_of(function, x=x) == "cuda":
+        cupy = _backend._cupy()
+        x = _backend.as_cuda_array(x, "x", function)
+        out = _backend.prepare_cuda_out(out, x, function)
+        x = _backend.detach_from_cuda_out(x, out)
+        if not training:
+            cupy.copyto(out, x)
+            return (out, cupy.asarray(_all_kept(x.size))) if return_mask else out
+        mask = cupy.empty(_mask_bytes(x.size), dtype=cupy.uint8) if return_mask else None
+        _cuda.dropout_forward(_backend.cuda_operand(x), _backend.cuda_operand(out), p, seed,
+                              offset, _device_buffer(mask), *_backend.cuda_target(x))
+        return (out, mask) if return_mask else out
     x = _backend.as_cpu_array(x, "x", function)
     out = _backend.prepare_out(out, x.shape, x.dtype, function)
     x = _backend.detach_from_out(x, out)
@@ -130,6 +177,16 @@ def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, out=None
     bit-packed or regenerated from the (seed, offset) of the forward."""
     function = "dropout_backward"
     p = _check_p(p, function)
+    if _backend.device_of(function, grad_output=grad_output, mask=mask) == "cuda":
+        grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
+        mask, seed, offset = _mask_or_seed(mask, seed, offset, grad_output.size, function,
+                                           like=grad_output)
+        out = _backend.prepare_cuda_out(out, grad_output, function)
+        grad_output = _backend.detach_from_cuda_out(grad_output, out)
+        _cuda.dropout_backward(_backend.cuda_operand(grad_output), _backend.cuda_operand(out),
+                               p, _device_buffer(mask), seed, offset,
+                               *_backend.cuda_target(grad_output))
+        return out
     grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
     mask, seed, offset = _mask_or_seed(mask, seed, offset, grad_output.size, function)
     out = _backend.prepare_out(out, grad_output.shape, grad_output.dtype, function)
@@ -142,17 +199,23 @@ def dropout_mask(shape, p, *, seed, offset=0, device="cpu"):
     """The bit-packed keep mask that ``dropout`` draws for an array of
     ``shape``: uint8, ``(n + 7) // 8`` bytes, bit ``i % 8`` of byte
     ``i // 8`` for element ``i``; ``np.unpackbits(mask,
-    bitorder='little')[:n]`` unpacks it."""
+    bitorder='little')[:n]`` unpacks it. ``device='cuda'`` draws it on the
+    current CuPy device and stream and returns a CuPy array with the same
+    bytes."""
     function = "dropout_mask"
     shape = _check_shape(shape, function)
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
-    if device != "cpu":
-        if device in ("cuda", "gpu"):
-            raise _backend.cuda_unavailable(function)
+    if device not in ("cpu", "cuda", "gpu"):
         raise ValueError(f"fusednn.{function}: device must be 'cpu' or 'cuda', got {device!r}")
     size = int(np.prod(shape, dtype=np.int64))
+    if device != "cpu":
+        cupy = _cupy_for(function)
+        mask = cupy.empty(_mask_bytes(size), dtype=cupy.uint8)
+        _cuda.dropout_mask(size, p, seed, offset, _device_buffer(mask),
+                           *_backend.cuda_target(mask))
+        return mask
     mask = np.empty(_mask_bytes(size), dtype=np.uint8)
     _cpu.dropout_mask(size, p, seed, offset, mask)
     return mask
@@ -185,6 +248,19 @@ def _bias_view(bias, h: np.ndarray, axis: int, function: str) -> np.ndarray:
     return np.broadcast_to(bias.reshape(shape), h.shape)
 
 
+def _cuda_bias(bias, h, axis: int, function: str):
+    """bias as the CUDA kernels take it: 1-d CuPy, length h.shape[axis]; the
+    kernels broadcast it themselves."""
+    bias = _backend.as_cuda_array(bias, "bias", function)
+    if bias.ndim != 1 or bias.shape[0] != h.shape[axis]:
+        raise ValueError(f"fusednn.{function}: bias must be 1-d of length h.shape[{axis}] = "
+                         f"{h.shape[axis]}, got shape {bias.shape}")
+    if bias.dtype != h.dtype:
+        raise TypeError(f"fusednn.{function}: bias and h must have the same dtype, "
+                        f"got {bias.dtype} and {h.dtype}")
+    return bias
+
+
 def _activation_args(act, act_params: dict, function: str):
     _check_name(act, function)
     return _IDS[act], _kernel_params(act, act_params, function)
@@ -205,6 +281,20 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
+    if _backend.device_of(function, h=h, bias=bias) == "cuda":
+        cupy = _backend._cupy()
+        h = _backend.as_cuda_array(h, "h", function)
+        axis = _check_axis(axis, h.ndim, function)
+        bias = _cuda_bias(bias, h, axis, function)
+        out = _backend.prepare_cuda_out(out, h, function)
+        h = _backend.detach_from_cuda_out(h, out)
+        bias = _backend.detach_from_cuda_out(bias, out)
+        mask = cupy.empty(_mask_bytes(h.size), dtype=cupy.uint8) if return_mask else None
+        _cuda.bias_act_dropout_forward(act_id, _backend.cuda_operand(h),
+                                       _backend.cuda_operand(bias), axis,
+                                       _backend.cuda_operand(out), a, b, tanh_approx, p, seed,
+                                       offset, _device_buffer(mask), *_backend.cuda_target(h))
+        return (out, mask) if return_mask else out
     h = _backend.as_cpu_array(h, "h", function)
     axis = _check_axis(axis, h.ndim, function)
     bias_view = _bias_view(bias, h, axis, function)
@@ -222,12 +312,35 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     """Gradients of ``bias_act_dropout``: returns ``(grad_h, grad_bias)``
     with ``grad_h = grad_output * mask / (1 - p) * act'(h + bias)`` and
     ``grad_bias`` its sum over every axis but ``axis``, accumulated in
-    double in a fixed order (the same bits for any thread count). Give the
-    forward's packed mask, or the (seed, offset) that drew it.
+    double in an order fixed by the shape (the same bits for any thread
+    count, and on the GPU on every run). Give the forward's packed mask, or
+    the (seed, offset) that drew it.
     """
     function = "bias_act_dropout_backward"
     act_id, (a, b, tanh_approx) = _activation_args(act, act_params, function)
     p = _check_p(p, function)
+    if _backend.device_of(function, grad_output=grad_output, h=h, bias=bias,
+                          mask=mask) == "cuda":
+        cupy = _backend._cupy()
+        grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
+        h = _backend.as_cuda_array(h, "h", function)
+        _backend.check_same(grad_output, h, "grad_output and h", function)
+        axis = _check_axis(axis, h.ndim, function)
+        bias = _cuda_bias(bias, h, axis, function)
+        mask, seed, offset = _mask_or_seed(mask, seed, offset, h.size, function, like=h)
+        target = _backend.cuda_target(h)
+        grad_h = cupy.empty(h.shape, dtype=h.dtype)
+        _cuda.bias_act_dropout_backward(act_id, _backend.cuda_operand(grad_output),
+                                        _backend.cuda_operand(h), _backend.cuda_operand(bias),
+                                        axis, _backend.cuda_operand(grad_h), a, b, tanh_approx,
+                                        p, _device_buffer(mask), seed, offset, *target)
+        grad_bias = cupy.empty(h.shape[axis], dtype=h.dtype)
+        # The float64 partial sums of the two-stage reduction: their count is
+        # fixed by the shape, like the order in which they are added.
+        workspace = cupy.empty(_cuda.bias_grad_workspace(h.shape, axis), dtype=cupy.float64)
+        _cuda.bias_grad(_backend.cuda_operand(grad_h), axis, _backend.cuda_operand(grad_bias),
+                        _device_buffer(workspace), *target)
+        return grad_h, grad_bias
     grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
     h = _backend.as_cpu_array(h, "h", function)
     _backend.check_same(grad_output, h, "grad_output and h", function)
@@ -240,3 +353,4 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     grad_bias = np.empty(h.shape[axis], dtype=h.dtype)
     _cpu.bias_grad(grad_h, axis, grad_bias)
     return grad_h, grad_bias
+
