@@ -13,6 +13,7 @@ namespace py = pybind11;
 namespace fusednn {
 namespace bindings {
 void bind_cuda_activations(py::module_& m);
+void bind_cuda_batchnorm(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
@@ -35,4 +36,5 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("device_count", &fusednn::cuda::device_count,
         "Number of visible CUDA devices (0 when there is no driver or device).");
   fusednn::bindings::bind_cuda_activations(m);
+  fusednn::bindings::bind_cuda_batchnorm(m);
 }
