@@ -6,11 +6,13 @@
 #   scripts/gpu_check.sh [LOGDIR]      (LOGDIR defaults to gpu-check-logs)
 #
 # builds and installs the package for this GPU's architecture only (a full
-# build compiles five), runs tests/gpu, then the GPU benchmark (--quick:
-# every CUDA kernel against a device-to-device copy of the same bytes and
-# PyTorch CUDA, timed with CUDA events). Full logs and the benchmark's JSON
-# go to LOGDIR; a short summary table is printed last. The exit status is
-# that of the first step that failed. About 3 minutes on an H100.
+# build compiles five), runs tests/gpu, then the GPU benchmark (every CUDA
+# kernel against a device-to-device copy of the same bytes and PyTorch
+# CUDA, timed with CUDA events): the activations with --quick, batch norm at
+# its default 32x128x56x56 (51 MB in float32, larger than an H100's L2).
+# Full logs and the benchmarks' JSON go to LOGDIR; a short summary table is
+# printed last. The exit status is that of the first step that failed.
+# About 4 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGDIR="${1:-gpu-check-logs}"
@@ -53,6 +55,8 @@ if run_step build env FUSEDNN_CUDA=ON python3 -m pip install --no-build-isolatio
   run_step tests python3 -m pytest tests/gpu -ra -q -p no:cacheprovider
   run_step bench python3 -m fusednn bench --device cuda --quick --kernels activations,dropout \
     --json "$LOGDIR/bench.json"
+  run_step bench_bn python3 -m fusednn bench --device cuda --kernels batchnorm \
+    --json "$LOGDIR/bench_batchnorm.json"
 fi
 
 echo
@@ -61,27 +65,32 @@ printf '%s\n' "${summary[@]}"
 if [[ -f "$LOGDIR/tests.log" ]]; then
   echo "tests: $(tail -n 1 "$LOGDIR/tests.log")"
 fi
-if [[ -f "$LOGDIR/bench.json" ]]; then
-  python3 - "$LOGDIR/bench.json" <<'PY'
+for name in bench bench_bn; do
+  json="$LOGDIR/$name.json"
+  [[ $name == bench_bn ]] && json="$LOGDIR/bench_batchnorm.json"
+  if [[ -f "$json" ]]; then
+    python3 - "$json" <<'PY'
 import json
 import sys
 
 with open(sys.argv[1], encoding="utf-8") as f:
     document = json.load(f)
 head = document["header"]
-print(f"bench: {head['size']} {head['dtype']} elements, median of {head['repeat']}; "
+shapes = sorted({"x".join(map(str, r["shape"])) for r in document["results"]})
+print(f"bench: {', '.join(shapes)} {head['dtype']}, median of {head['repeat']}; "
       "roof = device-to-device copy of the same bytes")
 for roof in document["roofs"]:
     print(f"  roof {roof['bytes_per_element']:g} bytes/elem: "
           + ", ".join(f"{k} {v:.0f} GB/s" for k, v in roof["gb_per_s"].items()))
-print(f"  {'kernel':<12} {'direction':<9} {'GB/s':>7} {'% roof':>7} {'x torch':>8}")
+print(f"  {'kernel':<16} {'direction':<9} {'GB/s':>7} {'% roof':>7} {'x torch':>8}")
 for r in document["results"]:
     torch = f"{r['x_torch']:.2f}" if r.get("x_torch") is not None else "-"
-    print(f"  {r['kernel']:<12} {r['direction']:<9} {r['gb_per_s']:7.0f} "
+    print(f"  {r['kernel']:<16} {r['direction']:<9} {r['gb_per_s']:7.0f} "
           f"{r['percent_of_roof']:6.0f}% {torch:>8}")
 PY
-elif [[ -f "$LOGDIR/bench.log" ]]; then
-  echo "bench: no results; last lines of $LOGDIR/bench.log:"
-  tail -n 5 "$LOGDIR/bench.log"
-fi
+  elif [[ -f "$LOGDIR/$name.log" ]]; then
+    echo "$name: no results; last lines of $LOGDIR/$name.log:"
+    tail -n 5 "$LOGDIR/$name.log"
+  fi
+done
 exit "$status"

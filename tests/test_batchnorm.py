@@ -427,3 +427,42 @@ def test_partially_overlapping_out():
     expected = ref.batch_norm(x, gamma, beta).y
     fn.batch_norm(x, gamma, beta, out=base[1:])
     _check_close(base[1:], expected, np.float64, scale=2.0)
+
+
+class _FakeCupyArray:
+    """Stands for a CuPy array: the package recognizes those by their type's
+    module, so this exercises the path a real one takes."""
+    shape = (4, 3)
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+
+_FakeCupyArray.__module__ = "cupy._core.core"
+
+
+def test_cupy_like_input_without_cuda_module_names_the_fix(monkeypatch):
+    from fusednn import _backend
+    monkeypatch.setattr(_backend, "_cuda", None)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fn.batch_norm(_FakeCupyArray())
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fn.batch_norm_backward(_FakeCupyArray(), _FakeCupyArray(), None, _FakeCupyArray(),
+                               _FakeCupyArray())
+
+
+def test_numpy_and_cupy_arrays_mixed_is_a_type_error_naming_the_fix():
+    x = np.ones((4, 3), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="cupy.asarray"):
+        fn.batch_norm(x, _FakeCupyArray(), running_mean=rm, running_var=rv)
+    with pytest.raises(TypeError, match="cupy.asnumpy"):
+        fn.batch_norm(_FakeCupyArray(), running_mean=rm)
+    with pytest.raises(TypeError, match="save_mean on the GPU"):
+        fn.batch_norm_backward(x, x, None, _FakeCupyArray(), rv)
+    np.testing.assert_array_equal(rm, np.zeros(3, np.float32))
+
+
+def test_cupy_like_out_for_numpy_input_is_a_value_error():
+    x, _, _ = _data((4, 3), 1, np.float32)
+    with pytest.raises(ValueError, match="device"):
+        fn.batch_norm(x, out=_FakeCupyArray())

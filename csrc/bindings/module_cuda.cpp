@@ -14,6 +14,7 @@ namespace fusednn {
 namespace bindings {
 void bind_cuda_activations(py::module_& m);
 void bind_cuda_dropout(py::module_& m);
+void bind_cuda_batchnorm(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
@@ -37,4 +38,5 @@ PYBIND11_MODULE(_cuda, m) {
         "Number of visible CUDA devices (0 when there is no driver or device).");
   fusednn::bindings::bind_cuda_activations(m);
   fusednn::bindings::bind_cuda_dropout(m);
+  fusednn::bindings::bind_cuda_batchnorm(m);
 }

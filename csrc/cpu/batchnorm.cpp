@@ -137,33 +137,11 @@ struct Partial {
   double s2;
 };
 
-// Batch statistics: sums of d = x - center and d^2, center a sample of the
-// unit. In double, s2 - s1^2 / n loses about (center - mean)^2 / var
-// times 1e-16 relative to the variance.
-struct StatisticsSums {
-  template <class T> static void add(double& s1, double& s2, T x, T, double center) {
-    const double d = static_cast<double>(x) - center;
-    s1 += d;
-    s2 += d * d;
-  }
-};
-
-// Backward: sums of dy and dy * (x - mean), center the saved mean.
-struct GradientSums {
-  template <class T> static void add(double& s1, double& s2, T x, T dy, double center) {
-    const double g = static_cast<double>(dy);
-    s1 += g;
-    s2 += g * (static_cast<double>(x) - center);
-  }
-};
-
 // The median of a unit's first, middle and last samples: the center of its
-// sums, so that no single outlier can be the center.
+// sums.
 template <class T> double median_of_three(const T* first, const T* middle, const T* last) {
-  const double a = static_cast<double>(*first);
-  const double b = static_cast<double>(*middle);
-  const double c = static_cast<double>(*last);
-  return std::max(std::min(a, b), std::min(std::max(a, b), c));
+  return fusednn::median_of_three(static_cast<double>(*first), static_cast<double>(*middle),
+                                  static_cast<double>(*last));
 }
 
 double sum_lanes(double* lanes) {

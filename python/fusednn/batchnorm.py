@@ -1,10 +1,12 @@
-"""Batch normalization on numpy arrays (CPU kernels): the training and
-inference forward pass and the training backward pass, over any channel
-axis (NC, NCL, NCHW, NCDHW with axis=1; channels-last with axis=-1).
+"""Batch normalization on numpy arrays (CPU kernels) and CuPy arrays (CUDA
+kernels, on CuPy's current stream): the training and inference forward
+pass and the training backward pass, over any channel axis (NC, NCL, NCHW,
+NCDHW with axis=1; channels-last with axis=-1).
 
 Everything is validated here before a kernel runs, so bad input raises
 without touching ``out`` or the running statistics. See docs/batchnorm.md
-for the conventions (which follow PyTorch) and the numerics.
+for the conventions (which follow PyTorch) and the numerics, and
+docs/cuda.md for the GPU.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numbers
 import numpy as np
 
 from . import _backend
-from ._backend import _cpu
+from ._backend import _cpu, _cuda
 from .reference import BatchNormResult
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
@@ -63,14 +65,168 @@ def _merges(shape, strides) -> bool:
     return all(s == s_next * n_next for (_, s), (n_next, s_next) in zip(dims, dims[1:]))
 
 
-def _channel_viewable(x: np.ndarray, axis: int) -> np.ndarray:
-    """x itself when the dimensions before and after the channel axis each
-    merge into one strided extent (what the reductions walk), else one
-    contiguous copy."""
+def _channel_viewable(x, axis: int):
+    """x (numpy or CuPy) itself when the dimensions before and after the
+    channel axis each merge into one strided extent (what the reductions
+    walk), else one contiguous copy."""
     if x.size == 0 or (_merges(x.shape[:axis], x.strides[:axis])
                        and _merges(x.shape[axis + 1:], x.strides[axis + 1:])):
         return x
+    if _backend.is_cupy_array(x):
+        return _backend._cupy().ascontiguousarray(x)
     return np.ascontiguousarray(x)
+
+
+def _settings(training, momentum, eps, function: str):
+    """Checks the forward's scalar arguments; returns them as bool, float, float."""
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"fusednn.{function}: training must be a bool, "
+                        f"not {type(training).__name__}")
+    momentum = _backend.check_real(momentum, "momentum", function)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"fusednn.{function}: momentum must be in [0, 1], got {momentum}")
+    eps = _backend.check_real(eps, "eps", function)
+    if eps <= 0.0:
+        raise ValueError(f"fusednn.{function}: eps must be positive, got {eps}")
+    return bool(training), momentum, eps
+
+
+def _values_per_channel(shape: tuple, axis: int) -> int:
+    return int(np.prod(shape[:axis] + shape[axis + 1:]))
+
+
+# ---- CuPy arrays (CUDA kernels) ----------------------------------------------
+
+
+def _cuda_weight_dtypes(dtype) -> tuple:
+    """The dtypes gamma and beta may have for x of `dtype` on the GPU: x's
+    own, and float32 too for float16 x (as mixed-precision training keeps
+    them)."""
+    if dtype == np.float16:
+        return (np.dtype(np.float16), np.dtype(np.float32))
+    return (np.dtype(dtype),)
+
+
+_CUDA_ANY = tuple(np.dtype(d) for d in _backend.SUPPORTED_CUDA_DTYPES)
+
+
+def _cuda_statistics_dtype(dtype) -> np.dtype:
+    """save_mean, save_invstd, grad_gamma and grad_beta: x's dtype, float32
+    for float16 x (a per-channel sum of float16 values may not fit one)."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _cuda_per_channel(a, name: str, channels: int, function: str, dtypes: tuple, *,
+                      writable: bool = False):
+    """Checks a per-channel CuPy array: a dtype of `dtypes`, shape
+    (channels,), on the current device; arrays updated in place must also
+    be aligned (others are copied once if they are not)."""
+    if a is None:
+        return None
+    cupy = _backend._cupy()
+    if not isinstance(a, cupy.ndarray):
+        raise TypeError(f"fusednn.{function}: {name} must be a CuPy array or None, "
+                        f"not {type(a).__name__}")
+    if a.dtype not in dtypes:
+        raise TypeError(f"fusednn.{function}: {name} has dtype {a.dtype}; it must be "
+                        f"{' or '.join(d.name for d in dtypes)} here")
+    if a.shape != (channels,):
+        raise ValueError(f"fusednn.{function}: {name} has shape {a.shape}; expected "
+                         f"({channels},), one value per channel")
+    if not writable:
+        return _backend.as_cuda_array(a, name, function)
+    current = cupy.cuda.Device().id
+    if a.device.id != current:
+        raise ValueError(f"fusednn.{function}: {name} is on GPU {a.device.id} but the current "
+                         f"CuPy device is GPU {current}")
+    if a.data.ptr % a.dtype.itemsize or any(s % a.dtype.itemsize for s in a.strides):
+        raise ValueError(f"fusednn.{function}: {name} is updated in place and must be aligned "
+                         "to its item size")
+    return a
+
+
+def _cuda_workspace(x, axis: int):
+    """Device scratch memory for the kernels' partial sums and coefficients,
+    from CuPy's pool (on the current stream)."""
+    code = _backend.cuda_operand(x)[1]
+    nbytes = _cuda.batch_norm_workspace_bytes(list(x.shape), axis, code)
+    return _backend._cupy().empty(max(1, -(-nbytes // 8)), dtype=np.float64)
+
+
+def _operand_or_none(a):
+    return None if a is None else _backend.cuda_operand(a)
+
+
+def _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                     axis, out):
+    function = "batch_norm"
+    cupy = _backend._cupy()
+    x = _backend.as_cuda_array(x, "x", function)
+    if x.ndim == 0:
+        raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
+    ax = _channel_axis(axis, x.ndim, function)
+    training, momentum, eps = _settings(training, momentum, eps, function)
+    channels = x.shape[ax]
+    weights = _cuda_weight_dtypes(x.dtype)
+    gamma = _cuda_per_channel(gamma, "gamma", channels, function, weights)
+    beta = _cuda_per_channel(beta, "beta", channels, function, weights)
+    running_mean = _cuda_per_channel(running_mean, "running_mean", channels, function,
+                                     _CUDA_ANY, writable=training)
+    running_var = _cuda_per_channel(running_var, "running_var", channels, function,
+                                    _CUDA_ANY, writable=training)
+    if training and _values_per_channel(x.shape, ax) < 2:
+        raise ValueError(f"fusednn.{function}: training needs more than one value per channel, "
+                         f"got input shape {x.shape} with channel axis {ax}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"fusednn.{function}: training=False normalizes with running_mean "
+                         "and running_var; pass both")
+    out = _backend.prepare_cuda_out(out, x, function)
+    x = _channel_viewable(_backend.detach_from_cuda_out(x, out), ax)
+    statistics = _cuda_statistics_dtype(x.dtype)
+    save_mean = cupy.empty(channels, dtype=statistics)
+    save_invstd = cupy.empty(channels, dtype=statistics)
+    workspace = _cuda_workspace(x, ax)
+    operand = _backend.cuda_operand
+    _cuda.batch_norm_forward(operand(x), operand(out), _operand_or_none(gamma),
+                             _operand_or_none(beta), _operand_or_none(running_mean),
+                             _operand_or_none(running_var), operand(save_mean),
+                             operand(save_invstd), workspace.data.ptr, workspace.nbytes,
+                             training, momentum, eps, ax, *_backend.cuda_target(x))
+    return BatchNormResult(out, save_mean, save_invstd)
+
+
+def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis):
+    function = "batch_norm_backward"
+    cupy = _backend._cupy()
+    grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
+    x = _backend.as_cuda_array(x, "x", function)
+    _backend.check_same(grad_output, x, "grad_output and x", function)
+    if x.ndim == 0:
+        raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
+    ax = _channel_axis(axis, x.ndim, function)
+    channels = x.shape[ax]
+    gamma = _cuda_per_channel(gamma, "gamma", channels, function, _cuda_weight_dtypes(x.dtype))
+    if save_mean is None or save_invstd is None:
+        raise TypeError(f"fusednn.{function}: save_mean and save_invstd are required "
+                        "(batch_norm returns them)")
+    save_mean = _cuda_per_channel(save_mean, "save_mean", channels, function, _CUDA_ANY)
+    save_invstd = _cuda_per_channel(save_invstd, "save_invstd", channels, function, _CUDA_ANY)
+    grad_output = _channel_viewable(grad_output, ax)
+    x = _channel_viewable(x, ax)
+    statistics = _cuda_statistics_dtype(x.dtype)
+    grad_input = cupy.empty(x.shape, dtype=x.dtype)
+    grad_gamma = cupy.empty(channels, dtype=statistics)
+    grad_beta = cupy.empty(channels, dtype=statistics)
+    workspace = _cuda_workspace(x, ax)
+    operand = _backend.cuda_operand
+    _cuda.batch_norm_backward(operand(grad_output), operand(x), operand(grad_input),
+                              _operand_or_none(gamma), operand(save_mean), operand(save_invstd),
+                              operand(grad_gamma), operand(grad_beta), workspace.data.ptr,
+                              workspace.nbytes, ax, *_backend.cuda_target(x))
+    return grad_input, grad_gamma, grad_beta
+
+
+# ---- public functions -----------------------------------------------------------
 
 
 def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
@@ -88,25 +244,24 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
 
     Returns ``BatchNormResult(y, save_mean, save_invstd)`` with the mean and
     ``1 / sqrt(var + eps)`` that were used (batch statistics in training,
-    the running ones in inference), in x's dtype.
+    the running ones in inference), in x's dtype (float32 for float16 x).
+
+    CuPy arrays run on the GPU, where float16 x is also accepted (computed
+    in float32; gamma and beta may then be float16 or float32) and the
+    running statistics may be float16, float32 or float64.
     """
     function = "batch_norm"
+    if _backend.device_of(function, x=x, gamma=gamma, beta=beta, running_mean=running_mean,
+                          running_var=running_var) == "cuda":
+        return _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, momentum,
+                                eps, axis, out)
     x = _backend.as_cpu_array(x, "x", function)
     if x.ndim == 0:
         raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
     ax = _channel_axis(axis, x.ndim, function)
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"fusednn.{function}: training must be a bool, "
-                        f"not {type(training).__name__}")
-    training = bool(training)
-    momentum = _backend.check_real(momentum, "momentum", function)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"fusednn.{function}: momentum must be in [0, 1], got {momentum}")
-    eps = _backend.check_real(eps, "eps", function)
-    if eps <= 0.0:
-        raise ValueError(f"fusednn.{function}: eps must be positive, got {eps}")
+    training, momentum, eps = _settings(training, momentum, eps, function)
     channels = x.shape[ax]
-    per_channel = x.size // channels if channels else int(np.prod(x.shape[:ax] + x.shape[ax + 1:]))
+    per_channel = _values_per_channel(x.shape, ax)
     gamma = _per_channel(gamma, "gamma", channels, function, dtype=x.dtype)
     beta = _per_channel(beta, "beta", channels, function, dtype=x.dtype)
     running_mean = _per_channel(running_mean, "running_mean", channels, function,
@@ -136,9 +291,13 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     thousands of times its spread). gamma=None means ones. Returns
     ``(grad_input, grad_gamma, grad_beta)`` with
     ``grad_input = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))``,
-    ``grad_gamma = sum(dy * xhat)`` and ``grad_beta = sum(dy)``.
+    ``grad_gamma = sum(dy * xhat)`` and ``grad_beta = sum(dy)``;
+    grad_gamma and grad_beta are float32 for float16 x (GPU only).
     """
     function = "batch_norm_backward"
+    if _backend.device_of(function, grad_output=grad_output, x=x, gamma=gamma,
+                          save_mean=save_mean, save_invstd=save_invstd) == "cuda":
+        return _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis)
     grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
     x = _backend.as_cpu_array(x, "x", function)
     _backend.check_same(grad_output, x, "grad_output and x", function)

@@ -669,7 +669,7 @@ def compare_bounded(outputs: dict, inputs: int, dims: dict | None = None) -> Che
     return CheckResult(largest, 1.0, "bound", inputs, worst)
 
 
-def _batch_norm_check(layout: str, direction: str, dtype) -> CheckResult:
+def _batch_norm_check(layout: str, direction: str, dtype, device: str = "cpu") -> CheckResult:
     """The kernel, on _batch_norm_check_inputs laid out as `layout`, against
     the float64 reference on the same values in NCHW (where numpy's sums are
     pairwise, hence accurate enough to judge float64 kernels by).
@@ -681,8 +681,10 @@ def _batch_norm_check(layout: str, direction: str, dtype) -> CheckResult:
     its channel's gain gamma * invstd (grad_output is of order one),
     grad_gamma and grad_beta within t of the sum of |grad_output * xhat| and
     |grad_output| they add up. Errors are reported at (n, c, h, w) indices
-    whatever the layout."""
+    whatever the layout. On the GPU the kernel runs on CuPy copies of the
+    same inputs."""
     dtype = np.dtype(dtype)
+    put, get = on_device(device)
     axis, order = BATCH_NORM_LAYOUTS[layout]
     to_nchw = tuple(order.index(d) for d in range(len(order)))
     x, grad, p = _batch_norm_check_inputs(dtype)
@@ -696,15 +698,18 @@ def _batch_norm_check(layout: str, direction: str, dtype) -> CheckResult:
                                     **settings)
     mean, invstd = expected.save_mean, expected.save_invstd
     if direction == "forward":
-        ours_running_mean, ours_running_var = p["running_mean"].copy(), p["running_var"].copy()
-        ours = batch_norm(x_laid, p["gamma"], p["beta"], ours_running_mean, ours_running_var,
-                          axis=axis, **settings)
+        ours_running_mean, ours_running_var = put(p["running_mean"].copy()), put(
+            p["running_var"].copy())
+        ours = [get(a) for a in batch_norm(put(x_laid), put(p["gamma"]), put(p["beta"]),
+                                           ours_running_mean, ours_running_var, axis=axis,
+                                           **settings)]
+        ours_running_mean, ours_running_var = get(ours_running_mean), get(ours_running_var)
         running = RUNNING_STATISTICS_TOLERANCE[dtype.name]
         momentum = BATCH_NORM_MOMENTUM
         outputs = {
-            "y": (ours.y.transpose(to_nchw), expected.y, tolerance),
-            "save_mean": (ours.save_mean, mean, tolerance * np.maximum(np.abs(mean), 1 / invstd)),
-            "save_invstd": (ours.save_invstd, invstd, tolerance * invstd),
+            "y": (ours[0].transpose(to_nchw), expected.y, tolerance),
+            "save_mean": (ours[1], mean, tolerance * np.maximum(np.abs(mean), 1 / invstd)),
+            "save_invstd": (ours[2], invstd, tolerance * invstd),
             "running_mean": (ours_running_mean, running_mean, running * (
                 (1 - momentum) * np.abs(p["running_mean"].astype(np.float64))
                 + momentum * np.abs(mean))),
@@ -712,8 +717,8 @@ def _batch_norm_check(layout: str, direction: str, dtype) -> CheckResult:
         }
     else:
         save_mean, save_invstd = mean.astype(dtype), invstd.astype(dtype)
-        ours = batch_norm_backward(grad_laid, x_laid, p["gamma"], save_mean, save_invstd,
-                                   axis=axis)
+        ours = [get(a) for a in batch_norm_backward(put(grad_laid), put(x_laid), put(p["gamma"]),
+                                                    put(save_mean), put(save_invstd), axis=axis)]
         want = reference.batch_norm_backward(grad, x, p["gamma"], save_mean, save_invstd)
         grad64 = grad.astype(np.float64)
         xhat = ((x.astype(np.float64) - save_mean.astype(np.float64).reshape(per_channel_shape))
@@ -734,18 +739,23 @@ class BatchNormArrays:
     """The arrays the batch-norm cases share, made once per run: x and
     grad_output (standard normal) and out, one buffer each that either
     layout views in its own shape; gamma, beta; running statistics for each
-    caller, which every training forward updates in place."""
+    caller, which every training forward updates in place. All on the
+    plan's device (numpy or CuPy) but the reference's, which stay on the
+    host; to_host copies device arrays back for the reference."""
 
-    def __init__(self, nchw: tuple, dtype: np.dtype):
+    def __init__(self, nchw: tuple, dtype: np.dtype, device: str = "cpu"):
         rng = np.random.default_rng(0)
+        put, self.to_host = on_device(device)
         size, channels = math.prod(nchw), nchw[1]
-        self.x = rng.standard_normal(size, dtype=dtype)
-        self.grad = rng.standard_normal(size, dtype=dtype)
-        self.out = np.empty(size, dtype=dtype)
-        self.gamma = rng.uniform(0.5, 1.5, channels).astype(dtype)
-        self.beta = rng.uniform(-1.0, 1.0, channels).astype(dtype)
+        self.x = put(rng.standard_normal(size, dtype=dtype))
+        self.grad = put(rng.standard_normal(size, dtype=dtype))
+        self.out = put(np.empty(size, dtype=dtype))
+        self.gamma = put(rng.uniform(0.5, 1.5, channels).astype(dtype))
+        self.beta = put(rng.uniform(-1.0, 1.0, channels).astype(dtype))
         self.running = {caller: (np.zeros(channels, dtype), np.ones(channels, dtype))
                         for caller in ("ours", "reference", "torch")}
+        for caller in ("ours", "torch"):
+            self.running[caller] = tuple(put(a) for a in self.running[caller])
 
 
 def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
@@ -755,7 +765,8 @@ def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
     x, grad, out = (a.reshape(shape) for a in (arrays.x, arrays.grad, arrays.out))
     gamma, beta = arrays.gamma, arrays.beta
     samples = _reference_samples(plan, nchw)
-    x_few, grad_few = x[:samples], grad[:samples]
+    x_few, grad_few = arrays.to_host(x[:samples]), arrays.to_host(grad[:samples])
+    gamma_host, beta_host = arrays.to_host(gamma), arrays.to_host(beta)
     settings = {"momentum": BATCH_NORM_MOMENTUM, "eps": BATCH_NORM_EPS, "axis": axis}
     if direction == "forward":
         running_mean, running_var = arrays.running["ours"]
@@ -763,30 +774,33 @@ def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
         runners = Runners(
             ours=lambda: batch_norm(x, gamma, beta, running_mean, running_var, out=out,
                                     **settings),
-            reference=lambda: reference.batch_norm(x_few, gamma, beta, *reference_running,
-                                                   **settings),
+            reference=lambda: reference.batch_norm(x_few, gamma_host, beta_host,
+                                                   *reference_running, **settings),
             reference_elements=x_few.size)
     else:
         saved = batch_norm(x, gamma, beta, **settings)
+        saved_host = [arrays.to_host(a) for a in saved[1:]]
         runners = Runners(
             ours=lambda: batch_norm_backward(grad, x, gamma, saved.save_mean, saved.save_invstd,
                                              axis=axis),
             reference=lambda: reference.batch_norm_backward(
-                grad_few, x_few, gamma, saved.save_mean, saved.save_invstd, axis=axis),
+                grad_few, x_few, gamma_host, *saved_host, axis=axis),
             reference_elements=x_few.size)
     if plan.torch is not None:
         torch = plan.torch
         aten = torch.ops.aten
         # torch takes NCHW-shaped tensors; other layouts are permuted views
         # of the same buffers (NHWC: channels_last), so that torch reads the
-        # same memory in the same order as ours.
+        # same memory in the same order as ours. On the GPU they share
+        # CuPy's memory through DLPack.
+        view = torch.from_numpy if plan.device == "cpu" else torch.from_dlpack
         to_nchw = tuple(order.index(d) for d in range(len(order)))
-        tx, tgrad, tout = (torch.from_numpy(a).permute(to_nchw) for a in (x, grad, out))
-        tgamma, tbeta = torch.from_numpy(gamma), torch.from_numpy(beta)
-        trunning_mean, trunning_var = (torch.from_numpy(a) for a in arrays.running["torch"])
+        tx, tgrad, tout = (view(a).permute(to_nchw) for a in (x, grad, out))
+        tgamma, tbeta = view(gamma), view(beta)
+        trunning_mean, trunning_var = (view(a) for a in arrays.running["torch"])
         momentum, eps = BATCH_NORM_MOMENTUM, BATCH_NORM_EPS
         if direction == "forward":
-            tmean, tinvstd = (torch.from_numpy(np.empty(nchw[1], plan.dtype)) for _ in range(2))
+            tmean, tinvstd = (torch.empty_like(tgamma) for _ in range(2))
             runners.torch = lambda: aten.native_batch_norm.out(
                 tx, tgamma, tbeta, trunning_mean, trunning_var, True, momentum, eps,
                 out=tout, save_mean=tmean, save_invstd=tinvstd)
@@ -806,7 +820,7 @@ def batch_norm_cases(plan: Plan) -> list[Case]:
     """Training forward and backward of batch_norm in each layout of
     BATCH_NORM_LAYOUTS, on batch_norm_shape(plan)."""
     nchw = batch_norm_shape(plan)
-    arrays = functools.cache(lambda: BatchNormArrays(nchw, plan.dtype))
+    arrays = functools.cache(lambda: BatchNormArrays(nchw, plan.dtype, plan.device))
     item = plan.dtype.itemsize
     # The forward reads x for the statistics, then x again to write y; the
     # backward reads x and grad_output for its sums, then both again to
@@ -819,7 +833,8 @@ def batch_norm_cases(plan: Plan) -> list[Case]:
                 family="batchnorm", name=kernel, direction=direction,
                 shape=_in_layout(nchw, layout),
                 bytes_per_element=(reads + writes) * item, traffic=f"{reads}r+{writes}w",
-                check=functools.partial(_batch_norm_check, layout, direction, plan.dtype),
+                check=functools.partial(_batch_norm_check, layout, direction, plan.dtype,
+                                        plan.device),
                 prepare=lambda l=layout, d=direction: _batch_norm_runners(l, d, plan, nchw,
                                                                           arrays())))
     return cases
@@ -1103,7 +1118,8 @@ FAMILIES = {
                           {"cpu": activation_cases, "cuda": activation_cases},
                           describe_activations),
     "batchnorm": Family("batchnorm", BATCH_NORM_KERNELS, ("forward", "backward"),
-                        {"cpu": batch_norm_cases}, describe_batch_norm),
+                        {"cpu": batch_norm_cases, "cuda": batch_norm_cases},
+                        describe_batch_norm),
     "dropout": Family("dropout", tuple(k.name for k in DROPOUT_KERNELS), ("forward", "backward"),
                       {"cpu": dropout_cases, "cuda": dropout_cases}, describe_dropout),
 }

@@ -33,6 +33,39 @@ FUSEDNN_HD Moments moments_from_shifted_sums(double count, double shift, double 
   return {count, shift + offset, m2 < 0.0 ? 0.0 : m2};  // keeps NaN
 }
 
+// The center of a chunk's sums: the median of three of its samples, so that
+// no single outlier can be the center. Ordered comparisons as std::min and
+// std::max make them (a NaN sample may or may not be picked).
+FUSEDNN_HD double median_of_three(double a, double b, double c) {
+  const double low = b < a ? b : a;
+  const double high = a < b ? b : a;
+  const double middle = c < high ? c : high;
+  return low < middle ? middle : low;
+}
+
+// Per-element accumulation of the forward statistics: sums of d = x - center
+// and d^2 in double, center a sample of the chunk. In double, s2 - s1^2 / n
+// loses about (center - mean)^2 / var times 1e-16 relative to the variance.
+struct StatisticsSums {
+  static constexpr bool kReadsGradient = false;
+  template <class T> FUSEDNN_HD static void add(double& s1, double& s2, T x, T, double center) {
+    const double d = static_cast<double>(x) - center;
+    s1 += d;
+    s2 += d * d;
+  }
+};
+
+// Per-element accumulation of the backward sums: sum(dy) and
+// sum(dy * (x - mean)), center the saved mean.
+struct GradientSums {
+  static constexpr bool kReadsGradient = true;
+  template <class T> FUSEDNN_HD static void add(double& s1, double& s2, T x, T dy, double center) {
+    const double g = static_cast<double>(dy);
+    s1 += g;
+    s2 += g * (static_cast<double>(x) - center);
+  }
+};
+
 // Chan's pairwise merge; the result depends on the order of merging, so
 // callers merge partials in a fixed order to get the same bits every run.
 FUSEDNN_HD Moments merge_moments(const Moments& a, const Moments& b) {

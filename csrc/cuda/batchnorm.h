@@ -1,0 +1,60 @@
+// Host launchers of the CUDA batch-normalization kernels. Every array is
+// viewed as (outer, C, inner) around the channel axis; per-channel arrays
+// are 1-D of length C with any stride. The Python layer has validated
+// shapes, dtypes and devices, and guarantees that x and grad_output merge
+// into a strided (outer, C, inner) view. The launchers enqueue on
+// target.stream and return without waiting; CUDA errors throw
+// std::runtime_error, unsupported arguments std::invalid_argument.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/array.h"
+
+namespace fusednn {
+namespace cuda {
+
+// Device scratch memory the caller allocates (on the launch's stream) for
+// the reduction's partial results and the per-channel coefficients.
+struct Workspace {
+  void* data;
+  int64_t bytes;
+};
+
+struct BatchNormForwardArgs {
+  int axis;
+  bool training;
+  double momentum;
+  double eps;
+  const DeviceArrayRef* gamma;         // (C,) or null for ones
+  const DeviceArrayRef* beta;          // (C,) or null for zeros
+  const DeviceArrayRef* running_mean;  // (C,) or null; read in inference,
+  const DeviceArrayRef* running_var;   // updated in place in training
+  const DeviceArrayRef* save_mean;     // (C,) output
+  const DeviceArrayRef* save_invstd;   // (C,) output
+};
+
+struct BatchNormBackwardArgs {
+  int axis;
+  const DeviceArrayRef* gamma;        // (C,) or null for ones
+  const DeviceArrayRef* save_mean;    // (C,)
+  const DeviceArrayRef* save_invstd;  // (C,)
+  const DeviceArrayRef* grad_gamma;   // (C,) output
+  const DeviceArrayRef* grad_beta;    // (C,) output
+};
+
+// Bytes of workspace both launchers need for x of this dtype and view.
+int64_t batch_norm_workspace_bytes(DType dtype, int64_t outer, int64_t channels, int64_t inner);
+
+// y = (x - mean) * invstd * gamma + beta     x, y: same shape
+void batch_norm_forward(const DeviceArrayRef& x, const DeviceArrayRef& y,
+                        const BatchNormForwardArgs& args, const Workspace& workspace,
+                        const LaunchTarget& target);
+
+// grad_input, grad_gamma and grad_beta of training-mode batch_norm.
+void batch_norm_backward(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
+                         const DeviceArrayRef& grad_input, const BatchNormBackwardArgs& args,
+                         const Workspace& workspace, const LaunchTarget& target);
+
+}  // namespace cuda
+}  // namespace fusednn
