@@ -59,7 +59,7 @@ struct Sigmoid {
   // scaled exponential keeps the subnormal tail accurate.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
     using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled(-abs_(x));
+    const T scaled = math::exp_scaled_nonpositive(-abs_(x));
     const T e = scaled * Tr::kExpUnscale;
     return g * ((scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
   }
@@ -76,7 +76,7 @@ struct Tanh {
   // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|).
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
     using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled(T(-2) * abs_(x));
+    const T scaled = math::exp_scaled_nonpositive(T(-2) * abs_(x));
     const T e = scaled * Tr::kExpUnscale;
     return g * ((T(4) * scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
   }
@@ -213,7 +213,7 @@ struct Silu {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled(-abs_(x));
+    const T scaled = math::exp_scaled_nonpositive(-abs_(x));
     const T e = scaled * Tr::kExpUnscale;
     const bool positive = x >= T(0);
     const T ratio = (positive ? x : x * scaled) / (T(1) + e);

@@ -123,11 +123,23 @@ FUSEDNN_HD double expm1_reduced(double r) {
 // scale keeps results whose e^x is subnormal in the normal range, so a
 // caller that multiplies e^x by a large factor (silu, mish) rounds only once,
 // when it finally multiplies by kExpUnscale. NaN propagates.
+template <class T> FUSEDNN_HD T exp_scaled_clamped(T xc);
+
 template <class T> FUSEDNN_HD T exp_scaled(T x) {
   using Tr = Traits<T>;
+  const T xc = x < Tr::kExpMin ? Tr::kExpMin : x;
+  return exp_scaled_clamped(xc > Tr::kExpMax ? Tr::kExpMax : xc);
+}
+
+// exp_scaled for x <= 0 (-|x| and the like): one clamp fewer.
+template <class T> FUSEDNN_HD T exp_scaled_nonpositive(T x) {
+  return exp_scaled_clamped(x < Traits<T>::kExpMin ? Traits<T>::kExpMin : x);
+}
+
+// exp_scaled on an argument already inside [kExpMin, kExpMax] (or NaN).
+template <class T> FUSEDNN_HD T exp_scaled_clamped(T xc) {
+  using Tr = Traits<T>;
   using SBits = typename Tr::SBits;
-  T xc = x < Tr::kExpMin ? Tr::kExpMin : x;
-  xc = xc > Tr::kExpMax ? Tr::kExpMax : xc;
   T kf;
   SBits k;
   const T r = reduce_ln2(xc, kf, k);
@@ -247,7 +259,7 @@ template <class T> FUSEDNN_HD T sigmoid_from_exp(T x, T e) {
 
 template <class T> FUSEDNN_HD T sigmoid_(T x) {
   using Tr = Traits<T>;
-  const T scaled = exp_scaled(-abs_(x));
+  const T scaled = exp_scaled_nonpositive(-abs_(x));
   const T e = scaled * Tr::kExpUnscale;
   return ((x >= T(0) ? Tr::kExpScaleValue : scaled) / (T(1) + e)) * Tr::kExpUnscale;
 }
