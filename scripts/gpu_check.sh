@@ -12,7 +12,7 @@
 # its default 32x128x56x56 (51 MB in float32, larger than an H100's L2).
 # Full logs and the benchmarks' JSON go to LOGDIR; a short summary table is
 # printed last. The exit status is that of the first step that failed.
-# About 4 minutes on an H100.
+# Expected to take about 4 minutes on an H100 (not yet timed on one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGDIR="${1:-gpu-check-logs}"
