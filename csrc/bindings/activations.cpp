@@ -1,38 +1,21 @@
 // pybind11 bindings of the CPU activation kernels and the copy kernel: argument
 // unpacking only, with the GIL released while the kernel runs.
+#include "bindings/activation_args.h"
 #include "bindings/array_ref.h"
 #include "cpu/activations.h"
 
 namespace fusednn {
 namespace bindings {
 
-namespace {
-
-Activation activation_id(int id) {
-  if (id < 0 || id >= static_cast<int>(Activation::count))
-    throw py::value_error("unknown activation id " + std::to_string(id));
-  return static_cast<Activation>(id);
-}
-
-ActivationParams make_params(double a, double b, bool tanh_approximation) {
-  ActivationParams p;
-  p.a = a;
-  p.b = b;
-  p.tanh_approximation = tanh_approximation;
-  return p;
-}
-
-}  // namespace
-
 void bind_activations(py::module_& m) {
   m.def(
       "activation_forward",
       [](int id, const py::array& x, const py::array& y, double a, double b, bool tanh_approx) {
-        const Activation act = activation_id(id);
+        const Activation act = activation_from_id(id);
         const ArrayView xv(x, false, "x");
         const ArrayView yv(y, true, "out");
         require_same(xv, yv, "activation_forward");
-        const ActivationParams p = make_params(a, b, tanh_approx);
+        const ActivationParams p = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(activation_forward)(act, p, xv.ref(), yv.ref());
       },
@@ -43,13 +26,13 @@ void bind_activations(py::module_& m) {
       "activation_backward",
       [](int id, bool from_output, const py::array& g, const py::array& saved,
          const py::array& out, double a, double b, bool tanh_approx) {
-        const Activation act = activation_id(id);
+        const Activation act = activation_from_id(id);
         const ArrayView gv(g, false, "grad_output");
         const ArrayView sv(saved, false, from_output ? "y" : "x");
         const ArrayView ov(out, true, "out");
         require_same(gv, sv, "activation_backward");
         require_same(gv, ov, "activation_backward");
-        const ActivationParams p = make_params(a, b, tanh_approx);
+        const ActivationParams p = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(activation_backward)(act, p, from_output, gv.ref(), sv.ref(), ov.ref());
       },

@@ -1,39 +1,22 @@
 // pybind11 bindings of the CUDA activation kernels: argument unpacking
 // only, with the GIL released while the launch is enqueued.
+#include "bindings/activation_args.h"
 #include "bindings/cuda_array.h"
 #include "cuda/activations.h"
 
 namespace fusednn {
 namespace bindings {
 
-namespace {
-
-Activation cuda_activation_id(int id) {
-  if (id < 0 || id >= static_cast<int>(Activation::count))
-    throw py::value_error("unknown activation id " + std::to_string(id));
-  return static_cast<Activation>(id);
-}
-
-ActivationParams cuda_params(double a, double b, bool tanh_approximation) {
-  ActivationParams p;
-  p.a = a;
-  p.b = b;
-  p.tanh_approximation = tanh_approximation;
-  return p;
-}
-
-}  // namespace
-
 void bind_cuda_activations(py::module_& m) {
   m.def(
       "activation_forward",
       [](int id, const py::tuple& x, const py::tuple& y, double a, double b, bool tanh_approx,
          int device, std::uintptr_t stream) {
-        const Activation act = cuda_activation_id(id);
+        const Activation act = activation_from_id(id);
         const DeviceArrayView xv(x, "x");
         const DeviceArrayView yv(y, "out");
         require_same(xv, yv, "activation_forward");
-        const ActivationParams p = cuda_params(a, b, tanh_approx);
+        const ActivationParams p = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::activation_forward(act, p, xv.ref(), yv.ref(), launch_target(device, stream));
       },
@@ -45,13 +28,13 @@ void bind_cuda_activations(py::module_& m) {
       [](int id, bool from_output, const py::tuple& g, const py::tuple& saved,
          const py::tuple& out, double a, double b, bool tanh_approx, int device,
          std::uintptr_t stream) {
-        const Activation act = cuda_activation_id(id);
+        const Activation act = activation_from_id(id);
         const DeviceArrayView gv(g, "grad_output");
         const DeviceArrayView sv(saved, from_output ? "y" : "x");
         const DeviceArrayView ov(out, "out");
         require_same(gv, sv, "activation_backward");
         require_same(gv, ov, "activation_backward");
-        const ActivationParams p = cuda_params(a, b, tanh_approx);
+        const ActivationParams p = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::activation_backward(act, p, from_output, gv.ref(), sv.ref(), ov.ref(),
                                   launch_target(device, stream));

@@ -4,6 +4,7 @@
 // keep = 1 - p, the threshold and the scale are formed here once, in
 // double, exactly as the CPU bindings and the reference form them. Masks
 // and the workspace arrive as (device pointer, size) pairs.
+#include "bindings/activation_args.h"
 #include <cstdint>
 #include <string>
 
@@ -45,19 +46,7 @@ uint8_t* device_buffer(const py::object& buffer, int64_t bytes, const char* name
   return reinterpret_cast<uint8_t*>(pointer);
 }
 
-Activation dropout_activation_id(int id) {
-  if (id < 0 || id >= static_cast<int>(Activation::count))
-    throw py::value_error("unknown activation id " + std::to_string(id));
-  return static_cast<Activation>(id);
-}
 
-ActivationParams dropout_activation_params(double a, double b, bool tanh_approximation) {
-  ActivationParams p;
-  p.a = a;
-  p.b = b;
-  p.tanh_approximation = tanh_approximation;
-  return p;
-}
 
 void require_bias(const DeviceArrayView& h, const DeviceArrayView& bias, int axis,
                   const char* what) {
@@ -120,7 +109,7 @@ void bind_cuda_dropout(py::module_& m) {
       [](int id, const py::tuple& h, const py::tuple& bias, int axis, const py::tuple& out,
          double a, double b, bool tanh_approx, double p, uint64_t seed, uint64_t offset,
          const py::object& mask_out, int device, std::uintptr_t stream) {
-        const Activation act = dropout_activation_id(id);
+        const Activation act = activation_from_id(id);
         const DeviceArrayView hv(h, "h");
         const DeviceArrayView bv(bias, "bias");
         const DeviceArrayView ov(out, "out");
@@ -128,7 +117,7 @@ void bind_cuda_dropout(py::module_& m) {
         require_bias(hv, bv, axis, "bias_act_dropout_forward");
         cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (element_count(hv) + 7) / 8, "mask_out");
-        const ActivationParams params = dropout_activation_params(a, b, tanh_approx);
+        const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::bias_act_dropout_forward(act, params, spec, hv.ref(), bv.ref(), axis, ov.ref(),
                                        launch_target(device, stream));
@@ -143,7 +132,7 @@ void bind_cuda_dropout(py::module_& m) {
          const py::tuple& grad_h, double a, double b, bool tanh_approx, double p,
          const py::object& mask, uint64_t seed, uint64_t offset, int device,
          std::uintptr_t stream) {
-        const Activation act = dropout_activation_id(id);
+        const Activation act = activation_from_id(id);
         const DeviceArrayView gv(g, "grad_output");
         const DeviceArrayView hv(h, "h");
         const DeviceArrayView bv(bias, "bias");
@@ -153,7 +142,7 @@ void bind_cuda_dropout(py::module_& m) {
         require_bias(hv, bv, axis, "bias_act_dropout_backward");
         cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
         spec.mask_in = device_buffer(mask, (element_count(gv) + 7) / 8, "mask");
-        const ActivationParams params = dropout_activation_params(a, b, tanh_approx);
+        const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::bias_act_dropout_backward(act, params, spec, gv.ref(), hv.ref(), bv.ref(), axis,
                                         ov.ref(), launch_target(device, stream));

@@ -3,6 +3,7 @@
 // released while a kernel runs. p arrives already validated; keep = 1 - p,
 // the threshold and the scale are formed here once, in double, exactly as
 // the reference forms them.
+#include "bindings/activation_args.h"
 #include <string>
 
 #include "bindings/array_ref.h"
@@ -45,19 +46,7 @@ int64_t mask_bytes(const ArrayView& v) {
   return (n + 7) / 8;
 }
 
-Activation activation_id(int id) {
-  if (id < 0 || id >= static_cast<int>(Activation::count))
-    throw py::value_error("unknown activation id " + std::to_string(id));
-  return static_cast<Activation>(id);
-}
 
-ActivationParams make_params(double a, double b, bool tanh_approximation) {
-  ActivationParams p;
-  p.a = a;
-  p.b = b;
-  p.tanh_approximation = tanh_approximation;
-  return p;
-}
 
 }  // namespace
 
@@ -109,7 +98,7 @@ void bind_dropout(py::module_& m) {
       [](int id, const py::array& h, const py::array& bias, const py::array& out, double a,
          double b, bool tanh_approx, double p, uint64_t seed, uint64_t offset,
          const py::object& mask_out) {
-        const Activation act = activation_id(id);
+        const Activation act = activation_from_id(id);
         const ArrayView hv(h, false, "h");
         const ArrayView bv(bias, false, "bias");
         const ArrayView ov(out, true, "out");
@@ -117,7 +106,7 @@ void bind_dropout(py::module_& m) {
         require_same(hv, ov, "bias_act_dropout_forward");
         cpu::DropoutSpec spec = make_spec(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, mask_bytes(hv), true, "mask_out");
-        const ActivationParams params = make_params(a, b, tanh_approx);
+        const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(bias_act_dropout_forward)(act, params, spec, hv.ref(), bv.ref(),
                                                      ov.ref());
@@ -131,7 +120,7 @@ void bind_dropout(py::module_& m) {
       [](int id, const py::array& g, const py::array& h, const py::array& bias,
          const py::array& grad_h, double a, double b, bool tanh_approx, double p,
          const py::object& mask, uint64_t seed, uint64_t offset) {
-        const Activation act = activation_id(id);
+        const Activation act = activation_from_id(id);
         const ArrayView gv(g, false, "grad_output");
         const ArrayView hv(h, false, "h");
         const ArrayView bv(bias, false, "bias");
@@ -141,7 +130,7 @@ void bind_dropout(py::module_& m) {
         require_same(gv, ov, "bias_act_dropout_backward");
         cpu::DropoutSpec spec = make_spec(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
-        const ActivationParams params = make_params(a, b, tanh_approx);
+        const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(bias_act_dropout_backward)(act, params, spec, gv.ref(), hv.ref(),
                                                       bv.ref(), ov.ref());
