@@ -15,6 +15,7 @@
 // elements to the same lanes, so the statistics have the same bits for any
 // thread count and SIMD path. Compiled once per ISA into namespace
 // FUSEDNN_ISA.
+#include "fusednn/channel_layout.h"
 #include "cpu/batchnorm.h"
 
 #include <algorithm>
@@ -38,54 +39,20 @@ constexpr int64_t kChannelBlock = 256;
 // summation order does not follow the vector width.
 constexpr int kLanes = 16;
 
-struct ChannelView {
+// The channel layout of fusednn/channel_layout.h plus the array's data.
+struct ChannelView : ChannelLayout {
   const char* data;
-  int64_t outer;
-  int64_t channels;
-  int64_t inner;
-  int64_t stride_outer;  // elements
-  int64_t stride_channel;
-  int64_t stride_inner;
 };
-
-// Merges dimensions [begin, end) into one extent of `size` elements spaced
-// `stride` elements apart; false if they do not form one.
-bool merge_dims(const ArrayRef& a, int begin, int end, int64_t& size, int64_t& stride) {
-  const int item = itemsize(a.dtype);
-  size = 1;
-  stride = 1;
-  bool found = false;
-  bool merges = true;
-  int64_t next = 0;
-  for (int d = end - 1; d >= begin; --d) {
-    size *= a.shape[d];
-    if (a.shape[d] == 1) continue;
-    const int64_t s = a.strides[d] / item;
-    if (!found) {
-      stride = s;
-      found = true;
-    } else if (s != next) {
-      merges = false;
-    }
-    next = s * a.shape[d];
-  }
-  return merges || size == 0;
-}
 
 ChannelView channel_view(const ArrayRef& a, int axis) {
   ChannelView v;
+  static_cast<ChannelLayout&>(v) = channel_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype), axis);
   v.data = static_cast<const char*>(a.data);
-  v.channels = a.shape[axis];
-  v.stride_channel = a.strides[axis] / itemsize(a.dtype);
-  if (!merge_dims(a, 0, axis, v.outer, v.stride_outer) ||
-      !merge_dims(a, axis + 1, a.ndim, v.inner, v.stride_inner))
-    throw std::invalid_argument("batch_norm: the dimensions around the channel axis must merge");
   return v;
 }
 
 bool is_contiguous(const ArrayRef& a) {
-  int64_t size, stride;
-  return merge_dims(a, 0, a.ndim, size, stride) && (stride == 1 || size <= 1);
+  return is_contiguous_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype));
 }
 
 double load(const ArrayRef& a, int64_t i) {

@@ -22,6 +22,7 @@
 // have the same bits on every run, for every GPU and grid size, and for any
 // strides or alignment of the inputs (16-byte vector loads fetch exactly
 // the elements the scalar loads would, in the same order).
+#include "fusednn/channel_layout.h"
 #include "cuda/batchnorm.h"
 
 #include <algorithm>
@@ -55,53 +56,14 @@ struct Partial {
   double s2;
 };
 
-struct ChannelView {
-  int64_t outer;
-  int64_t channels;
-  int64_t inner;
-  int64_t stride_outer;  // elements
-  int64_t stride_channel;
-  int64_t stride_inner;
-};
-
-// Merges dimensions [begin, end) into one extent of `size` elements spaced
-// `stride` elements apart; false if they do not form one.
-bool merge_dims(const DeviceArrayRef& a, int begin, int end, int64_t& size, int64_t& stride) {
-  const int item = itemsize(a.dtype);
-  size = 1;
-  stride = 1;
-  bool found = false;
-  bool merges = true;
-  int64_t next = 0;
-  for (int d = end - 1; d >= begin; --d) {
-    size *= a.shape[d];
-    if (a.shape[d] == 1) continue;
-    const int64_t s = a.strides[d] / item;
-    if (!found) {
-      stride = s;
-      found = true;
-    } else if (s != next) {
-      merges = false;
-    }
-    next = s * a.shape[d];
-  }
-  return merges || size == 0;
-}
+using ChannelView = ChannelLayout;
 
 ChannelView channel_view(const DeviceArrayRef& a, int axis) {
-  if (axis < 0 || axis >= a.ndim) throw std::invalid_argument("batch_norm: axis out of range");
-  ChannelView v;
-  v.channels = a.shape[axis];
-  v.stride_channel = a.strides[axis] / itemsize(a.dtype);
-  if (!merge_dims(a, 0, axis, v.outer, v.stride_outer) ||
-      !merge_dims(a, axis + 1, a.ndim, v.inner, v.stride_inner))
-    throw std::invalid_argument("batch_norm: the dimensions around the channel axis must merge");
-  return v;
+  return channel_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype), axis);
 }
 
 bool contiguous(const DeviceArrayRef& a) {
-  int64_t size, stride;
-  return merge_dims(a, 0, a.ndim, size, stride) && (stride == 1 || size <= 1);
+  return is_contiguous_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
