@@ -240,30 +240,41 @@ struct Silu {
 // softplus(x) = log1p(exp(beta x)) / beta, and x where beta x > threshold
 // (PyTorch). The product beta x is carried as a pair (hi + lo) so that
 // beta != 1 costs no accuracy in the exponential tail.
-struct Softplus {
+// kUnitBeta: the default beta = 1, where beta x = x exactly and the pair
+// and the final division fall away (the dispatcher picks it).
+template <bool kUnitBeta> struct SoftplusWith {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static void scaled(T x, const ActivationParams& p, T& hi, T& lo) {
-    const T beta = T(p.a);
-    hi = x * beta;
-    lo = fmadd(x, beta, -hi);
-    lo = abs_(hi) <= math::Traits<T>::kMaxFinite ? lo : T(0);  // x * beta overflowed
+    if constexpr (kUnitBeta) {
+      hi = x;
+      lo = T(0);
+    } else {
+      const T beta = T(p.a);
+      hi = x * beta;
+      lo = fmadd(x, beta, -hi);
+      lo = abs_(hi) <= math::Traits<T>::kMaxFinite ? lo : T(0);  // x * beta overflowed
+    }
   }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     T hi, lo;
     scaled(x, p, hi, lo);
     const bool positive = hi > T(0);
-    const T e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
+    const T tail = -abs_(hi);
+    const T e = kUnitBeta ? math::exp_(tail) : math::exp_pair(tail, positive ? -lo : lo);
     const T sp = (positive ? hi : T(0)) + (math::log1p_unit(e) + (positive ? lo : T(0)));
-    return hi > T(p.b) ? x : sp * T(1.0 / p.a);
+    return hi > T(p.b) ? x : (kUnitBeta ? sp : sp * T(1.0 / p.a));
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     T hi, lo;
     scaled(x, p, hi, lo);
     const bool positive = hi >= T(0);
-    const T e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
+    const T tail = -abs_(hi);
+    const T e = kUnitBeta ? math::exp_(tail) : math::exp_pair(tail, positive ? -lo : lo);
     return hi > T(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
   }
 };
+using Softplus = SoftplusWith<false>;
+using SoftplusUnitBeta = SoftplusWith<true>;
 
 // mish(x) = x tanh(softplus(x)); with n = e^x,
 // tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels nor
@@ -364,7 +375,9 @@ decltype(auto) visit_activation(Activation a, const ActivationParams& p, Fn&& fn
       if (p.tanh_approximation) return fn(act::GeluTanh{});
       return fn(act::GeluErf{});
     case Activation::silu: return fn(act::Silu{});
-    case Activation::softplus: return fn(act::Softplus{});
+    case Activation::softplus:
+      if (p.a == 1.0) return fn(act::SoftplusUnitBeta{});
+      return fn(act::Softplus{});
     case Activation::mish: return fn(act::Mish{});
     case Activation::hardsigmoid: return fn(act::Hardsigmoid{});
     case Activation::hardswish: return fn(act::Hardswish{});
