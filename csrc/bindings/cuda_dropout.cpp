@@ -4,6 +4,7 @@
 // keep = 1 - p, the threshold and the scale are formed here once, in
 // double, exactly as the CPU bindings and the reference form them. Masks
 // and the workspace arrive as (device pointer, size) pairs.
+#include "bindings/dropout_args.h"
 #include "bindings/activation_args.h"
 #include <cstdint>
 #include <string>
@@ -16,16 +17,6 @@ namespace fusednn {
 namespace bindings {
 
 namespace {
-
-cuda::DropoutSpec cuda_spec(double p, uint64_t seed, uint64_t offset) {
-  cuda::DropoutSpec spec;
-  const double keep = 1.0 - p;
-  spec.seed = seed;
-  spec.offset = offset;
-  spec.threshold = philox::dropout_threshold(keep);
-  spec.scale = keep > 0.0 ? 1.0 / keep : 0.0;
-  return spec;
-}
 
 int64_t element_count(const DeviceArrayView& v) {
   int64_t n = 1;
@@ -68,7 +59,7 @@ void bind_cuda_dropout(py::module_& m) {
         const DeviceArrayView xv(x, "x");
         const DeviceArrayView ov(out, "out");
         require_same(xv, ov, "dropout_forward");
-        cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
+        cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (element_count(xv) + 7) / 8, "mask_out");
         py::gil_scoped_release release;
         cuda::dropout_apply(spec, xv.ref(), ov.ref(), launch_target(device, stream));
@@ -83,7 +74,7 @@ void bind_cuda_dropout(py::module_& m) {
         const DeviceArrayView gv(g, "grad_output");
         const DeviceArrayView ov(out, "out");
         require_same(gv, ov, "dropout_backward");
-        cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
+        cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_in = device_buffer(mask, (element_count(gv) + 7) / 8, "mask");
         py::gil_scoped_release release;
         cuda::dropout_apply(spec, gv.ref(), ov.ref(), launch_target(device, stream));
@@ -96,7 +87,7 @@ void bind_cuda_dropout(py::module_& m) {
       [](int64_t n, double p, uint64_t seed, uint64_t offset, const py::tuple& mask_out,
          int device, std::uintptr_t stream) {
         if (n < 0) throw py::value_error("dropout_mask: n must be non-negative");
-        cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
+        cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (n + 7) / 8, "mask_out");
         py::gil_scoped_release release;
         cuda::dropout_mask(spec, n, launch_target(device, stream));
@@ -115,7 +106,7 @@ void bind_cuda_dropout(py::module_& m) {
         const DeviceArrayView ov(out, "out");
         require_same(hv, ov, "bias_act_dropout_forward");
         require_bias(hv, bv, axis, "bias_act_dropout_forward");
-        cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
+        cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (element_count(hv) + 7) / 8, "mask_out");
         const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
@@ -140,7 +131,7 @@ void bind_cuda_dropout(py::module_& m) {
         require_same(gv, hv, "bias_act_dropout_backward");
         require_same(gv, ov, "bias_act_dropout_backward");
         require_bias(hv, bv, axis, "bias_act_dropout_backward");
-        cuda::DropoutSpec spec = cuda_spec(p, seed, offset);
+        cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_in = device_buffer(mask, (element_count(gv) + 7) / 8, "mask");
         const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;

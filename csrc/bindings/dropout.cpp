@@ -3,6 +3,7 @@
 // released while a kernel runs. p arrives already validated; keep = 1 - p,
 // the threshold and the scale are formed here once, in double, exactly as
 // the reference forms them.
+#include "bindings/dropout_args.h"
 #include "bindings/activation_args.h"
 #include <string>
 
@@ -14,16 +15,6 @@ namespace fusednn {
 namespace bindings {
 
 namespace {
-
-cpu::DropoutSpec make_spec(double p, uint64_t seed, uint64_t offset) {
-  cpu::DropoutSpec spec;
-  const double keep = 1.0 - p;
-  spec.seed = seed;
-  spec.offset = offset;
-  spec.threshold = philox::dropout_threshold(keep);
-  spec.scale = keep > 0.0 ? 1.0 / keep : 0.0;
-  return spec;
-}
 
 // A C-contiguous uint8 array of exactly `bytes` bytes, or None.
 uint8_t* mask_pointer(const py::object& mask, int64_t bytes, bool writable, const char* name) {
@@ -58,7 +49,7 @@ void bind_dropout(py::module_& m) {
         const ArrayView xv(x, false, "x");
         const ArrayView ov(out, true, "out");
         require_same(xv, ov, "dropout_forward");
-        cpu::DropoutSpec spec = make_spec(p, seed, offset);
+        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, mask_bytes(xv), true, "mask_out");
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(dropout_apply)(spec, xv.ref(), ov.ref());
@@ -73,7 +64,7 @@ void bind_dropout(py::module_& m) {
         const ArrayView gv(g, false, "grad_output");
         const ArrayView ov(out, true, "out");
         require_same(gv, ov, "dropout_backward");
-        cpu::DropoutSpec spec = make_spec(p, seed, offset);
+        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(dropout_apply)(spec, gv.ref(), ov.ref());
@@ -85,7 +76,7 @@ void bind_dropout(py::module_& m) {
       "dropout_mask",
       [](int64_t n, double p, uint64_t seed, uint64_t offset, const py::array& mask_out) {
         if (n < 0) throw py::value_error("dropout_mask: n must be non-negative");
-        cpu::DropoutSpec spec = make_spec(p, seed, offset);
+        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, (n + 7) / 8, true, "mask_out");
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(dropout_mask)(spec, n);
@@ -104,7 +95,7 @@ void bind_dropout(py::module_& m) {
         const ArrayView ov(out, true, "out");
         require_same(hv, bv, "bias_act_dropout_forward");
         require_same(hv, ov, "bias_act_dropout_forward");
-        cpu::DropoutSpec spec = make_spec(p, seed, offset);
+        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, mask_bytes(hv), true, "mask_out");
         const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
@@ -128,7 +119,7 @@ void bind_dropout(py::module_& m) {
         require_same(gv, hv, "bias_act_dropout_backward");
         require_same(gv, bv, "bias_act_dropout_backward");
         require_same(gv, ov, "bias_act_dropout_backward");
-        cpu::DropoutSpec spec = make_spec(p, seed, offset);
+        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
         const ActivationParams params = activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;

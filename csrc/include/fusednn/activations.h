@@ -45,7 +45,6 @@ namespace act {
 
 using math::abs_;
 using math::exp_;
-using math::is_nan;
 
 constexpr double kSeluScale = 1.0507009873554804934193349852946;
 constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
