@@ -28,6 +28,9 @@ else
   arch_flag=("-Ccmake.define.FUSEDNN_CUDA_ARCHS=$arch")
 fi
 
+# A step that hangs (a kernel that never returns, say) is stopped so that
+# the steps after it still run inside a short lease.
+STEP_TIMEOUT_S="${STEP_TIMEOUT_S:-240}"
 status=0
 summary=()
 # run_step NAME COMMAND...: runs COMMAND with its output in LOGDIR/NAME.log
@@ -38,7 +41,7 @@ run_step() {
   local start end rc
   start="$(date +%s)"
   echo "gpu_check: $name: $*" >&2
-  "$@" >"$LOGDIR/$name.log" 2>&1
+  timeout "$STEP_TIMEOUT_S" "$@" >"$LOGDIR/$name.log" 2>&1
   rc=$?
   end="$(date +%s)"
   summary+=("$(printf '%-6s %-6s %5ss  %s' "$name" "$([[ $rc == 0 ]] && echo ok || echo "FAIL($rc)")" \
