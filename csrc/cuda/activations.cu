@@ -38,8 +38,15 @@ template <class St, int kIn> struct Operands {
   typename St::Stored* out;
 };
 
+// Packs each thread loads before it computes any: with one 16-byte load
+// per operand in flight per thread, even a full GPU keeps too few bytes in
+// flight to cover the memory latency of an H100-class part.
+constexpr int kPacksInFlight = 2;
+
 // Every operand contiguous: packs of 16 bytes when `packed` (all pointers
-// 16-byte aligned), then the remaining elements one by one.
+// 16-byte aligned), then the remaining elements one by one. Each step of
+// the grid-stride loop covers kPacksInFlight strides of the grid, all loads
+// issued before the first computation.
 template <class St, int kIn, class Fn>
 __global__ void __launch_bounds__(kThreads)
     map_contiguous(Fn fn, Operands<St, kIn> ops, int64_t n, bool packed) {
@@ -49,19 +56,30 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t start = global_thread();
   const int64_t stride = grid_threads();
   const int64_t packs = packed ? n / P::kSize : 0;
-  for (int64_t i = start; i < packs; i += stride) {
-    P in[kIn];
+  for (int64_t first = start; first < packs; first += stride * kPacksInFlight) {
+    P in[kPacksInFlight][kIn];
 #pragma unroll
-    for (int k = 0; k < kIn; ++k) in[k] = reinterpret_cast<const P*>(ops.in[k])[i];
-    P out;
+    for (int u = 0; u < kPacksInFlight; ++u) {
+      const int64_t i = first + u * stride;
+      if (i < packs) {
 #pragma unroll
-    for (int j = 0; j < P::kSize; ++j) {
-      C v[kIn];
-#pragma unroll
-      for (int k = 0; k < kIn; ++k) v[k] = St::load(in[k].v[j]);
-      out.v[j] = St::store(fn(v));
+        for (int k = 0; k < kIn; ++k) in[u][k] = reinterpret_cast<const P*>(ops.in[k])[i];
+      }
     }
-    reinterpret_cast<P*>(ops.out)[i] = out;
+#pragma unroll
+    for (int u = 0; u < kPacksInFlight; ++u) {
+      const int64_t i = first + u * stride;
+      if (i >= packs) break;
+      P out;
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) {
+        C v[kIn];
+#pragma unroll
+        for (int k = 0; k < kIn; ++k) v[k] = St::load(in[u][k].v[j]);
+        out.v[j] = St::store(fn(v));
+      }
+      reinterpret_cast<P*>(ops.out)[i] = out;
+    }
   }
   for (int64_t i = packs * P::kSize + start; i < n; i += stride) {
     C v[kIn];

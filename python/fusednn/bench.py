@@ -15,7 +15,9 @@ and ``cupy.copyto``. The copy, the numpy reference and PyTorch are timed in
 the same rounds as each kernel (one call of each per round, medians over the
 rounds), so that the load of a busy machine hits them alike and every ratio
 comes from one run. GPU work is timed with CUDA events on CuPy's current
-stream; the numpy reference always runs on the host, by wall clock.
+stream, with the GPU held busy while the host enqueues each timed call, so
+that only device time counts; the numpy reference always runs on the host,
+by wall clock.
 
 Kernel families plug in through ``FAMILIES``: a family names its kernels and
 gives, per device, a function that builds its ``Case`` objects (the array
@@ -1188,16 +1190,35 @@ def wall_seconds(call) -> float:
     return time.perf_counter() - start
 
 
+# A one-thread kernel that keeps the GPU busy for a fixed number of clock
+# cycles (about a millisecond): queued ahead of the start event, it lets the
+# host finish enqueueing the timed call before the GPU reaches that event.
+_CUDA_LEAD_SOURCE = r"""
+extern "C" __global__ void fusednn_bench_lead(long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+"""
+CUDA_LEAD_CYCLES = 2_000_000
+
+
 class CudaEventClock:
     """Seconds of GPU work call() enqueues on CuPy's current stream, from two
-    CUDA events around it; launch overhead on the host is not counted."""
+    CUDA events around it. A busy-wait kernel queued before the start event
+    holds the GPU while the host enqueues the call, so host-side overhead
+    (argument checks, launches, allocations; up to about a millisecond) is
+    not counted: the events bracket the device work alone, for fusednn and
+    its peers alike."""
 
     def __init__(self):
         import cupy
         self.cupy = cupy
         self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
+        self.lead = cupy.RawKernel(_CUDA_LEAD_SOURCE, "fusednn_bench_lead")
 
     def __call__(self, call) -> float:
+        self.lead((1,), (1,), (np.int64(CUDA_LEAD_CYCLES),))
         self.start.record()
         call()
         self.end.record()
