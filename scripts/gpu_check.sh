@@ -11,8 +11,10 @@
 # CUDA, timed with CUDA events): the activations, dropout and the fused
 # epilogue at 2^28 elements, batch norm at its default 32x128x56x56 (51 MB
 # in float32, larger than an H100's L2).
-# Full logs and the benchmarks' JSON go to LOGDIR; a short summary table is
-# printed last. The exit status is that of the first step that failed.
+# Where Nsight Compute is installed, it then times every kernel launch of
+# scripts/gpu_kernels.py with its DRAM and SM throughput. Full logs and the
+# benchmarks' JSON go to LOGDIR; a short summary table is printed last. The
+# exit status is that of the first step that failed.
 # On an H200 the first run took 3.5 minutes, 131 s of it the build.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +63,14 @@ if run_step build env FUSEDNN_CUDA=ON python3 -m pip install --no-build-isolatio
     --json "$LOGDIR/bench.json"
   run_step bench_bn python3 -m fusednn bench --device cuda --kernels batchnorm \
     --json "$LOGDIR/bench_batchnorm.json"
+  # Per-kernel counters, where Nsight Compute is installed (and the GPU's
+  # counters are readable): the clocks are left as the card runs them.
+  ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)"
+  if [[ -n "$ncu" ]]; then
+    run_step kernels "$ncu" --clock-control none --target-processes all --csv --page raw --print-units base \
+      --metrics gpu__time_duration.sum,dram__bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
+      python3 scripts/gpu_kernels.py
+  fi
 fi
 
 echo
@@ -97,4 +107,34 @@ PY
     tail -n 5 "$LOGDIR/$name.log"
   fi
 done
+if [[ -f "$LOGDIR/kernels.log" ]]; then
+  python3 - "$LOGDIR/kernels.log" <<'PY'
+import csv
+import sys
+
+with open(sys.argv[1], encoding="utf-8") as f:
+    lines = [line for line in f if line.startswith('"')]
+rows = list(csv.DictReader(lines))
+if len(rows) < 2:
+    print("kernels: no counters; see the log")
+    sys.exit()
+print("kernels (Nsight Compute, one line per launch; warm-up launches included):")
+print(f"  {'us':>8} {'DRAM MB':>8} {'DRAM %':>6} {'SM %':>5} {'regs':>4} {'occ %':>5} {'grid':>7}  kernel")
+for row in rows[1:]:  # the first row holds the units
+    if "gpu__time_duration.sum" not in row or not row["gpu__time_duration.sum"]:
+        continue
+    name = row["Kernel Name"].replace("(anonymous namespace)::", "").replace("fusednn::", "")
+    name = name.removeprefix("void ")
+    if name.endswith(")"):
+        name = name[:name.rindex("(")]  # the parameter list
+    name = name[:100]
+    print(f"  {float(row['gpu__time_duration.sum']) / 1e3:8.1f} "
+          f"{float(row['dram__bytes.sum']) / 1e6:8.1f} "
+          f"{float(row['dram__throughput.avg.pct_of_peak_sustained_elapsed']):6.1f} "
+          f"{float(row['sm__throughput.avg.pct_of_peak_sustained_elapsed']):5.1f} "
+          f"{row['launch__registers_per_thread']:>4} "
+          f"{float(row['sm__warps_active.avg.pct_of_peak_sustained_active']):5.1f} "
+          f"{row['launch__grid_size']:>7}  {name}")
+PY
+fi
 exit "$status"
