@@ -191,6 +191,28 @@ def test_parameters_change_the_result(name, params):
     assert same_bits(positional, fn.activation(name, x, **params))
 
 
+@pytest.mark.parametrize(("low", "high"), [(-0.7, 0.7), (-0.1, 0.3), (-1e-40, 1e-45), (-1e39, 3.5e38),
+                                           (-1e300, 1e-300), (0.7, 0.7)])
+def test_hardtanh_bounds_between_floats_compare_exactly(low, high):
+    """float32 inputs are compared with float bounds derived from the double
+    parameters; next to a bound that float32 cannot hold, every float32
+    neighbour must land on the side the exact comparison gives."""
+    # Bounds past the float32 range round to +-inf, as the kernel's result does.
+    with np.errstate(over="ignore"):
+        near = np.array([low, high]).astype(np.float32)
+        x = np.concatenate([near, np.nextafter(near, np.float32(np.inf)),
+                            np.nextafter(near, np.float32(-np.inf)),
+                            np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3e38, -3e38],
+                                     np.float32)])
+        expected = ref.hardtanh(x, low, high).astype(np.float32)
+        g = np.linspace(1, 2, x.size, dtype=np.float32)
+        expected_grad = ref.activation_backward("hardtanh", g, x=x, min_val=low,
+                                                max_val=high).astype(np.float32)
+    assert same_bits(fn.hardtanh(x, low, high), expected)
+    assert same_bits(fn.activation_backward("hardtanh", g, x=x, min_val=low, max_val=high),
+                     expected_grad)
+
+
 def test_softplus_threshold_switches_to_identity():
     x = np.array([7.9, 8.0, 8.1, 30.0], dtype=np.float64)
     y = fn.softplus(x, beta=2.0, threshold=16.0)

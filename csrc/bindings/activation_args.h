@@ -19,13 +19,5 @@ inline Activation activation_from_id(int id) {
   return static_cast<Activation>(id);
 }
 
-inline ActivationParams activation_params(double a, double b, bool tanh_approximation) {
-  ActivationParams p;
-  p.a = a;
-  p.b = b;
-  p.tanh_approximation = tanh_approximation;
-  return p;
-}
-
 }  // namespace bindings
 }  // namespace fusednn

@@ -15,7 +15,7 @@ void bind_activations(py::module_& m) {
         const ArrayView xv(x, false, "x");
         const ArrayView yv(y, true, "out");
         require_same(xv, yv, "activation_forward");
-        const ActivationParams p = activation_params(a, b, tanh_approx);
+        const ActivationParams p = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(activation_forward)(act, p, xv.ref(), yv.ref());
       },
@@ -32,7 +32,7 @@ void bind_activations(py::module_& m) {
         const ArrayView ov(out, true, "out");
         require_same(gv, sv, "activation_backward");
         require_same(gv, ov, "activation_backward");
-        const ActivationParams p = activation_params(a, b, tanh_approx);
+        const ActivationParams p = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(activation_backward)(act, p, from_output, gv.ref(), sv.ref(), ov.ref());
       },

@@ -16,7 +16,7 @@ void bind_cuda_activations(py::module_& m) {
         const DeviceArrayView xv(x, "x");
         const DeviceArrayView yv(y, "out");
         require_same(xv, yv, "activation_forward");
-        const ActivationParams p = activation_params(a, b, tanh_approx);
+        const ActivationParams p = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::activation_forward(act, p, xv.ref(), yv.ref(), launch_target(device, stream));
       },
@@ -34,7 +34,7 @@ void bind_cuda_activations(py::module_& m) {
         const DeviceArrayView ov(out, "out");
         require_same(gv, sv, "activation_backward");
         require_same(gv, ov, "activation_backward");
-        const ActivationParams p = activation_params(a, b, tanh_approx);
+        const ActivationParams p = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::activation_backward(act, p, from_output, gv.ref(), sv.ref(), ov.ref(),
                                   launch_target(device, stream));

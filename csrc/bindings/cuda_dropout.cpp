@@ -108,7 +108,7 @@ void bind_cuda_dropout(py::module_& m) {
         require_bias(hv, bv, axis, "bias_act_dropout_forward");
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (element_count(hv) + 7) / 8, "mask_out");
-        const ActivationParams params = activation_params(a, b, tanh_approx);
+        const ActivationParams params = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::bias_act_dropout_forward(act, params, spec, hv.ref(), bv.ref(), axis, ov.ref(),
                                        launch_target(device, stream));
@@ -133,7 +133,7 @@ void bind_cuda_dropout(py::module_& m) {
         require_bias(hv, bv, axis, "bias_act_dropout_backward");
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_in = device_buffer(mask, (element_count(gv) + 7) / 8, "mask");
-        const ActivationParams params = activation_params(a, b, tanh_approx);
+        const ActivationParams params = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         cuda::bias_act_dropout_backward(act, params, spec, gv.ref(), hv.ref(), bv.ref(), axis,
                                         ov.ref(), launch_target(device, stream));

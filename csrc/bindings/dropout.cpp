@@ -97,7 +97,7 @@ void bind_dropout(py::module_& m) {
         require_same(hv, ov, "bias_act_dropout_forward");
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, mask_bytes(hv), true, "mask_out");
-        const ActivationParams params = activation_params(a, b, tanh_approx);
+        const ActivationParams params = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(bias_act_dropout_forward)(act, params, spec, hv.ref(), bv.ref(),
                                                      ov.ref());
@@ -121,7 +121,7 @@ void bind_dropout(py::module_& m) {
         require_same(gv, ov, "bias_act_dropout_backward");
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
-        const ActivationParams params = activation_params(a, b, tanh_approx);
+        const ActivationParams params = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(bias_act_dropout_backward)(act, params, spec, gv.ref(), hv.ref(),
                                                       bv.ref(), ov.ref());

@@ -11,6 +11,9 @@
 // parameter that is not a float32 value).
 #pragma once
 
+#include <cmath>
+#include <limits>
+
 #include "fusednn/math.h"
 
 namespace fusednn {
@@ -39,7 +42,41 @@ struct ActivationParams {
   double a = 0.0;
   double b = 0.0;
   bool tanh_approximation = false;
+  // a and b rounded down and up to float: a float x compares with these
+  // exactly as it compares with a and b, without converting x to double
+  // (which a GPU does at a fraction of its float rate). Set by
+  // make_activation_params.
+  float a_down = 0.0f, a_up = 0.0f, b_down = 0.0f, b_up = 0.0f;
 };
+
+// The smallest float >= a (a not NaN; +inf above the float range).
+inline float float_at_least(double a) {
+  constexpr double kFloatMax = 3.4028234663852886e38;
+  if (a > kFloatMax) return std::numeric_limits<float>::infinity();
+  if (a < -kFloatMax)
+    return a == -std::numeric_limits<double>::infinity() ? -std::numeric_limits<float>::infinity()
+                                                         : -std::numeric_limits<float>::max();
+  const float f = static_cast<float>(a);
+  return static_cast<double>(f) < a ? std::nextafter(f, std::numeric_limits<float>::infinity())
+                                    : f;
+}
+
+// The largest float <= a.
+inline float float_at_most(double a) { return -float_at_least(-a); }
+
+inline ActivationParams make_activation_params(double a, double b, bool tanh_approximation) {
+  ActivationParams p;
+  p.a = a;
+  p.b = b;
+  p.tanh_approximation = tanh_approximation;
+  if (a == a && b == b) {
+    p.a_down = float_at_most(a);
+    p.a_up = float_at_least(a);
+    p.b_down = float_at_most(b);
+    p.b_up = float_at_least(b);
+  }
+  return p;
+}
 
 namespace act {
 
@@ -344,13 +381,21 @@ struct Hardswish {
 
 struct Hardtanh {
   static constexpr bool kBackwardFromY = true;
+  // float x: compared with the float bounds, which is exact (see
+  // ActivationParams); double x with a and b themselves.
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
-    const double xd = x;
-    return xd < p.a ? T(p.a) : (xd > p.b ? T(p.b) : x);
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return x < p.a_up ? T(p.a) : (x > p.b_down ? T(p.b) : x);
+    } else {
+      return x < p.a ? T(p.a) : (x > p.b ? T(p.b) : x);
+    }
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
-    const double xd = x;
-    return (xd <= p.a || xd >= p.b) ? T(0) : g;
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return (x <= p.a_down || x >= p.b_up) ? T(0) : g;
+    } else {
+      return (x <= p.a || x >= p.b) ? T(0) : g;
+    }
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
     return backward_x(g, y, p);
