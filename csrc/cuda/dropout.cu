@@ -160,15 +160,20 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t u = global_thread(); u < units; u += grid_threads()) {
     const int64_t first = u * kUnit;
     const int count = n - first < kUnit ? int(n - first) : kUnit;
-    const uint32_t bits = unit_keeps(keep, u, count);
-    bias.seek(first);
+    // The unit's loads are issued before the Philox rounds, so that the
+    // arithmetic runs while they are in flight: after the mask byte's store
+    // (a byte store may alias anything) the compiler could not move them up.
+    P in[kIn][kPacks];
     if (u < whole) {
-      P in[kIn][kPacks];
 #pragma unroll
       for (int k = 0; k < kIn; ++k)
 #pragma unroll
         for (int q = 0; q < kPacks; ++q)
           in[k][q] = reinterpret_cast<const P*>(ops.in[k] + first)[q];
+    }
+    const uint32_t bits = unit_keeps(keep, u, count);
+    bias.seek(first);
+    if (u < whole) {
       P out[kPacks];
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
