@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -135,8 +136,24 @@ class KeepCursor {
     while (done < count) {
       const int64_t at = pos + done;
       if (at >= chunk_end_ || at < chunk_begin_) load(at);
+      if (!spread_) spread();
       const int64_t m = std::min(count - done, chunk_end_ - at);
       fn(keep_ + (at - chunk_begin_), done, m);
+      done += m;
+    }
+  }
+
+  // The same with packed bits: fn(bits, first_bit, done, m), where bit
+  // first_bit + k of the little-endian bit string at bits decides element
+  // pos + done + k; at least 4 bytes past the piece's last bit are
+  // readable.
+  template <class Fn> void bit_pieces(int64_t pos, int64_t count, Fn&& fn) {
+    int64_t done = 0;
+    while (done < count) {
+      const int64_t at = pos + done;
+      if (at >= chunk_end_ || at < chunk_begin_) load(at);
+      const int64_t m = std::min(count - done, chunk_end_ - at);
+      fn(reinterpret_cast<const uint8_t*>(words_), at - chunk_begin_, done, m);
       done += m;
     }
   }
@@ -146,14 +163,13 @@ class KeepCursor {
     chunk_begin_ = begin_ + (at - begin_) / kChunk * kChunk;
     chunk_end_ = std::min(chunk_begin_ + kChunk, end_);
     const int64_t count = chunk_end_ - chunk_begin_;
-    const uint8_t* mask_bytes = reinterpret_cast<const uint8_t*>(words_);
     if (spec_.mask_in != nullptr) {
-      mask_bytes = spec_.mask_in + chunk_begin_ / 8;
+      std::memcpy(words_, spec_.mask_in + chunk_begin_ / 8, static_cast<size_t>((count + 7) / 8));
     } else {
       draw(count);
       if (spec_.mask_out != nullptr) store_mask(count);
     }
-    spread(mask_bytes, count);
+    spread_ = false;
   }
 
   // Fills words_ with the keep bits of the chunk's (count + 127) / 128 * 2
@@ -203,10 +219,11 @@ class KeepCursor {
     if (count % 8 != 0) dst[bytes - 1] &= static_cast<uint8_t>((1u << (count % 8)) - 1);
   }
 
-  // Spreads the chunk's (count + 7) / 8 mask bytes into keep_, one 0 or 1
-  // per element.
-  void spread(const uint8_t* mask_bytes, int64_t count) {
-    const int64_t bytes = (count + 7) / 8;
+  // Spreads the chunk's bits into keep_, one 0 or 1 per element.
+  void spread() {
+    spread_ = true;
+    const uint8_t* mask_bytes = reinterpret_cast<const uint8_t*>(words_);
+    const int64_t bytes = (chunk_end_ - chunk_begin_ + 7) / 8;
 #if defined(FUSEDNN_DROPOUT_AVX512)
     int64_t q = 0;
     for (; q + 8 <= bytes; q += 8) {
@@ -238,7 +255,10 @@ class KeepCursor {
   int64_t end_;
   int64_t chunk_begin_ = 0;
   int64_t chunk_end_ = 0;
-  alignas(64) uint64_t words_[kChunkWords];
+  bool spread_ = false;
+  // One word more than a chunk needs, so that 4-byte reads of the bits
+  // stay inside.
+  alignas(64) uint64_t words_[kChunkWords + 1] = {};
   alignas(64) uint8_t keep_[kChunk];
 #if !defined(FUSEDNN_DROPOUT_AVX512)
   alignas(64) uint8_t nibbles_[kChunk / 4];
@@ -262,6 +282,49 @@ void run_slices(const StridedLoop<N>& loop, char* const base[N], const int sizes
   });
 }
 
+#if defined(FUSEDNN_DROPOUT_AVX512)
+// y[k] = x[k] * (keep_k ? scale : 0) for k < n, where bit first_bit + k of
+// the bit string at bits holds keep_k: the bits become the vector masks
+// directly, with no byte per element. Streamed outputs get a masked head
+// up to the first 64-byte boundary and non-temporal stores after it.
+template <class T>
+void apply_bits(const T* x, T* y, int64_t n, const uint8_t* bits, int64_t first_bit, T scale,
+                bool stream) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  using Mask = std::conditional_t<sizeof(T) == 4, __mmask16, __mmask8>;
+  const auto mask_at = [&](int64_t k) {
+    uint32_t word;
+    std::memcpy(&word, bits + ((first_bit + k) >> 3), sizeof word);
+    return static_cast<Mask>(word >> ((first_bit + k) & 7));
+  };
+  const auto step = [&](int64_t k, Mask valid, bool aligned_stream) {
+    const Mask keep = static_cast<Mask>(mask_at(k) & valid);
+    if constexpr (sizeof(T) == 4) {
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + k),
+                                     _mm512_maskz_mov_ps(keep, _mm512_set1_ps(scale)));
+      if (aligned_stream) _mm512_stream_ps(y + k, v);
+      else _mm512_mask_storeu_ps(y + k, valid, v);
+    } else {
+      const __m512d v = _mm512_mul_pd(_mm512_maskz_loadu_pd(valid, x + k),
+                                      _mm512_maskz_mov_pd(keep, _mm512_set1_pd(scale)));
+      if (aligned_stream) _mm512_stream_pd(y + k, v);
+      else _mm512_mask_storeu_pd(y + k, valid, v);
+    }
+  };
+  const Mask all = static_cast<Mask>(~0u);
+  int64_t k = 0;
+  stream = stream && reinterpret_cast<uintptr_t>(y) % sizeof(T) == 0;
+  if (stream) {
+    const int64_t head =
+        std::min<int64_t>(n, ((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / sizeof(T));
+    if (head > 0) step(0, static_cast<Mask>((1u << head) - 1), false);
+    k = head;
+  }
+  for (; k + kLanes <= n; k += kLanes) step(k, all, stream);
+  if (k < n) step(k, static_cast<Mask>((1u << (n - k)) - 1), false);
+}
+#endif
+
 template <class T> bool streams(int64_t size) { return size * int64_t(sizeof(T)) >= kStreamBytes; }
 
 template <class T> struct DropoutBody {
@@ -276,6 +339,11 @@ template <class T> struct DropoutBody {
     const int64_t at = pos;
     pos += len;
     if (inner[0] == 1 && inner[1] == 1) {
+#if defined(FUSEDNN_DROPOUT_AVX512)
+      cursor.bit_pieces(at, len, [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
+        apply_bits(x + done, y + done, m, bits, first_bit, scale, stream);
+      });
+#else
       produce(y, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           const T* src = x + start + done;
@@ -285,6 +353,7 @@ template <class T> struct DropoutBody {
           for (int64_t k = 0; k < m; ++k) out[k] = src[k] * (keep[k] ? s : T(0));
         });
       });
+#endif
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
         for (int64_t k = 0; k < m; ++k)
@@ -504,7 +573,7 @@ void dropout_mask(const DropoutSpec& spec, int64_t n) {
     const int64_t begin = s == 0 ? 0 : (n * s / slices) & ~(kSliceAlign - 1);
     const int64_t end = s == slices - 1 ? n : (n * (s + 1) / slices) & ~(kSliceAlign - 1);
     KeepCursor cursor(spec, begin, end);
-    cursor.pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t) {});
+    cursor.bit_pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t, int64_t) {});
   });
 }
 
