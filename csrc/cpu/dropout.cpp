@@ -1,22 +1,28 @@
 // CPU loops for dropout and the fused bias + activation + dropout epilogue.
-// The keep decisions are drawn on the fly, a chunk at a time, into a small
-// cache-resident buffer (one byte per element) by a loop over Philox
-// counters that vectorizes across counters; the elementwise loop then reads
-// them next to its inputs. Every chunk starts on a multiple of 64 elements,
-// so chunks own whole Philox blocks and whole mask bytes, and the bits are
-// the same for any thread count or SIMD width. Compiled once per ISA into
-// namespace FUSEDNN_ISA.
+// The keep decisions are drawn on the fly, a chunk at a time, as packed
+// bits (the layout of the returned mask, so returning it is a copy), then
+// spread into a small cache-resident buffer of one byte per element that
+// the elementwise loop reads next to its inputs. Every chunk starts on a
+// multiple of 64 elements, so chunks own whole Philox blocks and whole mask
+// words, and the bits are the same for any thread count or SIMD width.
+// Compiled once per ISA into namespace FUSEDNN_ISA.
 #include "cpu/dropout.h"
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define FUSEDNN_DROPOUT_AVX512 1
+#endif
 
 #include "cpu/elementwise.h"
 #include "fusednn/philox.h"
 
-// The keep buffer is written as one uint32 per Philox block and read as one
-// byte per element, which puts lane l in byte l only on little-endian CPUs.
+// Mask words are uint64 views of the packed mask bytes, which puts element
+// 64q + k at bit k of word q only on little-endian CPUs.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "dropout kernels assume little-endian");
 
 namespace fusednn {
@@ -24,21 +30,103 @@ namespace cpu {
 namespace FUSEDNN_ISA {
 namespace {
 
-// Elements per keep buffer; a multiple of 64 (whole mask bytes and Philox
-// blocks), small enough for the buffers to stay in L1.
+// Elements per keep buffer; a multiple of 128 (whole mask words and whole
+// steps of the AVX-512 draw), small enough for the buffers to stay in L1.
 constexpr int64_t kChunk = 2048;
+constexpr int64_t kChunkWords = kChunk / 64;
 // Thread slices start on multiples of this, for the same reason.
 constexpr int64_t kSliceAlign = 64;
 // Row groups of the grad_bias reduction: fixed by the shape alone, so the
 // summation order never depends on the thread count.
 constexpr int64_t kBiasGroups = 16;
 
+// What the draw of one (seed, offset, threshold) stream needs, formed once
+// per slice: the round keys and the offset's counter words.
+struct PhiloxStream {
+  uint32_t key0[philox::kRounds];
+  uint32_t key1[philox::kRounds];
+  uint32_t offset_lo;
+  uint32_t offset_hi;
+  // keep iff draw < T, i.e. draw <= T - 1, which fits in 32 bits (T = 0,
+  // drop all, never reaches the draw).
+  uint32_t limit;
+
+  explicit PhiloxStream(const DropoutSpec& spec)
+      : offset_lo(static_cast<uint32_t>(spec.offset)),
+        offset_hi(static_cast<uint32_t>(spec.offset >> 32)),
+        limit(static_cast<uint32_t>(spec.threshold - 1)) {
+    uint32_t k0 = static_cast<uint32_t>(spec.seed);
+    uint32_t k1 = static_cast<uint32_t>(spec.seed >> 32);
+    for (int r = 0; r < philox::kRounds; ++r) {
+      key0[r] = k0;
+      key1[r] = k1;
+      k0 += philox::kKeyStep0;
+      k1 += philox::kKeyStep1;
+    }
+  }
+};
+
+#if defined(FUSEDNN_DROPOUT_AVX512)
+// Keep bits of the 128 elements of blocks [block, block + 32) into two
+// words. Philox runs in 64-bit lanes whose low halves carry the 32-bit
+// words: a round is then one vpmuludq, one shift and one three-way xor per
+// product, with no repacking (the upper halves hold garbage that vpmuludq
+// ignores). Four independent sets of 8 blocks hide the multiply latency.
+// Within a set, lane 2j holds block j and lane 2j + 1 block 4 + j, so that
+// two in-lane unpacks gather the draws of blocks 0-3 and 4-7 in element
+// order, and a compare yields their keep bits directly.
+inline void draw_words_128(const PhiloxStream& stream, uint64_t block, uint64_t out[2]) {
+  const __m512i mul0 = _mm512_set1_epi64(philox::kMul0);
+  const __m512i mul1 = _mm512_set1_epi64(philox::kMul1);
+  const __m512i lane_block = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+  const __m512i offset_lo = _mm512_set1_epi64(stream.offset_lo);
+  const __m512i offset_hi = _mm512_set1_epi64(stream.offset_hi);
+  constexpr int kSets = 4;
+  __m512i w0[kSets], w1[kSets], w2[kSets], w3[kSets];
+  for (int s = 0; s < kSets; ++s) {
+    // The whole 64-bit block number: its low half is c0, and shifted down
+    // it is c1, so the carry into c1 comes for free.
+    w0[s] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(block + 8 * s)), lane_block);
+    w1[s] = _mm512_srli_epi64(w0[s], 32);
+    w2[s] = offset_lo;
+    w3[s] = offset_hi;
+  }
+#pragma GCC unroll 10
+  for (int r = 0; r < philox::kRounds; ++r) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(stream.key0[r]));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(stream.key1[r]));
+#pragma GCC unroll 4
+    for (int s = 0; s < kSets; ++s) {
+      const __m512i p0 = _mm512_mul_epu32(w0[s], mul0);
+      const __m512i p1 = _mm512_mul_epu32(w2[s], mul1);
+      w0[s] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), w1[s], key0, 0x96);  // a^b^c
+      w2[s] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), w3[s], key1, 0x96);
+      w1[s] = p1;
+      w3[s] = p0;
+    }
+  }
+  const __m512i limit = _mm512_set1_epi32(static_cast<int>(stream.limit));
+  uint64_t bits[kSets];
+  for (int s = 0; s < kSets; ++s) {
+    // Odd dwords take the even dwords of w1 (w3): each 64-bit lane becomes
+    // (c0, c1) and (c2, c3) of its block.
+    const __m512i c01 = _mm512_mask_shuffle_epi32(w0[s], 0xAAAA, w1[s], _MM_PERM_CCAA);
+    const __m512i c23 = _mm512_mask_shuffle_epi32(w2[s], 0xAAAA, w3[s], _MM_PERM_CCAA);
+    const uint64_t first = _mm512_cmple_epu32_mask(_mm512_unpacklo_epi64(c01, c23), limit);
+    const uint64_t second = _mm512_cmple_epu32_mask(_mm512_unpackhi_epi64(c01, c23), limit);
+    bits[s] = first | (second << 16);
+  }
+  out[0] = bits[0] | (bits[1] << 32);
+  out[1] = bits[2] | (bits[3] << 32);
+}
+#endif
+
 // Supplies the keep decision of each element of one thread's slice
 // [begin, end), in increasing order, a chunk at a time.
 class KeepCursor {
  public:
   KeepCursor(const DropoutSpec& spec, int64_t begin, int64_t end)
-      : spec_(spec), begin_(begin), end_(end) {}
+      : spec_(spec), stream_(spec), begin_(begin), end_(end) {}
 
   // Calls fn(keep, done, m) for consecutive pieces covering [pos, pos +
   // count): keep[k] (0 or 1) decides element pos + done + k. Positions
@@ -48,8 +136,24 @@ class KeepCursor {
     while (done < count) {
       const int64_t at = pos + done;
       if (at >= chunk_end_ || at < chunk_begin_) load(at);
+      if (!spread_) spread();
       const int64_t m = std::min(count - done, chunk_end_ - at);
       fn(keep_ + (at - chunk_begin_), done, m);
+      done += m;
+    }
+  }
+
+  // The same with packed bits: fn(bits, first_bit, done, m), where bit
+  // first_bit + k of the little-endian bit string at bits decides element
+  // pos + done + k; at least 4 bytes past the piece's last bit are
+  // readable.
+  template <class Fn> void bit_pieces(int64_t pos, int64_t count, Fn&& fn) {
+    int64_t done = 0;
+    while (done < count) {
+      const int64_t at = pos + done;
+      if (at >= chunk_end_ || at < chunk_begin_) load(at);
+      const int64_t m = std::min(count - done, chunk_end_ - at);
+      fn(reinterpret_cast<const uint8_t*>(words_), at - chunk_begin_, done, m);
       done += m;
     }
   }
@@ -60,93 +164,105 @@ class KeepCursor {
     chunk_end_ = std::min(chunk_begin_ + kChunk, end_);
     const int64_t count = chunk_end_ - chunk_begin_;
     if (spec_.mask_in != nullptr) {
-      unpack(count);
-      keep_ = reinterpret_cast<const uint8_t*>(unpacked_);
-      return;
+      std::memcpy(words_, spec_.mask_in + chunk_begin_ / 8, static_cast<size_t>((count + 7) / 8));
+    } else {
+      draw(count);
+      if (spec_.mask_out != nullptr) store_mask(count);
     }
-    draw(count);
-    keep_ = reinterpret_cast<const uint8_t*>(drawn_);
-    if (spec_.mask_out != nullptr) pack(count);
+    spread_ = false;
   }
 
-  // One Philox block per iteration: four decisions as the four bytes of a
-  // uint32 (little-endian, so byte l is element 4j + l) and as a nibble.
+  // Fills words_ with the keep bits of the chunk's (count + 127) / 128 * 2
+  // words; bits past count are drawn for elements that do not exist.
   void draw(int64_t count) {
-    const int64_t blocks = (count + 3) / 4;
+    const int64_t words = (count + 63) / 64;
     if (spec_.threshold == 0) {
-      std::memset(drawn_, 0, sizeof drawn_);
-      std::memset(nibbles_, 0, sizeof nibbles_);
+      std::memset(words_, 0, sizeof words_);
       return;
     }
-    // keep iff draw < T, i.e. draw <= T - 1, which fits in 32 bits.
-    const uint32_t limit = static_cast<uint32_t>(spec_.threshold - 1);
-    const uint64_t first = static_cast<uint64_t>(chunk_begin_) / philox::kLanes;
-    const uint32_t first_lo = static_cast<uint32_t>(first);
-    const uint32_t first_hi = static_cast<uint32_t>(first >> 32);
-    const uint32_t offset_lo = static_cast<uint32_t>(spec_.offset);
-    const uint32_t offset_hi = static_cast<uint32_t>(spec_.offset >> 32);
-    const uint32_t key0 = static_cast<uint32_t>(spec_.seed);
-    const uint32_t key1 = static_cast<uint32_t>(spec_.seed >> 32);
-    uint32_t* drawn = drawn_;
+    const uint64_t first_block = static_cast<uint64_t>(chunk_begin_) / philox::kLanes;
+#if defined(FUSEDNN_DROPOUT_AVX512)
+    for (int64_t q = 0; q < words; q += 2) draw_words_128(stream_, first_block + 16 * q, words_ + q);
+#else
+    // One Philox block per iteration, four decisions as a nibble; the loop
+    // vectorizes across blocks. The 64-bit block number in 32-bit halves,
+    // carrying by hand, keeps it in 32-bit lanes.
+    const int64_t blocks = words * 16;
+    const uint32_t first_lo = static_cast<uint32_t>(first_block);
+    const uint32_t first_hi = static_cast<uint32_t>(first_block >> 32);
+    const PhiloxStream stream = stream_;  // by value: the vectorizer needs it in registers
     uint8_t* nibbles = nibbles_;
 #pragma omp simd
     for (int64_t j = 0; j < blocks; ++j) {
-      // The 64-bit block number in 32-bit halves, carrying by hand, keeps
-      // the loop in 32-bit lanes.
       uint32_t c0 = first_lo + static_cast<uint32_t>(j);
       uint32_t c1 = first_hi + (c0 < first_lo ? 1u : 0u);
-      uint32_t c2 = offset_lo;
-      uint32_t c3 = offset_hi;
-#if defined(__AVX512DQ__)
-      philox::philox4x32_10_wide(c0, c1, c2, c3, key0, key1);
-#else
-      philox::philox4x32_10(c0, c1, c2, c3, key0, key1);
-#endif
-      const uint32_t k0 = c0 <= limit ? 1u : 0u;
-      const uint32_t k1 = c1 <= limit ? 1u : 0u;
-      const uint32_t k2 = c2 <= limit ? 1u : 0u;
-      const uint32_t k3 = c3 <= limit ? 1u : 0u;
-      drawn[j] = k0 | (k1 << 8) | (k2 << 16) | (k3 << 24);
-      nibbles[j] = static_cast<uint8_t>(k0 | (k1 << 1) | (k2 << 2) | (k3 << 3));
+      uint32_t c2 = stream.offset_lo;
+      uint32_t c3 = stream.offset_hi;
+      philox::philox4x32_10(c0, c1, c2, c3, stream.key0[0], stream.key1[0]);
+      const uint32_t limit = stream.limit;
+      nibbles[j] = static_cast<uint8_t>((c0 <= limit ? 1u : 0u) | (c1 <= limit ? 2u : 0u) |
+                                        (c2 <= limit ? 4u : 0u) | (c3 <= limit ? 8u : 0u));
     }
+    for (int64_t q = 0; q < words; ++q) {
+      uint64_t word = 0;
+      for (int l = 0; l < 16; ++l) word |= uint64_t(nibbles[16 * q + l]) << (4 * l);
+      words_[q] = word;
+    }
+#endif
   }
 
   // Writes the chunk's mask bytes; bits past the end of the array stay 0.
-  void pack(int64_t count) {
-    const int64_t blocks = (count + 3) / 4;
-    if (blocks % 2 == 1) nibbles_[blocks] = 0;
+  void store_mask(int64_t count) {
     const int64_t bytes = (count + 7) / 8;
     uint8_t* dst = spec_.mask_out + chunk_begin_ / 8;
-    const uint8_t* nibbles = nibbles_;
-#pragma omp simd
-    for (int64_t q = 0; q < bytes; ++q)
-      dst[q] = static_cast<uint8_t>(nibbles[2 * q] | (nibbles[2 * q + 1] << 4));
+    std::memcpy(dst, words_, static_cast<size_t>(bytes));
     if (count % 8 != 0) dst[bytes - 1] &= static_cast<uint8_t>((1u << (count % 8)) - 1);
   }
 
-  // Spreads each mask byte over 8 bytes: replicate it, keep bit k in byte
-  // k, and turn each nonzero byte into 1 (adding 0x7f sets bit 7 of a
-  // nonzero byte without carrying into the next).
-  void unpack(int64_t count) {
-    const int64_t bytes = (count + 7) / 8;
-    const uint8_t* src = spec_.mask_in + chunk_begin_ / 8;
-    uint64_t* out = unpacked_;
+  // Spreads the chunk's bits into keep_, one 0 or 1 per element.
+  void spread() {
+    spread_ = true;
+    const uint8_t* mask_bytes = reinterpret_cast<const uint8_t*>(words_);
+    const int64_t bytes = (chunk_end_ - chunk_begin_ + 7) / 8;
+#if defined(FUSEDNN_DROPOUT_AVX512)
+    int64_t q = 0;
+    for (; q + 8 <= bytes; q += 8) {
+      uint64_t word;
+      std::memcpy(&word, mask_bytes + q, sizeof word);
+      _mm512_store_si512(keep_ + 8 * q, _mm512_maskz_set1_epi8(word, 1));
+    }
+    if (q < bytes) {
+      uint64_t word = 0;
+      std::memcpy(&word, mask_bytes + q, static_cast<size_t>(bytes - q));
+      _mm512_store_si512(keep_ + 8 * q, _mm512_maskz_set1_epi8(word, 1));
+    }
+#else
+    // Replicate each byte over 8, keep bit k in byte k, and turn each
+    // nonzero byte into 1 (adding 0x7f sets bit 7 of a nonzero byte without
+    // carrying into the next).
+    uint64_t* out = reinterpret_cast<uint64_t*>(keep_);
 #pragma omp simd
     for (int64_t q = 0; q < bytes; ++q) {
-      const uint64_t spread = (uint64_t(src[q]) * 0x0101010101010101ull) & 0x8040201008040201ull;
+      const uint64_t spread = (uint64_t(mask_bytes[q]) * 0x0101010101010101ull) & 0x8040201008040201ull;
       out[q] = ((spread + 0x7f7f7f7f7f7f7f7full) >> 7) & 0x0101010101010101ull;
     }
+#endif
   }
 
   DropoutSpec spec_;
+  PhiloxStream stream_;
   int64_t begin_;
   int64_t end_;
   int64_t chunk_begin_ = 0;
   int64_t chunk_end_ = 0;
-  const uint8_t* keep_ = nullptr;
-  alignas(64) uint32_t drawn_[kChunk / 4];
-  alignas(64) uint64_t unpacked_[kChunk / 8];
+  bool spread_ = false;
+  // One word more than a chunk needs, so that 4-byte reads of the bits
+  // stay inside.
+  alignas(64) uint64_t words_[kChunkWords + 1] = {};
+  alignas(64) uint8_t keep_[kChunk];
+#if !defined(FUSEDNN_DROPOUT_AVX512)
   alignas(64) uint8_t nibbles_[kChunk / 4];
+#endif
 };
 
 // Splits [0, size) into one slice per thread (boundaries on multiples of
@@ -166,6 +282,49 @@ void run_slices(const StridedLoop<N>& loop, char* const base[N], const int sizes
   });
 }
 
+#if defined(FUSEDNN_DROPOUT_AVX512)
+// y[k] = x[k] * (keep_k ? scale : 0) for k < n, where bit first_bit + k of
+// the bit string at bits holds keep_k: the bits become the vector masks
+// directly, with no byte per element. Streamed outputs get a masked head
+// up to the first 64-byte boundary and non-temporal stores after it.
+template <class T>
+void apply_bits(const T* x, T* y, int64_t n, const uint8_t* bits, int64_t first_bit, T scale,
+                bool stream) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  using Mask = std::conditional_t<sizeof(T) == 4, __mmask16, __mmask8>;
+  const auto mask_at = [&](int64_t k) {
+    uint32_t word;
+    std::memcpy(&word, bits + ((first_bit + k) >> 3), sizeof word);
+    return static_cast<Mask>(word >> ((first_bit + k) & 7));
+  };
+  const auto step = [&](int64_t k, Mask valid, bool aligned_stream) {
+    const Mask keep = static_cast<Mask>(mask_at(k) & valid);
+    if constexpr (sizeof(T) == 4) {
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + k),
+                                     _mm512_maskz_mov_ps(keep, _mm512_set1_ps(scale)));
+      if (aligned_stream) _mm512_stream_ps(y + k, v);
+      else _mm512_mask_storeu_ps(y + k, valid, v);
+    } else {
+      const __m512d v = _mm512_mul_pd(_mm512_maskz_loadu_pd(valid, x + k),
+                                      _mm512_maskz_mov_pd(keep, _mm512_set1_pd(scale)));
+      if (aligned_stream) _mm512_stream_pd(y + k, v);
+      else _mm512_mask_storeu_pd(y + k, valid, v);
+    }
+  };
+  const Mask all = static_cast<Mask>(~0u);
+  int64_t k = 0;
+  stream = stream && reinterpret_cast<uintptr_t>(y) % sizeof(T) == 0;
+  if (stream) {
+    const int64_t head =
+        std::min<int64_t>(n, ((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / sizeof(T));
+    if (head > 0) step(0, static_cast<Mask>((1u << head) - 1), false);
+    k = head;
+  }
+  for (; k + kLanes <= n; k += kLanes) step(k, all, stream);
+  if (k < n) step(k, static_cast<Mask>((1u << (n - k)) - 1), false);
+}
+#endif
+
 template <class T> bool streams(int64_t size) { return size * int64_t(sizeof(T)) >= kStreamBytes; }
 
 template <class T> struct DropoutBody {
@@ -180,6 +339,11 @@ template <class T> struct DropoutBody {
     const int64_t at = pos;
     pos += len;
     if (inner[0] == 1 && inner[1] == 1) {
+#if defined(FUSEDNN_DROPOUT_AVX512)
+      cursor.bit_pieces(at, len, [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
+        apply_bits(x + done, y + done, m, bits, first_bit, scale, stream);
+      });
+#else
       produce(y, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           const T* src = x + start + done;
@@ -189,6 +353,7 @@ template <class T> struct DropoutBody {
           for (int64_t k = 0; k < m; ++k) out[k] = src[k] * (keep[k] ? s : T(0));
         });
       });
+#endif
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
         for (int64_t k = 0; k < m; ++k)
@@ -408,7 +573,7 @@ void dropout_mask(const DropoutSpec& spec, int64_t n) {
     const int64_t begin = s == 0 ? 0 : (n * s / slices) & ~(kSliceAlign - 1);
     const int64_t end = s == slices - 1 ? n : (n * (s + 1) / slices) & ~(kSliceAlign - 1);
     KeepCursor cursor(spec, begin, end);
-    cursor.pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t) {});
+    cursor.bit_pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t, int64_t) {});
   });
 }
 

@@ -53,34 +53,6 @@ FUSEDNN_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t
   }
 }
 
-// The same function computed in 64-bit words whose low halves carry the
-// state: each round is then two 64-bit products, shifts and xors with no
-// repacking of 32-bit halves, which is the cheaper shape for SIMD units with
-// 64-bit lane multiplies (AVX-512DQ). The upper halves hold garbage that
-// the products' masks and the final truncation discard.
-FUSEDNN_HD void philox4x32_10_wide(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
-                                   uint32_t k0, uint32_t k1) {
-  constexpr uint64_t kLow = 0xffffffffu;
-  uint64_t w0 = c0, w1 = c1, w2 = c2, w3 = c3;
-  uint64_t key0 = k0, key1 = k1;
-  for (int r = 0; r < kRounds; ++r) {
-    if (r > 0) {
-      key0 += kKeyStep0;
-      key1 += kKeyStep1;
-    }
-    const uint64_t p0 = (w0 & kLow) * kMul0;
-    const uint64_t p1 = (w2 & kLow) * kMul1;
-    w0 = (p1 >> 32) ^ w1 ^ key0;
-    w1 = p1;
-    w2 = (p0 >> 32) ^ w3 ^ key1;
-    w3 = p0;
-  }
-  c0 = static_cast<uint32_t>(w0);
-  c1 = static_cast<uint32_t>(w1);
-  c2 = static_cast<uint32_t>(w2);
-  c3 = static_cast<uint32_t>(w3);
-}
-
 // The four draws for elements [4 * block, 4 * block + 4) of the stream
 // (seed, offset).
 FUSEDNN_HD void dropout_block(uint64_t seed, uint64_t offset, uint64_t block, uint32_t out[4]) {
