@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 import fusednn as fn
-from conftest import (DTYPES, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
-                      check_backward_x, check_backward_y, check_forward, grad_for, make_inputs,
-                      magnitudes, may_overflow, random_normals, same_bits, special_values)
+from conftest import (DTYPES, GELU_TAIL, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
+                      assert_matches, check_backward_x, check_backward_y, check_forward, grad_for,
+                      make_inputs, magnitudes, may_overflow, random_normals, same_bits,
+                      special_values)
 from fusednn import _cpu
 from fusednn import reference as ref
 
@@ -178,6 +179,23 @@ def test_defaults_are_pytorchs(name):
     g = grad_for(x)
     assert same_bits(fn.activation_backward(name, g, x=x),
                      fn.activation_backward(name, g, x=x, **PYTORCH_DEFAULTS[name]))
+
+
+def test_float64_gelu_tail_is_within_4_ulp_of_exact_values():
+    x, value, slope = (np.array(column) for column in zip(*GELU_TAIL))
+    assert_matches(fn.gelu(x), value, ulps=4, inputs={"x": x}, what="gelu")
+    assert_matches(fn.activation_backward("gelu", np.ones_like(x), x=x), slope, ulps=4,
+                   inputs={"x": x}, what="gelu'")
+
+
+def test_float64_gelu_tail_matches_reference_closely():
+    # Both within 4 ulp of the exact values, so within 8 of each other, down
+    # to the band where the results are subnormal (ulp 2^-1074 there).
+    x = np.concatenate([np.linspace(-38.7, -37.3, 14001), np.linspace(-30.0, -7.0, 23001)])
+    g = grad_for(x)
+    assert_matches(fn.gelu(x), ref.gelu(x), ulps=8, inputs={"x": x}, what="gelu")
+    assert_matches(fn.activation_backward("gelu", g, x=x), ref.activation_backward("gelu", g, x=x),
+                   ulps=8, inputs={"x": x, "grad": g}, what="gelu'")
 
 
 @pytest.mark.parametrize(("name", "params"), [

@@ -27,9 +27,9 @@ except cp.cuda.runtime.CUDARuntimeError:
 if _DEVICES == 0:
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from conftest import (EXACT, INPUT_KINDS, PARAM_IDS, PARAM_SETS,  # noqa: E402
-                      accepts_output, check_backward_x, check_backward_y, check_forward,
-                      grad_for, make_inputs, random_normals, same_bits)
+from conftest import (EXACT, GELU_TAIL, INPUT_KINDS, PARAM_IDS, PARAM_SETS,  # noqa: E402
+                      accepts_output, assert_matches, check_backward_x, check_backward_y,
+                      check_forward, grad_for, make_inputs, random_normals, same_bits)
 
 pytestmark = pytest.mark.gpu
 
@@ -122,6 +122,21 @@ def test_shapes(name, params, dtype, shape):
     g = grad_for(x)
     gi = on_device(fn.activation_backward(name, cp.asarray(g), x=cp.asarray(x), **params), x)
     check_backward_x(name, params, g, x, gi)
+
+
+@pytest.mark.parametrize("series", [True, False], ids=["series", "erfc"])
+def test_float64_gelu_tail_against_exact_values(series):
+    # Below -26 Phi comes from the Mills-ratio series, as on the CPU: 4 ulp.
+    # Above, the device's erfc, whose last bits differ from glibc's, gets
+    # twice that.
+    x, value, slope = (np.array(c) for c in zip(*GELU_TAIL))
+    pick = (x < -26) == series
+    x, value, slope = x[pick], value[pick], slope[pick]
+    ulps = 4 if series else 8
+    y = on_device(fn.gelu(cp.asarray(x)), x)
+    assert_matches(y, value, ulps=ulps, inputs={"x": x}, what="gelu")
+    gi = on_device(fn.activation_backward("gelu", cp.ones(x.shape), x=cp.asarray(x)), x)
+    assert_matches(gi, slope, ulps=ulps, inputs={"x": x}, what="gelu'")
 
 
 @pytest.mark.parametrize("name", ["relu", "sigmoid", "gelu"])

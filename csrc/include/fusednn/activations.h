@@ -183,26 +183,36 @@ struct Selu {
 // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
 // Evaluated in double: the tails need Phi and sigmoid(2u) with relative
 // accuracy where u itself is large. Float inputs use the float-exponential
-// Phi of math.h; double inputs the C library's erfc.
+// Phi of math.h. Double inputs use its scaled Phi and phi, which keep their
+// accuracy down the tail where the results are subnormal; in the tail
+// (x < -kNormalTail) x Phi(x) = -phi(x) S(-x) is formed as one product.
 struct GeluErf {
   static constexpr bool kBackwardFromY = false;
-  template <class T> FUSEDNN_HD static void cdf_pdf(double x, double& cdf, double& pdf) {
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     if constexpr (sizeof(T) == sizeof(float)) {
+      double cdf, pdf;
       math::normal_cdf_pdf_f32(x, cdf, pdf);
+      return T(double(x) * cdf);
     } else {
-      cdf = math::normal_cdf_f64(x);
-      pdf = math::normal_pdf(x);
+      constexpr double unscale = math::Traits<double>::kExpUnscale;
+      const double pdf = math::normal_pdf_scaled(x);
+      const double tail = math::normal_tail_series(-x);
+      const double cdf = math::normal_cdf_scaled(x, pdf, tail);
+      const double y = x < -math::kNormalTail ? -(pdf * tail) * unscale : x * (cdf * unscale);
+      return x < math::kNormalNegligible ? x * 0.0 : y;  // -inf gives NaN, as in PyTorch
     }
   }
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    double cdf, pdf;
-    cdf_pdf<T>(x, cdf, pdf);
-    return T(double(x) * cdf);
-  }
+  // g (Phi(x) + x phi(x)); for double the scaled sum is unscaled once.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    double cdf, pdf;
-    cdf_pdf<T>(x, cdf, pdf);
-    return T(double(g) * fmadd(double(x), pdf, cdf));
+    if constexpr (sizeof(T) == sizeof(float)) {
+      double cdf, pdf;
+      math::normal_cdf_pdf_f32(x, cdf, pdf);
+      return T(double(g) * fmadd(double(x), pdf, cdf));
+    } else {
+      const double pdf = math::normal_pdf_scaled(x);
+      const double cdf = math::normal_cdf_scaled(x, pdf, math::normal_tail_series(-x));
+      return g * (fmadd(x, pdf, cdf) * math::Traits<double>::kExpUnscale);
+    }
   }
 };
 

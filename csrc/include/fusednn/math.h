@@ -301,17 +301,71 @@ FUSEDNN_HD void normal_cdf_pdf_f32(double x, double& cdf, double& pdf) {
   pdf = gauss * 0.3989422804014327;
 }
 
-// The normal density in double, for float64 results.
-FUSEDNN_HD double normal_pdf(double x) { return exp_(-0.5 * x * x) * 0.3989422804014327; }
+// The standard normal density and CDF for float64 results. Both come
+// multiplied by 2^kExpScale (of double), so that where phi(x), Phi(x) or
+// their products with x are subnormal (x below about -37.5) the scaled
+// values stay normal and a caller rounds to the subnormal grid once, when
+// it multiplies by kExpUnscale.
+constexpr double kNormalTail = 26.0;        // Phi(-t) from the Mills-ratio series for t > this
+constexpr double kNormalNegligible = -40.0;  // phi(x), Phi(x) and x Phi(x) round to 0 below this
 
-// Phi(x) for float64 results: the C library's erfc, which is accurate to the
-// last bits in double.
-FUSEDNN_HD double normal_cdf_f64(double x) {
+// phi(x) * 2^kExpScale, and 0 where x^2 / 2 > -kExpMin (|x| > 39; phi is
+// far below the subnormals there).
+// x^2 is carried exactly as sq + sq_lo (an FMA two-product): rounding it
+// would cost a relative (x^2 / 2) 2^-53, 16 ulp at |x| = 10. 1/sqrt(2 pi)
+// is a pair as well.
+FUSEDNN_HD double normal_pdf_scaled(double x) {
+  constexpr double kInvSqrt2PiHi = 0x1.9884533d43651p-2;
+  constexpr double kInvSqrt2PiLo = -0x1.cbc0d30ebfd15p-56;
+  const double sq = x * x;
+  const double sq_lo = fmadd(x, x, -sq);
+  const double half = -0.5 * sq;
+  // e c (1 + lo) = e c_hi + e (c_lo + c_hi lo) for e = e^half: one rounding
+  // for both the constant's pair and the exponent's.
+  const double e = exp_scaled(half);
+  const double pdf = fmadd(e, kInvSqrt2PiHi, e * fmadd(kInvSqrt2PiHi, -0.5 * sq_lo, kInvSqrt2PiLo));
+  return half < Traits<double>::kExpMin ? 0.0 : pdf;  // also x^2 = inf, where lo is inf
+}
+
+// S(t) = t Phi(-t) / phi(t) for t >= kNormalTail (smaller t is clamped):
+// the asymptotic series sum_k (-1)^k (2k - 1)!! / t^(2k), whose remainder is
+// below its first omitted term, 17!! / 26^18 = 1.2e-18.
+FUSEDNN_HD double normal_tail_series(double t) {
+  const double tc = t < kNormalTail ? kNormalTail : t;
+  const double u = 1.0 / (tc * tc);
+  double s = 2027025.0;
+  s = fmadd(s, u, -135135.0);
+  s = fmadd(s, u, 10395.0);
+  s = fmadd(s, u, -945.0);
+  s = fmadd(s, u, 105.0);
+  s = fmadd(s, u, -15.0);
+  s = fmadd(s, u, 3.0);
+  s = fmadd(s, u, -1.0);
+  return fmadd(s, u, 1.0);
+}
+
+// Phi(x) * 2^kExpScale, given pdf_s = normal_pdf_scaled(x) and
+// tail = normal_tail_series(-x). From x = -kNormalTail up, erfc(w) / 2 with
+// w = -x / sqrt(2) carried as w_hi + w_lo: the library's erfc is accurate
+// at w_hi, and d/dw erfc(w) / 2 = -sqrt(2) phi(x) corrects for w_lo to
+// first order. (Rounding w alone would cost a relative 2 w^2 2^-53 of Phi,
+// 25 ulp at x = -7.) Below, phi(x) S(-x) / -x, where erfc would soon be
+// subnormal. x is clamped to [-40, 40] for the erfc form, beyond which its
+// value no longer changes and where w_lo would meet infinities.
+FUSEDNN_HD double normal_cdf_scaled(double x, double pdf_s, double tail) {
+  constexpr double kInvSqrt2Hi = 0x1.6a09e667f3bcdp-1;
+  constexpr double kInvSqrt2Lo = -0x1.bdd3413b26456p-55;
+  const double xc = x < -40.0 ? -40.0 : (x > 40.0 ? 40.0 : x);
+  const double w = -xc * kInvSqrt2Hi;
+  const double w_lo = fmadd(-xc, kInvSqrt2Hi, -w) + -xc * kInvSqrt2Lo;
 #if defined(__CUDA_ARCH__)
-  return 0.5 * ::erfc(-x * 0.70710678118654752440);
+  const double erfc_w = ::erfc(w);
 #else
-  return 0.5 * std::erfc(-x * 0.70710678118654752440);
+  const double erfc_w = std::erfc(w);
 #endif
+  const double central =
+      fmadd(w_lo * -1.4142135623730951, pdf_s, (0.5 * Traits<double>::kExpScaleValue) * erfc_w);
+  return x < -kNormalTail ? pdf_s * tail / -x : central;
 }
 
 }  // namespace math
