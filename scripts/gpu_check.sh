@@ -6,7 +6,8 @@
 #   scripts/gpu_check.sh [LOGDIR]      (LOGDIR defaults to gpu-check-logs)
 #
 # builds and installs the package for this GPU's architecture only (a full
-# build compiles five), runs tests/gpu, then the GPU benchmark (every CUDA
+# build compiles five), runs tests/gpu and the float64 GELU accuracy sweep
+# against mpmath, then the GPU benchmark (every CUDA
 # kernel against a device-to-device copy of the same bytes and PyTorch
 # CUDA, timed with CUDA events): the activations, dropout and the fused
 # epilogue at 2^28 elements, batch norm at its default 32x128x56x56 (51 MB
@@ -59,6 +60,7 @@ if run_step build env FUSEDNN_CUDA=ON python3 -m pip install --no-build-isolatio
     -Ccmake.fresh=true "${arch_flag[@]}"; then
   run_step info python3 -m fusednn info
   run_step tests python3 -m pytest tests/gpu -ra -q -p no:cacheprovider
+  run_step gelu64 python3 scripts/accuracy_gelu64.py --quick --cuda
   run_step bench python3 -m fusednn bench --device cuda --kernels activations,dropout \
     --json "$LOGDIR/bench.json"
   run_step bench_bn python3 -m fusednn bench --device cuda --kernels batchnorm \
@@ -78,6 +80,10 @@ echo "== fusednn GPU check: ${gpu:-unknown GPU} (sm_${arch:-?}) =="
 printf '%s\n' "${summary[@]}"
 if [[ -f "$LOGDIR/tests.log" ]]; then
   echo "tests: $(tail -n 1 "$LOGDIR/tests.log")"
+fi
+if [[ -f "$LOGDIR/gelu64.log" ]]; then
+  echo "float64 gelu against mpmath (scripts/accuracy_gelu64.py --quick --cuda):"
+  tail -n 4 "$LOGDIR/gelu64.log"
 fi
 for name in bench bench_bn; do
   json="$LOGDIR/$name.json"
