@@ -190,7 +190,8 @@ struct GeluErf {
     const float above = fmadd(-x, tail_scaled * unscale, x);
     const float sq = x * x;
     const float central = fmadd(sq, central_cdf_odd(sq), 0.5f * x);  // +0 for -0
-    return x == 0.0f ? x : (abs_(x) < kCentral ? central : (x < 0.0f ? below : (n.beyond ? x : above)));
+    const float tail = x < 0.0f ? below : (n.beyond ? x : above);
+    return x == 0.0f ? x : (abs_(x) < kCentral ? central : tail);
   }
   // Phi(x) + x phi(x) = e^(-t^2/2) (M - t / sqrt(2 pi)) below zero and
   // 1 - e^(-t^2/2) (M - t / sqrt(2 pi)) above: one shared difference.
@@ -251,8 +252,8 @@ struct GeluTanh {
 
   // Below |x| = 0.75, gelu = x / 2 + x^2 P(x^2) and gelu' = 1/2 + x R(x^2),
   // polynomials fitted by scripts/fit_normal_tail.py (relative error 2.9e-8,
-  // the rounding of 1 / sqrt(2 pi) at x = 0): there e^-|2u| is near 1, and its rounding,
-  // and that of (1 + e)^2, would reach the result at full size.
+  // the rounding of 1 / sqrt(2 pi) at x = 0): there e^-|2u| is near 1, and
+  // its rounding, and that of (1 + e)^2, would reach the result at full size.
   static constexpr float kCentral = 0.75f;
   FUSEDNN_HD static float central_half_tanh_ratio(float sq) {
     float p = 0.0006415121f;
@@ -303,8 +304,9 @@ struct GeluTanh {
     const float q = fmadd(e.scale, fmadd(e.m1, unscale, unscale), 1.0f);  // 1 + e
     const float below = ((e.scale * fmadd(x, e.m1, x)) / q) * unscale;
     const float x_sq = x * x;
-    const float central = fmadd(x_sq, central_half_tanh_ratio(x_sq), 0.5f * x);
-    const float inside = x == 0.0f ? x : (t < kCentral ? central : (x < 0.0f ? below : x / q));  // central: +0 for -0
+    const float central = fmadd(x_sq, central_half_tanh_ratio(x_sq), 0.5f * x);  // +0 for -0
+    const float tail = x < 0.0f ? below : x / q;
+    const float inside = x == 0.0f ? x : (t < kCentral ? central : tail);
     return beyond ? (x < 0.0f ? x * 0.0f : x) : inside;  // -inf: NaN, as in PyTorch
   }
   // sigmoid(2u) + x sigmoid'(2u) 2u' with e = e^-|2u| and q = 1 + e:
