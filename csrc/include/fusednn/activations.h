@@ -7,8 +7,8 @@
 // from the output. Conventions follow PyTorch (parameters, the one-sided
 // derivative at kinks, NaN and infinity handling); float32 inputs are
 // evaluated in float32 where that stays within a few ulp, and in double
-// where a float32 evaluation would not (the GELUs, products with a
-// parameter that is not a float32 value).
+// where a float32 evaluation would not (products with a parameter that is
+// not a float32 value).
 #pragma once
 
 #include <cmath>
@@ -181,18 +181,78 @@ struct Selu {
 
 // GELU, exact (x Phi(x)) or with the tanh approximation
 // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
-// Evaluated in double: the tails need Phi and sigmoid(2u) with relative
-// accuracy where u itself is large. Float inputs use the float-exponential
-// Phi of math.h. Double inputs use its scaled Phi and phi, which keep their
-// accuracy down the tail where the results are subnormal; in the tail
-// (x < -kNormalTail) x Phi(x) = -phi(x) S(-x) is formed as one product.
+// The tails need Phi and sigmoid(2u) with relative accuracy where their
+// exponent is large, so the exponent is carried as an exact (hi, lo) pair
+// and the exponential left unrounded (math::ExpParts) until the final
+// products. float32 runs entirely in float arithmetic this way. float64
+// uses the scaled Phi and phi of math.h, which keep their accuracy down the
+// tail where the results are subnormal; in the tail (x < -kNormalTail)
+// x Phi(x) = -phi(x) S(-x) is formed as one product.
 struct GeluErf {
   static constexpr bool kBackwardFromY = false;
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+  // 1 / sqrt(2 pi) as a float pair.
+  static constexpr float kInvSqrt2PiHi = 0.3989423f;
+  static constexpr float kInvSqrt2PiLo = -1.133517e-08f;
+
+  // Below |x| = 0.75, Phi(x) - 1/2 = x P(x^2) and Phi + x phi = 1/2 + x R(x^2)
+  // from their Taylor series (truncation error below 2e-9 relative), which
+  // round less than the tail form where 1/2 and the tail nearly cancel.
+  static constexpr float kCentral = 0.75f;
+  FUSEDNN_HD static float central_cdf_odd(float sq) {
+    float p = 6.6596937e-07f;
+    p = fmadd(p, sq, -9.444656e-06f);
+    p = fmadd(p, sq, 0.00011543469f);
+    p = fmadd(p, sq, -0.0011873282f);
+    p = fmadd(p, sq, 0.009973557f);
+    p = fmadd(p, sq, -0.06649038f);
+    return fmadd(p, sq, 0.3989423f);
+  }
+  FUSEDNN_HD static float central_slope_odd(float sq) {
+    float r = -6.596268e-07f;
+    r = fmadd(r, sq, 9.323571e-06f);
+    r = fmadd(r, sq, -0.000113335875f);
+    r = fmadd(r, sq, 0.0011543469f);
+    r = fmadd(r, sq, -0.009498626f);
+    r = fmadd(r, sq, 0.059841342f);
+    r = fmadd(r, sq, -0.26596153f);
+    return fmadd(r, sq, 0.7978846f);
+  }
+
+  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
+    const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
+    // e^(-t^2/2) M(t) with both factors' corrections in one rounding.
+    const float m1 = fmadd(n.gauss.m1, n.mills_m1, n.gauss.m1 + n.mills_m1);
+    const float mills = n.w * n.k;
+    const float tail_scaled = n.beyond ? 0.0f : n.gauss.scale * fmadd(m1, mills, mills);
+    const float unscale = math::Traits<float>::kExpUnscale;
+    const float below = (x * tail_scaled) * unscale;  // 0 * -inf: NaN, as in PyTorch
+    const float above = fmadd(-x, tail_scaled * unscale, x);
+    const float sq = x * x;
+    const float central = fmadd(sq, central_cdf_odd(sq), 0.5f * x);  // +0 for -0
+    const float tail = x < 0.0f ? below : (n.beyond ? x : above);
+    return x == 0.0f ? x : (abs_(x) < kCentral ? central : tail);
+  }
+  // Phi(x) + x phi(x) = e^(-t^2/2) (M - t / sqrt(2 pi)) below zero and
+  // 1 - e^(-t^2/2) (M - t / sqrt(2 pi)) above: one shared difference.
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+    const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
+    const float minus_mills = fmadd(-n.w, fmadd(n.k, n.mills_m1, n.k), n.t * kInvSqrt2PiLo);
+    const float diff = fmadd(n.t, kInvSqrt2PiHi, minus_mills);
+    const float diff_scaled = n.gauss.scale * fmadd(n.gauss.m1, diff, diff);
+    const float unscale = math::Traits<float>::kExpUnscale;
+    const float below = (g * -diff_scaled) * unscale;
+    // g (1 + ...) in one rounding; an infinite g would give inf - inf.
+    const float above = math::mul_one_plus(g, diff_scaled * unscale);
+    // Beyond, phi has underflowed: the derivative is 1 or 0 plus x * 0, NaN
+    // at the infinities as in PyTorch.
+    const float beyond = g * ((x > 0.0f ? 1.0f : 0.0f) + x * 0.0f);
+    const float central = g * fmadd(x, central_slope_odd(x * x), 0.5f);
+    return abs_(x) < kCentral ? central : (n.beyond ? beyond : (x < 0.0f ? below : above));
+  }
+
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      double cdf, pdf;
-      math::normal_cdf_pdf_f32(x, cdf, pdf);
-      return T(double(x) * cdf);
+      return forward_f32(x, p);
     } else {
       constexpr double unscale = math::Traits<double>::kExpUnscale;
       const double pdf = math::normal_pdf_scaled(x);
@@ -203,11 +263,9 @@ struct GeluErf {
     }
   }
   // g (Phi(x) + x phi(x)); for double the scaled sum is unscaled once.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      double cdf, pdf;
-      math::normal_cdf_pdf_f32(x, cdf, pdf);
-      return T(double(g) * fmadd(double(x), pdf, cdf));
+      return backward_x_f32(g, x, p);
     } else {
       const double pdf = math::normal_pdf_scaled(x);
       const double cdf = math::normal_cdf_scaled(x, pdf, math::normal_tail_series(-x));
@@ -220,34 +278,143 @@ struct GeluTanh {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kSqrt2OverPi = 0.79788456080286535588;
   static constexpr double kCubic = 0.044715;
-  // sigmoid(2u) and e = exp(-|2u|) for float input: 2u in double, the
-  // exponential in float (exp_neg_wide); for double input all in double.
-  template <class T> FUSEDNN_HD static double exp_neg(double a) {
+  // 2u = x (a + b x^2): a = 2 sqrt(2/pi) and b = 0.044715 a as float pairs,
+  // and 3b for 2u'.
+  static constexpr float kLinearHi = 1.5957692f;
+  static constexpr float kLinearLo = -4.534068e-08f;
+  static constexpr float kCubicHi = 0.071354814f;
+  static constexpr float kCubicLo = 2.3988325e-09f;
+  static constexpr float kSlopeCubic = 0.21406445f;
+  // Beyond |x| = 11.5, |2u| > 126: e^-|2u| times anything here underflows,
+  // and below it 2^64 e^-|2u| stays a normal float.
+  static constexpr float kBeyond = 11.5f;
+
+  // Below |x| = 0.75, gelu = x / 2 + x^2 P(x^2) and gelu' = 1/2 + x R(x^2),
+  // polynomials fitted by scripts/fit_normal_tail.py (relative error 2.9e-8,
+  // the rounding of 1 / sqrt(2 pi) at x = 0): there e^-|2u| is near 1, and
+  // its rounding, and that of (1 + e)^2, would reach the result at full size.
+  static constexpr float kCentral = 0.75f;
+  FUSEDNN_HD static float central_half_tanh_ratio(float sq) {
+    float p = 0.0006415121f;
+    p = fmadd(p, sq, -0.0010950686f);
+    p = fmadd(p, sq, 0.00081076054f);
+    p = fmadd(p, sq, -0.0014469649f);
+    p = fmadd(p, sq, 0.010228807f);
+    p = fmadd(p, sq, -0.06682082f);
+    return fmadd(p, sq, 0.3989423f);
+  }
+  FUSEDNN_HD static float central_slope_odd(float sq) {
+    float r = 0.0012366446f;
+    r = fmadd(r, sq, -0.0021909585f);
+    r = fmadd(r, sq, 0.0025249838f);
+    r = fmadd(r, sq, -0.010342758f);
+    r = fmadd(r, sq, 0.061262954f);
+    r = fmadd(r, sq, -0.26728058f);
+    return fmadd(r, sq, 0.7978846f);
+  }
+
+  // |2u| = hi + lo, to about 2^-44 relative, for t = |x| <= kBeyond: every
+  // product and the sum carry their rounding error, since the exponential
+  // turns an absolute error in |2u| into the same relative error.
+  FUSEDNN_HD static void two_u_pair(float t, float sq, float& hi, float& lo) {
+    const float sq_lo = fmadd(t, t, -sq);
+    const float cubic = kCubicHi * sq;
+    const float cubic_lo = fmadd(kCubicHi, sq, -cubic);
+    const float coefficient = kLinearHi + cubic;
+    const float big = cubic > kLinearHi ? cubic : kLinearHi;
+    const float small = cubic > kLinearHi ? kLinearHi : cubic;
+    const float sum_lo = small - (coefficient - big);
+    const float coefficient_lo =
+        sum_lo + fmadd(kCubicHi, sq_lo, fmadd(kCubicLo, sq, cubic_lo + kLinearLo));
+    hi = t * coefficient;
+    lo = fmadd(t, coefficient_lo, fmadd(t, coefficient, -hi));
+  }
+
+  // x sigmoid(2u) = x / (1 + e) above zero and x e / (1 + e) below, with
+  // e = e^-|2u| scaled by 2^64 so that a subnormal result rounds once.
+  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
+    const float t = abs_(x);
+    const bool beyond = t > kBeyond;
+    const float tc = beyond ? kBeyond : t;  // NaN passes and propagates
+    float hi, lo;
+    two_u_pair(tc, tc * tc, hi, lo);
+    const math::ExpParts e = math::exp_neg_pair_parts(hi, lo);
+    const float unscale = math::Traits<float>::kExpUnscale;
+    const float q = fmadd(e.scale, fmadd(e.m1, unscale, unscale), 1.0f);  // 1 + e
+    const float below = ((e.scale * fmadd(x, e.m1, x)) / q) * unscale;
+    const float x_sq = x * x;
+    const float central = fmadd(x_sq, central_half_tanh_ratio(x_sq), 0.5f * x);  // +0 for -0
+    const float tail = x < 0.0f ? below : x / q;
+    const float inside = x == 0.0f ? x : (t < kCentral ? central : tail);
+    return beyond ? (x < 0.0f ? x * 0.0f : x) : inside;  // -inf: NaN, as in PyTorch
+  }
+  // sigmoid(2u) + x sigmoid'(2u) 2u' with e = e^-|2u| and q = 1 + e:
+  // e (q + x 2u') / q^2 below zero, 1 + e (x 2u' - q) / q^2 above.
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+    const float t = abs_(x);
+    const bool beyond = t > kBeyond;
+    const float tc = beyond ? kBeyond : t;
+    const float sq = tc * tc;
+    float hi, lo;
+    two_u_pair(tc, sq, hi, lo);
+    const math::ExpParts e = math::exp_neg_pair_parts(hi, lo);
+    const float unscale = math::Traits<float>::kExpUnscale;
+    const float e_unscaled = e.scale * fmadd(e.m1, unscale, unscale);
+    const float q_squared = math::one_plus_squared(e_unscaled);
+    const float q = 1.0f + e_unscaled;
+    const float slope = fmadd(kSlopeCubic, sq, kLinearHi);  // 2u'
+    // q - |x| 2u' = q - a |x| - 3b |x| x^2 cancels where the derivative's
+    // terms do, so its parts are exact pairs (q = 1 + e, 3b |x|, x^2, a)
+    // whose small halves are summed first; of the large terms, the smaller
+    // of a |x| and 3b |x|^3 is subtracted from q first (they cross at
+    // |x| = sqrt(a / 3b)), so that the intermediate rounding is the lesser.
+    const float cubic_slope = tc * kSlopeCubic;
+    const float small_parts =
+        fmadd(-cubic_slope, fmadd(tc, tc, -sq),
+              fmadd(-fmadd(tc, kSlopeCubic, -cubic_slope), sq,
+                    fmadd(-tc, kLinearLo, e_unscaled - (q - 1.0f))));
+    const bool cubic_first = tc < 2.73f;
+    const float first = cubic_first ? fmadd(-cubic_slope, sq, q) : fmadd(-tc, kLinearHi, q);
+    const float below_sum = cubic_first ? fmadd(-tc, kLinearHi, first + small_parts)
+                                        : fmadd(-cubic_slope, sq, first + small_parts);
+    const float below = ((g * (e.scale * fmadd(e.m1, below_sum, below_sum))) / q_squared) * unscale;
+    // Above zero, 1 + e (x 2u' - q) / q^2: the rounding of the quotient is
+    // scaled down by e.
+    const float above = math::mul_one_plus(g, e_unscaled * (fmadd(tc, slope, -q) / q_squared));
+    // Beyond, sigmoid' has underflowed: 1 or 0 plus x * 0, NaN at the
+    // infinities as in PyTorch.
+    const float far = g * ((x > 0.0f ? 1.0f : 0.0f) + x * 0.0f);
+    const float central = g * fmadd(x, central_slope_odd(x * x), 0.5f);
+    return t < kCentral ? central : (beyond ? far : (x < 0.0f ? below : above));
+  }
+
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return math::exp_neg_wide(a);
+      return forward_f32(x, p);
     } else {
-      return exp_(-a);
+      const double xd = x;
+      const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * xd * xd * xd);
+      const double e = exp_(-abs_(two_u));
+      return T(xd * math::sigmoid_from_exp(two_u, e));
     }
   }
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double xd = x;
-    const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * xd * xd * xd);
-    const double e = exp_neg<T>(abs_(two_u));
-    return T(xd * math::sigmoid_from_exp(two_u, e));
-  }
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const double xd = x;
-    const double x2 = xd * xd;
-    const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * x2 * xd);
-    const double e = exp_neg<T>(abs_(two_u));
-    const double q = 1.0 + e;
-    const double s = math::sigmoid_from_exp(two_u, e);
-    const double ds = e / (q * q);  // s (1 - s)
-    const double d_two_u = 2.0 * kSqrt2OverPi * (1.0 + 3.0 * kCubic * x2);
-    // Where sigmoid' has underflowed, x^2 may have overflowed: the slope term
-    // is then x * 0 (NaN only for infinite x, as in PyTorch).
-    const double slope = abs_(xd) > 1e10 ? xd * 0.0 : xd * ds * d_two_u;
-    return T(double(g) * (s + slope));
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return backward_x_f32(g, x, p);
+    } else {
+      const double xd = x;
+      const double x2 = xd * xd;
+      const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * x2 * xd);
+      const double e = exp_(-abs_(two_u));
+      const double q = 1.0 + e;
+      const double s = math::sigmoid_from_exp(two_u, e);
+      const double ds = e / (q * q);  // s (1 - s)
+      const double d_two_u = 2.0 * kSqrt2OverPi * (1.0 + 3.0 * kCubic * x2);
+      // Where sigmoid' has underflowed, x^2 may have overflowed: the slope
+      // term is then x * 0 (NaN only for infinite x, as in PyTorch).
+      const double slope = abs_(xd) > 1e10 ? xd * 0.0 : xd * ds * d_two_u;
+      return T(double(g) * (s + slope));
+    }
   }
 };
 

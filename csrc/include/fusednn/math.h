@@ -161,17 +161,24 @@ template <class T> FUSEDNN_HD double exp_scaled_wide(T x) {
   return x < Traits<T>::kExpMin ? 0.0 : double(exp_scaled(x));
 }
 
-// e^x in double, from the exponential evaluated in T.
-FUSEDNN_HD double exp_wide(float x) { return exp_scaled_wide(x) * 0x1p-64; }
+// e^-(hi + lo) * 2^64 in float, left unrounded as scale * (1 + m1) with
+// scale a power of two, for 0 <= hi <= 128 and |lo| <= ulp(hi): the
+// callers fold (1 + m1) into their next fused multiply-add, which saves
+// the rounding of the exponential itself, and the scale keeps results far
+// into the subnormal range exact until their final multiply by 2^-64.
+struct ExpParts {
+  float scale;
+  float m1;
+};
 
-// e^-a for a double a >= 0, through the float exponential: a is split into
-// its float rounding and the remainder, whose factor e^-rest is 1 - rest to
-// within 1e-14 (|rest| <= 2^-24 a and the result underflows beyond a = 104).
-FUSEDNN_HD double exp_neg_wide(double a) {
-  const bool far = a > 150.0;  // e^-a is 0 in float; also keeps inf - inf out
-  const float head = static_cast<float>(far ? 150.0 : a);
-  const double rest = (far ? 150.0 : a) - double(head);
-  return far ? 0.0 : exp_wide(-head) * (1.0 - rest);
+FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
+  using Tr = Traits<float>;
+  float kf;
+  int32_t k;
+  const float r = reduce_ln2(-hi, kf, k);
+  const float p = expm1_reduced(r);
+  // (1 + p) e^-lo = 1 + (p - lo - p lo) to within lo^2.
+  return {pow2i<float>(k + Tr::kExpScale), fmadd(-p, lo, p - lo)};
 }
 
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
@@ -264,6 +271,12 @@ template <class T> FUSEDNN_HD T sigmoid_(T x) {
   return ((x >= T(0) ? Tr::kExpScaleValue : scaled) / (T(1) + e)) * Tr::kExpUnscale;
 }
 
+// g (1 + small) rounded once, for |small| < 1 (an infinite g gives g times
+// 1 + small rather than the NaN of inf - inf).
+template <class T> FUSEDNN_HD T mul_one_plus(T g, T small) {
+  return abs_(g) <= Traits<T>::kMaxFinite ? fmadd(g, small, g) : g * (T(1) + small);
+}
+
 // (1 + e)^2 for e in [0, 1] with one rounding after the exact-ish e + 2.
 template <class T> FUSEDNN_HD T one_plus_squared(T e) { return fmadd(e, e + T(2), T(1)); }
 
@@ -272,33 +285,55 @@ template <class T> FUSEDNN_HD T tanh_(T x) {
   return copysign_(-t / (t + T(2)), x);
 }
 
-// The standard normal CDF Phi(x) and density phi(x) for float32 results,
-// accurate to about 1e-9 relative: Phi(-t) = exp(-t^2/2) M(t) for t = |x|,
-// with M fitted by scripts/fit_normal_tail.py as a polynomial in
-// v = (t - 3) / (t + 3) (relative error 3e-10 on [0, 16]; beyond 16 the
-// float32 results underflow). The exponential runs in float (exp_neg_wide).
-FUSEDNN_HD void normal_cdf_pdf_f32(double x, double& cdf, double& pdf) {
-  const double t = abs_(x);
-  const double gauss = exp_neg_wide(0.5 * t * t);  // t^2 / 2 is exact in double
-  const double tc = t > 16.0 ? 16.0 : t;
-  const double v = (tc - 3.0) / (tc + 3.0);
-  double m = 1.375189875723707e-06;
-  m = fmadd(m, v, 1.641130343084609e-07);
-  m = fmadd(m, v, -1.3277551307646758e-05);
-  m = fmadd(m, v, -1.3446327257023628e-05);
-  m = fmadd(m, v, 6.721246637434595e-05);
-  m = fmadd(m, v, 0.000131855893929169);
-  m = fmadd(m, v, -0.00034516735458584415);
-  m = fmadd(m, v, -0.0009909118108347573);
-  m = fmadd(m, v, 0.0029058522909119746);
-  m = fmadd(m, v, 0.006133369326313222);
-  m = fmadd(m, v, -0.046213453441301504);
-  m = fmadd(m, v, 0.12322494980616905);
-  m = fmadd(m, v, -0.2064026120808802);
-  m = fmadd(m, v, 0.12151394836023799);
-  const double tail = gauss * m;
-  cdf = x < 0.0 ? tail : 1.0 - tail;
-  pdf = gauss * 0.3989422804014327;
+// The standard normal tail Phi(-t) = e^(-t^2/2) M(t) for float32 GELU,
+// t = |x|, in float arithmetic. The Mills-type ratio M (about
+// 1 / (t sqrt(2 pi)) for large t) is w K(v) with w = 8 / (t + 4) and
+// v = 1 - w, K a polynomial fitted by scripts/fit_normal_tail.py (relative
+// error 1.8e-8 on [0, 16]). Writing M as w times K keeps M's relative error
+// that of w, which is carried to twice float precision, rather than the
+// rounding of a variable near 1 magnified by M's slope. t^2 is an exact
+// pair, so e^(-t^2/2) is as accurate as the float exponential, and the
+// factors are returned unrounded (see ExpParts) so that each caller rounds
+// the product once.
+struct NormalTailF32 {
+  ExpParts gauss;  // e^(-t^2/2) 2^64
+  float w;         // M(t) = w K (1 + mills_m1)
+  float k;
+  float mills_m1;
+  float t;         // t, clamped to 16
+  bool beyond;     // t > 16 (or infinite): every float32 GELU tail term underflows
+};
+
+FUSEDNN_HD NormalTailF32 normal_tail_f32(float t) {
+  NormalTailF32 n;
+  n.beyond = t > 16.0f;
+  const float tc = n.beyond ? 16.0f : t;  // NaN passes and propagates
+  n.t = tc;
+  const float sq = tc * tc;
+  n.gauss = exp_neg_pair_parts(0.5f * sq, 0.5f * fmadd(tc, tc, -sq));
+  // t + 4 = d + d_lo exactly (the error of adding the smaller term).
+  const float d = tc + 4.0f;
+  const float d_lo = (tc > 4.0f ? 4.0f : tc) - (d - (tc > 4.0f ? tc : 4.0f));
+  const float inv_d = 1.0f / d;
+  // 1 / (d + d_lo) = inv_d (1 + mills_m1) to within 2^-46.
+  n.mills_m1 = fmadd(-inv_d, d_lo, fmadd(-inv_d, d, 1.0f));
+  const float w = 8.0f * inv_d;  // exact
+  // v = 1 - w (1 + mills_m1): near t = 0 w's error would otherwise reach v
+  // at full size (w is about 2 there).
+  const float v = fmadd(-w, n.mills_m1, 1.0f - w);
+  float k = -1.6832455e-05f;
+  k = fmadd(k, v, 2.2403046e-05f);
+  k = fmadd(k, v, 0.00019666464f);
+  k = fmadd(k, v, -0.0004394569f);
+  k = fmadd(k, v, -0.0009410649f);
+  k = fmadd(k, v, 0.0075507178f);
+  k = fmadd(k, v, -0.023315318f);
+  k = fmadd(k, v, 0.048392069f);
+  k = fmadd(k, v, -0.07598708f);
+  k = fmadd(k, v, 0.094410643f);
+  n.w = w;
+  n.k = k;
+  return n;
 }
 
 // The standard normal density and CDF for float64 results. Both come
