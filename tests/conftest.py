@@ -290,6 +290,15 @@ def assert_matches(actual, expected64, *, exact=False, ulps=None, abs_tol=None, 
             f"{actual.size} elements); worst at {_describe(i, actual, expected64, inputs)}")
 
 
+def assert_gelu_tail_exact(module):
+    """module.gelu and module.activation_backward("gelu", ...) (the kernels
+    or the reference) within 4 ulp of the exact float64 values GELU_TAIL."""
+    x, value, slope = (np.array(column) for column in zip(*GELU_TAIL))
+    assert_matches(module.gelu(x), value, ulps=4, inputs={"x": x}, what="gelu")
+    assert_matches(module.activation_backward("gelu", np.ones_like(x), x=x), slope, ulps=4,
+                   inputs={"x": x}, what="gelu'")
+
+
 def _describe(i, actual, expected, inputs) -> str:
     parts = [f"index {i}"]
     for label, values in (inputs or {}).items():

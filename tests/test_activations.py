@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import fusednn as fn
-from conftest import (DTYPES, GELU_TAIL, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
-                      assert_matches, check_backward_x, check_backward_y, check_forward, grad_for,
-                      make_inputs, magnitudes, may_overflow, random_normals, same_bits,
-                      special_values)
+from conftest import (DTYPES, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
+                      assert_gelu_tail_exact, assert_matches, check_backward_x,
+                      check_backward_y, check_forward, grad_for, make_inputs, magnitudes,
+                      may_overflow, random_normals, same_bits, special_values)
 from fusednn import _cpu
 from fusednn import reference as ref
 
@@ -182,10 +182,7 @@ def test_defaults_are_pytorchs(name):
 
 
 def test_float64_gelu_tail_is_within_4_ulp_of_exact_values():
-    x, value, slope = (np.array(column) for column in zip(*GELU_TAIL))
-    assert_matches(fn.gelu(x), value, ulps=4, inputs={"x": x}, what="gelu")
-    assert_matches(fn.activation_backward("gelu", np.ones_like(x), x=x), slope, ulps=4,
-                   inputs={"x": x}, what="gelu'")
+    assert_gelu_tail_exact(fn)
 
 
 def test_float64_gelu_tail_matches_reference_closely():
