@@ -420,8 +420,8 @@ struct GeluTanh {
 
 // silu(x) = x sigmoid(x). The forward runs in the input's precision, with
 // the numerator x e^x formed from the scaled exponential so that far-negative
-// x (e^x subnormal) rounds once; the backward evaluates its exponential in
-// the input's precision and the rest in double.
+// x (e^x subnormal) rounds once. float32's derivative runs in float
+// arithmetic (backward_x_f32); float64's in double.
 struct Silu {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
@@ -433,20 +433,67 @@ struct Silu {
     const T y = positive ? ratio : ratio * Tr::kExpUnscale;
     return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
   }
+  // Beyond |x| = 64, e^-|x| 2^64 (|x| + 1) < 2^-20: there g times the
+  // scaled derivative cannot overflow.
+  static constexpr float kScaledFirst = 64.0f;
+  // silu' < 0.5 everywhere below zero; its terms cancel around the root
+  // near -1.28, and past -5 they no longer do.
+  static constexpr float kCancelling = 5.0f;
+  // With e = e^-|x| and q = 1 + e: 1 + e (x - q) / q^2 above zero, where
+  // the small term's rounding is scaled down by e, and e (q + x) / q^2
+  // below, where q + x = (1 + x) + e (1 + x exact near the root) cancels
+  // with the derivative. One division serves both. The exponential stays
+  // unrounded (math::ExpParts) and scaled by 2^64 until the last product,
+  // so the subnormal tail rounds once; beyond |x| = 64 the scaled
+  // derivative is small enough to take g first without overflowing.
+  // Below kExpMin the derivative is x * 0, as in the float64 path.
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+    using Tr = math::Traits<float>;
+    const float t = abs_(x);
+    const float tc = t > -Tr::kExpMin ? -Tr::kExpMin : t;  // NaN passes and propagates
+    const math::ExpParts e = math::exp_neg_pair_parts(tc, 0.0f);
+    const float unscale = Tr::kExpUnscale;
+    const float e_unscaled = e.scale * fmadd(e.m1, unscale, unscale);
+    const float q = 1.0f + e_unscaled;
+    const bool positive = x >= 0.0f;
+    const float numerator = positive ? x - q : (1.0f + x) + e_unscaled;
+    const float ratio = numerator / math::one_plus_squared(e_unscaled);
+    // +inf: 0 * inf, NaN as in PyTorch.
+    const float above = math::mul_one_plus(g, e_unscaled * ratio);
+    // Past the cancelling range, (q + x) / q^2 = sum (1 - w), sum = q + x, with
+    // w = 1 - 1 / q^2 = e (e + 2) (1 - 2e + 3e^2 - 4e^3) to within 5e^4
+    // (e < 0.007): w's roundings are scaled down by w, where rounding q^2
+    // would cost up to an ulp.
+    float inverse_series = fmadd(-4.0f, e_unscaled, 3.0f);
+    inverse_series = fmadd(inverse_series, e_unscaled, -2.0f);
+    inverse_series = fmadd(inverse_series, e_unscaled, 1.0f);
+    const float w = (e_unscaled * (e_unscaled + 2.0f)) * inverse_series;
+    // (1 + x) + (e - sum w) rounds once; 1 + x is exact for x in [-2^24, -1].
+    const float far = (1.0f + x) + fmadd(-numerator, w, e_unscaled);
+    const float below_ratio = t > kCancelling ? far : ratio;
+    const float below_scaled = e.scale * fmadd(e.m1, below_ratio, below_ratio);
+    const float below = t > kScaledFirst ? (g * below_scaled) * unscale
+                                         : g * (below_scaled * unscale);
+    return x < Tr::kExpMin ? g * (x * 0.0f) : (positive ? above : below);
+  }
+
   // s (1 + x (1 - s)) = a (q + x b) / q^2 with q = 1 + e, e = exp(-|x|),
   // (a, b) = (1, e) for x >= 0 and (e, 1) below: no 1 - s cancellation.
-  // The exponential runs in T, the rest in double; below zero the scaled
-  // exponential keeps the subnormal tail of a float64 result.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const double unscale = math::Traits<T>::kExpUnscale;
-    const double xd = x;
-    const double scaled = math::exp_scaled_wide(-abs_(x));
-    const double e = scaled * unscale;
-    const bool positive = xd >= 0.0;
-    const double q = 1.0 + e;
-    const double d = (positive ? 1.0 : scaled) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
-    const double derivative = positive ? d : d * unscale;
-    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * derivative);
+  // Below zero the scaled exponential keeps the subnormal tail.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return backward_x_f32(g, x, p);
+    } else {
+      const double unscale = math::Traits<T>::kExpUnscale;
+      const double xd = x;
+      const double scaled = math::exp_scaled_wide(-abs_(x));
+      const double e = scaled * unscale;
+      const bool positive = xd >= 0.0;
+      const double q = 1.0 + e;
+      const double d = (positive ? 1.0 : scaled) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
+      const double derivative = positive ? d : d * unscale;
+      return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * derivative);
+    }
   }
 };
 
