@@ -420,8 +420,8 @@ struct GeluTanh {
 
 // silu(x) = x sigmoid(x). The forward runs in the input's precision, with
 // the numerator x e^x formed from the scaled exponential so that far-negative
-// x (e^x subnormal) rounds once; the backward evaluates its exponential in
-// the input's precision and the rest in double.
+// x (e^x subnormal) rounds once. float32's derivative runs in float
+// arithmetic (backward_x_f32); float64's in double.
 struct Silu {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
@@ -433,20 +433,67 @@ struct Silu {
     const T y = positive ? ratio : ratio * Tr::kExpUnscale;
     return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
   }
+  // Beyond |x| = 64, e^-|x| 2^64 (|x| + 1) < 2^-20: there g times the
+  // scaled derivative cannot overflow.
+  static constexpr float kScaledFirst = 64.0f;
+  // silu' < 0.5 everywhere below zero; its terms cancel around the root
+  // near -1.28, and past -5 they no longer do.
+  static constexpr float kCancelling = 5.0f;
+  // With e = e^-|x| and q = 1 + e: 1 + e (x - q) / q^2 above zero, where
+  // the small term's rounding is scaled down by e, and e (q + x) / q^2
+  // below, where q + x = (1 + x) + e (1 + x exact near the root) cancels
+  // with the derivative. One division serves both. The exponential stays
+  // unrounded (math::ExpParts) and scaled by 2^64 until the last product,
+  // so the subnormal tail rounds once; beyond |x| = 64 the scaled
+  // derivative is small enough to take g first without overflowing.
+  // Below kExpMin the derivative is x * 0, as in the float64 path.
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+    using Tr = math::Traits<float>;
+    const float t = abs_(x);
+    const float tc = t > -Tr::kExpMin ? -Tr::kExpMin : t;  // NaN passes and propagates
+    const math::ExpParts e = math::exp_neg_pair_parts(tc, 0.0f);
+    const float unscale = Tr::kExpUnscale;
+    const float e_unscaled = e.scale * fmadd(e.m1, unscale, unscale);
+    const float q = 1.0f + e_unscaled;
+    const bool positive = x >= 0.0f;
+    const float numerator = positive ? x - q : (1.0f + x) + e_unscaled;
+    const float ratio = numerator / math::one_plus_squared(e_unscaled);
+    // +inf: 0 * inf, NaN as in PyTorch.
+    const float above = math::mul_one_plus(g, e_unscaled * ratio);
+    // Past the cancelling range, (q + x) / q^2 = sum (1 - w), sum = q + x, with
+    // w = 1 - 1 / q^2 = e (e + 2) (1 - 2e + 3e^2 - 4e^3) to within 5e^4
+    // (e < 0.007): w's roundings are scaled down by w, where rounding q^2
+    // would cost up to an ulp.
+    float inverse_series = fmadd(-4.0f, e_unscaled, 3.0f);
+    inverse_series = fmadd(inverse_series, e_unscaled, -2.0f);
+    inverse_series = fmadd(inverse_series, e_unscaled, 1.0f);
+    const float w = (e_unscaled * (e_unscaled + 2.0f)) * inverse_series;
+    // (1 + x) + (e - sum w) rounds once; 1 + x is exact for x in [-2^24, -1].
+    const float far = (1.0f + x) + fmadd(-numerator, w, e_unscaled);
+    const float below_ratio = t > kCancelling ? far : ratio;
+    const float below_scaled = e.scale * fmadd(e.m1, below_ratio, below_ratio);
+    const float below = t > kScaledFirst ? (g * below_scaled) * unscale
+                                         : g * (below_scaled * unscale);
+    return x < Tr::kExpMin ? g * (x * 0.0f) : (positive ? above : below);
+  }
+
   // s (1 + x (1 - s)) = a (q + x b) / q^2 with q = 1 + e, e = exp(-|x|),
   // (a, b) = (1, e) for x >= 0 and (e, 1) below: no 1 - s cancellation.
-  // The exponential runs in T, the rest in double; below zero the scaled
-  // exponential keeps the subnormal tail of a float64 result.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const double unscale = math::Traits<T>::kExpUnscale;
-    const double xd = x;
-    const double scaled = math::exp_scaled_wide(-abs_(x));
-    const double e = scaled * unscale;
-    const bool positive = xd >= 0.0;
-    const double q = 1.0 + e;
-    const double d = (positive ? 1.0 : scaled) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
-    const double derivative = positive ? d : d * unscale;
-    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * derivative);
+  // Below zero the scaled exponential keeps the subnormal tail.
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return backward_x_f32(g, x, p);
+    } else {
+      const double unscale = math::Traits<T>::kExpUnscale;
+      const double xd = x;
+      const double scaled = math::exp_scaled_wide(-abs_(x));
+      const double e = scaled * unscale;
+      const bool positive = xd >= 0.0;
+      const double q = 1.0 + e;
+      const double d = (positive ? 1.0 : scaled) * fmadd(xd, positive ? e : 1.0, q) / (q * q);
+      const double derivative = positive ? d : d * unscale;
+      return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * derivative);
+    }
   }
 };
 
@@ -491,37 +538,119 @@ using SoftplusUnitBeta = SoftplusWith<true>;
 
 // mish(x) = x tanh(softplus(x)); with n = e^x,
 // tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels nor
-// overflows once x is capped (beyond 40 the ratio is 1 in double). The
-// exponential is evaluated in the input's precision, the rest in double.
+// overflows once x is capped (beyond 40 the ratio is 1 in double).
+// float32 runs in float arithmetic from e = e^-|x| (n = e below zero,
+// 1 / e above): tanh(softplus(x)) = e (e + 2) / D below zero,
+// D = e (e + 2) + 2, and 1 - 2e^2 / P above, P = 2e (e + 1) + 1, so
+// above zero the result is x (1 + small) with the small term's rounding
+// scaled down, and below it the exponential stays unrounded and scaled by
+// 2^64 (math::ExpParts) until the last product, so the subnormal tail
+// rounds once. Below kExpMin the results are x * 0, as in the float64 path.
+// float64 evaluates its exponential in double and the rest likewise.
 struct Mish {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kCap = 40.0;
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double unscale = math::Traits<T>::kExpUnscale;
-    const double xd = x;
-    const double scaled = math::exp_scaled_wide(x > T(kCap) ? T(kCap) : x);
-    const double n = scaled * unscale;
-    const double u = n * (n + 2.0);
-    const bool positive = xd >= 0.0;
-    const double ratio = (positive ? u : scaled * (n + 2.0)) / (u + 2.0);
-    const double y = positive ? xd * ratio : xd * ratio * unscale;
-    return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : T(y);  // -inf: NaN, as in PyTorch
+  // Beyond |x| = 64 the scaled derivative, below e^-64 2^64 (4|x| + 4),
+  // can take g first without overflowing.
+  static constexpr float kScaledFirst = 64.0f;
+
+  // e = e^-|x| (clamped below kExpMin) as unrounded parts and rounded, and
+  // the denominator of either sign: P above zero, D below.
+  struct SoftplusTanhF32 {
+    math::ExpParts parts;
+    float e;
+    float den;
+  };
+  FUSEDNN_HD static SoftplusTanhF32 softplus_tanh_f32(float t, bool positive) {
+    using Tr = math::Traits<float>;
+    const float tc = t > -Tr::kExpMin ? -Tr::kExpMin : t;  // NaN passes and propagates
+    SoftplusTanhF32 s;
+    s.parts = math::exp_neg_pair_parts(tc, 0.0f);
+    s.e = s.parts.scale * fmadd(s.parts.m1, Tr::kExpUnscale, Tr::kExpUnscale);
+    const float c = positive ? 1.0f : 2.0f;
+    s.den = fmadd(positive ? 2.0f * s.e : s.e, s.e + c, c);
+    return s;
+  }
+
+  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
+    using Tr = math::Traits<float>;
+    const bool positive = x >= 0.0f;
+    const SoftplusTanhF32 s = softplus_tanh_f32(abs_(x), positive);
+    // One division for both signs: -2e^2 / P, and e (e + 1) / D for
+    // x (e + 2) / D = x (1 - e (e + 1) / D), whose rounding is scaled down.
+    const float quotient = (positive ? -2.0f * s.e : s.e + 1.0f) * s.e / s.den;
+    const float above = math::mul_one_plus(x, quotient);  // +inf stays +inf
+    const float ratio = fmadd(-x, quotient, x);
+    const float below = (s.parts.scale * fmadd(s.parts.m1, ratio, ratio)) * Tr::kExpUnscale;
+    const float y = x == 0.0f ? x : (positive ? above : below);  // keeps -0
+    return x < Tr::kExpMin ? x * 0.0f : y;  // -inf: NaN, as in PyTorch
+  }
+  // From d/dx = n ((n + 2) / D + 4 x (n + 1) / D^2) in terms of e:
+  // 1 + 2e^2 (2x (1 + e) - P) / P^2 above zero and
+  // e ((e + 2) D + 4x (e + 1)) / D^2 below, whose bracket cancels around
+  // the root near -1.19; one division serves both.
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+    using Tr = math::Traits<float>;
+    const float t = abs_(x);
+    const bool positive = x >= 0.0f;
+    const SoftplusTanhF32 s = softplus_tanh_f32(t, positive);
+    const float x_capped = positive && t > -Tr::kExpMin ? -Tr::kExpMin : x;
+    // Below zero the bracket over D^2 is taken as
+    // (1 + x) - e ((1 + e) D + x (4 + 8e + 4e^2 + e^3)) / D^2 (from
+    // D^2 - 4 (1 + e) = e (4 + 8e + 4e^2 + e^3)): the quotient's roundings,
+    // D^2's included, are scaled down by e.
+    const float e_poly = fmadd(fmadd(s.e + 4.0f, s.e, 8.0f), s.e, 4.0f);
+    const float numerator = positive ? fmadd(2.0f * x_capped, s.e, 2.0f * x_capped) - s.den
+                                     : fmadd(x, e_poly, (1.0f + s.e) * s.den);
+    const float quotient = numerator / (s.den * s.den);
+    // Where e^2 has underflowed the term is x * 0: NaN at +inf, as in PyTorch.
+    const float small = t > -Tr::kExpMin ? x * 0.0f : (2.0f * (s.e * s.e)) * quotient;
+    const float above = math::mul_one_plus(g, small);
+    // 1 + x as an exact pair: its rounding (for |x| < 1/2) would otherwise
+    // reach the result at full size.
+    const float one_plus_x = 1.0f + x;
+    const float one_plus_x_lo = x - (one_plus_x - 1.0f);
+    const float ratio = one_plus_x + fmadd(-s.e, quotient, one_plus_x_lo);
+    const float below_scaled = s.parts.scale * fmadd(s.parts.m1, ratio, ratio);
+    const float below = t > kScaledFirst ? (g * below_scaled) * Tr::kExpUnscale
+                                         : g * (below_scaled * Tr::kExpUnscale);
+    return x < Tr::kExpMin ? g * (x * 0.0f) : (positive ? above : below);
+  }
+
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return forward_f32(x, p);
+    } else {
+      const double unscale = math::Traits<T>::kExpUnscale;
+      const double xd = x;
+      const double scaled = math::exp_scaled_wide(x > T(kCap) ? T(kCap) : x);
+      const double n = scaled * unscale;
+      const double u = n * (n + 2.0);
+      const bool positive = xd >= 0.0;
+      const double ratio = (positive ? u : scaled * (n + 2.0)) / (u + 2.0);
+      const double y = positive ? xd * ratio : xd * ratio * unscale;
+      return x < math::Traits<T>::kNegligibleBelow ? x * T(0) : T(y);  // -inf: NaN, as in PyTorch
+    }
   }
   // d/dx = tanh(sp) + x sech^2(sp) sigmoid(x)
   //      = n ((n + 2) / D + 4 x (n + 1) / D^2),  D = n (n + 2) + 2.
   // Past the cap the slope term is x * 0, so +inf gives NaN as in PyTorch;
   // far below zero the derivative underflows and is x * 0 (NaN for -inf).
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const double unscale = math::Traits<T>::kExpUnscale;
-    const bool capped = x > T(kCap);
-    const double xd = x;
-    const double scaled = math::exp_scaled_wide(capped ? T(kCap) : x);
-    const double n = scaled * unscale;
-    const double inv_den = 1.0 / (n * (n + 2.0) + 2.0);
-    const double slope = capped ? xd * 0.0 : 4.0 * xd * (n + 1.0) * inv_den * inv_den;
-    const double bracket = fmadd(n + 2.0, inv_den, slope);
-    const double d = xd >= 0.0 ? n * bracket : scaled * bracket * unscale;
-    return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * d);
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return backward_x_f32(g, x, p);
+    } else {
+      const double unscale = math::Traits<T>::kExpUnscale;
+      const bool capped = x > T(kCap);
+      const double xd = x;
+      const double scaled = math::exp_scaled_wide(capped ? T(kCap) : x);
+      const double n = scaled * unscale;
+      const double inv_den = 1.0 / (n * (n + 2.0) + 2.0);
+      const double slope = capped ? xd * 0.0 : 4.0 * xd * (n + 1.0) * inv_den * inv_den;
+      const double bracket = fmadd(n + 2.0, inv_den, slope);
+      const double d = xd >= 0.0 ? n * bracket : scaled * bracket * unscale;
+      return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * d);
+    }
   }
 };
 
