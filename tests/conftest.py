@@ -177,6 +177,22 @@ def ulp_error(actual: np.ndarray, expected64: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(err), np.inf, err)
 
 
+def cupy_or_skip(*, kernels: bool = True):
+    """CuPy, for a GPU test module to use; skips the whole calling module
+    unless CuPy imports, a CUDA device is visible and (with `kernels`) this
+    fusednn was built with its CUDA module. Call it at module level."""
+    cupy = pytest.importorskip("cupy")
+    if kernels and not fn.info()["cuda_built"]:
+        pytest.skip("fusednn was built without its CUDA module", allow_module_level=True)
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        devices = 0
+    if devices == 0:
+        pytest.skip("no CUDA device", allow_module_level=True)
+    return cupy
+
+
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     """True when a and b hold identical bits, signed zeros included, except
     that a NaN matches any NaN (IEEE leaves the sign and payload of a NaN

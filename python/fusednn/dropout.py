@@ -233,16 +233,22 @@ def _check_axis(axis, ndim: int, function: str) -> int:
     return int(axis) % ndim
 
 
-def _bias_view(bias, h: np.ndarray, axis: int, function: str) -> np.ndarray:
-    """bias (1-d, length h.shape[axis]) as a read-only view of h's shape with
-    stride 0 along every other axis."""
-    bias = _backend.as_cpu_array(bias, "bias", function)
+def _check_bias(bias, h, axis: int, function: str):
+    """bias itself (numpy or CuPy, like h) when it is 1-d of length
+    h.shape[axis] and of h's dtype."""
     if bias.ndim != 1 or bias.shape[0] != h.shape[axis]:
         raise ValueError(f"fusednn.{function}: bias must be 1-d of length h.shape[{axis}] = "
                          f"{h.shape[axis]}, got shape {bias.shape}")
     if bias.dtype != h.dtype:
         raise TypeError(f"fusednn.{function}: bias and h must have the same dtype, "
                         f"got {bias.dtype} and {h.dtype}")
+    return bias
+
+
+def _bias_view(bias, h: np.ndarray, axis: int, function: str) -> np.ndarray:
+    """bias (1-d, length h.shape[axis]) as a read-only view of h's shape with
+    stride 0 along every other axis."""
+    bias = _check_bias(_backend.as_cpu_array(bias, "bias", function), h, axis, function)
     shape = [1] * h.ndim
     shape[axis] = h.shape[axis]
     return np.broadcast_to(bias.reshape(shape), h.shape)
@@ -251,14 +257,7 @@ def _bias_view(bias, h: np.ndarray, axis: int, function: str) -> np.ndarray:
 def _cuda_bias(bias, h, axis: int, function: str):
     """bias as the CUDA kernels take it: 1-d CuPy, length h.shape[axis]; the
     kernels broadcast it themselves."""
-    bias = _backend.as_cuda_array(bias, "bias", function)
-    if bias.ndim != 1 or bias.shape[0] != h.shape[axis]:
-        raise ValueError(f"fusednn.{function}: bias must be 1-d of length h.shape[{axis}] = "
-                         f"{h.shape[axis]}, got shape {bias.shape}")
-    if bias.dtype != h.dtype:
-        raise TypeError(f"fusednn.{function}: bias and h must have the same dtype, "
-                        f"got {bias.dtype} and {h.dtype}")
-    return bias
+    return _check_bias(_backend.as_cuda_array(bias, "bias", function), h, axis, function)
 
 
 def _activation_args(act, act_params: dict, function: str):

@@ -16,20 +16,11 @@ import pytest
 
 import fusednn as fn
 
-cp = pytest.importorskip("cupy")
+from conftest import (EXACT, GELU_TAIL, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
+                      assert_matches, check_backward_x, check_backward_y, check_forward,
+                      cupy_or_skip, grad_for, make_inputs, random_normals, same_bits)
 
-if not fn.info()["cuda_built"]:
-    pytest.skip("fusednn was built without its CUDA module", allow_module_level=True)
-try:
-    _DEVICES = cp.cuda.runtime.getDeviceCount()
-except cp.cuda.runtime.CUDARuntimeError:
-    _DEVICES = 0
-if _DEVICES == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
-
-from conftest import (EXACT, GELU_TAIL, INPUT_KINDS, PARAM_IDS, PARAM_SETS,  # noqa: E402
-                      accepts_output, assert_matches, check_backward_x, check_backward_y,
-                      check_forward, grad_for, make_inputs, random_normals, same_bits)
+cp = cupy_or_skip()
 
 pytestmark = pytest.mark.gpu
 

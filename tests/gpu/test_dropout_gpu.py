@@ -20,18 +20,9 @@ import fusednn as fn
 from fusednn import nn
 from fusednn import reference as ref
 
-cp = pytest.importorskip("cupy")
+from conftest import EXACT, cupy_or_skip, same_bits
 
-if not fn.info()["cuda_built"]:
-    pytest.skip("fusednn was built without its CUDA module", allow_module_level=True)
-try:
-    _DEVICES = cp.cuda.runtime.getDeviceCount()
-except cp.cuda.runtime.CUDARuntimeError:
-    _DEVICES = 0
-if _DEVICES == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
-
-from conftest import EXACT, same_bits  # noqa: E402
+cp = cupy_or_skip()
 
 pytestmark = pytest.mark.gpu
 

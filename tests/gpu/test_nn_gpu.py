@@ -13,13 +13,9 @@ import pytest
 import fusednn as fn
 from fusednn import nn
 
-cp = pytest.importorskip("cupy")
-try:
-    _DEVICES = cp.cuda.runtime.getDeviceCount()
-except cp.cuda.runtime.CUDARuntimeError:
-    _DEVICES = 0
-if _DEVICES == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from conftest import cupy_or_skip
+
+cp = cupy_or_skip(kernels=False)
 
 pytestmark = pytest.mark.gpu
 needs_kernels = pytest.mark.skipif(not fn.info()["cuda_built"],

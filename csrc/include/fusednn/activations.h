@@ -49,7 +49,7 @@ struct ActivationParams {
   float a_down = 0.0f, a_up = 0.0f, b_down = 0.0f, b_up = 0.0f;
 };
 
-// The smallest float >= a (a not NaN; +inf above the float range).
+// The smallest float >= a (+inf above the float range; NaN for NaN).
 inline float float_at_least(double a) {
   constexpr double kFloatMax = 3.4028234663852886e38;
   if (a > kFloatMax) return std::numeric_limits<float>::infinity();
@@ -69,12 +69,10 @@ inline ActivationParams make_activation_params(double a, double b, bool tanh_app
   p.a = a;
   p.b = b;
   p.tanh_approximation = tanh_approximation;
-  if (a == a && b == b) {
-    p.a_down = float_at_most(a);
-    p.a_up = float_at_least(a);
-    p.b_down = float_at_most(b);
-    p.b_up = float_at_least(b);
-  }
+  p.a_down = float_at_most(a);
+  p.a_up = float_at_least(a);
+  p.b_down = float_at_most(b);
+  p.b_up = float_at_least(b);
   return p;
 }
 
