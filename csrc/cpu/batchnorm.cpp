@@ -8,6 +8,12 @@
 // `inner` elements share one channel) and inner == 1 (channels-last:
 // consecutive elements are consecutive channels, vectorized across C).
 //
+// When one channel's samples fit in a core's cache (inner > 1, contiguous
+// rows), one task reduces a channel and then writes its outputs while the
+// samples are still cached, so the inputs come from memory once instead of
+// twice. The units and their merge order are those of the two-pass loop,
+// so both give the same bits.
+//
 // Determinism: the reductions are split into units that depend on the
 // shape alone, each unit sums its elements in a fixed lane order in double,
 // and the units of a channel are merged in index order. The thread count
@@ -19,6 +25,7 @@
 #include "cpu/batchnorm.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <stdexcept>
 #include <vector>
 
@@ -38,6 +45,10 @@ constexpr int64_t kChannelBlock = 256;
 // Independent accumulators per unit (inner > 1): a fixed number, so that the
 // summation order does not follow the vector width.
 constexpr int kLanes = 16;
+// Bytes of input per channel (all operands read) up to which a channel is
+// reduced and written in one task: about a core's L2, with the shared L3
+// behind it catching what spills.
+constexpr int64_t kResidentChannelBytes = int64_t(1) << 20;
 
 // The channel layout of fusednn/channel_layout.h plus the array's data.
 struct ChannelView : ChannelLayout {
@@ -49,6 +60,14 @@ ChannelView channel_view(const ArrayRef& a, int axis) {
   static_cast<ChannelLayout&>(v) = channel_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype), axis);
   v.data = static_cast<const char*>(a.data);
   return v;
+}
+
+// Whether a's dimensions merge into an (outer, C, inner) view around axis.
+bool has_channel_view(const ArrayRef& a, int axis) {
+  const int item = itemsize(a.dtype);
+  int64_t size, stride;
+  return merge_extent(a.shape, a.strides, item, 0, axis, size, stride) &&
+         merge_extent(a.shape, a.strides, item, axis + 1, a.ndim, size, stride);
 }
 
 bool is_contiguous(const ArrayRef& a) {
@@ -135,6 +154,34 @@ void accumulate_run(const T* x, const T* g, int64_t n, int64_t stride_x, int64_t
   for (int j = 0; i < n; ++i, ++j) Sums::add(s1[j], s2[j], x[i * stride_x], g[i * stride_g], center);
 }
 
+// The sums of unit `unit` of channel c when inner > 1: a block of outer
+// rows times a block of the inner extent. center: the channel's center, or
+// null to center the unit on the median of three of its samples.
+template <class Sums, class T>
+Partial inner_unit_sums(const ChannelView& xv, const ChannelView& gv, const Partition& part,
+                        int64_t c, int64_t unit, const double* center) {
+  const T* x = reinterpret_cast<const T*>(xv.data);
+  const T* g = reinterpret_cast<const T*>(gv.data);
+  const int64_t o0 = unit / part.inner_blocks * part.outer_block;
+  const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
+  const int64_t i0 = (unit % part.inner_blocks) * part.inner_block;
+  const int64_t n = std::min(part.inner, i0 + part.inner_block) - i0;
+  const T* xc = x + c * xv.stride_channel + i0 * xv.stride_inner;
+  const T* gc = g + c * gv.stride_channel + i0 * gv.stride_inner;
+  const double shift =
+      center != nullptr
+          ? *center
+          : median_of_three(xc + o0 * xv.stride_outer,
+                            xc + (o0 + o1 - 1) / 2 * xv.stride_outer + n / 2 * xv.stride_inner,
+                            xc + (o1 - 1) * xv.stride_outer + (n - 1) * xv.stride_inner);
+  alignas(64) double s1[kLanes] = {};
+  alignas(64) double s2[kLanes] = {};
+  for (int64_t o = o0; o < o1; ++o)
+    accumulate_run<Sums>(xc + o * xv.stride_outer, gc + o * gv.stride_outer, n, xv.stride_inner,
+                         gv.stride_inner, shift, s1, s2);
+  return Partial{static_cast<double>((o1 - o0) * n), shift, sum_lanes(s1), sum_lanes(s2)};
+}
+
 // Fills partials[c * units_per_channel + u] for every channel c and unit u.
 // centers: one per channel, or null to center each unit on the median of
 // three of its samples.
@@ -148,61 +195,83 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
   parallel_for(part.tasks(), [&](int64_t task) {
     const int64_t block = task / units;
     const int64_t unit = task % units;
-    const int64_t outer_index = unit / part.inner_blocks;
-    const int64_t o0 = outer_index * part.outer_block;
-    const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
     if (part.inner > 1) {
-      const int64_t c = block;
-      const int64_t i0 = (unit % part.inner_blocks) * part.inner_block;
-      const int64_t n = std::min(part.inner, i0 + part.inner_block) - i0;
-      const T* xc = x + c * xv.stride_channel + i0 * xv.stride_inner;
-      const T* gc = g + c * gv.stride_channel + i0 * gv.stride_inner;
-      const double center =
-          centers != nullptr
-              ? centers[c]
-              : median_of_three(xc + o0 * xv.stride_outer,
-                                xc + (o0 + o1 - 1) / 2 * xv.stride_outer + n / 2 * xv.stride_inner,
-                                xc + (o1 - 1) * xv.stride_outer + (n - 1) * xv.stride_inner);
-      alignas(64) double s1[kLanes] = {};
-      alignas(64) double s2[kLanes] = {};
-      for (int64_t o = o0; o < o1; ++o)
-        accumulate_run<Sums>(xc + o * xv.stride_outer, gc + o * gv.stride_outer, n,
-                             xv.stride_inner, gv.stride_inner, center, s1, s2);
-      partials[static_cast<size_t>(c * units + unit)] =
-          Partial{static_cast<double>((o1 - o0) * n), center, sum_lanes(s1), sum_lanes(s2)};
-    } else {
-      const int64_t c0 = block * part.channel_block;
-      const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
-      const T* xc = x + c0 * xv.stride_channel;
-      const T* gc = g + c0 * gv.stride_channel;
-      alignas(64) double center[kChannelBlock];
-      alignas(64) double s1[kChannelBlock] = {};
-      alignas(64) double s2[kChannelBlock] = {};
-      for (int64_t k = 0; k < count; ++k) {
-        const T* xk = xc + k * xv.stride_channel;
-        center[k] = centers != nullptr
-                        ? centers[c0 + k]
-                        : median_of_three(xk + o0 * xv.stride_outer,
-                                          xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
-                                          xk + (o1 - 1) * xv.stride_outer);
-      }
-      for (int64_t o = o0; o < o1; ++o) {
-        const T* xr = xc + o * xv.stride_outer;
-        const T* gr = gc + o * gv.stride_outer;
-        if (xv.stride_channel == 1 && gv.stride_channel == 1) {
-#pragma omp simd
-          for (int64_t k = 0; k < count; ++k) Sums::add(s1[k], s2[k], xr[k], gr[k], center[k]);
-        } else {
-          for (int64_t k = 0; k < count; ++k)
-            Sums::add(s1[k], s2[k], xr[k * xv.stride_channel], gr[k * gv.stride_channel],
-                      center[k]);
-        }
-      }
-      for (int64_t k = 0; k < count; ++k)
-        partials[static_cast<size_t>((c0 + k) * units + outer_index)] =
-            Partial{static_cast<double>(o1 - o0), center[k], s1[k], s2[k]};
+      partials[static_cast<size_t>(task)] = inner_unit_sums<Sums, T>(
+          xv, gv, part, block, unit, centers != nullptr ? centers + block : nullptr);
+      return;
     }
+    const int64_t o0 = unit * part.outer_block;
+    const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
+    const int64_t c0 = block * part.channel_block;
+    const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
+    const T* xc = x + c0 * xv.stride_channel;
+    const T* gc = g + c0 * gv.stride_channel;
+    alignas(64) double center[kChannelBlock];
+    alignas(64) double s1[kChannelBlock] = {};
+    alignas(64) double s2[kChannelBlock] = {};
+    for (int64_t k = 0; k < count; ++k) {
+      const T* xk = xc + k * xv.stride_channel;
+      center[k] = centers != nullptr ? centers[c0 + k]
+                                     : median_of_three(xk + o0 * xv.stride_outer,
+                                                       xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
+                                                       xk + (o1 - 1) * xv.stride_outer);
+    }
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* xr = xc + o * xv.stride_outer;
+      const T* gr = gc + o * gv.stride_outer;
+      if (xv.stride_channel == 1 && gv.stride_channel == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < count; ++k) Sums::add(s1[k], s2[k], xr[k], gr[k], center[k]);
+      } else {
+        for (int64_t k = 0; k < count; ++k)
+          Sums::add(s1[k], s2[k], xr[k * xv.stride_channel], gr[k * gv.stride_channel], center[k]);
+      }
+    }
+    for (int64_t k = 0; k < count; ++k)
+      partials[static_cast<size_t>((c0 + k) * units + unit)] =
+          Partial{static_cast<double>(o1 - o0), center[k], s1[k], s2[k]};
   });
+}
+
+// Whether channels are reduced and written in one task each: rows of
+// `inner` contiguous elements in every operand, and a channel's inputs
+// (reads operands) small enough to stay cached between the two steps.
+bool channel_resident(const ChannelView& v, int64_t item, int reads,
+                      std::initializer_list<const ChannelView*> operands) {
+  if (v.inner <= 1 || v.outer * v.inner * item * reads > kResidentChannelBytes) return false;
+  for (const ChannelView* o : operands)
+    if (o->stride_inner != 1) return false;
+  return true;
+}
+
+// Writes out[o, c, :] = row(dst, o, start, count) for every outer row o of
+// channel c, streaming when `stream` is set. row(dst, o, start, count)
+// computes elements [start, start + count) of row o into dst.
+template <class T, class Row>
+void write_channel_rows(const ChannelView& out, int64_t c, bool stream, const Row& row) {
+  T* base = const_cast<T*>(reinterpret_cast<const T*>(out.data)) + c * out.stride_channel;
+  for (int64_t o = 0; o < out.outer; ++o)
+    produce(base + o * out.stride_outer, out.inner, stream,
+            [&](T* dst, int64_t start, int64_t count) { row(dst, o, start, count); });
+  if (stream) store_fence();
+}
+
+// Runs fn(c, next) for every channel, each thread over a run of consecutive
+// channels; next tells whether the same thread goes on with channel c + 1,
+// so that fn can prefetch it while it writes channel c.
+template <class Fn> void for_each_resident_channel(int64_t channels, Fn fn) {
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), channels));
+  parallel_for(slices, [&](int64_t s) {
+    const int64_t end = channels * (s + 1) / slices;
+    for (int64_t c = channels * s / slices; c < end; ++c) fn(c, c + 1 < end);
+  });
+}
+
+// Asks for n elements at p to be brought into L2.
+template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  const int64_t size = n * int64_t(sizeof(T));
+  for (int64_t i = 0; i < size; i += 64) __builtin_prefetch(bytes + i, 0, 2);
 }
 
 // Runs fn(c) for every channel on the pool, in blocks of channels.
@@ -214,14 +283,33 @@ template <class Fn> void for_each_channel(int64_t channels, int64_t work_per_cha
   });
 }
 
+// Coefficient arrays of at least this many elements for the channels-last
+// passes: runs along them are long enough that the per-run overhead stays
+// small next to the vector loop.
+constexpr int64_t kMinCoefficientPeriod = 512;
+
+// The coefficient arrays' length in the channels-last passes: a multiple of
+// the channel count, each array repeated that many times.
+int64_t coefficient_period(int64_t channels) {
+  return channels * std::max<int64_t>(1, kMinCoefficientPeriod / std::max<int64_t>(1, channels));
+}
+
+// Repeats v (one value per channel) to `period` elements.
+template <class T> std::vector<T> repeated(const T* v, int64_t channels, int64_t period) {
+  std::vector<T> out(static_cast<size_t>(period));
+  for (int64_t i = 0; i < period; ++i) out[static_cast<size_t>(i)] = v[i % channels];
+  return out;
+}
+
 // Produces the contiguous output `out` (size elements, laid out like the
 // contiguous input) one slice per thread; within a slice, calls
 // segment.broadcast(dst, pos, len, c) for runs of one channel (inner > 1)
-// and segment.across(dst, pos, len, c) for runs of consecutive channels
-// starting at c (inner == 1). pos is the flat index of the run's first
-// element, dst where its outputs go.
+// and segment.across(dst, pos, len, j) for runs that start at entry j of
+// coefficient arrays `period` long (inner == 1). pos is the flat index of
+// the run's first element, dst where its outputs go.
 template <class T, class Segment>
-void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, const Segment& segment) {
+void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64_t period,
+                    const Segment& segment) {
   const bool stream = size * int64_t(sizeof(T)) >= kStreamBytes;
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
   parallel_for(slices, [&](int64_t s) {
@@ -231,19 +319,27 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, const
     produce(out + begin, end - begin, stream, [&](T* dst, int64_t start, int64_t count) {
       int64_t pos = begin + start;
       const int64_t stop = pos + count;
-      while (pos < stop) {
-        int64_t len;
-        if (inner > 1) {
-          const int64_t row = pos / inner;
-          len = std::min(inner - (pos - row * inner), stop - pos);
-          local.broadcast(dst, pos, len, row % channels);
-        } else {
-          const int64_t c = pos % channels;
-          len = std::min(channels - c, stop - pos);
-          local.across(dst, pos, len, c);
+      if (inner > 1) {
+        const int64_t row = pos / inner;
+        int64_t column = pos - row * inner;
+        int64_t c = row % channels;
+        while (pos < stop) {
+          const int64_t len = std::min(inner - column, stop - pos);
+          local.broadcast(dst, pos, len, c);
+          pos += len;
+          dst += len;
+          column = 0;
+          if (++c == channels) c = 0;
         }
-        pos += len;
-        dst += len;
+      } else {
+        int64_t j = pos % period;
+        while (pos < stop) {
+          const int64_t len = std::min(period - j, stop - pos);
+          local.across(dst, pos, len, j);
+          pos += len;
+          dst += len;
+          j = 0;
+        }
       }
     });
     if (stream) store_fence();
@@ -272,12 +368,12 @@ template <class T> struct NormalizeSegment {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi, lo, s, b);
   }
-  void across(T* dst, int64_t pos, int64_t len, int64_t c) const {
+  void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* src = x + pos;
-    const T* hi = mean_hi + c;
-    const T* lo = mean_lo + c;
-    const T* s = scale + c;
-    const T* b = shift + c;
+    const T* hi = mean_hi + j;
+    const T* lo = mean_lo + j;
+    const T* s = scale + j;
+    const T* b = shift + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi[i], lo[i], s[i], b[i]);
   }
@@ -287,8 +383,19 @@ template <class T>
 void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const NormalizeSegment<T>& seg) {
   const ChannelView xv = channel_view(x, axis);
   if (is_contiguous(x) && is_contiguous(y)) {
-    map_contiguous(static_cast<T*>(y.data), xv.outer * xv.channels * xv.inner, xv.channels,
-                   xv.inner, seg);
+    T* out = static_cast<T*>(y.data);
+    const int64_t size = xv.outer * xv.channels * xv.inner;
+    if (xv.inner > 1) {
+      map_contiguous(out, size, xv.channels, xv.inner, xv.channels, seg);
+      return;
+    }
+    const int64_t period = coefficient_period(xv.channels);
+    const std::vector<T> hi = repeated(seg.mean_hi, xv.channels, period);
+    const std::vector<T> lo = repeated(seg.mean_lo, xv.channels, period);
+    const std::vector<T> scale = repeated(seg.scale, xv.channels, period);
+    const std::vector<T> shift = repeated(seg.shift, xv.channels, period);
+    map_contiguous(out, size, xv.channels, 1, period,
+                   NormalizeSegment<T>{seg.x, hi.data(), lo.data(), scale.data(), shift.data()});
     return;
   }
   // Any strides: a scalar loop over runs, the coefficients as operands.
@@ -336,14 +443,14 @@ template <class T> struct InputGradSegment {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = input_grad(g[i], v[i], hi, lo, ac, ec, kc);
   }
-  void across(T* dst, int64_t pos, int64_t len, int64_t c) const {
+  void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* g = dy + pos;
     const T* v = x + pos;
-    const T* hi = mean_hi + c;
-    const T* lo = mean_lo + c;
-    const T* ac = a + c;
-    const T* ec = e + c;
-    const T* kc = k + c;
+    const T* hi = mean_hi + j;
+    const T* lo = mean_lo + j;
+    const T* ac = a + j;
+    const T* ec = e + j;
+    const T* kc = k + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
       dst[i] = input_grad(g[i], v[i], hi[i], lo[i], ac[i], ec[i], kc[i]);
@@ -355,8 +462,21 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
                      const InputGradSegment<T>& seg) {
   const ChannelView xv = channel_view(x, axis);
   if (is_contiguous(dy) && is_contiguous(x) && is_contiguous(dx)) {
-    map_contiguous(static_cast<T*>(dx.data), xv.outer * xv.channels * xv.inner, xv.channels,
-                   xv.inner, seg);
+    T* out = static_cast<T*>(dx.data);
+    const int64_t size = xv.outer * xv.channels * xv.inner;
+    if (xv.inner > 1) {
+      map_contiguous(out, size, xv.channels, xv.inner, xv.channels, seg);
+      return;
+    }
+    const int64_t period = coefficient_period(xv.channels);
+    const std::vector<T> hi = repeated(seg.mean_hi, xv.channels, period);
+    const std::vector<T> lo = repeated(seg.mean_lo, xv.channels, period);
+    const std::vector<T> a = repeated(seg.a, xv.channels, period);
+    const std::vector<T> e = repeated(seg.e, xv.channels, period);
+    const std::vector<T> k = repeated(seg.k, xv.channels, period);
+    map_contiguous(out, size, xv.channels, 1, period,
+                   InputGradSegment<T>{seg.dy, seg.x, hi.data(), lo.data(), a.data(), e.data(),
+                                       k.data()});
     return;
   }
   const ChannelStrides cs(x, axis, int(sizeof(T)));
@@ -392,48 +512,69 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
 template <class T>
 void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
+  const bool y_has_view = has_channel_view(y, args.axis);
+  const ChannelView yv = y_has_view ? channel_view(y, args.axis) : xv;
   const int64_t channels = xv.channels;
   const int64_t count = xv.outer * xv.inner;
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), var(nc), m2(nc);
-  if (args.training) {
-    const Partition part(xv);
-    std::vector<Partial> partials;
-    if (count > 0) reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
-    const int64_t units = part.units_per_channel();
-    for_each_channel(channels, units, [&](int64_t c) {
-      const Partial* p = partials.data() + c * units;
-      Moments acc = moments_from_shifted_sums(p[0].count, p[0].center, p[0].s1, p[0].s2);
-      for (int64_t u = 1; u < units; ++u)
-        acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1, p[u].s2));
-      mean[static_cast<size_t>(c)] = acc.mean;
-      m2[static_cast<size_t>(c)] = acc.m2;
-      var[static_cast<size_t>(c)] = acc.m2 / acc.count;
-    });
-  } else {
-    for (int64_t c = 0; c < channels; ++c) {
-      mean[static_cast<size_t>(c)] = load(*args.running_mean, c);
-      var[static_cast<size_t>(c)] = load(*args.running_var, c);
-    }
-  }
-
+  std::vector<double> mean(nc), var(nc), m2(nc), invstd(nc);
   std::vector<T> mean_hi(nc), mean_lo(nc), scale(nc), shift(nc);
-  std::vector<double> invstd(nc);
-  for (int64_t c = 0; c < channels; ++c) {
+  // Fills channel c's statistics and coefficients from its mean and M2.
+  auto set_channel = [&](int64_t c, double channel_mean, double channel_var, double channel_m2) {
     const size_t i = static_cast<size_t>(c);
-    invstd[i] = inverse_std(var[i], args.eps);
+    mean[i] = channel_mean;
+    var[i] = channel_var;
+    m2[i] = channel_m2;
+    invstd[i] = inverse_std(channel_var, args.eps);
     const NormalizeCoefficients<T> k = normalize_coefficients<T>(
-        mean[i], invstd[i], args.gamma != nullptr ? load(*args.gamma, c) : 1.0,
+        channel_mean, invstd[i], args.gamma != nullptr ? load(*args.gamma, c) : 1.0,
         args.beta != nullptr ? load(*args.beta, c) : 0.0);
     mean_hi[i] = k.mean_hi;
     mean_lo[i] = k.mean_lo;
     scale[i] = k.scale;
     shift[i] = k.shift;
+  };
+  const Partition part(xv);
+  const int64_t units = part.units_per_channel();
+  // A channel's statistics from its units' sums, merged in unit order.
+  auto merge_units = [&](int64_t c, const Partial* p) {
+    Moments acc = moments_from_shifted_sums(p[0].count, p[0].center, p[0].s1, p[0].s2);
+    for (int64_t u = 1; u < units; ++u)
+      acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1, p[u].s2));
+    set_channel(c, acc.mean, acc.m2 / acc.count, acc.m2);
+  };
+  const NormalizeSegment<T> segment{static_cast<const T*>(x.data), mean_hi.data(), mean_lo.data(),
+                                    scale.data(), shift.data()};
+  if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(T), 1, {&xv, &yv})) {
+    const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
+    for_each_resident_channel(channels, [&](int64_t c, bool next) {
+      std::vector<Partial> p(static_cast<size_t>(units));
+      for (int64_t u = 0; u < units; ++u)
+        p[static_cast<size_t>(u)] = inner_unit_sums<StatisticsSums, T>(xv, xv, part, c, u, nullptr);
+      merge_units(c, p.data());
+      const size_t i = static_cast<size_t>(c);
+      const T hi = mean_hi[i], lo = mean_lo[i], s = scale[i], b = shift[i];
+      const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
+      write_channel_rows<T>(yv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
+        const T* src = xc + o * xv.stride_outer + start;
+        if (next) prefetch_to_l2(src + xv.stride_channel, n);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) dst[j] = normalize(src[j], hi, lo, s, b);
+      });
+    });
+  } else {
+    if (args.training) {
+      // The Python layer requires more than one value per channel here.
+      std::vector<Partial> partials;
+      reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
+      for_each_channel(channels, units,
+                       [&](int64_t c) { merge_units(c, partials.data() + c * units); });
+    } else {
+      for (int64_t c = 0; c < channels; ++c)
+        set_channel(c, load(*args.running_mean, c), load(*args.running_var, c), 0.0);
+    }
+    if (count > 0 && channels > 0) normalize_pass<T>(x, y, args.axis, segment);
   }
-  if (count > 0 && channels > 0)
-    normalize_pass<T>(x, y, args.axis,
-                      NormalizeSegment<T>{static_cast<const T*>(x.data), mean_hi.data(),
-                                          mean_lo.data(), scale.data(), shift.data()});
 
   for (int64_t c = 0; c < channels; ++c) {
     const size_t i = static_cast<size_t>(c);
@@ -455,51 +596,82 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
                     const BatchNormBackwardArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
   const ChannelView gv = channel_view(dy, args.axis);
+  const bool dx_has_view = has_channel_view(dx, args.axis);
+  const ChannelView dv = dx_has_view ? channel_view(dx, args.axis) : xv;
   const int64_t channels = xv.channels;
   const int64_t count = xv.outer * xv.inner;
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), invstd(nc), sum_dy(nc, 0.0), sum_dy_centered(nc, 0.0);
+  std::vector<double> mean(nc), invstd(nc);
   for (int64_t c = 0; c < channels; ++c) {
     mean[static_cast<size_t>(c)] = load(*args.save_mean, c);
     invstd[static_cast<size_t>(c)] = load(*args.save_invstd, c);
   }
-  if (count > 0 && channels > 0) {
-    const Partition part(xv);
-    std::vector<Partial> partials;
-    reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
-    const int64_t units = part.units_per_channel();
-    for_each_channel(channels, units, [&](int64_t c) {
-      const Partial* p = partials.data() + c * units;
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t u = 0; u < units; ++u) {
-        s1 += p[u].s1;
-        s2 += p[u].s2;
-      }
-      sum_dy[static_cast<size_t>(c)] = s1;
-      sum_dy_centered[static_cast<size_t>(c)] = s2;
-    });
-  }
-
   std::vector<T> mean_hi(nc), mean_lo(nc), a(nc), e(nc), k(nc);
-  for (int64_t c = 0; c < channels; ++c) {
+  // Stores grad_gamma and grad_beta of channel c and its input-gradient
+  // coefficients.
+  auto set_channel = [&](int64_t c, double sum_dy, double sum_dy_centered) {
     const size_t i = static_cast<size_t>(c);
-    store(*args.grad_gamma, c, sum_dy_centered[i] * invstd[i]);
-    store(*args.grad_beta, c, sum_dy[i]);
-    if (count == 0) continue;
+    store(*args.grad_gamma, c, sum_dy_centered * invstd[i]);
+    store(*args.grad_beta, c, sum_dy);
+    if (count == 0) return;
     const InputGradCoefficients<T> q = input_grad_coefficients<T>(
         static_cast<double>(count), mean[i], invstd[i],
-        args.gamma != nullptr ? load(*args.gamma, c) : 1.0, sum_dy[i], sum_dy_centered[i]);
+        args.gamma != nullptr ? load(*args.gamma, c) : 1.0, sum_dy, sum_dy_centered);
     mean_hi[i] = q.mean_hi;
     mean_lo[i] = q.mean_lo;
     a[i] = q.a;
     e[i] = q.e;
     k[i] = q.k;
+  };
+  if (count == 0 || channels == 0) {
+    for (int64_t c = 0; c < channels; ++c) set_channel(c, 0.0, 0.0);
+    return;
   }
-  if (count > 0 && channels > 0)
-    input_grad_pass<T>(dy, x, dx, args.axis,
-                       InputGradSegment<T>{static_cast<const T*>(dy.data),
-                                           static_cast<const T*>(x.data), mean_hi.data(),
-                                           mean_lo.data(), a.data(), e.data(), k.data()});
+  const Partition part(xv);
+  const int64_t units = part.units_per_channel();
+  if (dx_has_view && channel_resident(xv, sizeof(T), 2, {&xv, &gv, &dv})) {
+    const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
+    for_each_resident_channel(channels, [&](int64_t c, bool next) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t u = 0; u < units; ++u) {
+        const Partial p =
+            inner_unit_sums<GradientSums, T>(xv, gv, part, c, u, &mean[static_cast<size_t>(c)]);
+        s1 += p.s1;
+        s2 += p.s2;
+      }
+      set_channel(c, s1, s2);
+      const size_t i = static_cast<size_t>(c);
+      const T hi = mean_hi[i], lo = mean_lo[i], ac = a[i], ec = e[i], kc = k[i];
+      const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
+      const T* gc = reinterpret_cast<const T*>(gv.data) + c * gv.stride_channel;
+      write_channel_rows<T>(dv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
+        const T* g = gc + o * gv.stride_outer + start;
+        const T* v = xc + o * xv.stride_outer + start;
+        if (next) {
+          prefetch_to_l2(g + gv.stride_channel, n);
+          prefetch_to_l2(v + xv.stride_channel, n);
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) dst[j] = input_grad(g[j], v[j], hi, lo, ac, ec, kc);
+      });
+    });
+    return;
+  }
+  std::vector<Partial> partials;
+  reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
+  for_each_channel(channels, units, [&](int64_t c) {
+    const Partial* p = partials.data() + c * units;
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t u = 0; u < units; ++u) {
+      s1 += p[u].s1;
+      s2 += p[u].s2;
+    }
+    set_channel(c, s1, s2);
+  });
+  input_grad_pass<T>(dy, x, dx, args.axis,
+                     InputGradSegment<T>{static_cast<const T*>(dy.data),
+                                         static_cast<const T*>(x.data), mean_hi.data(),
+                                         mean_lo.data(), a.data(), e.data(), k.data()});
 }
 
 }  // namespace
