@@ -431,6 +431,51 @@ def test_bad_backward_input():
         fn.batch_norm_backward(*good, axis=3)
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("target", ["fresh", "strided", "grad_output", "x", "overlapping"])
+def test_backward_out(target, axis):
+    shape = (5, 4, 6, 3) if axis == 1 else (5, 6, 3, 4)
+    base, gamma, _ = _data((6, *shape[1:]), axis, np.float64)
+    dy = np.random.default_rng(9).standard_normal(shape)
+    x = base[:5].copy()
+    result = fn.batch_norm(x, gamma, axis=axis)
+    expected = ref.batch_norm_backward(dy, x, gamma, result.save_mean, result.save_invstd,
+                                       axis=axis)
+    if target == "fresh":
+        out = np.full(shape, np.nan)
+    elif target == "strided":
+        out = np.zeros((*shape, 2))[..., 1]
+    elif target == "grad_output":
+        out = dy
+    elif target == "x":
+        out = x
+    else:
+        x = base[:5]
+        out = base[1:]
+    got = fn.batch_norm_backward(dy, x, gamma, result.save_mean, result.save_invstd, axis=axis,
+                                 out=out)
+    assert got[0] is out
+    for value, want in zip(got, expected):
+        np.testing.assert_allclose(value, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_backward_out_raises_and_writes_nothing():
+    x, gamma, _ = _data((6, 4, 3), 1, np.float32)
+    result = fn.batch_norm(x, gamma)
+    dy = np.ones_like(x)
+    read_only = np.zeros_like(x)
+    read_only.flags.writeable = False
+    for out in (np.zeros((6, 4)), np.zeros(x.shape, np.float64), read_only, [0.0] * 72):
+        before = np.array(out, copy=True)
+        with pytest.raises(ValueError):
+            fn.batch_norm_backward(dy, x, gamma, result.save_mean, result.save_invstd, out=out)
+        np.testing.assert_array_equal(np.asarray(out), before)
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError):
+        fn.batch_norm_backward(dy, x, gamma, result.save_mean[:3], result.save_invstd, out=out)
+    assert np.all(out == 7.0)
+
+
 def test_backward_accepts_float64_statistics_for_float32_data():
     x, gamma, _ = _data((6, 4, 3), 1, np.float32)
     dy = np.random.default_rng(9).standard_normal(x.shape).astype(np.float32)

@@ -249,7 +249,7 @@ def test_bench_batchnorm_times_pytorch_on_the_same_memory(tmp_path, capsys):
     assert "native_batch_norm.out writing preallocated outputs" in out
     assert "NHWC as channels_last views of the same memory; torch threads 1" in out
     assert ("* torch allocates its result: native_batch_norm_backward "
-            "(as fn.batch_norm_backward does)") in out
+            "(its .out overload fills a new tensor and copies it, which is slower)") in out
     results = json.loads(path.read_text())["results"]
     assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
         ("native_batch_norm.out", False), ("native_batch_norm_backward", True)] * 2

@@ -195,7 +195,7 @@ def _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, moment
     return BatchNormResult(out, save_mean, save_invstd)
 
 
-def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis):
+def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis, out):
     function = "batch_norm_backward"
     cupy = _backend._cupy()
     grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
@@ -211,10 +211,10 @@ def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axi
                         "(batch_norm returns them)")
     save_mean = _cuda_per_channel(save_mean, "save_mean", channels, function, _CUDA_ANY)
     save_invstd = _cuda_per_channel(save_invstd, "save_invstd", channels, function, _CUDA_ANY)
-    grad_output = _channel_viewable(grad_output, ax)
-    x = _channel_viewable(x, ax)
+    grad_input = _backend.prepare_cuda_out(out, x, function)
+    grad_output = _channel_viewable(_backend.detach_from_cuda_out(grad_output, grad_input), ax)
+    x = _channel_viewable(_backend.detach_from_cuda_out(x, grad_input), ax)
     statistics = _cuda_statistics_dtype(x.dtype)
-    grad_input = cupy.empty(x.shape, dtype=x.dtype)
     grad_gamma = cupy.empty(channels, dtype=statistics)
     grad_beta = cupy.empty(channels, dtype=statistics)
     workspace = _cuda_workspace(x, ax)
@@ -283,7 +283,7 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     return BatchNormResult(out, save_mean, save_invstd)
 
 
-def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1):
+def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1, out=None):
     """Gradients of training-mode batch_norm (batch statistics).
 
     ``save_mean`` and ``save_invstd`` are what batch_norm returned (float32
@@ -293,11 +293,16 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     ``grad_input = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))``,
     ``grad_gamma = sum(dy * xhat)`` and ``grad_beta = sum(dy)``;
     grad_gamma and grad_beta are float32 for float16 x (GPU only).
+
+    ``out``, when given, receives grad_input (x's shape and dtype; it may be
+    grad_output or x itself), so that a training loop can reuse one buffer
+    instead of allocating, and touching fresh pages for, every call.
     """
     function = "batch_norm_backward"
     if _backend.device_of(function, grad_output=grad_output, x=x, gamma=gamma,
                           save_mean=save_mean, save_invstd=save_invstd) == "cuda":
-        return _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis)
+        return _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis,
+                                         out)
     grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
     x = _backend.as_cpu_array(x, "x", function)
     _backend.check_same(grad_output, x, "grad_output and x", function)
@@ -311,9 +316,9 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
                         "(batch_norm returns them)")
     save_mean = _per_channel(save_mean, "save_mean", channels, function)
     save_invstd = _per_channel(save_invstd, "save_invstd", channels, function)
-    grad_output = _channel_viewable(grad_output, ax)
-    x = _channel_viewable(x, ax)
-    grad_input = np.empty(x.shape, dtype=x.dtype)
+    grad_input = _backend.prepare_out(out, x.shape, x.dtype, function)
+    grad_output = _channel_viewable(_backend.detach_from_out(grad_output, grad_input), ax)
+    x = _channel_viewable(_backend.detach_from_out(x, grad_input), ax)
     grad_gamma = np.empty(channels, dtype=x.dtype)
     grad_beta = np.empty(channels, dtype=x.dtype)
     _cpu.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean, save_invstd,

@@ -784,7 +784,7 @@ def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
         saved_host = [arrays.to_host(a) for a in saved[1:]]
         runners = Runners(
             ours=lambda: batch_norm_backward(grad, x, gamma, saved.save_mean, saved.save_invstd,
-                                             axis=axis),
+                                             axis=axis, out=out),
             reference=lambda: reference.batch_norm_backward(
                 grad_few, x_few, gamma_host, *saved_host, axis=axis),
             reference_elements=x_few.size)
@@ -814,7 +814,8 @@ def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
                 tgrad, tx, tgamma, trunning_mean, trunning_var, tmean, tinvstd, True, eps,
                 [True, True, True])
             runners.torch_op = "native_batch_norm_backward"
-            runners.torch_allocates = "as fn.batch_norm_backward does"
+            runners.torch_allocates = ("its .out overload fills a new tensor and copies it, "
+                                       "which is slower")
     return runners
 
 
@@ -868,8 +869,8 @@ def describe_batch_norm(plan: Plan, checks: dict) -> FamilyText:
                      f"magnitudes; running statistics {running:g} * the same"],
         reference=reference_text,
         torch="torch.ops.aten.native_batch_norm.out writing preallocated outputs, "
-              "native_batch_norm_backward allocating grad_input as fn.batch_norm_backward "
-              "does; NHWC as channels_last views of the same memory")
+              "native_batch_norm_backward allocating grad_input (fn.batch_norm_backward "
+              "writes a preallocated out=); NHWC as channels_last views of the same memory")
 
 
 # ---- dropout and the fused epilogue ----------------------------------------------

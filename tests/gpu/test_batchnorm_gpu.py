@@ -126,6 +126,33 @@ def test_backward_matches_reference_and_cpu(shape, axis, dtype, with_gamma):
         check_close(got, want, TOL[dtype] * np.sqrt(m))
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("target", ["fresh", "strided", "grad_output", "overlapping"])
+def test_backward_out(target, axis):
+    shape = (5, 4, 6, 3) if axis == 1 else (5, 6, 3, 4)
+    base, gamma, _ = _data((6, *shape[1:]), axis, np.float64)
+    dy = np.random.default_rng(9).standard_normal(shape)
+    x = base[:5].copy()
+    forward = fn.batch_norm(x, gamma, axis=axis)
+    expected = ref.batch_norm_backward(dy, x, gamma, forward.save_mean, forward.save_invstd,
+                                       axis=axis)
+    dy_d, x_d = cp.asarray(dy), cp.asarray(x)
+    if target == "fresh":
+        out = cp.full(shape, cp.nan)
+    elif target == "strided":
+        out = cp.zeros((*shape, 2))[..., 1]
+    elif target == "grad_output":
+        out = dy_d
+    else:
+        base_d = cp.asarray(base)
+        x_d, out = base_d[:5], base_d[1:]
+    grads = fn.batch_norm_backward(dy_d, x_d, cp.asarray(gamma), cp.asarray(forward.save_mean),
+                                   cp.asarray(forward.save_invstd), axis=axis, out=out)
+    assert grads[0] is out
+    for got, want in zip(grads, expected):
+        check_close(host(got), want, 1e-10)
+
+
 @pytest.mark.parametrize("shape,axis", [((4, 3, 50), 1), ((300, 24), -1), ((2, 16, 7, 9), 1)])
 @pytest.mark.parametrize("weights", [np.float16, np.float32], ids=["half-weights", "float-weights"])
 def test_float16(shape, axis, weights):
