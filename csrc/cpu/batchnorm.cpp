@@ -301,20 +301,25 @@ template <class T> std::vector<T> repeated(const T* v, int64_t channels, int64_t
   return out;
 }
 
+// Elements per task of the elementwise passes (a multiple of 64).
+constexpr int64_t kPassChunk = int64_t(1) << 15;
+
 // Produces the contiguous output `out` (size elements, laid out like the
-// contiguous input) one slice per thread; within a slice, calls
-// segment.broadcast(dst, pos, len, c) for runs of one channel (inner > 1)
-// and segment.across(dst, pos, len, j) for runs that start at entry j of
-// coefficient arrays `period` long (inner == 1). pos is the flat index of
-// the run's first element, dst where its outputs go.
+// contiguous input) in chunks handed out from the end of the array
+// backwards: the reduction before the pass read the end last, so the first
+// chunks find their inputs still in the last-level cache. Within a chunk,
+// calls segment.broadcast(dst, pos, len, c) for runs of one channel
+// (inner > 1) and segment.across(dst, pos, len, j) for runs that start at
+// entry j of coefficient arrays `period` long (inner == 1). pos is the
+// flat index of the run's first element, dst where its outputs go.
 template <class T, class Segment>
 void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64_t period,
                     const Segment& segment) {
   const bool stream = size * int64_t(sizeof(T)) >= kStreamBytes;
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
-  parallel_for(slices, [&](int64_t s) {
-    const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~int64_t(63);
-    const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~int64_t(63);
+  const int64_t chunks = (size + kPassChunk - 1) / kPassChunk;
+  parallel_for(chunks, [&](int64_t task) {
+    const int64_t begin = (chunks - 1 - task) * kPassChunk;
+    const int64_t end = std::min(size, begin + kPassChunk);
     const Segment local = segment;
     produce(out + begin, end - begin, stream, [&](T* dst, int64_t start, int64_t count) {
       int64_t pos = begin + start;
