@@ -652,17 +652,26 @@ struct Mish {
   }
 };
 
-// The hard activations are evaluated in double: then (x + 3) / 6 and the
-// products round once, exactly as the float64 reference rounds to float32
-// (the divisions by 6 and 3 are exact-quotient multiplications, divide_by).
+// float32 evaluates the hard activations in float arithmetic, as PyTorch
+// does: three roundings at most (about 1.5 ulp), and the sum x + 3 is exact
+// near the kink at -3 (Sterbenz). In double they would be exact but
+// compute-bound on the CPU. float64 keeps double with divisions that round
+// as a / b does (divide_by).
 struct Hardsigmoid {
   static constexpr bool kBackwardFromY = false;
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double xd = x;
-    return xd <= -3.0 ? T(0) : (xd >= 3.0 ? T(1) : T(math::divide_by(xd + 3.0, 6.0, 1.0 / 6.0)));
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return x <= T(-3) ? T(0) : (x >= T(3) ? T(1) : (x + T(3)) / T(6));
+    } else {
+      return x <= -3.0 ? T(0) : (x >= 3.0 ? T(1) : T(math::divide_by(x + 3.0, 6.0, 1.0 / 6.0)));
+    }
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    return (x > T(-3) && x < T(3)) ? T(math::divide_by(double(g), 6.0, 1.0 / 6.0)) : T(0);
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return (x > T(-3) && x < T(3)) ? g / T(6) : T(0);
+    } else {
+      return (x > T(-3) && x < T(3)) ? T(math::divide_by(double(g), 6.0, 1.0 / 6.0)) : T(0);
+    }
   }
 };
 
@@ -671,15 +680,25 @@ struct Hardswish {
   // x * clamp(x + 3, 0, 6) / 6, and x itself from 3 on (x * 6 could
   // overflow): -inf gives NaN, as in PyTorch.
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    const double xd = x;
-    const double r = xd + 3.0 < 0.0 ? 0.0 : xd + 3.0;
-    return xd >= 3.0 ? x : T(math::divide_by(xd * r, 6.0, 1.0 / 6.0));
+    if constexpr (sizeof(T) == sizeof(float)) {
+      const T r = x + T(3) < T(0) ? T(0) : x + T(3);
+      return x >= T(3) ? x : x * r / T(6);
+    } else {
+      const double r = x + 3.0 < 0.0 ? 0.0 : x + 3.0;
+      return x >= 3.0 ? x : T(math::divide_by(x * r, 6.0, 1.0 / 6.0));
+    }
   }
-  // PyTorch's one-sided choices: 0 at x = -3, 1 at x = 3.
+  // PyTorch's one-sided choices: 0 at x = -3, 1 at x = 3. The slope is
+  // (2x + 3) / 6, whose sum is exact around its root at -1.5, where
+  // x / 3 + 1/2 would cancel.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
-    const double xd = x;
-    const double slope = math::divide_by(xd, 3.0, 1.0 / 3.0) + 0.5;
-    return xd <= -3.0 ? T(0) : (xd < 3.0 ? T(double(g) * slope) : g);
+    if constexpr (sizeof(T) == sizeof(float)) {
+      const T slope = (x + x + T(3)) / T(6);
+      return x <= T(-3) ? T(0) : (x < T(3) ? g * slope : g);
+    } else {
+      const double slope = math::divide_by(x, 3.0, 1.0 / 3.0) + 0.5;
+      return x <= -3.0 ? T(0) : (x < 3.0 ? T(g * slope) : g);
+    }
   }
 };
 
