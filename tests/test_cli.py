@@ -502,3 +502,16 @@ def test_plot_writes_a_png(tmp_path, capsys, no_torch):
     assert main(TINY + ["--kernels", "relu", "--plot", str(path)]) == 0
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert f"wrote {path}" in capsys.readouterr().err
+
+
+def test_a_rows_roof_comes_from_the_copies_of_its_own_rounds():
+    # 8 GB per copy: 1, 2 and 4 s are 8, 4 and 2 GB/s, median 4; np.copyto
+    # at 5 and 2.5 GB/s has median 3.75. The slower rounds of other rows do
+    # not enter.
+    timing = bench.Timing(case=None, runners=None, copy_bytes=8 * 10**9,
+                          copies=("fusednn._cpu.copy", "np.copyto"),
+                          samples={"ours": [1.0], "fusednn._cpu.copy": [1.0, 2.0, 4.0],
+                                   "np.copyto": [1.6, 3.2]})
+    source, rate = bench.row_roof(timing)
+    assert source == "fusednn._cpu.copy"
+    assert rate == pytest.approx(4.0)

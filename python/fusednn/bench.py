@@ -8,7 +8,8 @@ write; batch norm's forward reads x twice, for the statistics and to
 normalize, and writes y: 2 reads + 1 write; its backward reads x and
 grad_output twice each and writes grad_input: 4 reads + 1 write). GB/s is
 bytes moved (elements x bytes/elem) per second, 1 GB = 1e9 bytes. The roof
-is a plain copy of the same number of bytes: on the CPU the faster of
+is a plain copy of the same number of bytes, timed in each row's rounds
+(a row's % roof uses the copies of its own rounds): on the CPU the faster of
 ``fusednn._cpu.copy`` (threaded, streaming stores) and ``np.copyto``; on the
 GPU (``--device cuda``) the faster of a device-to-device ``cudaMemcpyAsync``
 and ``cupy.copyto``. The copy, the numpy reference and PyTorch are timed in
@@ -1357,18 +1358,30 @@ def pool_roofs(timings: list) -> dict:
     return roofs
 
 
-def summarize(timing: Timing, roof: Roof, check: CheckResult) -> Result:
+def row_roof(timing: Timing) -> tuple[str, float]:
+    """(routine, GB/s): the faster copy routine's median over the copies
+    timed in this case's own rounds. A row's % roof uses it rather than the
+    run's pooled roof, so that a change of machine load between rows, which
+    on a shared machine can move a pooled ratio by tens of points, cancels."""
+    rates = {name: statistics.median(timing.copy_bytes / s / 1e9 for s in timing.samples[name])
+             for name in timing.copies}
+    source = max(rates, key=rates.get)
+    return source, rates[source]
+
+
+def summarize(timing: Timing, check: CheckResult) -> Result:
     case, runners = timing.case, timing.runners
     seconds = {label: statistics.median(s) for label, s in timing.samples.items()}
     moved = round(case.elements * case.bytes_per_element)
     gb_per_s = moved / seconds["ours"] / 1e9
+    roof_source, roof_gb_per_s = row_roof(timing)
     reference_s = seconds["reference"] * case.elements / runners.reference_elements
     result = Result(
         family=case.family, kernel=case.name, direction=case.direction,
         shape=list(case.shape), elements=case.elements, traffic=case.traffic,
         bytes_per_element=case.bytes_per_element, bytes_moved=moved,
-        time_ms=seconds["ours"] * 1e3, gb_per_s=gb_per_s, roof_gb_per_s=roof.best,
-        roof_source=roof.source, percent_of_roof=100.0 * gb_per_s / roof.best,
+        time_ms=seconds["ours"] * 1e3, gb_per_s=gb_per_s, roof_gb_per_s=roof_gb_per_s,
+        roof_source=roof_source, percent_of_roof=100.0 * gb_per_s / roof_gb_per_s,
         check_error=check.error, check_unit=check.unit, reference_ms=reference_s * 1e3,
         reference_elements=runners.reference_elements,
         x_numpy_reference=reference_s / seconds["ours"])
@@ -1463,8 +1476,11 @@ def report_text(plan: Plan, head: dict, checks: dict, roofs: dict, results: list
     lines.append("bytes/elem: memory traffic per element, e.g. 2r+1w = 2 arrays read and 1 "
                  "written; GB/s = 1e9 bytes/s")
     lines.append("roof: a plain copy of the same bytes, timed in the same rounds as each "
-                 f"kernel; median over the run of {COPY_ROOFS[plan.device].description}"
-                 + (" (CUDA events)" if plan.device == "cuda" else "") + ":")
+                 f"kernel, by {COPY_ROOFS[plan.device].description}"
+                 + (" (CUDA events)" if plan.device == "cuda" else "")
+                 + "; a row's % roof is against the faster routine's median over that row's "
+                 "own rounds, so that load changing between rows cancels; medians over the "
+                 "whole run:")
     for roof in roofs.values():
         both = ", ".join(f"{name} {rate:.1f}" for name, rate in roof.gb_per_s.items())
         lines.append(f"  {roof.bytes_per_element:g} bytes/elem x {roof.elements} elements: "
@@ -1691,7 +1707,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(previous_torch_threads)
 
     roofs = pool_roofs(timings)
-    results = [summarize(t, roofs[traffic_key(t.case)], checks[t.case]) for t in timings]
+    results = [summarize(t, checks[t.case]) for t in timings]
     head = header(plan)
     print(report_text(plan, head, checks, roofs, results))
     if args.json:
