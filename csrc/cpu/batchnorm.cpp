@@ -25,6 +25,7 @@
 #include "cpu/batchnorm.h"
 
 #include <algorithm>
+#include <array>
 #include <initializer_list>
 #include <stdexcept>
 #include <vector>
@@ -351,6 +352,26 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
   });
 }
 
+// map_contiguous for a pass over all of v's contiguous array. Channels-last
+// runs read seg's coefficient arrays (Segment::coefficients()) along the
+// run, so those are repeated to coefficient_period entries first.
+template <class T, class Segment>
+void map_contiguous_pass(T* out, const ChannelView& v, Segment seg) {
+  const int64_t size = v.outer * v.channels * v.inner;
+  if (v.inner > 1) {
+    map_contiguous(out, size, v.channels, v.inner, v.channels, seg);
+    return;
+  }
+  const int64_t period = coefficient_period(v.channels);
+  const auto members = Segment::coefficients();
+  std::array<std::vector<T>, std::tuple_size<decltype(members)>::value> copies;
+  for (size_t i = 0; i < members.size(); ++i) {
+    copies[i] = repeated(seg.*members[i], v.channels, period);
+    seg.*members[i] = copies[i].data();
+  }
+  map_contiguous(out, size, v.channels, 1, period, seg);
+}
+
 // Per-channel coefficient arrays as pseudo-operands of a StridedLoop: they
 // step along the channel axis only.
 struct ChannelStrides {
@@ -367,12 +388,18 @@ template <class T> struct NormalizeSegment {
   const T* scale;
   const T* shift;
 
-  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
+  // The coefficient arrays, one entry per channel (see map_contiguous_pass).
+  static std::array<const T* NormalizeSegment::*, 4> coefficients() {
+    return {&NormalizeSegment::mean_hi, &NormalizeSegment::mean_lo, &NormalizeSegment::scale,
+            &NormalizeSegment::shift};
+  }
+  // len outputs of channel c from the run of inputs at src.
+  void row(T* dst, const T* src, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = scale[c], b = shift[c];
-    const T* src = x + pos;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi, lo, s, b);
   }
+  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* src = x + pos;
     const T* hi = mean_hi + j;
@@ -388,19 +415,7 @@ template <class T>
 void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const NormalizeSegment<T>& seg) {
   const ChannelView xv = channel_view(x, axis);
   if (is_contiguous(x) && is_contiguous(y)) {
-    T* out = static_cast<T*>(y.data);
-    const int64_t size = xv.outer * xv.channels * xv.inner;
-    if (xv.inner > 1) {
-      map_contiguous(out, size, xv.channels, xv.inner, xv.channels, seg);
-      return;
-    }
-    const int64_t period = coefficient_period(xv.channels);
-    const std::vector<T> hi = repeated(seg.mean_hi, xv.channels, period);
-    const std::vector<T> lo = repeated(seg.mean_lo, xv.channels, period);
-    const std::vector<T> scale = repeated(seg.scale, xv.channels, period);
-    const std::vector<T> shift = repeated(seg.shift, xv.channels, period);
-    map_contiguous(out, size, xv.channels, 1, period,
-                   NormalizeSegment<T>{seg.x, hi.data(), lo.data(), scale.data(), shift.data()});
+    map_contiguous_pass(static_cast<T*>(y.data), xv, seg);
     return;
   }
   // Any strides: a scalar loop over runs, the coefficients as operands.
@@ -441,12 +456,18 @@ template <class T> struct InputGradSegment {
   const T* e;
   const T* k;
 
-  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
+  static std::array<const T* InputGradSegment::*, 5> coefficients() {
+    return {&InputGradSegment::mean_hi, &InputGradSegment::mean_lo, &InputGradSegment::a,
+            &InputGradSegment::e, &InputGradSegment::k};
+  }
+  // len outputs of channel c from the runs of dy at g and of x at v.
+  void row(T* dst, const T* g, const T* v, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], ac = a[c], ec = e[c], kc = k[c];
-    const T* g = dy + pos;
-    const T* v = x + pos;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) dst[i] = input_grad(g[i], v[i], hi, lo, ac, ec, kc);
+  }
+  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
+    row(dst, dy + pos, x + pos, len, c);
   }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* g = dy + pos;
@@ -467,21 +488,7 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
                      const InputGradSegment<T>& seg) {
   const ChannelView xv = channel_view(x, axis);
   if (is_contiguous(dy) && is_contiguous(x) && is_contiguous(dx)) {
-    T* out = static_cast<T*>(dx.data);
-    const int64_t size = xv.outer * xv.channels * xv.inner;
-    if (xv.inner > 1) {
-      map_contiguous(out, size, xv.channels, xv.inner, xv.channels, seg);
-      return;
-    }
-    const int64_t period = coefficient_period(xv.channels);
-    const std::vector<T> hi = repeated(seg.mean_hi, xv.channels, period);
-    const std::vector<T> lo = repeated(seg.mean_lo, xv.channels, period);
-    const std::vector<T> a = repeated(seg.a, xv.channels, period);
-    const std::vector<T> e = repeated(seg.e, xv.channels, period);
-    const std::vector<T> k = repeated(seg.k, xv.channels, period);
-    map_contiguous(out, size, xv.channels, 1, period,
-                   InputGradSegment<T>{seg.dy, seg.x, hi.data(), lo.data(), a.data(), e.data(),
-                                       k.data()});
+    map_contiguous_pass(static_cast<T*>(dx.data), xv, seg);
     return;
   }
   const ChannelStrides cs(x, axis, int(sizeof(T)));
@@ -557,14 +564,11 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
       for (int64_t u = 0; u < units; ++u)
         p[static_cast<size_t>(u)] = inner_unit_sums<StatisticsSums, T>(xv, xv, part, c, u, nullptr);
       merge_units(c, p.data());
-      const size_t i = static_cast<size_t>(c);
-      const T hi = mean_hi[i], lo = mean_lo[i], s = scale[i], b = shift[i];
       const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
       write_channel_rows<T>(yv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
         const T* src = xc + o * xv.stride_outer + start;
         if (next) prefetch_to_l2(src + xv.stride_channel, n);
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) dst[j] = normalize(src[j], hi, lo, s, b);
+        segment.row(dst, src, n, c);
       });
     });
   } else {
@@ -634,19 +638,25 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
   }
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
+  // A channel's two sums from its units' partial sums, added in unit order.
+  auto sum_units = [&](int64_t c, const Partial* p) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t u = 0; u < units; ++u) {
+      s1 += p[u].s1;
+      s2 += p[u].s2;
+    }
+    set_channel(c, s1, s2);
+  };
+  const InputGradSegment<T> segment{static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
+                                    mean_hi.data(), mean_lo.data(), a.data(), e.data(), k.data()};
   if (dx_has_view && channel_resident(xv, sizeof(T), 2, {&xv, &gv, &dv})) {
     const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t u = 0; u < units; ++u) {
-        const Partial p =
+      std::vector<Partial> p(static_cast<size_t>(units));
+      for (int64_t u = 0; u < units; ++u)
+        p[static_cast<size_t>(u)] =
             inner_unit_sums<GradientSums, T>(xv, gv, part, c, u, &mean[static_cast<size_t>(c)]);
-        s1 += p.s1;
-        s2 += p.s2;
-      }
-      set_channel(c, s1, s2);
-      const size_t i = static_cast<size_t>(c);
-      const T hi = mean_hi[i], lo = mean_lo[i], ac = a[i], ec = e[i], kc = k[i];
+      sum_units(c, p.data());
       const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
       const T* gc = reinterpret_cast<const T*>(gv.data) + c * gv.stride_channel;
       write_channel_rows<T>(dv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
@@ -656,27 +666,16 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
           prefetch_to_l2(g + gv.stride_channel, n);
           prefetch_to_l2(v + xv.stride_channel, n);
         }
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) dst[j] = input_grad(g[j], v[j], hi, lo, ac, ec, kc);
+        segment.row(dst, g, v, n, c);
       });
     });
     return;
   }
   std::vector<Partial> partials;
   reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
-  for_each_channel(channels, units, [&](int64_t c) {
-    const Partial* p = partials.data() + c * units;
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t u = 0; u < units; ++u) {
-      s1 += p[u].s1;
-      s2 += p[u].s2;
-    }
-    set_channel(c, s1, s2);
-  });
-  input_grad_pass<T>(dy, x, dx, args.axis,
-                     InputGradSegment<T>{static_cast<const T*>(dy.data),
-                                         static_cast<const T*>(x.data), mean_hi.data(),
-                                         mean_lo.data(), a.data(), e.data(), k.data()});
+  for_each_channel(channels, units,
+                   [&](int64_t c) { sum_units(c, partials.data() + c * units); });
+  input_grad_pass<T>(dy, x, dx, args.axis, segment);
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ import fusednn as fn
 from fusednn import reference as ref
 
 from conftest import cupy_or_skip, same_bits
-from test_batchnorm import LAYOUTS, TOL, _bad_calls, _data
+from test_batchnorm import LAYOUTS, TOL, _backward_out_case, _bad_calls, _data
 
 cp = cupy_or_skip()
 
@@ -129,13 +129,8 @@ def test_backward_matches_reference_and_cpu(shape, axis, dtype, with_gamma):
 @pytest.mark.parametrize("axis", [1, -1])
 @pytest.mark.parametrize("target", ["fresh", "strided", "grad_output", "overlapping"])
 def test_backward_out(target, axis):
-    shape = (5, 4, 6, 3) if axis == 1 else (5, 6, 3, 4)
-    base, gamma, _ = _data((6, *shape[1:]), axis, np.float64)
-    dy = np.random.default_rng(9).standard_normal(shape)
-    x = base[:5].copy()
-    forward = fn.batch_norm(x, gamma, axis=axis)
-    expected = ref.batch_norm_backward(dy, x, gamma, forward.save_mean, forward.save_invstd,
-                                       axis=axis)
+    base, gamma, dy, x, forward, expected = _backward_out_case(axis)
+    shape = dy.shape
     dy_d, x_d = cp.asarray(dy), cp.asarray(x)
     if target == "fresh":
         out = cp.full(shape, cp.nan)
