@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -18,8 +19,17 @@
 #include "cpu/array.h"
 #include "cpu/threadpool.h"
 
+#if !defined(FUSEDNN_ISA)
+#error "cpu/elementwise.h belongs to the per-ISA kernel files (FUSEDNN_ISA undefined)"
+#endif
+
 namespace fusednn {
 namespace cpu {
+// Everything here is compiled once per ISA, so it lives in that ISA's
+// namespace: an inline function shared by name across the builds would be
+// merged by the linker into one copy, possibly the AVX-512 one, and called
+// from the generic build on a CPU without AVX-512.
+namespace FUSEDNN_ISA {
 
 constexpr int kMaxDims = 64;
 // Elements per task below which splitting across threads does not pay.
@@ -180,5 +190,35 @@ inline void produce(T* y, int64_t len, bool stream, Compute&& compute) {
   }
 }
 
+// Elements per block that run_core_blocks tests at once.
+constexpr int kCoreBlock = 64;
+
+// out[k] = full(k) for k in [0, count), where blocks of kCoreBlock whose
+// arguments arg(k) all lie in [-bound, bound] (NaN lies outside) take
+// core(k) instead: a cheaper evaluation that equals full(k) there, so the
+// blocking decides speed, never bits. Each of the three loops vectorizes;
+// only the choice between them branches.
+template <class T, class Arg, class Core, class Full>
+inline void run_core_blocks(T* out, int64_t count, float bound, Arg&& arg, Core&& core,
+                            Full&& full) {
+  int64_t i = 0;
+  for (; i + kCoreBlock <= count; i += kCoreBlock) {
+    int outside = 0;
+#pragma omp simd reduction(| : outside)
+    for (int j = 0; j < kCoreBlock; ++j) outside |= !(std::fabs(arg(i + j)) <= bound);
+    if (outside == 0) {
+#pragma omp simd
+      for (int j = 0; j < kCoreBlock; ++j) out[i + j] = core(i + j);
+    } else {
+#pragma omp simd
+      for (int j = 0; j < kCoreBlock; ++j) out[i + j] = full(i + j);
+    }
+  }
+  const int64_t done = i;
+#pragma omp simd
+  for (int64_t k = done; k < count; ++k) out[k] = full(k);
+}
+
+}  // namespace FUSEDNN_ISA
 }  // namespace cpu
 }  // namespace fusednn

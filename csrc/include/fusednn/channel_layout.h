@@ -1,7 +1,9 @@
 // The (outer, C, inner) view of an array around a channel axis that every
 // batch-norm kernel (CPU and CUDA) works on: NC, NCHW, NCDHW and
 // channels-last are the same family, told apart only by inner == 1. Host
-// code, shared so that both backends accept exactly the same layouts.
+// code, shared so that both backends accept exactly the same layouts. The
+// functions are static: the per-ISA CPU builds each compile them with their
+// own instruction set, and one merged copy could be the AVX-512 build.
 #pragma once
 
 #include <cstdint>
@@ -21,8 +23,8 @@ struct ChannelLayout {
 // Merges dimensions [begin, end) of an array (byte strides, item size
 // `item`) into one extent of `size` elements spaced `stride` elements
 // apart; false if they do not form one. Length-1 dimensions never matter.
-inline bool merge_extent(const int64_t* shape, const int64_t* strides, int item, int begin, int end,
-                         int64_t& size, int64_t& stride) {
+static inline bool merge_extent(const int64_t* shape, const int64_t* strides, int item,
+                                int begin, int end, int64_t& size, int64_t& stride) {
   size = 1;
   stride = 1;
   bool found = false;
@@ -45,8 +47,8 @@ inline bool merge_extent(const int64_t* shape, const int64_t* strides, int item,
 
 // Throws std::invalid_argument when the dimensions on either side of the
 // axis do not merge (the Python layer copies such inputs first).
-inline ChannelLayout channel_layout(const int64_t* shape, const int64_t* strides, int ndim,
-                                    int item, int axis) {
+static inline ChannelLayout channel_layout(const int64_t* shape, const int64_t* strides,
+                                           int ndim, int item, int axis) {
   if (axis < 0 || axis >= ndim) throw std::invalid_argument("batch_norm: axis out of range");
   ChannelLayout v;
   v.channels = shape[axis];
@@ -57,7 +59,8 @@ inline ChannelLayout channel_layout(const int64_t* shape, const int64_t* strides
   return v;
 }
 
-inline bool is_contiguous_layout(const int64_t* shape, const int64_t* strides, int ndim, int item) {
+static inline bool is_contiguous_layout(const int64_t* shape, const int64_t* strides, int ndim,
+                                        int item) {
   int64_t size, stride;
   return merge_extent(shape, strides, item, 0, ndim, size, stride) && (stride == 1 || size <= 1);
 }
