@@ -6,7 +6,8 @@ and falls like 1 / (t sqrt(2 pi)). M is written as w * K(v) with
 w = 8 / (t + 4) and v = 1 - w, so that M's relative error is that of w
 (which the kernel carries to twice float precision) and K is a gentle
 function of v. K is fitted on t in [0, 16]; beyond 16 every float32 GELU
-tail term underflows.
+tail term underflows. The kernels' core range, |x| <= 4, where most inputs
+lie, has a K of its own of lower degree.
 
 The tanh form, below |x| = 0.75, is x / 2 + x^2 P(x^2) with derivative
 1/2 + x R(x^2), where P = tanh(u) / (2x) and R = (tanh(u) / 2 +
@@ -28,6 +29,8 @@ mpmath.mp.dps = 30  # in double, erfc, exp and tanh lose the last bits that
 MILLS_DEGREE = 9
 SHIFT = 4.0  # w = 2 SHIFT / (t + SHIFT); a power of two keeps w = 8 / d exact
 T_MAX = 16.0
+CORE_DEGREE = 6
+CORE_T_MAX = 4.0
 
 TANH_DEGREE = 6
 CENTRAL = 0.75
@@ -89,6 +92,9 @@ def main():
     t = np.concatenate([np.linspace(0.0, T_MAX, 20000), np.linspace(0.0, 2.0, 2000)])
     w = 2.0 * SHIFT / (t + SHIFT)
     report("K(v), normal tail", *fit_float32(1.0 - w, mills(t) / w, MILLS_DEGREE))
+    t = np.concatenate([np.linspace(0.0, CORE_T_MAX, 8000), np.linspace(0.0, 0.5, 1000)])
+    w = 2.0 * SHIFT / (t + SHIFT)
+    report("K(v), core range", *fit_float32(1.0 - w, mills(t) / w, CORE_DEGREE))
     x = np.linspace(1e-4, CENTRAL, 3000)
     report("P(x^2), gelu tanh", *fit_float32(x * x, np.array([tanh_ratio(v) for v in x]), TANH_DEGREE))
     report("R(x^2), gelu tanh derivative",

@@ -5,6 +5,8 @@
 // stores). Compiled once per ISA into namespace FUSEDNN_ISA.
 #include "cpu/activations.h"
 
+#include <type_traits>
+
 #include "cpu/elementwise.h"
 
 namespace fusednn {
@@ -30,8 +32,15 @@ void forward_typed(const ActivationParams& params, const ArrayRef& x, const Arra
         produce(out, len, stream, [&](T* dst, int64_t start, int64_t count) {
           const T* src = in + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
+          if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
+            run_core_blocks(
+                dst, count, Op::kForwardCoreBound, [&](int64_t i) { return src[i]; },
+                [&](int64_t i) { return Op::forward_core_f32(src[i]); },
+                [&](int64_t i) { return Op::template forward<T>(src[i], q); });
+          } else {
 #pragma omp simd
-          for (int64_t i = 0; i < count; ++i) dst[i] = Op::template forward<T>(src[i], q);
+            for (int64_t i = 0; i < count; ++i) dst[i] = Op::template forward<T>(src[i], q);
+          }
         });
       } else {
         for (int64_t i = 0; i < len; ++i)
@@ -74,8 +83,15 @@ void backward_typed(const ActivationParams& params, const ArrayRef& g, const Arr
           const T* gs = grad + start;
           const T* vs = value + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
+          if constexpr (std::is_same_v<T, float> && !kFromOutput && HasBackwardCore<Op>::value) {
+            run_core_blocks(
+                dst, count, Op::kBackwardCoreBound, [&](int64_t i) { return vs[i]; },
+                [&](int64_t i) { return Op::backward_core_f32(gs[i], vs[i]); },
+                [&](int64_t i) { return one(gs[i], vs[i], q); });
+          } else {
 #pragma omp simd
-          for (int64_t i = 0; i < count; ++i) dst[i] = one(gs[i], vs[i], q);
+            for (int64_t i = 0; i < count; ++i) dst[i] = one(gs[i], vs[i], q);
+          }
         });
       } else {
         for (int64_t i = 0; i < len; ++i)

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "fusednn/math.h"
 
@@ -192,19 +193,81 @@ struct GeluErf {
   static constexpr float kInvSqrt2PiHi = 0.3989423f;
   static constexpr float kInvSqrt2PiLo = -1.133517e-08f;
 
-  // Below |x| = 0.75, Phi(x) - 1/2 = x P(x^2) and Phi + x phi = 1/2 + x R(x^2)
-  // from their Taylor series (truncation error below 2e-9 relative), which
-  // round less than the tail form where 1/2 and the tail nearly cancel.
-  static constexpr float kCentral = 0.75f;
-  FUSEDNN_HD static float central_cdf_odd(float sq) {
-    float p = 6.6596937e-07f;
-    p = fmadd(p, sq, -9.444656e-06f);
-    p = fmadd(p, sq, 0.00011543469f);
-    p = fmadd(p, sq, -0.0011873282f);
-    p = fmadd(p, sq, 0.009973557f);
-    p = fmadd(p, sq, -0.06649038f);
-    return fmadd(p, sq, 0.3989423f);
+  // The core range |x| <= 4 holds nearly every input in practice; there
+  // the float32 forms below need no clamps, no 2^64 offset and a Mills
+  // ratio of lower degree, at about half the arithmetic of the full range.
+  static constexpr float kForwardCoreBound = 4.0f;
+  static constexpr float kBackwardCoreBound = 4.0f;
+
+  // M(t) = Phi(-t) e^(t^2/2) = w K(v) (1 + mills_m1) for t in [0, 4], as
+  // math::normal_tail_f32 forms it (w = 8 / (t + 4) carried to twice float
+  // precision), with K fitted on [0, 4] (scripts/fit_normal_tail.py,
+  // relative error 3.5e-8). t + 4 = d + d_lo exactly, as d - 4 is exact.
+  // K(v) - 1/8: the forward adds w / 8, an exact product, in its last
+  // fused multiply-add, so K's own rounding is scaled down by |K - 1/8| / K.
+  static constexpr float kEighth = 0.125f;
+  FUSEDNN_HD static float k_core_minus_eighth(float v) {
+    float k = -0.00074944f;
+    k = fmadd(k, v, -0.0011489496f);
+    k = fmadd(k, v, 0.0074912705f);
+    k = fmadd(k, v, -0.023318006f);
+    k = fmadd(k, v, 0.048393656f);
+    k = fmadd(k, v, -0.07598691f);
+    return fmadd(k, v, 0.09441064f - kEighth);  // exact difference
   }
+  struct MillsCore {
+    float w;
+    float k_minus_eighth;
+    float mills_m1;
+  };
+  FUSEDNN_HD static MillsCore mills_core(float t) {
+    const float d = t + 4.0f;
+    const float d_lo = t - (d - 4.0f);
+    const float inv_d = 1.0f / d;
+    MillsCore m;
+    m.mills_m1 = fmadd(-inv_d, d_lo, fmadd(-inv_d, d, 1.0f));
+    m.w = 8.0f * inv_d;
+    m.k_minus_eighth = k_core_minus_eighth(fmadd(-m.w, m.mills_m1, 1.0f - m.w));
+    return m;
+  }
+
+  // x Phi(x) for |x| <= 4: x Phi(-t) below zero, x - x Phi(-t) above, with
+  // Phi(-t) = e^(-t^2/2) M(t) = scale (1 + m1) w K: the product
+  // w K (1 + m1) = w / 8 + w (K - 1/8 + K m1) rounds once, in the last
+  // fused multiply-add, and K's rounding is scaled down (see
+  // k_core_minus_eighth).
+  FUSEDNN_HD static float forward_core_f32(float x) {
+    const float t = math::magnitude(x);
+    const float sq = t * t;
+    const math::ExpParts gauss = math::exp_neg_half_square_core(sq, fmadd(t, t, -sq));
+    const MillsCore m = mills_core(t);
+    const float m1 = fmadd(gauss.m1, m.mills_m1, gauss.m1 + m.mills_m1);
+    const float k = kEighth + m.k_minus_eighth;
+    const float w_part = fmadd(k, m1, m.k_minus_eighth);
+    const float tail = gauss.scale * fmadd(m.w, w_part, m.w * kEighth);
+    return x <= 0.0f ? x * tail : fmadd(-x, tail, x);  // -0 * tail keeps -0
+  }
+  // Beyond the core: the tail, where Phi(-t) reaches the subnormals, and
+  // the special values.
+  FUSEDNN_HD static float forward_outer_f32(float x) {
+    const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
+    // e^(-t^2/2) M(t) with both factors' corrections in one rounding.
+    const float m1 = fmadd(n.gauss.m1, n.mills_m1, n.gauss.m1 + n.mills_m1);
+    const float mills = n.w * n.k;
+    const float tail_scaled = n.beyond ? 0.0f : n.gauss.scale * fmadd(m1, mills, mills);
+    const float unscale = math::Traits<float>::kExpUnscale;
+    const float below = (x * tail_scaled) * unscale;  // 0 * -inf: NaN, as in PyTorch
+    const float above = fmadd(-x, tail_scaled * unscale, x);
+    return x < 0.0f ? below : (n.beyond ? x : above);
+  }
+  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
+    return abs_(x) <= kForwardCoreBound ? forward_core_f32(x) : forward_outer_f32(x);
+  }
+
+  // Below |x| = 0.75, Phi + x phi = 1/2 + x R(x^2) from its Taylor series
+  // (truncation error below 2e-9 relative). There the exponential form's
+  // difference cancels by up to a factor 2 against M's roundings.
+  static constexpr float kCentral = 0.75f;
   FUSEDNN_HD static float central_slope_odd(float sq) {
     float r = -6.596268e-07f;
     r = fmadd(r, sq, 9.323571e-06f);
@@ -216,36 +279,39 @@ struct GeluErf {
     return fmadd(r, sq, 0.7978846f);
   }
 
-  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
-    const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
-    // e^(-t^2/2) M(t) with both factors' corrections in one rounding.
-    const float m1 = fmadd(n.gauss.m1, n.mills_m1, n.gauss.m1 + n.mills_m1);
-    const float mills = n.w * n.k;
-    const float tail_scaled = n.beyond ? 0.0f : n.gauss.scale * fmadd(m1, mills, mills);
-    const float unscale = math::Traits<float>::kExpUnscale;
-    const float below = (x * tail_scaled) * unscale;  // 0 * -inf: NaN, as in PyTorch
-    const float above = fmadd(-x, tail_scaled * unscale, x);
-    const float sq = x * x;
-    const float central = fmadd(sq, central_cdf_odd(sq), 0.5f * x);  // +0 for -0
-    const float tail = x < 0.0f ? below : (n.beyond ? x : above);
-    return x == 0.0f ? x : (abs_(x) < kCentral ? central : tail);
-  }
   // Phi(x) + x phi(x) = e^(-t^2/2) (M - t / sqrt(2 pi)) below zero and
-  // 1 - e^(-t^2/2) (M - t / sqrt(2 pi)) above: one shared difference.
-  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+  // 1 - e^(-t^2/2) (M - t / sqrt(2 pi)) above: one shared difference, whose
+  // terms cancel around the root near x = -0.75; t / sqrt(2 pi) is an exact
+  // product there, so the difference rounds once.
+  FUSEDNN_HD static float backward_core_f32(float g, float x) {
+    const float t = math::magnitude(x);
+    const float sq = t * t;
+    const math::ExpParts gauss = math::exp_neg_half_square_core(sq, fmadd(t, t, -sq));
+    const MillsCore m = mills_core(t);
+    const float k = kEighth + m.k_minus_eighth;
+    const float minus_mills = fmadd(-m.w, fmadd(k, m.mills_m1, k), t * kInvSqrt2PiLo);
+    const float diff = fmadd(t, kInvSqrt2PiHi, minus_mills);
+    const float gauss_diff = gauss.scale * fmadd(gauss.m1, diff, diff);
+    const float central = g * fmadd(x, central_slope_odd(sq), 0.5f);
+    // g (1 + ...) in one rounding; an infinite g would give inf - inf.
+    const float tail = x < 0.0f ? g * -gauss_diff : math::mul_one_plus(g, gauss_diff);
+    return t < kCentral ? central : tail;
+  }
+  FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
     const float minus_mills = fmadd(-n.w, fmadd(n.k, n.mills_m1, n.k), n.t * kInvSqrt2PiLo);
     const float diff = fmadd(n.t, kInvSqrt2PiHi, minus_mills);
     const float diff_scaled = n.gauss.scale * fmadd(n.gauss.m1, diff, diff);
     const float unscale = math::Traits<float>::kExpUnscale;
     const float below = (g * -diff_scaled) * unscale;
-    // g (1 + ...) in one rounding; an infinite g would give inf - inf.
     const float above = math::mul_one_plus(g, diff_scaled * unscale);
     // Beyond, phi has underflowed: the derivative is 1 or 0 plus x * 0, NaN
     // at the infinities as in PyTorch.
     const float beyond = g * ((x > 0.0f ? 1.0f : 0.0f) + x * 0.0f);
-    const float central = g * fmadd(x, central_slope_odd(x * x), 0.5f);
-    return abs_(x) < kCentral ? central : (n.beyond ? beyond : (x < 0.0f ? below : above));
+    return n.beyond ? beyond : (x < 0.0f ? below : above);
+  }
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+    return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x) : backward_outer_f32(g, x);
   }
 
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
@@ -422,7 +488,20 @@ struct GeluTanh {
 // arithmetic (backward_x_f32); float64's in double.
 struct Silu {
   static constexpr bool kBackwardFromY = false;
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+  // Core ranges: within them e^-|x| and every product with it stay normal,
+  // and below -5 the derivative needs the series of backward_x_f32.
+  static constexpr float kForwardCoreBound = 64.0f;
+  static constexpr float kBackwardCoreBound = 5.0f;
+
+  // x / (1 + e) above zero and x e / (1 + e) below, e = e^-|x| left
+  // unrounded in the product x e. One division serves both signs.
+  FUSEDNN_HD static float forward_core_f32(float x) {
+    const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float numerator = x >= 0.0f ? x : e.scale * fmadd(x, e.m1, x);
+    return numerator / (1.0f + e_rounded);
+  }
+  template <class T> FUSEDNN_HD static T forward_full(T x) {
     using Tr = math::Traits<T>;
     const T scaled = math::exp_scaled_nonpositive(-abs_(x));
     const T e = scaled * Tr::kExpUnscale;
@@ -430,6 +509,26 @@ struct Silu {
     const T ratio = (positive ? x : x * scaled) / (T(1) + e);
     const T y = positive ? ratio : ratio * Tr::kExpUnscale;
     return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
+  }
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x) : forward_full(x);
+    } else {
+      return forward_full(x);
+    }
+  }
+
+  // The derivative as backward_x_f32 forms it inside the core range:
+  // 1 + e (x - q) / q^2 above zero, e (q + x) / q^2 below, q = 1 + e.
+  FUSEDNN_HD static float backward_core_f32(float g, float x) {
+    const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const bool positive = x >= 0.0f;
+    const float numerator = positive ? x - (1.0f + e_rounded) : (1.0f + x) + e_rounded;
+    const float ratio = numerator / math::one_plus_squared(e_rounded);
+    const float above = math::mul_one_plus(g, e_rounded * ratio);
+    const float below = g * (e.scale * fmadd(e.m1, ratio, ratio));
+    return positive ? above : below;
   }
   // Beyond |x| = 64, e^-|x| 2^64 (|x| + 1) < 2^-20: there g times the
   // scaled derivative cannot overflow.
@@ -480,7 +579,7 @@ struct Silu {
   // Below zero the scaled exponential keeps the subnormal tail.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return backward_x_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x) : backward_x_f32(g, x, p);
     } else {
       const double unscale = math::Traits<T>::kExpUnscale;
       const double xd = x;
@@ -726,6 +825,17 @@ struct Hardtanh {
 };
 
 }  // namespace act
+
+// Whether an activation has float32 core evaluations: forward_core_f32(x)
+// (and backward_core_f32(g, x)) equal to forward (backward_x) wherever
+// |x| <= kForwardCoreBound (kBackwardCoreBound), at less arithmetic. A
+// vectorized loop takes them for whole blocks of inputs inside the bound.
+template <class Op, class = void> struct HasForwardCore : std::false_type {};
+template <class Op>
+struct HasForwardCore<Op, std::void_t<decltype(Op::kForwardCoreBound)>> : std::true_type {};
+template <class Op, class = void> struct HasBackwardCore : std::false_type {};
+template <class Op>
+struct HasBackwardCore<Op, std::void_t<decltype(Op::kBackwardCoreBound)>> : std::true_type {};
 
 // Calls fn(Op{}) with the struct for `a`; used by the CPU and CUDA
 // dispatchers so that the list of activations lives in one place.

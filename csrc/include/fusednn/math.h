@@ -63,6 +63,10 @@ template <class T> FUSEDNN_HD bool is_nan(T x) { return x != x; }
 
 template <class T> FUSEDNN_HD T abs_(T x) { return x < T(0) ? -x : x; }  // -0 -> -0 is fine here
 
+// |x| by clearing the sign bit: one instruction where abs_ takes a compare
+// and a select (NaN keeps its payload, -0 becomes +0).
+FUSEDNN_HD float magnitude(float x) { return float_from_bits(bits_of(x) & 0x7fffffffu); }
+
 template <class T> FUSEDNN_HD T copysign_(T magnitude, T sign_source) {
   using Tr = Traits<T>;
   constexpr typename Tr::Bits sign_bit = typename Tr::Bits(1) << (sizeof(T) * 8 - 1);
@@ -179,6 +183,52 @@ FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
   const float p = expm1_reduced(r);
   // (1 + p) e^-lo = 1 + (p - lo - p lo) to within lo^2.
   return {pow2i<float>(k + Tr::kExpScale), fmadd(-p, lo, p - lo)};
+}
+
+// The core-range exponentials below serve the activations' core
+// evaluations (see activations.h), whose arguments keep e^-x far from the
+// subnormals: no 2^64 offset, no clamps, and degree-7 polynomials, whose
+// truncation error (0.347^8 / 8! = 5.3e-9) is far below half an ulp of
+// 1 + m1.
+
+// e^-x for 0 <= x <= 80 as scale * (1 + m1), left unrounded.
+FUSEDNN_HD ExpParts exp_neg_core(float x) {
+  using Tr = Traits<float>;
+  const float shifted = fmadd(x, -1.4426950408889634f, Tr::kRoundShifter);
+  const float kf = shifted - Tr::kRoundShifter;
+  const int32_t k = static_cast<int32_t>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+  const float r = fmadd(kf, -Tr::kLn2Lo, fmadd(kf, -Tr::kLn2Hi, -x));
+  float p = 1.0f / 5040;
+  p = fmadd(p, r, 1.0f / 720);
+  p = fmadd(p, r, 1.0f / 120);
+  p = fmadd(p, r, 1.0f / 24);
+  p = fmadd(p, r, 1.0f / 6);
+  p = fmadd(p, r, 0.5f);
+  p = fmadd(p, r, 1.0f);
+  return {pow2i<float>(k), p * r};
+}
+
+// e^-(sq + sq_lo) / 2 for an exact square sq + sq_lo = t^2, t <= 8, as
+// scale * (1 + m1), left unrounded. The reduced argument is carried
+// doubled, u = 2r = -(sq + sq_lo) - 2k ln2, with e^r - 1 = u P(u),
+// P's coefficients 1 / (2^n n!). -sq - 2k ln2_hi is exact (once k != 0,
+// sq >= 0.69 and both terms are multiples of 2^-24, and the sum is below 1
+// in magnitude), so the only roundings of u are those of the two small
+// corrections.
+FUSEDNN_HD ExpParts exp_neg_half_square_core(float sq, float sq_lo) {
+  using Tr = Traits<float>;
+  const float shifted = fmadd(sq, -0.7213475204444817f, Tr::kRoundShifter);
+  const float kf = shifted - Tr::kRoundShifter;
+  const int32_t k = static_cast<int32_t>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+  const float u = fmadd(kf, -2.0f * Tr::kLn2Lo, fmadd(kf, -2.0f * Tr::kLn2Hi, -sq)) - sq_lo;
+  float p = 1.0f / 645120;
+  p = fmadd(p, u, 1.0f / 46080);
+  p = fmadd(p, u, 1.0f / 3840);
+  p = fmadd(p, u, 1.0f / 384);
+  p = fmadd(p, u, 1.0f / 48);
+  p = fmadd(p, u, 0.125f);
+  p = fmadd(p, u, 0.5f);
+  return {pow2i<float>(k), p * u};
 }
 
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
