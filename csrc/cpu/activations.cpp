@@ -33,10 +33,14 @@ void forward_typed(const ActivationParams& params, const ArrayRef& x, const Arra
           const T* src = in + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
           if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
-            run_core_blocks(
-                dst, count, Op::kForwardCoreBound, [&](int64_t i) { return src[i]; },
-                [&](int64_t i) { return Op::forward_core_f32(src[i]); },
-                [&](int64_t i) { return Op::template forward<T>(src[i], q); });
+            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
+            const auto core = [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+              return Op::forward_core_f32(src[i]);
+            };
+            const auto full = [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+              return Op::template forward<T>(src[i], q);
+            };
+            run_core_blocks(dst, count, Op::kForwardCoreBound, input, core, full);
           } else {
 #pragma omp simd
             for (int64_t i = 0; i < count; ++i) dst[i] = Op::template forward<T>(src[i], q);
@@ -84,10 +88,12 @@ void backward_typed(const ActivationParams& params, const ArrayRef& g, const Arr
           const T* vs = value + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
           if constexpr (std::is_same_v<T, float> && !kFromOutput && HasBackwardCore<Op>::value) {
-            run_core_blocks(
-                dst, count, Op::kBackwardCoreBound, [&](int64_t i) { return vs[i]; },
-                [&](int64_t i) { return Op::backward_core_f32(gs[i], vs[i]); },
-                [&](int64_t i) { return one(gs[i], vs[i], q); });
+            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
+            const auto core = [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+              return Op::backward_core_f32(gs[i], vs[i]);
+            };
+            const auto full = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return one(gs[i], vs[i], q); };
+            run_core_blocks(dst, count, Op::kBackwardCoreBound, input, core, full);
           } else {
 #pragma omp simd
             for (int64_t i = 0; i < count; ++i) dst[i] = one(gs[i], vs[i], q);

@@ -190,6 +190,14 @@ inline void produce(T* y, int64_t len, bool stream, Compute&& compute) {
   }
 }
 
+// For the lambdas handed to run_core_blocks: each is called once per
+// element inside a loop that must vectorize, which it does only once the
+// lambda is inlined, and the compiler's size heuristics may decline that.
+// They capture by value: a scalar reached through a captured reference is
+// a memory load, and a conditional one (keep ? scale : 0) stops the
+// vectorizer.
+#define FUSEDNN_INLINE_LAMBDA __attribute__((always_inline))
+
 // Elements per block that run_core_blocks tests at once.
 constexpr int kCoreBlock = 64;
 
@@ -198,9 +206,11 @@ constexpr int kCoreBlock = 64;
 // core(k) instead: a cheaper evaluation that equals full(k) there, so the
 // blocking decides speed, never bits. Each of the three loops vectorizes;
 // only the choice between them branches.
+// The callables are taken by value, so that once inlined their captures
+// are locals the compiler keeps in registers rather than reloads through a
+// reference that the stores to out might alias.
 template <class T, class Arg, class Core, class Full>
-inline void run_core_blocks(T* out, int64_t count, float bound, Arg&& arg, Core&& core,
-                            Full&& full) {
+inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core, Full full) {
   int64_t i = 0;
   for (; i + kCoreBlock <= count; i += kCoreBlock) {
     int outside = 0;
