@@ -195,6 +195,51 @@ def test_float64_gelu_tail_matches_reference_closely():
                    ulps=8, inputs={"x": x, "grad": g}, what="gelu'")
 
 
+def every_float32(low: float, high: float) -> np.ndarray:
+    """Every float32 value in [low, high], for 0 <= low < high."""
+    first, last = np.array([low, high], dtype=np.float32).view(np.uint32)
+    return np.arange(first, last + 1, dtype=np.uint32).view(np.float32)
+
+
+# Every float32 input, both signs, around the bounds of the core ranges
+# (where a kernel's cheaper float32 evaluation hands over to the full one)
+# and around the gelu forward's worst point (4.2 ulp near -1.834 before its
+# product was rounded once).
+CORE_WINDOWS = [("gelu", [(1.82, 1.87), (3.99, 4.01), (0.74, 0.76)]),
+                ("silu", [(4.99, 5.01), (63.9, 64.1), (1.27, 1.29)])]
+
+
+@pytest.mark.parametrize(("name", "windows"), CORE_WINDOWS, ids=[n for n, _ in CORE_WINDOWS])
+def test_float32_every_input_around_the_core_bounds(name, windows):
+    x = np.concatenate([every_float32(low, high) for low, high in windows])
+    x = np.concatenate([x, -x])
+    check_forward(name, {}, x, fn.activation(name, x))
+    g = grad_for(x)
+    check_backward_x(name, {}, g, x, fn.activation_backward(name, g, x=x))
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_core_blocks_give_the_bits_of_single_elements(name):
+    # Blocks of inputs inside the core range take a cheaper loop; a block
+    # with one input outside evaluates both forms and selects. Either way an
+    # element's bits depend on its input alone.
+    x = random_normals(np.float32, 4096)
+    x = x[np.abs(x) < 3.5]
+    g = grad_for(x)
+    plain = [fn.activation(name, x), fn.activation_backward(name, g, x=x)]
+    spoiled_x = x.copy()
+    spoiled_x[5::64] = 100.0  # every 64th input outside the core
+    spoiled = [fn.activation(name, spoiled_x), fn.activation_backward(name, g, x=spoiled_x)]
+    single = [np.array([fn.activation(name, x[i:i + 1])[0] for i in range(0, x.size, 7)]),
+              np.array([fn.activation_backward(name, g[i:i + 1], x=x[i:i + 1])[0]
+                        for i in range(0, x.size, 7)])]
+    keep = np.ones(x.size, dtype=bool)
+    keep[5::64] = False
+    for whole, mixed, alone in zip(plain, spoiled, single):
+        assert same_bits(whole[keep], mixed[keep])
+        assert same_bits(whole[::7], alone)
+
+
 @pytest.mark.parametrize(("name", "params"), [
     ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.5}),
     ("gelu", {"approximate": "tanh"}), ("softplus", {"beta": 2.5, "threshold": 15.0}),
