@@ -206,7 +206,8 @@ def every_float32(low: float, high: float) -> np.ndarray:
 # and around the gelu forward's worst point (4.2 ulp near -1.834 before its
 # product was rounded once).
 CORE_WINDOWS = [("gelu", [(1.82, 1.87), (3.99, 4.01), (0.74, 0.76)]),
-                ("silu", [(4.99, 5.01), (63.9, 64.1), (1.27, 1.29)])]
+                ("silu", [(4.99, 5.01), (63.9, 64.1), (1.27, 1.29)]),
+                ("sigmoid", [(63.9, 64.1), (4.15, 4.17)])]
 
 
 @pytest.mark.parametrize(("name", "windows"), CORE_WINDOWS, ids=[n for n, _ in CORE_WINDOWS])
@@ -218,7 +219,7 @@ def test_float32_every_input_around_the_core_bounds(name, windows):
     check_backward_x(name, {}, g, x, fn.activation_backward(name, g, x=x))
 
 
-@pytest.mark.parametrize("name", ["gelu", "silu"])
+@pytest.mark.parametrize("name", ["gelu", "silu", "sigmoid"])
 def test_core_blocks_give_the_bits_of_single_elements(name):
     # Blocks of inputs inside the core range take a cheaper loop; a block
     # with one input outside evaluates both forms and selects. Either way an

@@ -87,8 +87,21 @@ constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
 
 struct Sigmoid {
   static constexpr bool kBackwardFromY = true;
+  // Within the core range e^-|x| stays normal: no clamp and no 2^64 offset.
+  static constexpr float kForwardCoreBound = 64.0f;
+  // 1 / (1 + e) above zero, e / (1 + e) below: one division.
+  FUSEDNN_HD static float forward_core_f32(float x) {
+    const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float numerator = x >= 0.0f ? 1.0f : e_rounded;
+    return numerator / (1.0f + e_rounded);
+  }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    return math::sigmoid_(x);
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x) : math::sigmoid_(x);
+    } else {
+      return math::sigmoid_(x);
+    }
   }
   // e / (1 + e)^2 with e = exp(-|x|): symmetric and free of 1 - s; the
   // scaled exponential keeps the subnormal tail accurate.
