@@ -252,7 +252,7 @@ template <class T, class Row>
 void write_channel_rows(const ChannelView& out, int64_t c, bool stream, const Row& row) {
   T* base = const_cast<T*>(reinterpret_cast<const T*>(out.data)) + c * out.stride_channel;
   for (int64_t o = 0; o < out.outer; ++o)
-    produce(base + o * out.stride_outer, out.inner, stream,
+    produce<kWideStageBytes>(base + o * out.stride_outer, out.inner, stream,
             [&](T* dst, int64_t start, int64_t count) { row(dst, o, start, count); });
   if (stream) store_fence();
 }
@@ -322,7 +322,7 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
     const int64_t begin = (chunks - 1 - task) * kPassChunk;
     const int64_t end = std::min(size, begin + kPassChunk);
     const Segment local = segment;
-    produce(out + begin, end - begin, stream, [&](T* dst, int64_t start, int64_t count) {
+    const auto write = [&](T* dst, int64_t start, int64_t count) {
       int64_t pos = begin + start;
       const int64_t stop = pos + count;
       if (inner > 1) {
@@ -347,7 +347,8 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
           j = 0;
         }
       }
-    });
+    };
+    produce<kWideStageBytes>(out + begin, end - begin, stream, write);
     if (stream) store_fence();
   });
 }

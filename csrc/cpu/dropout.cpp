@@ -346,7 +346,7 @@ template <class T> struct DropoutBody {
         apply_bits(x + done, y + done, m, bits, first_bit, scale, stream);
       });
 #else
-      produce(y, len, stream, [&](T* dst, int64_t start, int64_t count) {
+      produce<kWideStageBytes>(y, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           const T* src = x + start + done;
           T* out = dst + done;
@@ -418,7 +418,7 @@ template <class Op, class T> struct BiasActForwardBody {
     pos += len;
     if (inner[0] == 1 && inner[2] == 1 && (inner[1] == 1 || inner[1] == 0)) {
       const bool bias_varies = inner[1] == 1;
-      produce(o, len, stream, [&](T* dst, int64_t start, int64_t count) {
+      produce<kWideStageBytes>(o, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           const T* hs = h + start + done;
           T* out = dst + done;
@@ -467,7 +467,7 @@ template <class Op, class T> struct BiasActBackwardBody {
     pos += len;
     if (inner[0] == 1 && inner[1] == 1 && inner[3] == 1 && (inner[2] == 1 || inner[2] == 0)) {
       const bool bias_varies = inner[2] == 1;
-      produce(gh, len, stream, [&](T* dst, int64_t start, int64_t count) {
+      produce<kWideStageBytes>(gh, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           const T* gs = g + start + done;
           const T* hs = h + start + done;
