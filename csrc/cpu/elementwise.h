@@ -36,10 +36,10 @@ constexpr int kMaxDims = 64;
 constexpr int64_t kGrain = 1 << 16;
 // Outputs at least this large are streamed past the cache.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
-// Size of the cache-resident staging buffer for streamed outputs. Small
-// buffers spread the streaming stores between stretches of arithmetic,
-// where a large one sends them in bursts that stall the core: with 1 KiB
-// the activations and the copy ran 5-30% faster here than with 8 KiB.
+// Size of the cache-resident staging buffer for streamed outputs. With
+// 1 KiB the activations and the copy ran 5-30% faster here than with
+// 8 KiB, likely because small buffers spread the streaming stores between
+// stretches of arithmetic where a large one sends them in bursts.
 constexpr int kStageBytes = 1024;
 // The dropout and batch-norm loops keep 8 KiB (dropout measured slower
 // with 1 KiB; batch norm was not measured either way).
