@@ -212,12 +212,10 @@ struct GeluErf {
   static constexpr float kForwardCoreBound = 4.0f;
   static constexpr float kBackwardCoreBound = 4.0f;
 
-  // M(t) = Phi(-t) e^(t^2/2) = w K(v) (1 + mills_m1) for t in [0, 4], as
-  // math::normal_tail_f32 forms it (w = 8 / (t + 4) carried to twice float
-  // precision), with K fitted on [0, 4] (scripts/fit_normal_tail.py,
-  // relative error 3.5e-8). t + 4 = d + d_lo exactly, as d - 4 is exact.
-  // K(v) - 1/8: the forward adds w / 8, an exact product, in its last
-  // fused multiply-add, so K's own rounding is scaled down by |K - 1/8| / K.
+  // K(v) - 1/8 for the core's Mills ratio (below), K fitted on t in [0, 4]
+  // (scripts/fit_normal_tail.py, relative error 3.5e-8). The forward adds
+  // w / 8, an exact product, in its last fused multiply-add, so K's own
+  // rounding is scaled down by |K - 1/8| / K.
   static constexpr float kEighth = 0.125f;
   FUSEDNN_HD static float k_core_minus_eighth(float v) {
     float k = -0.00074944f;
@@ -228,6 +226,9 @@ struct GeluErf {
     k = fmadd(k, v, -0.07598691f);
     return fmadd(k, v, 0.09441064f - kEighth);  // exact difference
   }
+  // M(t) = Phi(-t) e^(t^2/2) = w K(v) (1 + mills_m1) for t in [0, 4], as
+  // math::normal_tail_f32 forms it (w = 8 / (t + 4) carried to twice float
+  // precision, v = 1 - w); t + 4 = d + d_lo exactly, as d - 4 is exact.
   struct MillsCore {
     float w;
     float k_minus_eighth;
