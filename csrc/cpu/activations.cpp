@@ -5,8 +5,7 @@
 // stores). Compiled once per ISA into namespace FUSEDNN_ISA.
 #include "cpu/activations.h"
 
-#include <type_traits>
-
+#include "cpu/activation_runs.h"
 #include "cpu/elementwise.h"
 
 namespace fusednn {
@@ -32,19 +31,9 @@ void forward_typed(const ActivationParams& params, const ArrayRef& x, const Arra
         produce(out, len, stream, [&](T* dst, int64_t start, int64_t count) {
           const T* src = in + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
-          if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
-            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
-            const auto core = [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
-              return Op::forward_core_f32(src[i]);
-            };
-            const auto full = [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
-              return Op::template forward<T>(src[i], q);
-            };
-            run_core_blocks(dst, count, Op::kForwardCoreBound, input, core, full);
-          } else {
-#pragma omp simd
-            for (int64_t i = 0; i < count; ++i) dst[i] = Op::template forward<T>(src[i], q);
-          }
+          const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
+          const auto as_is = [](int64_t, T y) FUSEDNN_INLINE_LAMBDA { return y; };
+          activation_run<Op>(dst, count, q, input, as_is);
         });
       } else {
         for (int64_t i = 0; i < len; ++i)
@@ -87,16 +76,13 @@ void backward_typed(const ActivationParams& params, const ArrayRef& g, const Arr
           const T* gs = grad + start;
           const T* vs = value + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
-          if constexpr (std::is_same_v<T, float> && !kFromOutput && HasBackwardCore<Op>::value) {
-            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
-            const auto core = [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
-              return Op::backward_core_f32(gs[i], vs[i]);
-            };
-            const auto full = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return one(gs[i], vs[i], q); };
-            run_core_blocks(dst, count, Op::kBackwardCoreBound, input, core, full);
-          } else {
+          if constexpr (kFromOutput) {
 #pragma omp simd
             for (int64_t i = 0; i < count; ++i) dst[i] = one(gs[i], vs[i], q);
+          } else {
+            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
+            const auto grad_at = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return gs[i]; };
+            activation_backward_run<Op>(dst, count, q, input, grad_at);
           }
         });
       } else {

@@ -322,30 +322,26 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
     const int64_t begin = (chunks - 1 - task) * kPassChunk;
     const int64_t end = std::min(size, begin + kPassChunk);
     const Segment local = segment;
+    // Runs end at multiples of `run`: rows of one channel, or whole
+    // periods of the coefficient arrays.
+    const int64_t run = inner > 1 ? inner : period;
     const auto write = [&](T* dst, int64_t start, int64_t count) {
       int64_t pos = begin + start;
       const int64_t stop = pos + count;
-      if (inner > 1) {
-        const int64_t row = pos / inner;
-        int64_t column = pos - row * inner;
-        int64_t c = row % channels;
-        while (pos < stop) {
-          const int64_t len = std::min(inner - column, stop - pos);
+      const int64_t first_run = pos / run;
+      int64_t offset = pos - first_run * run;
+      int64_t c = first_run % channels;
+      while (pos < stop) {
+        const int64_t len = std::min(run - offset, stop - pos);
+        if (inner > 1) {
           local.broadcast(dst, pos, len, c);
-          pos += len;
-          dst += len;
-          column = 0;
-          if (++c == channels) c = 0;
+        } else {
+          local.across(dst, pos, len, offset);
         }
-      } else {
-        int64_t j = pos % period;
-        while (pos < stop) {
-          const int64_t len = std::min(period - j, stop - pos);
-          local.across(dst, pos, len, j);
-          pos += len;
-          dst += len;
-          j = 0;
-        }
+        pos += len;
+        dst += len;
+        offset = 0;
+        if (++c == channels) c = 0;
       }
     };
     produce<kWideStageBytes>(out + begin, end - begin, stream, write);

@@ -18,6 +18,7 @@
 #define FUSEDNN_DROPOUT_AVX512 1
 #endif
 
+#include "cpu/activation_runs.h"
 #include "cpu/elementwise.h"
 #include "fusednn/philox.h"
 
@@ -368,41 +369,6 @@ template <class T> struct DropoutBody {
   }
 };
 
-// out[k] = act(z(k)) * kept(k) over a contiguous run, with the
-// activation's core evaluation for blocks inside its core range.
-template <class Op, class T, class Input, class Kept>
-void bias_act_run(T* out, int64_t m, const ActivationParams q, Input z, Kept kept) {
-  if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
-    const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::forward_core_f32(z(k)) * kept(k);
-    };
-    const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::template forward<T>(z(k), q) * kept(k);
-    };
-    run_core_blocks(out, m, Op::kForwardCoreBound, z, core, full);
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < m; ++k) out[k] = Op::template forward<T>(z(k), q) * kept(k);
-  }
-}
-
-// out[k] = dy(k) act'(z(k)) over a contiguous run, likewise.
-template <class Op, class T, class Input, class Grad>
-void bias_act_backward_run(T* out, int64_t m, const ActivationParams q, Input z, Grad dy) {
-  if constexpr (std::is_same_v<T, float> && HasBackwardCore<Op>::value) {
-    const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::backward_core_f32(dy(k), z(k));
-    };
-    const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::template backward_x<T>(dy(k), z(k), q);
-    };
-    run_core_blocks(out, m, Op::kBackwardCoreBound, z, core, full);
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < m; ++k) out[k] = Op::template backward_x<T>(dy(k), z(k), q);
-  }
-}
-
 template <class Op, class T> struct BiasActForwardBody {
   KeepCursor cursor;
   int64_t pos;
@@ -424,15 +390,17 @@ template <class Op, class T> struct BiasActForwardBody {
           T* out = dst + done;
           const T s = scale;
           const ActivationParams q = params;  // by value: the vectorizer needs it in registers
-          const auto kept = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return keep[k] ? s : T(0); };
+          const auto kept = [=](int64_t k, T y) FUSEDNN_INLINE_LAMBDA {
+            return y * (keep[k] ? s : T(0));
+          };
           if (bias_varies) {
             const T* bs = b + start + done;
             const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
-            bias_act_run<Op>(out, m, q, z, kept);
+            activation_run<Op>(out, m, q, z, kept);
           } else {
             const T bv = *b;
             const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bv; };
-            bias_act_run<Op>(out, m, q, z, kept);
+            activation_run<Op>(out, m, q, z, kept);
           }
         });
       });
@@ -480,11 +448,11 @@ template <class Op, class T> struct BiasActBackwardBody {
           if (bias_varies) {
             const T* bs = b + start + done;
             const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
-            bias_act_backward_run<Op>(out, m, q, z, dy);
+            activation_backward_run<Op>(out, m, q, z, dy);
           } else {
             const T bv = *b;
             const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bv; };
-            bias_act_backward_run<Op>(out, m, q, z, dy);
+            activation_backward_run<Op>(out, m, q, z, dy);
           }
         });
       });

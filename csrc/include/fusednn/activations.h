@@ -212,7 +212,7 @@ struct GeluErf {
   static constexpr float kForwardCoreBound = 4.0f;
   static constexpr float kBackwardCoreBound = 4.0f;
 
-  // K(v) - 1/8 for the core's Mills ratio (below), K fitted on t in [0, 4]
+  // K(v) - 1/8 for the core's Mills ratio (core_terms), K fitted on t in [0, 4]
   // (scripts/fit_normal_tail.py, relative error 3.5e-8). The forward adds
   // w / 8, an exact product, in its last fused multiply-add, so K's own
   // rounding is scaled down by |K - 1/8| / K.
@@ -226,23 +226,34 @@ struct GeluErf {
     k = fmadd(k, v, -0.07598691f);
     return fmadd(k, v, 0.09441064f - kEighth);  // exact difference
   }
-  // M(t) = Phi(-t) e^(t^2/2) = w K(v) (1 + mills_m1) for t in [0, 4], as
-  // math::normal_tail_f32 forms it (w = 8 / (t + 4) carried to twice float
-  // precision, v = 1 - w); t + 4 = d + d_lo exactly, as d - 4 is exact.
-  struct MillsCore {
+  // What the core forward and derivative share: t = |x|, t^2 and
+  // e^(-t^2/2) = scale (1 + m1) from t^2 as an exact pair, and the Mills
+  // ratio M(t) = Phi(-t) e^(t^2/2) = w K(v) (1 + mills_m1) for t in [0, 4],
+  // as math::normal_tail_f32 forms it (w = 8 / (t + 4) carried to twice
+  // float precision, v = 1 - w); t + 4 = d + d_lo exactly, as d - 4 is
+  // exact.
+  struct CoreTerms {
+    float t;
+    float sq;
+    math::ExpParts gauss;
     float w;
+    float k;
     float k_minus_eighth;
     float mills_m1;
   };
-  FUSEDNN_HD static MillsCore mills_core(float t) {
-    const float d = t + 4.0f;
-    const float d_lo = t - (d - 4.0f);
+  FUSEDNN_HD static CoreTerms core_terms(float x) {
+    CoreTerms c;
+    c.t = math::magnitude(x);
+    c.sq = c.t * c.t;
+    c.gauss = math::exp_neg_half_square_core(c.sq, fmadd(c.t, c.t, -c.sq));
+    const float d = c.t + 4.0f;
+    const float d_lo = c.t - (d - 4.0f);
     const float inv_d = 1.0f / d;
-    MillsCore m;
-    m.mills_m1 = fmadd(-inv_d, d_lo, fmadd(-inv_d, d, 1.0f));
-    m.w = 8.0f * inv_d;
-    m.k_minus_eighth = k_core_minus_eighth(fmadd(-m.w, m.mills_m1, 1.0f - m.w));
-    return m;
+    c.mills_m1 = fmadd(-inv_d, d_lo, fmadd(-inv_d, d, 1.0f));
+    c.w = 8.0f * inv_d;
+    c.k_minus_eighth = k_core_minus_eighth(fmadd(-c.w, c.mills_m1, 1.0f - c.w));
+    c.k = kEighth + c.k_minus_eighth;
+    return c;
   }
 
   // x Phi(x) for |x| <= 4: x Phi(-t) below zero, x - x Phi(-t) above, with
@@ -251,14 +262,10 @@ struct GeluErf {
   // fused multiply-add, and K's rounding is scaled down (see
   // k_core_minus_eighth).
   FUSEDNN_HD static float forward_core_f32(float x) {
-    const float t = math::magnitude(x);
-    const float sq = t * t;
-    const math::ExpParts gauss = math::exp_neg_half_square_core(sq, fmadd(t, t, -sq));
-    const MillsCore m = mills_core(t);
-    const float m1 = fmadd(gauss.m1, m.mills_m1, gauss.m1 + m.mills_m1);
-    const float k = kEighth + m.k_minus_eighth;
-    const float w_part = fmadd(k, m1, m.k_minus_eighth);
-    const float tail = gauss.scale * fmadd(m.w, w_part, m.w * kEighth);
+    const CoreTerms c = core_terms(x);
+    const float m1 = fmadd(c.gauss.m1, c.mills_m1, c.gauss.m1 + c.mills_m1);
+    const float w_part = fmadd(c.k, m1, c.k_minus_eighth);
+    const float tail = c.gauss.scale * fmadd(c.w, w_part, c.w * kEighth);
     return x <= 0.0f ? x * tail : fmadd(-x, tail, x);  // -0 * tail keeps -0
   }
   // Beyond the core: the tail, where Phi(-t) reaches the subnormals, and
@@ -298,18 +305,14 @@ struct GeluErf {
   // terms cancel around the root near x = -0.75; t / sqrt(2 pi) is an exact
   // product there, so the difference rounds once.
   FUSEDNN_HD static float backward_core_f32(float g, float x) {
-    const float t = math::magnitude(x);
-    const float sq = t * t;
-    const math::ExpParts gauss = math::exp_neg_half_square_core(sq, fmadd(t, t, -sq));
-    const MillsCore m = mills_core(t);
-    const float k = kEighth + m.k_minus_eighth;
-    const float minus_mills = fmadd(-m.w, fmadd(k, m.mills_m1, k), t * kInvSqrt2PiLo);
-    const float diff = fmadd(t, kInvSqrt2PiHi, minus_mills);
-    const float gauss_diff = gauss.scale * fmadd(gauss.m1, diff, diff);
-    const float central = g * fmadd(x, central_slope_odd(sq), 0.5f);
+    const CoreTerms c = core_terms(x);
+    const float minus_mills = fmadd(-c.w, fmadd(c.k, c.mills_m1, c.k), c.t * kInvSqrt2PiLo);
+    const float diff = fmadd(c.t, kInvSqrt2PiHi, minus_mills);
+    const float gauss_diff = c.gauss.scale * fmadd(c.gauss.m1, diff, diff);
+    const float central = g * fmadd(x, central_slope_odd(c.sq), 0.5f);
     // g (1 + ...) in one rounding; an infinite g would give inf - inf.
     const float tail = x < 0.0f ? g * -gauss_diff : math::mul_one_plus(g, gauss_diff);
-    return t < kCentral ? central : tail;
+    return c.t < kCentral ? central : tail;
   }
   FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));

@@ -80,15 +80,21 @@ template <class T> FUSEDNN_HD T pow2i(typename Traits<T>::SBits k) {
   return from_bits<T>(static_cast<Bits>(k + Tr::kExponentBias) << Tr::kMantissaBits);
 }
 
+// The integer n that `shifted` = n + kRoundShifter (a sum already rounded
+// to T) holds in its low bits: sets kf = n as a T and returns n.
+template <class T>
+FUSEDNN_HD typename Traits<T>::SBits unshift(T shifted, T& kf) {
+  using Tr = Traits<T>;
+  kf = shifted - Tr::kRoundShifter;
+  return static_cast<typename Tr::SBits>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+}
+
 // Cody-Waite reduction x = k ln2 + r with |r| <= ln2/2 (plus rounding);
 // returns r and sets k.
 template <class T>
 FUSEDNN_HD T reduce_ln2(T x, T& kf, typename Traits<T>::SBits& k) {
   using Tr = Traits<T>;
-  using SBits = typename Tr::SBits;
-  const T shifted = x * T(1.4426950408889634) + Tr::kRoundShifter;
-  kf = shifted - Tr::kRoundShifter;
-  k = static_cast<SBits>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+  k = unshift(x * T(1.4426950408889634) + Tr::kRoundShifter, kf);
   T r = fmadd(kf, -Tr::kLn2Hi, x);
   return fmadd(kf, -Tr::kLn2Lo, r);
 }
@@ -194,9 +200,8 @@ FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
 // e^-x for 0 <= x <= 80 as scale * (1 + m1), left unrounded.
 FUSEDNN_HD ExpParts exp_neg_core(float x) {
   using Tr = Traits<float>;
-  const float shifted = fmadd(x, -1.4426950408889634f, Tr::kRoundShifter);
-  const float kf = shifted - Tr::kRoundShifter;
-  const int32_t k = static_cast<int32_t>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+  float kf;
+  const int32_t k = unshift(fmadd(x, -1.4426950408889634f, Tr::kRoundShifter), kf);
   const float r = fmadd(kf, -Tr::kLn2Lo, fmadd(kf, -Tr::kLn2Hi, -x));
   float p = 1.0f / 5040;
   p = fmadd(p, r, 1.0f / 720);
@@ -217,9 +222,8 @@ FUSEDNN_HD ExpParts exp_neg_core(float x) {
 // corrections.
 FUSEDNN_HD ExpParts exp_neg_half_square_core(float sq, float sq_lo) {
   using Tr = Traits<float>;
-  const float shifted = fmadd(sq, -0.7213475204444817f, Tr::kRoundShifter);
-  const float kf = shifted - Tr::kRoundShifter;
-  const int32_t k = static_cast<int32_t>(bits_of(shifted) - bits_of(Tr::kRoundShifter));
+  float kf;
+  const int32_t k = unshift(fmadd(sq, -0.7213475204444817f, Tr::kRoundShifter), kf);
   const float u = fmadd(kf, -2.0f * Tr::kLn2Lo, fmadd(kf, -2.0f * Tr::kLn2Hi, -sq)) - sq_lo;
   float p = 1.0f / 645120;
   p = fmadd(p, u, 1.0f / 46080);
