@@ -15,7 +15,9 @@
 // so both give the same bits.
 //
 // Determinism: the reductions are split into units that depend on the
-// shape alone, each unit sums its elements in a fixed lane order in double,
+// shape alone, each unit sums its elements in a fixed lane order in double
+// (channels-last units: in the data type over kPartialRows rows at a time,
+// those partial sums then in double),
 // and the units of a channel are merged in index order. The thread count
 // only decides who computes a unit, and every ISA build assigns the same
 // elements to the same lanes, so the statistics have the same bits for any
@@ -43,6 +45,9 @@ namespace {
 constexpr int64_t kUnitElements = int64_t(1) << 16;
 // Channels per channels-last unit: their accumulators stay in L1.
 constexpr int64_t kChannelBlock = 256;
+// Rows a channels-last unit sums in the data type before adding the
+// partial sums into its double sums (StatisticsSums::add_partial).
+constexpr int64_t kPartialRows = 16;
 // Independent accumulators per unit (inner > 1): a fixed number, so that the
 // summation order does not follow the vector width.
 constexpr int kLanes = 16;
@@ -208,6 +213,8 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
     const T* xc = x + c0 * xv.stride_channel;
     const T* gc = g + c0 * gv.stride_channel;
     alignas(64) double center[kChannelBlock];
+    alignas(64) T center_hi[kChannelBlock];
+    alignas(64) T center_lo[kChannelBlock];
     alignas(64) double s1[kChannelBlock] = {};
     alignas(64) double s2[kChannelBlock] = {};
     for (int64_t k = 0; k < count; ++k) {
@@ -216,16 +223,33 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
                                      : median_of_three(xk + o0 * xv.stride_outer,
                                                        xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
                                                        xk + (o1 - 1) * xv.stride_outer);
+      center_hi[k] = static_cast<T>(center[k]);
+      center_lo[k] = static_cast<T>(center[k] - static_cast<double>(center_hi[k]));
     }
-    for (int64_t o = o0; o < o1; ++o) {
-      const T* xr = xc + o * xv.stride_outer;
-      const T* gr = gc + o * gv.stride_outer;
-      if (xv.stride_channel == 1 && gv.stride_channel == 1) {
+    const bool contiguous = xv.stride_channel == 1 && gv.stride_channel == 1;
+    for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
+      const int64_t row_end = std::min(o1, row_block + kPartialRows);
+      alignas(64) T p1[kChannelBlock];
+      alignas(64) T p2[kChannelBlock];
+      std::fill_n(p1, count, T(0));
+      std::fill_n(p2, count, T(0));
+      for (int64_t o = row_block; o < row_end; ++o) {
+        const T* xr = xc + o * xv.stride_outer;
+        const T* gr = gc + o * gv.stride_outer;
+        if (contiguous) {
 #pragma omp simd
-        for (int64_t k = 0; k < count; ++k) Sums::add(s1[k], s2[k], xr[k], gr[k], center[k]);
-      } else {
-        for (int64_t k = 0; k < count; ++k)
-          Sums::add(s1[k], s2[k], xr[k * xv.stride_channel], gr[k * gv.stride_channel], center[k]);
+          for (int64_t k = 0; k < count; ++k)
+            Sums::add_partial(p1[k], p2[k], xr[k], gr[k], center_hi[k], center_lo[k]);
+        } else {
+          for (int64_t k = 0; k < count; ++k)
+            Sums::add_partial(p1[k], p2[k], xr[k * xv.stride_channel], gr[k * gv.stride_channel],
+                              center_hi[k], center_lo[k]);
+        }
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k) {
+        s1[k] += static_cast<double>(p1[k]);
+        s2[k] += static_cast<double>(p2[k]);
       }
     }
     for (int64_t k = 0; k < count; ++k)
