@@ -329,6 +329,53 @@ template <class T> std::vector<T> repeated(const T* v, int64_t channels, int64_t
 // Elements per task of the elementwise passes (a multiple of 64).
 constexpr int64_t kPassChunk = int64_t(1) << 15;
 
+// Streams outputs [begin, end) of map_contiguous a line at a time from
+// registers: segment.line(pos, coefficient) gives the line of outputs at
+// flat index pos, coefficient(array) the line of a coefficient array's
+// entries for those outputs. Lines hold one channel's entries broadcast
+// (inner > 1; a line that crosses into the next channel splits, which
+// needs inner >= a line) or consecutive entries of the coefficient arrays
+// (inner == 1; they are `period` long plus one line of their repetition,
+// so a line never wraps). The unaligned head and the partial tail go
+// through write(dst, start, count).
+template <class T, class Segment, class Write>
+inline void stream_lines(T* out, int64_t begin, int64_t end, int64_t channels, int64_t inner,
+                         int64_t period, const Segment& segment, const Write& write) {
+  constexpr int64_t kLine = kLineElems<T>;
+  const int64_t head = elements_to_line(out + begin, end - begin);
+  write(out + begin, 0, head);
+  int64_t pos = begin + head;
+  const int64_t lines = (end - pos) / kLine;
+  if (inner == 1) {
+    int64_t j = pos % period;
+    for (int64_t l = 0; l < lines; ++l, pos += kLine) {
+      stream_line(out + pos, segment.line(pos, [j](const T* a) { return load_line(a + j); }));
+      j += kLine;
+      if (j >= period) j -= period;
+    }
+  } else {
+    int64_t c = pos / inner % channels;
+    int64_t offset = pos % inner;
+    for (int64_t l = 0; l < lines; ++l, pos += kLine) {
+      const int64_t room = inner - offset;
+      const int64_t next = c + 1 == channels ? 0 : c + 1;
+      if (room >= kLine) {
+        stream_line(out + pos, segment.line(pos, [c](const T* a) { return broadcast_line(a[c]); }));
+      } else {
+        stream_line(out + pos, segment.line(pos, [room, c, next](const T* a) {
+          return split_line(room, a[c], a[next]);
+        }));
+      }
+      offset += kLine;
+      if (offset >= inner) {
+        offset -= inner;
+        c = next;
+      }
+    }
+  }
+  write(out + pos, pos - begin, end - pos);
+}
+
 // Produces the contiguous output `out` (size elements, laid out like the
 // contiguous input) in chunks handed out from the end of the array
 // backwards: the reduction before the pass read the end last, so the first
@@ -368,14 +415,19 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
         if (++c == channels) c = 0;
       }
     };
-    produce<kWideStageBytes>(out + begin, end - begin, stream, write);
+    if (stream && (inner == 1 || inner >= kLineElems<T>)) {
+      stream_lines(out, begin, end, channels, inner, period, local, write);
+    } else {
+      produce<kWideStageBytes>(out + begin, end - begin, stream, write);
+    }
     if (stream) store_fence();
   });
 }
 
 // map_contiguous for a pass over all of v's contiguous array. Channels-last
 // runs read seg's coefficient arrays (Segment::coefficients()) along the
-// run, so those are repeated to coefficient_period entries first.
+// run, so those are repeated to coefficient_period entries first, plus one
+// line for stream_lines.
 template <class T, class Segment>
 void map_contiguous_pass(T* out, const ChannelView& v, Segment seg) {
   const int64_t size = v.outer * v.channels * v.inner;
@@ -387,7 +439,7 @@ void map_contiguous_pass(T* out, const ChannelView& v, Segment seg) {
   const auto members = Segment::coefficients();
   std::array<std::vector<T>, std::tuple_size<decltype(members)>::value> copies;
   for (size_t i = 0; i < members.size(); ++i) {
-    copies[i] = repeated(seg.*members[i], v.channels, period);
+    copies[i] = repeated(seg.*members[i], v.channels, period + kLineElems<T>);
     seg.*members[i] = copies[i].data();
   }
   map_contiguous(out, size, v.channels, 1, period, seg);
@@ -421,6 +473,11 @@ template <class T> struct NormalizeSegment {
     for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi, lo, s, b);
   }
   void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
+  // See stream_lines.
+  template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
+    return normalize(load_line(x + pos), coefficient(mean_hi), coefficient(mean_lo),
+                     coefficient(scale), coefficient(shift));
+  }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* src = x + pos;
     const T* hi = mean_hi + j;
@@ -489,6 +546,11 @@ template <class T> struct InputGradSegment {
   }
   void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
     row(dst, dy + pos, x + pos, len, c);
+  }
+  // See stream_lines.
+  template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
+    return input_grad(load_line(dy + pos), load_line(x + pos), coefficient(mean_hi),
+                      coefficient(mean_lo), coefficient(a), coefficient(e), coefficient(k));
   }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* g = dy + pos;

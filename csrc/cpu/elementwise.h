@@ -174,6 +174,61 @@ inline void store_fence() {
 #endif
 }
 
+// One 64-byte line of T as a GCC generic vector, for loops that write whole
+// lines straight from registers: the math headers' arithmetic templates take
+// it as their T, and each ISA build lowers it to one zmm, two ymm or four
+// xmm registers. Streaming a line from registers avoids the staging copy of
+// produce() and spreads the stores among the loads and arithmetic: the
+// channels-last batch-norm normalization of 51 MB went from 3.9 to 3.15 ms
+// (a copy of the same bytes: 2.4 ms).
+template <class T> struct LineOf {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <class T> using Line = typename LineOf<T>::type;
+template <class T> constexpr int64_t kLineElems = 64 / int64_t(sizeof(T));
+
+template <class T> inline Line<T> load_line(const T* p) {
+  Line<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class T> inline Line<T> broadcast_line(T value) {
+  Line<T> v;
+  for (int64_t k = 0; k < kLineElems<T>; ++k) v[k] = value;
+  return v;
+}
+
+// Lanes [0, split) from `low`, the others from `high`.
+template <class T> inline Line<T> split_line(int64_t split, T low, T high) {
+  Line<T> v;
+  for (int64_t k = 0; k < kLineElems<T>; ++k) v[k] = k < split ? low : high;
+  return v;
+}
+
+// Writes a line to 64-byte-aligned dst, past the cache where the ISA has
+// non-temporal stores.
+template <class T> inline void stream_line(T* dst, Line<T> v) {
+#if defined(__AVX512F__)
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), reinterpret_cast<__m512i&>(v));
+#elif defined(__AVX__)
+  __m256i* d = reinterpret_cast<__m256i*>(dst);
+  _mm256_stream_si256(d, reinterpret_cast<const __m256i*>(&v)[0]);
+  _mm256_stream_si256(d + 1, reinterpret_cast<const __m256i*>(&v)[1]);
+#elif defined(__SSE2__)
+  __m128i* d = reinterpret_cast<__m128i*>(dst);
+  for (int k = 0; k < 4; ++k) _mm_stream_si128(d + k, reinterpret_cast<const __m128i*>(&v)[k]);
+#else
+  std::memcpy(dst, &v, sizeof v);
+#endif
+}
+
+// Elements from p to the next 64-byte boundary, at most len.
+template <class T> inline int64_t elements_to_line(const T* p, int64_t len) {
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 63);
+  return std::min<int64_t>(len, ((64 - misalignment) & 63) / int64_t(sizeof(T)));
+}
+
 // Produces len contiguous outputs at y. compute(dst, start, count) writes
 // outputs [start, start + count) to dst. With stream set, outputs go
 // through a cache-resident buffer and are streamed out in 64-byte-aligned
@@ -185,8 +240,7 @@ inline void produce(T* y, int64_t len, bool stream, Compute&& compute) {
     return;
   }
   constexpr int64_t kBlock = kStage / sizeof(T);
-  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) & 63);
-  const int64_t head = std::min<int64_t>(len, ((64 - misalignment) & 63) / int64_t(sizeof(T)));
+  const int64_t head = elements_to_line(y, len);
   if (head > 0) compute(y, 0, head);
   alignas(64) T stage[kBlock];
   for (int64_t i = head; i < len; i += kBlock) {
