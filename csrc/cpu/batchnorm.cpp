@@ -333,11 +333,11 @@ constexpr int64_t kPassChunk = int64_t(1) << 15;
 // registers: segment.line(pos, coefficient) gives the line of outputs at
 // flat index pos, coefficient(array) the line of a coefficient array's
 // entries for those outputs. Lines hold one channel's entries broadcast
-// (inner > 1; a line that crosses into the next channel splits, which
-// needs inner >= a line) or consecutive entries of the coefficient arrays
-// (inner == 1; they are `period` long plus one line of their repetition,
-// so a line never wraps). The unaligned head and the partial tail go
-// through write(dst, start, count).
+// (inner > 1) or consecutive entries of the coefficient arrays (inner ==
+// 1; they are `period` long plus one line of their repetition, so a line
+// never wraps). The unaligned head, the partial tail and (inner > 1) the
+// lines that cross into the next channel go through write(dst, start,
+// count) with ordinary stores.
 template <class T, class Segment, class Write>
 inline void stream_lines(T* out, int64_t begin, int64_t end, int64_t channels, int64_t inner,
                          int64_t period, const Segment& segment, const Write& write) {
@@ -357,19 +357,15 @@ inline void stream_lines(T* out, int64_t begin, int64_t end, int64_t channels, i
     int64_t c = pos / inner % channels;
     int64_t offset = pos % inner;
     for (int64_t l = 0; l < lines; ++l, pos += kLine) {
-      const int64_t room = inner - offset;
-      const int64_t next = c + 1 == channels ? 0 : c + 1;
-      if (room >= kLine) {
+      if (inner - offset >= kLine) {
         stream_line(out + pos, segment.line(pos, [c](const T* a) { return broadcast_line(a[c]); }));
       } else {
-        stream_line(out + pos, segment.line(pos, [room, c, next](const T* a) {
-          return split_line(room, a[c], a[next]);
-        }));
+        write(out + pos, pos - begin, kLine);
       }
       offset += kLine;
       if (offset >= inner) {
         offset -= inner;
-        c = next;
+        c = c + 1 == channels ? 0 : c + 1;
       }
     }
   }

@@ -193,18 +193,10 @@ template <class T> inline Line<T> load_line(const T* p) {
   return v;
 }
 
-template <class T> inline Line<T> broadcast_line(T value) {
-  Line<T> v;
-  for (int64_t k = 0; k < kLineElems<T>; ++k) v[k] = value;
-  return v;
-}
-
-// Lanes [0, split) from `low`, the others from `high`.
-template <class T> inline Line<T> split_line(int64_t split, T low, T high) {
-  Line<T> v;
-  for (int64_t k = 0; k < kLineElems<T>; ++k) v[k] = k < split ? low : high;
-  return v;
-}
+// value in every lane. value - 0 is value bit for bit (-0 included), and
+// compilers fold it into a broadcast; a lane-by-lane fill compiled to one
+// masked broadcast per lane.
+template <class T> inline Line<T> broadcast_line(T value) { return value - Line<T>{}; }
 
 // Writes a line to 64-byte-aligned dst, past the cache where the ISA has
 // non-temporal stores.
