@@ -249,6 +249,38 @@ def test_cached_and_two_pass_loops_give_the_same_bits(shape, dtype, restore_sett
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
+# Outputs of 16 MiB and more are streamed a 64-byte line at a time from
+# registers; rows of 45 x 45 make lines cross channel boundaries, and 24
+# channels make channels-last lines run past the end of the repeated
+# coefficients.
+STREAMED = [((70, 32, 45, 45), 1), ((12_000, 15, 24), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", STREAMED)
+def test_streamed_lines_give_the_bits_of_the_strided_loop(shape, axis):
+    x, gamma, beta = _data(shape, axis, np.float32)
+    assert x.nbytes >= 16 << 20
+    dy = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    channels = shape[axis]
+    running_mean = np.linspace(-1, 1, channels).astype(np.float32)
+    running_var = np.linspace(0.5, 2, channels).astype(np.float32)
+    # Contiguous outputs one element past a 64-byte boundary (an unaligned
+    # head), and strided outputs, which the elementwise loop writes.
+    flat = np.empty(x.size + 16, np.float32)
+    contiguous = flat[1 : x.size + 1].reshape(shape)
+    strided = np.empty((*shape, 2), np.float32)[..., 0]
+    for training in (False, True):
+        for out in (contiguous, strided):
+            fn.batch_norm(x, gamma, beta, running_mean.copy(), running_var.copy(),
+                          training=training, axis=axis, out=out)
+        np.testing.assert_array_equal(contiguous.view(np.uint32), strided.view(np.uint32))
+    stats = fn.batch_norm(x, gamma, beta, axis=axis)
+    for out in (contiguous, strided):
+        fn.batch_norm_backward(dy, x, gamma, stats.save_mean, stats.save_invstd, axis=axis,
+                               out=out)
+    np.testing.assert_array_equal(contiguous.view(np.uint32), strided.view(np.uint32))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_is_written_and_returned(dtype):
     x, gamma, beta = _data((4, 3, 5, 5), 1, dtype)
