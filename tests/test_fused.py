@@ -195,6 +195,43 @@ def test_reference_gradients_match_finite_differences(act, params):
     np.testing.assert_allclose(grad_bias, numeric_bias, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("target", ["fresh", "grad_output", "h", "overlapping"])
+def test_backward_out(target):
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((7, 9)).astype(np.float32)
+    bias = rng.standard_normal(9).astype(np.float32)
+    h = base[:6].copy()
+    g = rng.standard_normal((6, 9)).astype(np.float32)
+    want_h, want_bias = fn.bias_act_dropout_backward(g, h, bias, "gelu", 0.3, seed=5)
+    if target == "fresh":
+        out = np.full(h.shape, np.nan, np.float32)
+    elif target == "grad_output":
+        out = g
+    elif target == "h":
+        out = h
+    else:
+        h = base[:6]
+        out = base[1:]
+    grad_h, grad_bias = fn.bias_act_dropout_backward(g, h, bias, "gelu", 0.3, seed=5, out=out)
+    assert grad_h is out
+    np.testing.assert_array_equal(grad_h, want_h)
+    np.testing.assert_array_equal(grad_bias, want_bias)
+
+
+def test_bad_backward_out_raises_and_writes_nothing():
+    h = np.ones((4, 5), np.float32)
+    bias = np.ones(5, np.float32)
+    read_only = np.full((4, 5), 42.0, np.float32)
+    read_only.flags.writeable = False
+    strided = np.full((4, 5, 2), 42.0, np.float32)[..., 0]
+    for out in (np.full((4, 6), 42.0, np.float32), np.full((4, 5), 42.0, np.float64),
+                read_only, strided, [[0.0] * 5] * 4):
+        with pytest.raises(ValueError):
+            fn.bias_act_dropout_backward(h, h, bias, "relu", 0.5, seed=1, out=out)
+        if isinstance(out, np.ndarray):
+            assert np.all(out == 42.0)
+
+
 # ---- bad input ----------------------------------------------------------------
 
 def test_bad_bias_axis_and_activation():

@@ -1027,7 +1027,7 @@ def _dropout_runners(kernel: DropoutKernel, direction: str, plan: Plan,
         else:
             runners = Runners(
                 ours=lambda: bias_act_dropout_backward(
-                    g, h, arrays.bias, name, DROPOUT_P, **stream, **params),
+                    g, h, arrays.bias, name, DROPOUT_P, out=o, **stream, **params),
                 reference=lambda: reference.bias_act_dropout_backward(
                     g_host, h_host, bias_host, name, DROPOUT_P, **stream, **params),
                 reference_elements=rows * arrays.shape[1])

@@ -306,14 +306,24 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
     return (out, mask) if return_mask else out
 
 
+def _check_contiguous_out(out, function: str):
+    if not out.flags.c_contiguous:
+        raise ValueError(f"fusednn.{function}: out must be C-contiguous (grad_bias is reduced "
+                         "from it); pass a contiguous array, or none")
+
+
 def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=None, offset=0,
-                              axis=-1, **act_params):
+                              axis=-1, out=None, **act_params):
     """Gradients of ``bias_act_dropout``: returns ``(grad_h, grad_bias)``
     with ``grad_h = grad_output * mask / (1 - p) * act'(h + bias)`` and
     ``grad_bias`` its sum over every axis but ``axis``, accumulated in
     double in an order fixed by the shape (the same bits for any thread
     count, and on the GPU on every run). Give the forward's packed mask, or
-    the (seed, offset) that drew it.
+    the (seed, offset) that drew it. ``out``, a C-contiguous array of h's
+    shape and dtype on h's device (``grad_output`` or ``h`` itself
+    included), receives grad_h and is returned as it; a new array
+    otherwise. grad_bias is reduced from grad_h as written, hence the
+    layout.
     """
     function = "bias_act_dropout_backward"
     act_id, (a, b, tanh_approx) = _activation_args(act, act_params, function)
@@ -328,7 +338,11 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
         bias = _cuda_bias(bias, h, axis, function)
         mask, seed, offset = _mask_or_seed(mask, seed, offset, h.size, function, like=h)
         target = _backend.cuda_target(h)
-        grad_h = cupy.empty(h.shape, dtype=h.dtype)
+        grad_h = _backend.prepare_cuda_out(out, h, function)
+        _check_contiguous_out(grad_h, function)
+        grad_output = _backend.detach_from_cuda_out(grad_output, grad_h)
+        h = _backend.detach_from_cuda_out(h, grad_h)
+        bias = _backend.detach_from_cuda_out(bias, grad_h)
         _cuda.bias_act_dropout_backward(act_id, _backend.cuda_operand(grad_output),
                                         _backend.cuda_operand(h), _backend.cuda_operand(bias),
                                         axis, _backend.cuda_operand(grad_h), a, b, tanh_approx,
@@ -346,7 +360,11 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     axis = _check_axis(axis, h.ndim, function)
     bias_view = _bias_view(bias, h, axis, function)
     mask, seed, offset = _mask_or_seed(mask, seed, offset, h.size, function)
-    grad_h = np.empty(h.shape, dtype=h.dtype)
+    grad_h = _backend.prepare_out(out, h.shape, h.dtype, function)
+    _check_contiguous_out(grad_h, function)
+    grad_output = _backend.detach_from_out(grad_output, grad_h)
+    h = _backend.detach_from_out(h, grad_h)
+    bias_view = _backend.detach_from_out(bias_view, grad_h)
     _cpu.bias_act_dropout_backward(act_id, grad_output, h, bias_view, grad_h, a, b, tanh_approx,
                                    p, mask, seed, offset)
     grad_bias = np.empty(h.shape[axis], dtype=h.dtype)

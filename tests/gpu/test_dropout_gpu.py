@@ -500,3 +500,21 @@ def test_fused_bad_input_writes_nothing():
     with pytest.raises(ValueError, match="same shape"):
         fn.bias_act_dropout_backward(cp.ones((4, 6), cp.float32), h, cp.ones(5, cp.float32),
                                      "relu", 0.5, seed=1)
+
+
+def test_fused_backward_out():
+    rng = np.random.default_rng(12)
+    h = cp.asarray(rng.standard_normal((40, 33)).astype(np.float32))
+    g = cp.asarray(rng.standard_normal((40, 33)).astype(np.float32))
+    bias = cp.asarray(rng.standard_normal(33).astype(np.float32))
+    want_h, want_bias = fn.bias_act_dropout_backward(g, h, bias, "silu", 0.2, seed=4)
+    out = cp.full((40, 33), np.nan, dtype=cp.float32)
+    grad_h, grad_bias = fn.bias_act_dropout_backward(g, h, bias, "silu", 0.2, seed=4, out=out)
+    assert grad_h is out
+    assert same_bits(cp.asnumpy(grad_h), cp.asnumpy(want_h))
+    assert same_bits(cp.asnumpy(grad_bias), cp.asnumpy(want_bias))
+    in_place, _ = fn.bias_act_dropout_backward(g, h, bias, "silu", 0.2, seed=4, out=g)
+    assert in_place is g and same_bits(cp.asnumpy(g), cp.asnumpy(want_h))
+    strided = cp.zeros((40, 33, 2), dtype=cp.float32)[..., 0]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fn.bias_act_dropout_backward(h, h, bias, "silu", 0.2, seed=4, out=strided)
