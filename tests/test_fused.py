@@ -2,6 +2,8 @@
 against the float64 reference for every activation, the reference's
 gradients against finite differences, the same mask as dropout, grad_bias
 identical for every thread count and SIMD path, and bad input."""
+import math
+
 import numpy as np
 import pytest
 
@@ -149,7 +151,8 @@ def test_zero_size_and_in_place():
 def test_grad_bias_same_bits_for_every_thread_count_and_simd_path():
     rng = np.random.default_rng(10)
     cases = [(rng.standard_normal((3000, 100)).astype(np.float32), -1),
-             (rng.standard_normal((40, 16, 30, 30)).astype(np.float32), 1)]
+             (rng.standard_normal((40, 16, 30, 30)).astype(np.float32), 1),
+             (rng.standard_normal((2001, 37)), -1)]
     threads_before, simd_before = fn.get_num_threads(), _cpu.simd()
     results = []
     try:
@@ -167,6 +170,29 @@ def test_grad_bias_same_bits_for_every_thread_count_and_simd_path():
         for (gh0, gb0), (gh1, gb1) in zip(results[0], other):
             np.testing.assert_array_equal(gh0, gh1)
             np.testing.assert_array_equal(gb0, gb1)
+
+
+@pytest.mark.parametrize("shape", [(2001, 37), (300, 4, 130), (50, 3, 64), (7, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_bias_summed_during_the_pass_equals_the_separate_reduction(shape, dtype):
+    # Along the last axis of contiguous arrays grad_bias is summed from
+    # grad_h as it is produced; a strided bias takes the second pass over
+    # grad_h. Both use the same row groups and orders.
+    rng = np.random.default_rng(sum(shape))
+    h = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(shape[-1]).astype(dtype)
+    spaced = np.zeros(2 * shape[-1], dtype)
+    spaced[::2] = bias
+    during = fn.bias_act_dropout_backward(g, h, bias, "silu", 0.4, seed=11, offset=3)
+    separate = fn.bias_act_dropout_backward(g, h, spaced[::2], "silu", 0.4, seed=11, offset=3)
+    for a, b in zip(during, separate):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    # Sums in double: within rounding of the exact sums.
+    rows = during[0].astype(np.float64).reshape(-1, shape[-1])
+    exact = np.array([math.fsum(column) for column in rows.T])
+    bound = np.finfo(dtype).eps * np.abs(exact) + 64 * 2.0**-53 * np.abs(rows).sum(axis=0)
+    assert np.all(np.abs(during[1] - exact) <= bound)
 
 
 @pytest.mark.parametrize("act,params", [("tanh", {}), ("gelu", {}), ("silu", {}),

@@ -109,44 +109,39 @@ void bind_dropout(py::module_& m) {
   m.def(
       "bias_act_dropout_backward",
       [](int id, const py::array& g, const py::array& h, const py::array& bias,
-         const py::array& grad_h, double a, double b, bool tanh_approx, double p,
-         const py::object& mask, uint64_t seed, uint64_t offset) {
+         const py::array& grad_h, int axis, const py::array& grad_bias, double a, double b,
+         bool tanh_approx, double p, const py::object& mask, uint64_t seed, uint64_t offset) {
         const Activation act = activation_from_id(id);
         const ArrayView gv(g, false, "grad_output");
         const ArrayView hv(h, false, "h");
         const ArrayView bv(bias, false, "bias");
         const ArrayView ov(grad_h, true, "grad_h");
+        const ArrayView sv(grad_bias, true, "grad_bias");
         require_same(gv, hv, "bias_act_dropout_backward");
         require_same(gv, bv, "bias_act_dropout_backward");
         require_same(gv, ov, "bias_act_dropout_backward");
+        if (!(grad_h.flags() & py::array::c_style))
+          throw py::value_error("bias_act_dropout_backward: grad_h must be C-contiguous");
+        if (axis < 0 || axis >= grad_h.ndim())
+          throw py::value_error("bias_act_dropout_backward: bad axis");
+        if (gv.dtype() != sv.dtype() || grad_bias.ndim() != 1 ||
+            grad_bias.shape(0) != grad_h.shape(axis))
+          throw py::value_error("bias_act_dropout_backward: grad_bias must be 1-d, of grad_h's "
+                                "dtype and length grad_h.shape[axis]");
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
         const ActivationParams params = make_activation_params(a, b, tanh_approx);
         py::gil_scoped_release release;
         FUSEDNN_ISA_SELECT(bias_act_dropout_backward)(act, params, spec, gv.ref(), hv.ref(),
-                                                      bv.ref(), ov.ref());
+                                                      bv.ref(), ov.ref(), axis, sv.ref());
       },
+      "grad_h = grad_output * keep * scale * act'(h + bias) and grad_bias, its sum over every "
+      "axis but `axis` (grad_h C-contiguous).",
       py::arg("activation"), py::arg("grad_output").noconvert(), py::arg("h").noconvert(),
-      py::arg("bias").noconvert(), py::arg("grad_h").noconvert(), py::arg("a"), py::arg("b"),
+      py::arg("bias").noconvert(), py::arg("grad_h").noconvert(), py::arg("axis"),
+      py::arg("grad_bias").noconvert(), py::arg("a"), py::arg("b"),
       py::arg("tanh_approximation"), py::arg("p"), py::arg("mask"), py::arg("seed"),
       py::arg("offset"));
-
-  m.def(
-      "bias_grad",
-      [](const py::array& grad_h, int axis, const py::array& grad_bias) {
-        const ArrayView gv(grad_h, false, "grad_h");
-        const ArrayView bv(grad_bias, true, "grad_bias");
-        if (!(grad_h.flags() & py::array::c_style))
-          throw py::value_error("bias_grad: grad_h must be C-contiguous");
-        if (axis < 0 || axis >= grad_h.ndim()) throw py::value_error("bias_grad: bad axis");
-        if (gv.dtype() != bv.dtype() || grad_bias.ndim() != 1 ||
-            grad_bias.shape(0) != grad_h.shape(axis))
-          throw py::value_error("bias_grad: grad_bias must be 1-d, of grad_h's dtype and length "
-                                "grad_h.shape[axis]");
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(bias_grad)(gv.ref(), axis, bv.ref());
-      },
-      py::arg("grad_h").noconvert(), py::arg("axis"), py::arg("grad_bias").noconvert());
 
   m.def(
       "philox4x32_10",

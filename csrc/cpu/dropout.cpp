@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -20,6 +21,7 @@
 
 #include "cpu/activation_runs.h"
 #include "cpu/elementwise.h"
+#include "fusednn/channel_layout.h"
 #include "fusednn/philox.h"
 
 // Mask words are uint64 views of the packed mask bytes, which puts element
@@ -330,6 +332,10 @@ void apply_bits(const T* x, T* y, int64_t n, const uint8_t* bits, int64_t first_
 
 template <class T> bool streams(int64_t size) { return size * int64_t(sizeof(T)) >= kStreamBytes; }
 
+bool is_c_contiguous(const ArrayRef& a) {
+  return is_contiguous_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype));
+}
+
 template <class T> struct DropoutBody {
   KeepCursor cursor;
   int64_t pos;
@@ -419,12 +425,47 @@ template <class Op, class T> struct BiasActForwardBody {
   }
 };
 
+// sums[(first + k) % channels] += v[k] for k in [0, m), in double.
+template <class T>
+inline void add_to_channels(double* sums, const T* v, int64_t m, int64_t first, int64_t channels) {
+  int64_t c = first % channels;
+  for (int64_t k = 0; k < m;) {
+    const int64_t run = std::min(channels - c, m - k);
+    double* s = sums + c;
+    const T* x = v + k;
+#pragma omp simd
+    for (int64_t j = 0; j < run; ++j) s[j] += static_cast<double>(x[j]);
+    k += run;
+    c = 0;
+  }
+}
+
+// The first row of grad_bias row group `group` of `groups` over `outer`
+// rows. With one value per channel per row (inner == 1) group starts are
+// rounded down to rows that start on a multiple of kSliceAlign elements,
+// so that the fused backward can draw each group's keep bits on its own;
+// the separate reduction takes the same groups, so both give the same
+// bits.
+inline int64_t bias_group_row(int64_t outer, int64_t channels, int64_t inner, int64_t group,
+                              int64_t groups) {
+  if (group >= groups) return outer;
+  const int64_t row = outer * group / groups;
+  if (inner != 1) return row;
+  const int64_t row_align = kSliceAlign / std::gcd(channels, kSliceAlign);
+  return row / row_align * row_align;
+}
+
 template <class Op, class T> struct BiasActBackwardBody {
   KeepCursor cursor;
   int64_t pos;
   T scale;
   bool stream;
   ActivationParams params;
+  // With bias_sums set (grad_h C-contiguous, bias along its last axis),
+  // each grad_h value is also added to bias_sums[flat index % channels] as
+  // it is produced, in increasing flat order.
+  double* bias_sums = nullptr;
+  int64_t channels = 1;
 
   void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
     const T* g = reinterpret_cast<const T*>(ptr[0]);
@@ -454,6 +495,7 @@ template <class Op, class T> struct BiasActBackwardBody {
             const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bv; };
             activation_backward_run<Op>(out, m, q, z, dy);
           }
+          if (bias_sums != nullptr) add_to_channels(bias_sums, out, m, at + start + done, channels);
         });
       });
     } else {
@@ -498,22 +540,6 @@ void bias_act_forward_typed(const ActivationParams& params, const DropoutSpec& s
   });
 }
 
-template <class Op, class T>
-void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& spec,
-                             const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
-                             const ArrayRef& gh) {
-  const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
-  const int sizes[4] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
-  const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
-  char* base[4] = {static_cast<char*>(g.data), static_cast<char*>(h.data),
-                   static_cast<char*>(bias.data), static_cast<char*>(gh.data)};
-  const bool stream = streams<T>(loop.size);
-  run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
-    return BiasActBackwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
-                                      params};
-  });
-}
-
 // Sum of n contiguous values in 8 interleaved double accumulators combined
 // pairwise: the same operations in the same order on every ISA.
 template <class T> double lane_sum(const T* x, int64_t n) {
@@ -526,22 +552,38 @@ template <class T> double lane_sum(const T* x, int64_t n) {
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
+// grad_bias[c] = the groups' sums of channel c added in group order, rounded
+// once to T. partial holds `groups` rows of `channels` sums.
+template <class T>
+void store_channel_sums(std::vector<double>& partial, int64_t groups, int64_t channels,
+                        const ArrayRef& grad_bias) {
+  T* out = static_cast<T*>(grad_bias.data);
+  const int64_t out_stride = grad_bias.ndim > 0 ? grad_bias.strides[0] / int64_t(sizeof(T)) : 1;
+  for (int64_t group = 1; group < groups; ++group) {
+    const double* acc = partial.data() + group * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) partial[c] += acc[c];
+  }
+  for (int64_t c = 0; c < channels; ++c) out[c * out_stride] = static_cast<T>(partial[c]);
+}
+
+// grad_bias[c] = sum of grad_h over every axis but `axis`, in a fixed order
+// that does not depend on the thread count or the ISA; grad_h is
+// C-contiguous.
 template <class T> void bias_grad_typed(const ArrayRef& grad_h, int axis, const ArrayRef& grad_bias) {
   int64_t outer = 1, inner = 1;
   for (int d = 0; d < axis; ++d) outer *= grad_h.shape[d];
   for (int d = axis + 1; d < grad_h.ndim; ++d) inner *= grad_h.shape[d];
   const int64_t channels = grad_h.shape[axis];
   const T* g = static_cast<const T*>(grad_h.data);
-  T* out = static_cast<T*>(grad_bias.data);
-  const int64_t out_stride = grad_bias.ndim > 0 ? grad_bias.strides[0] / int64_t(sizeof(T)) : 1;
   if (channels == 0) return;
   const int64_t groups = std::max<int64_t>(1, std::min(outer, kBiasGroups));
   std::vector<double> partial(static_cast<size_t>(groups * channels), 0.0);
   if (inner > 0) {
     parallel_for(groups, [&](int64_t group) {
       double* acc = partial.data() + group * channels;
-      const int64_t first = outer * group / groups;
-      const int64_t last = outer * (group + 1) / groups;
+      const int64_t first = bias_group_row(outer, channels, inner, group, groups);
+      const int64_t last = bias_group_row(outer, channels, inner, group + 1, groups);
       for (int64_t o = first; o < last; ++o) {
         const T* rows = g + o * channels * inner;
         if (inner == 1) {
@@ -553,12 +595,48 @@ template <class T> void bias_grad_typed(const ArrayRef& grad_h, int axis, const 
       }
     });
   }
-  for (int64_t group = 1; group < groups; ++group) {
-    const double* acc = partial.data() + group * channels;
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) partial[c] += acc[c];
+  store_channel_sums<T>(partial, groups, channels, grad_bias);
+}
+
+template <class Op, class T>
+void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& spec,
+                             const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
+                             const ArrayRef& gh, int axis, const ArrayRef& grad_bias) {
+  const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
+  const int sizes[4] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
+  char* base[4] = {static_cast<char*>(g.data), static_cast<char*>(h.data),
+                   static_cast<char*>(bias.data), static_cast<char*>(gh.data)};
+  const bool stream = streams<T>(loop.size);
+  const int64_t channels = gh.shape[axis];
+  const int64_t item = int64_t(sizeof(T));
+  // Bias along the last axis of contiguous arrays: grad_bias is summed
+  // from each stage of grad_h while it is in cache, one task per row group
+  // of bias_grad_typed, instead of in a second pass over grad_h.
+  const bool fused_sums = axis == gh.ndim - 1 && channels > 0 && loop.size > 0 &&
+                          is_c_contiguous(g) && is_c_contiguous(h) && is_c_contiguous(gh) &&
+                          bias.strides[axis] == item;
+  if (!fused_sums) {
+    run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+      return BiasActBackwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale),
+                                        stream, params};
+    });
+    bias_grad_typed<T>(gh, axis, grad_bias);
+    return;
   }
-  for (int64_t c = 0; c < channels; ++c) out[c * out_stride] = static_cast<T>(partial[c]);
+  const int64_t outer = loop.size / channels;
+  const int64_t groups = std::max<int64_t>(1, std::min(outer, kBiasGroups));
+  std::vector<double> partial(static_cast<size_t>(groups * channels), 0.0);
+  parallel_for(groups, [&](int64_t group) {
+    const int64_t begin = bias_group_row(outer, channels, 1, group, groups) * channels;
+    const int64_t end = bias_group_row(outer, channels, 1, group + 1, groups) * channels;
+    if (begin == end) return;
+    BiasActBackwardBody<Op, T> body{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
+                                    params, partial.data() + group * channels, channels};
+    loop.walk(base, sizes, begin, end, body);
+    body.finish();
+  });
+  store_channel_sums<T>(partial, groups, channels, grad_bias);
 }
 
 }  // namespace
@@ -596,23 +674,16 @@ void bias_act_dropout_forward(Activation act, const ActivationParams& p, const D
 
 void bias_act_dropout_backward(Activation act, const ActivationParams& p, const DropoutSpec& spec,
                                const ArrayRef& grad_output, const ArrayRef& h,
-                               const ArrayRef& bias, const ArrayRef& grad_h) {
+                               const ArrayRef& bias, const ArrayRef& grad_h, int axis,
+                               const ArrayRef& grad_bias) {
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
     if (h.dtype == DType::float64) {
-      bias_act_backward_typed<Op, double>(p, spec, grad_output, h, bias, grad_h);
+      bias_act_backward_typed<Op, double>(p, spec, grad_output, h, bias, grad_h, axis, grad_bias);
     } else {
-      bias_act_backward_typed<Op, float>(p, spec, grad_output, h, bias, grad_h);
+      bias_act_backward_typed<Op, float>(p, spec, grad_output, h, bias, grad_h, axis, grad_bias);
     }
   });
-}
-
-void bias_grad(const ArrayRef& grad_h, int axis, const ArrayRef& grad_bias) {
-  if (grad_h.dtype == DType::float64) {
-    bias_grad_typed<double>(grad_h, axis, grad_bias);
-  } else {
-    bias_grad_typed<float>(grad_h, axis, grad_bias);
-  }
 }
 
 }  // namespace FUSEDNN_ISA

@@ -39,14 +39,14 @@ struct DropoutSpec {
   void bias_act_dropout_forward(::fusednn::Activation act, const ::fusednn::ActivationParams& p, \
                                 const DropoutSpec& spec, const ArrayRef& h,                    \
                                 const ArrayRef& bias, const ArrayRef& out);                    \
-  /* grad_h = grad_output * keep_i * scale * act'(h + bias). */                               \
+  /* grad_h = grad_output * keep_i * scale * act'(h + bias), and                             \
+     grad_bias[c] = sum of grad_h over every axis but `axis`, in a fixed                      \
+     order that does not depend on the thread count or the ISA; grad_h is                      \
+     C-contiguous. */                                                                          \
   void bias_act_dropout_backward(::fusednn::Activation act,                                    \
                                  const ::fusednn::ActivationParams& p, const DropoutSpec& spec, \
                                  const ArrayRef& grad_output, const ArrayRef& h,               \
-                                 const ArrayRef& bias, const ArrayRef& grad_h);                \
-  /* grad_bias[c] = sum of grad_h over every axis but `axis`, in a fixed                      \
-     order that does not depend on the thread count or the ISA; grad_h is                      \
-     C-contiguous. */                                                                          \
-  void bias_grad(const ArrayRef& grad_h, int axis, const ArrayRef& grad_bias);
+                                 const ArrayRef& bias, const ArrayRef& grad_h, int axis,       \
+                                 const ArrayRef& grad_bias);
 
 FUSEDNN_DECLARE_FOR_EACH_ISA(FUSEDNN_DROPOUT_DECLS)

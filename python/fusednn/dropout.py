@@ -365,9 +365,8 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     grad_output = _backend.detach_from_out(grad_output, grad_h)
     h = _backend.detach_from_out(h, grad_h)
     bias_view = _backend.detach_from_out(bias_view, grad_h)
-    _cpu.bias_act_dropout_backward(act_id, grad_output, h, bias_view, grad_h, a, b, tanh_approx,
-                                   p, mask, seed, offset)
     grad_bias = np.empty(h.shape[axis], dtype=h.dtype)
-    _cpu.bias_grad(grad_h, axis, grad_bias)
+    _cpu.bias_act_dropout_backward(act_id, grad_output, h, bias_view, grad_h, axis, grad_bias, a,
+                                   b, tanh_approx, p, mask, seed, offset)
     return grad_h, grad_bias
 
