@@ -172,7 +172,8 @@ def test_grad_bias_same_bits_for_every_thread_count_and_simd_path():
             np.testing.assert_array_equal(gb0, gb1)
 
 
-@pytest.mark.parametrize("shape", [(2001, 37), (300, 4, 130), (50, 3, 64), (7, 5)])
+@pytest.mark.parametrize("shape", [(2001, 37), (300, 4, 130), (50, 3, 64), (7, 5), (300, 1),
+                                   (6, 70, 1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grad_bias_summed_during_the_pass_equals_the_separate_reduction(shape, dtype):
     # Along the last axis of contiguous arrays grad_bias is summed from

@@ -612,7 +612,10 @@ void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& 
   const int64_t item = int64_t(sizeof(T));
   // Bias along the last axis of contiguous arrays: grad_bias is summed
   // from each stage of grad_h while it is in cache, one task per row group
-  // of bias_grad_typed, instead of in a second pass over grad_h.
+  // of bias_grad_typed, instead of in a second pass over grad_h. The
+  // loop's innermost run is then the channel axis, unit-stride in every
+  // operand (or, with one channel, a broadcast bias), so the body always
+  // takes its vector branch, the one that adds to bias_sums.
   const bool fused_sums = axis == gh.ndim - 1 && channels > 0 && loop.size > 0 &&
                           is_c_contiguous(g) && is_c_contiguous(h) && is_c_contiguous(gh) &&
                           bias.strides[axis] == item;
