@@ -130,6 +130,29 @@ def test_same_bits_for_every_thread_count(restore_threads):
                                                                   offset=2**33))
 
 
+@pytest.mark.parametrize("n", [3 * 2**16 + 77, 2**22 + 77])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_outputs_at_any_alignment_over_many_chunks(n, dtype, shift):
+    # Large slices draw the next chunk's keep bits between pieces of the
+    # current one, with pieces cut where the output's 64-byte lines start;
+    # 2^22 + 77 elements also stream their outputs past the cache. The mask
+    # alone (fn.dropout_mask, checked against the reference above) comes
+    # from the plain chunk loop.
+    x = np.random.default_rng(6).standard_normal(n).astype(dtype)
+    mask_alone = fn.dropout_mask(n, 0.35, seed=12, offset=2**40 + 8)
+    keep = np.unpackbits(mask_alone, bitorder="little")[:n].astype(bool)
+    expected = np.where(keep, x * dtype(1 / 0.65), dtype(0))
+    buffer = np.empty(n + 8, dtype)
+    out = buffer[shift:shift + n]
+    y, mask = fn.dropout(x, 0.35, seed=12, offset=2**40 + 8, return_mask=True, out=out)
+    assert y is out
+    np.testing.assert_array_equal(mask, mask_alone)
+    np.testing.assert_array_equal(y, expected)
+    grad = fn.dropout_backward(x, 0.35, seed=12, offset=2**40 + 8, out=buffer[shift:shift + n])
+    np.testing.assert_array_equal(grad, expected)
+
+
 def test_same_bits_for_every_simd_path(restore_simd):
     rng = np.random.default_rng(4)
     x = rng.standard_normal(3 * 2**16 + 5).astype(np.float32)
