@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "fusednn/channel_layout.h"
+
 namespace fusednn {
 namespace cpu {
 
@@ -19,6 +21,12 @@ struct ArrayRef {
   const int64_t* shape;
   const int64_t* strides;  // bytes, each a multiple of the item size
 };
+
+// Whether a's elements are laid out in C order with no gaps. Static, like
+// the layout helpers it uses: the per-ISA builds each keep their own copy.
+static inline bool is_contiguous(const ArrayRef& a) {
+  return is_contiguous_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype));
+}
 
 }  // namespace cpu
 }  // namespace fusednn

@@ -81,10 +81,6 @@ bool has_channel_view(const ArrayRef& a, int axis) {
          merge_extent(a.shape, a.strides, item, axis + 1, a.ndim, size, stride);
 }
 
-bool is_contiguous(const ArrayRef& a) {
-  return is_contiguous_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype));
-}
-
 double load(const ArrayRef& a, int64_t i) {
   const char* p = static_cast<const char*>(a.data) + i * a.strides[0];
   return a.dtype == DType::float64 ? *reinterpret_cast<const double*>(p)

@@ -21,7 +21,6 @@
 
 #include "cpu/activation_runs.h"
 #include "cpu/elementwise.h"
-#include "fusednn/channel_layout.h"
 #include "fusednn/philox.h"
 
 // Mask words are uint64 views of the packed mask bytes, which puts element
@@ -178,28 +177,20 @@ class KeepCursor {
       const int64_t chunk_end = chunk_begin + count;
       const int64_t next_count = std::min(kChunk, end_ - chunk_end);
       const int64_t next_groups = (next_count + kOverlapPiece - 1) / kOverlapPiece;
-      const uint64_t next_block = static_cast<uint64_t>(chunk_end) / philox::kLanes;
       int64_t drawn = 0;
-      const auto draw_next = [&] {
-        if (drawn == next_groups) return;
-        uint64_t* words = next + 2 * drawn;
-        if (spec_.threshold == 0) {
-          words[0] = words[1] = 0;
-        } else {
-          draw_words_128(stream_, next_block + 32 * drawn, words);
-        }
-        ++drawn;
-      };
       for (int64_t at = chunk_begin; at < chunk_end;) {
         const int64_t since_phase = at - begin_ - phase;
         const int64_t cut = since_phase < 0 ? begin_ + phase
                                             : at + kOverlapPiece - since_phase % kOverlapPiece;
         const int64_t m = std::min(chunk_end, cut) - at;
-        draw_next();
+        if (drawn < next_groups) {
+          draw_groups(next, chunk_end, drawn, drawn + 1);
+          ++drawn;
+        }
         fn(reinterpret_cast<const uint8_t*>(current), at - chunk_begin, at - begin_, m);
         at += m;
       }
-      while (drawn < next_groups) draw_next();
+      draw_groups(next, chunk_end, drawn, next_groups);
       if (spec_.mask_out != nullptr) store_mask(current, chunk_begin, count);
       std::swap(current, next);
       chunk_begin = chunk_end;
@@ -245,10 +236,10 @@ class KeepCursor {
       std::memset(words_, 0, sizeof words_);
       return;
     }
-    const uint64_t first_block = static_cast<uint64_t>(chunk_begin_) / philox::kLanes;
 #if defined(FUSEDNN_DROPOUT_AVX512)
-    for (int64_t q = 0; q < words; q += 2) draw_words_128(stream_, first_block + 16 * q, words_ + q);
+    draw_groups(words_, chunk_begin_, 0, (words + 1) / 2);
 #else
+    const uint64_t first_block = static_cast<uint64_t>(chunk_begin_) / philox::kLanes;
     // One Philox block per iteration, four decisions as a nibble; the loop
     // vectorizes across blocks. The 64-bit block number in 32-bit halves,
     // carrying by hand, keeps it in 32-bit lanes.
@@ -275,6 +266,21 @@ class KeepCursor {
     }
 #endif
   }
+
+#if defined(FUSEDNN_DROPOUT_AVX512)
+  // The keep bits of elements [chunk_begin + 128 g, chunk_begin + 128 g +
+  // 128) for groups g in [from, to), as words[2 g] and words[2 g + 1].
+  void draw_groups(uint64_t* words, int64_t chunk_begin, int64_t from, int64_t to) {
+    const uint64_t first_block = static_cast<uint64_t>(chunk_begin) / philox::kLanes;
+    for (int64_t g = from; g < to; ++g) {
+      if (spec_.threshold == 0) {
+        words[2 * g] = words[2 * g + 1] = 0;
+      } else {
+        draw_words_128(stream_, first_block + 32 * static_cast<uint64_t>(g), words + 2 * g);
+      }
+    }
+  }
+#endif
 
   // Writes the chunk's mask bytes; bits past the end of the array stay 0.
   void store_mask(int64_t count) { store_mask(words_, chunk_begin_, count); }
@@ -395,10 +401,6 @@ void apply_bits(const T* x, T* y, int64_t n, const uint8_t* bits, int64_t first_
 #endif
 
 template <class T> bool streams(int64_t size) { return size * int64_t(sizeof(T)) >= kStreamBytes; }
-
-bool is_c_contiguous(const ArrayRef& a) {
-  return is_contiguous_layout(a.shape, a.strides, a.ndim, itemsize(a.dtype));
-}
 
 template <class T> struct DropoutBody {
   KeepCursor cursor;
@@ -686,7 +688,7 @@ void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& 
   // operand (or, with one channel, a broadcast bias), so the body always
   // takes its vector branch, the one that adds to bias_sums.
   const bool fused_sums = axis == gh.ndim - 1 && channels > 0 && loop.size > 0 &&
-                          is_c_contiguous(g) && is_c_contiguous(h) && is_c_contiguous(gh) &&
+                          is_contiguous(g) && is_contiguous(h) && is_contiguous(gh) &&
                           bias.strides[axis] == item;
   if (!fused_sums) {
     run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {

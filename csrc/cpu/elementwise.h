@@ -41,8 +41,9 @@ constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // 8 KiB, likely because small buffers spread the streaming stores between
 // stretches of arithmetic where a large one sends them in bursts.
 constexpr int kStageBytes = 1024;
-// The dropout and batch-norm loops keep 8 KiB (dropout measured slower
-// with 1 KiB; batch norm was not measured either way).
+// The dropout and batch-norm loops keep 8 KiB: both measured slower with
+// 1 KiB (batch norm's large two-pass outputs stream lines instead, see
+// Line below).
 constexpr int kWideStageBytes = 8192;
 
 template <int N> struct StridedLoop {
