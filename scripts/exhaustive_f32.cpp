@@ -10,7 +10,9 @@
 // repository root:
 //   g++ -std=c++17 -O2 -ffp-contract=off -fno-math-errno -fopenmp -mfma \
 //       -Icsrc/include scripts/exhaustive_f32.cpp -o /tmp/exhaustive_f32
-//   /tmp/exhaustive_f32 gelu 20        # kernels: gelu gelu_b silu silu_b sigmoid
+//   /tmp/exhaustive_f32 gelu 20
+// Kernels: gelu gelu_b gelu_tanh silu silu_b sigmoid tanh elu selu softplus
+// softplus_b.
 // A kernel takes one to two minutes on two cores for |x| <= 20.
 #include <algorithm>
 #include <cmath>
@@ -44,6 +46,9 @@ struct Evaluation {
 
 bool evaluate(const std::string& kernel, float x, Evaluation& e) {
   const ActivationParams p{};
+  // PyTorch's defaults: elu alpha = 1, softplus beta = 1 and threshold = 20.
+  static const ActivationParams unit_alpha = fusednn::make_activation_params(1.0, 0.0, false);
+  static const ActivationParams softplus = fusednn::make_activation_params(1.0, 20.0, false);
   const double xd = x;
   if (kernel == "gelu") {
     e = {act::GeluErf::forward<float>(x, p), xd * normal_cdf(xd), 0.0};
@@ -59,6 +64,22 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
          std::max(std::fabs(s), std::fabs(slope))};
   } else if (kernel == "sigmoid") {
     e = {act::Sigmoid::forward<float>(x, p), logistic(xd), 0.0};
+  } else if (kernel == "gelu_tanh") {
+    const double u = act::GeluTanh::kSqrt2OverPi * (xd + act::GeluTanh::kCubic * xd * xd * xd);
+    e = {act::GeluTanh::forward<float>(x, p), xd * logistic(2.0 * u), 0.0};  // 1 + tanh(u) would cancel
+  } else if (kernel == "tanh") {
+    e = {act::Tanh::forward<float>(x, p), std::tanh(xd), 0.0};
+  } else if (kernel == "elu") {
+    e = {act::Elu::forward<float>(x, unit_alpha), xd > 0 ? xd : std::expm1(xd), 0.0};
+  } else if (kernel == "selu") {
+    const double y = xd > 0 ? xd : fusednn::act::kSeluAlpha * std::expm1(xd);
+    e = {act::Selu::forward<float>(x, p), fusednn::act::kSeluScale * y, 0.0};
+  } else if (kernel == "softplus") {
+    e = {act::SoftplusUnitBeta::forward<float>(x, softplus),
+         xd > 20.0 ? xd : std::log1p(std::exp(xd)), 0.0};
+  } else if (kernel == "softplus_b") {
+    e = {act::SoftplusUnitBeta::backward_x<float>(1.0f, x, softplus),
+         xd > 20.0 ? 1.0 : logistic(xd), 0.0};
   } else {
     return false;
   }
@@ -69,7 +90,7 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s gelu|gelu_b|silu|silu_b|sigmoid BOUND\n", argv[0]);
+    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh silu silu_b sigmoid tanh elu selu\n    softplus softplus_b)\n", argv[0]);
     return 2;
   }
   const std::string kernel = argv[1];

@@ -202,38 +202,49 @@ def every_float32(low: float, high: float) -> np.ndarray:
 
 
 # Every float32 input, both signs, around the bounds of the core ranges
-# (where a kernel's cheaper float32 evaluation hands over to the full one)
-# and around the gelu forward's worst point (4.2 ulp near -1.834 before its
-# product was rounded once).
-CORE_WINDOWS = [("gelu", [(1.82, 1.87), (3.99, 4.01), (0.74, 0.76)]),
-                ("silu", [(4.99, 5.01), (63.9, 64.1), (1.27, 1.29)]),
-                ("sigmoid", [(63.9, 64.1), (4.15, 4.17)])]
+# (where a kernel's cheaper float32 evaluation hands over to the full one),
+# the hand-overs inside them (the tanh form's central polynomial, the
+# softplus threshold, e^x - 1 rounding to -1), and each kernel's worst
+# point in scripts/exhaustive_f32.cpp (the gelu forward's was 4.2 ulp near
+# -1.834 before its product was rounded once).
+TANH_GELU = {"approximate": "tanh"}
+CORE_WINDOWS = [("gelu", {}, [(1.82, 1.87), (3.99, 4.01), (0.74, 0.76)]),
+                ("gelu", TANH_GELU, [(8.99, 9.01), (0.74, 0.76), (1.37, 1.39)]),
+                ("silu", {}, [(4.99, 5.01), (63.9, 64.1), (1.27, 1.29)]),
+                ("sigmoid", {}, [(63.9, 64.1), (4.15, 4.17)]),
+                ("tanh", {}, [(39.99, 40.01), (9.0, 9.02), (0.23, 0.24)]),
+                ("elu", {}, [(79.99, 80.01), (16.5, 17.5), (0.287, 0.2872), (1e-3, 1.01e-3)]),
+                ("selu", {}, [(79.99, 80.01), (0.15, 0.151), (1e-3, 1.01e-3)]),
+                ("softplus", {}, [(79.99, 80.01), (19.99, 20.01), (3.89e-4, 3.9e-4), (4.15, 4.16)])]
+CORE_IDS = [name + ("_tanh" if params else "") for name, params, _ in CORE_WINDOWS]
 
 
-@pytest.mark.parametrize(("name", "windows"), CORE_WINDOWS, ids=[n for n, _ in CORE_WINDOWS])
-def test_float32_every_input_around_the_core_bounds(name, windows):
+@pytest.mark.parametrize(("name", "params", "windows"), CORE_WINDOWS, ids=CORE_IDS)
+def test_float32_every_input_around_the_core_bounds(name, params, windows):
     x = np.concatenate([every_float32(low, high) for low, high in windows])
     x = np.concatenate([x, -x])
-    check_forward(name, {}, x, fn.activation(name, x))
+    check_forward(name, params, x, fn.activation(name, x, **params))
     g = grad_for(x)
-    check_backward_x(name, {}, g, x, fn.activation_backward(name, g, x=x))
+    check_backward_x(name, params, g, x, fn.activation_backward(name, g, x=x, **params))
 
 
-@pytest.mark.parametrize("name", ["gelu", "silu", "sigmoid"])
-def test_core_blocks_give_the_bits_of_single_elements(name):
+@pytest.mark.parametrize(("name", "params"), [(name, params) for name, params, _ in CORE_WINDOWS],
+                         ids=CORE_IDS)
+def test_core_blocks_give_the_bits_of_single_elements(name, params):
     # Blocks of inputs inside the core range take a cheaper loop; a block
     # with one input outside evaluates both forms and selects. Either way an
     # element's bits depend on its input alone.
     x = random_normals(np.float32, 4096)
     x = x[np.abs(x) < 3.5]
     g = grad_for(x)
-    plain = [fn.activation(name, x), fn.activation_backward(name, g, x=x)]
+    forward = lambda v: fn.activation(name, v, **params)  # noqa: E731
+    backward = lambda dy, v: fn.activation_backward(name, dy, x=v, **params)  # noqa: E731
+    plain = [forward(x), backward(g, x)]
     spoiled_x = x.copy()
     spoiled_x[5::64] = 100.0  # every 64th input outside the core
-    spoiled = [fn.activation(name, spoiled_x), fn.activation_backward(name, g, x=spoiled_x)]
-    single = [np.array([fn.activation(name, x[i:i + 1])[0] for i in range(0, x.size, 7)]),
-              np.array([fn.activation_backward(name, g[i:i + 1], x=x[i:i + 1])[0]
-                        for i in range(0, x.size, 7)])]
+    spoiled = [forward(spoiled_x), backward(g, spoiled_x)]
+    single = [np.array([forward(x[i:i + 1])[0] for i in range(0, x.size, 7)]),
+              np.array([backward(g[i:i + 1], x[i:i + 1])[0] for i in range(0, x.size, 7)])]
     keep = np.ones(x.size, dtype=bool)
     keep[5::64] = False
     for whole, mixed, alone in zip(plain, spoiled, single):

@@ -20,7 +20,7 @@ template <class Op, class T, class Input, class Finish>
 inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z, Finish finish) {
   if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return finish(k, Op::forward_core_f32(z(k)));
+      return finish(k, Op::forward_core_f32(z(k), q));
     };
     const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return finish(k, Op::template forward<T>(z(k), q));
@@ -38,7 +38,7 @@ inline void activation_backward_run(T* out, int64_t m, const ActivationParams q,
                                     Grad dy) {
   if constexpr (std::is_same_v<T, float> && HasBackwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::backward_core_f32(dy(k), z(k));
+      return Op::backward_core_f32(dy(k), z(k), q);
     };
     const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return Op::template backward_x<T>(dy(k), z(k), q);

@@ -90,15 +90,15 @@ struct Sigmoid {
   // Within the core range e^-|x| stays normal: no clamp and no 2^64 offset.
   static constexpr float kForwardCoreBound = 64.0f;
   // 1 / (1 + e) above zero, e / (1 + e) below: one division.
-  FUSEDNN_HD static float forward_core_f32(float x) {
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
     const float e_rounded = fmadd(e.scale, e.m1, e.scale);
     const float numerator = x >= 0.0f ? 1.0f : e_rounded;
     return numerator / (1.0f + e_rounded);
   }
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x) : math::sigmoid_(x);
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : math::sigmoid_(x);
     } else {
       return math::sigmoid_(x);
     }
@@ -118,8 +118,20 @@ struct Sigmoid {
 
 struct Tanh {
   static constexpr bool kBackwardFromY = true;
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
-    return math::tanh_(x);
+  // Within the core range e^-2|x| stays normal, so expm1 needs no clamp;
+  // beyond |x| = 9.1 tanh rounds to +-1 anyway.
+  static constexpr float kForwardCoreBound = 40.0f;
+  // tanh|x| = -m / (m + 2) with m = e^-2|x| - 1, as math::tanh_ forms it.
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
+    const float m = math::expm1_core(-2.0f * math::magnitude(x));
+    return math::copysign_(-m / (m + 2.0f), x);
+  }
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : math::tanh_(x);
+    } else {
+      return math::tanh_(x);
+    }
   }
   // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|).
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
@@ -162,9 +174,19 @@ struct LeakyRelu {
   }
 };
 
+// elu and selu: within their core range |x| <= 80 e^x - 1 needs no clamps
+// (math::expm1_core); it is evaluated for positive x too, where it stays
+// finite and goes unused.
 struct Elu {
   static constexpr bool kBackwardFromY = true;  // for alpha >= 0
+  static constexpr float kForwardCoreBound = 80.0f;
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams& p) {
+    return x > 0.0f ? x : float(p.a) * math::expm1_core(x);
+  }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kForwardCoreBound) return forward_core_f32(x, p);
+    }
     return x > T(0) ? x : T(p.a) * math::expm1_nonpositive(x);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
@@ -179,7 +201,14 @@ struct Elu {
 
 struct Selu {
   static constexpr bool kBackwardFromY = true;
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+  static constexpr float kForwardCoreBound = 80.0f;
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
+    return x > 0.0f ? float(kSeluScale) * x : float(kSeluScale * kSeluAlpha) * math::expm1_core(x);
+  }
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kForwardCoreBound) return forward_core_f32(x, p);
+    }
     return x > T(0) ? T(kSeluScale) * x
                     : T(kSeluScale * kSeluAlpha) * math::expm1_nonpositive(x);
   }
@@ -261,7 +290,7 @@ struct GeluErf {
   // w K (1 + m1) = w / 8 + w (K - 1/8 + K m1) rounds once, in the last
   // fused multiply-add, and K's rounding is scaled down (see
   // k_core_minus_eighth).
-  FUSEDNN_HD static float forward_core_f32(float x) {
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const CoreTerms c = core_terms(x);
     const float m1 = fmadd(c.gauss.m1, c.mills_m1, c.gauss.m1 + c.mills_m1);
     const float w_part = fmadd(c.k, m1, c.k_minus_eighth);
@@ -281,8 +310,8 @@ struct GeluErf {
     const float above = fmadd(-x, tail_scaled * unscale, x);
     return x < 0.0f ? below : (n.beyond ? x : above);
   }
-  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
-    return abs_(x) <= kForwardCoreBound ? forward_core_f32(x) : forward_outer_f32(x);
+  FUSEDNN_HD static float forward_f32(float x, const ActivationParams& p) {
+    return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : forward_outer_f32(x);
   }
 
   // Below |x| = 0.75, Phi + x phi = 1/2 + x R(x^2) from its Taylor series
@@ -304,7 +333,7 @@ struct GeluErf {
   // 1 - e^(-t^2/2) (M - t / sqrt(2 pi)) above: one shared difference, whose
   // terms cancel around the root near x = -0.75; t / sqrt(2 pi) is an exact
   // product there, so the difference rounds once.
-  FUSEDNN_HD static float backward_core_f32(float g, float x) {
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
     const CoreTerms c = core_terms(x);
     const float minus_mills = fmadd(-c.w, fmadd(c.k, c.mills_m1, c.k), c.t * kInvSqrt2PiLo);
     const float diff = fmadd(c.t, kInvSqrt2PiHi, minus_mills);
@@ -327,8 +356,8 @@ struct GeluErf {
     const float beyond = g * ((x > 0.0f ? 1.0f : 0.0f) + x * 0.0f);
     return n.beyond ? beyond : (x < 0.0f ? below : above);
   }
-  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
-    return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x) : backward_outer_f32(g, x);
+  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams& p) {
+    return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
   }
 
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
@@ -411,9 +440,24 @@ struct GeluTanh {
     lo = fmadd(t, coefficient_lo, fmadd(t, coefficient, -hi));
   }
 
+  // Within the core range |2u| <= 67 and x e^-|2u| stays normal: no clamp,
+  // no 2^64 offset, and one division for both signs.
+  static constexpr float kForwardCoreBound = 9.0f;
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
+    const float t = math::magnitude(x);
+    float hi, lo;
+    two_u_pair(t, t * t, hi, lo);
+    const math::ExpParts e = math::exp_neg_pair_core(hi, lo);
+    const float q = fmadd(e.scale, e.m1, e.scale) + 1.0f;
+    const float numerator = x < 0.0f ? e.scale * fmadd(x, e.m1, x) : x;
+    const float x_sq = x * x;
+    const float central = fmadd(x_sq, central_half_tanh_ratio(x_sq), 0.5f * x);
+    const float inside = t < kCentral ? central : numerator / q;
+    return x == 0.0f ? x : inside;
+  }
   // x sigmoid(2u) = x / (1 + e) above zero and x e / (1 + e) below, with
   // e = e^-|2u| scaled by 2^64 so that a subnormal result rounds once.
-  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
+  FUSEDNN_HD static float forward_outer_f32(float x) {
     const float t = abs_(x);
     const bool beyond = t > kBeyond;
     const float tc = beyond ? kBeyond : t;  // NaN passes and propagates
@@ -471,7 +515,7 @@ struct GeluTanh {
 
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return forward_f32(x, p);
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : forward_outer_f32(x);
     } else {
       const double xd = x;
       const double two_u = 2.0 * kSqrt2OverPi * (xd + kCubic * xd * xd * xd);
@@ -512,7 +556,7 @@ struct Silu {
 
   // x / (1 + e) above zero and x e / (1 + e) below, e = e^-|x| left
   // unrounded in the product x e. One division serves both signs.
-  FUSEDNN_HD static float forward_core_f32(float x) {
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
     const float e_rounded = fmadd(e.scale, e.m1, e.scale);
     const float numerator = x >= 0.0f ? x : e.scale * fmadd(x, e.m1, x);
@@ -527,9 +571,9 @@ struct Silu {
     const T y = positive ? ratio : ratio * Tr::kExpUnscale;
     return x < Tr::kNegligibleBelow ? x * T(0) : y;  // -inf gives NaN, as in PyTorch
   }
-  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x) : forward_full(x);
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : forward_full(x);
     } else {
       return forward_full(x);
     }
@@ -537,7 +581,7 @@ struct Silu {
 
   // The derivative as backward_x_f32 forms it inside the core range:
   // 1 + e (x - q) / q^2 above zero, e (q + x) / q^2 below, q = 1 + e.
-  FUSEDNN_HD static float backward_core_f32(float g, float x) {
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
     const float e_rounded = fmadd(e.scale, e.m1, e.scale);
     const bool positive = x >= 0.0f;
@@ -596,7 +640,7 @@ struct Silu {
   // Below zero the scaled exponential keeps the subnormal tail.
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x) : backward_x_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_x_f32(g, x, p);
     } else {
       const double unscale = math::Traits<T>::kExpUnscale;
       const double xd = x;
@@ -648,7 +692,55 @@ template <bool kUnitBeta> struct SoftplusWith {
   }
 };
 using Softplus = SoftplusWith<false>;
-using SoftplusUnitBeta = SoftplusWith<true>;
+
+// The default beta = 1, with float32 core evaluations: within |x| <= 80
+// e = e^-|x| is normal, and log1p(e) = e G(e) takes a polynomial instead
+// of a logarithm and its division.
+struct SoftplusUnitBeta : SoftplusWith<true> {
+  static constexpr float kForwardCoreBound = 80.0f;
+  static constexpr float kBackwardCoreBound = 80.0f;
+  // G(e) = log1p(e) / e = 1 + e Q(e) on [0, 1], fitted by
+  // scripts/fit_softplus.py (relative error 5.3e-9); the constant 1 is
+  // added exactly in the last fused multiply-add.
+  FUSEDNN_HD static float log1p_ratio(float e) {
+    float q = -0.0033144243f;
+    q = fmadd(q, e, 0.020184098f);
+    q = fmadd(q, e, -0.057621263f);
+    q = fmadd(q, e, 0.1067564f);
+    q = fmadd(q, e, -0.15352122f);
+    q = fmadd(q, e, 0.19694112f);
+    q = fmadd(q, e, -0.249583f);
+    q = fmadd(q, e, 0.3333048f);
+    q = fmadd(q, e, -0.4999993f);
+    return fmadd(q, e, 1.0f);
+  }
+  // max(x, 0) + e G(e), with e = scale (1 + m1) left unrounded in the
+  // product: below zero it is the whole result.
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams& p) {
+    const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
+    const float ratio = log1p_ratio(fmadd(e.scale, e.m1, e.scale));
+    const float log_term = e.scale * fmadd(e.m1, ratio, ratio);
+    const float sp = x > 0.0f ? x + log_term : log_term;
+    return x > float(p.b) ? x : sp;
+  }
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams& p) {
+    const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    return x > float(p.b) ? g : g * math::sigmoid_from_exp(x, e_rounded);
+  }
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kForwardCoreBound) return forward_core_f32(x, p);
+    }
+    return SoftplusWith<true>::forward(x, p);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+    }
+    return SoftplusWith<true>::backward_x(g, x, p);
+  }
+};
 
 // mish(x) = x tanh(softplus(x)); with n = e^x,
 // tanh(softplus(x)) = n (n + 2) / (n (n + 2) + 2), which neither cancels nor
@@ -843,8 +935,8 @@ struct Hardtanh {
 
 }  // namespace act
 
-// Whether an activation has float32 core evaluations: forward_core_f32(x)
-// (and backward_core_f32(g, x)) equal to forward (backward_x) wherever
+// Whether an activation has float32 core evaluations: forward_core_f32(x, p)
+// (and backward_core_f32(g, x, p)) equal to forward (backward_x) wherever
 // |x| <= kForwardCoreBound (kBackwardCoreBound), at less arithmetic. A
 // vectorized loop takes them for whole blocks of inputs inside the bound.
 template <class Op, class = void> struct HasForwardCore : std::false_type {};

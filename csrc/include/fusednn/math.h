@@ -197,7 +197,7 @@ FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
 // truncation error (0.347^8 / 8! = 5.3e-9) is far below half an ulp of
 // 1 + m1.
 
-// e^-x for 0 <= x <= 80 as scale * (1 + m1), left unrounded.
+// e^-x for |x| <= 80 as scale * (1 + m1), left unrounded.
 FUSEDNN_HD ExpParts exp_neg_core(float x) {
   using Tr = Traits<float>;
   float kf;
@@ -211,6 +211,24 @@ FUSEDNN_HD ExpParts exp_neg_core(float x) {
   p = fmadd(p, r, 0.5f);
   p = fmadd(p, r, 1.0f);
   return {pow2i<float>(k), p * r};
+}
+
+// exp_neg_core of an argument carried as a pair hi + lo, |hi| <= 80 and
+// |lo| <= ulp(hi): (1 + m1) e^-lo = 1 + (m1 - lo - m1 lo) to within lo^2.
+FUSEDNN_HD ExpParts exp_neg_pair_core(float hi, float lo) {
+  const ExpParts e = exp_neg_core(hi);
+  return {e.scale, fmadd(-e.m1, lo, e.m1 - lo)};
+}
+
+// e^x - 1 for |x| <= 80, with relative accuracy near zero: where the
+// reduction leaves k = 0 the reduced argument is x itself and the result
+// is r P(r); elsewhere 2^k - 1 is exact for k >= -24, and below, where
+// the result lies within 2^-24 of -1, its rounding costs at most an ulp.
+// Zeros keep their sign.
+FUSEDNN_HD float expm1_core(float x) {
+  const ExpParts e = exp_neg_core(-x);
+  const float y = fmadd(e.scale, e.m1, e.scale - 1.0f);
+  return x == 0.0f ? x : y;
 }
 
 // e^-(sq + sq_lo) / 2 for an exact square sq + sq_lo = t^2, t <= 8, as
