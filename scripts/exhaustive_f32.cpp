@@ -11,8 +11,8 @@
 //   g++ -std=c++17 -O2 -ffp-contract=off -fno-math-errno -fopenmp -mfma \
 //       -Icsrc/include scripts/exhaustive_f32.cpp -o /tmp/exhaustive_f32
 //   /tmp/exhaustive_f32 gelu 20
-// Kernels: gelu gelu_b gelu_tanh silu silu_b sigmoid tanh elu selu softplus
-// softplus_b.
+// Kernels: gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu selu
+// softplus softplus_b.
 // A kernel takes one to two minutes on two cores for |x| <= 20.
 #include <algorithm>
 #include <cmath>
@@ -67,6 +67,15 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
   } else if (kernel == "gelu_tanh") {
     const double u = act::GeluTanh::kSqrt2OverPi * (xd + act::GeluTanh::kCubic * xd * xd * xd);
     e = {act::GeluTanh::forward<float>(x, p), xd * logistic(2.0 * u), 0.0};  // 1 + tanh(u) would cancel
+  } else if (kernel == "gelu_tanh_b") {
+    const double two_u =
+        2.0 * act::GeluTanh::kSqrt2OverPi * (xd + act::GeluTanh::kCubic * xd * xd * xd);
+    const double ex = std::exp(-std::fabs(two_u));  // sigmoid' = e / (1 + e)^2, free of 1 - s
+    const double s = xd >= 0 ? 1.0 / (1.0 + ex) : ex / (1.0 + ex);
+    const double slope = xd * ex / ((1.0 + ex) * (1.0 + ex)) * 2.0 * act::GeluTanh::kSqrt2OverPi *
+                         (1.0 + 3.0 * act::GeluTanh::kCubic * xd * xd);
+    e = {act::GeluTanh::backward_x<float>(1.0f, x, p), s + slope,
+         std::max(std::fabs(s), std::fabs(slope))};
   } else if (kernel == "tanh") {
     e = {act::Tanh::forward<float>(x, p), std::tanh(xd), 0.0};
   } else if (kernel == "elu") {
@@ -90,7 +99,7 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh silu silu_b sigmoid tanh elu selu\n    softplus softplus_b)\n", argv[0]);
+    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu\n    selu softplus softplus_b)\n", argv[0]);
     return 2;
   }
   const std::string kernel = argv[1];

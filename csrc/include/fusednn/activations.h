@@ -123,7 +123,7 @@ struct Tanh {
   static constexpr float kForwardCoreBound = 40.0f;
   // tanh|x| = -m / (m + 2) with m = e^-2|x| - 1, as math::tanh_ forms it.
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
-    const float m = math::expm1_core(-2.0f * math::magnitude(x));
+    const float m = math::expm1_core_plus_zero(-2.0f * math::magnitude(x));
     return math::copysign_(-m / (m + 2.0f), x);
   }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
@@ -473,9 +473,46 @@ struct GeluTanh {
     const float inside = x == 0.0f ? x : (t < kCentral ? central : tail);
     return beyond ? (x < 0.0f ? x * 0.0f : x) : inside;  // -inf: NaN, as in PyTorch
   }
+  // q - |x| 2u' = q - a |x| - 3b |x| x^2 (for |x| = t, q = 1 + e, e
+  // rounded) cancels where the derivative's terms do, so its parts are
+  // exact pairs (q, 3b |x|, x^2, a) whose small halves are summed first; of
+  // the large terms, the smaller of a |x| and 3b |x|^3 is subtracted from q
+  // first (they cross at |x| = sqrt(a / 3b)), so that the intermediate
+  // rounding is the lesser.
+  FUSEDNN_HD static float q_minus_slope(float t, float sq, float e, float q) {
+    const float cubic_slope = t * kSlopeCubic;
+    const float small_parts =
+        fmadd(-cubic_slope, fmadd(t, t, -sq),
+              fmadd(-fmadd(t, kSlopeCubic, -cubic_slope), sq,
+                    fmadd(-t, kLinearLo, e - (q - 1.0f))));
+    const bool cubic_first = t < 2.73f;
+    const float first = cubic_first ? fmadd(-cubic_slope, sq, q) : fmadd(-t, kLinearHi, q);
+    return cubic_first ? fmadd(-t, kLinearHi, first + small_parts)
+                       : fmadd(-cubic_slope, sq, first + small_parts);
+  }
+  // The derivative as backward_outer_f32 forms it, inside the core range of
+  // the forward: one division for both signs, no 2^64 offset.
+  static constexpr float kBackwardCoreBound = kForwardCoreBound;
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
+    const float t = math::magnitude(x);
+    const float sq = t * t;
+    float hi, lo;
+    two_u_pair(t, sq, hi, lo);
+    const math::ExpParts e = math::exp_neg_pair_core(hi, lo);
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float q = 1.0f + e_rounded;
+    const float below_sum = q_minus_slope(t, sq, e_rounded, q);
+    const float above_sum = fmadd(t, fmadd(kSlopeCubic, sq, kLinearHi), -q);  // |x| 2u' - q
+    const float numerator = x < 0.0f ? e.scale * fmadd(e.m1, below_sum, below_sum)
+                                     : e_rounded * above_sum;
+    const float quotient = numerator / math::one_plus_squared(e_rounded);
+    const float central = g * fmadd(x, central_slope_odd(sq), 0.5f);
+    const float tail = x < 0.0f ? g * quotient : math::mul_one_plus(g, quotient);
+    return t < kCentral ? central : tail;
+  }
   // sigmoid(2u) + x sigmoid'(2u) 2u' with e = e^-|2u| and q = 1 + e:
   // e (q + x 2u') / q^2 below zero, 1 + e (x 2u' - q) / q^2 above.
-  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+  FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     const float t = abs_(x);
     const bool beyond = t > kBeyond;
     const float tc = beyond ? kBeyond : t;
@@ -488,20 +525,7 @@ struct GeluTanh {
     const float q_squared = math::one_plus_squared(e_unscaled);
     const float q = 1.0f + e_unscaled;
     const float slope = fmadd(kSlopeCubic, sq, kLinearHi);  // 2u'
-    // q - |x| 2u' = q - a |x| - 3b |x| x^2 cancels where the derivative's
-    // terms do, so its parts are exact pairs (q = 1 + e, 3b |x|, x^2, a)
-    // whose small halves are summed first; of the large terms, the smaller
-    // of a |x| and 3b |x|^3 is subtracted from q first (they cross at
-    // |x| = sqrt(a / 3b)), so that the intermediate rounding is the lesser.
-    const float cubic_slope = tc * kSlopeCubic;
-    const float small_parts =
-        fmadd(-cubic_slope, fmadd(tc, tc, -sq),
-              fmadd(-fmadd(tc, kSlopeCubic, -cubic_slope), sq,
-                    fmadd(-tc, kLinearLo, e_unscaled - (q - 1.0f))));
-    const bool cubic_first = tc < 2.73f;
-    const float first = cubic_first ? fmadd(-cubic_slope, sq, q) : fmadd(-tc, kLinearHi, q);
-    const float below_sum = cubic_first ? fmadd(-tc, kLinearHi, first + small_parts)
-                                        : fmadd(-cubic_slope, sq, first + small_parts);
+    const float below_sum = q_minus_slope(tc, sq, e_unscaled, q);
     const float below = ((g * (e.scale * fmadd(e.m1, below_sum, below_sum))) / q_squared) * unscale;
     // Above zero, 1 + e (x 2u' - q) / q^2: the rounding of the quotient is
     // scaled down by e.
@@ -525,7 +549,7 @@ struct GeluTanh {
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return backward_x_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
     } else {
       const double xd = x;
       const double x2 = xd * xd;

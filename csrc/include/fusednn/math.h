@@ -224,10 +224,14 @@ FUSEDNN_HD ExpParts exp_neg_pair_core(float hi, float lo) {
 // reduction leaves k = 0 the reduced argument is x itself and the result
 // is r P(r); elsewhere 2^k - 1 is exact for k >= -24, and below, where
 // the result lies within 2^-24 of -1, its rounding costs at most an ulp.
-// Zeros keep their sign.
-FUSEDNN_HD float expm1_core(float x) {
+// Zeros keep their sign; expm1_core_plus_zero gives +0 for both, a select
+// fewer for callers that set the sign themselves.
+FUSEDNN_HD float expm1_core_plus_zero(float x) {
   const ExpParts e = exp_neg_core(-x);
-  const float y = fmadd(e.scale, e.m1, e.scale - 1.0f);
+  return fmadd(e.scale, e.m1, e.scale - 1.0f);
+}
+FUSEDNN_HD float expm1_core(float x) {
+  const float y = expm1_core_plus_zero(x);
   return x == 0.0f ? x : y;
 }
 
