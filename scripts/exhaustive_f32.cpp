@@ -12,7 +12,7 @@
 //       -Icsrc/include scripts/exhaustive_f32.cpp -o /tmp/exhaustive_f32
 //   /tmp/exhaustive_f32 gelu 20
 // Kernels: gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu selu
-// softplus softplus_b.
+// softplus softplus_b mish mish_b.
 // A kernel takes one to two minutes on two cores for |x| <= 20.
 #include <algorithm>
 #include <cmath>
@@ -76,6 +76,13 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
                          (1.0 + 3.0 * act::GeluTanh::kCubic * xd * xd);
     e = {act::GeluTanh::backward_x<float>(1.0f, x, p), s + slope,
          std::max(std::fabs(s), std::fabs(slope))};
+  } else if (kernel == "mish") {
+    e = {act::Mish::forward<float>(x, p), xd * std::tanh(std::log1p(std::exp(xd))), 0.0};
+  } else if (kernel == "mish_b") {
+    const double softplus = std::log1p(std::exp(xd)), t = std::tanh(softplus);
+    const double slope = xd * logistic(xd) / (std::cosh(softplus) * std::cosh(softplus));
+    e = {act::Mish::backward_x<float>(1.0f, x, p), t + slope,
+         std::max(std::fabs(t), std::fabs(slope))};
   } else if (kernel == "tanh") {
     e = {act::Tanh::forward<float>(x, p), std::tanh(xd), 0.0};
   } else if (kernel == "elu") {
@@ -99,7 +106,7 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu\n    selu softplus softplus_b)\n", argv[0]);
+    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu\n    selu softplus softplus_b mish mish_b)\n", argv[0]);
     return 2;
   }
   const std::string kernel = argv[1];

@@ -776,7 +776,8 @@ struct SoftplusUnitBeta : SoftplusWith<true> {
 // scaled down, and below it the exponential stays unrounded and scaled by
 // 2^64 (math::ExpParts) until the last product, so the subnormal tail
 // rounds once. Below kExpMin the results are x * 0, as in the float64 path.
-// float64 evaluates its exponential in double and the rest likewise.
+// Inside the core range the same formulas run without the offset and the
+// guards. float64 evaluates its exponential in double and the rest likewise.
 struct Mish {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kCap = 40.0;
@@ -802,7 +803,52 @@ struct Mish {
     return s;
   }
 
-  FUSEDNN_HD static float forward_f32(float x, const ActivationParams&) {
+  // Core range: within |x| <= 64, e = e^-|x| and the results below zero
+  // (about |x| e) stay normal, so the forms below need no clamps, no 2^64
+  // offset, and no guard for an infinite x or g.
+  static constexpr float kForwardCoreBound = 64.0f;
+  static constexpr float kBackwardCoreBound = 64.0f;
+  // e^-t as unrounded parts and rounded, and P (above zero) or D (below).
+  FUSEDNN_HD static SoftplusTanhF32 softplus_tanh_core(float t, bool positive) {
+    SoftplusTanhF32 s;
+    s.parts = math::exp_neg_core(t);
+    s.e = fmadd(s.parts.scale, s.parts.m1, s.parts.scale);
+    const float c = positive ? 1.0f : 2.0f;
+    s.den = fmadd(positive ? 2.0f * s.e : s.e, s.e + c, c);
+    return s;
+  }
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
+    const bool positive = x >= 0.0f;
+    const SoftplusTanhF32 s = softplus_tanh_core(math::magnitude(x), positive);
+    const float quotient = (positive ? -2.0f * s.e : s.e + 1.0f) * s.e / s.den;
+    const float above = fmadd(x, quotient, x);
+    const float ratio = fmadd(-x, quotient, x);
+    const float below = s.parts.scale * fmadd(s.parts.m1, ratio, ratio);
+    const float y = positive ? above : below;
+    return x == 0.0f ? x : y;  // keeps -0
+  }
+  // The bracket of backward_x_f32 below zero, (1 + x) - e N / D^2, from
+  // the numerator N = x e_poly + (1 + e) D; 1 + x as an exact pair.
+  FUSEDNN_HD static float below_ratio(float x, float e, float quotient) {
+    const float one_plus_x = 1.0f + x;
+    const float one_plus_x_lo = x - (one_plus_x - 1.0f);
+    return one_plus_x + fmadd(-e, quotient, one_plus_x_lo);
+  }
+  FUSEDNN_HD static float derivative_numerator(float x, bool positive, float e, float den) {
+    const float e_poly = fmadd(fmadd(e + 4.0f, e, 8.0f), e, 4.0f);
+    return positive ? fmadd(2.0f * x, e, 2.0f * x) - den : fmadd(x, e_poly, (1.0f + e) * den);
+  }
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
+    const bool positive = x >= 0.0f;
+    const SoftplusTanhF32 s = softplus_tanh_core(math::magnitude(x), positive);
+    const float quotient = derivative_numerator(x, positive, s.e, s.den) / (s.den * s.den);
+    const float above = math::mul_one_plus(g, (2.0f * (s.e * s.e)) * quotient);
+    const float ratio = below_ratio(x, s.e, quotient);
+    const float below = g * (s.parts.scale * fmadd(s.parts.m1, ratio, ratio));
+    return positive ? above : below;
+  }
+
+  FUSEDNN_HD static float forward_outer_f32(float x) {
     using Tr = math::Traits<float>;
     const bool positive = x >= 0.0f;
     const SoftplusTanhF32 s = softplus_tanh_f32(abs_(x), positive);
@@ -819,7 +865,7 @@ struct Mish {
   // 1 + 2e^2 (2x (1 + e) - P) / P^2 above zero and
   // e ((e + 2) D + 4x (e + 1)) / D^2 below, whose bracket cancels around
   // the root near -1.19; one division serves both.
-  FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
+  FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     using Tr = math::Traits<float>;
     const float t = abs_(x);
     const bool positive = x >= 0.0f;
@@ -828,19 +874,13 @@ struct Mish {
     // Below zero the bracket over D^2 is taken as
     // (1 + x) - e ((1 + e) D + x (4 + 8e + 4e^2 + e^3)) / D^2 (from
     // D^2 - 4 (1 + e) = e (4 + 8e + 4e^2 + e^3)): the quotient's roundings,
-    // D^2's included, are scaled down by e.
-    const float e_poly = fmadd(fmadd(s.e + 4.0f, s.e, 8.0f), s.e, 4.0f);
-    const float numerator = positive ? fmadd(2.0f * x_capped, s.e, 2.0f * x_capped) - s.den
-                                     : fmadd(x, e_poly, (1.0f + s.e) * s.den);
-    const float quotient = numerator / (s.den * s.den);
+    // D^2's included, are scaled down by e. 1 + x is an exact pair: its
+    // rounding (for |x| < 1/2) would otherwise reach the result at full size.
+    const float quotient = derivative_numerator(x_capped, positive, s.e, s.den) / (s.den * s.den);
     // Where e^2 has underflowed the term is x * 0: NaN at +inf, as in PyTorch.
     const float small = t > -Tr::kExpMin ? x * 0.0f : (2.0f * (s.e * s.e)) * quotient;
     const float above = math::mul_one_plus(g, small);
-    // 1 + x as an exact pair: its rounding (for |x| < 1/2) would otherwise
-    // reach the result at full size.
-    const float one_plus_x = 1.0f + x;
-    const float one_plus_x_lo = x - (one_plus_x - 1.0f);
-    const float ratio = one_plus_x + fmadd(-s.e, quotient, one_plus_x_lo);
+    const float ratio = below_ratio(x, s.e, quotient);
     const float below_scaled = s.parts.scale * fmadd(s.parts.m1, ratio, ratio);
     const float below = t > kScaledFirst ? (g * below_scaled) * Tr::kExpUnscale
                                          : g * (below_scaled * Tr::kExpUnscale);
@@ -849,7 +889,7 @@ struct Mish {
 
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return forward_f32(x, p);
+      return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : forward_outer_f32(x);
     } else {
       const double unscale = math::Traits<T>::kExpUnscale;
       const double xd = x;
@@ -868,7 +908,7 @@ struct Mish {
   // far below zero the derivative underflows and is x * 0 (NaN for -inf).
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      return backward_x_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
     } else {
       const double unscale = math::Traits<T>::kExpUnscale;
       const bool capped = x > T(kCap);
