@@ -11,8 +11,8 @@
 //   g++ -std=c++17 -O2 -ffp-contract=off -fno-math-errno -fopenmp -mfma \
 //       -Icsrc/include scripts/exhaustive_f32.cpp -o /tmp/exhaustive_f32
 //   /tmp/exhaustive_f32 gelu 20
-// Kernels: gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu selu
-// softplus softplus_b mish mish_b.
+// Kernels: gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid sigmoid_b tanh
+// tanh_b elu elu_b selu selu_b softplus softplus_b mish mish_b.
 // A kernel takes one to two minutes on two cores for |x| <= 20.
 #include <algorithm>
 #include <cmath>
@@ -83,6 +83,17 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
     const double slope = xd * logistic(xd) / (std::cosh(softplus) * std::cosh(softplus));
     e = {act::Mish::backward_x<float>(1.0f, x, p), t + slope,
          std::max(std::fabs(t), std::fabs(slope))};
+  } else if (kernel == "sigmoid_b") {
+    const double ex = std::exp(-std::fabs(xd));
+    e = {act::Sigmoid::backward_x<float>(1.0f, x, p), ex / ((1.0 + ex) * (1.0 + ex)), 0.0};
+  } else if (kernel == "tanh_b") {
+    const double ex = std::exp(-2.0 * std::fabs(xd));
+    e = {act::Tanh::backward_x<float>(1.0f, x, p), 4.0 * ex / ((1.0 + ex) * (1.0 + ex)), 0.0};
+  } else if (kernel == "elu_b") {
+    e = {act::Elu::backward_x<float>(1.0f, x, unit_alpha), xd > 0 ? 1.0 : std::exp(xd), 0.0};
+  } else if (kernel == "selu_b") {
+    const double slope = xd > 0 ? 1.0 : fusednn::act::kSeluAlpha * std::exp(xd);
+    e = {act::Selu::backward_x<float>(1.0f, x, p), fusednn::act::kSeluScale * slope, 0.0};
   } else if (kernel == "tanh") {
     e = {act::Tanh::forward<float>(x, p), std::tanh(xd), 0.0};
   } else if (kernel == "elu") {
@@ -106,7 +117,7 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid tanh elu\n    selu softplus softplus_b mish mish_b)\n", argv[0]);
+    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid\n    sigmoid_b tanh tanh_b elu elu_b selu selu_b softplus softplus_b mish mish_b)\n", argv[0]);
     return 2;
   }
   const std::string kernel = argv[1];

@@ -104,8 +104,18 @@ struct Sigmoid {
     }
   }
   // e / (1 + e)^2 with e = exp(-|x|): symmetric and free of 1 - s; the
-  // scaled exponential keeps the subnormal tail accurate.
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+  // scaled exponential keeps the subnormal tail accurate, and inside the
+  // core range, where e stays normal, the core exponential serves.
+  static constexpr float kBackwardCoreBound = 64.0f;
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
+    const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    return g * (e_rounded / math::one_plus_squared(e_rounded));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+    }
     using Tr = math::Traits<T>;
     const T scaled = math::exp_scaled_nonpositive(-abs_(x));
     const T e = scaled * Tr::kExpUnscale;
@@ -133,8 +143,18 @@ struct Tanh {
       return math::tanh_(x);
     }
   }
-  // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|).
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+  // 1 - tanh^2 = 4e / (1 + e)^2 with e = exp(-2|x|), from the core
+  // exponential where e stays normal.
+  static constexpr float kBackwardCoreBound = 40.0f;
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
+    const math::ExpParts e = math::exp_neg_core(2.0f * math::magnitude(x));
+    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    return g * (4.0f * e_rounded / math::one_plus_squared(e_rounded));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+    }
     using Tr = math::Traits<T>;
     const T scaled = math::exp_scaled_nonpositive(T(-2) * abs_(x));
     const T e = scaled * Tr::kExpUnscale;
@@ -174,9 +194,9 @@ struct LeakyRelu {
   }
 };
 
-// elu and selu: within their core range |x| <= 80 e^x - 1 needs no clamps
-// (math::expm1_core); it is evaluated for positive x too, where it stays
-// finite and goes unused.
+// elu and selu: within their core range |x| <= 80 e^x and e^x - 1 need no
+// clamps (math::exp_core, math::expm1_core); they are evaluated for
+// positive x too, where they stay finite and go unused.
 struct Elu {
   static constexpr bool kBackwardFromY = true;  // for alpha >= 0
   static constexpr float kForwardCoreBound = 80.0f;
@@ -189,7 +209,14 @@ struct Elu {
     }
     return x > T(0) ? x : T(p.a) * math::expm1_nonpositive(x);
   }
+  static constexpr float kBackwardCoreBound = 80.0f;
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams& p) {
+    return x <= 0.0f ? g * float(p.a) * math::exp_core(x) : g;
+  }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+    }
     return x <= T(0) ? g * T(p.a) * exp_(x) : g;
   }
   // y + alpha in double: near y = -alpha it cancels, and alpha need not be
@@ -212,7 +239,14 @@ struct Selu {
     return x > T(0) ? T(kSeluScale) * x
                     : T(kSeluScale * kSeluAlpha) * math::expm1_nonpositive(x);
   }
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+  static constexpr float kBackwardCoreBound = 80.0f;
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
+    return x <= 0.0f ? g * float(kSeluScale * kSeluAlpha) * math::exp_core(x) : g * float(kSeluScale);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+    }
     return x <= T(0) ? g * T(kSeluScale * kSeluAlpha) * exp_(x) : g * T(kSeluScale);
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {

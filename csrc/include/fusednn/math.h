@@ -213,6 +213,12 @@ FUSEDNN_HD ExpParts exp_neg_core(float x) {
   return {pow2i<float>(k), p * r};
 }
 
+// e^x for |x| <= 80, rounded: within about 1 ulp.
+FUSEDNN_HD float exp_core(float x) {
+  const ExpParts e = exp_neg_core(-x);
+  return fmadd(e.scale, e.m1, e.scale);
+}
+
 // exp_neg_core of an argument carried as a pair hi + lo, |hi| <= 80 and
 // |lo| <= ulp(hi): (1 + m1) e^-lo = 1 + (m1 - lo - m1 lo) to within lo^2.
 FUSEDNN_HD ExpParts exp_neg_pair_core(float hi, float lo) {
