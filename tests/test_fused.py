@@ -126,6 +126,58 @@ def test_same_mask_as_dropout_and_backward_sources_agree():
         out, fn.dropout(fn.relu(h + bias), 0.6, seed=3, offset=2**50))
 
 
+@pytest.mark.parametrize("channels", [128, 130, 200, 4096])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_over_rows_gives_the_bits_of_the_separate_kernels(channels, dtype):
+    # Contiguous h and out with the bias along a last axis of 128 or more
+    # take a loop that draws the keep bits between pieces of the output and
+    # splits pieces where rows end; over many chunks, streamed, at an
+    # unaligned out, for every thread count and SIMD path, it must give the
+    # bits and the mask of dropout(act(h + bias)).
+    h, bias = exact_sum_inputs(((3 << 18) // channels, channels), 1, dtype, seed=channels)
+    cases = [("relu", {}), ("gelu", {}), ("elu", {"alpha": 0.5})]
+    expected = {act: fn.dropout(fn.activation(act, h + bias, **params), 0.2, seed=9,
+                                offset=77, return_mask=True) for act, params in cases}
+    threads_before, simd_before = fn.get_num_threads(), _cpu.simd()
+    buffer = np.empty(h.size + 1, dtype)
+    try:
+        for path in _cpu.available_simd():
+            _cpu.set_simd(path)
+            for threads in (1, 2, 3):
+                fn.set_num_threads(threads)
+                for act, params in cases:
+                    for out in (np.empty_like(h), buffer[1:].reshape(h.shape)):
+                        _, mask = fn.bias_act_dropout(h, bias, act, 0.2, seed=9, offset=77,
+                                                      return_mask=True, out=out, **params)
+                        np.testing.assert_array_equal(out, expected[act][0], err_msg=act)
+                        np.testing.assert_array_equal(mask, expected[act][1], err_msg=act)
+    finally:
+        fn.set_num_threads(threads_before)
+        _cpu.set_simd(simd_before)
+
+
+@pytest.mark.parametrize("channels", [130, 4096])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_forward_over_rows_gives_the_bits_of_the_separate_kernels(channels, dtype):
+    # Outputs of 16 MiB and more leave through non-temporal stores.
+    h, bias = exact_sum_inputs(((5 << 20) // channels, channels), 1, dtype, seed=channels)
+    buffer = np.empty(h.size + 1, dtype)
+    threads_before = fn.get_num_threads()
+    try:
+        for act in ("relu", "gelu"):
+            expected, expected_mask = fn.dropout(fn.activation(act, h + bias), 0.3, seed=4,
+                                                 return_mask=True)
+            for threads in (1, 2):
+                fn.set_num_threads(threads)
+                for out in (np.empty_like(h), buffer[1:].reshape(h.shape)):
+                    _, mask = fn.bias_act_dropout(h, bias, act, 0.3, seed=4, return_mask=True,
+                                                  out=out)
+                    np.testing.assert_array_equal(out, expected, err_msg=act)
+                    np.testing.assert_array_equal(mask, expected_mask, err_msg=act)
+    finally:
+        fn.set_num_threads(threads_before)
+
+
 def test_p_zero_and_one():
     h, bias = exact_sum_inputs((10, 3), 1, np.float64, seed=8)
     np.testing.assert_allclose(fn.bias_act_dropout(h, bias, "sigmoid", 0.0, seed=1),

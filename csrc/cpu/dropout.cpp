@@ -596,9 +596,67 @@ template <class T> void dropout_typed(const DropoutSpec& spec, const ArrayRef& x
   });
 }
 
+#if defined(FUSEDNN_DROPOUT_AVX512)
+// The fused forward where h and out are C-contiguous and the bias runs
+// along the last axis (at least kOverlapPiece long): each thread walks its
+// slice as one run, as plain dropout does, so that the next chunk's keep
+// bits are drawn between its pieces (drawn_bit_pieces). A piece is
+// evaluated into an L1 stage, split where rows end, and apply_bits
+// multiplies it by the keep bits and streams it out. Returns false, having
+// written nothing, for the layouts it does not take.
+template <class Op, class T>
+bool bias_act_forward_rows(const ActivationParams& params, const DropoutSpec& spec,
+                           const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+  if (h.ndim == 0 || spec.mask_in != nullptr || !is_contiguous(h) || !is_contiguous(out))
+    return false;
+  const int last = h.ndim - 1;
+  const int64_t channels = h.shape[last];
+  if (channels < kOverlapPiece || bias.strides[last] != int64_t(sizeof(T))) return false;
+  int64_t size = 1;
+  for (int d = 0; d < h.ndim; ++d) {
+    if (d != last && bias.strides[d] != 0) return false;
+    size *= h.shape[d];
+  }
+  const T* hp = static_cast<const T*>(h.data);
+  const T* bp = static_cast<const T*>(bias.data);
+  T* op = static_cast<T*>(out.data);
+  const bool stream = streams<T>(size);
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
+  parallel_for(slices, [&](int64_t s) {
+    const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~(kSliceAlign - 1);
+    const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~(kSliceAlign - 1);
+    if (begin == end) return;
+    KeepCursor cursor(spec, begin, end);
+    const T scale = T(spec.scale);
+    const auto piece = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
+      alignas(64) T stage[kOverlapPiece];
+      const int64_t at = begin + done;
+      for (int64_t k = 0; k < m;) {
+        const int64_t channel = (at + k) % channels;
+        const int64_t n = std::min(m - k, channels - channel);
+        const T* hs = hp + at + k;
+        const T* bs = bp + channel;
+        const ActivationParams q = params;  // by value: the vectorizer needs it in registers
+        const auto z = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return hs[i] + bs[i]; };
+        const auto as_is = [](int64_t, T y) FUSEDNN_INLINE_LAMBDA { return y; };
+        activation_run<Op>(stage + k, n, q, z, as_is);
+        k += n;
+      }
+      apply_bits(stage, op + at, m, bits, first_bit, scale, stream);
+    };
+    cursor.drawn_bit_pieces(elements_to_line(op + begin, end - begin), piece);
+    if (stream) store_fence();
+  });
+  return true;
+}
+#endif
+
 template <class Op, class T>
 void bias_act_forward_typed(const ActivationParams& params, const DropoutSpec& spec,
                             const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+#if defined(FUSEDNN_DROPOUT_AVX512)
+  if (bias_act_forward_rows<Op, T>(params, spec, h, bias, out)) return;
+#endif
   const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
   const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
   const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
