@@ -131,8 +131,8 @@ def test_same_mask_as_dropout_and_backward_sources_agree():
 def test_forward_over_rows_gives_the_bits_of_the_separate_kernels(channels, dtype):
     # Contiguous h and out with the bias along a last axis of 128 or more
     # take a loop that draws the keep bits between pieces of the output and
-    # splits pieces where rows end; over many chunks, streamed, at an
-    # unaligned out, for every thread count and SIMD path, it must give the
+    # splits pieces where rows end; over many chunks, at an unaligned out
+    # and in place, for every thread count and SIMD path, it must give the
     # bits and the mask of dropout(act(h + bias)).
     h, bias = exact_sum_inputs(((3 << 18) // channels, channels), 1, dtype, seed=channels)
     cases = [("relu", {}), ("gelu", {}), ("elu", {"alpha": 0.5})]
@@ -146,11 +146,14 @@ def test_forward_over_rows_gives_the_bits_of_the_separate_kernels(channels, dtyp
             for threads in (1, 2, 3):
                 fn.set_num_threads(threads)
                 for act, params in cases:
-                    for out in (np.empty_like(h), buffer[1:].reshape(h.shape)):
-                        _, mask = fn.bias_act_dropout(h, bias, act, 0.2, seed=9, offset=77,
+                    for where in ("new", "unaligned", "in place"):
+                        out = {"new": np.empty_like(h), "unaligned": buffer[1:].reshape(h.shape),
+                               "in place": h.copy()}[where]
+                        source = out if where == "in place" else h
+                        _, mask = fn.bias_act_dropout(source, bias, act, 0.2, seed=9, offset=77,
                                                       return_mask=True, out=out, **params)
-                        np.testing.assert_array_equal(out, expected[act][0], err_msg=act)
-                        np.testing.assert_array_equal(mask, expected[act][1], err_msg=act)
+                        np.testing.assert_array_equal(out, expected[act][0], err_msg=where)
+                        np.testing.assert_array_equal(mask, expected[act][1], err_msg=where)
     finally:
         fn.set_num_threads(threads_before)
         _cpu.set_simd(simd_before)
