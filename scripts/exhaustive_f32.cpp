@@ -66,7 +66,8 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
     e = {act::Sigmoid::forward<float>(x, p), logistic(xd), 0.0};
   } else if (kernel == "gelu_tanh") {
     const double u = act::GeluTanh::kSqrt2OverPi * (xd + act::GeluTanh::kCubic * xd * xd * xd);
-    e = {act::GeluTanh::forward<float>(x, p), xd * logistic(2.0 * u), 0.0};  // 1 + tanh(u) would cancel
+    // x sigmoid(2u): 1 + tanh(u) would cancel below zero.
+    e = {act::GeluTanh::forward<float>(x, p), xd * logistic(2.0 * u), 0.0};
   } else if (kernel == "gelu_tanh_b") {
     const double two_u =
         2.0 * act::GeluTanh::kSqrt2OverPi * (xd + act::GeluTanh::kCubic * xd * xd * xd);
@@ -117,7 +118,11 @@ bool evaluate(const std::string& kernel, float x, Evaluation& e) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s KERNEL BOUND (gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid\n    sigmoid_b tanh tanh_b elu elu_b selu selu_b softplus softplus_b mish mish_b)\n", argv[0]);
+    std::fprintf(stderr,
+                 "usage: %s KERNEL BOUND\n"
+                 "kernels: gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid sigmoid_b tanh\n"
+                 "         tanh_b elu elu_b selu selu_b softplus softplus_b mish mish_b\n",
+                 argv[0]);
     return 2;
   }
   const std::string kernel = argv[1];

@@ -241,7 +241,8 @@ struct Selu {
   }
   static constexpr float kBackwardCoreBound = 80.0f;
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
-    return x <= 0.0f ? g * float(kSeluScale * kSeluAlpha) * math::exp_core(x) : g * float(kSeluScale);
+    return x <= 0.0f ? g * float(kSeluScale * kSeluAlpha) * math::exp_core(x)
+                     : g * float(kSeluScale);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
