@@ -340,17 +340,24 @@ class KeepCursor {
 #endif
 };
 
-// Splits [0, size) into one slice per thread (boundaries on multiples of
-// kSliceAlign) and walks each; make_body(begin, end) builds a slice's body.
-template <int N, class MakeBody>
-void run_slices(const StridedLoop<N>& loop, char* const base[N], const int sizes[N],
-                MakeBody make_body) {
-  const int64_t size = loop.size;
+// Splits [0, size) into one slice per thread, boundaries on multiples of
+// kSliceAlign, and calls fn(begin, end) for each on the pool.
+template <class Fn> void for_each_slice(int64_t size, Fn fn) {
   if (size == 0) return;
   const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
   parallel_for(slices, [&](int64_t s) {
     const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~(kSliceAlign - 1);
     const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~(kSliceAlign - 1);
+    fn(begin, end);
+  });
+}
+
+// Walks each slice of for_each_slice; make_body(begin, end) builds a
+// slice's body.
+template <int N, class MakeBody>
+void run_slices(const StridedLoop<N>& loop, char* const base[N], const int sizes[N],
+                MakeBody make_body) {
+  for_each_slice(loop.size, [&](int64_t begin, int64_t end) {
     auto body = make_body(begin, end);
     loop.walk(base, sizes, begin, end, body);
     body.finish();
@@ -621,11 +628,7 @@ bool bias_act_forward_rows(const ActivationParams& params, const DropoutSpec& sp
   const T* bp = static_cast<const T*>(bias.data);
   T* op = static_cast<T*>(out.data);
   const bool stream = streams<T>(size);
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
-  parallel_for(slices, [&](int64_t s) {
-    const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~(kSliceAlign - 1);
-    const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~(kSliceAlign - 1);
-    if (begin == end) return;
+  for_each_slice(size, [&](int64_t begin, int64_t end) {
     KeepCursor cursor(spec, begin, end);
     const T scale = T(spec.scale);
     const auto piece = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
@@ -782,11 +785,7 @@ void dropout_apply(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y
 }
 
 void dropout_mask(const DropoutSpec& spec, int64_t n) {
-  if (n == 0) return;
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), n / kGrain));
-  parallel_for(slices, [&](int64_t s) {
-    const int64_t begin = s == 0 ? 0 : (n * s / slices) & ~(kSliceAlign - 1);
-    const int64_t end = s == slices - 1 ? n : (n * (s + 1) / slices) & ~(kSliceAlign - 1);
+  for_each_slice(n, [&](int64_t begin, int64_t end) {
     KeepCursor cursor(spec, begin, end);
     cursor.bit_pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t, int64_t) {});
   });

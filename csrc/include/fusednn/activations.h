@@ -92,7 +92,7 @@ struct Sigmoid {
   // 1 / (1 + e) above zero, e / (1 + e) below: one division.
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     const float numerator = x >= 0.0f ? 1.0f : e_rounded;
     return numerator / (1.0f + e_rounded);
   }
@@ -109,7 +109,7 @@ struct Sigmoid {
   static constexpr float kBackwardCoreBound = 64.0f;
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     return g * (e_rounded / math::one_plus_squared(e_rounded));
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
@@ -148,7 +148,7 @@ struct Tanh {
   static constexpr float kBackwardCoreBound = 40.0f;
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(2.0f * math::magnitude(x));
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     return g * (4.0f * e_rounded / math::one_plus_squared(e_rounded));
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
@@ -483,7 +483,7 @@ struct GeluTanh {
     float hi, lo;
     two_u_pair(t, t * t, hi, lo);
     const math::ExpParts e = math::exp_neg_pair_core(hi, lo);
-    const float q = fmadd(e.scale, e.m1, e.scale) + 1.0f;
+    const float q = e.rounded() + 1.0f;
     const float numerator = x < 0.0f ? e.scale * fmadd(x, e.m1, x) : x;
     const float x_sq = x * x;
     const float central = fmadd(x_sq, central_half_tanh_ratio(x_sq), 0.5f * x);
@@ -534,7 +534,7 @@ struct GeluTanh {
     float hi, lo;
     two_u_pair(t, sq, hi, lo);
     const math::ExpParts e = math::exp_neg_pair_core(hi, lo);
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     const float q = 1.0f + e_rounded;
     const float below_sum = q_minus_slope(t, sq, e_rounded, q);
     const float above_sum = fmadd(t, fmadd(kSlopeCubic, sq, kLinearHi), -q);  // |x| 2u' - q
@@ -617,7 +617,7 @@ struct Silu {
   // unrounded in the product x e. One division serves both signs.
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     const float numerator = x >= 0.0f ? x : e.scale * fmadd(x, e.m1, x);
     return numerator / (1.0f + e_rounded);
   }
@@ -642,7 +642,7 @@ struct Silu {
   // 1 + e (x - q) / q^2 above zero, e (q + x) / q^2 below, q = 1 + e.
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     const bool positive = x >= 0.0f;
     const float numerator = positive ? x - (1.0f + e_rounded) : (1.0f + x) + e_rounded;
     const float ratio = numerator / math::one_plus_squared(e_rounded);
@@ -777,14 +777,14 @@ struct SoftplusUnitBeta : SoftplusWith<true> {
   // product: below zero it is the whole result.
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams& p) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
-    const float ratio = log1p_ratio(fmadd(e.scale, e.m1, e.scale));
+    const float ratio = log1p_ratio(e.rounded());
     const float log_term = e.scale * fmadd(e.m1, ratio, ratio);
     const float sp = x > 0.0f ? x + log_term : log_term;
     return x > float(p.b) ? x : sp;
   }
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams& p) {
     const math::ExpParts e = math::exp_neg_core(math::magnitude(x));
-    const float e_rounded = fmadd(e.scale, e.m1, e.scale);
+    const float e_rounded = e.rounded();
     return x > float(p.b) ? g : g * math::sigmoid_from_exp(x, e_rounded);
   }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
@@ -847,7 +847,7 @@ struct Mish {
   FUSEDNN_HD static SoftplusTanhF32 softplus_tanh_core(float t, bool positive) {
     SoftplusTanhF32 s;
     s.parts = math::exp_neg_core(t);
-    s.e = fmadd(s.parts.scale, s.parts.m1, s.parts.scale);
+    s.e = s.parts.rounded();
     const float c = positive ? 1.0f : 2.0f;
     s.den = fmadd(positive ? 2.0f * s.e : s.e, s.e + c, c);
     return s;

@@ -179,6 +179,8 @@ template <class T> FUSEDNN_HD double exp_scaled_wide(T x) {
 struct ExpParts {
   float scale;
   float m1;
+  // scale (1 + m1) rounded once.
+  FUSEDNN_HD float rounded() const { return fmadd(scale, m1, scale); }
 };
 
 FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
@@ -215,8 +217,7 @@ FUSEDNN_HD ExpParts exp_neg_core(float x) {
 
 // e^x for |x| <= 80, rounded: within about 1 ulp.
 FUSEDNN_HD float exp_core(float x) {
-  const ExpParts e = exp_neg_core(-x);
-  return fmadd(e.scale, e.m1, e.scale);
+  return exp_neg_core(-x).rounded();
 }
 
 // exp_neg_core of an argument carried as a pair hi + lo, |hi| <= 80 and
