@@ -300,6 +300,7 @@ struct GeluErf {
     float t;
     float sq;
     math::ExpParts gauss;
+    float inv_d;
     float w;
     float k;
     float k_minus_eighth;
@@ -312,9 +313,9 @@ struct GeluErf {
     c.gauss = math::exp_neg_half_square_core(c.sq, fmadd(c.t, c.t, -c.sq));
     const float d = c.t + 4.0f;
     const float d_lo = c.t - (d - 4.0f);
-    const float inv_d = 1.0f / d;
-    c.mills_m1 = fmadd(-inv_d, d_lo, fmadd(-inv_d, d, 1.0f));
-    c.w = 8.0f * inv_d;
+    c.inv_d = 1.0f / d;
+    c.mills_m1 = fmadd(-c.inv_d, d_lo, fmadd(-c.inv_d, d, 1.0f));
+    c.w = 8.0f * c.inv_d;
     c.k_minus_eighth = k_core_minus_eighth(fmadd(-c.w, c.mills_m1, 1.0f - c.w));
     c.k = kEighth + c.k_minus_eighth;
     return c;
@@ -329,8 +330,10 @@ struct GeluErf {
     const CoreTerms c = core_terms(x);
     const float m1 = fmadd(c.gauss.m1, c.mills_m1, c.gauss.m1 + c.mills_m1);
     const float w_part = fmadd(c.k, m1, c.k_minus_eighth);
-    const float tail = c.gauss.scale * fmadd(c.w, w_part, c.w * kEighth);
-    return x <= 0.0f ? x * tail : fmadd(-x, tail, x);  // -0 * tail keeps -0
+    const float tail = c.gauss.scale * fmadd(c.w, w_part, c.inv_d);  // w / 8 = 1 / d
+    // x tail below zero, x - x tail above, as -|x| tail + (x or -0): the
+    // zeros keep their sign, since -0 + -0 is -0 and -0 + +0 is +0.
+    return fmadd(-c.t, tail, x >= 0.0f ? x : -0.0f);
   }
   // Beyond the core: the tail, where Phi(-t) reaches the subnormals, and
   // the special values.
