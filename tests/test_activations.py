@@ -488,6 +488,36 @@ def test_large_array(name, large_input, restore_threads):
     assert same_bits(fn.activation_backward(name, g, x=x), gi)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["relu", "gelu", "sigmoid"])
+def test_streamed_lines_at_any_alignment(name, dtype, restore_simd):
+    """Outputs past the stream threshold leave a line at a time from
+    registers once their start is 64-byte aligned: an output view that
+    starts one element past a line, and a length that ends mid-line, give
+    the bits of small, unstreamed calls on every SIMD path (relu: no core
+    form; gelu: core blocks; sigmoid: its derivative also from y)."""
+    n = (17 << 20) // np.dtype(dtype).itemsize + 3
+    x = random_normals(dtype, n, seed=21)
+    x[::4097] = 8.5  # some blocks outside the core ranges
+    g = grad_for(x)
+    buffer = np.empty(n + 64 // x.itemsize, dtype)
+    start = (-(buffer.ctypes.data // x.itemsize) + 1) % (64 // x.itemsize)
+    out = buffer[start:start + n]
+    assert out.ctypes.data % 64 == x.itemsize
+    pieces = range(0, n, 1 << 16)
+    for path in _cpu.available_simd():
+        _cpu.set_simd(path)
+        y = np.concatenate([fn.activation(name, x[i:i + (1 << 16)]) for i in pieces])
+        assert same_bits(fn.activation(name, x, out=out), y), path
+        dx = np.concatenate([fn.activation_backward(name, g[i:i + (1 << 16)], x=x[i:i + (1 << 16)])
+                             for i in pieces])
+        assert same_bits(fn.activation_backward(name, g, x=x, out=out), dx), path
+        if accepts_output(name, {}):
+            dy = np.concatenate([fn.activation_backward(name, g[i:i + (1 << 16)], y=y[i:i + (1 << 16)])
+                                 for i in pieces])
+            assert same_bits(fn.activation_backward(name, g, y=y, out=out), dy), path
+
+
 def _determinism_input(dtype, n=200_003):
     """Larger than three threads' grains, not a multiple of any vector width,
     with every kind of special value spread through it."""

@@ -15,8 +15,8 @@ namespace fusednn {
 namespace cpu {
 namespace FUSEDNN_ISA {
 
-// out[k] = finish(k, act(z(k))) for k in [0, m).
-template <class Op, class T, class Input, class Finish>
+// out[k] = finish(k, act(z(k))) for k in [0, m); kStream as in write_run.
+template <class Op, bool kStream = false, class T, class Input, class Finish>
 inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z, Finish finish) {
   if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
@@ -25,15 +25,17 @@ inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z,
     const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return finish(k, Op::template forward<T>(z(k), q));
     };
-    run_core_blocks(out, m, Op::kForwardCoreBound, z, core, full);
+    run_core_blocks<kStream>(out, m, Op::kForwardCoreBound, z, core, full);
   } else {
-#pragma omp simd
-    for (int64_t k = 0; k < m; ++k) out[k] = finish(k, Op::template forward<T>(z(k), q));
+    write_run<kStream>(out, m, [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+      return finish(k, Op::template forward<T>(z(k), q));
+    });
   }
 }
 
-// out[k] = dy(k) act'(z(k)) for k in [0, m), the derivative formed from x.
-template <class Op, class T, class Input, class Grad>
+// out[k] = dy(k) act'(z(k)) for k in [0, m), the derivative formed from x;
+// kStream as in write_run.
+template <class Op, bool kStream = false, class T, class Input, class Grad>
 inline void activation_backward_run(T* out, int64_t m, const ActivationParams q, Input z,
                                     Grad dy) {
   if constexpr (std::is_same_v<T, float> && HasBackwardCore<Op>::value) {
@@ -43,10 +45,11 @@ inline void activation_backward_run(T* out, int64_t m, const ActivationParams q,
     const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return Op::template backward_x<T>(dy(k), z(k), q);
     };
-    run_core_blocks(out, m, Op::kBackwardCoreBound, z, core, full);
+    run_core_blocks<kStream>(out, m, Op::kBackwardCoreBound, z, core, full);
   } else {
-#pragma omp simd
-    for (int64_t k = 0; k < m; ++k) out[k] = Op::template backward_x<T>(dy(k), z(k), q);
+    write_run<kStream>(out, m, [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+      return Op::template backward_x<T>(dy(k), z(k), q);
+    });
   }
 }
 

@@ -28,12 +28,12 @@ void forward_typed(const ActivationParams& params, const ArrayRef& x, const Arra
       T* out = reinterpret_cast<T*>(ptr[1]);
       const ActivationParams local = p;
       if (inner[0] == 1 && inner[1] == 1) {
-        produce(out, len, stream, [&](T* dst, int64_t start, int64_t count) {
+        produce_lines(out, len, stream, [&](T* dst, int64_t start, int64_t count, auto streamed) {
           const T* src = in + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
           const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
           const auto as_is = [](int64_t, T y) FUSEDNN_INLINE_LAMBDA { return y; };
-          activation_run<Op>(dst, count, q, input, as_is);
+          activation_run<Op, decltype(streamed)::value>(dst, count, q, input, as_is);
         });
       } else {
         for (int64_t i = 0; i < len; ++i)
@@ -72,17 +72,19 @@ void backward_typed(const ActivationParams& params, const ArrayRef& g, const Arr
       T* out = reinterpret_cast<T*>(ptr[2]);
       const ActivationParams local = p;
       if (inner[0] == 1 && inner[1] == 1 && inner[2] == 1) {
-        produce(out, len, stream, [&](T* dst, int64_t start, int64_t count) {
+        produce_lines(out, len, stream, [&](T* dst, int64_t start, int64_t count, auto streamed) {
+          constexpr bool kStream = decltype(streamed)::value;
           const T* gs = grad + start;
           const T* vs = value + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
           if constexpr (kFromOutput) {
-#pragma omp simd
-            for (int64_t i = 0; i < count; ++i) dst[i] = one(gs[i], vs[i], q);
+            write_run<kStream>(dst, count, [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+              return one(gs[i], vs[i], q);
+            });
           } else {
             const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
             const auto grad_at = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return gs[i]; };
-            activation_backward_run<Op>(dst, count, q, input, grad_at);
+            activation_backward_run<Op, kStream>(dst, count, q, input, grad_at);
           }
         });
       } else {
