@@ -8,6 +8,7 @@ CuPy array arrives, so fusednn never needs it to import.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -28,7 +29,11 @@ _CUDA_DTYPE_CODES = {np.dtype(d): code for code, d in enumerate(SUPPORTED_CUDA_D
 
 
 def is_cupy_array(a) -> bool:
-    return type(a).__module__.split(".")[0] == "cupy"
+    kind = type(a)
+    if kind is np.ndarray:  # the common case, checked first: calls are often small
+        return False
+    module = kind.__module__
+    return module == "cupy" or module.startswith("cupy.")
 
 
 def cuda_unavailable(function: str) -> Exception:
@@ -47,6 +52,11 @@ def device_of(function: str, **arrays) -> str:
     """'cuda' when the given arrays (None skipped) are CuPy arrays, 'cpu'
     otherwise. Mixing the two is a TypeError, a CuPy array without the
     CUDA module a RuntimeError; both name the fix."""
+    for a in arrays.values():
+        if a is not None and type(a) is not np.ndarray:
+            break
+    else:
+        return "cpu"
     on_gpu = [name for name, a in arrays.items() if a is not None and is_cupy_array(a)]
     if not on_gpu:
         return "cpu"
@@ -155,6 +165,8 @@ def as_cpu_array(x, name: str, function: str) -> np.ndarray:
 
 
 def check_dtype(dtype, name: str, function: str) -> None:
+    if dtype in _SUPPORTED:
+        return
     if np.dtype(dtype) not in _SUPPORTED and np.dtype(dtype).newbyteorder("=") not in _SUPPORTED:
         raise TypeError(f"fusednn.{function}: {name} has dtype {np.dtype(dtype)}; "
                         f"supported dtypes are {', '.join(SUPPORTED_DTYPES)}")
@@ -183,9 +195,10 @@ def prepare_out(out, shape, dtype, function: str) -> np.ndarray:
         raise ValueError(f"fusednn.{function}: out has shape {out.shape}, expected {tuple(shape)}")
     if out.dtype != dtype:
         raise ValueError(f"fusednn.{function}: out has dtype {out.dtype}, expected {np.dtype(dtype)}")
-    if not out.flags.writeable:
+    flags = out.flags
+    if not flags.writeable:
         raise ValueError(f"fusednn.{function}: out is read-only")
-    if not out.flags.aligned:
+    if not flags.aligned:
         raise ValueError(f"fusednn.{function}: out is not aligned to its item size")
     return out
 
@@ -199,12 +212,14 @@ def detach_from_out(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Elementwise kernels may write out while reading x when both are the
     same view (in place); any other overlap would read already-written
     values, so x is copied first."""
-    if out is x or _same_view(x, out) or not np.may_share_memory(x, out):
+    if out is x or not np.may_share_memory(x, out) or _same_view(x, out):
         return x
     return x.copy()
 
 
 def check_real(value, name: str, function: str) -> float:
+    if type(value) is float and math.isfinite(value):  # the common case, checked first
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"fusednn.{function}: {name} must be a real number, "
                         f"not {type(value).__name__}")

@@ -41,9 +41,13 @@ def _check_name(name: str, function: str) -> None:
 def _kernel_params(name: str, params: dict, function: str):
     """Validates an activation's keyword parameters and maps them to the
     kernel's (a, b, tanh_approximation)."""
+    if not params:
+        cached = _DEFAULT_KERNEL_PARAMS.get(name)
+        if cached is not None:
+            return cached
     allowed = _PARAMETERS.get(name, {})
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
+    if any(key not in allowed for key in params):
+        unknown = sorted(set(params) - set(allowed))
         accepted = ", ".join(allowed) if allowed else "no parameters"
         raise TypeError(f"fusednn.{function}: {name} got unexpected parameter(s) "
                         f"{', '.join(unknown)} (it takes {accepted})")
@@ -69,6 +73,12 @@ def _kernel_params(name: str, params: dict, function: str):
             raise ValueError(f"fusednn.{function}: min_val ({lo}) must not exceed max_val ({hi})")
         return lo, hi, False
     return 0.0, 0.0, False
+
+
+# The kernel parameters of each activation called without keywords (filled
+# once, below, by the checks themselves).
+_DEFAULT_KERNEL_PARAMS: dict = {}
+_DEFAULT_KERNEL_PARAMS.update({name: _kernel_params(name, {}, name) for name in ACTIVATIONS})
 
 
 def activation(name: str, x, *, out=None, **params):
