@@ -10,6 +10,7 @@ docs/cuda.md for the GPU.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -22,7 +23,8 @@ __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
 
 
 def _channel_axis(axis, ndim: int, function: str) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if type(axis) is not int and (isinstance(axis, bool)
+                                  or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"fusednn.{function}: axis must be an integer, not {type(axis).__name__}")
     if not -ndim <= axis < ndim:
         raise ValueError(f"fusednn.{function}: axis {axis} is out of range for an array "
@@ -43,16 +45,17 @@ def _per_channel(a, name: str, channels: int, function: str, *, dtype=None,
         raise TypeError(f"fusednn.{function}: {name} must be a numpy array or None, "
                         f"not {type(a).__name__}")
     _backend.check_dtype(a.dtype, name, function)
-    if dtype is not None and a.dtype.newbyteorder("=") != dtype:
+    if dtype is not None and a.dtype != dtype and a.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"fusednn.{function}: {name} has dtype {a.dtype}; it must match "
                         f"x's dtype {np.dtype(dtype)}")
     if a.shape != (channels,):
         raise ValueError(f"fusednn.{function}: {name} has shape {a.shape}; expected "
                          f"({channels},), one value per channel")
     if writable:
-        if not a.flags.writeable:
+        flags = a.flags
+        if not flags.writeable:
             raise ValueError(f"fusednn.{function}: {name} is read-only but is updated in place")
-        if not a.dtype.isnative or not a.flags.aligned:
+        if not a.dtype.isnative or not flags.aligned:
             raise ValueError(f"fusednn.{function}: {name} is updated in place and must be "
                              "aligned and in native byte order")
         return a
@@ -69,7 +72,7 @@ def _channel_viewable(x, axis: int):
     """x (numpy or CuPy) itself when the dimensions before and after the
     channel axis each merge into one strided extent (what the reductions
     walk), else one contiguous copy."""
-    if x.size == 0 or (_merges(x.shape[:axis], x.strides[:axis])
+    if x.size == 0 or x.flags.c_contiguous or (_merges(x.shape[:axis], x.strides[:axis])
                        and _merges(x.shape[axis + 1:], x.strides[axis + 1:])):
         return x
     if _backend.is_cupy_array(x):
@@ -92,7 +95,7 @@ def _settings(training, momentum, eps, function: str):
 
 
 def _values_per_channel(shape: tuple, axis: int) -> int:
-    return int(np.prod(shape[:axis] + shape[axis + 1:]))
+    return math.prod(shape[:axis] + shape[axis + 1:])
 
 
 # ---- CuPy arrays (CUDA kernels) ----------------------------------------------
