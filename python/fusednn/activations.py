@@ -38,13 +38,9 @@ def _check_name(name: str, function: str) -> None:
                          f"choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _kernel_params(name: str, params: dict, function: str):
+def _validated_kernel_params(name: str, params: dict, function: str):
     """Validates an activation's keyword parameters and maps them to the
     kernel's (a, b, tanh_approximation)."""
-    if not params:
-        cached = _DEFAULT_KERNEL_PARAMS.get(name)
-        if cached is not None:
-            return cached
     allowed = _PARAMETERS.get(name, {})
     if any(key not in allowed for key in params):
         unknown = sorted(set(params) - set(allowed))
@@ -75,10 +71,17 @@ def _kernel_params(name: str, params: dict, function: str):
     return 0.0, 0.0, False
 
 
-# The kernel parameters of each activation called without keywords (filled
-# once, below, by the checks themselves).
-_DEFAULT_KERNEL_PARAMS: dict = {}
-_DEFAULT_KERNEL_PARAMS.update({name: _kernel_params(name, {}, name) for name in ACTIVATIONS})
+# The kernel parameters of each activation called without keywords, formed
+# once: most calls pass none.
+_DEFAULT_KERNEL_PARAMS = {name: _validated_kernel_params(name, {}, name) for name in ACTIVATIONS}
+
+
+def _kernel_params(name: str, params: dict, function: str):
+    """_validated_kernel_params, from the table above when params is empty
+    (name is already checked)."""
+    if not params:
+        return _DEFAULT_KERNEL_PARAMS[name]
+    return _validated_kernel_params(name, params, function)
 
 
 def activation(name: str, x, *, out=None, **params):
