@@ -36,22 +36,28 @@ except ImportError:
     torch = None
 
 
-def split_read(reduce, x):
-    """reduce over the two halves of x on two threads (numpy drops the GIL)."""
-    half = x.size // 2
-    worker = threading.Thread(target=reduce, args=(x[half:],))
-    worker.start()
-    reduce(x[:half])
-    worker.join()
+def split_read(reduce, x, parts):
+    """reduce over `parts` slices of x, one thread each (numpy drops the GIL)."""
+    bounds = [x.size * i // parts for i in range(parts + 1)]
+    workers = [threading.Thread(target=reduce, args=(x[lo:hi],))
+               for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    for worker in workers:
+        worker.start()
+    reduce(x[:bounds[1]])
+    for worker in workers:
+        worker.join()
 
 
 def read_candidates(x):
-    """Full reads of x by routines that do little per element."""
-    words = x.reshape(-1).view(np.uint64)
+    """Full reads of x by routines that do little per element, on as many
+    threads as the kernels use where the routine lets us choose."""
     flat = x.reshape(-1)
+    words = flat.view(np.uint64)
+    threads = fn.get_num_threads()
     found = {
         "np.dot(x, x)": lambda: np.dot(flat, flat),
-        "np.bitwise_or.reduce, 2 threads": lambda: split_read(np.bitwise_or.reduce, words),
+        f"np.bitwise_or.reduce, {threads} threads":
+            lambda: split_read(np.bitwise_or.reduce, words, threads),
     }
     if torch is not None:
         flat_t = torch.from_numpy(flat)
