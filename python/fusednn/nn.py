@@ -21,13 +21,18 @@ with respect to its input. ``train()`` / ``eval()`` switch batch norm
 between batch and running statistics and dropout between masking and the
 identity.
 
-Around them: softmax cross-entropy, SGD with momentum, Adam, L1/L2
-penalties, magnitude pruning (masks kept through training) and early
-stopping. Bad options raise when a layer is built; inputs of the wrong
-shape, dtype or device raise on the call that receives them.
+Around them: softmax cross-entropy and mean squared error, SGD with
+momentum, Adam, L1/L2 penalties, magnitude pruning (masks kept through
+training) and early stopping. And the lecture's other heuristics: growing
+a hidden layer while training (``grow``, triggered by ``GrowOnPlateau``),
+per-unit pretraining (``pretrain_units``), autoencoder pretraining
+(``Autoencoder``, ``replace_head``) and pruning by the increase of the
+loss (``prune``). Bad options raise when a layer is built; inputs of the
+wrong shape, dtype or device raise on the call that receives them.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -39,9 +44,11 @@ from .activations import _check_name, _kernel_params, activation, activation_bac
 from .batchnorm import batch_norm, batch_norm_backward
 from .dropout import dropout, dropout_backward
 
-__all__ = ["Activation", "Adam", "BatchNorm", "Dense", "Dropout", "EarlyStopping", "Layer",
-           "Parameter", "SGD", "Sequential", "accuracy", "penalty", "prune_by_magnitude",
-           "softmax", "softmax_cross_entropy", "sparsity"]
+__all__ = ["Activation", "Adam", "Autoencoder", "BatchNorm", "Dense", "Dropout", "EarlyStopping",
+           "GROW_RULES", "GrowOnPlateau", "Layer", "Parameter", "Plateau", "SGD", "Sequential",
+           "accuracy", "grow", "mean_squared_error", "penalty", "pretrain_units", "prune",
+           "prune_by_magnitude", "replace_head", "softmax", "softmax_cross_entropy",
+           "sparsity"]
 
 _DTYPES = ("float32", "float64")
 
@@ -228,13 +235,17 @@ class Dense(Layer):
 
     ``weight`` has PyTorch's shape ``(out_features, in_features)``, so that
     ``fn.init`` computes its fans as PyTorch does. ``init`` is the name of
-    an ``fn.init`` initializer (default ``'glorot_uniform'``) or a callable
-    ``init(shape, *, seed, dtype, device)`` returning the weight. The bias
-    starts at ``bias_init`` (0 by default; PyTorch draws it at random).
+    an ``fn.init`` initializer (default ``'glorot_uniform'``; any of
+    ``fn.init.INITIALIZERS``) or a callable ``init(shape, *, seed, dtype,
+    device)`` returning the weight; ``init_params`` are keyword options for
+    it (``init='he_normal', init_params={'a': 0.1, 'mode': 'fan_out'}``,
+    ``init='orthogonal', init_params={'gain': fn.init.calculate_gain('tanh')}``).
+    The bias starts at ``bias_init`` (0 by default; PyTorch draws it at
+    random).
     """
 
-    def __init__(self, in_features, out_features, *, init="glorot_uniform", bias=True,
-                 bias_init=0.0, seed=None, dtype="float32", device="cpu"):
+    def __init__(self, in_features, out_features, *, init="glorot_uniform", init_params=None,
+                 bias=True, bias_init=0.0, seed=None, dtype="float32", device="cpu"):
         where = "fusednn.nn.Dense"
         self.in_features = _positive_int(in_features, "in_features", where)
         self.out_features = _positive_int(out_features, "out_features", where)
@@ -250,21 +261,39 @@ class Dense(Layer):
         else:
             raise TypeError(f"{where}: init must be an initializer name or a callable, "
                             f"not {type(init).__name__}")
+        if init_params is None:
+            init_params = {}
+        if not isinstance(init_params, dict):
+            raise TypeError(f"{where}: init_params must be a dict of keyword options, not "
+                            f"{type(init_params).__name__}")
+        self.init_name = init if isinstance(init, str) else getattr(init, "__name__", "custom")
+        _check_init_params(initializer, init_params, self.init_name, where)
         if not isinstance(bias, bool):
             raise TypeError(f"{where}: bias must be True or False, not {bias!r}")
         bias_init = _real_in(bias_init, "bias_init", where, -math.inf, math.inf)
+        self._initializer = initializer
+        self.init_params = dict(init_params)
         shape = (self.out_features, self.in_features)
-        weight = initializer(shape, seed=seed, dtype=dt.name, device=device)
-        if (_device(weight) != device or tuple(weight.shape) != shape
-                or weight.dtype != dt):
-            raise ValueError(f"{where}: init returned a {_library(weight)} array of shape "
-                             f"{tuple(weight.shape)} and dtype {weight.dtype}; expected {shape}, "
-                             f"{dt}, on {device}")
-        self.init_name = init if isinstance(init, str) else getattr(init, "__name__", "custom")
+        weight = self._draw(shape, seed, dt.name, device, where)
         self.weight = Parameter(weight, "weight", is_weight=True)
         self.bias = (Parameter(_full(bias_init, (self.out_features,), dt, device), "bias")
                      if bias else None)
         self._x = None
+        # Set by grow: the row and column boundaries of the blocks computed as
+        # separate products until the next backward (see _product).
+        self._blocks = None
+
+    def _draw(self, shape, seed, dtype: str, device: str, where: str):
+        weight = self._initializer(shape, seed=seed, dtype=dtype, device=device,
+                                   **self.init_params)
+        if (_device(weight) != device or tuple(weight.shape) != shape
+                or weight.dtype != np.dtype(dtype)):
+            transposed = " (transposed: weights are (out, in))" if (
+                tuple(weight.shape) == shape[::-1] and shape[0] != shape[1]) else ""
+            raise ValueError(f"{where}: init returned a {_library(weight)} array of shape "
+                             f"{tuple(weight.shape)}{transposed} and dtype {weight.dtype}; "
+                             f"expected {shape}, {dtype}, on {device}")
+        return weight
 
     def __repr__(self) -> str:
         return f"Dense({self.in_features}, {self.out_features}, init={self.init_name!r})"
@@ -278,11 +307,30 @@ class Dense(Layer):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{self!r}: expected input of shape (batch, {self.in_features}), "
                              f"got {tuple(x.shape)}")
-        y = x @ self.weight.value.T
+        y = self._product(x)
         if self.bias is not None:
             y += self.bias.value
         self._x = x
         return y
+
+    def _product(self, x):
+        """x @ weight.T. Right after grow, the units and inputs that existed
+        before are kept in products of their old shapes: BLAS rounds a
+        product differently once the matrix is wider (other tiles), and the
+        model must compute exactly what it computed before it grew. The
+        appended inputs add exact zeros (their weights are 0); the appended
+        units are columns of their own."""
+        w = self.weight.value
+        if self._blocks is None:
+            return x @ w.T
+        rows, cols = self._blocks
+        parts = []
+        for r0, r1 in zip(rows[:-1], rows[1:]):
+            part = x[:, cols[0]:cols[1]] @ w[r0:r1, cols[0]:cols[1]].T
+            for c0, c1 in zip(cols[1:-1], cols[2:]):
+                part += x[:, c0:c1] @ w[r0:r1, c0:c1].T
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else _xp(x).concatenate(parts, axis=1)
 
     def backward(self, grad_output):
         x = self._saved("_x")
@@ -291,11 +339,29 @@ class Dense(Layer):
         if tuple(grad_output.shape) != (x.shape[0], self.out_features):
             raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
                              f"expected {(x.shape[0], self.out_features)}")
+        # A training step follows, after which nothing is to be kept exact.
+        self._blocks = None
         xp = _xp(x)
         xp.matmul(grad_output.T, x, out=self.weight.grad)
         if self.bias is not None:
             grad_output.sum(axis=0, out=self.bias.grad)
         return grad_output @ self.weight.value
+
+
+def _check_init_params(initializer, params: dict, name: str, where: str) -> None:
+    """Unknown options fail when the layer is built, naming the ones the
+    initializer takes."""
+    try:
+        signature = inspect.signature(initializer)
+    except (TypeError, ValueError):  # builtins without a signature: left to the call
+        return
+    try:
+        signature.bind((1, 1), seed=None, dtype="float32", device="cpu", **params)
+    except TypeError:
+        accepted = [p for p, v in signature.parameters.items()
+                    if v.kind == v.KEYWORD_ONLY and p not in ("seed", "dtype", "device")]
+        raise TypeError(f"{where}: init {name!r} does not take {sorted(params)}; its options "
+                        f"are {accepted}") from None
 
 
 class Activation(Layer):
@@ -689,6 +755,18 @@ class _Optimizer:
         raise NotImplementedError
 
 
+def _resized(state, shape):
+    """An optimizer's state for a parameter that ``grow`` widened: grow only
+    appends (units at the end of axis 0, inputs at the end of axis 1), so
+    the old state goes in the leading corner and the new entries start at
+    zero, as for a parameter never updated."""
+    if tuple(state.shape) == tuple(shape):
+        return state
+    wider = _xp(state).zeros(shape, dtype=state.dtype)
+    wider[tuple(slice(0, d) for d in state.shape)] = state
+    return wider
+
+
 class SGD(_Optimizer):
     """Stochastic gradient descent with (heavy-ball) momentum, in PyTorch's
     form: ``v = momentum * v + g; w -= lr * v`` (v starts at g)."""
@@ -705,6 +783,7 @@ class SGD(_Optimizer):
             if v is None:
                 v = self._velocity[index] = grad.copy()
             else:
+                v = self._velocity[index] = _resized(v, p.value.shape)
                 v *= self.momentum
                 v += grad
             grad = v
@@ -742,7 +821,8 @@ class Adam(_Optimizer):
         if self._moments[index] is None:
             xp = _xp(p.value)
             self._moments[index] = (xp.zeros_like(p.value), xp.zeros_like(p.value))
-        m, v = self._moments[index]
+        m, v = (_resized(a, p.value.shape) for a in self._moments[index])
+        self._moments[index] = (m, v)
         m *= b1
         m += (1.0 - b1) * grad
         v *= b2
@@ -795,46 +875,801 @@ def sparsity(parameters) -> float:
     return zeros / total if total else 0.0
 
 
-class EarlyStopping:
-    """Stops training when a validation metric has not improved for
-    ``patience`` checks, keeping a copy of the best model.
+class Plateau:
+    """Tells when a metric has stopped improving: ``update(metric)`` records
+    one check and returns True once ``patience`` checks in a row brought no
+    improvement, where an improvement is ``metric < best - min_delta`` for
+    ``mode='min'`` (a loss, the default) and ``metric > best + min_delta``
+    for ``'max'`` (accuracy). ``reset()`` forgets the best value, e.g.
+    after the model changed (``GrowOnPlateau`` grows it)."""
 
-    ``update(metric, model)`` records one check and returns True when
-    training should stop; an improvement is ``metric > best + min_delta``
-    for ``mode='max'`` (accuracy), ``metric < best - min_delta`` for
-    ``'min'`` (loss). ``restore(model)`` loads the best state back.
-    """
-
-    def __init__(self, patience=5, *, mode="max", min_delta=0.0):
-        where = "fusednn.nn.EarlyStopping"
+    def __init__(self, patience=5, *, mode="min", min_delta=0.0):
+        where = f"fusednn.nn.{type(self).__name__}"
         self.patience = _positive_int(patience, "patience", where)
         if mode not in ("max", "min"):
             raise ValueError(f"{where}: mode must be 'max' or 'min', got {mode!r}")
         self.mode = mode
         self.min_delta = _real_in(min_delta, "min_delta", where, 0.0, math.inf)
+        self.checks = 0
+        self.reset()
+
+    def reset(self) -> None:
         self.best = None
         self.best_check = None
-        self.checks = 0
-        self.best_state = None
         self._since_best = 0
 
-    def update(self, metric, model: Layer) -> bool:
-        if not isinstance(model, Layer):
-            raise TypeError("fusednn.nn.EarlyStopping.update: model must be a fusednn.nn layer")
-        metric = _real_in(metric, "metric", "fusednn.nn.EarlyStopping.update",
+    def _record(self, metric) -> bool:
+        """Records one check; returns whether it improved on the best."""
+        metric = _real_in(metric, "metric", f"fusednn.nn.{type(self).__name__}.update",
                           -math.inf, math.inf)
         improved = (self.best is None
                     or (metric > self.best + self.min_delta if self.mode == "max"
                         else metric < self.best - self.min_delta))
         if improved:
             self.best, self.best_check, self._since_best = metric, self.checks, 0
-            self.best_state = model.state()
         else:
             self._since_best += 1
         self.checks += 1
+        return improved
+
+    def update(self, metric) -> bool:
+        self._record(metric)
+        return self._since_best >= self.patience
+
+
+class EarlyStopping(Plateau):
+    """Stops training when a validation metric has not improved for
+    ``patience`` checks (``Plateau``'s rule), keeping a copy of the best
+    model.
+
+    ``update(metric, model)`` records one check and returns True when
+    training should stop; ``mode`` defaults to ``'max'`` (accuracy).
+    ``restore(model)`` loads the best state back.
+    """
+
+    def __init__(self, patience=5, *, mode="max", min_delta=0.0):
+        super().__init__(patience, mode=mode, min_delta=min_delta)
+        self.best_state = None
+
+    def update(self, metric, model: Layer) -> bool:
+        if not isinstance(model, Layer):
+            raise TypeError("fusednn.nn.EarlyStopping.update: model must be a fusednn.nn layer")
+        if self._record(metric):
+            self.best_state = model.state()
         return self._since_best >= self.patience
 
     def restore(self, model: Layer) -> None:
         if self.best_state is None:
             raise RuntimeError("fusednn.nn.EarlyStopping.restore: no check recorded yet")
         model.load_state(self.best_state)
+
+
+# ---- helpers for whole-model procedures ------------------------------------------
+
+
+def _flat_layers(model, where: str) -> list[Layer]:
+    """The layers a Sequential applies, nested Sequentials expanded in place."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"{where}: model must be a fusednn.nn.Sequential, not "
+                        f"{type(model).__name__}")
+    flat = []
+    for layer in model.layers:
+        flat.extend(_flat_layers(layer, where) if isinstance(layer, Sequential) else [layer])
+    return flat
+
+
+def _position(layers: list[Layer], layer, where: str) -> int:
+    for i, candidate in enumerate(layers):
+        if candidate is layer:
+            if not isinstance(layer, Dense):
+                raise TypeError(f"{where}: {layer!r} is not a Dense layer")
+            return i
+    raise ValueError(f"{where}: {layer!r} is not a layer of the model")
+
+
+def _check_data(data, like, where: str):
+    """data=(x, labels): x (n, features) on like's device and of its dtype,
+    labels n integer class indices."""
+    if data is None:
+        raise ValueError(f"{where}: needs data=(x, labels) to evaluate the loss on")
+    try:
+        x, labels = data
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: data must be a pair (x, labels), got "
+                        f"{type(data).__name__}") from None
+    x = _check_array(x, "data's x", where)
+    labels = _check_array(labels, "data's labels", where)
+    _check_matches(x, like, "data's x", where)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{where}: data's x must be (samples, features) with samples > 0, "
+                         f"got {tuple(x.shape)}")
+    if _device(labels) != _device(x) or labels.dtype.kind not in "iu" or (
+            tuple(labels.shape) != (x.shape[0],)):
+        raise ValueError(f"{where}: data's labels must be {x.shape[0]} integer class indices "
+                         f"on x's device, got {_library(labels)} {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}")
+    return x, labels
+
+
+def _generator(seed, where: str) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or seed < 0):
+        raise ValueError(f"{where}: seed must be a non-negative int, None or a "
+                         f"numpy.random.Generator, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+def _per_sample_loss(logits, labels):
+    """softmax_cross_entropy of each row, in float64 so that differences of
+    mean losses keep the digits they are ranked by."""
+    logits, labels = _check_logits_labels(logits, labels, "fusednn.nn")
+    xp = _xp(logits)
+    z = logits.astype(np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    return xp.log(xp.exp(shifted).sum(axis=1)) - shifted[xp.arange(z.shape[0]), labels]
+
+
+def _forward(layers: list[Layer], x):
+    for layer in layers:
+        x = layer.forward(x)
+    return x
+
+
+class _Evaluating:
+    """Runs a block with the model in eval mode and every Dense's pending
+    growth blocks kept, whatever the block's forward and backward calls do."""
+
+    def __init__(self, model: Layer, layers: list[Layer]):
+        self.model, self.layers = model, layers
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.blocks = [(layer, layer._blocks) for layer in self.layers
+                       if isinstance(layer, Dense)]
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+        for layer, blocks in self.blocks:
+            layer._blocks = blocks
+        return False
+
+
+def mean_squared_error(output, target):
+    """``mean((output - target)^2)`` over all elements (PyTorch's MSELoss)
+    and its gradient ``2 (output - target) / size``; returns ``(loss,
+    grad)`` like ``softmax_cross_entropy``."""
+    where = "fusednn.nn.mean_squared_error"
+    output = _check_array(output, "output", where)
+    target = _check_array(target, "target", where)
+    if output.shape != target.shape or output.size == 0:
+        raise ValueError(f"{where}: output {tuple(output.shape)} and target "
+                         f"{tuple(target.shape)} must have one non-empty shape")
+    _check_matches(target, output, "target", where)
+    diff = output - target
+    return float((diff * diff).mean()), diff * (2.0 / diff.size)
+
+
+# ---- growing a network -----------------------------------------------------------
+
+GROW_RULES = ("subsample", "hardest", "input_subset", "restarts")
+# How the rules train a new unit (full-batch Adam on the rule's data):
+GROW_SUBSAMPLE = 0.5   # "subsample": this fraction of the samples, drawn at random
+GROW_HARDEST = 0.25    # "hardest": this fraction of the samples, those of largest loss
+GROW_INPUTS = 0.5      # "input_subset": each new unit sees this fraction of the inputs
+GROW_RESTARTS = 5      # "restarts": this many random starts, the best one kept
+GROW_STEPS = 100
+GROW_LR = 0.01
+
+
+def grow(model, layer, *, units=1, rule="subsample", data=None, seed=None) -> int:
+    """Adds ``units`` units to the Dense ``layer`` of ``model`` in place and
+    returns its new width; right after the call the model computes exactly
+    what it computed before.
+
+    The layer's outputs widen, and with them the inputs of the next Dense
+    and any BatchNorm between the two (Activation and Dropout layers there
+    are elementwise and need nothing). The new units' outgoing weights (the
+    next Dense's new columns) are zero, so they add nothing yet, and the
+    existing products keep their old shapes until the next backward (see
+    Dense), so the outputs match bit for bit. In training mode a Dropout
+    between the layers draws its masks over the wider array, so its random
+    draw differs; the function it draws from does not.
+
+    The new units' incoming weights and bias are not random: they are
+    trained, as the lecture has it, to fit the error the network makes
+    now. With everything else fixed, the units, followed by copies of the
+    layers between and a linear readout, are fitted by least squares to
+    the residual ``-dLoss/dz`` (per sample) at the next Dense's output z,
+    the direction in which a new column of that Dense would lower the loss
+    fastest: once backpropagation resumes, the zero outgoing weights get a
+    large gradient at once. Which data the fit sees is the ``rule``:
+
+    - ``'subsample'``: a random ``GROW_SUBSAMPLE`` of the samples;
+    - ``'hardest'``: the ``GROW_HARDEST`` of the samples with the largest loss;
+    - ``'input_subset'``: all samples, each new unit connected to a random
+      ``GROW_INPUTS`` of the layer's inputs (its other weights stay zero);
+    - ``'restarts'``: all samples, from ``GROW_RESTARTS`` random starts,
+      keeping the fit of least error.
+
+    ``data=(x, labels)``: the model's inputs and class labels; the loss is
+    ``softmax_cross_entropy`` of the model's output, computed in eval mode.
+    ``seed``: int, None or a numpy Generator, for the draws of the rule and
+    the new units' starting weights (the layer's own ``init``). Optimizer
+    state (momentum, Adam's moments) and pruning masks widen with the
+    parameters: the new entries start at zero, and unpruned.
+    """
+    where = "fusednn.nn.grow"
+    layers = _flat_layers(model, where)
+    position = _position(layers, layer, where)
+    units = _positive_int(units, "units", where)
+    if rule not in GROW_RULES:
+        raise ValueError(f"{where}: rule must be one of {', '.join(GROW_RULES)}, got {rule!r}")
+    between, following = [], None
+    for candidate in layers[position + 1:]:
+        if isinstance(candidate, Dense):
+            following = candidate
+            break
+        if not isinstance(candidate, (Activation, BatchNorm, Dropout)):
+            raise ValueError(f"{where}: {candidate!r} follows {layer!r}; only Activation, "
+                             "BatchNorm and Dropout layers may stand before the next Dense")
+        between.append(candidate)
+    if following is None:
+        raise ValueError(f"{where}: {layer!r} is the model's last Dense; its outputs are the "
+                         "model's outputs, grow a hidden layer")
+    x, labels = _check_data(data, layer.weight.value, where)
+    if x.shape[0] < 2:
+        raise ValueError(f"{where}: data must hold at least 2 samples")
+    rng = _generator(seed, where)
+    end = layers.index(following)
+
+    with _Evaluating(model, layers):
+        inputs = _forward(layers[:position], x)
+        z = _forward(layers[position:end + 1], inputs)
+        logits = _forward(layers[end + 1:], z)
+        losses = _per_sample_loss(logits, labels)
+        _, grad = softmax_cross_entropy(logits, labels)
+        for later in reversed(layers[end + 1:]):
+            grad = later.backward(grad)
+    residual = grad * (-float(x.shape[0]))
+
+    xp = _xp(x)
+    n, k = inputs.shape
+    rows, mask = None, None
+    if rule == "subsample":
+        rows = xp.asarray(rng.choice(n, max(2, round(GROW_SUBSAMPLE * n)), replace=False))
+    elif rule == "hardest":
+        order = np.argsort(-_to_numpy(losses), kind="stable")
+        rows = xp.asarray(order[:max(2, round(GROW_HARDEST * n))])
+    elif rule == "input_subset":
+        chosen = max(1, round(GROW_INPUTS * k))
+        mask = np.zeros((units, k), dtype=inputs.dtype)
+        for row in mask:
+            row[rng.choice(k, chosen, replace=False)] = 1
+        mask = xp.asarray(mask)
+    fit_inputs = inputs if rows is None else inputs[rows]
+    fit_target = residual if rows is None else residual[rows]
+    starts = GROW_RESTARTS if rule == "restarts" else 1
+    candidate = min((_fit_units(layer, between, following, fit_inputs, fit_target, units,
+                                rng, mask) for _ in range(starts)),
+                    key=lambda fitted: fitted[0])[1]
+    _install_units(layer, between, following, candidate, inputs, units)
+    return layer.out_features
+
+
+def _to_numpy(a):
+    return a.get() if _backend.is_cupy_array(a) else np.asarray(a)
+
+
+def _fit_units(layer: Dense, between, following: Dense, inputs, target, units, rng, mask):
+    """Trains new units (with copies of the layers between and a readout) to
+    fit the residual; returns (final mean squared error, the small model)."""
+    dtype, device = layer.weight.value.dtype.name, _device(layer.weight.value)
+    wide = (layer.out_features + units, layer.in_features)
+    dense = Dense(layer.in_features, units, init=_rows_of(layer, wide), bias=layer.bias is not None,
+                  seed=rng, dtype=dtype, device=device)
+    if mask is not None:
+        dense.weight.mask = mask
+        dense.weight.value *= mask
+    copies = []
+    for b in between:
+        if isinstance(b, Activation):
+            copies.append(Activation(b.name, **b.params))
+        elif isinstance(b, BatchNorm):
+            copies.append(BatchNorm(units, axis=b.axis, momentum=b.momentum, eps=b.eps,
+                                    affine=b.gamma is not None, dtype=dtype, device=device))
+    readout = Dense(units, following.out_features, bias=False, seed=rng, dtype=dtype,
+                    device=device)
+    model = Sequential(dense, *copies, readout)
+    optimizer = Adam(model.parameters(), lr=GROW_LR)
+    for _ in range(GROW_STEPS):
+        _, grad = mean_squared_error(model(inputs), target)
+        model.backward(grad)
+        optimizer.step()
+    error, _ = mean_squared_error(model(inputs), target)
+    return error, model
+
+
+def _rows_of(layer: Dense, wide: tuple[int, int]):
+    """An initializer drawing the last rows of the layer's own initializer at
+    its grown shape, so new units start as the layer's units did."""
+    def initializer(shape, *, seed, dtype, device):
+        return layer._initializer(wide, seed=seed, dtype=dtype, device=device,
+                                  **layer.init_params)[wide[0] - shape[0]:]
+    initializer.__name__ = layer.init_name
+    return initializer
+
+
+def _install_units(layer: Dense, between, following: Dense, candidate: Sequential, inputs,
+                   units: int) -> None:
+    """Appends the trained units to the layer, their channels to any
+    BatchNorm between, and zero columns to the next Dense."""
+    xp = _xp(inputs)
+    dense = candidate.layers[0]
+    old_out, old_in = layer.out_features, following.in_features
+
+    def widen(p: Parameter, extra, axis: int, mask_value=1.0):
+        p.value = xp.concatenate([p.value, extra.astype(p.value.dtype)], axis=axis)
+        p.grad = xp.zeros_like(p.value)
+        if p.mask is not None:
+            p.mask = xp.concatenate([p.mask, xp.full(extra.shape, mask_value, p.mask.dtype)],
+                                    axis=axis)
+
+    widen(layer.weight, dense.weight.value, 0)
+    if layer.bias is not None:
+        widen(layer.bias, dense.bias.value, 0)
+    pre = dense.forward(inputs)  # the new units' pre-activations on all the data
+    copies = iter(c for c in candidate.layers[1:-1] if isinstance(c, BatchNorm))
+    for b in between:
+        if isinstance(b, BatchNorm):
+            trained = next(copies)
+            if b.gamma is not None:
+                widen(b.gamma, trained.gamma.value, 0)
+                widen(b.beta, trained.beta.value, 0)
+            var = pre.var(axis=0, ddof=1) if pre.shape[0] > 1 else xp.ones(units, pre.dtype)
+            b.running_mean = xp.concatenate([b.running_mean, pre.mean(axis=0)])
+            b.running_var = xp.concatenate([b.running_var, var.astype(pre.dtype)])
+            b.num_features += units
+    widen(following.weight, xp.zeros((following.out_features, units), inputs.dtype), 1)
+    layer.out_features += units
+    following.in_features += units
+    rows, cols = layer._blocks or ((0, old_out), (0, layer.in_features))
+    layer._blocks = (rows + (layer.out_features,), cols)
+    rows, cols = following._blocks or ((0, following.out_features), (0, old_in))
+    following._blocks = (rows, cols + (following.in_features,))
+
+
+class GrowOnPlateau:
+    """Grows ``layer`` of ``model`` by ``units`` (``grow`` with ``rule``)
+    each time the training loss stalls, until it is ``max_width`` wide.
+
+    ``update(loss, data)``, once per epoch with that epoch's training loss,
+    feeds a ``Plateau(patience, min_delta=min_delta)`` (EarlyStopping's rule
+    on a loss) and grows when it reports a plateau; it returns True when it
+    grew. ``history`` lists (check, width) after each growth.
+    """
+
+    def __init__(self, model, layer, max_width, *, units=1, rule="subsample", patience=3,
+                 min_delta=0.0, seed=None):
+        where = "fusednn.nn.GrowOnPlateau"
+        _position(_flat_layers(model, where), layer, where)
+        self.model, self.layer = model, layer
+        self.max_width = _positive_int(max_width, "max_width", where)
+        self.units = _positive_int(units, "units", where)
+        if rule not in GROW_RULES:
+            raise ValueError(f"{where}: rule must be one of {', '.join(GROW_RULES)}, got "
+                             f"{rule!r}")
+        self.rule = rule
+        self.plateau = Plateau(patience, min_delta=min_delta)
+        self.rng = _generator(seed, where)
+        self.history = []
+
+    @property
+    def full(self) -> bool:
+        return self.layer.out_features >= self.max_width
+
+    def update(self, loss, data) -> bool:
+        if not self.plateau.update(loss) or self.full:
+            return False
+        width = grow(self.model, self.layer, units=min(self.units,
+                                                       self.max_width - self.layer.out_features),
+                     rule=self.rule, data=data, seed=self.rng)
+        self.history.append((self.plateau.checks, width))
+        self.plateau.reset()
+        return True
+
+
+# ---- pretraining -----------------------------------------------------------------
+
+
+def pretrain_units(model, layer, data, *, fraction=0.5, steps=200, lr=0.01, seed=None):
+    """The lecture's per-unit pretraining: each unit of the Dense ``layer``
+    is trained on its own random ``fraction`` of ``data=(x, labels)``, as a
+    one-unit network with its own readout, so that each picks up features
+    of its own sample; the units are then joined, and training continues
+    on all the data (the caller's loop).
+
+    ``layer`` must feed the model's last Dense (the readout) through
+    Activation and Dropout layers only (Dropout is left out while units
+    train). Unit j computes ``f(x . w_j + c_j)`` from the layer's inputs
+    (the earlier layers run in eval mode) and class scores
+    ``a_j * v_j + b_j``; all units train at once, each by full-batch Adam
+    (``steps``, ``lr``) on the softmax cross-entropy over its own sample.
+    They start from the layer's and the readout's current weights. Joined,
+    the readout's column j is ``v_j / H`` and its bias the mean of the
+    ``b_j``: the model's scores are the mean of the H units' scores, an
+    ensemble of one-unit networks, which backpropagation then refines.
+    Returns each unit's final loss on its own sample (float64, length H).
+    """
+    where = "fusednn.nn.pretrain_units"
+    layers = _flat_layers(model, where)
+    position = _position(layers, layer, where)
+    fraction = _real_in(fraction, "fraction", where, 0.0, 1.0, open_low=True)
+    steps = _positive_int(steps, "steps", where)
+    lr = _real_in(lr, "lr", where, 0.0, math.inf, open_low=True)
+    rest = layers[position + 1:]
+    if not rest or not isinstance(rest[-1], Dense) or not all(
+            isinstance(b, (Activation, Dropout)) for b in rest[:-1]):
+        raise ValueError(f"{where}: {layer!r} must be followed by Activation and Dropout "
+                         "layers only, then the model's last Dense")
+    readout = rest[-1]
+    activations = [b for b in rest[:-1] if isinstance(b, Activation)]
+    x, labels = _check_data(data, layer.weight.value, where)
+    rng = _generator(seed, where)
+    with _Evaluating(model, layers):
+        inputs = _forward(layers[:position], x)
+    xp = _xp(inputs)
+    n, units, classes = inputs.shape[0], layer.out_features, readout.out_features
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise ValueError(f"{where}: labels must lie in [0, {classes})")
+    size = max(1, round(fraction * n))
+    sample = np.zeros((n, units))
+    for j in range(units):
+        sample[rng.choice(n, size, replace=False), j] = 1.0 / size
+    sample = xp.asarray(sample.astype(inputs.dtype))  # (n, H): each unit's weights over rows
+
+    w = Parameter(layer.weight.value.copy(), "w")
+    v = Parameter(xp.ascontiguousarray(readout.weight.value.T), "v")       # (H, classes)
+    params = [w, v]
+    c = b = None
+    if layer.bias is not None:
+        c = Parameter(layer.bias.value.copy(), "c")
+        params.append(c)
+    if readout.bias is not None:
+        b = Parameter(xp.tile(readout.bias.value, (units, 1)), "b")       # (H, classes)
+        params.append(b)
+    onehot = xp.zeros((n, 1, classes), dtype=inputs.dtype)
+    onehot[xp.arange(n), 0, labels] = 1
+    optimizer = Adam(params, lr=lr)
+    for step in range(steps + 1):
+        pre = inputs @ w.value.T                                           # (n, H)
+        if c is not None:
+            pre += c.value
+        saved, a = [], pre
+        for act in activations:
+            saved.append(a)
+            a = activation(act.name, a, **act.params)
+        scores = a[:, :, None] * v.value                                   # (n, H, classes)
+        if b is not None:
+            scores += b.value
+        shifted = scores - scores.max(axis=2, keepdims=True)
+        exp = xp.exp(shifted)
+        total = exp.sum(axis=2, keepdims=True)
+        if step == steps:
+            per_row = xp.log(total[:, :, 0]) - (shifted * onehot).sum(axis=2)
+            losses = (per_row.astype(np.float64) * sample).sum(axis=0)
+            break
+        grad_scores = (exp / total - onehot) * sample[:, :, None]
+        v.grad[...] = (a[:, :, None] * grad_scores).sum(axis=0)
+        if b is not None:
+            b.grad[...] = grad_scores.sum(axis=0)
+        grad = (grad_scores * v.value).sum(axis=2)                         # (n, H)
+        for act, act_input in zip(reversed(activations), reversed(saved)):
+            grad = activation_backward(act.name, grad, x=act_input, **act.params)
+        xp.matmul(grad.T, inputs, out=w.grad)
+        if c is not None:
+            c.grad[...] = grad.sum(axis=0)
+        optimizer.step()
+    layer.weight.value[...] = w.value
+    if c is not None:
+        layer.bias.value[...] = c.value
+    readout.weight.value[...] = v.value.T / units
+    if b is not None:
+        readout.bias.value[...] = b.value.mean(axis=0)
+    return _to_numpy(losses)
+
+
+class Autoencoder(Sequential):
+    """An autoencoder whose encoder is the first ``layers`` layers of
+    ``model`` (the same layer objects: training the autoencoder trains
+    them in place) and whose decoder mirrors it: one Dense per encoder
+    Dense in reverse order, ``Dense(out, in)`` with the encoder Dense's
+    init, each but the last followed by the activation the encoder applies
+    at that width. The last decoder layer is linear, reconstructing real
+    inputs. BatchNorm and Dropout are not mirrored.
+
+    ``fit(x, ...)`` trains it to reconstruct x (mean squared error, Adam);
+    ``replace_head(autoencoder, *head)`` then cuts the decoder off and puts
+    the task's layers in its place. ``encoder`` and ``decoder`` are the two
+    halves as Sequentials.
+    """
+
+    def __init__(self, model, layers, *, seed=None):
+        where = "fusednn.nn.Autoencoder"
+        if not isinstance(model, Sequential):
+            raise TypeError(f"{where}: model must be a fusednn.nn.Sequential, not "
+                            f"{type(model).__name__}")
+        layers = _positive_int(layers, "layers", where)
+        if layers > len(model.layers):
+            raise ValueError(f"{where}: the model has only {len(model.layers)} layers")
+        encoder = list(model.layers[:layers])
+        denses = [e for e in encoder if isinstance(e, Dense)]
+        if not denses:
+            raise ValueError(f"{where}: the encoder (the first {layers} layers) holds no Dense")
+        rng = _generator(seed, where)
+        after = {}  # id of an encoder Dense -> the first Activation after it
+        current = None
+        for e in encoder:
+            if isinstance(e, Dense):
+                current = e
+            elif isinstance(e, Activation) and id(current) not in after:
+                after[id(current)] = e
+        decoder = []
+        for i in range(len(denses) - 1, -1, -1):
+            source = denses[i]
+            value = source.weight.value
+            decoder.append(Dense(source.out_features, source.in_features,
+                                 init=source._initializer, init_params=source.init_params,
+                                 bias=source.bias is not None, seed=rng,
+                                 dtype=value.dtype.name, device=_device(value)))
+            act = after.get(id(denses[i - 1])) if i > 0 else None
+            if act is not None:
+                decoder.append(Activation(act.name, **act.params))
+        super().__init__(*encoder, *decoder)
+        self.encoder = Sequential(*encoder)
+        self.decoder = Sequential(*decoder)
+
+    def __repr__(self) -> str:
+        return f"Autoencoder(encoder={self.encoder!r}, decoder={self.decoder!r})"
+
+    def fit(self, x, *, epochs=10, batch_size=64, lr=1e-3, seed=None) -> list[float]:
+        """Minibatch Adam on the reconstruction error of x, the batches
+        reshuffled every epoch; returns the error on all of x (eval mode)
+        after each epoch."""
+        where = "fusednn.nn.Autoencoder.fit"
+        x = _check_array(x, "x", where)
+        epochs = _positive_int(epochs, "epochs", where)
+        batch_size = _positive_int(batch_size, "batch_size", where)
+        rng = _generator(seed, where)
+        optimizer = Adam(self.parameters(), lr=lr)
+        history = []
+        xp = _xp(x)
+        for _ in range(epochs):
+            self.train()
+            order = xp.asarray(rng.permutation(x.shape[0]))
+            for start in range(0, x.shape[0], batch_size):
+                batch = x[order[start:start + batch_size]]
+                if batch.shape[0] < 2:  # batch norm needs two samples per feature
+                    continue
+                _, grad = mean_squared_error(self(batch), batch)
+                self.backward(grad)
+                optimizer.step()
+            self.eval()
+            history.append(mean_squared_error(self(x), x)[0])
+        self.train()
+        return history
+
+
+def replace_head(model, *head, keep=None) -> Sequential:
+    """A new Sequential of the kept layers of ``model`` (the same objects)
+    followed by ``head``: for an Autoencoder, its encoder (the decoder is
+    cut off); for another Sequential, its first ``keep`` layers."""
+    where = "fusednn.nn.replace_head"
+    if isinstance(model, Autoencoder) and keep is None:
+        kept = model.encoder.layers
+    elif isinstance(model, Sequential):
+        if keep is None:
+            raise ValueError(f"{where}: say how many of the model's layers to keep (keep=)")
+        keep = _positive_int(keep, "keep", where)
+        kept = model.layers[:keep]
+    else:
+        raise TypeError(f"{where}: model must be a fusednn.nn.Sequential, not "
+                        f"{type(model).__name__}")
+    return Sequential(*kept, *head)
+
+
+# ---- pruning by loss increase ----------------------------------------------------
+
+# Layers with at most this many weights get the exact criterion; larger
+# ones the second-order estimate.
+PRUNE_EXACT_LIMIT = 4096
+# Elements of the stacked batch the exact criterion evaluates at once.
+_EXACT_CHUNK = 1 << 21
+
+
+def prune(model, fraction, *, criterion="loss_increase", data=None, layers=None,
+          restore_if_drop=None) -> float:
+    """Zeroes ``fraction`` of the weights of each Dense in ``layers`` (all
+    of the model's by default), the least significant by ``criterion``,
+    sets their masks so that optimizers keep them zero, and returns the
+    fraction of those layers' weights now zero.
+
+    ``criterion='loss_increase'`` is the lecture's: how much the loss
+    (``softmax_cross_entropy`` on ``data=(x, labels)``, a held-out batch,
+    eval mode) grows when that one weight is set to zero. For a layer of at
+    most ``PRUNE_EXACT_LIMIT`` weights it is computed exactly, weight by
+    weight (all the zeroed variants of the layer's output go through the
+    rest of the model as one stacked batch). For larger layers it is the
+    standard second-order estimate ``-g w + h w^2 / 2`` (optimal brain
+    damage, LeCun et al. 1990, with the gradient term kept since a trained
+    net is not exactly at a minimum): g the gradient, h the diagonal of the
+    Gauss-Newton Hessian backpropagated as OBD does (off-diagonal terms
+    dropped). ``'magnitude'`` ranks by |w| (as ``prune_by_magnitude``).
+
+    Weights pruned before stay pruned and count among the least
+    significant. ``restore_if_drop``: the largest acceptable fall of
+    accuracy on ``data`` (e.g. 0.01); when pruning ``fraction`` costs more,
+    the last removed weights (the most significant of those removed, the
+    same share in every layer) are put back, with their values, until the
+    fall is within it (bisection on the share), so the returned sparsity
+    may be below ``fraction``.
+    """
+    where = "fusednn.nn.prune"
+    flat = _flat_layers(model, where)
+    fraction = _real_in(fraction, "fraction", where, 0.0, 1.0)
+    if criterion not in ("loss_increase", "magnitude"):
+        raise ValueError(f"{where}: criterion must be 'loss_increase' or 'magnitude', got "
+                         f"{criterion!r}")
+    if layers is None:
+        layers = [d for d in flat if isinstance(d, Dense)]
+    else:
+        layers = list(layers)
+        for d in layers:
+            _position(flat, d, where)
+        if len({id(d) for d in layers}) != len(layers):
+            raise ValueError(f"{where}: a layer is listed twice")
+    if not layers:
+        raise ValueError(f"{where}: no Dense layers to prune")
+    if restore_if_drop is not None:
+        restore_if_drop = _real_in(restore_if_drop, "restore_if_drop", where, 0.0, 1.0)
+    needs_data = criterion == "loss_increase" or restore_if_drop is not None
+    x, labels = _check_data(data, layers[0].weight.value, where) if needs_data else (None, None)
+
+    if criterion == "magnitude":
+        scores = {id(d): _xp(d.weight.value).abs(d.weight.value).astype(np.float64)
+                  for d in layers}
+    else:
+        with _Evaluating(model, flat):
+            scores = _loss_increase(flat, layers, x, labels)
+    orders, saved, already = [], [], []
+    for d in layers:
+        p = d.weight
+        xp = _xp(p.value)
+        score = scores[id(d)].ravel().copy()
+        pruned = xp.zeros(p.value.size, dtype=bool) if p.mask is None else p.mask.ravel() == 0
+        score[pruned] = -np.inf  # earlier pruning stays, first in line
+        orders.append(xp.argsort(score, kind="stable"))
+        saved.append(p.value.copy())
+        already.append(int(pruned.sum()))
+
+    def apply(share: float) -> None:
+        for d, order, value, before in zip(layers, orders, saved, already):
+            p = d.weight
+            xp = _xp(p.value)
+            keep = xp.ones(p.value.size, dtype=p.value.dtype)
+            keep[order[:max(before, int(round(share * p.value.size)))]] = 0
+            p.mask = keep.reshape(p.value.shape)
+            p.value[...] = value * p.mask
+
+    def accuracy_on_data() -> float:
+        with _Evaluating(model, flat):
+            return accuracy(_forward(flat, x), labels)
+
+    baseline = accuracy_on_data() if restore_if_drop is not None else None
+    apply(fraction)
+    if restore_if_drop is not None and baseline - accuracy_on_data() > restore_if_drop:
+        low, high = 0.0, fraction  # low keeps the fall within bounds, high does not
+        for _ in range(12):
+            middle = (low + high) / 2
+            apply(middle)
+            if baseline - accuracy_on_data() <= restore_if_drop:
+                low = middle
+            else:
+                high = middle
+        apply(low)
+    return sparsity([d.weight for d in layers])
+
+
+def _loss_increase(flat: list[Layer], layers: list[Dense], x, labels) -> dict:
+    """Per Dense in layers, an array of the weight's shape: the increase of
+    the mean loss on (x, labels) when that weight alone is zeroed. The model
+    is in eval mode, where every layer acts on each row by itself."""
+    for layer in flat:
+        if not isinstance(layer, (Dense, Activation, BatchNorm, Dropout)):
+            raise ValueError(f"fusednn.nn.prune: the loss-increase criterion knows Dense, "
+                             f"Activation, BatchNorm and Dropout layers, not {layer!r}")
+    inputs = []
+    a = x
+    for layer in flat:
+        inputs.append(a)
+        a = layer.forward(a)
+    scores = {}
+    large = [d for d in layers if d.weight.value.size > PRUNE_EXACT_LIMIT]
+    if large:
+        scores.update(_second_order_estimate(flat, inputs, a, labels, large))
+    for d in layers:
+        if d.weight.value.size <= PRUNE_EXACT_LIMIT:
+            i = flat.index(d)
+            scores[id(d)] = _exact_increase(d, inputs[i], flat[i + 1:], labels)
+    return scores
+
+
+def _exact_increase(dense: Dense, x, rest: list[Layer], labels):
+    """Zeroing w[o, i] changes only output column o, by -w[o, i] * x[:, i]:
+    each zeroed variant of the output goes through the rest of the model as
+    a block of one stacked batch."""
+    xp = _xp(x)
+    z = dense.forward(x)
+    n, m = z.shape
+    base = float(_per_sample_loss(_forward(rest, z), labels).mean())
+    w = dense.weight.value
+    count = w.size
+    widest = max([m] + [layer.out_features for layer in rest if isinstance(layer, Dense)])
+    chunk = max(1, _EXACT_CHUNK // (n * widest))
+    increase = np.empty(count)
+    for start in range(0, count, chunk):
+        index = np.arange(start, min(start + chunk, count))
+        o, i = np.divmod(index, w.shape[1])
+        stacked = xp.broadcast_to(z, (len(index), n, m)).copy()
+        o_dev, i_dev = xp.asarray(o), xp.asarray(i)
+        stacked[xp.arange(len(index)), :, o_dev] -= w[o_dev, i_dev][:, None] * x[:, i_dev].T
+        logits = _forward(rest, stacked.reshape(len(index) * n, m))
+        losses = _per_sample_loss(logits, xp.tile(labels, len(index)))
+        increase[index] = _to_numpy(losses.reshape(len(index), n).mean(axis=1)) - base
+    return xp.asarray(increase.reshape(w.shape))
+
+
+def _second_order_estimate(flat: list[Layer], inputs: list, logits, labels,
+                           wanted: list[Dense]) -> dict:
+    """-g w + h w^2 / 2 for the weights of the Dense layers in wanted, from
+    one backward pass carrying the gradient and the OBD diagonal of the
+    Gauss-Newton Hessian (the softmax cross-entropy's own diagonal
+    p (1 - p) / n at the logits)."""
+    xp = _xp(logits)
+    n = logits.shape[0]
+    z = logits.astype(np.float64)
+    p = xp.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    grad = p.copy()
+    grad[xp.arange(n), labels] -= 1.0
+    grad /= n
+    curvature = p * (1.0 - p) / n
+    deepest = min(flat.index(d) for d in wanted)
+    scores = {}
+    for layer, a in zip(reversed(flat[deepest:]), reversed(inputs[deepest:])):
+        a64 = a.astype(np.float64)
+        if isinstance(layer, Dense):
+            w = layer.weight.value.astype(np.float64)
+            if any(layer is d for d in wanted):
+                g = grad.T @ a64
+                h = curvature.T @ (a64 * a64)
+                scores[id(layer)] = -g * w + 0.5 * h * w * w
+            grad = grad @ w
+            curvature = curvature @ (w * w)
+        elif isinstance(layer, Activation):
+            slope = activation_backward(layer.name, xp.ones_like(a), x=a,
+                                        **layer.params).astype(np.float64)
+            grad = grad * slope
+            curvature = curvature * slope * slope
+        elif isinstance(layer, BatchNorm):
+            shape = [1] * a.ndim
+            shape[layer.axis] = layer.num_features
+            scale = 1.0 / xp.sqrt(layer.running_var.astype(np.float64) + layer.eps)
+            if layer.gamma is not None:
+                scale = scale * layer.gamma.value
+            grad = grad * scale.reshape(shape)
+            curvature = curvature * (scale * scale).reshape(shape)
+    return scores
