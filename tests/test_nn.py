@@ -503,3 +503,484 @@ def test_cuda_layers_without_cupy(monkeypatch):
         nn.BatchNorm(4, device="cuda")
     with pytest.raises(RuntimeError, match="CuPy"):
         nn.Dense(4, 2, device="cuda")
+
+
+# ---- Dense's init options ----------------------------------------------------------------
+
+
+def test_dense_passes_init_params():
+    layer = nn.Dense(40, 30, init="he_normal", init_params={"a": 0.1, "mode": "fan_out"}, seed=4)
+    assert np.array_equal(layer.weight.value,
+                          fn.init.he_normal((30, 40), a=0.1, mode="fan_out", seed=4))
+    gain = fn.init.calculate_gain("tanh")
+    layer = nn.Dense(20, 10, init="orthogonal", init_params={"gain": gain}, seed=0,
+                     dtype="float64")
+    np.testing.assert_allclose(layer.weight.value @ layer.weight.value.T / gain ** 2,
+                               np.eye(10), atol=1e-13)
+
+
+def test_dense_rejects_unknown_init_params():
+    with pytest.raises(TypeError, match=r"does not take \['alpha'\].*'gain'"):
+        nn.Dense(4, 3, init="glorot_uniform", init_params={"alpha": 1.0})
+    with pytest.raises(TypeError, match="dict"):
+        nn.Dense(4, 3, init_params=[("a", 1.0)])
+
+
+def test_dense_names_a_transposed_init():
+    def keras_layout(shape, *, seed, dtype, device):
+        return fn.init.glorot_uniform(shape[::-1], seed=seed, dtype=dtype, device=device)
+    with pytest.raises(ValueError, match=r"\(4, 3\) \(transposed: weights are \(out, in\)\)"):
+        nn.Dense(4, 3, init=keras_layout)
+
+
+# ---- growing ---------------------------------------------------------------------------
+
+
+def toy_data(n=120, features=6, classes=3, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, features))
+    labels = (np.digitize(x[:, 0] + 0.5 * x[:, 1], [-0.5, 0.5]) % classes).astype(np.int64)
+    return x.astype(dtype), labels
+
+
+def growable(kind: str, dtype="float64") -> nn.Sequential:
+    """Small nets with every kind of layer grow may find between two Dense."""
+    d = dict(dtype=dtype)
+    if kind == "relu":
+        return nn.Sequential(nn.Dense(6, 3, init="he_normal", seed=1, **d), nn.Activation("relu"),
+                             nn.Dense(3, 3, seed=2, **d))
+    if kind == "batchnorm+dropout":
+        return nn.Sequential(nn.Dense(6, 4, seed=1, **d), nn.BatchNorm(4, **d),
+                             nn.Activation("tanh"), nn.Dropout(0.3, seed=5),
+                             nn.Dense(4, 3, seed=2, **d))
+    return nn.Sequential(nn.Dense(6, 5, seed=1, **d), nn.Activation("gelu"),
+                         nn.Sequential(nn.Dense(5, 4, seed=2, **d), nn.BatchNorm(4, **d),
+                                       nn.Activation("elu")),
+                         nn.Dense(4, 3, seed=3, **d))
+
+
+@pytest.mark.parametrize("rule", nn.GROW_RULES)
+@pytest.mark.parametrize("kind", ["relu", "batchnorm+dropout", "deep"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_grow_keeps_outputs_bit_for_bit(rule, kind, dtype):
+    x, labels = toy_data(dtype=dtype)
+    model = growable(kind, dtype)
+    optimizer = nn.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):  # a trained, not a freshly drawn, net
+        model.backward(nn.softmax_cross_entropy(model(x), labels)[1])
+        optimizer.step()
+    dense = [layer for layer in nn._flat_layers(model, "") if isinstance(layer, nn.Dense)]
+    before_training_mode = model(x)  # batch statistics: independent of the running ones
+    model.eval()
+    before = model(x)
+    for layer, units in ((dense[0], 2), (dense[-2], 1), (dense[0], 3)):
+        width = layer.out_features
+        assert nn.grow(model, layer, units=units, rule=rule, data=(x, labels), seed=7) == (
+            width + units)
+        assert np.array_equal(model(x), before)
+    if kind != "batchnorm+dropout":  # dropout's masks are drawn over the wider array
+        model.train()
+        assert np.array_equal(model(x), before_training_mode)
+
+
+def test_grow_widens_everything_in_between():
+    x, labels = toy_data()
+    model = growable("batchnorm+dropout")
+    dense, bn, _, _, head = model.layers
+    model(x)
+    nn.prune_by_magnitude(model, 0.25)
+    running_mean = bn.running_mean.copy()
+    assert nn.grow(model, dense, units=3, data=(x, labels), seed=0) == 7
+    assert dense.weight.value.shape == dense.weight.grad.shape == dense.weight.mask.shape == (7, 6)
+    assert dense.bias.value.shape == (7,) and repr(dense) == "Dense(6, 7, init='glorot_uniform')"
+    assert head.in_features == 7 and head.weight.value.shape == head.weight.mask.shape == (3, 7)
+    assert (head.weight.value[:, 4:] == 0).all() and (head.weight.mask[:, 4:] == 1).all()
+    assert (dense.weight.mask[4:] == 1).all() and (dense.weight.value[4:] != 0).all()
+    assert bn.num_features == 7 and bn.gamma.value.shape == bn.beta.value.shape == (7,)
+    assert np.array_equal(bn.running_mean[:4], running_mean)
+    new = (x @ dense.weight.value[4:].T + dense.bias.value[4:])
+    np.testing.assert_allclose(bn.running_mean[4:], new.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var[4:], new.var(axis=0, ddof=1), rtol=1e-12)
+    nn.Sequential(*model.layers)  # the chain checks pass on the grown model
+
+
+def test_grow_widens_optimizer_state_and_training_goes_on():
+    x, labels = toy_data()
+    model = growable("relu")
+    sgd = nn.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    adam = nn.Adam(model.parameters(), lr=0.01)
+    for optimizer in (sgd, adam):
+        model.backward(nn.softmax_cross_entropy(model(x), labels)[1])
+        optimizer.step()
+    first_moment = adam._moments[0][0].copy()
+    nn.grow(model, model[0], units=2, data=(x, labels), seed=0)
+    start, _ = nn.softmax_cross_entropy(model(x), labels)
+    model.backward(nn.softmax_cross_entropy(model(x), labels)[1])
+    gradient = model[0].weight.grad.copy()
+    assert np.abs(model[2].weight.grad[:, 3:]).max() > 0  # the new columns learn at once
+    adam.step()
+    m = adam._moments[0][0]
+    assert m.shape == (5, 6)
+    np.testing.assert_allclose(m[:3], 0.9 * first_moment + 0.1 * gradient[:3], rtol=1e-12)
+    np.testing.assert_allclose(m[3:], 0.1 * gradient[3:], rtol=1e-12)
+    sgd.step()
+    assert sgd._velocity[0].shape == (5, 6)
+    for _ in range(30):
+        loss, grad = nn.softmax_cross_entropy(model(x), labels)
+        model.backward(grad)
+        adam.step()
+    assert loss < start
+
+
+def _fit_quality(model, layer, following, x, labels, first):
+    """|cosine| between each new unit's output and the residual at the next
+    Dense's output: what the new unit is trained to maximize."""
+    model.eval()
+    logits = model(x)
+    residual = -nn.softmax_cross_entropy(logits, labels)[1]
+    a = np.maximum(x @ layer.weight.value[first:].T + layer.bias.value[first:], 0)
+    a = a - a.mean(axis=0)
+    projection = np.linalg.norm(residual.T @ a, axis=0)
+    return projection / (np.linalg.norm(residual) * np.linalg.norm(a, axis=0) + 1e-300)
+
+
+def test_grow_trains_the_new_units_on_the_residual(monkeypatch):
+    x, labels = toy_data(n=300)
+    qualities = {}
+    for steps in (0, nn.GROW_STEPS):
+        monkeypatch.setattr(nn, "GROW_STEPS", steps)
+        model = growable("relu")
+        optimizer = nn.Adam(model.parameters(), lr=0.01)
+        for _ in range(20):
+            model.backward(nn.softmax_cross_entropy(model(x), labels)[1])
+            optimizer.step()
+        nn.grow(model, model[0], units=4, rule="restarts", data=(x, labels), seed=3)
+        qualities[steps] = _fit_quality(model, model[0], model[2], x, labels, 3).mean()
+    assert qualities[nn.GROW_STEPS if nn.GROW_STEPS else 100] > 1.5 * qualities[0]
+
+
+def test_grow_rules_train_on_their_data(monkeypatch):
+    x, labels = toy_data(n=200)
+    seen = []
+    real = nn._fit_units
+
+    def spy(layer, between, following, inputs, target, units, rng, mask):
+        result = real(layer, between, following, inputs, target, units, rng, mask)
+        seen.append((inputs, mask, result[0]))
+        return result
+
+    monkeypatch.setattr(nn, "_fit_units", spy)
+    model = growable("relu")
+    model.eval()
+    losses = nn._per_sample_loss(model(x), labels)
+    model.train()
+    for rule in nn.GROW_RULES:
+        seen.clear()
+        nn.grow(model, model[0], units=2, rule=rule, data=(x, labels), seed=1)
+        if rule == "subsample":
+            assert len(seen) == 1 and len(seen[0][0]) == round(nn.GROW_SUBSAMPLE * 200)
+        elif rule == "hardest":
+            hardest = np.sort(np.argsort(-losses, kind="stable")[:round(nn.GROW_HARDEST * 200)])
+            rows = [int(np.flatnonzero((x == row).all(axis=1))[0]) for row in seen[0][0]]
+            assert sorted(rows) == hardest.tolist()
+        elif rule == "input_subset":
+            mask = seen[0][1]
+            assert np.array_equal(mask.sum(axis=1), [round(nn.GROW_INPUTS * 6)] * 2)
+            assert (model[0].weight.value[-2:][mask == 0] == 0).all()
+            assert len(seen[0][0]) == 200
+        else:
+            assert len(seen) == nn.GROW_RESTARTS
+            assert len({float(error) for _, _, error in seen}) == nn.GROW_RESTARTS
+        if rule != "hardest":
+            model.eval()
+            losses = nn._per_sample_loss(model(x), labels)
+            model.train()
+
+
+def test_grow_repeats_from_a_seed():
+    x, labels = toy_data()
+    weights = []
+    for _ in range(2):
+        model = growable("relu")
+        nn.grow(model, model[0], units=2, rule="subsample", data=(x, labels), seed=11)
+        weights.append(model[0].weight.value.copy())
+    assert np.array_equal(*weights)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m, d: nn.grow(m, m[2], data=d), ValueError, "last Dense"),
+    (lambda m, d: nn.grow(m, m[1], data=d), TypeError, "not a Dense"),
+    (lambda m, d: nn.grow(m, nn.Dense(6, 3), data=d), ValueError, "not a layer of the model"),
+    (lambda m, d: nn.grow(m, m[0], rule="random", data=d), ValueError, "rule must be"),
+    (lambda m, d: nn.grow(m, m[0], units=0, data=d), ValueError, "units"),
+    (lambda m, d: nn.grow(m, m[0]), ValueError, "needs data"),
+    (lambda m, d: nn.grow(m, m[0], data=(d[0][:1], d[1][:1])), ValueError, "at least 2"),
+    (lambda m, d: nn.grow(m, m[0], data=(d[0], d[1][:5])), ValueError, "labels"),
+    (lambda m, d: nn.grow(m, m[0], data=(d[0].astype(np.float32), d[1])), TypeError, "dtype"),
+    (lambda m, d: nn.grow(m[0], m[0], data=d), TypeError, "Sequential"),
+    (lambda m, d: nn.grow(m, m[0], data=d, seed=-1), ValueError, "seed"),
+])
+def test_grow_bad_input_changes_nothing(call, error, match):
+    model = growable("relu")
+    state = model.state()
+    with pytest.raises(error, match=match):
+        call(model, toy_data())
+    assert model[0].out_features == 3
+    for name, a in model.state().items():
+        assert np.array_equal(a, state[name])
+
+
+def test_plateau_and_grow_on_plateau():
+    plateau = nn.Plateau(patience=2, min_delta=0.05)
+    assert [plateau.update(v) for v in [1.0, 0.9, 0.88, 0.87, 0.5]] == [False, False, False,
+                                                                       True, False]
+    x, labels = toy_data()
+    model = growable("relu")
+    grower = nn.GrowOnPlateau(model, model[0], 6, units=2, patience=1, seed=0)
+    grew = [grower.update(loss, (x, labels)) for loss in [1.0, 0.5, 0.6, 0.4, 0.4, 0.4, 0.4]]
+    assert grew == [False, False, True, False, True, False, False]
+    assert grower.history == [(3, 5), (5, 6)] and grower.full and model[0].out_features == 6
+    with pytest.raises(ValueError, match="rule"):
+        nn.GrowOnPlateau(model, model[0], 8, rule="grow")
+
+
+# ---- pretraining -----------------------------------------------------------------------
+
+
+def test_pretrain_units_is_one_unit_networks_on_their_own_samples():
+    """The vectorized per-unit training against training each unit alone,
+    as a Dense(6, 1), relu, Dense(1, 3) net, on the sample drawn for it."""
+    x, labels = toy_data(n=80)
+    model = growable("relu")
+    start = {name: a.copy() for name, a in model.state().items()}
+    steps, lr, fraction = 40, 0.02, 0.4
+    losses = nn.pretrain_units(model, model[0], (x, labels), fraction=fraction, steps=steps,
+                               lr=lr, seed=5)
+    rng = np.random.default_rng(5)
+    samples = [rng.choice(80, 32, replace=False) for _ in range(3)]
+    for j, rows in enumerate(samples):
+        unit = nn.Sequential(nn.Dense(6, 1, dtype="float64"), nn.Activation("relu"),
+                             nn.Dense(1, 3, dtype="float64"))
+        unit[0].weight.value[...] = start["0.weight"][j]
+        unit[0].bias.value[...] = start["0.bias"][j]
+        unit[2].weight.value[...] = start["2.weight"][:, j:j + 1]
+        unit[2].bias.value[...] = start["2.bias"]
+        optimizer = nn.Adam(unit.parameters(), lr=lr)
+        for _ in range(steps):
+            loss, grad = nn.softmax_cross_entropy(unit(x[rows]), labels[rows])
+            unit.backward(grad)
+            optimizer.step()
+        loss, _ = nn.softmax_cross_entropy(unit(x[rows]), labels[rows])
+        assert losses[j] == pytest.approx(loss, rel=1e-9)
+        np.testing.assert_allclose(model[0].weight.value[j], unit[0].weight.value[0], rtol=1e-9)
+        np.testing.assert_allclose(model[2].weight.value[:, j], unit[2].weight.value[:, 0] / 3,
+                                   rtol=1e-9)
+
+
+def test_pretrained_model_scores_are_the_units_mean():
+    x, labels = toy_data(n=100)
+    model = growable("relu")
+    nn.pretrain_units(model, model[0], (x, labels), steps=30, seed=0)
+    a = np.maximum(x @ model[0].weight.value.T + model[0].bias.value, 0)
+    np.testing.assert_allclose(model(x), a @ model[2].weight.value.T + model[2].bias.value,
+                               rtol=1e-12)
+    assert nn.accuracy(model(x), labels) > 0.6
+
+
+@pytest.mark.parametrize("kind,index,match", [("batchnorm+dropout", 0, "followed by"),
+                                              ("deep", 0, "followed by"),
+                                              ("relu", 2, "followed by")])
+def test_pretrain_units_needs_a_layer_before_the_readout(kind, index, match):
+    model = growable(kind)
+    with pytest.raises(ValueError, match=match):
+        nn.pretrain_units(model, nn._flat_layers(model, "")[index], toy_data())
+
+
+# ---- autoencoder -----------------------------------------------------------------------
+
+
+def test_mean_squared_error():
+    output, target = normals(4, 3), normals(4, 3, seed=2)
+    loss, grad = nn.mean_squared_error(output, target)
+    assert loss == pytest.approx(((output - target) ** 2).mean(), rel=1e-15)
+    numeric = numeric_gradient(lambda: nn.mean_squared_error(output, target)[0], output)
+    assert relative_error(grad, numeric) <= FD_TOLERANCE
+    with pytest.raises(ValueError, match="one non-empty shape"):
+        nn.mean_squared_error(output, target[:2])
+
+
+def test_autoencoder_mirrors_the_encoder_and_shares_its_layers():
+    model = nn.Sequential(nn.Dense(8, 6, init="he_normal", seed=0), nn.BatchNorm(6),
+                          nn.Activation("leaky_relu", negative_slope=0.1), nn.Dropout(0.1),
+                          nn.Dense(6, 3, seed=1), nn.Activation("tanh"), nn.Dense(3, 2, seed=2))
+    auto = nn.Autoencoder(model, 6, seed=0)
+    assert auto.encoder.layers == model.layers[:6]
+    kinds = [(type(layer).__name__, getattr(layer, "in_features", None),
+              getattr(layer, "out_features", None), getattr(layer, "name", None))
+             for layer in auto.decoder]
+    assert kinds == [("Dense", 3, 6, None), ("Activation", None, None, "leaky_relu"),
+                     ("Dense", 6, 8, None)]
+    assert auto.decoder[0].init_name == "glorot_uniform" and auto.decoder[2].init_name == "he_normal"
+    assert auto.decoder[1].params == {"negative_slope": 0.1}
+    assert auto(np.zeros((5, 8), np.float32)).shape == (5, 8)
+    assert repr(auto).startswith("Autoencoder(encoder=Sequential(Dense(8, 6")
+
+
+def test_autoencoder_fit_trains_the_model_layers_and_head_replaces_decoder():
+    rng = np.random.default_rng(0)
+    codes = rng.standard_normal((200, 2))
+    x = (codes @ rng.standard_normal((2, 8))).astype(np.float32)  # rank-2 data
+    model = nn.Sequential(nn.Dense(8, 4, seed=0), nn.Activation("tanh"), nn.Dense(4, 3, seed=1))
+    first = model[0].weight.value.copy()
+    auto = nn.Autoencoder(model, 2, seed=0)
+    history = auto.fit(x, epochs=30, lr=0.01, seed=0)
+    assert len(history) == 30 and history[-1] < 0.2 * history[0]
+    assert not np.array_equal(model[0].weight.value, first)  # trained in place
+    task = nn.replace_head(auto, nn.Dense(4, 3, seed=2))
+    assert task.layers[:2] == model.layers[:2] and task[2].out_features == 3
+    assert nn.replace_head(model, nn.Dense(4, 5), keep=2).layers[:2] == model.layers[:2]
+    with pytest.raises(ValueError, match="keep"):
+        nn.replace_head(model, nn.Dense(4, 5))
+    with pytest.raises(ValueError, match="no Dense"):
+        nn.Autoencoder(nn.Sequential(nn.Activation("relu"), nn.Dense(2, 2)), 1)
+
+
+# ---- pruning by loss increase ----------------------------------------------------------
+
+
+def trained_net(seed=0, n=150):
+    x, labels = toy_data(n=n, seed=seed)
+    model = nn.Sequential(nn.Dense(6, 10, init="he_normal", seed=1, dtype="float64"),
+                          nn.BatchNorm(10, dtype="float64"), nn.Activation("relu"),
+                          nn.Dropout(0.1, seed=3), nn.Dense(10, 8, seed=2, dtype="float64"),
+                          nn.Activation("tanh"), nn.Dense(8, 3, seed=4, dtype="float64"))
+    optimizer = nn.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        model.backward(nn.softmax_cross_entropy(model(x), labels)[1])
+        optimizer.step()
+    return model, (x, labels)
+
+
+def brute_force_increase(model, data):
+    """Zero each weight, evaluate the loss, put it back."""
+    x, labels = data
+    model.eval()
+    base, _ = nn.softmax_cross_entropy(model(x), labels)
+    result = {}
+    for layer in model:
+        if isinstance(layer, nn.Dense):
+            w = layer.weight.value
+            increase = np.zeros_like(w)
+            for index in np.ndindex(w.shape):
+                saved, w[index] = w[index], 0.0
+                increase[index] = nn.softmax_cross_entropy(model(x), labels)[0] - base
+                w[index] = saved
+            result[id(layer)] = increase
+    model.train()
+    return result
+
+
+def test_exact_loss_increase_matches_brute_force():
+    model, data = trained_net()
+    reference = brute_force_increase(model, data)
+    flat = nn._flat_layers(model, "")
+    dense = [layer for layer in flat if isinstance(layer, nn.Dense)]
+    with nn._Evaluating(model, flat):
+        ours = nn._loss_increase(flat, dense, *data)
+    for layer in dense:
+        np.testing.assert_allclose(ours[id(layer)], reference[id(layer)], rtol=0, atol=1e-13)
+    assert model.training and max(np.abs(r).max() for r in reference.values()) > 1e-2
+
+
+def test_second_order_estimate(monkeypatch):
+    """For the last Dense the estimate is the exact second-order Taylor
+    expansion (the logits are linear in its weights and p (1 - p) is the
+    cross-entropy's exact diagonal), so it agrees with the exact increase
+    up to third-order terms; for hidden layers (the Gauss-Newton diagonal)
+    it ranks weights nearly as the exact criterion does."""
+    model, data = trained_net()
+    reference = brute_force_increase(model, data)
+    monkeypatch.setattr(nn, "PRUNE_EXACT_LIMIT", 0)
+    flat = nn._flat_layers(model, "")
+    dense = [layer for layer in flat if isinstance(layer, nn.Dense)]
+    with nn._Evaluating(model, flat):
+        estimate = nn._loss_increase(flat, dense, *data)
+    last_w = dense[-1].weight.value
+    error = np.abs(estimate[id(dense[-1])] - reference[id(dense[-1])])
+    assert (error <= 0.1 * np.abs(last_w) ** 3 + 1e-12).all()
+    for layer in dense:
+        ranks = [np.argsort(np.argsort(a.ravel())) for a in (estimate[id(layer)],
+                                                              reference[id(layer)])]
+        assert np.corrcoef(*ranks)[0, 1] > 0.85, repr(layer)
+
+
+def test_prune_removes_the_least_significant_per_layer():
+    model, data = trained_net()
+    reference = brute_force_increase(model, data)
+    sparsity = nn.prune(model, 0.5, data=data)
+    assert sparsity == pytest.approx(0.5, abs=0.01)
+    for layer in model:
+        if isinstance(layer, nn.Dense):
+            w = layer.weight.value
+            zero = w == 0
+            assert zero.sum() == round(0.5 * w.size)
+            assert reference[id(layer)][zero].max() <= reference[id(layer)][~zero].min() + 1e-13
+            assert np.array_equal(layer.weight.mask, (~zero).astype(w.dtype))
+
+
+def test_prune_magnitude_matches_prune_by_magnitude():
+    a, _ = trained_net()
+    b, _ = trained_net()
+    nn.prune(a, 0.7, criterion="magnitude")
+    nn.prune_by_magnitude(b, 0.7)
+    for name, value in a.state().items():
+        assert np.array_equal(value, b.state()[name]), name
+
+
+def test_prune_more_keeps_earlier_zeros_and_layers_selects():
+    model, data = trained_net()
+    nn.prune(model, 0.3, data=data, layers=[model[4]])
+    first = model[4].weight.value == 0
+    assert (model[0].weight.value != 0).all() and (model[6].weight.value != 0).all()
+    assert nn.prune(model, 0.5, data=data, layers=[model[4]]) == pytest.approx(0.5)
+    assert (model[4].weight.value[first] == 0).all()
+
+
+def test_restore_if_drop_puts_the_last_removed_back():
+    model, (x, labels) = trained_net()
+    original = [layer.weight.value.copy() for layer in model if isinstance(layer, nn.Dense)]
+    model.eval()
+    baseline = nn.accuracy(model(x), labels)
+    model.train()
+    probe, _ = trained_net()
+    nn.prune(probe, 0.9, data=(x, labels))
+    probe.eval()
+    assert baseline - nn.accuracy(probe(x), labels) > 0.05  # pruning 90% costs too much
+    reached = nn.prune(model, 0.9, data=(x, labels), restore_if_drop=0.05)
+    model.eval()
+    assert baseline - nn.accuracy(model(x), labels) <= 0.05
+    assert 0 < reached < 0.9
+    for layer, before in zip([lay for lay in model if isinstance(lay, nn.Dense)], original):
+        kept = layer.weight.mask == 1
+        assert np.array_equal(layer.weight.value[kept], before[kept])  # back with their values
+        assert (layer.weight.value[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m, d: nn.prune(m, 1.5, data=d), ValueError, "fraction"),
+    (lambda m, d: nn.prune(m, 0.5, criterion="saliency", data=d), ValueError, "criterion"),
+    (lambda m, d: nn.prune(m, 0.5), ValueError, "needs data"),
+    (lambda m, d: nn.prune(m, 0.5, criterion="magnitude", restore_if_drop=0.1), ValueError,
+     "needs data"),
+    (lambda m, d: nn.prune(m, 0.5, data=d, layers=[nn.Dense(2, 2)]), ValueError,
+     "not a layer"),
+    (lambda m, d: nn.prune(m, 0.5, data=d, layers=[m[0], m[0]]), ValueError, "twice"),
+    (lambda m, d: nn.prune(m, 0.5, data=d, restore_if_drop=2.0), ValueError, "restore_if_drop"),
+])
+def test_prune_bad_input_changes_nothing(call, error, match):
+    model = growable("batchnorm+dropout")
+    state = model.state()
+    with pytest.raises(error, match=match):
+        call(model, toy_data())
+    for name, a in model.state().items():
+        assert np.array_equal(a, state[name])

@@ -88,9 +88,11 @@ def _check_matches(x, like, what: str, where: str) -> None:
                         f"are {_library(like)} arrays; a model and its inputs must be on one "
                         "device (convert with cupy.asarray or cupy.asnumpy)")
     if x.dtype != like.dtype:
+        fix = f"cast the input (x.astype('{like.dtype}'))"
+        if x.dtype in _backend._SUPPORTED:
+            fix += f" or build the layer with dtype='{x.dtype}'"
         raise TypeError(f"{where}: {what} has dtype {x.dtype} but the layer's parameters have "
-                        f"dtype {like.dtype}; cast the input (x.astype) or build the layer "
-                        f"with dtype='{x.dtype}'")
+                        f"dtype {like.dtype}; {fix}")
 
 
 def _positive_int(value, name: str, where: str) -> int:
@@ -397,27 +399,42 @@ class BatchNorm(Layer):
     """Batch normalization over the channel axis ``axis`` (1: NC, NCHW, ...;
     -1: channels last), with a learned scale ``gamma`` (ones) and shift
     ``beta`` (zeros) when ``affine``, and running statistics
-    ``running_mean`` (zeros) and ``running_var`` (ones) updated with
-    ``momentum`` in training and used in eval mode."""
+    ``running_mean`` (zeros) and ``running_var`` (ones) updated in training
+    and used in eval mode, as ``torch.nn.BatchNorm*d``:
+
+    - ``momentum`` (0.1): ``running = (1 - momentum) * running + momentum *
+      batch``; ``momentum=None`` is the cumulative moving average, the
+      factor ``1 / num_batches_tracked``, so that after k training batches
+      the running statistics are the plain means of the k batch statistics.
+    - ``track_running_stats=False``: no running statistics (the attributes
+      are None); eval mode normalizes with the batch statistics too.
+    - ``num_batches_tracked`` counts the training batches (when tracking).
+    """
 
     def __init__(self, num_features, *, axis=1, momentum=0.1, eps=1e-5, affine=True,
-                 dtype="float32", device="cpu"):
+                 track_running_stats=True, dtype="float32", device="cpu"):
         where = "fusednn.nn.BatchNorm"
         self.num_features = _positive_int(num_features, "num_features", where)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"{where}: axis must be an integer, not {type(axis).__name__}")
         self.axis = int(axis)
-        self.momentum = _real_in(momentum, "momentum", where, 0.0, 1.0)
+        self.momentum = None if momentum is None else _real_in(momentum, "momentum", where,
+                                                               0.0, 1.0)
         self.eps = _real_in(eps, "eps", where, 0.0, math.inf, open_low=True)
         if not isinstance(affine, bool):
             raise TypeError(f"{where}: affine must be True or False, not {affine!r}")
+        if not isinstance(track_running_stats, bool):
+            raise TypeError(f"{where}: track_running_stats must be True or False, "
+                            f"not {track_running_stats!r}")
+        self.track_running_stats = track_running_stats
         dt = _dtype(dtype, where)
         device = _device_arg(device, where)
         shape = (self.num_features,)
         self.gamma = Parameter(_full(1.0, shape, dt, device), "gamma") if affine else None
         self.beta = Parameter(_full(0.0, shape, dt, device), "beta") if affine else None
-        self.running_mean = _full(0.0, shape, dt, device)
-        self.running_var = _full(1.0, shape, dt, device)
+        self.running_mean = _full(0.0, shape, dt, device) if track_running_stats else None
+        self.running_var = _full(1.0, shape, dt, device) if track_running_stats else None
+        self.num_batches_tracked = 0
         self._saved_forward = None
 
     def __repr__(self) -> str:
@@ -427,20 +444,32 @@ class BatchNorm(Layer):
         return [] if self.gamma is None else [self.gamma, self.beta]
 
     def buffers(self) -> dict:
+        if not self.track_running_stats:
+            return {}
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
     def forward(self, x):
         x = _check_array(x, "input", repr(self))
-        _check_matches(x, self.running_mean, "input", repr(self))
+        if self.gamma is not None:
+            _check_matches(x, self.gamma.value, "input", repr(self))
+        elif self.running_mean is not None:
+            _check_matches(x, self.running_mean, "input", repr(self))
         if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] != self.num_features:
             raise ValueError(f"{self!r}: expected {self.num_features} channels on axis "
                              f"{self.axis}, got input of shape {tuple(x.shape)}")
         gamma = None if self.gamma is None else self.gamma.value
         beta = None if self.beta is None else self.beta.value
+        # Batch statistics in training, and always without running ones.
+        use_batch = self.training or not self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            if self.momentum is None:
+                momentum = 1.0 / self.num_batches_tracked
         result = batch_norm(x, gamma, beta, self.running_mean, self.running_var,
-                            training=self.training, momentum=self.momentum, eps=self.eps,
+                            training=use_batch, momentum=momentum, eps=self.eps,
                             axis=self.axis)
-        self._saved_forward = (x, result.save_mean, result.save_invstd, self.training)
+        self._saved_forward = (x, result.save_mean, result.save_invstd, use_batch)
         return result.y
 
     def backward(self, grad_output):
@@ -451,19 +480,8 @@ class BatchNorm(Layer):
             raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
                              f"expected {tuple(x.shape)}")
         gamma = None if self.gamma is None else self.gamma.value
-        if training:
-            grad_input, grad_gamma, grad_beta = batch_norm_backward(
-                grad_output, x, gamma, mean, invstd, axis=self.axis)
-        else:
-            # Inference normalizes with constants: y = gamma * invstd * (x - mean) + beta.
-            shape = [1] * x.ndim
-            shape[self.axis] = self.num_features
-            others = tuple(d for d in range(x.ndim) if d != self.axis % x.ndim)
-            scale = invstd if gamma is None else gamma * invstd
-            grad_input = grad_output * scale.reshape(shape)
-            xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
-            grad_gamma = (grad_output * xhat).sum(axis=others)
-            grad_beta = grad_output.sum(axis=others)
+        grad_input, grad_gamma, grad_beta = batch_norm_backward(
+            grad_output, x, gamma, mean, invstd, axis=self.axis, training=training)
         if self.gamma is not None:
             self.gamma.grad[...] = grad_gamma
             self.beta.grad[...] = grad_beta
@@ -1180,7 +1198,9 @@ def _fit_units(layer: Dense, between, following: Dense, inputs, target, units, r
             copies.append(Activation(b.name, **b.params))
         elif isinstance(b, BatchNorm):
             copies.append(BatchNorm(units, axis=b.axis, momentum=b.momentum, eps=b.eps,
-                                    affine=b.gamma is not None, dtype=dtype, device=device))
+                                    affine=b.gamma is not None,
+                                    track_running_stats=b.track_running_stats, dtype=dtype,
+                                    device=device))
     readout = Dense(units, following.out_features, bias=False, seed=rng, dtype=dtype,
                     device=device)
     model = Sequential(dense, *copies, readout)
@@ -1229,9 +1249,11 @@ def _install_units(layer: Dense, between, following: Dense, candidate: Sequentia
             if b.gamma is not None:
                 widen(b.gamma, trained.gamma.value, 0)
                 widen(b.beta, trained.beta.value, 0)
-            var = pre.var(axis=0, ddof=1) if pre.shape[0] > 1 else xp.ones(units, pre.dtype)
-            b.running_mean = xp.concatenate([b.running_mean, pre.mean(axis=0)])
-            b.running_var = xp.concatenate([b.running_var, var.astype(pre.dtype)])
+            if b.track_running_stats:
+                var = (pre.var(axis=0, ddof=1) if pre.shape[0] > 1
+                       else xp.ones(units, pre.dtype))
+                b.running_mean = xp.concatenate([b.running_mean, pre.mean(axis=0)])
+                b.running_var = xp.concatenate([b.running_var, var.astype(pre.dtype)])
             b.num_features += units
     widen(following.weight, xp.zeros((following.out_features, units), inputs.dtype), 1)
     layer.out_features += units
@@ -1506,8 +1528,9 @@ def prune(model, fraction, *, criterion="loss_increase", data=None, layers=None,
     standard second-order estimate ``-g w + h w^2 / 2`` (optimal brain
     damage, LeCun et al. 1990, with the gradient term kept since a trained
     net is not exactly at a minimum): g the gradient, h the diagonal of the
-    Gauss-Newton Hessian backpropagated as OBD does (off-diagonal terms
-    dropped). ``'magnitude'`` ranks by |w| (as ``prune_by_magnitude``).
+    Gauss-Newton approximation of the Hessian, computed exactly from the
+    Jacobian of the logits. ``'magnitude'`` ranks by |w| (as
+    ``prune_by_magnitude``).
 
     Weights pruned before stay pruned and count among the least
     significant. ``restore_if_drop``: the largest acceptable fall of
@@ -1634,19 +1657,24 @@ def _exact_increase(dense: Dense, x, rest: list[Layer], labels):
 
 def _second_order_estimate(flat: list[Layer], inputs: list, logits, labels,
                            wanted: list[Dense]) -> dict:
-    """-g w + h w^2 / 2 for the weights of the Dense layers in wanted, from
-    one backward pass carrying the gradient and the OBD diagonal of the
-    Gauss-Newton Hessian (the softmax cross-entropy's own diagonal
-    p (1 - p) / n at the logits)."""
+    """-g w + h w^2 / 2 for the weights of the Dense layers in wanted: g the
+    gradient, h the diagonal of the Gauss-Newton matrix, sum over samples
+    of J^T (diag(p) - p p^T) J / n with J the derivative of the sample's
+    logits by the weight. One backward pass carries the gradient and the
+    full Jacobian of the logits (one row per class), so h is exact for the
+    Gauss-Newton matrix; OBD's cheaper recursion, which also drops the
+    softmax's off-diagonal curvature, ranked hidden weights poorly."""
     xp = _xp(logits)
-    n = logits.shape[0]
+    n, classes = logits.shape
     z = logits.astype(np.float64)
     p = xp.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     grad = p.copy()
     grad[xp.arange(n), labels] -= 1.0
     grad /= n
-    curvature = p * (1.0 - p) / n
+    # jacobian[c, i, j]: d logits[i, c] / d (input of the layers above)[i, j]
+    jacobian = xp.broadcast_to(xp.eye(classes)[:, None, :], (classes, n, classes)).copy()
+    weights = p.T[:, :, None]  # (classes, n, 1)
     deepest = min(flat.index(d) for d in wanted)
     scores = {}
     for layer, a in zip(reversed(flat[deepest:]), reversed(inputs[deepest:])):
@@ -1654,16 +1682,18 @@ def _second_order_estimate(flat: list[Layer], inputs: list, logits, labels,
         if isinstance(layer, Dense):
             w = layer.weight.value.astype(np.float64)
             if any(layer is d for d in wanted):
+                mean = (weights * jacobian).sum(axis=0)
+                curvature = (weights * jacobian * jacobian).sum(axis=0) - mean * mean
                 g = grad.T @ a64
-                h = curvature.T @ (a64 * a64)
-                scores[id(layer)] = -g * w + 0.5 * h * w * w
+                h = curvature.T @ (a64 * a64) / n
+                scores[id(layer)] = xp.asarray(-g * w + 0.5 * h * w * w)
             grad = grad @ w
-            curvature = curvature @ (w * w)
+            jacobian = jacobian @ w
         elif isinstance(layer, Activation):
             slope = activation_backward(layer.name, xp.ones_like(a), x=a,
                                         **layer.params).astype(np.float64)
             grad = grad * slope
-            curvature = curvature * slope * slope
+            jacobian = jacobian * slope
         elif isinstance(layer, BatchNorm):
             shape = [1] * a.ndim
             shape[layer.axis] = layer.num_features
@@ -1671,5 +1701,5 @@ def _second_order_estimate(flat: list[Layer], inputs: list, logits, labels,
             if layer.gamma is not None:
                 scale = scale * layer.gamma.value
             grad = grad * scale.reshape(shape)
-            curvature = curvature * (scale * scale).reshape(shape)
+            jacobian = jacobian * scale.reshape(shape)
     return scores
