@@ -17,18 +17,21 @@ import numpy as np
 import pytest
 
 import fusednn as fn
-from fusednn import bench
 from fusednn.__main__ import main
+from fusednn.bench import activations as bench_activations
+from fusednn.bench import batchnorm as bench_batchnorm
+from fusednn.bench import cases, checks, cli, peers, timing
 
 TINY = ["bench", "--quick", "--size", "4096", "--repeat", "1"]
 HEADINGS = ["kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof", "x numpy-ref",
-            "x torch"]
+            "x torch", "x torch.compile", "x jax.jit"]
 
 
 @pytest.fixture
-def no_torch(monkeypatch):
-    """Runs the test as if PyTorch were not installed."""
+def no_peers(monkeypatch):
+    """Runs the test as if neither PyTorch nor JAX were installed."""
     monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "jax", None)
 
 
 def table_rows(out: str) -> list[list[str]]:
@@ -38,7 +41,7 @@ def table_rows(out: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
     rows = []
     for line in lines[start:]:
-        if not line.strip() or line.startswith("*"):
+        if not line.strip() or line[0] in "*!-":
             break
         rows.append([cell.strip() for cell in line.split("  ") if cell.strip()])
     return rows
@@ -82,7 +85,7 @@ def test_module_runs_as_a_command():
 # ---- bench: the table and the JSON --------------------------------------------
 
 
-def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
+def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_peers):
     path = tmp_path / "bench.json"
     assert main(TINY + ["--kernels", "relu,sigmoid:backward,gelu_tanh", "--json", str(path)]) == 0
     captured = capsys.readouterr()
@@ -97,6 +100,8 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
     assert "4096 (2^12) float32 elements; median of 1 repeat" in out
     assert "check: all 5 agree with fusednn.reference within 4 ulp (relu exact)" in out
     assert "x torch: skipped (not importable" in out
+    assert "x torch.compile: skipped (needs torch, not importable" in out
+    assert "x jax.jit: skipped (not importable" in out
 
     rows = table_rows(out)
     assert rows[0] == HEADINGS
@@ -109,7 +114,7 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
         # the table is only parsed here and positivity is checked in the JSON.
         assert all(float(row[k]) >= 0 for k in (3, 4, 6))
         assert row[5].endswith("%")
-        assert row[7] == "-"
+        assert row[7:] == ["-", "-", "-"]
 
     document = json.loads(path.read_text())
     assert set(document) == {"header", "roofs", "checks", "results"}
@@ -138,9 +143,11 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_torch):
         assert r["percent_of_roof"] == pytest.approx(100 * r["gb_per_s"] / r["roof_gb_per_s"])
         assert r["reference_elements"] == 4096
         assert r["x_torch"] is None and r["torch_op"] is None
+        assert r["peers"] == {}
+        assert len(r["time_ms_samples"]) == 1 and r["time_ms_samples"][0] == r["time_ms"]
 
 
-def test_bench_float64_counts_eight_byte_elements(capsys, no_torch):
+def test_bench_float64_counts_eight_byte_elements(capsys, no_peers):
     assert main(TINY + ["--dtype", "float64", "--kernels", "tanh"]) == 0
     out = capsys.readouterr().out
     assert "float64 elements" in out
@@ -148,7 +155,7 @@ def test_bench_float64_counts_eight_byte_elements(capsys, no_torch):
     assert [r[2] for r in rows[1:]] == ["16 (1r+1w)", "24 (2r+1w)"]
 
 
-def test_bench_threads_option_is_restored(capsys, no_torch):
+def test_bench_threads_option_is_restored(capsys, no_peers):
     before = fn.get_num_threads()
     assert main(TINY + ["--threads", "1", "--kernels", "relu:forward"]) == 0
     assert "threads 1" in capsys.readouterr().out
@@ -160,7 +167,7 @@ def test_bench_times_pytorch_into_preallocated_outputs(tmp_path, capsys):
     torch_threads = torch.get_num_threads()
     path = tmp_path / "bench.json"
     assert main(TINY + ["--threads", "1", "--kernels", "sigmoid,hardswish:backward",
-                        "--json", str(path)]) == 0
+                        "--peers", "torch", "--json", str(path)]) == 0
     assert torch.get_num_threads() == torch_threads
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out
@@ -169,29 +176,31 @@ def test_bench_times_pytorch_into_preallocated_outputs(tmp_path, capsys):
     assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
         ("sigmoid.out", False), ("sigmoid_backward.grad_input", False),
         ("hardswish_backward.out", False)]
-    assert all(r["x_torch"] > 0 for r in results)
-    assert all(float(row[-1]) > 0 for row in table_rows(out)[1:])
+    assert all(r["x_torch"] > 0 and r["x_torch"] == r["peers"]["torch"]["x"] for r in results)
+    assert all(set(r["peers"]) == {"torch"} for r in results)
+    assert all(float(row[7].rstrip("!")) > 0 for row in table_rows(out)[1:])
 
 
 def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
     pytest.importorskip("torch")
     # As mish_backward, which has no out= overload.
-    allocating = bench.TorchPeer("sigmoid_backward", lambda a, p, g, y, o: a.sigmoid_backward(g, y),
-                                 allocates=True)
+    allocating = bench_activations.TorchPeer(
+        "sigmoid_backward", lambda a, p, g, y, o: a.sigmoid_backward(g, y), allocates=True)
     kernels = tuple(dataclasses.replace(k, torch_backward=allocating) if k.name == "sigmoid" else k
-                    for k in bench.ACTIVATION_KERNELS)
-    monkeypatch.setattr(bench, "ACTIVATION_KERNELS", kernels)
-    assert main(TINY + ["--kernels", "sigmoid,relu:backward"]) == 0
+                    for k in bench_activations.ACTIVATION_KERNELS)
+    monkeypatch.setattr(bench_activations, "ACTIVATION_KERNELS", kernels)
+    assert main(TINY + ["--kernels", "sigmoid,relu:backward", "--peers", "torch"]) == 0
     out = capsys.readouterr().out
     assert "* torch allocates its result: sigmoid_backward (no out= overload)" in out
-    assert [row[-1].endswith("*") for row in table_rows(out)[1:]] == [False, True, False]
+    assert [row[7].rstrip("!").endswith("*") for row in table_rows(out)[1:]] == [
+        False, True, False]
 
 
 # ---- bench: batch norm -----------------------------------------------------------
 
 
 @pytest.mark.parametrize(("dtype", "item"), [("float32", 4), ("float64", 8)])
-def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, no_torch):
+def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, no_peers):
     path = tmp_path / "bench.json"
     assert main(TINY + ["--dtype", dtype, "--kernels", "batchnorm", "--json", str(path)]) == 0
     captured = capsys.readouterr()
@@ -215,7 +224,7 @@ def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, n
         # Printed rounded: on a busy machine a tiny case may show 0.0 GB/s, so
         # the table is only parsed here and positivity is checked in the JSON.
         assert all(float(row[k]) >= 0 for k in (3, 4, 6))
-        assert row[7] == "-"
+        assert row[7:] == ["-", "-", "-"]
 
     document = json.loads(path.read_text())
     assert [(r["bytes_per_element"], r["elements"]) for r in document["roofs"]] == [
@@ -243,7 +252,8 @@ def test_bench_batchnorm_times_pytorch_on_the_same_memory(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     torch_threads = torch.get_num_threads()
     path = tmp_path / "bench.json"
-    assert main(TINY + ["--threads", "1", "--kernels", "batch_norm", "--json", str(path)]) == 0
+    assert main(TINY + ["--threads", "1", "--kernels", "batch_norm", "--peers", "torch",
+                        "--json", str(path)]) == 0
     assert torch.get_num_threads() == torch_threads
     out = capsys.readouterr().out
     assert "native_batch_norm.out writing preallocated outputs" in out
@@ -254,10 +264,10 @@ def test_bench_batchnorm_times_pytorch_on_the_same_memory(tmp_path, capsys):
     assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
         ("native_batch_norm.out", False), ("native_batch_norm_backward", True)] * 2
     assert all(r["x_torch"] > 0 for r in results)
-    assert [row[-1].endswith("*") for row in table_rows(out)[1:]] == [False, True] * 2
+    assert [row[7].rstrip("!").endswith("*") for row in table_rows(out)[1:]] == [False, True] * 2
 
 
-def test_bench_with_two_families_reports_each(tmp_path, capsys, no_torch):
+def test_bench_with_two_families_reports_each(tmp_path, capsys, no_peers):
     path = tmp_path / "bench.json"
     assert main(TINY + ["--kernels", "relu:forward,batch_norm[NHWC]:backward",
                         "--json", str(path)]) == 0
@@ -274,30 +284,31 @@ def test_bench_with_two_families_reports_each(tmp_path, capsys, no_torch):
     assert [(r["bytes_per_element"], r["elements"]) for r in roofs] == [(8, 4096), (20, 4096)]
 
 
-def _plan(**options) -> bench.Plan:
-    return bench.Plan(device="cpu", dtype=np.dtype(np.float32), size=bench.DEFAULT_SIZE,
-                      repeat=1, threads=1, reference_elements=bench.REFERENCE_ELEMENTS,
+def _plan(**options) -> cases.Plan:
+    return cases.Plan(device="cpu", dtype=np.dtype(np.float32), size=cli.DEFAULT_SIZE,
+                      repeat=1, threads=1, reference_elements=cli.REFERENCE_ELEMENTS,
                       torch=None, torch_note="", **options)
 
 
 def test_batchnorm_shapes():
-    assert bench.batch_norm_shape(_plan()) == (32, 128, 56, 56)
-    assert bench.batch_norm_shape(_plan(quick=True)) == (32, 128, 32, 32)
-    assert math.prod(bench.BATCH_NORM_QUICK_SHAPE) == bench.QUICK_SIZE
-    sized = {size: bench.batch_norm_shape(dataclasses.replace(_plan(quick=True), size=size,
-                                                              size_given=True))
+    assert bench_batchnorm.batch_norm_shape(_plan()) == (32, 128, 56, 56)
+    assert bench_batchnorm.batch_norm_shape(_plan(quick=True)) == (32, 128, 32, 32)
+    assert math.prod(bench_batchnorm.BATCH_NORM_QUICK_SHAPE) == cli.QUICK_SIZE
+    sized = {size: bench_batchnorm.batch_norm_shape(
+                 dataclasses.replace(_plan(quick=True), size=size, size_given=True))
              for size in (1, 4096, 2**22, 2**25)}
     assert sized == {1: (32, 128, 1, 1), 4096: (32, 128, 1, 1), 2**22: (32, 128, 32, 32),
                      2**25: (32, 128, 91, 91)}
-    nhwc = [c.shape for c in bench.batch_norm_cases(_plan()) if c.name == "batch_norm[NHWC]"]
+    nhwc = [c.shape for c in bench_batchnorm.batch_norm_cases(_plan())
+            if c.name == "batch_norm[NHWC]"]
     assert nhwc == [(32, 56, 56, 128)] * 2
 
 
 # ---- bench: the check stage ----------------------------------------------------
 
 
-def test_a_wrong_kernel_stops_the_bench(monkeypatch, capsys, no_torch):
-    correct = bench.activation
+def test_a_wrong_kernel_stops_the_bench(monkeypatch, capsys, no_peers):
+    correct = bench_activations.activation
 
     def sigmoid_off_by_32_ulp(name, x, **kwargs):
         y = correct(name, x, **kwargs)
@@ -305,7 +316,7 @@ def test_a_wrong_kernel_stops_the_bench(monkeypatch, capsys, no_torch):
             y *= np.float32(1 + 2**-18)
         return y
 
-    monkeypatch.setattr(bench, "activation", sigmoid_off_by_32_ulp)
+    monkeypatch.setattr(bench_activations, "activation", sigmoid_off_by_32_ulp)
     assert main(TINY + ["--kernels", "sigmoid:forward,relu:forward"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing timed
@@ -317,14 +328,14 @@ def test_a_wrong_kernel_stops_the_bench(monkeypatch, capsys, no_torch):
     assert "] timing" not in captured.err
 
 
-def test_exact_kernels_may_not_be_off_by_one_ulp(monkeypatch, capsys, no_torch):
-    correct = bench.activation_backward
+def test_exact_kernels_may_not_be_off_by_one_ulp(monkeypatch, capsys, no_peers):
+    correct = bench_activations.activation_backward
 
     def one_ulp_up(name, grad_output, **kwargs):
         gi = correct(name, grad_output, **kwargs)
         return np.nextafter(gi, np.inf, out=gi)
 
-    monkeypatch.setattr(bench, "activation_backward", one_ulp_up)
+    monkeypatch.setattr(bench_activations, "activation_backward", one_ulp_up)
     assert main(TINY + ["--kernels", "sigmoid:backward,relu:backward"]) == 1
     err = capsys.readouterr().err
     assert "check failed: relu backward (float32): 1 ulp" in err
@@ -360,10 +371,10 @@ def _divides_by_m_minus_1(correct):
     (_divides_by_m_minus_1, "backward", "in grad_input[n="),
 ])
 def test_a_wrong_batchnorm_kernel_stops_the_bench(breakage, direction, where, monkeypatch,
-                                                  capsys, no_torch):
-    name, broken = breakage(getattr(bench, {"forward": "batch_norm",
-                                            "backward": "batch_norm_backward"}[direction]))
-    monkeypatch.setattr(bench, name, broken)
+                                                  capsys, no_peers):
+    wrapped = {"forward": "batch_norm", "backward": "batch_norm_backward"}[direction]
+    name, broken = breakage(getattr(bench_batchnorm, wrapped))
+    monkeypatch.setattr(bench_batchnorm, name, broken)
     assert main(TINY + ["--kernels", f"batchnorm:{direction},relu:forward"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -379,13 +390,13 @@ def test_bounded_errors():
     ours = np.array([1.5, np.nan, np.inf, 2.0, np.nan, 0.0], dtype=np.float32)
     expected = np.array([1.0, np.nan, np.inf, np.nan, 1.0, 0.0])
     bound = np.array([0.25, 1.0, 1.0, 1.0, 1.0, 0.0])
-    np.testing.assert_array_equal(bench.bounded_errors(ours, expected, bound),
+    np.testing.assert_array_equal(checks.bounded_errors(ours, expected, bound),
                                   [2.0, 0.0, 0.0, np.inf, np.inf, 0.0])
-    result = bench.compare_bounded({"a": (ours[:1], expected[:1], 0.25),
+    result = checks.compare_bounded({"a": (ours[:1], expected[:1], 0.25),
                                     "b": (ours[3:4], expected[3:4], 1.0)}, 2)
     assert not result.passed and result.unit == "bound"
     assert result.worst.startswith("in b[0]: got 2.0, reference nan")
-    named = bench.compare_bounded({"a": (ours[:1], expected[:1], 0.25)}, 1, {1: "c"})
+    named = checks.compare_bounded({"a": (ours[:1], expected[:1], 0.25)}, 1, {1: "c"})
     assert named.worst == "in a[c=0]: got 1.5, reference 1.0 (|error| 0.5, allowed 0.25)"
     assert named.describe() == ("2 times the allowed error from fusednn.reference in a[c=0]: "
                                 "got 1.5, reference 1.0 (|error| 0.5, allowed 0.25)")
@@ -395,10 +406,10 @@ def test_ulp_errors():
     f32 = np.float32
     ours = np.array([1 + 3 * 2**-23, 2**-149, 0.0, np.inf, np.nan, 1.0, np.inf, -0.0], dtype=f32)
     expected = np.array([1.0, 0.0, 0.0, np.inf, 1.0, np.nan, 1e39, 0.0])
-    np.testing.assert_array_equal(bench.ulp_errors(ours, expected),
+    np.testing.assert_array_equal(checks.ulp_errors(ours, expected),
                                   [3.0, 1.0, 0.0, 0.0, np.inf, np.inf, 0.0, 0.0])
     # Below a power of two the ulp is half the one above it.
-    assert bench.ulp_errors(np.array([1.0], f32), [1 - 2**-24])[0] == pytest.approx(1.0)
+    assert checks.ulp_errors(np.array([1.0], f32), [1 - 2**-24])[0] == pytest.approx(1.0)
 
 
 def test_cancelling_derivative_terms_get_the_absolute_bound():
@@ -407,32 +418,32 @@ def test_cancelling_derivative_terms_get_the_absolute_bound():
     expected = np.array([1e-3, 1e-3])
     ours = (expected + 4 * 2**-24).astype(np.float32)  # hundreds of ulp, 4 * 2^-24 absolute
     terms = (np.array([0.25, 0.25]), np.array([-0.2490, -0.05]))  # cancel by 499x and 1.5x
-    result = bench.compare(ours, expected, 4.0, {"x": x}, grad=grad, terms=terms)
+    result = checks.compare(ours, expected, 4.0, {"x": x}, grad=grad, terms=terms)
     assert not result.passed and "x=-1.0" in result.worst
     terms = (np.array([0.25, 0.25]), np.array([-0.2490, -0.2490]))
-    assert bench.compare(ours, expected, 4.0, {"x": x}, grad=grad, terms=terms).passed
+    assert checks.compare(ours, expected, 4.0, {"x": x}, grad=grad, terms=terms).passed
 
 
 # ---- bench: options ------------------------------------------------------------
 
 
 def test_kernel_selection():
-    forward = bench.parse_selection("activations:forward")["activations"]
-    assert forward == {(k.name, "forward") for k in bench.ACTIVATION_KERNELS}
-    assert bench.parse_selection("all") == {**bench.parse_selection("activations"),
-                                            **bench.parse_selection("batchnorm"),
-                                            **bench.parse_selection("dropout")}
-    assert bench.parse_selection("dropout:backward") == {
-        "dropout": {(k.name, "backward") for k in bench.DROPOUT_KERNELS}}
-    assert bench.parse_selection(" gelu , gelu:backward") == {
+    forward = cli.parse_selection("activations:forward")["activations"]
+    assert forward == {(k.name, "forward") for k in bench_activations.ACTIVATION_KERNELS}
+    assert cli.parse_selection("all") == {**cli.parse_selection("activations"),
+                                            **cli.parse_selection("batchnorm"),
+                                            **cli.parse_selection("dropout")}
+    assert cli.parse_selection("dropout:backward") == {
+        "dropout": {(k.name, "backward") for k in cli.DROPOUT_KERNELS}}
+    assert cli.parse_selection(" gelu , gelu:backward") == {
         "activations": {("gelu", "forward"), ("gelu", "backward")}}
     both = {(k, d) for k in ("batch_norm[NCHW]", "batch_norm[NHWC]")
             for d in ("forward", "backward")}
-    assert bench.parse_selection("batchnorm") == bench.parse_selection("batch_norm") == {
+    assert cli.parse_selection("batchnorm") == cli.parse_selection("batch_norm") == {
         "batchnorm": both}
-    assert bench.parse_selection("batchnorm:forward") == {
+    assert cli.parse_selection("batchnorm:forward") == {
         "batchnorm": {(k, "forward") for k in ("batch_norm[NCHW]", "batch_norm[NHWC]")}}
-    assert bench.parse_selection("batch_norm[NHWC]:backward,relu:forward") == {
+    assert cli.parse_selection("batch_norm[NHWC]:backward,relu:forward") == {
         "batchnorm": {("batch_norm[NHWC]", "backward")}, "activations": {("relu", "forward")}}
 
 
@@ -465,8 +476,8 @@ def test_unknown_command_is_a_usage_error(capsys):
 
 
 def test_size_accepts_powers_of_two():
-    assert bench._size("2^25") == bench._size("2**25") == 2**25
-    assert bench._size("4096") == 4096
+    assert cli._size("2^25") == cli._size("2**25") == 2**25
+    assert cli._size("4096") == 4096
 
 
 @pytest.mark.parametrize(("cuda_built", "cupy", "kernels", "message"), [
@@ -475,8 +486,8 @@ def test_size_accepts_powers_of_two():
 ])
 def test_cuda_device_says_why_it_cannot_run(cuda_built, cupy, kernels, message, monkeypatch,
                                             capsys):
-    monkeypatch.setattr(bench, "info", lambda: {**fn.info(), "cuda_built": cuda_built})
-    monkeypatch.setattr(bench, "_import_cupy",
+    monkeypatch.setattr(cli, "info", lambda: {**fn.info(), "cuda_built": cuda_built})
+    monkeypatch.setattr(peers, "import_cupy",
                         lambda: (cupy, "13.0") if cupy else (None, "not importable (no cupy here)"))
     assert main(TINY + ["--device", "cuda", "--kernels", kernels]) == 1
     captured = capsys.readouterr()
@@ -496,7 +507,7 @@ def test_plot_without_matplotlib_fails_before_running(tmp_path, monkeypatch, cap
     assert not path.exists()
 
 
-def test_plot_writes_a_png(tmp_path, capsys, no_torch):
+def test_plot_writes_a_png(tmp_path, capsys, no_peers):
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
     assert main(TINY + ["--kernels", "relu", "--plot", str(path)]) == 0
@@ -508,10 +519,10 @@ def test_a_rows_roof_comes_from_the_copies_of_its_own_rounds():
     # 8 GB per copy: 1, 2 and 4 s are 8, 4 and 2 GB/s, median 4; np.copyto
     # at 5 and 2.5 GB/s has median 3.75. The slower rounds of other rows do
     # not enter.
-    timing = bench.Timing(case=None, runners=None, copy_bytes=8 * 10**9,
-                          copies=("fusednn._cpu.copy", "np.copyto"),
-                          samples={"ours": [1.0], "fusednn._cpu.copy": [1.0, 2.0, 4.0],
-                                   "np.copyto": [1.6, 3.2]})
-    source, rate = bench.row_roof(timing)
+    rounds = timing.Timing(case=None, runners=None, copy_bytes=8 * 10**9,
+                           copies=("fusednn._cpu.copy", "np.copyto"),
+                           samples={"ours": [1.0], "fusednn._cpu.copy": [1.0, 2.0, 4.0],
+                                    "np.copyto": [1.6, 3.2]}, peer_checks={})
+    source, rate = timing.row_roof(rounds)
     assert source == "fusednn._cpu.copy"
     assert rate == pytest.approx(4.0)
