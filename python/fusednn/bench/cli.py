@@ -107,9 +107,9 @@ def parse_peers(spec: str) -> frozenset:
         return frozenset()
     if "all" in names:
         names = (names - {"all"}) | set(PEERS)
-    unknown = sorted(names - set(PEERS))
-    if unknown or not names:
-        raise UsageError(f"--peers: unknown peer {', '.join(map(repr, unknown)) or spec!r}; "
+    unknown = ", ".join(repr(name) for name in sorted(names - set(PEERS))) or repr(spec)
+    if names - set(PEERS) or not names:
+        raise UsageError(f"--peers: unknown peer {unknown}; "
                          f"use all, none or some of {', '.join(PEERS)}")
     return frozenset(names)
 

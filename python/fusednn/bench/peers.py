@@ -109,7 +109,6 @@ def torch_peers(plan: Plan, op: str, function: Callable, timed: list,
     # Every row compiles anew: dynamo's caches hold a bounded number of
     # versions per function, past which it would silently run eager code.
     _quietly(lambda: importlib.import_module("torch._dynamo").reset())
-    fast = torch.compile(compiled or function, dynamic=False, fullgraph=True)
     synchronize = torch.cuda.synchronize if plan.device == "cuda" else (lambda: None)
 
     def first_call():
@@ -119,6 +118,7 @@ def torch_peers(plan: Plan, op: str, function: Callable, timed: list,
         return time.perf_counter() - start
 
     try:
+        fast = torch.compile(compiled or function, dynamic=False, fullgraph=True)
         seconds = _quietly(first_call)
     except Exception as error:  # inductor needs a working C++ or Triton toolchain
         errors["torch.compile"] = f"torch.compile failed: {type(error).__name__}: {error}"
