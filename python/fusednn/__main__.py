@@ -2,12 +2,15 @@
 
     fusednn info [--json]     build configuration: version, CUDA, SIMD path, threads
     fusednn bench [options]   check every kernel against fusednn.reference, then
-                              time it against a memory copy, the reference and PyTorch
+                              time it against a memory copy, the reference and its
+                              peers (PyTorch, torch.compile, jax.jit); --compare an
+                              earlier run
     fusednn demo [options]    the lecture's experiments (initialization, batch norm,
                               dropout, pruning) with fusednn.nn on scikit-learn's digits
 
 ``main(argv)`` returns the exit status: 0, 1 when the benchmark or the demo
-cannot run or a kernel fails its check, 2 for a usage error.
+cannot run, a kernel fails its check or (bench --fail-on-regression) a row
+is slower than the compared run, 2 for a usage error.
 """
 from __future__ import annotations
 
@@ -72,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Checks every selected kernel against fusednn.reference on special and "
                     "random inputs (exit status 1 if one fails), then times it: bytes moved, "
                     "GB/s, % of a plain copy of the same bytes, and speed-up over the numpy "
-                    "reference and PyTorch (when installed). Table on stdout, progress on "
+                    "reference and the peers PyTorch, torch.compile and jax.jit (each when "
+                    "installed, each checked against the reference too). --compare prints "
+                    "the change from an earlier --json run. Table on stdout, progress on "
                     "stderr.")
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(handler=_bench, parser=bench_parser)
