@@ -1,5 +1,6 @@
 // The fusednn._cuda extension module: what the CUDA build targets, what
-// the driver reports, and the kernel families (each bound in its own file).
+// the driver reports (its version, the devices, or why there are none), and
+// the kernel families (each bound in its own file).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -34,8 +35,20 @@ PYBIND11_MODULE(_cuda, m) {
     return archs;
   });
   m.def("runtime_version", &fusednn::cuda::runtime_version);
+  m.def("driver_version", &fusednn::cuda::driver_version,
+        "The installed driver's CUDA version (e.g. 12040), 0 without a driver.");
   m.def("device_count", &fusednn::cuda::device_count,
         "Number of visible CUDA devices (0 when there is no driver or device).");
+  m.def(
+      "device_error",
+      []() -> py::object {
+        const std::string error = fusednn::cuda::device_error();
+        if (error.empty()) return py::none();
+        return py::str(error);
+      },
+      "Why device_count() is 0, as the CUDA runtime names it (cudaErrorNoDevice, "
+      "cudaErrorInsufficientDriver: the driver is older than the runtime, ...); None when "
+      "there are devices.");
   fusednn::bindings::bind_cuda_activations(m);
   fusednn::bindings::bind_cuda_dropout(m);
   fusednn::bindings::bind_cuda_batchnorm(m);
