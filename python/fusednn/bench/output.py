@@ -107,7 +107,8 @@ def _peer_lines(plan: Plan, texts: dict, results: list) -> list:
         lines.append(f"x jax.jit: skipped ({notes['jax.jit']})")
     else:
         lines.append(f"x jax.jit: jax {notes['jax.jit']}: {_per_family(texts, 'jax')}; "
-                     "inputs on JAX's device ahead of the rounds, results allocated")
+                     "inputs on JAX's device ahead of the rounds, results allocated, on "
+                     "XLA's own threads (--threads does not reach them)")
     compiled = [text for text in (_compile_text(results, label)
                                   for label in ("torch.compile", "jax.jit")) if text]
     if compiled:

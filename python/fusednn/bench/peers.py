@@ -88,19 +88,18 @@ def torch_check_tensors(plan: Plan, *arrays) -> list:
 
 def torch_peers(plan: Plan, op: str, function: Callable, timed: list,
                 check_args: Callable[[], list], judge: Callable, *,
-                allocates: str | None = None, compiled: Callable | None = None,
-                compiled_allocates: str | None = None) -> tuple[list, dict]:
+                allocates: str | None = None,
+                compiled: Callable | None = None) -> tuple[list, dict]:
     """([Peer], {label: why not}) for PyTorch eager and torch.compile, as
     the plan asks for them. function(*tensors) runs the eager op and returns
     what judge() reads (as numpy); timed are its tensors on the timed
-    inputs, check_args() makes fresh ones on the check inputs. compiled is
+    inputs, check_args() makes fresh ones on the check inputs; allocates
+    says why the eager op allocates its result, where it does. compiled is
     the function given to torch.compile (default: function itself, e.g. an
-    aten .out op, whose write into the preallocated output inductor keeps),
-    with compiled_allocates saying why it allocates, where it does."""
+    aten .out op, whose write into the preallocated output inductor keeps);
+    it writes the preallocated outputs."""
     torch = plan.torch
     peers, errors = [], {}
-    if torch is None:
-        return peers, errors
     if "torch" in plan.peers:
         peers.append(Peer("torch", op, lambda: function(*timed),
                           lambda: judge(torch_to_numpy(function(*check_args()))), allocates))
@@ -125,16 +124,16 @@ def torch_peers(plan: Plan, op: str, function: Callable, timed: list,
         return peers, errors
     peers.append(Peer("torch.compile", f"torch.compile({op})", lambda: fast(*timed),
                       lambda: judge(torch_to_numpy(_quietly(lambda: fast(*check_args())))),
-                      compiled_allocates, seconds))
+                      None, seconds))
     return peers, errors
 
 
 def jax_peer(plan: Plan, op: str, function: Callable, timed_host: list,
              check_args: Callable[[], list], judge: Callable) -> list:
-    """[Peer] for jax.jit(function). timed_host are the
-    host arrays to time it on (put on JAX's device once, here);
-    check_args() gives host arrays of the check inputs. Compilation for the
-    timed shapes is timed once, ahead of time."""
+    """[Peer] for jax.jit(function). timed_host are the host arrays to
+    time it on (put on JAX's device once, here); check_args() gives host
+    arrays of the check inputs. Compilation for the timed shapes is timed
+    once, ahead of time."""
     jax = plan.jax
     jitted = jax.jit(function)
     timed = [jax.device_put(a) for a in timed_host]
