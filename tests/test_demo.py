@@ -1,6 +1,9 @@
 """``python -m fusednn demo``: a smoke run of every experiment with one
 epoch of training, the reference network's accuracy target in the --quick
-setting, determinism under --seed, and the errors without scikit-learn.
+setting, the claims docs/nn.md makes about growing, pretraining and
+pruning (each experiment rerun in the --quick setting, against bounds a
+regression would break), determinism under --seed, and the errors without
+scikit-learn.
 
 The tests that need the digits skip when scikit-learn is not installed
 (it is the optional ``demo`` extra).
@@ -24,9 +27,16 @@ needs_sklearn = pytest.mark.skipif(not HAVE_SKLEARN, reason="scikit-learn is not
 
 SECTIONS = ["1. Variance of pre-activations", "2. Vanishing gradients and dead ReLU units",
             "3. Learning curves", "4. Dropout and the train/test gap",
-            "5. The reference net, and accuracy against pruned fraction"]
+            "5. The reference net, and accuracy against pruned fraction",
+            "6. Growing a network: grow H from 4 to 64", "7. Layer pretraining: pretrain with",
+            "8. Pruning by loss increase against magnitude"]
 PLOTS = ["variance.png", "gradients.png", "learning_curves.png", "dropout_gap.png",
-         "pruning.png"]
+         "pruning.png", "growth.png", "pretraining.png", "pruning_criteria.png"]
+QUICK = demo.Settings.make(True, None)
+
+
+def silent(message):
+    """A progress callback that prints nothing."""
 
 
 @needs_sklearn
@@ -36,8 +46,9 @@ def test_smoke_run_prints_every_table(capsys, tmp_path):
     for title in SECTIONS:
         assert title in captured.out
     assert "9 of 9 nets within tolerance at every layer" in captured.out
-    assert "1/5 variance" in captured.err and "done" in captured.err
-    assert "1/5" not in captured.out
+    assert "1/8 variance" in captured.err and "done" in captured.err
+    assert "1/8 variance" not in captured.out
+    assert "(no growth step: too few epochs)" in captured.out
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -106,3 +117,71 @@ def test_demo_helpers_build_the_described_nets():
     weight = demo.plain_uniform((20, 50), seed=0, dtype="float64", device="cpu")
     assert np.abs(weight).max() <= 1 / np.sqrt(50)
     assert isinstance(model, nn.Sequential)
+
+
+# ---- the claims of docs/nn.md on sections 6-8 -------------------------------------
+
+
+@needs_sklearn
+def test_growth_loses_nothing_and_matches_the_fixed_net():
+    """Every growth step leaves the training loss exactly where it was; every
+    rule reaches 64 units, the fixed net's training loss and its test
+    accuracy (within 2 points); and it takes more than the lecture's 2x:
+    over 4x the fixed net's epochs to reach the fixed net's loss."""
+    data = demo.load_data(0)
+    with demo.single_threaded():
+        runs = demo.growth_experiment(data, 0, QUICK, silent)
+    fixed = runs["fixed"]
+    expected_steps = (demo.GROW_TO - demo.GROW_FROM) // QUICK.grow_units
+    for rule in nn.GROW_RULES:
+        run = runs[rule]
+        assert run.widths[-1] == demo.GROW_TO and len(run.steps) == expected_steps
+        for epoch, before_width, after_width, before, after in run.steps:
+            assert after == before and after_width == before_width + QUICK.grow_units
+        assert run.test_accuracy >= fixed.test_accuracy - 0.02
+        reached = demo.time_to_loss(run, fixed.losses[-1])
+        assert reached is not None and reached[0] > 4 * len(fixed.losses)
+
+
+@needs_sklearn
+def test_pretraining_gain_is_within_the_spread():
+    """With 10% of the labels every net reaches 80% on average, and neither
+    pretraining differs from training from scratch significantly (paired
+    t statistic below 2.78, the 5% level for 4 degrees of freedom)."""
+    data = demo.load_data(0)
+    with demo.single_threaded():
+        results = demo.pretraining_experiment(data, 0, QUICK, silent)
+    scratch = np.array(results["from scratch"])
+    for method, accuracies in results.items():
+        assert len(accuracies) == demo.PRETRAIN_SEEDS and np.mean(accuracies) >= 0.80, method
+        if method != "from scratch":
+            gain = np.array(accuracies) - scratch
+            t = abs(gain.mean()) / (gain.std(ddof=1) / np.sqrt(len(gain)))
+            assert t < 2.78, method
+
+
+@needs_sklearn
+def test_pruning_by_loss_increase_claims():
+    """On the training images the lecture's criterion keeps at least 10
+    points more test accuracy than magnitude from 90% pruned on; on the
+    held-out batch it loses 15 points against itself at 50%; restoring
+    keeps every net within 6 points of the unpruned one and never prunes
+    more than asked."""
+    data = demo.load_data(0)
+    with demo.single_threaded():
+        results = demo.loss_increase_experiment(data, 0, QUICK, silent)
+    tuned = {(criterion, source, restore, fraction): (reached, after)
+             for criterion, source, restore, fraction, reached, _, after in results["rows"]}
+    for fraction in QUICK.prune_fractions:
+        exact = tuned[("loss increase", "training images", None, fraction)]
+        magnitude = tuned[("magnitude", "training images", None, fraction)]
+        assert exact[0] == pytest.approx(fraction, abs=0.01)
+        if fraction >= 0.9:
+            assert exact[1] >= magnitude[1] + 0.10, fraction
+        for criterion, source in (("loss increase", "training images"),
+                                  ("loss increase", "held-out batch"),
+                                  ("magnitude", "training images")):
+            reached, after = tuned[(criterion, source, demo.RESTORE_DROP, fraction)]
+            assert reached <= fraction + 1e-9 and after >= results["trained"] - 0.06
+    assert (tuned[("loss increase", "held-out batch", None, 0.5)][1]
+            <= tuned[("loss increase", "training images", None, 0.5)][1] - 0.15)

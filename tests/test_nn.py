@@ -820,7 +820,8 @@ def test_autoencoder_mirrors_the_encoder_and_shares_its_layers():
              for layer in auto.decoder]
     assert kinds == [("Dense", 3, 6, None), ("Activation", None, None, "leaky_relu"),
                      ("Dense", 6, 8, None)]
-    assert auto.decoder[0].init_name == "glorot_uniform" and auto.decoder[2].init_name == "he_normal"
+    assert auto.decoder[0].init_name == "glorot_uniform"
+    assert auto.decoder[2].init_name == "he_normal"
     assert auto.decoder[1].params == {"negative_slope": 0.1}
     assert auto(np.zeros((5, 8), np.float32)).shape == (5, 8)
     assert repr(auto).startswith("Autoencoder(encoder=Sequential(Dense(8, 6")

@@ -1,7 +1,8 @@
 """``python -m fusednn demo``: the lecture's experiments on initialization,
-batch normalization, dropout and pruning, run with fusednn.nn on
-scikit-learn's handwritten digits (``sklearn.datasets.load_digits``: 1797
-images of 8x8 pixels, 10 classes, shipped inside scikit-learn).
+batch normalization, dropout, growing, pretraining and pruning, run with
+fusednn.nn on scikit-learn's handwritten digits
+(``sklearn.datasets.load_digits``: 1797 images of 8x8 pixels, 10 classes,
+shipped inside scikit-learn).
 
 1. Variance of the pre-activations layer by layer in a 10-layer net, for
    U[-1/sqrt(n), 1/sqrt(n)], Glorot and He initialization with sigmoid,
@@ -12,6 +13,13 @@ images of 8x8 pixels, 10 classes, shipped inside scikit-learn).
    norm, with and without dropout.
 4. The train/test gap with and without dropout.
 5. Accuracy against the pruned fraction of weights, after fine-tuning.
+6. Growing a hidden layer from 4 to 64 units by each of ``nn.grow``'s four
+   rules against a net with 64 units from the start: time, epochs,
+   accuracy, and the loss right before and after every growth step.
+7. Pretraining with 10% of the labels: per-unit and autoencoder
+   pretraining against the same net from scratch, over 5 seeds.
+8. Pruning by the loss increase (the lecture's criterion) against
+   magnitude, with and without restoring, after fine-tuning.
 
 Everything is seeded from ``--seed`` (the split, every weight, every
 dropout mask and batch order), so a run repeats exactly. Tables go to
@@ -64,14 +72,22 @@ class Settings:
     finetune_epochs: int = 10
     dead_epochs: int = 20
     repeats: int = 3  # weight draws averaged in the learning curves
+    grow_units: int = 1  # units added per growth step (the lecture adds one)
+    grow_epochs: int = 600  # a cap: the plateau at full width ends every run before it
+    pretrain_epochs: int = 60  # fine-tuning on the 10% of labelled images
+    autoencoder_epochs: int = 30
+    prune_fractions: tuple = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
     @classmethod
     def make(cls, quick: bool, epochs: int | None) -> Settings:
         settings = cls(curve_epochs=12, gap_epochs=25, reference_epochs=20, finetune_epochs=4,
-                       dead_epochs=8, repeats=1) if quick else cls()
+                       dead_epochs=8, repeats=1, grow_units=4, grow_epochs=300,
+                       pretrain_epochs=30, autoencoder_epochs=10,
+                       prune_fractions=(0.5, 0.8, 0.9, 0.95, 0.98)) if quick else cls()
         if epochs is not None:
             for field in ("curve_epochs", "gap_epochs", "reference_epochs", "finetune_epochs",
-                          "dead_epochs"):
+                          "dead_epochs", "grow_epochs", "pretrain_epochs",
+                          "autoencoder_epochs"):
                 setattr(settings, field, epochs)
         return settings
 
@@ -131,6 +147,20 @@ class History:
     test_accuracy: list
 
 
+def train_epoch(model: nn.Layer, optimizer, x: np.ndarray, y: np.ndarray,
+                rng: np.random.Generator, batch_size: int = 64) -> None:
+    """One pass over (x, y) in minibatches reshuffled from rng."""
+    model.train()
+    order = rng.permutation(len(y))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        if len(batch) < 2:  # batch norm needs two samples per feature
+            continue
+        _, grad = nn.softmax_cross_entropy(model(x[batch]), y[batch])
+        model.backward(grad)
+        optimizer.step()
+
+
 def train(model: nn.Layer, data: Data, optimizer, epochs: int, rng: np.random.Generator, *,
           batch_size: int = 64, x_train=None, y_train=None) -> History:
     """Minibatch training, the batches reshuffled each epoch from rng;
@@ -138,16 +168,8 @@ def train(model: nn.Layer, data: Data, optimizer, epochs: int, rng: np.random.Ge
     x_train = data.x_train if x_train is None else x_train
     y_train = data.y_train if y_train is None else y_train
     history = History([], [], [], [])
-    model.train()
     for _ in range(epochs):
-        order = rng.permutation(len(y_train))
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            if len(batch) < 2:  # batch norm needs two samples per feature
-                continue
-            _, grad = nn.softmax_cross_entropy(model(x_train[batch]), y_train[batch])
-            model.backward(grad)
-            optimizer.step()
+        train_epoch(model, optimizer, x_train, y_train, rng, batch_size)
         for (loss, accuracy), losses, accuracies in (
                 (evaluate(model, x_train, y_train), history.train_loss, history.train_accuracy),
                 (evaluate(model, data.x_test, data.y_test), history.test_loss,
@@ -251,7 +273,7 @@ def variance_experiment(data: Data, seed: int, progress) -> dict:
     rng = np.random.default_rng([seed, 1])
     for init_name, (rule, weight_variance) in INITS.items():
         for act in ("sigmoid", "tanh", "relu"):
-            progress(f"1/5 variance: {init_name} init, {act}")
+            progress(f"1/8 variance: {init_name} init, {act}")
             measured, derived, z_scores = [], [], []
             a = x
             for _ in range(DEPTH):
@@ -312,7 +334,7 @@ def report_variance(results: dict, data: Data) -> list[str]:
 def gradient_experiment(data: Data, seed: int, progress) -> dict:
     """Norm of dLoss/dW per layer of 10-layer nets (64 units) at init, on
     one batch of 256 training images."""
-    progress("2/5 gradient norms per layer")
+    progress("2/8 gradient norms per layer")
     batch = slice(0, 256)
     nets = {"sigmoid, Glorot": ("sigmoid", "glorot_uniform"),
             "tanh, Glorot": ("tanh", "glorot_uniform"),
@@ -361,7 +383,7 @@ def dead_relu_experiment(data: Data, seed: int, settings: Settings, progress) ->
     no gradient and stays dead)."""
     rows = []
     for bias in (0.0, -1.0, -2.0, -4.0):
-        progress(f"2/5 dead ReLU units, bias init {bias:g}")
+        progress(f"2/8 dead ReLU units, bias init {bias:g}")
         rng = np.random.default_rng([seed, 3])
         model = mlp([64, 128, 128, 128, 10], init_rule="he_normal", bias_init=bias, rng=rng)
         before = dead_units(model, data.x_train)
@@ -402,7 +424,7 @@ def learning_curves(data: Data, seed: int, settings: Settings, progress) -> dict
     SGD lr 0.02 with momentum 0.9, averaged over `repeats` weight draws."""
     curves = {}
     for label, (rule, batch_norm, dropout) in CURVES.items():
-        progress(f"3/5 learning curve: {label}")
+        progress(f"3/8 learning curve: {label}")
         runs = []
         for repeat in range(settings.repeats):
             rng = np.random.default_rng([seed, 4, repeat])
@@ -432,7 +454,7 @@ def dropout_gap(data: Data, seed: int, settings: Settings, progress) -> list:
     until it fits the training set, with and without dropout."""
     rows = []
     for p in (0.0, 0.2, 0.5):
-        progress(f"4/5 train/test gap, dropout {p:g}")
+        progress(f"4/8 train/test gap, dropout {p:g}")
         rng = np.random.default_rng([seed, 6])
         model = mlp([64, 512, 512, 10], init_rule="he_normal", dropout=p, rng=rng)
         optimizer = nn.Adam(model.parameters(), lr=1e-3)
@@ -462,7 +484,7 @@ def report_gap(rows: list, settings: Settings) -> list[str]:
 def reference_net(data: Data, seed: int, settings: Settings, progress):
     """The 3-layer net the demo promises >= 95% with: 64-256-128-10, ReLU,
     He init, batch norm and dropout 0.2 after each hidden layer, Adam."""
-    progress("5/5 reference net: 3 layers, ReLU, He, batch norm, dropout")
+    progress("5/8 reference net: 3 layers, ReLU, He, batch norm, dropout")
     rng = np.random.default_rng([seed, 7])
     model = mlp([64, 256, 128, 10], init_rule="he_normal", batch_norm=True, dropout=0.2,
                 rng=rng)
@@ -481,7 +503,7 @@ def pruning_experiment(model: nn.Sequential, data: Data, rng, settings: Settings
     trained = model.state()
     rows = []
     for fraction in PRUNE_FRACTIONS:
-        progress(f"5/5 pruning {percent(fraction)} of the weights")
+        progress(f"5/8 pruning {percent(fraction)} of the weights")
         model.load_state(trained)
         for p in model.parameters():
             p.mask = None
@@ -512,6 +534,273 @@ def report_pruning(rows: list, settings: Settings) -> list[str]:
     table = [[percent(f), percent(s), percent(a), percent(b)] for f, s, a, b in rows]
     return ["Magnitude pruning of the reference net: the smallest |w| of each weight matrix "
             "zeroed and kept zero (mask applied after every Adam step, lr 5e-4).",
+            "", format_table(headers, table)]
+
+
+# ---- 6. growing a network --------------------------------------------------------
+
+GROW_FROM, GROW_TO = 4, 64
+# The plateau that triggers growth, and ends every run: the training loss
+# (eval mode, all training images) improved by less than this for
+# GROW_PATIENCE epochs in a row.
+GROW_MIN_DELTA = 0.01
+GROW_PATIENCE = 2
+
+
+@dataclasses.dataclass
+class GrowthRun:
+    losses: list        # training loss after each epoch
+    seconds: list       # time since the run started, after each epoch
+    widths: list        # hidden units after each epoch
+    steps: list         # (epoch, width before, width after, loss before, loss after)
+    test_accuracy: float
+
+
+def growth_run(data: Data, rule, seed: int, settings: Settings) -> GrowthRun:
+    """A 64-H-10 ReLU net (He init, Adam lr 2e-3, batch 64) trained epoch by
+    epoch. rule=None: H = 64 from the start. Otherwise H starts at 4 and
+    grows by settings.grow_units (nn.GrowOnPlateau with that rule) at each
+    plateau of the training loss until it is 64. Either way the run stops
+    at the first plateau at H = 64 (or after settings.grow_epochs)."""
+    rng = np.random.default_rng([seed, 8])
+    width = GROW_TO if rule is None else GROW_FROM
+    model = mlp([64, width, 10], init_rule="he_normal", rng=rng)
+    optimizer = nn.Adam(model.parameters(), lr=2e-3)
+    grower = None if rule is None else nn.GrowOnPlateau(
+        model, model[0], GROW_TO, units=settings.grow_units, rule=rule, patience=GROW_PATIENCE,
+        min_delta=GROW_MIN_DELTA, seed=rng)
+    plateau = nn.Plateau(GROW_PATIENCE, min_delta=GROW_MIN_DELTA)
+    run = GrowthRun([], [], [], [], 0.0)
+    start = time.perf_counter()
+    for epoch in range(1, settings.grow_epochs + 1):
+        train_epoch(model, optimizer, data.x_train, data.y_train, rng)
+        loss = evaluate(model, data.x_train, data.y_train)[0]
+        stop = False
+        if grower is not None and not grower.full:
+            width = model[0].out_features
+            if grower.update(loss, (data.x_train, data.y_train)):
+                after = evaluate(model, data.x_train, data.y_train)[0]
+                run.steps.append((epoch, width, model[0].out_features, loss, after))
+        else:
+            stop = plateau.update(loss)
+        run.losses.append(loss)
+        run.seconds.append(time.perf_counter() - start)
+        run.widths.append(model[0].out_features)
+        if stop:
+            break
+    run.test_accuracy = evaluate(model, data.x_test, data.y_test)[1]
+    return run
+
+
+def growth_experiment(data: Data, seed: int, settings: Settings, progress) -> dict:
+    runs = {}
+    progress(f"6/8 fixed H = {GROW_TO}")
+    runs["fixed"] = growth_run(data, None, seed, settings)
+    for rule in nn.GROW_RULES:
+        progress(f"6/8 growing H from {GROW_FROM} to {GROW_TO}, rule {rule}")
+        runs[rule] = growth_run(data, rule, seed, settings)
+    return runs
+
+
+def time_to_loss(run: GrowthRun, target: float):
+    """(epochs, seconds) until run's training loss first reached target, or None."""
+    for epoch, (loss, seconds) in enumerate(zip(run.losses, run.seconds), 1):
+        if loss <= target:
+            return epoch, seconds
+    return None
+
+
+def report_growth(runs: dict, settings: Settings) -> list[str]:
+    fixed = runs["fixed"]
+    target = fixed.losses[-1]
+    headers = ["net", "final H", "epochs", "seconds", "train loss", "test acc",
+               "x fixed time", "to fixed's loss: epochs", "seconds", "x fixed time",
+               "growth steps", "max |loss after - before|"]
+    rows = [[f"fixed H={GROW_TO}", GROW_TO, len(fixed.losses), f"{fixed.seconds[-1]:.2f}",
+             f"{target:.2e}", percent(fixed.test_accuracy), "1.00", len(fixed.losses),
+             f"{fixed.seconds[-1]:.2f}", "1.00", "-", "-"]]
+    for rule in nn.GROW_RULES:
+        run = runs[rule]
+        reached = time_to_loss(run, target)
+        jump = max((abs(after - before) for *_, before, after in run.steps), default=None)
+        rows.append([f"grown, {rule}", run.widths[-1], len(run.losses),
+                     f"{run.seconds[-1]:.2f}", f"{run.losses[-1]:.2e}",
+                     percent(run.test_accuracy), f"{run.seconds[-1] / fixed.seconds[-1]:.2f}"]
+                    + ([reached[0], f"{reached[1]:.2f}",
+                        f"{reached[1] / fixed.seconds[-1]:.2f}"] if reached
+                       else ["not reached", "-", "-"])
+                    + [len(run.steps), "-" if jump is None else f"{jump:.1e}"])
+    step_rows = []
+    for index in range(max(len(runs[rule].steps) for rule in nn.GROW_RULES)):
+        row = [index + 1]
+        for rule in nn.GROW_RULES:
+            steps = runs[rule].steps
+            if index < len(steps):
+                epoch, before_width, after_width, before, after = steps[index]
+                row += [f"{epoch}", f"{before_width}->{after_width}", f"{before:.6f}",
+                        f"{after:.6f}"]
+            else:
+                row += ["", "", "", ""]
+        step_rows.append(row)
+    step_headers = ["step"] + [f"{name} {rule}" if name == "ep" else name
+                               for rule in nn.GROW_RULES
+                               for name in ("ep", "H", "before", "after")]
+    return [f"A 64-H-10 ReLU net, He init, Adam lr 2e-3, batch 64. Grown: H starts at "
+            f"{GROW_FROM}; whenever the training loss (eval mode, all training images) has "
+            f"improved by less than {GROW_MIN_DELTA} for {GROW_PATIENCE} epochs, nn.grow adds "
+            f"{settings.grow_units} unit{'s' if settings.grow_units > 1 else ''} by the rule, "
+            f"until H = {GROW_TO}. Every run, the fixed one too, ends at its first such plateau "
+            f"at H = {GROW_TO}.",
+            "Times include the growth steps and the per-epoch loss evaluation. x fixed time: "
+            "over the fixed net's seconds to its plateau (the lecture's claim: 1.5-2x). To "
+            "fixed's loss: when the grown net's training loss first reached the fixed net's "
+            "final one.",
+            "", format_table(headers, rows), "",
+            "Training loss right before and right after each growth step (eval mode, all "
+            "training images):", "",
+            format_table(step_headers, step_rows) if step_rows else "(no growth step: too few "
+            "epochs)"]
+
+
+# ---- 7. pretraining --------------------------------------------------------------
+
+PRETRAIN_WIDTHS = [64, 32, 10]
+LABELED_FRACTION = 0.1
+PRETRAIN_SEEDS = 5
+PRETRAIN_METHODS = ("from scratch", "per-unit pretraining", "autoencoder pretraining")
+
+
+def pretraining_experiment(data: Data, seed: int, settings: Settings, progress) -> dict:
+    """64-32-10 tanh nets fine-tuned on a random 10% of the training labels
+    (Adam lr 2e-3, batch 32), test accuracy per method and seed. Per-unit
+    pretraining sees the labelled 10% (each unit its own half of it); the
+    autoencoder all training images without labels, as pretraining on
+    unlabelled data does."""
+    results = {method: [] for method in PRETRAIN_METHODS}
+    n_labeled = round(LABELED_FRACTION * len(data.y_train))
+    for repeat in range(PRETRAIN_SEEDS):
+        progress(f"7/8 pretraining with {percent(LABELED_FRACTION)} of the labels, seed "
+                 f"{repeat + 1}/{PRETRAIN_SEEDS}")
+        labeled = np.random.default_rng([seed, 9, repeat]).choice(len(data.y_train), n_labeled,
+                                                                  replace=False)
+        x, y = data.x_train[labeled], data.y_train[labeled]
+        for method in PRETRAIN_METHODS:
+            rng = np.random.default_rng([seed, 10, repeat])  # the same net for every method
+            model = mlp(PRETRAIN_WIDTHS, init_rule="glorot_uniform", activation="tanh", rng=rng)
+            if method == "per-unit pretraining":
+                nn.pretrain_units(model, model[0], (x, y), seed=rng)
+            elif method == "autoencoder pretraining":
+                autoencoder = nn.Autoencoder(model, 2, seed=rng)
+                autoencoder.fit(data.x_train, epochs=settings.autoencoder_epochs, lr=2e-3,
+                                seed=rng)
+                model = nn.replace_head(autoencoder, nn.Dense(PRETRAIN_WIDTHS[1],
+                                                              PRETRAIN_WIDTHS[2], seed=rng))
+            optimizer = nn.Adam(model.parameters(), lr=2e-3)
+            for _ in range(settings.pretrain_epochs):
+                train_epoch(model, optimizer, x, y, rng, batch_size=32)
+            results[method].append(evaluate(model, data.x_test, data.y_test)[1])
+    return results
+
+
+def report_pretraining(results: dict, settings: Settings, data: Data) -> list[str]:
+    scratch = np.array(results["from scratch"])
+    headers = ["net", "mean test acc", "sd", "min", "max", "gain over scratch (paired)",
+               "seeds better"] + [f"seed {i + 1}" for i in range(PRETRAIN_SEEDS)]
+    rows = []
+    for method, accuracies in results.items():
+        a = np.array(accuracies)
+        gain = a - scratch
+        rows.append([method, percent(a.mean()), percent(a.std(ddof=1)), percent(a.min()),
+                     percent(a.max()),
+                     "-" if method == "from scratch" else
+                     f"{100 * gain.mean():+.1f} +- {100 * gain.std(ddof=1):.1f} points",
+                     "-" if method == "from scratch" else f"{int((gain > 0).sum())}/{len(a)}"]
+                    + [percent(v) for v in a])
+    n_labeled = round(LABELED_FRACTION * len(data.y_train))
+    return [f"64-32-10 tanh nets, Glorot init, fine-tuned on {n_labeled} labelled training "
+            f"images ({percent(LABELED_FRACTION)}) for {settings.pretrain_epochs} epochs "
+            f"(Adam lr 2e-3, batch 32); {PRETRAIN_SEEDS} seeds (labelled subset and weights).",
+            "per-unit: nn.pretrain_units, each of the 32 units on its own random half of the "
+            "labelled images, then joined; autoencoder: 64-32-64 (nn.Autoencoder) on all "
+            f"{len(data.y_train)} training images without labels, "
+            f"{settings.autoencoder_epochs} epochs, decoder replaced by a new Dense(32, 10).",
+            "sd: over seeds; gain: mean and sd of the per-seed difference to the net from "
+            "scratch on the same labels.", "", format_table(headers, rows)]
+
+
+# ---- 8. pruning by loss increase -------------------------------------------------
+
+PRUNE_WIDTHS = [64, 64, 10]  # 4096 and 640 weights: the exact criterion for both
+RESTORE_DROP = 0.02
+HELD_OUT_FRACTION = 0.2
+
+
+def loss_increase_experiment(data: Data, seed: int, settings: Settings, progress) -> dict:
+    """A 64-64-10 ReLU net trained on 80% of the training images (the rest
+    is a held-out batch), pruned as the lecture prunes: remove the least
+    significant weights, backpropagate again, repeat; here up through
+    settings.prune_fractions, fine-tuning (masks kept) after each. The
+    criteria: the exact loss increase evaluated on the training images or
+    on the held-out batch, and magnitude; each without and with restoring
+    (restore_if_drop on the same images; magnitude's on the training
+    images). Returns the trained net's test accuracy and rows (criterion,
+    images, restore, fraction, weights zero, test accuracy pruned,
+    fine-tuned)."""
+    rng = np.random.default_rng([seed, 13])
+    order = rng.permutation(len(data.y_train))
+    n_held = round(HELD_OUT_FRACTION * len(order))
+    held, fit = order[:n_held], order[n_held:]
+    x_fit, y_fit = data.x_train[fit], data.y_train[fit]
+    images = {"training images": (x_fit, y_fit),
+              "held-out batch": (data.x_train[held], data.y_train[held])}
+    progress("8/8 pruning: training the 64-64-10 net")
+    model = mlp(PRUNE_WIDTHS, init_rule="he_normal", rng=rng)
+    optimizer = nn.Adam(model.parameters(), lr=2e-3)
+    for _ in range(settings.reference_epochs):
+        train_epoch(model, optimizer, x_fit, y_fit, rng)
+    trained = model.state()
+    variants = [("loss increase", "training images"), ("loss increase", "held-out batch"),
+                ("magnitude", "training images")]
+    rows = []
+    for criterion, source in variants:
+        for restore in (None, RESTORE_DROP):
+            progress(f"8/8 pruning by {criterion} ({source}), "
+                     f"{'restoring' if restore else 'no restoring'}")
+            model.load_state(trained)
+            for p in model.parameters():
+                p.mask = None
+            for fraction in settings.prune_fractions:
+                reached = nn.prune(model, fraction, criterion=criterion.replace(" ", "_"),
+                                   data=images[source], restore_if_drop=restore)
+                pruned = evaluate(model, data.x_test, data.y_test)[1]
+                optimizer = nn.Adam(model.parameters(), lr=5e-4)
+                for _ in range(settings.finetune_epochs):
+                    train_epoch(model, optimizer, x_fit, y_fit, rng)
+                tuned = evaluate(model, data.x_test, data.y_test)[1]
+                rows.append((criterion, source, restore, fraction, reached, pruned, tuned))
+    model.load_state(trained)
+    for p in model.parameters():
+        p.mask = None
+    return {"trained": evaluate(model, data.x_test, data.y_test)[1], "rows": rows,
+            "held_out": n_held, "fit": len(fit)}
+
+
+def report_loss_increase(results: dict, settings: Settings) -> list[str]:
+    headers = ["criterion", "evaluated on", "restore", "asked", "weights zero",
+               "test acc, pruned", f"after {settings.finetune_epochs} epochs fine-tuning"]
+    table = [[criterion, source, "-" if restore is None else f"<= {percent(restore)} drop",
+              percent(fraction), percent(reached), percent(pruned), percent(tuned)]
+             for criterion, source, restore, fraction, reached, pruned, tuned
+             in results["rows"]]
+    return [f"A 64-64-10 ReLU net (He init, Adam lr 2e-3, {settings.reference_epochs} epochs) "
+            f"trained on {results['fit']} training images: test accuracy "
+            f"{percent(results['trained'])}. Pruned in rounds, to each asked fraction in turn "
+            "(nn.prune per layer, earlier zeros kept), fine-tuned after each round (Adam lr "
+            "5e-4, masks kept). Loss increase: the exact criterion (each weight zeroed alone, "
+            f"the change of the mean loss) on the {results['fit']} training images or on the "
+            f"{results['held_out']} held-out ones. Restore: the last removed weights of a "
+            f"round put back until accuracy on those images is within {percent(RESTORE_DROP)} "
+            "of what it was before the round.",
             "", format_table(headers, table)]
 
 
@@ -578,6 +867,47 @@ def write_plots(out_dir: str, results: dict, progress) -> list[str]:
              ylabel="test accuracy")
     axes.legend()
     save(figure, "pruning.png")
+
+    runs = results["growth"]
+    figure = Figure(figsize=(12, 4))
+    loss_axes, width_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for label, run in runs.items():
+        seconds = np.array(run.seconds)
+        line, = loss_axes.semilogy(seconds, run.losses, label=label)
+        steps = [epoch - 1 for epoch, *_ in run.steps]
+        loss_axes.semilogy(seconds[steps], [run.losses[i] for i in steps], ".",
+                           color=line.get_color())
+        width_axes.plot(np.arange(1, len(run.widths) + 1), run.widths, label=label)
+    loss_axes.set(title="training loss (dots: growth steps)", xlabel="seconds",
+                  ylabel="cross-entropy")
+    width_axes.set(title="hidden units", xlabel="epoch", ylabel="H")
+    loss_axes.legend(fontsize=8)
+    save(figure, "growth.png")
+
+    figure = Figure(figsize=(6, 4))
+    axes = figure.add_subplot()
+    for position, (method, accuracies) in enumerate(results["pretraining"].items()):
+        axes.plot([position] * len(accuracies), accuracies, "o", alpha=0.6)
+        axes.errorbar(position + 0.15, np.mean(accuracies), yerr=np.std(accuracies, ddof=1),
+                      fmt="s", color="black", capsize=4)
+    axes.set_xticks(range(len(results["pretraining"])), list(results["pretraining"]),
+                    fontsize=8)
+    axes.set(title="test accuracy with 10% of the labels (mean +- sd)", ylabel="accuracy")
+    save(figure, "pretraining.png")
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    variants = {}
+    for criterion, source, restore, _, reached, _, tuned in results["loss_increase"]["rows"]:
+        variants.setdefault((criterion, source, restore), []).append((reached, tuned))
+    for (criterion, source, restore), points in variants.items():
+        reached, tuned = zip(*points)
+        axes.plot(reached, tuned, "o--" if restore else "o-",
+                  label=f"{criterion}, {source}{', restoring' if restore else ''}")
+    axes.set(title="test accuracy after fine-tuning", xlabel="fraction of weights zero",
+             ylabel="test accuracy", ylim=(0, 1))
+    axes.legend(fontsize=7)
+    save(figure, "pruning_criteria.png")
     for path in written:
         progress(f"wrote {path}")
     return written
@@ -670,6 +1000,18 @@ def _run_experiments(args: argparse.Namespace, settings: Settings, plots: bool) 
     section("5. The reference net, and accuracy against pruned fraction",
             report_reference(history, settings) + [""] + report_pruning(results["pruning"],
                                                                        settings))
+
+    results["growth"] = growth_experiment(data, args.seed, settings, progress)
+    section(f"6. Growing a network: grow H from {GROW_FROM} to {GROW_TO} by each rule",
+            report_growth(results["growth"], settings))
+
+    results["pretraining"] = pretraining_experiment(data, args.seed, settings, progress)
+    section(f"7. Layer pretraining: pretrain with {percent(LABELED_FRACTION)} of the labels",
+            report_pretraining(results["pretraining"], settings, data))
+
+    results["loss_increase"] = loss_increase_experiment(data, args.seed, settings, progress)
+    section("8. Pruning by loss increase against magnitude",
+            report_loss_increase(results["loss_increase"], settings))
     if plots:
         write_plots(args.out, results, progress)
     progress("done")
