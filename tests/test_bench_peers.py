@@ -20,7 +20,7 @@ from fusednn.__main__ import main
 from fusednn.bench import activations as bench_activations
 from fusednn.bench import checks, cli
 from fusednn.bench import dropout as bench_dropout
-from fusednn.bench.cases import PEERS, UsageError
+from fusednn.bench.cases import PEERS, PeerResult, UsageError
 
 TINY = ["bench", "--quick", "--size", "4096", "--repeat", "1"]
 
@@ -32,7 +32,7 @@ def table_rows(out: str) -> dict:
     headings = [cell.strip() for cell in lines[start].split("  ") if cell.strip()]
     rows = {}
     for line in lines[start + 1:]:
-        if not line.strip() or line[0] in "*!-":
+        if not line.strip() or line[0] in "*!~-":
             break
         cells = [cell.strip() for cell in line.split("  ") if cell.strip()]
         rows[cells[0], cells[1]] = dict(zip(headings, cells))
@@ -127,6 +127,27 @@ def test_dropped_fraction_bounds():
     assert not fraction_check(1190).passed and not fraction_check(810).passed
 
 
+def test_a_peer_off_on_special_values_only_is_marked_apart():
+    x, _ = checks.check_inputs(np.float32)
+    expected = x.astype(np.float64)
+    flushed = np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
+    result = checks.compare(flushed, expected, 4.0, {"x": x}, ordinary=checks.ORDINARY)
+    assert not result.passed and result.ordinary_error == 0
+    assert result.worst == "at x=2.938736e-39: got 0.0, reference 2.938735877055719e-39"
+    peer = PeerResult(op="flushing", ms=1.0, x=1.0, allocates=False, allocates_why=None,
+                      compile_seconds=None, check_error=result.error, check_unit="ulp",
+                      check_tolerance=4.0, check_passed=False,
+                      check_ordinary_error=result.ordinary_error, check_worst=result.worst)
+    assert peer.marker == "~"
+    off = flushed.copy()
+    off[-1:] = (off[-1:].view(np.int32) + 8).view(np.float32)   # 8 ulp on an ordinary value
+    result = checks.compare(off, expected, 4.0, {"x": x}, ordinary=checks.ORDINARY)
+    assert result.ordinary_error == 8
+    peer = dataclasses.replace(peer, check_ordinary_error=result.ordinary_error)
+    assert peer.marker == "!"
+    assert dataclasses.replace(peer, check_passed=True).marker == ""
+
+
 # ---- PyTorch ------------------------------------------------------------------------
 
 
@@ -143,9 +164,10 @@ def test_a_wrong_torch_peer_is_flagged_and_still_timed(monkeypatch, tmp_path, ca
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert rows["sigmoid", "forward"]["x torch"].endswith("!")
-    assert float(rows["sigmoid", "forward"]["x torch"].rstrip("!")) > 0
-    assert rows["relu", "forward"]["x torch"] == rows["relu", "forward"]["x torch"].rstrip("!")
-    assert ("! torch sigmoid forward is off beyond the bound fusednn is held to: ") in out
+    assert float(rows["sigmoid", "forward"]["x torch"].rstrip("!~")) > 0
+    assert rows["relu", "forward"]["x torch"] == rows["relu", "forward"]["x torch"].rstrip("!~")
+    assert "! torch sigmoid forward is off on ordinary inputs (" in out
+    assert "ulp, allowed 4); the largest error: " in out
     results = {r["kernel"]: r["peers"]["torch"] for r in json.loads(path.read_text())["results"]}
     assert not results["sigmoid"]["check_passed"] and results["sigmoid"]["check_error"] > 4
     assert results["sigmoid"]["op"] == "tanh.out" and results["sigmoid"]["ms"] > 0
@@ -205,7 +227,7 @@ def test_jax_peers_allocate_and_are_checked(tmp_path, capsys):
     assert list(rows) == [("relu", "forward"), ("batch_norm[NCHW]", "forward"),
                           ("batch_norm[NCHW]", "backward"), ("dropout", "backward"),
                           ("bias_relu_dropout", "backward"), ("bias_gelu_dropout", "backward")]
-    assert all(float(row["x jax.jit"].rstrip("*!")) > 0 for row in rows.values())
+    assert all(float(row["x jax.jit"].rstrip("*!~")) > 0 for row in rows.values())
     results = json.loads(path.read_text())["results"]
     for r in results:
         peer = r["peers"]["jax.jit"]
@@ -224,4 +246,4 @@ def test_jax_float64_restores_the_x64_setting(capsys):
                         "--peers", "jax.jit"]) == 0
     assert jax.config.jax_enable_x64 == before
     row = table_rows(capsys.readouterr().out)["tanh", "forward"]
-    assert float(row["x jax.jit"].rstrip("*!")) > 0
+    assert float(row["x jax.jit"].rstrip("*!~")) > 0

@@ -41,7 +41,7 @@ def table_rows(out: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
     rows = []
     for line in lines[start:]:
-        if not line.strip() or line[0] in "*!-":
+        if not line.strip() or line[0] in "*!~-":
             break
         rows.append([cell.strip() for cell in line.split("  ") if cell.strip()])
     return rows
@@ -178,7 +178,7 @@ def test_bench_times_pytorch_into_preallocated_outputs(tmp_path, capsys):
         ("hardswish_backward.out", False)]
     assert all(r["x_torch"] > 0 and r["x_torch"] == r["peers"]["torch"]["x"] for r in results)
     assert all(set(r["peers"]) == {"torch"} for r in results)
-    assert all(float(row[7].rstrip("!")) > 0 for row in table_rows(out)[1:])
+    assert all(float(row[7].rstrip("!~")) > 0 for row in table_rows(out)[1:])
 
 
 def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
@@ -192,7 +192,7 @@ def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
     assert main(TINY + ["--kernels", "sigmoid,relu:backward", "--peers", "torch"]) == 0
     out = capsys.readouterr().out
     assert "* torch allocates its result: sigmoid_backward (no out= overload)" in out
-    assert [row[7].rstrip("!").endswith("*") for row in table_rows(out)[1:]] == [
+    assert [row[7].rstrip("!~").endswith("*") for row in table_rows(out)[1:]] == [
         False, True, False]
 
 
@@ -264,7 +264,7 @@ def test_bench_batchnorm_times_pytorch_on_the_same_memory(tmp_path, capsys):
     assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
         ("native_batch_norm.out", False), ("native_batch_norm_backward", True)] * 2
     assert all(r["x_torch"] > 0 for r in results)
-    assert [row[7].rstrip("!").endswith("*") for row in table_rows(out)[1:]] == [False, True] * 2
+    assert [row[7].rstrip("!~").endswith("*") for row in table_rows(out)[1:]] == [False, True] * 2
 
 
 def test_bench_with_two_families_reports_each(tmp_path, capsys, no_peers):

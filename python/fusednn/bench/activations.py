@@ -17,8 +17,8 @@ import numpy as np
 from .. import reference
 from ..activations import activation, activation_backward
 from .cases import Case, FamilyText, Plan, Runners, on_device, reference_text, size_text
-from .checks import (CANCELLATION_FACTOR, CANCELLATION_UNITS, TOLERANCE_ULP, CheckResult,
-                     check_inputs, compare)
+from .checks import (CANCELLATION_FACTOR, CANCELLATION_UNITS, ORDINARY, TOLERANCE_ULP,
+                     CheckResult, check_inputs, compare)
 from .peers import jax_peer, torch_check_tensors, torch_peers
 
 
@@ -259,7 +259,8 @@ def activation_check_data(kernel: ActivationKernel, direction: str, dtype,
     if direction == "forward":
         expected = reference.activation(kernel.activation, x, **params)
         return ActivationCheck(x, None, None,
-                               lambda out: compare(out, expected, tolerance, {"x": x}))
+                               lambda out: compare(out, expected, tolerance, {"x": x},
+                                                   ordinary=ORDINARY))
     put, get = on_device(device)
     saved = x
     if kernel.backward_from == "y":
@@ -274,7 +275,7 @@ def activation_check_data(kernel: ActivationKernel, direction: str, dtype,
         with np.errstate(all="ignore"):
             terms = kernel.derivative_terms(x.astype(np.float64))
     return ActivationCheck(x, grad, saved, lambda out: compare(
-        out, expected, tolerance, inputs, grad=grad, terms=terms))
+        out, expected, tolerance, inputs, grad=grad, terms=terms, ordinary=ORDINARY))
 
 
 def _activation_check(kernel: ActivationKernel, direction: str, data: ActivationCheck,

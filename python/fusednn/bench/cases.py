@@ -123,7 +123,17 @@ class PeerResult:
     check_unit: str
     check_tolerance: float
     check_passed: bool
+    check_ordinary_error: float | None   # on the ordinary inputs alone (CheckResult)
     check_worst: str
+
+    @property
+    def marker(self) -> str:
+        """"!" where the peer is off on ordinary inputs, "~" where it is off
+        on special ones only, "" where it is within the bound."""
+        if self.check_passed:
+            return ""
+        ordinary = self.check_ordinary_error
+        return "~" if ordinary is not None and ordinary <= self.check_tolerance else "!"
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -42,6 +43,9 @@ class CheckResult:
     inputs: int
     worst: str                # where the largest error occurs, for the failure message
     cancelling: bool = False  # the absolute bound where the derivative's terms cancel applies
+    # The largest error on the ordinary inputs alone (see ORDINARY), where
+    # the caller asked for it: a peer may differ on special values only.
+    ordinary_error: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -57,16 +61,24 @@ class CheckResult:
                 f"(allowed: {allowed})")
 
 
+def _special_values(finfo) -> list:
+    """+-0, subnormals, +-inf, NaN, huge magnitudes, the kinks at +-1 and +-3."""
+    return [0.0, -0.0, np.inf, -np.inf, np.nan, finfo.smallest_subnormal,
+            -finfo.smallest_subnormal, finfo.tiny / 4, -finfo.tiny / 4, finfo.tiny, -finfo.tiny,
+            finfo.max, -finfo.max, 1e30, -1e30, 1e4, -1e4, 100.0, -100.0, 20.0, -20.0,
+            3.0, -3.0, 1.0, -1.0]
+
+
+# check_inputs() puts the special values first; the random normal ones
+# after them are the ordinary inputs, like those the bench times.
+ORDINARY = slice(len(_special_values(np.finfo(np.float32))), None)
+
+
 def check_inputs(dtype) -> tuple[np.ndarray, np.ndarray]:
-    """x: random normal values and the special ones (+-0, subnormals, +-inf,
-    NaN, huge magnitudes, the kinks at +-1 and +-3); grad_output: random
+    """x: the special values, then random normal ones; grad_output: random
     normal values. The same for every run."""
     dtype = np.dtype(dtype)
-    finfo = np.finfo(dtype)
-    special = [0.0, -0.0, np.inf, -np.inf, np.nan, finfo.smallest_subnormal,
-               -finfo.smallest_subnormal, finfo.tiny / 4, -finfo.tiny / 4, finfo.tiny, -finfo.tiny,
-               finfo.max, -finfo.max, 1e30, -1e30, 1e4, -1e4, 100.0, -100.0, 20.0, -20.0,
-               3.0, -3.0, 1.0, -1.0]
+    special = _special_values(np.finfo(dtype))
     rng = np.random.default_rng(0)
     x = np.concatenate([np.array(special, dtype=dtype),
                         (3.0 * rng.standard_normal(CHECK_RANDOM_VALUES)).astype(dtype)])
@@ -91,11 +103,13 @@ def ulp_errors(ours: np.ndarray, expected: np.ndarray) -> np.ndarray:
     return np.where(agree, 0.0, errors)
 
 
-def compare(ours, expected, tolerance_ulp, inputs: dict, grad=None, terms=None) -> CheckResult:
+def compare(ours, expected, tolerance_ulp, inputs: dict, grad=None, terms=None,
+            ordinary: slice | None = None) -> CheckResult:
     """Errors of ours against the reference. Where the derivative's two
     terms (float64 arrays) cancel, an absolute error up to
     CANCELLATION_UNITS * 2^-p * |grad| is accepted instead of the ulp
-    bound, p the dtype's precision."""
+    bound, p the dtype's precision. With `ordinary`, the largest error on
+    those elements is kept too."""
     errors = ulp_errors(ours, expected)
     if terms is not None:
         finfo = np.finfo(ours.dtype)
@@ -109,7 +123,8 @@ def compare(ours, expected, tolerance_ulp, inputs: dict, grad=None, terms=None) 
     where = ", ".join(f"{name}={values[i]!s}" for name, values in inputs.items())
     worst = f"at {where}: got {ours[i]!s}, reference {np.float64(expected[i])!s}"
     return CheckResult(float(errors[i]), tolerance_ulp, "ulp", int(errors.size), worst,
-                       terms is not None)
+                       terms is not None,
+                       None if ordinary is None else float(errors[ordinary].max()))
 
 
 def check_dropped_fraction(result: CheckResult, keep: np.ndarray, p: float) -> CheckResult:
@@ -136,16 +151,21 @@ def bounded_errors(ours: np.ndarray, expected: np.ndarray, bound) -> np.ndarray:
     return np.where(agree, 0.0, errors)
 
 
-def compare_bounded(outputs: dict, inputs: int, dims: dict | None = None) -> CheckResult:
+def compare_bounded(outputs: dict, inputs: int, dims: dict | None = None,
+                    ordinary: Callable | None = None) -> CheckResult:
     """outputs: name -> (ours, expected, bound), the bound broadcasting to
     ours' shape. The error is the largest |ours - expected| / bound. dims
     names the axes of an output with that many dimensions, e.g.
-    {4: "nchw"}, for the failure message."""
+    {4: "nchw"}, for the failure message. ordinary(errors), where given,
+    picks the errors of the ordinary inputs out of an output's."""
     largest, worst = -1.0, ""
+    ordinary_largest = 0.0
     for name, (ours, expected, bound) in outputs.items():
         expected = np.asarray(expected, dtype=np.float64)
         bound = np.broadcast_to(bound, ours.shape)
         errors = bounded_errors(ours, expected, bound)
+        if ordinary is not None:
+            ordinary_largest = max(ordinary_largest, float(ordinary(errors).max()))
         i = np.unravel_index(int(np.argmax(errors)), errors.shape)
         if errors[i] > largest:
             largest = float(errors[i])
@@ -157,4 +177,5 @@ def compare_bounded(outputs: dict, inputs: int, dims: dict | None = None) -> Che
             worst = (f"in {name}[{index}]: got {ours[i]!s}, "
                      f"reference {expected[i]!s} (|error| {absolute:.3g}, "
                      f"allowed {bound[i]:.3g})")
-    return CheckResult(largest, 1.0, "bound", inputs, worst)
+    return CheckResult(largest, 1.0, "bound", inputs, worst,
+                       ordinary_error=None if ordinary is None else ordinary_largest)

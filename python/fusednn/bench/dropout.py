@@ -21,7 +21,8 @@ from .. import reference
 from ..dropout import bias_act_dropout, bias_act_dropout_backward, dropout, dropout_backward
 from .activations import activation_kernel
 from .cases import Case, FamilyText, Plan, Runners, on_device, reference_text, size_text
-from .checks import TOLERANCE_ULP, CheckResult, check_dropped_fraction, check_inputs, compare
+from .checks import (ORDINARY, TOLERANCE_ULP, CheckResult, check_dropped_fraction,
+                     check_inputs, compare)
 from .peers import jax_peer, torch_check_tensors, torch_peers
 
 DROPOUT_P = 0.1
@@ -88,7 +89,7 @@ class DropoutCheck:
         """A peer's output, given the mask it applied."""
         keep = np.asarray(keep, dtype=bool).reshape(-1)
         result = compare(np.asarray(output).reshape(-1), self.expected(keep), self.tolerance,
-                         self.inputs, grad=self.scaled_grad, terms=self.terms)
+                         self.inputs, grad=self.scaled_grad, terms=self.terms, ordinary=ORDINARY)
         return check_dropped_fraction(result, keep, DROPOUT_P)
 
 

@@ -216,7 +216,8 @@ def _peer_result(peer: Peer, seconds: float, ours: float, check: CheckResult) ->
         op=peer.op, ms=seconds * 1e3, x=seconds / ours, allocates=peer.allocates is not None,
         allocates_why=peer.allocates, compile_seconds=peer.compile_seconds,
         check_error=check.error, check_unit=check.unit, check_tolerance=check.tolerance,
-        check_passed=check.passed, check_worst=check.describe())
+        check_passed=check.passed, check_ordinary_error=check.ordinary_error,
+        check_worst=check.describe())
 
 
 def summarize(timing: Timing, check: CheckResult) -> Result:
