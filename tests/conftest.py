@@ -17,12 +17,25 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 import fusednn as fn
 from fusednn import _cpu
 from fusednn import reference as ref
 
 DTYPES = (np.float32, np.float64)
+
+# Property-based tests (test_properties.py): "ci", the default, keeps the
+# suite within CI's time; `--hypothesis-profile=thorough` draws 10,000
+# examples per test. No deadline: the machines are shared and noisy, and
+# speed is the bench's business. Examples are drawn fresh each run
+# (derandomize off) so that CI keeps exploring.
+_PROFILE_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=100, deadline=None,
+                          suppress_health_check=_PROFILE_CHECKS)
+settings.register_profile("thorough", max_examples=10_000, deadline=None,
+                          suppress_health_check=_PROFILE_CHECKS)
+settings.load_profile("ci")
 
 # Every activation with its defaults, and the parameter sets that exercise
 # its parameters (a value that is not a float32 number, zero, negative).

@@ -1,6 +1,7 @@
 // pybind11 bindings of the CPU activation kernels and the copy kernel: argument
 // unpacking only, with the GIL released while the kernel runs.
 #include "bindings/activation_args.h"
+#include "bindings/without_gil.h"
 #include "bindings/array_ref.h"
 #include "cpu/activations.h"
 
@@ -16,8 +17,9 @@ void bind_activations(py::module_& m) {
         const ArrayView yv(y, true, "out");
         require_same(xv, yv, "activation_forward");
         const ActivationParams p = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(activation_forward)(act, p, xv.ref(), yv.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(activation_forward)(act, p, xv.ref(), yv.ref());
+        });
       },
       py::arg("activation"), py::arg("x").noconvert(), py::arg("out").noconvert(),
       py::arg("a"), py::arg("b"), py::arg("tanh_approximation"));
@@ -33,8 +35,9 @@ void bind_activations(py::module_& m) {
         require_same(gv, sv, "activation_backward");
         require_same(gv, ov, "activation_backward");
         const ActivationParams p = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(activation_backward)(act, p, from_output, gv.ref(), sv.ref(), ov.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(activation_backward)(act, p, from_output, gv.ref(), sv.ref(), ov.ref());
+        });
       },
       py::arg("activation"), py::arg("from_output"), py::arg("grad_output").noconvert(),
       py::arg("saved").noconvert(), py::arg("out").noconvert(), py::arg("a"), py::arg("b"),
@@ -46,8 +49,9 @@ void bind_activations(py::module_& m) {
         const ArrayView sv(src, false, "src");
         const ArrayView dv(dst, true, "dst");
         require_same(sv, dv, "copy");
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(copy)(sv.ref(), dv.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(copy)(sv.ref(), dv.ref());
+        });
       },
       py::arg("src").noconvert(), py::arg("dst").noconvert());
 }

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "bindings/array_ref.h"
+#include "bindings/without_gil.h"
 #include "cpu/batchnorm.h"
 
 namespace fusednn {
@@ -70,8 +71,9 @@ void bind_batchnorm(py::module_& m) {
                                        ref_or_null(rv),
                                        &sm.ref(),
                                        &si.ref()};
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(batch_norm_forward)(xv.ref(), yv.ref(), args);
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(batch_norm_forward)(xv.ref(), yv.ref(), args);
+        });
       },
       py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("gamma"), py::arg("beta"),
       py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean").noconvert(),
@@ -82,7 +84,7 @@ void bind_batchnorm(py::module_& m) {
       "batch_norm_backward",
       [](const py::array& grad_output, const py::array& x, const py::array& grad_input,
          const py::object& gamma, const py::array& save_mean, const py::array& save_invstd,
-         const py::array& grad_gamma, const py::array& grad_beta, int axis) {
+         const py::array& grad_gamma, const py::array& grad_beta, int axis, bool training) {
         const ArrayView gv(grad_output, false, "grad_output");
         const ArrayView xv(x, false, "x");
         const ArrayView dv(grad_input, true, "grad_input");
@@ -98,15 +100,16 @@ void bind_batchnorm(py::module_& m) {
         require_channels(wv, channels, "gamma");
         for (const ArrayView* v : {&sm, &si, &gg, &gb})
           require_channels(std::optional<ArrayView>(*v), channels, "per-channel array");
-        cpu::BatchNormBackwardArgs args{ax,        ref_or_null(wv), &sm.ref(),
-                                        &si.ref(), &gg.ref(),       &gb.ref()};
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(batch_norm_backward)(gv.ref(), xv.ref(), dv.ref(), args);
+        cpu::BatchNormBackwardArgs args{ax,        training,  ref_or_null(wv), &sm.ref(),
+                                        &si.ref(), &gg.ref(), &gb.ref()};
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(batch_norm_backward)(gv.ref(), xv.ref(), dv.ref(), args);
+        });
       },
       py::arg("grad_output").noconvert(), py::arg("x").noconvert(),
       py::arg("grad_input").noconvert(), py::arg("gamma"), py::arg("save_mean").noconvert(),
       py::arg("save_invstd").noconvert(), py::arg("grad_gamma").noconvert(),
-      py::arg("grad_beta").noconvert(), py::arg("axis"));
+      py::arg("grad_beta").noconvert(), py::arg("axis"), py::arg("training"));
 }
 
 }  // namespace bindings

@@ -1,6 +1,7 @@
 // pybind11 bindings of the CUDA activation kernels: argument unpacking
 // only, with the GIL released while the launch is enqueued.
 #include "bindings/activation_args.h"
+#include "bindings/without_gil.h"
 #include "bindings/cuda_array.h"
 #include "cuda/activations.h"
 
@@ -17,8 +18,9 @@ void bind_cuda_activations(py::module_& m) {
         const DeviceArrayView yv(y, "out");
         require_same(xv, yv, "activation_forward");
         const ActivationParams p = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        cuda::activation_forward(act, p, xv.ref(), yv.ref(), launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::activation_forward(act, p, xv.ref(), yv.ref(), launch_target(device, stream));
+        });
       },
       py::arg("activation"), py::arg("x"), py::arg("out"), py::arg("a"), py::arg("b"),
       py::arg("tanh_approximation"), py::arg("device"), py::arg("stream"));
@@ -35,9 +37,10 @@ void bind_cuda_activations(py::module_& m) {
         require_same(gv, sv, "activation_backward");
         require_same(gv, ov, "activation_backward");
         const ActivationParams p = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        cuda::activation_backward(act, p, from_output, gv.ref(), sv.ref(), ov.ref(),
-                                  launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::activation_backward(act, p, from_output, gv.ref(), sv.ref(), ov.ref(),
+                                    launch_target(device, stream));
+        });
       },
       py::arg("activation"), py::arg("from_output"), py::arg("grad_output"), py::arg("saved"),
       py::arg("out"), py::arg("a"), py::arg("b"), py::arg("tanh_approximation"),

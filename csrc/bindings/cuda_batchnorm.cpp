@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "bindings/cuda_array.h"
+#include "bindings/without_gil.h"
 #include "cuda/batchnorm.h"
 
 namespace fusednn {
@@ -82,8 +83,9 @@ void bind_cuda_batchnorm(py::module_& m) {
                                               &sm.ref(),
                                               &si.ref()};
         const cuda::Workspace ws{reinterpret_cast<void*>(workspace), workspace_bytes};
-        py::gil_scoped_release release;
-        cuda::batch_norm_forward(xv.ref(), yv.ref(), args, ws, launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::batch_norm_forward(xv.ref(), yv.ref(), args, ws, launch_target(device, stream));
+        });
       },
       py::arg("x"), py::arg("out"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
       py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"), py::arg("workspace"),
@@ -95,7 +97,7 @@ void bind_cuda_batchnorm(py::module_& m) {
       [](const py::tuple& grad_output, const py::tuple& x, const py::tuple& grad_input,
          const py::object& gamma, const py::tuple& save_mean, const py::tuple& save_invstd,
          const py::tuple& grad_gamma, const py::tuple& grad_beta, std::uintptr_t workspace,
-         int64_t workspace_bytes, int axis, int device, std::uintptr_t stream) {
+         int64_t workspace_bytes, int axis, bool training, int device, std::uintptr_t stream) {
         const DeviceArrayView gv(grad_output, "grad_output");
         const DeviceArrayView xv(x, "x");
         const DeviceArrayView dv(grad_input, "grad_input");
@@ -110,17 +112,18 @@ void bind_cuda_batchnorm(py::module_& m) {
         require_channels(wv ? &*wv : nullptr, channels, "gamma");
         for (const DeviceArrayView* view : {&sm, &si, &gg, &gb})
           require_channels(view, channels, "per-channel array");
-        const cuda::BatchNormBackwardArgs args{axis,      ref_or_null(wv), &sm.ref(),
-                                               &si.ref(), &gg.ref(),       &gb.ref()};
+        const cuda::BatchNormBackwardArgs args{axis,      training,  ref_or_null(wv), &sm.ref(),
+                                               &si.ref(), &gg.ref(), &gb.ref()};
         const cuda::Workspace ws{reinterpret_cast<void*>(workspace), workspace_bytes};
-        py::gil_scoped_release release;
-        cuda::batch_norm_backward(gv.ref(), xv.ref(), dv.ref(), args, ws,
-                                  launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::batch_norm_backward(gv.ref(), xv.ref(), dv.ref(), args, ws,
+                                    launch_target(device, stream));
+        });
       },
       py::arg("grad_output"), py::arg("x"), py::arg("grad_input"), py::arg("gamma"),
       py::arg("save_mean"), py::arg("save_invstd"), py::arg("grad_gamma"), py::arg("grad_beta"),
-      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("axis"), py::arg("device"),
-      py::arg("stream"));
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("axis"), py::arg("training"),
+      py::arg("device"), py::arg("stream"));
 }
 
 }  // namespace bindings

@@ -5,6 +5,7 @@
 // double, exactly as the CPU bindings and the reference form them. Masks
 // and the workspace arrive as (device pointer, size) pairs.
 #include "bindings/dropout_args.h"
+#include "bindings/without_gil.h"
 #include "bindings/activation_args.h"
 #include <cstdint>
 #include <string>
@@ -61,8 +62,9 @@ void bind_cuda_dropout(py::module_& m) {
         require_same(xv, ov, "dropout_forward");
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (element_count(xv) + 7) / 8, "mask_out");
-        py::gil_scoped_release release;
-        cuda::dropout_apply(spec, xv.ref(), ov.ref(), launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::dropout_apply(spec, xv.ref(), ov.ref(), launch_target(device, stream));
+        });
       },
       py::arg("x"), py::arg("out"), py::arg("p"), py::arg("seed"), py::arg("offset"),
       py::arg("mask_out"), py::arg("device"), py::arg("stream"));
@@ -76,8 +78,9 @@ void bind_cuda_dropout(py::module_& m) {
         require_same(gv, ov, "dropout_backward");
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_in = device_buffer(mask, (element_count(gv) + 7) / 8, "mask");
-        py::gil_scoped_release release;
-        cuda::dropout_apply(spec, gv.ref(), ov.ref(), launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::dropout_apply(spec, gv.ref(), ov.ref(), launch_target(device, stream));
+        });
       },
       py::arg("grad_output"), py::arg("out"), py::arg("p"), py::arg("mask"), py::arg("seed"),
       py::arg("offset"), py::arg("device"), py::arg("stream"));
@@ -89,8 +92,9 @@ void bind_cuda_dropout(py::module_& m) {
         if (n < 0) throw py::value_error("dropout_mask: n must be non-negative");
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (n + 7) / 8, "mask_out");
-        py::gil_scoped_release release;
-        cuda::dropout_mask(spec, n, launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::dropout_mask(spec, n, launch_target(device, stream));
+        });
       },
       py::arg("n"), py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("mask_out"),
       py::arg("device"), py::arg("stream"));
@@ -109,9 +113,10 @@ void bind_cuda_dropout(py::module_& m) {
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_out = device_buffer(mask_out, (element_count(hv) + 7) / 8, "mask_out");
         const ActivationParams params = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        cuda::bias_act_dropout_forward(act, params, spec, hv.ref(), bv.ref(), axis, ov.ref(),
-                                       launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::bias_act_dropout_forward(act, params, spec, hv.ref(), bv.ref(), axis, ov.ref(),
+                                         launch_target(device, stream));
+        });
       },
       py::arg("activation"), py::arg("h"), py::arg("bias"), py::arg("axis"), py::arg("out"),
       py::arg("a"), py::arg("b"), py::arg("tanh_approximation"), py::arg("p"), py::arg("seed"),
@@ -134,9 +139,10 @@ void bind_cuda_dropout(py::module_& m) {
         cuda::DropoutSpec spec = dropout_spec<cuda::DropoutSpec>(p, seed, offset);
         spec.mask_in = device_buffer(mask, (element_count(gv) + 7) / 8, "mask");
         const ActivationParams params = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        cuda::bias_act_dropout_backward(act, params, spec, gv.ref(), hv.ref(), bv.ref(), axis,
-                                        ov.ref(), launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::bias_act_dropout_backward(act, params, spec, gv.ref(), hv.ref(), bv.ref(), axis,
+                                          ov.ref(), launch_target(device, stream));
+        });
       },
       py::arg("activation"), py::arg("grad_output"), py::arg("h"), py::arg("bias"),
       py::arg("axis"), py::arg("grad_h"), py::arg("a"), py::arg("b"),
@@ -165,8 +171,9 @@ void bind_cuda_dropout(py::module_& m) {
                                                          gv.shape().data(), axis);
         double* buffer = reinterpret_cast<double*>(
             device_buffer(workspace, needed * int64_t(sizeof(double)), "workspace"));
-        py::gil_scoped_release release;
-        cuda::bias_grad(gv.ref(), axis, bv.ref(), buffer, needed, launch_target(device, stream));
+        run_without_gil([&] {
+          cuda::bias_grad(gv.ref(), axis, bv.ref(), buffer, needed, launch_target(device, stream));
+        });
       },
       py::arg("grad_h"), py::arg("axis"), py::arg("grad_bias"), py::arg("workspace"),
       py::arg("device"), py::arg("stream"));

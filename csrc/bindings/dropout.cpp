@@ -4,6 +4,7 @@
 // the threshold and the scale are formed here once, in double, exactly as
 // the reference forms them.
 #include "bindings/dropout_args.h"
+#include "bindings/without_gil.h"
 #include "bindings/activation_args.h"
 #include <string>
 
@@ -37,8 +38,6 @@ int64_t mask_bytes(const ArrayView& v) {
   return (n + 7) / 8;
 }
 
-
-
 }  // namespace
 
 void bind_dropout(py::module_& m) {
@@ -51,8 +50,9 @@ void bind_dropout(py::module_& m) {
         require_same(xv, ov, "dropout_forward");
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, mask_bytes(xv), true, "mask_out");
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(dropout_apply)(spec, xv.ref(), ov.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(dropout_apply)(spec, xv.ref(), ov.ref());
+        });
       },
       py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("p"), py::arg("seed"),
       py::arg("offset"), py::arg("mask_out"));
@@ -66,8 +66,9 @@ void bind_dropout(py::module_& m) {
         require_same(gv, ov, "dropout_backward");
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(dropout_apply)(spec, gv.ref(), ov.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(dropout_apply)(spec, gv.ref(), ov.ref());
+        });
       },
       py::arg("grad_output").noconvert(), py::arg("out").noconvert(), py::arg("p"),
       py::arg("mask"), py::arg("seed"), py::arg("offset"));
@@ -78,8 +79,9 @@ void bind_dropout(py::module_& m) {
         if (n < 0) throw py::value_error("dropout_mask: n must be non-negative");
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, (n + 7) / 8, true, "mask_out");
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(dropout_mask)(spec, n);
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(dropout_mask)(spec, n);
+        });
       },
       py::arg("n"), py::arg("p"), py::arg("seed"), py::arg("offset"),
       py::arg("mask_out").noconvert());
@@ -98,9 +100,10 @@ void bind_dropout(py::module_& m) {
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_out = mask_pointer(mask_out, mask_bytes(hv), true, "mask_out");
         const ActivationParams params = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(bias_act_dropout_forward)(act, params, spec, hv.ref(), bv.ref(),
-                                                     ov.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(bias_act_dropout_forward)(act, params, spec, hv.ref(), bv.ref(),
+                                                       ov.ref());
+        });
       },
       py::arg("activation"), py::arg("h").noconvert(), py::arg("bias").noconvert(),
       py::arg("out").noconvert(), py::arg("a"), py::arg("b"), py::arg("tanh_approximation"),
@@ -131,9 +134,10 @@ void bind_dropout(py::module_& m) {
         cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
         spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
         const ActivationParams params = make_activation_params(a, b, tanh_approx);
-        py::gil_scoped_release release;
-        FUSEDNN_ISA_SELECT(bias_act_dropout_backward)(act, params, spec, gv.ref(), hv.ref(),
-                                                      bv.ref(), ov.ref(), axis, sv.ref());
+        run_without_gil([&] {
+          FUSEDNN_ISA_SELECT(bias_act_dropout_backward)(act, params, spec, gv.ref(), hv.ref(),
+                                                        bv.ref(), ov.ref(), axis, sv.ref());
+        });
       },
       "grad_h = grad_output * keep * scale * act'(h + bias) and grad_bias, its sum over every "
       "axis but `axis` (grad_h C-contiguous).",

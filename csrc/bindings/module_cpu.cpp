@@ -32,6 +32,7 @@ PYBIND11_MODULE(_cpu, m) {
       if (cpu::isa_available(isa)) names.append(cpu::isa_name(isa));
     return names;
   });
+  m.attr("max_num_threads") = cpu::kMaxThreads;
   m.def("get_num_threads", &cpu::num_threads);
   m.def("set_num_threads", &cpu::set_num_threads);
   bindings::bind_activations(m);

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <initializer_list>
 #include <stdexcept>
 #include <vector>
@@ -265,6 +266,18 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
         s1[k] += static_cast<double>(p1[k]);
         s2[k] += static_cast<double>(p2[k]);
       }
+    }
+    // A data-type partial overflows where the inputs' spread does (float32
+    // squares above about 1e19); those channels' sums are taken again in
+    // double, which cannot overflow for finite float inputs. NaN inputs
+    // land here too and stay NaN.
+    for (int64_t k = 0; k < count; ++k) {
+      if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
+      s1[k] = s2[k] = 0.0;
+      const T* xk = xc + k * xv.stride_channel;
+      const T* gk = gc + k * gv.stride_channel;
+      for (int64_t o = o0; o < o1; ++o)
+        Sums::add(s1[k], s2[k], xk[o * xv.stride_outer], gk[o * gv.stride_outer], center[k]);
     }
     for (int64_t k = 0; k < count; ++k)
       partials[static_cast<size_t>((c0 + k) * units + unit)] =
@@ -533,19 +546,20 @@ template <class T> struct InputGradSegment {
   const T* x;
   const T* mean_hi;
   const T* mean_lo;
+  const T* invstd;
   const T* a;
   const T* e;
   const T* k;
 
-  static std::array<const T* InputGradSegment::*, 5> coefficients() {
-    return {&InputGradSegment::mean_hi, &InputGradSegment::mean_lo, &InputGradSegment::a,
-            &InputGradSegment::e, &InputGradSegment::k};
+  static std::array<const T* InputGradSegment::*, 6> coefficients() {
+    return {&InputGradSegment::mean_hi, &InputGradSegment::mean_lo, &InputGradSegment::invstd,
+            &InputGradSegment::a,       &InputGradSegment::e,       &InputGradSegment::k};
   }
   // len outputs of channel c from the runs of dy at g and of x at v.
   void row(T* dst, const T* g, const T* v, int64_t len, int64_t c) const {
-    const T hi = mean_hi[c], lo = mean_lo[c], ac = a[c], ec = e[c], kc = k[c];
+    const T hi = mean_hi[c], lo = mean_lo[c], s = invstd[c], ac = a[c], ec = e[c], kc = k[c];
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = input_grad(g[i], v[i], hi, lo, ac, ec, kc);
+    for (int64_t i = 0; i < len; ++i) dst[i] = input_grad(g[i], v[i], hi, lo, s, ac, ec, kc);
   }
   void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
     row(dst, dy + pos, x + pos, len, c);
@@ -553,19 +567,21 @@ template <class T> struct InputGradSegment {
   // See stream_lines.
   template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
     return input_grad(load_line(dy + pos), load_line(x + pos), coefficient(mean_hi),
-                      coefficient(mean_lo), coefficient(a), coefficient(e), coefficient(k));
+                      coefficient(mean_lo), coefficient(invstd), coefficient(a), coefficient(e),
+                      coefficient(k));
   }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* g = dy + pos;
     const T* v = x + pos;
     const T* hi = mean_hi + j;
     const T* lo = mean_lo + j;
+    const T* s = invstd + j;
     const T* ac = a + j;
     const T* ec = e + j;
     const T* kc = k + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = input_grad(g[i], v[i], hi[i], lo[i], ac[i], ec[i], kc[i]);
+      dst[i] = input_grad(g[i], v[i], hi[i], lo[i], s[i], ac[i], ec[i], kc[i]);
   }
 };
 
@@ -578,16 +594,18 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
     return;
   }
   const ChannelStrides cs(x, axis, int(sizeof(T)));
-  const int64_t* strides[8] = {dy.strides,        x.strides,          dx.strides,
+  const int64_t* strides[9] = {dy.strides,        x.strides,          dx.strides,
                                cs.strides.data(), cs.strides.data(), cs.strides.data(),
-                               cs.strides.data(), cs.strides.data()};
-  int sizes[8];
-  std::fill(sizes, sizes + 8, int(sizeof(T)));
-  const StridedLoop<8> loop(x.ndim, x.shape, strides, sizes);
+                               cs.strides.data(), cs.strides.data(), cs.strides.data()};
+  int sizes[9];
+  std::fill(sizes, sizes + 9, int(sizeof(T)));
+  const StridedLoop<9> loop(x.ndim, x.shape, strides, sizes);
   auto coef = [](const T* p) { return reinterpret_cast<char*>(const_cast<T*>(p)); };
-  char* base[8] = {static_cast<char*>(dy.data), static_cast<char*>(x.data),
-                   static_cast<char*>(dx.data), coef(seg.mean_hi), coef(seg.mean_lo),
-                   coef(seg.a),                 coef(seg.e),       coef(seg.k)};
+  char* base[9] = {static_cast<char*>(dy.data), static_cast<char*>(x.data),
+                   static_cast<char*>(dx.data), coef(seg.mean_hi),
+                   coef(seg.mean_lo),           coef(seg.invstd),
+                   coef(seg.a),                 coef(seg.e),
+                   coef(seg.k)};
   struct Body {
     void operator()(char* const* p, int64_t len, const int64_t* in) {
       const T* g = reinterpret_cast<const T*>(p[0]);
@@ -595,12 +613,46 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
       T* dst = reinterpret_cast<T*>(p[2]);
       const T* hi = reinterpret_cast<const T*>(p[3]);
       const T* lo = reinterpret_cast<const T*>(p[4]);
-      const T* a = reinterpret_cast<const T*>(p[5]);
-      const T* e = reinterpret_cast<const T*>(p[6]);
-      const T* k = reinterpret_cast<const T*>(p[7]);
+      const T* s = reinterpret_cast<const T*>(p[5]);
+      const T* a = reinterpret_cast<const T*>(p[6]);
+      const T* e = reinterpret_cast<const T*>(p[7]);
+      const T* k = reinterpret_cast<const T*>(p[8]);
       for (int64_t i = 0; i < len; ++i)
         dst[i * in[2]] = input_grad(g[i * in[0]], v[i * in[1]], hi[i * in[3]], lo[i * in[4]],
-                                    a[i * in[5]], e[i * in[6]], k[i * in[7]]);
+                                    s[i * in[5]], a[i * in[6]], e[i * in[7]], k[i * in[8]]);
+    }
+    void finish() {}
+  };
+  loop.run(base, sizes, [] { return Body{}; });
+}
+
+// Normalizes every element with normalize_wide, in double: the pass for
+// calls where some channel's shift may overflow (shift_may_overflow).
+// Elementwise, so in place works; slow, and taken only for such data.
+template <class T>
+void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
+                         const std::vector<double>& mean, const std::vector<double>& scale,
+                         const std::vector<double>& shift) {
+  const ChannelStrides cs(x, axis, int(sizeof(double)));
+  const int64_t* strides[5] = {x.strides, y.strides, cs.strides.data(), cs.strides.data(),
+                               cs.strides.data()};
+  const int sizes[5] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(double)),
+                        int(sizeof(double)), int(sizeof(double))};
+  const StridedLoop<5> loop(x.ndim, x.shape, strides, sizes);
+  auto coef = [](const std::vector<double>& v) {
+    return reinterpret_cast<char*>(const_cast<double*>(v.data()));
+  };
+  char* base[5] = {static_cast<char*>(x.data), static_cast<char*>(y.data), coef(mean),
+                   coef(scale), coef(shift)};
+  struct Body {
+    void operator()(char* const* p, int64_t len, const int64_t* in) {
+      const T* src = reinterpret_cast<const T*>(p[0]);
+      T* dst = reinterpret_cast<T*>(p[1]);
+      const double* m = reinterpret_cast<const double*>(p[2]);
+      const double* s = reinterpret_cast<const double*>(p[3]);
+      const double* b = reinterpret_cast<const double*>(p[4]);
+      for (int64_t i = 0; i < len; ++i)
+        dst[i * in[1]] = normalize_wide(src[i * in[0]], m[i * in[2]], s[i * in[3]], b[i * in[4]]);
     }
     void finish() {}
   };
@@ -614,9 +666,18 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   const ChannelView yv = y_has_view ? channel_view(y, args.axis) : xv;
   const int64_t channels = xv.channels;
   const int64_t count = xv.outer * xv.inner;
+  // Checked here too, not only in Python: the reductions read a sample of
+  // every unit, and a direct call must raise, never read out of bounds.
+  if (args.training && channels > 0 && count < 2)
+    throw std::invalid_argument("batch_norm: training needs more than one value per channel");
+  if (!args.training && (args.running_mean == nullptr || args.running_var == nullptr))
+    throw std::invalid_argument("batch_norm: inference needs running_mean and running_var");
   const size_t nc = static_cast<size_t>(channels);
   std::vector<double> mean(nc), var(nc), m2(nc), invstd(nc);
   std::vector<T> mean_hi(nc), mean_lo(nc), scale(nc), shift(nc);
+  // The double coefficients, for channels that shift_may_overflow.
+  std::vector<double> scale_wide(nc), shift_wide(nc);
+  std::vector<char> wide(nc, 0);
   // Fills channel c's statistics and coefficients from its mean and M2.
   auto set_channel = [&](int64_t c, double channel_mean, double channel_var, double channel_m2) {
     const size_t i = static_cast<size_t>(c);
@@ -624,13 +685,17 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
     var[i] = channel_var;
     m2[i] = channel_m2;
     invstd[i] = inverse_std(channel_var, args.eps);
-    const NormalizeCoefficients<T> k = normalize_coefficients<T>(
-        channel_mean, invstd[i], args.gamma != nullptr ? load(*args.gamma, c) : 1.0,
-        args.beta != nullptr ? load(*args.beta, c) : 0.0);
+    const double gamma = args.gamma != nullptr ? load(*args.gamma, c) : 1.0;
+    const double beta = args.beta != nullptr ? load(*args.beta, c) : 0.0;
+    const NormalizeCoefficients<T> k = normalize_coefficients<T>(channel_mean, invstd[i], gamma,
+                                                                 beta);
     mean_hi[i] = k.mean_hi;
     mean_lo[i] = k.mean_lo;
     scale[i] = k.scale;
     shift[i] = k.shift;
+    scale_wide[i] = gamma * invstd[i];
+    shift_wide[i] = beta;
+    wide[i] = shift_may_overflow<T>(channel_mean);
   };
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
@@ -651,15 +716,20 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
         p[static_cast<size_t>(u)] = inner_unit_sums<StatisticsSums, T>(xv, xv, part, c, u, nullptr);
       merge_units(c, p.data());
       const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
+      const size_t i = static_cast<size_t>(c);
       write_channel_rows<T>(yv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
         const T* src = xc + o * xv.stride_outer + start;
         if (next) prefetch_to_l2(src + xv.stride_channel, n);
-        segment.row(dst, src, n, c);
+        if (wide[i]) {
+          for (int64_t j = 0; j < n; ++j)
+            dst[j] = normalize_wide(src[j], mean[i], scale_wide[i], shift_wide[i]);
+        } else {
+          segment.row(dst, src, n, c);
+        }
       });
     });
   } else {
     if (args.training) {
-      // The Python layer requires more than one value per channel here.
       std::vector<Partial> partials;
       reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
       for_each_channel(channels, units,
@@ -668,7 +738,13 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
       for (int64_t c = 0; c < channels; ++c)
         set_channel(c, load(*args.running_mean, c), load(*args.running_var, c), 0.0);
     }
-    if (count > 0 && channels > 0) normalize_pass<T>(x, y, args.axis, segment);
+    if (count > 0 && channels > 0) {
+      if (std::find(wide.begin(), wide.end(), 1) != wide.end()) {
+        normalize_wide_pass<T>(x, y, args.axis, mean, scale_wide, shift_wide);
+      } else {
+        normalize_pass<T>(x, y, args.axis, segment);
+      }
+    }
   }
 
   for (int64_t c = 0; c < channels; ++c) {
@@ -701,7 +777,10 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
     mean[static_cast<size_t>(c)] = load(*args.save_mean, c);
     invstd[static_cast<size_t>(c)] = load(*args.save_invstd, c);
   }
-  std::vector<T> mean_hi(nc), mean_lo(nc), a(nc), e(nc), k(nc);
+  std::vector<T> mean_hi(nc), mean_lo(nc), invstd_t(nc), a(nc), e(nc), k(nc);
+  // Inference: dx = a * dy, written by the forward's normalize loops over
+  // dy (hi, lo and shift zero); the sums below give grad_gamma and grad_beta.
+  std::vector<T> zeros(args.training ? 0 : nc, T(0));
   // Stores grad_gamma and grad_beta of channel c and its input-gradient
   // coefficients.
   auto set_channel = [&](int64_t c, double sum_dy, double sum_dy_centered) {
@@ -709,11 +788,16 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
     store(*args.grad_gamma, c, sum_dy_centered * invstd[i]);
     store(*args.grad_beta, c, sum_dy);
     if (count == 0) return;
+    const double gamma = args.gamma != nullptr ? load(*args.gamma, c) : 1.0;
+    if (!args.training) {
+      a[i] = inference_input_grad_coefficients<T>(invstd[i], gamma).scale;
+      return;
+    }
     const InputGradCoefficients<T> q = input_grad_coefficients<T>(
-        static_cast<double>(count), mean[i], invstd[i],
-        args.gamma != nullptr ? load(*args.gamma, c) : 1.0, sum_dy, sum_dy_centered);
+        static_cast<double>(count), mean[i], invstd[i], gamma, sum_dy, sum_dy_centered);
     mean_hi[i] = q.mean_hi;
     mean_lo[i] = q.mean_lo;
+    invstd_t[i] = q.invstd;
     a[i] = q.a;
     e[i] = q.e;
     k[i] = q.k;
@@ -733,9 +817,15 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
     }
     set_channel(c, s1, s2);
   };
-  const InputGradSegment<T> segment{static_cast<const T*>(dy.data), static_cast<const T*>(x.data),
-                                    mean_hi.data(), mean_lo.data(), a.data(), e.data(), k.data()};
-  if (dx_has_view && channel_resident(xv, sizeof(T), 2, {&xv, &gv, &dv})) {
+  const InputGradSegment<T> segment{static_cast<const T*>(dy.data),
+                                    static_cast<const T*>(x.data),
+                                    mean_hi.data(),
+                                    mean_lo.data(),
+                                    invstd_t.data(),
+                                    a.data(),
+                                    e.data(),
+                                    k.data()};
+  if (args.training && dx_has_view && channel_resident(xv, sizeof(T), 2, {&xv, &gv, &dv})) {
     const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       std::vector<Partial> p(static_cast<size_t>(units));
@@ -761,7 +851,13 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
   reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
   for_each_channel(channels, units,
                    [&](int64_t c) { sum_units(c, partials.data() + c * units); });
-  input_grad_pass<T>(dy, x, dx, args.axis, segment);
+  if (args.training) {
+    input_grad_pass<T>(dy, x, dx, args.axis, segment);
+  } else {
+    normalize_pass<T>(dy, dx, args.axis,
+                      NormalizeSegment<T>{static_cast<const T*>(dy.data), zeros.data(),
+                                          zeros.data(), a.data(), zeros.data()});
+  }
 }
 
 }  // namespace

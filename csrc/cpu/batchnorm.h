@@ -26,6 +26,9 @@ struct BatchNormForwardArgs {
 
 struct BatchNormBackwardArgs {
   int axis;
+  // false: the backward of inference (save_mean, save_invstd are the
+  // running statistics, constants): grad_input = gamma * invstd * dy.
+  bool training;
   const ArrayRef* gamma;        // (C,) of x's dtype, or null for ones
   const ArrayRef* save_mean;    // (C,) float32/float64
   const ArrayRef* save_invstd;  // (C,) float32/float64

@@ -27,7 +27,7 @@ int threads_from_environment() {
     if (value != nullptr && *value != '\0') {
       char* end = nullptr;
       const long n = std::strtol(value, &end, 10);
-      if (end != value && n > 0) return static_cast<int>(std::min(n, 1024L));
+      if (end != value && n > 0) return static_cast<int>(std::min<long>(n, kMaxThreads));
     }
   }
 #if defined(__linux__)
@@ -179,7 +179,7 @@ Pool& pool() {
 
 int num_threads() { return pool().threads(); }
 
-void set_num_threads(int n) { pool().resize(std::max(1, std::min(n, 1024))); }
+void set_num_threads(int n) { pool().resize(std::max(1, std::min(n, kMaxThreads))); }
 
 void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& task) {
   pool().run(ntasks, task);

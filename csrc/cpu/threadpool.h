@@ -9,6 +9,10 @@
 namespace fusednn {
 namespace cpu {
 
+// The most threads the pool runs; set_num_threads and the environment
+// variables are held to [1, kMaxThreads].
+constexpr int kMaxThreads = 1024;
+
 // Threads used by kernels: FUSEDNN_NUM_THREADS, else OMP_NUM_THREADS, else
 // the number of cores, until set_num_threads changes it.
 int num_threads();

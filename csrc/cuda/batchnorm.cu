@@ -433,12 +433,14 @@ struct BackwardChannels {
 };
 
 // One warp per channel: adds up the channel's units, writes grad_gamma and
-// grad_beta, and the coefficients of the input-gradient pass.
+// grad_beta, and the coefficients of the input-gradient pass: training's
+// (InputGradCoefficients) or, for inference, the normalize coefficients
+// that the forward's map applies to dy.
 template <class C>
 __global__ void __launch_bounds__(kThreads)
     finalize_backward(const Partial* __restrict__ partials, int64_t units, int64_t channels,
-                      double count, BackwardChannels arrays,
-                      InputGradCoefficients<C>* __restrict__ coefficients) {
+                      double count, bool training, BackwardChannels arrays,
+                      void* __restrict__ coefficients) {
   const int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;  // the whole warp
@@ -459,17 +461,29 @@ __global__ void __launch_bounds__(kThreads)
   const double invstd = load_channel(arrays.save_invstd, c, 1.0);
   store_channel(arrays.grad_gamma, c, sum_dy_centered * invstd);
   store_channel(arrays.grad_beta, c, sum_dy);
-  if (count > 0.0)
-    coefficients[c] = input_grad_coefficients<C>(count, mean, invstd,
-                                                 load_channel(arrays.gamma, c, 1.0), sum_dy,
-                                                 sum_dy_centered);
+  if (count == 0.0) return;
+  const double gamma = load_channel(arrays.gamma, c, 1.0);
+  if (training) {
+    static_cast<InputGradCoefficients<C>*>(coefficients)[c] =
+        input_grad_coefficients<C>(count, mean, invstd, gamma, sum_dy, sum_dy_centered);
+  } else {
+    static_cast<NormalizeCoefficients<C>*>(coefficients)[c] =
+        inference_input_grad_coefficients<C>(invstd, gamma);
+  }
 }
 
 template <class C> struct NormalizeOp {
   using Coefficients = NormalizeCoefficients<C>;
   static constexpr int kInputs = 1;  // x
   __device__ __forceinline__ C operator()(const Coefficients& k, const C (&v)[1]) const {
-    return normalize(v[0], k.mean_hi, k.mean_lo, k.scale, k.shift);
+    const C y = normalize(v[0], k.mean_hi, k.mean_lo, k.scale, k.shift);
+    // x - mean can overflow float data near the top of its range (see
+    // shift_may_overflow); such elements are taken again in double. The
+    // test costs a compare where the loads are the bound.
+    if (!isfinite(y) && isfinite(v[0]))
+      return normalize_wide(v[0], double(k.mean_hi) + double(k.mean_lo), double(k.scale),
+                            double(k.shift));
+    return y;
   }
 };
 
@@ -477,7 +491,7 @@ template <class C> struct InputGradOp {
   using Coefficients = InputGradCoefficients<C>;
   static constexpr int kInputs = 2;  // grad_output, x
   __device__ __forceinline__ C operator()(const Coefficients& k, const C (&v)[2]) const {
-    return input_grad(v[0], v[1], k.mean_hi, k.mean_lo, k.a, k.e, k.k);
+    return input_grad(v[0], v[1], k.mean_hi, k.mean_lo, k.invstd, k.a, k.e, k.k);
   }
 };
 
@@ -676,8 +690,7 @@ void backward_typed(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
   if (workspace.bytes < layout.bytes) throw std::invalid_argument("batch_norm: workspace too small");
   char* base = static_cast<char*>(workspace.data);
   Partial* partials = reinterpret_cast<Partial*>(base);
-  auto* coefficients =
-      reinterpret_cast<InputGradCoefficients<C>*>(base + layout.coefficients_offset);
+  void* const coefficients = base + layout.coefficients_offset;
   const DeviceScope scope(target.device);
   const cudaStream_t stream = stream_of(target);
   launch_reduction<St, GradientSums>(xv, static_cast<const S*>(x.data), gv,
@@ -687,12 +700,20 @@ void backward_typed(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
                                 channel_array(args.save_invstd), channel_array(args.grad_gamma),
                                 channel_array(args.grad_beta)};
   finalize_backward<C><<<finalize_blocks(xv.channels), kThreads, 0, stream>>>(
-      partials, part.units_per_channel(), xv.channels, static_cast<double>(count), arrays,
-      coefficients);
+      partials, part.units_per_channel(), xv.channels, static_cast<double>(count), args.training,
+      arrays, coefficients);
   check_launch("batch_norm backward statistics");
+  if (!args.training) {
+    const DeviceArrayRef* const operands[2] = {&grad_output, &grad_input};
+    launch_channel_map<St>(NormalizeOp<C>{}, operands, args.axis, gv,
+                           static_cast<const NormalizeCoefficients<C>*>(coefficients), target,
+                           stream, "batch_norm backward");
+    return;
+  }
   const DeviceArrayRef* const operands[3] = {&grad_output, &x, &grad_input};
-  launch_channel_map<St>(InputGradOp<C>{}, operands, args.axis, xv, coefficients, target, stream,
-                         "batch_norm backward");
+  launch_channel_map<St>(InputGradOp<C>{}, operands, args.axis, xv,
+                         static_cast<const InputGradCoefficients<C>*>(coefficients), target,
+                         stream, "batch_norm backward");
 }
 
 }  // namespace

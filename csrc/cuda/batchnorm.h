@@ -36,6 +36,9 @@ struct BatchNormForwardArgs {
 
 struct BatchNormBackwardArgs {
   int axis;
+  // false: the backward of inference (save_mean, save_invstd are the
+  // running statistics, constants): grad_input = gamma * invstd * dy.
+  bool training;
   const DeviceArrayRef* gamma;        // (C,) or null for ones
   const DeviceArrayRef* save_mean;    // (C,)
   const DeviceArrayRef* save_invstd;  // (C,)

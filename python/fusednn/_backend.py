@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from . import _cpu
+from . import _cpu, _interop
 
 try:  # the CUDA module exists only when the build found nvcc
     from . import _cuda
@@ -50,13 +50,17 @@ def cuda_unavailable(function: str) -> Exception:
 
 def device_of(function: str, **arrays) -> str:
     """'cuda' when the given arrays (None skipped) are CuPy arrays, 'cpu'
-    otherwise. Mixing the two is a TypeError, a CuPy array without the
-    CUDA module a RuntimeError; both name the fix."""
+    when they are numpy arrays, and 'foreign' when one comes from another
+    library (torch, JAX, DLPack: the caller hands the call to
+    _interop.call). Mixing numpy and CuPy is a TypeError, a CuPy array
+    without the CUDA module a RuntimeError; both name the fix."""
     for a in arrays.values():
         if a is not None and type(a) is not np.ndarray:
             break
     else:
         return "cpu"
+    if any(_interop.is_foreign(a) for a in arrays.values()):
+        return "foreign"
     on_gpu = [name for name, a in arrays.items() if a is not None and is_cupy_array(a)]
     if not on_gpu:
         return "cpu"
@@ -122,14 +126,16 @@ def prepare_cuda_out(out, like, function: str):
     itemsize = out.dtype.itemsize
     if out.data.ptr % itemsize or any(s % itemsize for s in out.strides):
         raise ValueError(f"fusednn.{function}: out is not aligned to its item size")
+    check_no_internal_overlap(out, "out", function)
     return out
 
 
-def detach_from_cuda_out(x, out):
+def detach_from_cuda_out(x, out, *, elementwise: bool = True):
     """As detach_from_out, for CuPy arrays."""
-    if (out is x or (x.data.ptr == out.data.ptr and x.strides == out.strides
-                     and x.shape == out.shape)
-            or not _cupy().may_share_memory(x, out)):
+    if x is None or not _cupy().may_share_memory(x, out):
+        return x
+    if elementwise and (out is x or (x.data.ptr == out.data.ptr and x.strides == out.strides
+                                     and x.shape == out.shape)):
         return x
     return x.copy()
 
@@ -194,12 +200,19 @@ def prepare_out(out, shape, dtype, function: str) -> np.ndarray:
     if out.shape != tuple(shape):
         raise ValueError(f"fusednn.{function}: out has shape {out.shape}, expected {tuple(shape)}")
     if out.dtype != dtype:
+        if out.dtype.newbyteorder("=") == dtype:
+            raise ValueError(
+                f"fusednn.{function}: out has dtype {out.dtype.str}, {np.dtype(dtype)} in the "
+                "other byte order; kernels write native byte order only. Pass out=None (or a "
+                "native array) and byte-swap the result if you need it: "
+                "y.astype(y.dtype.newbyteorder())")
         raise ValueError(f"fusednn.{function}: out has dtype {out.dtype}, expected {np.dtype(dtype)}")
     flags = out.flags
     if not flags.writeable:
         raise ValueError(f"fusednn.{function}: out is read-only")
     if not flags.aligned:
         raise ValueError(f"fusednn.{function}: out is not aligned to its item size")
+    check_no_internal_overlap(out, "out", function)
     return out
 
 
@@ -208,13 +221,94 @@ def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
             and a.strides == b.strides and a.shape == b.shape)
 
 
-def detach_from_out(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Elementwise kernels may write out while reading x when both are the
-    same view (in place); any other overlap would read already-written
-    values, so x is copied first."""
-    if out is x or not np.may_share_memory(x, out) or _same_view(x, out):
+def detach_from_out(x, out: np.ndarray, *, elementwise: bool = True):
+    """x itself, or a copy of it when it shares memory with out (None
+    passes through).
+
+    Kernels write out while they read their inputs, so an input that
+    overlaps out in any other way would be read after parts of it were
+    overwritten. The exception is the documented in-place form: an
+    `elementwise` operand (one read at the element it writes) that is the
+    very same view as out."""
+    if x is None or not np.may_share_memory(x, out):
+        return x
+    if elementwise and (out is x or _same_view(x, out)):
         return x
     return x.copy()
+
+
+# Up to this many elements an output whose strides leave the quick test
+# undecided is checked address by address.
+_OVERLAP_ENUMERATION_LIMIT = 1 << 20
+
+
+def has_internal_overlap(shape, strides, itemsize: int) -> bool:
+    """Whether two elements of a view with these dimensions and byte
+    strides share memory.
+
+    Sorted by stride, each dimension must step past everything the smaller
+    ones span; views that fail that test (rare interleavings, stride 0)
+    are checked exactly when small enough, and counted as overlapping
+    otherwise."""
+    if 0 in shape:
+        return False
+    dims = sorted((abs(s), n) for n, s in zip(shape, strides) if n > 1)
+    span = itemsize
+    for stride, n in dims:
+        if stride < span:
+            break
+        span += stride * (n - 1)
+    else:
+        return False
+    if math.prod(n for _, n in dims) > _OVERLAP_ENUMERATION_LIMIT:
+        return True
+    offsets = np.zeros(1, dtype=np.int64)
+    for stride, n in dims:
+        offsets = (offsets[:, None] + np.arange(n, dtype=np.int64) * stride).reshape(-1)
+    offsets.sort()
+    return bool(np.any(np.diff(offsets) < itemsize))
+
+
+def check_no_internal_overlap(a, name: str, function: str) -> None:
+    """A ValueError for an array the kernels would write when two of its
+    elements share memory (a stride-0 view, say): which write lands last
+    would depend on thread timing."""
+    if has_internal_overlap(a.shape, a.strides, a.dtype.itemsize):
+        raise ValueError(f"fusednn.{function}: {name} has elements that share memory (strides "
+                         f"{a.strides} for shape {a.shape}), so writes to it would collide; "
+                         "pass an array without overlapping elements (e.g. a contiguous one)")
+
+
+def check_disjoint(function: str, arrays: dict) -> None:
+    """A ValueError when two of the arrays a kernel writes (None skipped)
+    share memory."""
+    named = [(name, a) for name, a in arrays.items() if a is not None]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if _may_share_memory(a, b):
+                raise ValueError(f"fusednn.{function}: {first} and {second} are both written "
+                                 "and share memory; pass separate arrays")
+
+
+def _may_share_memory(a, b) -> bool:
+    if is_cupy_array(a):
+        return bool(_cupy().may_share_memory(a, b))
+    return bool(np.may_share_memory(a, b))
+
+
+# Element counts from 2**63 up cannot be indexed (numpy's sizes are int64).
+_SIZE_LIMIT = 1 << 63
+
+
+def check_element_count(dims: tuple, function: str) -> tuple:
+    """dims, unless their product is past what an array can index: a
+    ValueError then (numpy's own int64 product would wrap around, e.g. to 0
+    for (2**32, 2**32))."""
+    size = math.prod(dims)
+    if size >= _SIZE_LIMIT:
+        raise ValueError(f"fusednn.{function}: shape {dims} has {size} elements, more than an "
+                         "array can index (2**63 - 1)")
+    return dims
 
 
 def check_real(value, name: str, function: str) -> float:
@@ -235,9 +329,14 @@ def get_num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the CPU kernels' thread count (results do not depend on it)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"fusednn.set_num_threads: n must be a positive integer, got {n!r}")
+    """Sets the CPU kernels' thread count, 1 to ``_cpu.max_num_threads``
+    (results do not depend on it)."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise ValueError(f"fusednn.set_num_threads: n must be an integer in "
+                         f"[1, {_cpu.max_num_threads}], got {n!r}")
+    if not 1 <= n <= _cpu.max_num_threads:
+        raise ValueError(f"fusednn.set_num_threads: n must lie in [1, {_cpu.max_num_threads}], "
+                         f"got {n}")
     _cpu.set_num_threads(int(n))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _interop
 from ._backend import _cpu, _cuda
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu",
@@ -93,7 +93,11 @@ def activation(name: str, x, *, out=None, **params):
     function = name if isinstance(name, str) and name in _IDS else "activation"
     _check_name(name, "activation")
     a, b, tanh_approx = _kernel_params(name, params, function)
-    if _backend.device_of(function, x=x) == "cuda":
+    device = _backend.device_of(function, x=x)
+    if device == "foreign":
+        return _interop.call(lambda **arrays: activation(name, **arrays, **params),
+                             {"x": x, "out": out}, function, "x")
+    if device == "cuda":
         x = _backend.as_cuda_array(x, "x", function)
         out = _backend.prepare_cuda_out(out, x, function)
         x = _backend.detach_from_cuda_out(x, out)
@@ -129,7 +133,13 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
                          "parameters needs x, the forward input; y is not enough")
     saved_name = "y" if use_y else "x"
     saved = y if use_y else x
-    if _backend.device_of(function, grad_output=grad_output, **{saved_name: saved}) == "cuda":
+    device = _backend.device_of(function, grad_output=grad_output, **{saved_name: saved})
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: activation_backward(name, **arrays, **params),
+            {"grad_output": grad_output, saved_name: saved, "out": out}, function,
+            "grad_output")
+    if device == "cuda":
         grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
         saved = _backend.as_cuda_array(saved, saved_name, function)
         _backend.check_same(grad_output, saved, f"grad_output and {saved_name}", function)

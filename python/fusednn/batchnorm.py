@@ -15,7 +15,7 @@ import numbers
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _interop
 from ._backend import _cpu, _cuda
 from .reference import BatchNormResult
 
@@ -96,6 +96,29 @@ def _settings(training, momentum, eps, function: str):
 
 def _values_per_channel(shape: tuple, axis: int) -> int:
     return math.prod(shape[:axis] + shape[axis + 1:])
+
+
+def _check_running_statistics(training: bool, x, out, gamma, beta, running_mean, running_var,
+                              function: str) -> None:
+    """Training writes the running statistics in place after it has read
+    x, gamma and beta and written out, so they must be separate from all of
+    those and from each other, with no two of their own elements sharing
+    memory: a ValueError otherwise."""
+    if not training:
+        return
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        if a is not None:
+            _backend.check_no_internal_overlap(a, name, function)
+    _backend.check_disjoint(function, {"out": out, "running_mean": running_mean,
+                                       "running_var": running_var})
+    for statistic_name, statistic in (("running_mean", running_mean),
+                                      ("running_var", running_var)):
+        if statistic is None:
+            continue
+        for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
+            if a is not None and _backend._may_share_memory(statistic, a):
+                raise ValueError(f"fusednn.{function}: {statistic_name} is updated in place but "
+                                 f"shares memory with {name}; pass separate arrays")
 
 
 # ---- CuPy arrays (CUDA kernels) ----------------------------------------------
@@ -184,7 +207,12 @@ def _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, moment
         raise ValueError(f"fusednn.{function}: training=False normalizes with running_mean "
                          "and running_var; pass both")
     out = _backend.prepare_cuda_out(out, x, function)
+    _check_running_statistics(training, x, out, gamma, beta, running_mean, running_var, function)
     x = _channel_viewable(_backend.detach_from_cuda_out(x, out), ax)
+    gamma, beta = (_backend.detach_from_cuda_out(a, out, elementwise=False) for a in (gamma, beta))
+    if not training:
+        running_mean, running_var = (_backend.detach_from_cuda_out(a, out, elementwise=False)
+                                     for a in (running_mean, running_var))
     statistics = _cuda_statistics_dtype(x.dtype)
     save_mean = cupy.empty(channels, dtype=statistics)
     save_invstd = cupy.empty(channels, dtype=statistics)
@@ -198,7 +226,8 @@ def _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, moment
     return BatchNormResult(out, save_mean, save_invstd)
 
 
-def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis, out):
+def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis, training,
+                              out):
     function = "batch_norm_backward"
     cupy = _backend._cupy()
     grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
@@ -217,6 +246,9 @@ def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axi
     grad_input = _backend.prepare_cuda_out(out, x, function)
     grad_output = _channel_viewable(_backend.detach_from_cuda_out(grad_output, grad_input), ax)
     x = _channel_viewable(_backend.detach_from_cuda_out(x, grad_input), ax)
+    gamma, save_mean, save_invstd = (
+        _backend.detach_from_cuda_out(a, grad_input, elementwise=False)
+        for a in (gamma, save_mean, save_invstd))
     statistics = _cuda_statistics_dtype(x.dtype)
     grad_gamma = cupy.empty(channels, dtype=statistics)
     grad_beta = cupy.empty(channels, dtype=statistics)
@@ -225,7 +257,7 @@ def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axi
     _cuda.batch_norm_backward(operand(grad_output), operand(x), operand(grad_input),
                               _operand_or_none(gamma), operand(save_mean), operand(save_invstd),
                               operand(grad_gamma), operand(grad_beta), workspace.data.ptr,
-                              workspace.nbytes, ax, *_backend.cuda_target(x))
+                              workspace.nbytes, ax, training, *_backend.cuda_target(x))
     return grad_input, grad_gamma, grad_beta
 
 
@@ -254,8 +286,15 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     running statistics may be float16, float32 or float64.
     """
     function = "batch_norm"
-    if _backend.device_of(function, x=x, gamma=gamma, beta=beta, running_mean=running_mean,
-                          running_var=running_var) == "cuda":
+    device = _backend.device_of(function, x=x, gamma=gamma, beta=beta, running_mean=running_mean,
+                                running_var=running_var)
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: batch_norm(**arrays, training=training, momentum=momentum, eps=eps,
+                                       axis=axis),
+            {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
+             "running_var": running_var, "out": out}, function, "x")
+    if device == "cuda":
         return _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, momentum,
                                 eps, axis, out)
     x = _backend.as_cpu_array(x, "x", function)
@@ -278,7 +317,12 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         raise ValueError(f"fusednn.{function}: training=False normalizes with running_mean "
                          "and running_var; pass both")
     out = _backend.prepare_out(out, x.shape, x.dtype, function)
+    _check_running_statistics(training, x, out, gamma, beta, running_mean, running_var, function)
     x = _channel_viewable(_backend.detach_from_out(x, out), ax)
+    gamma, beta = (_backend.detach_from_out(a, out, elementwise=False) for a in (gamma, beta))
+    if not training:
+        running_mean, running_var = (_backend.detach_from_out(a, out, elementwise=False)
+                                     for a in (running_mean, running_var))
     save_mean = np.empty(channels, dtype=x.dtype)
     save_invstd = np.empty(channels, dtype=x.dtype)
     _cpu.batch_norm_forward(x, out, gamma, beta, running_mean, running_var, save_mean,
@@ -286,26 +330,43 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     return BatchNormResult(out, save_mean, save_invstd)
 
 
-def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1, out=None):
-    """Gradients of training-mode batch_norm (batch statistics).
+def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1,
+                        training=True, out=None):
+    """Gradients of batch_norm.
 
     ``save_mean`` and ``save_invstd`` are what batch_norm returned (float32
     or float64; pass float64 for full accuracy when a channel's mean is
     thousands of times its spread). gamma=None means ones. Returns
-    ``(grad_input, grad_gamma, grad_beta)`` with
-    ``grad_input = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))``,
-    ``grad_gamma = sum(dy * xhat)`` and ``grad_beta = sum(dy)``;
-    grad_gamma and grad_beta are float32 for float16 x (GPU only).
+    ``(grad_input, grad_gamma, grad_beta)`` with ``grad_gamma = sum(dy * xhat)``
+    and ``grad_beta = sum(dy)``; grad_gamma and grad_beta are float32 for
+    float16 x (GPU only).
+
+    ``training=True`` (the default) is the backward of the training forward,
+    whose batch statistics depend on x:
+    ``grad_input = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))``.
+    ``training=False`` is the backward of the inference forward, whose
+    statistics (the running ones it returned as save_mean/save_invstd) are
+    constants: ``grad_input = gamma * invstd * dy``, as PyTorch's eval mode.
 
     ``out``, when given, receives grad_input (x's shape and dtype; it may be
     grad_output or x itself), so that a training loop can reuse one buffer
     instead of allocating, and touching fresh pages for, every call.
     """
     function = "batch_norm_backward"
-    if _backend.device_of(function, grad_output=grad_output, x=x, gamma=gamma,
-                          save_mean=save_mean, save_invstd=save_invstd) == "cuda":
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"fusednn.{function}: training must be a bool, "
+                        f"not {type(training).__name__}")
+    training = bool(training)
+    device = _backend.device_of(function, grad_output=grad_output, x=x, gamma=gamma,
+                                save_mean=save_mean, save_invstd=save_invstd)
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: batch_norm_backward(**arrays, axis=axis, training=training),
+            {"grad_output": grad_output, "x": x, "gamma": gamma, "save_mean": save_mean,
+             "save_invstd": save_invstd, "out": out}, function, "grad_output")
+    if device == "cuda":
         return _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis,
-                                         out)
+                                         training, out)
     grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
     x = _backend.as_cpu_array(x, "x", function)
     _backend.check_same(grad_output, x, "grad_output and x", function)
@@ -322,8 +383,10 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     grad_input = _backend.prepare_out(out, x.shape, x.dtype, function)
     grad_output = _channel_viewable(_backend.detach_from_out(grad_output, grad_input), ax)
     x = _channel_viewable(_backend.detach_from_out(x, grad_input), ax)
+    gamma, save_mean, save_invstd = (_backend.detach_from_out(a, grad_input, elementwise=False)
+                                     for a in (gamma, save_mean, save_invstd))
     grad_gamma = np.empty(channels, dtype=x.dtype)
     grad_beta = np.empty(channels, dtype=x.dtype)
     _cpu.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean, save_invstd,
-                             grad_gamma, grad_beta, ax)
+                             grad_gamma, grad_beta, ax, training)
     return grad_input, grad_gamma, grad_beta

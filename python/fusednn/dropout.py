@@ -13,15 +13,24 @@ Both devices draw the same bits. See docs/dropout.md and docs/cuda.md.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _interop
 from ._backend import _cpu, _cuda
 from .activations import _IDS, _check_name, _kernel_params
 
 _UINT64_LIMIT = 1 << 64
+
+
+def _check_flag(value, name: str, function: str) -> bool:
+    """A bool (numpy's included): strings and numbers are errors, not
+    truthiness."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"fusednn.{function}: {name} must be a bool, not {type(value).__name__}")
+    return bool(value)
 
 
 def _check_p(p, function: str) -> float:
@@ -61,7 +70,7 @@ def _check_shape(shape, function: str) -> tuple:
             raise TypeError(f"fusednn.{function}: shape must hold integers, got {shape!r}")
         if d < 0:
             raise ValueError(f"fusednn.{function}: shape must not be negative, got {shape!r}")
-    return tuple(int(d) for d in dims)
+    return _backend.check_element_count(tuple(int(d) for d in dims), function)
 
 
 def _mask_bytes(size: int) -> int:
@@ -144,7 +153,15 @@ def dropout(x, p, *, seed, offset=0, training=True, return_mask=False, out=None)
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
-    if _backend.device_of(function, x=x) == "cuda":
+    training = _check_flag(training, "training", function)
+    return_mask = _check_flag(return_mask, "return_mask", function)
+    device = _backend.device_of(function, x=x)
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: dropout(**arrays, p=p, seed=seed, offset=offset, training=training,
+                                     return_mask=return_mask),
+            {"x": x, "out": out}, function, "x")
+    if device == "cuda":
         cupy = _backend._cupy()
         x = _backend.as_cuda_array(x, "x", function)
         out = _backend.prepare_cuda_out(out, x, function)
@@ -181,12 +198,18 @@ def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, out=None
     bit-packed or regenerated from the (seed, offset) of the forward."""
     function = "dropout_backward"
     p = _check_p(p, function)
-    if _backend.device_of(function, grad_output=grad_output, mask=mask) == "cuda":
+    device = _backend.device_of(function, grad_output=grad_output, mask=mask)
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: dropout_backward(**arrays, p=p, seed=seed, offset=offset),
+            {"grad_output": grad_output, "mask": mask, "out": out}, function, "grad_output")
+    if device == "cuda":
         grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
         mask, seed, offset = _mask_or_seed(mask, seed, offset, grad_output.size, function,
                                            like=grad_output)
         out = _backend.prepare_cuda_out(out, grad_output, function)
         grad_output = _backend.detach_from_cuda_out(grad_output, out)
+        mask = _backend.detach_from_cuda_out(mask, out, elementwise=False)
         _cuda.dropout_backward(_backend.cuda_operand(grad_output), _backend.cuda_operand(out),
                                p, _device_buffer(mask), seed, offset,
                                *_backend.cuda_target(grad_output))
@@ -195,6 +218,7 @@ def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, out=None
     mask, seed, offset = _mask_or_seed(mask, seed, offset, grad_output.size, function)
     out = _backend.prepare_out(out, grad_output.shape, grad_output.dtype, function)
     grad_output = _backend.detach_from_out(grad_output, out)
+    mask = _backend.detach_from_out(mask, out, elementwise=False)
     _cpu.dropout_backward(grad_output, out, p, mask, seed, offset)
     return out
 
@@ -213,7 +237,7 @@ def dropout_mask(shape, p, *, seed, offset=0, device="cpu"):
     offset = _check_counter(offset, "offset", function)
     if device not in ("cpu", "cuda", "gpu"):
         raise ValueError(f"fusednn.{function}: device must be 'cpu' or 'cuda', got {device!r}")
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)
     if device != "cpu":
         cupy = _cupy_for(function)
         mask = cupy.empty(_mask_bytes(size), dtype=cupy.uint8)
@@ -249,10 +273,11 @@ def _check_bias(bias, h, axis: int, function: str):
     return bias
 
 
-def _bias_view(bias, h: np.ndarray, axis: int, function: str) -> np.ndarray:
+def _bias_view(bias, h: np.ndarray, axis: int, out: np.ndarray, function: str) -> np.ndarray:
     """bias (1-d, length h.shape[axis]) as a read-only view of h's shape with
-    stride 0 along every other axis."""
+    stride 0 along every other axis; copied first if it lies in out."""
     bias = _check_bias(_backend.as_cpu_array(bias, "bias", function), h, axis, function)
+    bias = _backend.detach_from_out(bias, out, elementwise=False)
     if bias.flags.c_contiguous:
         # The same view as broadcast_to's, built directly: several times
         # faster, which counts for small calls.
@@ -292,14 +317,21 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
-    if _backend.device_of(function, h=h, bias=bias) == "cuda":
+    return_mask = _check_flag(return_mask, "return_mask", function)
+    device = _backend.device_of(function, h=h, bias=bias)
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: bias_act_dropout(**arrays, act=act, p=p, seed=seed, offset=offset,
+                                              axis=axis, return_mask=return_mask, **act_params),
+            {"h": h, "bias": bias, "out": out}, function, "h")
+    if device == "cuda":
         cupy = _backend._cupy()
         h = _backend.as_cuda_array(h, "h", function)
         axis = _check_axis(axis, h.ndim, function)
         bias = _cuda_bias(bias, h, axis, function)
         out = _backend.prepare_cuda_out(out, h, function)
         h = _backend.detach_from_cuda_out(h, out)
-        bias = _backend.detach_from_cuda_out(bias, out)
+        bias = _backend.detach_from_cuda_out(bias, out, elementwise=False)
         mask = cupy.empty(_mask_bytes(h.size), dtype=cupy.uint8) if return_mask else None
         _cuda.bias_act_dropout_forward(act_id, _backend.cuda_operand(h),
                                        _backend.cuda_operand(bias), axis,
@@ -308,10 +340,9 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
         return (out, mask) if return_mask else out
     h = _backend.as_cpu_array(h, "h", function)
     axis = _check_axis(axis, h.ndim, function)
-    bias_view = _bias_view(bias, h, axis, function)
     out = _backend.prepare_out(out, h.shape, h.dtype, function)
+    bias_view = _bias_view(bias, h, axis, out, function)
     h = _backend.detach_from_out(h, out)
-    bias_view = _backend.detach_from_out(bias_view, out)
     mask = np.empty(_mask_bytes(h.size), dtype=np.uint8) if return_mask else None
     _cpu.bias_act_dropout_forward(act_id, h, bias_view, out, a, b, tanh_approx, p, seed, offset,
                                   mask)
@@ -340,8 +371,14 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     function = "bias_act_dropout_backward"
     act_id, (a, b, tanh_approx) = _activation_args(act, act_params, function)
     p = _check_p(p, function)
-    if _backend.device_of(function, grad_output=grad_output, h=h, bias=bias,
-                          mask=mask) == "cuda":
+    device = _backend.device_of(function, grad_output=grad_output, h=h, bias=bias, mask=mask)
+    if device == "foreign":
+        return _interop.call(
+            lambda **arrays: bias_act_dropout_backward(
+                **arrays, act=act, p=p, seed=seed, offset=offset, axis=axis, **act_params),
+            {"grad_output": grad_output, "h": h, "bias": bias, "mask": mask, "out": out},
+            function, "grad_output")
+    if device == "cuda":
         cupy = _backend._cupy()
         grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
         h = _backend.as_cuda_array(h, "h", function)
@@ -354,7 +391,8 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
         _check_contiguous_out(grad_h, function)
         grad_output = _backend.detach_from_cuda_out(grad_output, grad_h)
         h = _backend.detach_from_cuda_out(h, grad_h)
-        bias = _backend.detach_from_cuda_out(bias, grad_h)
+        bias = _backend.detach_from_cuda_out(bias, grad_h, elementwise=False)
+        mask = _backend.detach_from_cuda_out(mask, grad_h, elementwise=False)
         _cuda.bias_act_dropout_backward(act_id, _backend.cuda_operand(grad_output),
                                         _backend.cuda_operand(h), _backend.cuda_operand(bias),
                                         axis, _backend.cuda_operand(grad_h), a, b, tanh_approx,
@@ -370,13 +408,13 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     h = _backend.as_cpu_array(h, "h", function)
     _backend.check_same(grad_output, h, "grad_output and h", function)
     axis = _check_axis(axis, h.ndim, function)
-    bias_view = _bias_view(bias, h, axis, function)
     mask, seed, offset = _mask_or_seed(mask, seed, offset, h.size, function)
     grad_h = _backend.prepare_out(out, h.shape, h.dtype, function)
     _check_contiguous_out(grad_h, function)
+    bias_view = _bias_view(bias, h, axis, grad_h, function)
     grad_output = _backend.detach_from_out(grad_output, grad_h)
     h = _backend.detach_from_out(h, grad_h)
-    bias_view = _backend.detach_from_out(bias_view, grad_h)
+    mask = _backend.detach_from_out(mask, grad_h, elementwise=False)
     grad_bias = np.empty(h.shape[axis], dtype=h.dtype)
     _cpu.bias_act_dropout_backward(act_id, grad_output, h, bias_view, grad_h, axis, grad_bias, a,
                                    b, tanh_approx, p, mask, seed, offset)

@@ -52,6 +52,8 @@ import warnings
 
 import numpy as np
 
+from . import _backend
+
 __all__ = ["INITIALIZERS", "calculate_gain", "fans", "glorot_normal", "glorot_uniform",
            "he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "normal", "orthogonal",
            "trunc_normal", "uniform"]
@@ -78,7 +80,7 @@ def _shape(shape, function: str) -> tuple[int, ...]:
             raise TypeError(f"fusednn.init.{function}: shape must hold integers, got {shape!r}")
         if d < 0:
             raise ValueError(f"fusednn.init.{function}: shape has a negative dimension: {shape!r}")
-    return tuple(int(d) for d in dims)
+    return _backend.check_element_count(tuple(int(d) for d in dims), f"init.{function}")
 
 
 def fans(shape) -> tuple[int, int]:

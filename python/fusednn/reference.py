@@ -233,8 +233,19 @@ def hardswish(x):
     return np.where(x >= 3, x, x * np.clip(x + 3.0, 0.0, 6.0) / 6.0)
 
 
+def _bounds_in_dtype_of(a, min_val, max_val):
+    """hardtanh's bounds rounded to a's floating dtype (float64 for other
+    inputs): PyTorch compares and clamps with the bounds in the tensor's
+    dtype, so for float32 x, min_val=0.1 means float32(0.1)."""
+    dtype = np.asarray(a).dtype
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    return float(np.asarray(min_val, dtype)), float(np.asarray(max_val, dtype))
+
+
 @_quiet
 def hardtanh(x, min_val=-1.0, max_val=1.0):
+    min_val, max_val = _bounds_in_dtype_of(x, min_val, max_val)
     x = _f64(x)
     return np.where(x < min_val, min_val, np.where(x > max_val, max_val, x))
 
@@ -314,6 +325,11 @@ def _d_hardswish(x):
 
 
 def _d_hardtanh(x, min_val=-1.0, max_val=1.0):
+    """1 strictly between the bounds (rounded to x's dtype), else 0; the same
+    test from y = hardtanh(x), which is a rounded bound exactly where x is
+    outside or on one."""
+    min_val, max_val = _bounds_in_dtype_of(x, min_val, max_val)
+    x = _f64(x)
     return np.where((x <= min_val) | (x >= max_val), 0.0, 1.0)
 
 
@@ -331,10 +347,13 @@ def _derivative_from_y(name, y, params):
         return np.where(y <= 0, 0.0, 1.0)
     if name == "leaky_relu":
         return np.where(y > 0, 1.0, params.get("negative_slope", 0.01))
+    # elu, selu: alpha e^x = y + alpha. Where y has been rounded to -alpha
+    # (or just below it) the true slope is positive but below what y can
+    # resolve: 0, never negative.
     if name == "elu":
-        return np.where(y <= 0, y + params.get("alpha", 1.0), 1.0)
+        return np.where(y <= 0, np.maximum(y + params.get("alpha", 1.0), 0.0), 1.0)
     if name == "selu":
-        return np.where(y <= 0, y + SELU_SCALE * SELU_ALPHA, SELU_SCALE)
+        return np.where(y <= 0, np.maximum(y + SELU_SCALE * SELU_ALPHA, 0.0), SELU_SCALE)
     if name == "hardtanh":
         return _d_hardtanh(y, **params)
     raise ValueError(f"the derivative of {name} needs x")
@@ -376,10 +395,12 @@ def activation_backward(name, grad_output, *, x=None, y=None, **params):
     if name not in _FORWARD:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
     g = _f64(grad_output)
+    # hardtanh rounds its bounds to the dtype of the array it is given.
+    keep_dtype = np.asarray if name == "hardtanh" else _f64
     if y is not None and _accepts_output(name, params):
-        d = _derivative_from_y(name, _f64(y), params)
+        d = _derivative_from_y(name, keep_dtype(y), params)
     elif x is not None:
-        d = _DERIVATIVE[name](_f64(x), **params)
+        d = _DERIVATIVE[name](keep_dtype(x), **params)
     else:
         raise ValueError(f"the derivative of {name} needs x, the forward input")
     return np.where(d == 0, 0.0, g * d) if name in _ZERO_SELECTING else g * d
@@ -417,7 +438,11 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     if training:
         if m < 2:
             raise ValueError("batch_norm needs more than one value per channel when training")
-        mean = x.mean(axis=others)
+        # The mean around one sample of each channel: x.mean() alone rounds
+        # its sum, and for a constant channel of 6.9e16 that left x - mean
+        # at an ulp, normalized to -1 instead of 0.
+        first = x[tuple(0 if d != axis else slice(None) for d in range(x.ndim))]
+        mean = first + (x - first.reshape(shape)).mean(axis=others)
         var = ((x - mean.reshape(shape)) ** 2).mean(axis=others)
         if running_mean is not None:
             running_mean[...] = (1 - momentum) * _f64(running_mean) + momentum * mean
@@ -435,11 +460,14 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     return BatchNormResult(y, mean, invstd)
 
 
-def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1):
-    """Gradients of training-mode batch_norm, in float64: with m values per
-    channel and xhat = (x - mean) * invstd,
-    grad_input = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat)),
-    grad_gamma = sum(dy * xhat), grad_beta = sum(dy).
+def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1,
+                        training=True):
+    """Gradients of batch_norm, in float64: with m values per channel and
+    xhat = (x - mean) * invstd, grad_gamma = sum(dy * xhat), grad_beta = sum(dy),
+    and grad_input =
+    gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat)) (training:
+    the statistics are functions of x) or gamma * invstd * dy (training=False:
+    the running statistics are constants).
     Returns (grad_input, grad_gamma, grad_beta)."""
     g = _f64(grad_output)
     x = _f64(x)
@@ -451,6 +479,8 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     xhat = (x - _f64(save_mean).reshape(shape)) * invstd
     grad_beta = g.sum(axis=others)
     grad_gamma = (g * xhat).sum(axis=others)
+    if not training:
+        return g * (gamma.reshape(shape) * invstd), grad_gamma, grad_beta
     with np.errstate(invalid="ignore", divide="ignore"):
         grad_input = (gamma.reshape(shape) * invstd / m
                       * (m * g - grad_beta.reshape(shape) - xhat * grad_gamma.reshape(shape)))

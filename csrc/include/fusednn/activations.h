@@ -43,37 +43,13 @@ struct ActivationParams {
   double a = 0.0;
   double b = 0.0;
   bool tanh_approximation = false;
-  // a and b rounded down and up to float: a float x compares with these
-  // exactly as it compares with a and b, without converting x to double
-  // (which a GPU does at a fraction of its float rate). Set by
-  // make_activation_params.
-  float a_down = 0.0f, a_up = 0.0f, b_down = 0.0f, b_up = 0.0f;
 };
-
-// The smallest float >= a (+inf above the float range; NaN for NaN).
-inline float float_at_least(double a) {
-  constexpr double kFloatMax = 3.4028234663852886e38;
-  if (a > kFloatMax) return std::numeric_limits<float>::infinity();
-  if (a < -kFloatMax)
-    return a == -std::numeric_limits<double>::infinity() ? -std::numeric_limits<float>::infinity()
-                                                         : -std::numeric_limits<float>::max();
-  const float f = static_cast<float>(a);
-  return static_cast<double>(f) < a ? std::nextafter(f, std::numeric_limits<float>::infinity())
-                                    : f;
-}
-
-// The largest float <= a.
-inline float float_at_most(double a) { return -float_at_least(-a); }
 
 inline ActivationParams make_activation_params(double a, double b, bool tanh_approximation) {
   ActivationParams p;
   p.a = a;
   p.b = b;
   p.tanh_approximation = tanh_approximation;
-  p.a_down = float_at_most(a);
-  p.a_up = float_at_least(a);
-  p.b_down = float_at_most(b);
-  p.b_up = float_at_least(b);
   return p;
 }
 
@@ -220,9 +196,11 @@ struct Elu {
     return x <= T(0) ? g * T(p.a) * exp_(x) : g;
   }
   // y + alpha in double: near y = -alpha it cancels, and alpha need not be
-  // a float32 value.
+  // a float32 value. Where the tail has rounded y to -alpha (or below), the
+  // true alpha e^x is positive but smaller than y can tell: 0, never a
+  // negative slope.
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
-    return y <= T(0) ? T(double(g) * (double(y) + p.a)) : g;
+    return y <= T(0) ? T(double(g) * math::positive_part(double(y) + p.a)) : g;
   }
 };
 
@@ -250,8 +228,10 @@ struct Selu {
     }
     return x <= T(0) ? g * T(kSeluScale * kSeluAlpha) * exp_(x) : g * T(kSeluScale);
   }
+  // As Elu::backward_y, with alpha = scale * alpha.
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
-    return y <= T(0) ? T(double(g) * (double(y) + kSeluScale * kSeluAlpha)) : g * T(kSeluScale);
+    return y <= T(0) ? T(double(g) * math::positive_part(double(y) + kSeluScale * kSeluAlpha))
+                     : g * T(kSeluScale);
   }
 };
 
@@ -1012,23 +992,18 @@ struct Hardswish {
   }
 };
 
+// As PyTorch: the bounds are first rounded to x's type (a = min_val,
+// b = max_val), and the slope is 1 strictly between the rounded bounds. So
+// forward, backward from x and backward from y agree: y is a rounded bound
+// exactly where the slope is 0.
 struct Hardtanh {
   static constexpr bool kBackwardFromY = true;
-  // float x: compared with the float bounds, which is exact (see
-  // ActivationParams); double x with a and b themselves.
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
-    if constexpr (sizeof(T) == sizeof(float)) {
-      return x < p.a_up ? T(p.a) : (x > p.b_down ? T(p.b) : x);
-    } else {
-      return x < p.a ? T(p.a) : (x > p.b ? T(p.b) : x);
-    }
+    const T lo = T(p.a), hi = T(p.b);
+    return x < lo ? lo : (x > hi ? hi : x);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
-    if constexpr (sizeof(T) == sizeof(float)) {
-      return (x <= p.a_down || x >= p.b_up) ? T(0) : g;
-    } else {
-      return (x <= p.a || x >= p.b) ? T(0) : g;
-    }
+    return (x <= T(p.a) || x >= T(p.b)) ? T(0) : g;
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
     return backward_x(g, y, p);

@@ -121,14 +121,37 @@ FUSEDNN_HD T normalize(T x, T mean_hi, T mean_lo, T scale, T shift) {
   return ((x - mean_hi) - mean_lo) * scale + shift;
 }
 
+// Whether x - mean can overflow T for some finite x of type T, which
+// normalize() would turn into an infinity: for float only where |mean| is
+// at least 2^102 (the largest float plus 2^102 is still below the rounding
+// boundary to infinity, 2^128 - 2^103). Such channels are normalized with
+// normalize_wide. double data never overflows this way from float-sized
+// statistics and is left as it is.
+template <class T> FUSEDNN_HD bool shift_may_overflow(double mean) {
+  if (sizeof(T) == sizeof(double)) return false;
+  return (mean < 0.0 ? -mean : mean) >= 0x1p102;
+}
+
+// normalize() in double, where x - mean would overflow: the CPU loops take it
+// for channels where shift_may_overflow, the GPU for elements whose float
+// result came out infinite from a finite x.
+template <class T>
+FUSEDNN_HD T normalize_wide(T x, double mean, double scale, double shift) {
+  return static_cast<T>((static_cast<double>(x) - mean) * scale + shift);
+}
+
 // With m elements per channel, xhat = (x - mean) * invstd,
 //   dx = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))
-//      = a * dy - e - k * (x - mean)
+//      = a * dy - e - k * xhat
 // where a = gamma * invstd, e = a * sum(dy) / m and
-// k = a * invstd^2 * sum(dy * (x - mean)) / m.
+// k = a * invstd * sum(dy * (x - mean)) / m. k multiplies xhat, not
+// x - mean: the coefficient of x - mean, a * invstd^2 * ..., underflows
+// float32 for channels whose spread is above about 1e13, while k and xhat
+// stay near the size of a * dy for every finite input.
 template <class T> struct InputGradCoefficients {
   T mean_hi;
   T mean_lo;
+  T invstd;
   T a;
   T e;
   T k;
@@ -140,14 +163,23 @@ FUSEDNN_HD InputGradCoefficients<T> input_grad_coefficients(double count, double
                                                             double sum_dy_centered) {
   const T hi = static_cast<T>(mean);
   const double a = gamma * invstd;
-  return {hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(a),
-          static_cast<T>(a * sum_dy / count),
-          static_cast<T>(a * invstd * invstd * sum_dy_centered / count)};
+  return {hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(invstd),
+          static_cast<T>(a), static_cast<T>(a * sum_dy / count),
+          static_cast<T>(a * invstd * sum_dy_centered / count)};
 }
 
 template <class T>
-FUSEDNN_HD T input_grad(T dy, T x, T mean_hi, T mean_lo, T a, T e, T k) {
-  return (a * dy - e) - k * ((x - mean_hi) - mean_lo);
+FUSEDNN_HD T input_grad(T dy, T x, T mean_hi, T mean_lo, T invstd, T a, T e, T k) {
+  return (a * dy - e) - k * (((x - mean_hi) - mean_lo) * invstd);
+}
+
+// The input gradient of inference-mode batch norm, whose statistics are
+// constants: dx = gamma * invstd * dy. As normalize() coefficients applied
+// to dy, so that the loops of the forward pass serve; it does not read x,
+// so an infinite x cannot turn it into NaN.
+template <class T>
+FUSEDNN_HD NormalizeCoefficients<T> inference_input_grad_coefficients(double invstd, double gamma) {
+  return {T(0), T(0), static_cast<T>(gamma * invstd), T(0)};
 }
 
 }  // namespace fusednn

@@ -332,6 +332,9 @@ template <class T> FUSEDNN_HD T log1p_unit(T u) {
 // without a division instruction: the remainder a - q b is exact with an
 // FMA, and one correction step makes q the correctly rounded quotient
 // (Markstein's theorem), so the result has the same bits as a / b.
+// max(v, 0) that keeps NaN (std::fmax would drop it).
+FUSEDNN_HD double positive_part(double v) { return v < 0.0 ? 0.0 : v; }
+
 FUSEDNN_HD double divide_by(double a, double b, double inv_b) {
   const double q = a * inv_b;
   const double corrected = fmadd(fmadd(-q, b, a), inv_b, q);
