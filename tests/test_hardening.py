@@ -517,3 +517,32 @@ def test_layer_fed_integers_does_not_suggest_an_integer_layer():
 def test_initializers_reject_shapes_past_int64(initializer):
     with pytest.raises(ValueError, match="more than an array can index"):
         getattr(fn.init, initializer)((2**32, 2**32, 4))
+
+
+# ---- 12. the CLI validates every option before any work ----------------------------
+
+
+@pytest.mark.parametrize("options", [
+    ["--json", "{missing}/out.json"], ["--plot", "{tmp}"], ["--size", "2**40"],
+    ["--size", "2^63"], ["--threads", "99999999999"], ["--threads", "0"], ["--size", "0"]])
+def test_bench_rejects_bad_options_before_running(options, tmp_path, capsys):
+    from fusednn.__main__ import main
+    argv = ["bench", "--quick"] + [o.format(missing=tmp_path / "missing", tmp=tmp_path)
+                                   for o in options]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "Traceback" not in captured.err
+    assert "checking" not in captured.err  # nothing ran
+    assert not (tmp_path / "missing").exists()
+
+
+def test_bench_output_check_leaves_no_file_behind(tmp_path):
+    from fusednn.bench import cli
+    target = tmp_path / "new.json"
+    cli._check_output_path(str(target), "--json")
+    assert not target.exists()
+    target.write_text("kept")
+    cli._check_output_path(str(target), "--json")
+    assert target.read_text() == "kept"

@@ -7,12 +7,13 @@ the table and writes what was asked for.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from .._backend import get_num_threads, info, set_num_threads
+from .._backend import _cpu, get_num_threads, info, set_num_threads
 from . import output, peers
 from .activations import ACTIVATION_KERNELS, activation_cases, describe_activations
 from .batchnorm import (BATCH_NORM_KERNELS, BATCH_NORM_QUICK_SHAPE, BATCH_NORM_SHAPE,
@@ -171,6 +172,46 @@ def _positive(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    value = _positive(text)
+    if value > _cpu.max_num_threads:
+        raise argparse.ArgumentTypeError(f"must be at most {_cpu.max_num_threads}, got {value}")
+    return value
+
+
+# Arrays of --size elements a CPU case holds at once, at most (inputs,
+# outputs, gradients and the peers' outputs): the bound --size is held to.
+ARRAYS_PER_CASE = 8
+
+
+def _check_memory(size: int, dtype: np.dtype) -> None:
+    """A UsageError when --size arrays cannot fit in this machine's memory."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return
+    needed = size * dtype.itemsize * ARRAYS_PER_CASE
+    if needed > physical:
+        raise UsageError(f"--size {size}: the arrays need about {needed / 2**30:.3g} GiB, more "
+                         f"than this machine's {physical / 2**30:.3g} GiB of memory")
+
+
+def _check_output_path(path: str | None, option: str) -> None:
+    """A UsageError when the file cannot be written, found before the run
+    instead of after it: the file is opened for appending (which changes
+    nothing in an existing file) and removed again if it was new."""
+    if path is None:
+        return
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{option}: cannot write {path}: {error.strerror}") from None
+    if not existed:
+        os.remove(path)
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text)
@@ -198,7 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"with --size, {batch}x{channels}xHxW with H = W = "
                              f"round(sqrt(N / {batch * channels})), at least 1")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--threads", type=_positive, metavar="N",
+    parser.add_argument("--threads", type=_threads, metavar="N",
                         help="CPU threads for fusednn and torch (default: fusednn's current "
                              "setting)")
     parser.add_argument("--repeat", type=_positive, metavar="K",
@@ -239,6 +280,10 @@ def validate(args: argparse.Namespace) -> Options:
     wanted = parse_peers(args.peers)
     if args.fail_on_regression is not None and args.compare is None:
         raise UsageError("--fail-on-regression needs --compare OLD.json")
+    _check_output_path(args.json, "--json")
+    _check_output_path(args.plot, "--plot")
+    if args.size is not None and args.device == "cpu":
+        _check_memory(args.size, np.dtype(args.dtype))
     previous = output.load_previous(args.compare) if args.compare else None
     return Options(selection, wanted, previous)
 
