@@ -17,11 +17,11 @@ cd "$(dirname "$0")/.."
 venv="${FUSEDNN_SANITIZE_VENV:-build/sanitize-venv}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet numpy pytest hypothesis scikit-build-core pybind11 \
-    cmake ninja
+"$venv/bin/python" -m pip install --quiet numpy pytest hypothesis
+# The build's own requirements come from pyproject.toml (an isolated build
+# environment); FUSEDNN_CPU_ISAS may trim the instruction sets for speed.
 FUSEDNN_CUDA=OFF FUSEDNN_SANITIZE=address,undefined \
-    "$venv/bin/python" -m pip install --no-build-isolation --no-deps \
-    -Cbuild-dir=build/sanitize .
+    "$venv/bin/python" -m pip install --no-deps -Cbuild-dir=build/sanitize .
 
 runtimes="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 export LD_PRELOAD="$runtimes"
