@@ -1,0 +1,485 @@
+"""fusednn's kernels as PyTorch operators: ``torch.ops.fusednn.*``.
+
+Each kernel is registered with ``torch.library.custom_op`` under the
+namespace ``fusednn``, with a fake (meta) implementation that propagates
+shape, dtype, strides and device, so that ``torch.compile(fullgraph=True)``
+and ``torch.export`` trace through it, and an autograd formula whose
+backward is fusednn's own backward kernel, itself an operator here. The
+implementations call fusednn's public functions on the tensors (CPU tensors
+are viewed as numpy arrays, CUDA tensors as CuPy arrays, without copies),
+writing into outputs allocated here by torch, so that results keep the
+input's memory format (channels_last stays channels_last) and CUDA memory
+comes from torch's caching allocator.
+
+Dropout takes its random stream as ``rng``, a CPU int64 tensor
+``[seed, offset]`` (read modulo 2**64), rather than Python integers: a
+compiled graph can then draw it with ``torch.randint`` without a host
+synchronisation or a recompilation per step. The mask is the one
+``fusednn.dropout`` draws for that (seed, offset); backward regenerates it
+from ``rng`` (``dropout``, ``bias_act_dropout``) or reads the bit-packed
+mask saved by the forward (``dropout_with_mask``), never a byte mask.
+
+``fusednn::batch_norm`` declares that it mutates ``running_mean`` and
+``running_var``, which its fused kernel updates in place; torch.library
+attaches autograd formulas to functional operators only, so its autograd
+is an ``autograd.Function`` around it (``batch_norm`` here), which
+``torch.compile`` traces as well. Double backward is registered where the backward is linear in the saved
+tensors' roles and needs no new kernel: dropout (both forms) and the
+piecewise-linear activations relu, leaky_relu and hardtanh.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import fusednn as fn
+
+__all__ = [
+    "ACTIVATION_PARAMETERS", "activation", "activation_backward", "batch_norm",
+    "batch_norm_backward", "bias_act_dropout", "bias_act_dropout_backward", "draw_rng", "dropout",
+    "dropout_backward", "dropout_backward_with_mask", "dropout_with_mask",
+]
+
+_UINT64 = 1 << 64
+
+# Each activation's keyword parameters with PyTorch's defaults, in the
+# order of torch.nn.functional's signatures; the schemas are built from it.
+ACTIVATION_PARAMETERS: dict[str, tuple[tuple[str, str, object], ...]] = {
+    "sigmoid": (),
+    "tanh": (),
+    "relu": (),
+    "leaky_relu": (("negative_slope", "float", 0.01),),
+    "elu": (("alpha", "float", 1.0),),
+    "selu": (),
+    "gelu": (("approximate", "str", "none"),),
+    "silu": (),
+    "softplus": (("beta", "float", 1.0), ("threshold", "float", 20.0)),
+    "mish": (),
+    "hardsigmoid": (),
+    "hardswish": (),
+    "hardtanh": (("min_val", "float", -1.0), ("max_val", "float", 1.0)),
+}
+
+# Activations whose derivative fusednn forms from the forward output y
+# (with the parameter condition that makes y enough). Saving y instead of
+# x lets the forward input be freed when only the next layer needs y.
+_FROM_OUTPUT = {
+    "sigmoid": None, "tanh": None, "relu": None, "selu": None, "hardtanh": None,
+    "leaky_relu": "negative_slope", "elu": "alpha",
+}
+
+# The piecewise-linear activations: their backward is linear in
+# grad_output and constant in the saved tensor (almost everywhere), so its
+# own gradient is the backward again.
+_PIECEWISE_LINEAR = ("relu", "leaky_relu", "hardtanh")
+
+
+def _schema_default(value) -> str:
+    return f"'{value}'" if isinstance(value, str) else repr(value)
+
+
+def _parameter_schema(name: str) -> str:
+    return "".join(f", {kind} {key}={_schema_default(default)}"
+                   for key, kind, default in ACTIVATION_PARAMETERS[name])
+
+
+def _keywords(name: str, values) -> dict:
+    return {key: value for (key, _, _), value in zip(ACTIVATION_PARAMETERS[name], values)}
+
+
+def _saves_output(name: str, params: dict) -> bool:
+    if name not in _FROM_OUTPUT:
+        return False
+    condition = _FROM_OUTPUT[name]
+    return condition is None or params[condition] >= 0
+
+
+# ---- activations ------------------------------------------------------------------
+
+
+def _make_activation(name: str):
+    """Registers fusednn::<name> and fusednn::<name>_backward with their
+    fake implementations and autograd."""
+
+    def forward(x, *values):
+        out = torch.empty_like(x)
+        fn.activation(name, x, out=out, **_keywords(name, values))
+        return out
+
+    def backward_kernel(grad_output, saved, saved_is_output, *values):
+        out = torch.empty_like(grad_output)
+        which = "y" if saved_is_output else "x"
+        fn.activation_backward(name, grad_output, out=out, **{which: saved},
+                               **_keywords(name, values))
+        return out
+
+    params = _parameter_schema(name)
+    forward_op = torch.library.custom_op(
+        f"fusednn::{name}", forward, mutates_args=(),
+        schema=f"(Tensor x{params}) -> Tensor")
+    backward_op = torch.library.custom_op(
+        f"fusednn::{name}_backward", backward_kernel, mutates_args=(),
+        schema=f"(Tensor grad_output, Tensor saved, bool saved_is_output{params}) -> Tensor")
+
+    @forward_op.register_fake
+    def _(x, *values):
+        return torch.empty_like(x)
+
+    @backward_op.register_fake
+    def _(grad_output, saved, saved_is_output, *values):
+        return torch.empty_like(grad_output)
+
+    def setup_context(ctx, inputs, output):
+        x, *values = inputs
+        ctx.values = values
+        ctx.saved_is_output = _saves_output(name, _keywords(name, values))
+        ctx.save_for_backward(output if ctx.saved_is_output else x)
+
+    def backward(ctx, grad_output):
+        (saved,) = ctx.saved_tensors
+        grad = backward_op(grad_output, saved, ctx.saved_is_output, *ctx.values)
+        return (grad,) + (None,) * len(ctx.values)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+    if name in _PIECEWISE_LINEAR:
+        def setup_backward_context(ctx, inputs, output):
+            _, saved, saved_is_output, *values = inputs
+            ctx.values = (saved_is_output, *values)
+            ctx.save_for_backward(saved)
+
+        def double_backward(ctx, grad_grad):
+            (saved,) = ctx.saved_tensors
+            return (backward_op(grad_grad, saved, *ctx.values), None) + \
+                (None,) * len(ctx.values)
+
+        backward_op.register_autograd(double_backward, setup_context=setup_backward_context)
+    return forward_op, backward_op
+
+
+_ACTIVATION_OPS = {name: _make_activation(name) for name in ACTIVATION_PARAMETERS}
+
+
+def activation(name: str, x: Tensor, **params) -> Tensor:
+    """``torch.ops.fusednn.<name>(x, **params)``: the differentiable
+    activation ``name`` (one of ``fusednn.ACTIVATIONS``) with PyTorch's
+    parameter names and defaults."""
+    if name not in _ACTIVATION_OPS:
+        raise ValueError(f"fusednn.torch: unknown activation {name!r}; "
+                         f"choose one of {', '.join(ACTIVATION_PARAMETERS)}")
+    return _ACTIVATION_OPS[name][0](x, **params)
+
+
+def activation_backward(name: str, grad_output: Tensor, x: Tensor, **params) -> Tensor:
+    """The gradient of ``activation(name, x, **params)`` for
+    ``grad_output``, from the forward input x."""
+    return _ACTIVATION_OPS[name][1](grad_output, x, False, **params)
+
+
+# ---- batch normalization ----------------------------------------------------------
+
+
+def _statistics_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype == torch.float16 else x.dtype
+
+
+@torch.library.custom_op("fusednn::batch_norm", mutates_args=("running_mean", "running_var"))
+def _batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+               momentum: float, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``fusednn.batch_norm`` over channel axis ``axis``: returns (y,
+    save_mean, save_invstd); training updates the running statistics in
+    place (when given), inference normalizes with them."""
+    out = torch.empty_like(x)
+    result = fn.batch_norm(x, weight, bias, running_mean, running_var, training=training,
+                           momentum=momentum, eps=eps, axis=axis, out=out)
+    return out, result.save_mean, result.save_invstd
+
+
+@_batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, training, momentum, eps, axis):
+    channels = x.shape[axis]
+    dtype = _statistics_dtype(x)
+    return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
+            x.new_empty(channels, dtype=dtype))
+
+
+@torch.library.custom_op("fusednn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
+                        save_mean: Tensor, save_invstd: Tensor, training: bool,
+                        axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``fusednn.batch_norm_backward``: (grad_input, grad_weight,
+    grad_bias); training=False is the backward of the inference forward."""
+    out = torch.empty_like(x)
+    _, grad_weight, grad_bias = fn.batch_norm_backward(
+        grad_output, x, weight, save_mean, save_invstd, axis=axis, training=training, out=out)
+    return out, grad_weight, grad_bias
+
+
+@batch_norm_backward.register_fake
+def _(grad_output, x, weight, save_mean, save_invstd, training, axis):
+    channels = x.shape[axis]
+    dtype = _statistics_dtype(x)
+    return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
+            x.new_empty(channels, dtype=dtype))
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Autograd for fusednn::batch_norm. torch.library registers autograd
+    formulas only for functional operators, and this one updates the
+    running statistics in place inside the fused kernel; an
+    autograd.Function keeps that single pass, and torch.compile traces it
+    (functionalizing the declared mutation)."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis):
+        return _batch_norm_op(x, weight, bias, running_mean, running_var, training, momentum,
+                              eps, axis)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _, _, training, _, _, axis = inputs
+        _, save_mean, save_invstd = output
+        ctx.mark_non_differentiable(save_mean, save_invstd)
+        ctx.training, ctx.axis, ctx.has_bias = training, axis, bias is not None
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_invstd):
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = batch_norm_backward(
+            grad_y.contiguous(memory_format=_memory_format(x)), x, weight, save_mean,
+            save_invstd, ctx.training, ctx.axis)
+        if weight is not None and grad_weight.dtype != weight.dtype:
+            # float16 x with float32 weights (CUDA)
+            grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+        if weight is None:
+            grad_weight = None
+        if not ctx.has_bias:
+            grad_bias = None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def batch_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+               training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+               axis: int = 1) -> Tensor:
+    """Differentiable batch norm (x, weight and bias) on
+    ``torch.ops.fusednn.batch_norm``; returns y. Training updates the
+    running statistics in place when given; training=False normalizes with
+    them, and its backward treats them as constants."""
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training, momentum,
+                            eps, axis)[0]
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format a gradient should share with x so that the kernel
+    reads both with the same strides."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+            and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+# ---- dropout ------------------------------------------------------------------------
+
+
+def _stream(rng: Tensor) -> tuple[int, int]:
+    """(seed, offset) as fusednn takes them, from the int64 pair."""
+    seed, offset = rng.tolist()
+    return seed % _UINT64, offset % _UINT64
+
+
+def draw_rng(generator: Optional[torch.Generator] = None) -> Tensor:
+    """A fresh ``[seed, offset]`` pair drawn from ``generator`` (the default
+    CPU generator when None), so that ``torch.manual_seed`` reproduces the
+    masks. Under ``torch.compile`` the draw is part of the graph."""
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64,
+                         generator=generator)
+
+
+def _mask_bytes(x: Tensor) -> int:
+    return (x.numel() + 7) // 8
+
+
+@torch.library.custom_op("fusednn::dropout", mutates_args=())
+def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
+    """Inverted dropout ``x * mask / (1 - p)`` with the mask of ``rng =
+    [seed, offset]``; backward regenerates the mask."""
+    seed, offset = _stream(rng)
+    out = torch.empty_like(x)
+    fn.dropout(x, p, seed=seed, offset=offset, out=out)
+    return out
+
+
+@dropout.register_fake
+def _(x, p, rng):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fusednn::dropout_backward", mutates_args=())
+def dropout_backward(grad_output: Tensor, p: float, rng: Tensor) -> Tensor:
+    """``grad_output * mask / (1 - p)``, the mask regenerated from rng."""
+    seed, offset = _stream(rng)
+    out = torch.empty_like(grad_output)
+    fn.dropout_backward(grad_output, p, seed=seed, offset=offset, out=out)
+    return out
+
+
+@dropout_backward.register_fake
+def _(grad_output, p, rng):
+    return torch.empty_like(grad_output)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _, ctx.p, rng = inputs
+    ctx.save_for_backward(rng)
+
+
+def _dropout_backward(ctx, grad_output):
+    (rng,) = ctx.saved_tensors
+    return dropout_backward(grad_output, ctx.p, rng), None, None
+
+
+def _dropout_backward_backward(ctx, grad_grad):
+    (rng,) = ctx.saved_tensors
+    return dropout_backward(grad_grad, ctx.p, rng), None, None
+
+
+dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
+dropout_backward.register_autograd(_dropout_backward_backward,
+                                   setup_context=_dropout_setup_context)
+
+
+@torch.library.custom_op("fusednn::dropout_with_mask", mutates_args=())
+def dropout_with_mask(x: Tensor, p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
+    """``dropout`` that also returns the bit-packed uint8 mask
+    (``(x.numel() + 7) // 8`` bytes), which backward reads instead of
+    regenerating it."""
+    seed, offset = _stream(rng)
+    out = torch.empty_like(x)
+    _, mask = fn.dropout(x, p, seed=seed, offset=offset, return_mask=True, out=out)
+    return out, mask
+
+
+@dropout_with_mask.register_fake
+def _(x, p, rng):
+    return torch.empty_like(x), x.new_empty(_mask_bytes(x), dtype=torch.uint8)
+
+
+@torch.library.custom_op("fusednn::dropout_backward_with_mask", mutates_args=())
+def dropout_backward_with_mask(grad_output: Tensor, mask: Tensor, p: float) -> Tensor:
+    """``grad_output * mask / (1 - p)`` with the bit-packed mask."""
+    out = torch.empty_like(grad_output)
+    fn.dropout_backward(grad_output, p, mask=mask, out=out)
+    return out
+
+
+@dropout_backward_with_mask.register_fake
+def _(grad_output, mask, p):
+    return torch.empty_like(grad_output)
+
+
+def _masked_setup_context(ctx, inputs, output):
+    _, ctx.p, _ = inputs
+    mask = output[1]
+    ctx.mark_non_differentiable(mask)
+    ctx.save_for_backward(mask)
+
+
+def _masked_backward(ctx, grad_output, grad_mask):
+    (mask,) = ctx.saved_tensors
+    return dropout_backward_with_mask(grad_output, mask, ctx.p), None, None
+
+
+def _masked_backward_setup_context(ctx, inputs, output):
+    _, mask, ctx.p = inputs
+    ctx.save_for_backward(mask)
+
+
+def _masked_backward_backward(ctx, grad_grad):
+    (mask,) = ctx.saved_tensors
+    return dropout_backward_with_mask(grad_grad, mask, ctx.p), None, None
+
+
+dropout_with_mask.register_autograd(_masked_backward, setup_context=_masked_setup_context)
+dropout_backward_with_mask.register_autograd(_masked_backward_backward,
+                                             setup_context=_masked_backward_setup_context)
+
+
+# ---- bias + activation + dropout ------------------------------------------------------
+
+
+def _act_params(act: str, negative_slope, alpha, approximate, beta, threshold, min_val,
+                max_val) -> dict:
+    given = {"negative_slope": negative_slope, "alpha": alpha, "approximate": approximate,
+             "beta": beta, "threshold": threshold, "min_val": min_val, "max_val": max_val}
+    if act not in ACTIVATION_PARAMETERS:
+        raise ValueError(f"fusednn.torch: unknown activation {act!r}; "
+                         f"choose one of {', '.join(ACTIVATION_PARAMETERS)}")
+    return {key: given[key] for key, _, _ in ACTIVATION_PARAMETERS[act]}
+
+
+@torch.library.custom_op("fusednn::bias_act_dropout", mutates_args=())
+def bias_act_dropout(h: Tensor, bias: Tensor, act: str, p: float, rng: Tensor, axis: int = -1,
+                     negative_slope: float = 0.01, alpha: float = 1.0, approximate: str = "none",
+                     beta: float = 1.0, threshold: float = 20.0, min_val: float = -1.0,
+                     max_val: float = 1.0) -> Tensor:
+    """The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
+    along ``axis``; only the parameters of ``act`` are read."""
+    seed, offset = _stream(rng)
+    params = _act_params(act, negative_slope, alpha, approximate, beta, threshold, min_val,
+                         max_val)
+    out = torch.empty_like(h)
+    fn.bias_act_dropout(h, bias, act, p, seed=seed, offset=offset, axis=axis, out=out, **params)
+    return out
+
+
+@bias_act_dropout.register_fake
+def _(h, bias, act, p, rng, axis=-1, *params):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("fusednn::bias_act_dropout_backward", mutates_args=())
+def bias_act_dropout_backward(grad_output: Tensor, h: Tensor, bias: Tensor, act: str, p: float,
+                              rng: Tensor, axis: int = -1, negative_slope: float = 0.01,
+                              alpha: float = 1.0, approximate: str = "none", beta: float = 1.0,
+                              threshold: float = 20.0, min_val: float = -1.0,
+                              max_val: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(grad_h, grad_bias) of ``bias_act_dropout``, the mask regenerated
+    from rng."""
+    seed, offset = _stream(rng)
+    params = _act_params(act, negative_slope, alpha, approximate, beta, threshold, min_val,
+                         max_val)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # C-contiguous: see below
+    # The kernel reduces grad_bias from grad_h as written, which it needs
+    # C-contiguous.
+    _, grad_bias = fn.bias_act_dropout_backward(grad_output, h, bias, act, p, seed=seed,
+                                                offset=offset, axis=axis, out=grad_h, **params)
+    return grad_h, grad_bias
+
+
+@bias_act_dropout_backward.register_fake
+def _(grad_output, h, bias, act, p, rng, axis=-1, *params):
+    return h.new_empty(h.shape), bias.new_empty(bias.shape)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    h, bias, *rest = inputs
+    ctx.rest = rest
+    ctx.save_for_backward(h, bias)
+
+
+def _fused_backward(ctx, grad_output):
+    h, bias = ctx.saved_tensors
+    act, p, rng, *params = ctx.rest
+    grad_h, grad_bias = bias_act_dropout_backward(grad_output, h, bias, act, p, rng, *params)
+    return (grad_h, grad_bias) + (None,) * len(ctx.rest)
+
+
+bias_act_dropout.register_autograd(_fused_backward, setup_context=_fused_setup_context)
