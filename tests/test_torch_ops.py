@@ -1,0 +1,294 @@
+"""The ``torch.ops.fusednn`` operators: ``torch.library.opcheck`` (schema,
+fake implementation, autograd registration, AOT dispatch) for every
+operator, gradcheck in float64 for every differentiable one and
+gradgradcheck where double backward is registered, the same bits as
+fusednn's functions, dropout's mask as DESIGN section 5 draws it for the
+``[seed, offset]`` pair, and tracing under ``torch.compile(fullgraph=True)``
+and ``torch.export``. Skips when PyTorch is not installed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fusednn as fn  # noqa: E402
+from fusednn.torch import ops  # noqa: E402
+
+F64 = torch.float64
+GEN = torch.Generator().manual_seed(5)
+
+# Each activation with parameters other than its defaults, where it has any.
+ACTIVATION_CASES = [
+    ("sigmoid", {}), ("tanh", {}), ("relu", {}), ("leaky_relu", {"negative_slope": 0.2}),
+    ("leaky_relu", {"negative_slope": -0.3}), ("elu", {"alpha": 0.7}), ("selu", {}),
+    ("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"}), ("silu", {}),
+    ("softplus", {"beta": 2.0, "threshold": 3.0}), ("mish", {}), ("hardsigmoid", {}),
+    ("hardswish", {}), ("hardtanh", {"min_val": -0.5, "max_val": 2.0}),
+]
+CASE_IDS = [f"{name}-{'-'.join(map(str, params.values()))}" for name, params in ACTIVATION_CASES]
+
+
+def normals(*shape, dtype=F64, requires_grad=False, scale=1.0):
+    t = torch.randn(*shape, generator=GEN, dtype=dtype) * scale
+    return t.requires_grad_(requires_grad)
+
+
+def rng_pair(seed=123456789, offset=42):
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+def test_every_kernel_is_an_operator():
+    names = {name for name in dir(torch.ops.fusednn) if not name.startswith("_")}
+    expected = set(fn.ACTIVATIONS) | {f"{a}_backward" for a in fn.ACTIVATIONS} | {
+        "batch_norm", "batch_norm_backward", "dropout", "dropout_backward", "dropout_with_mask",
+        "dropout_backward_with_mask", "bias_act_dropout", "bias_act_dropout_backward"}
+    assert expected <= names
+
+
+# ---- activations ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, params", ACTIVATION_CASES, ids=CASE_IDS)
+def test_activation_opcheck(name, params):
+    op = getattr(torch.ops.fusednn, name)
+    x = normals(5, 7, scale=3.0, requires_grad=True)
+    torch.library.opcheck(op.default, (x,), params)
+    backward = getattr(torch.ops.fusednn, f"{name}_backward")
+    torch.library.opcheck(backward.default, (normals(5, 7), x.detach(), False), params)
+
+
+@pytest.mark.parametrize("name, params", ACTIVATION_CASES, ids=CASE_IDS)
+def test_activation_gradcheck(name, params):
+    x = normals(4, 6, scale=2.0, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.activation(name, t, **params), (x,))
+
+
+@pytest.mark.parametrize("name, params", [c for c in ACTIVATION_CASES
+                                          if c[0] in ("relu", "leaky_relu", "hardtanh")])
+def test_piecewise_linear_activation_gradgradcheck(name, params):
+    x = normals(4, 6, scale=2.0, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: ops.activation(name, t, **params), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name, params", ACTIVATION_CASES, ids=CASE_IDS)
+def test_activation_same_bits_as_fusednn(name, params, dtype):
+    x = normals(33, 9, dtype=dtype, scale=3.0, requires_grad=True)
+    y = ops.activation(name, x, **params)
+    assert torch.equal(y, fn.activation(name, x.detach(), **params))
+    g = normals(33, 9, dtype=dtype)
+    (gx,) = torch.autograd.grad(y, x, g)
+    # Autograd forms the derivative from y where fusednn can, as
+    # activation_backward does when given both.
+    assert torch.equal(gx, fn.activation_backward(name, g, x=x.detach(), y=y.detach(),
+                                                  **params))
+    assert torch.equal(ops.activation_backward(name, g, x.detach(), **params),
+                       fn.activation_backward(name, g, x=x.detach(), **params))
+
+
+def test_relu_saves_its_output_and_gelu_its_input():
+    # Backward from y lets the forward input be freed when only y lives on.
+    x = normals(6, 4, requires_grad=True)
+    y = ops.activation("relu", x)
+    (saved,) = y.grad_fn.saved_tensors
+    assert saved.data_ptr() == y.data_ptr()
+    y = ops.activation("gelu", x)
+    (saved,) = y.grad_fn.saved_tensors
+    assert saved.data_ptr() == x.data_ptr()
+
+
+def test_unknown_activation_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        ops.activation("swish", normals(3))
+
+
+# ---- batch normalization ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_opcheck(training, affine):
+    x = normals(6, 3, 5)
+    weight, bias = (normals(3), normals(3)) if affine else (None, None)
+    mean, var = normals(3), normals(3).abs() + 0.5
+    torch.library.opcheck(torch.ops.fusednn.batch_norm.default,
+                          (x, weight, bias, mean, var, training, 0.1, 1e-5, 1))
+    result = torch.ops.fusednn.batch_norm(x, weight, bias, mean.clone(), var.clone(), training,
+                                          0.1, 1e-5, 1)
+    torch.library.opcheck(torch.ops.fusednn.batch_norm_backward.default,
+                          (normals(6, 3, 5), x, weight, result[1], result[2], training, 1))
+
+
+def test_batch_norm_updates_running_statistics_as_fusednn():
+    x = normals(16, 4, 3, dtype=torch.float32)
+    mean, var = torch.zeros(4), torch.ones(4)
+    expected_mean, expected_var = mean.clone(), var.clone()
+    y, save_mean, save_invstd = torch.ops.fusednn.batch_norm(x, None, None, mean, var, True,
+                                                             0.3, 1e-5, 1)
+    reference = fn.batch_norm(x, None, None, expected_mean, expected_var, momentum=0.3)
+    assert torch.equal(y, reference.y) and torch.equal(save_invstd, reference.save_invstd)
+    assert torch.equal(mean, expected_mean) and torch.equal(var, expected_var)
+    assert not torch.equal(mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape, axis", [((7, 3), 1), ((5, 3, 4), 1), ((3, 4, 2, 3), -1)])
+def test_batch_norm_gradcheck(shape, axis, training):
+    channels = shape[axis]
+    x = normals(*shape, requires_grad=True)
+    weight, bias = normals(channels, requires_grad=True), normals(channels, requires_grad=True)
+    mean, var = normals(channels), normals(channels).abs() + 0.5
+
+    def f(x, weight, bias):
+        # Fresh statistics per call: gradcheck calls f many times.
+        return ops.batch_norm(x, weight, bias, mean.clone(), var.clone(), training, 0.1, 1e-5,
+                              axis)
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+
+
+def test_batch_norm_without_weight_gradcheck():
+    x = normals(6, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.batch_norm(t), (x,))
+    y = ops.batch_norm(x, normals(3, requires_grad=True), None)
+    y.sum().backward()  # no grad for the missing bias, and no error
+
+
+@pytest.mark.parametrize("dims, memory_format", [(4, torch.channels_last),
+                                                 (5, torch.channels_last_3d)])
+def test_batch_norm_keeps_channels_last(dims, memory_format):
+    shape = (4, 3, 5, 6, 2)[:dims]
+    x = normals(*shape).contiguous(memory_format=memory_format).requires_grad_()
+    y = ops.batch_norm(x, normals(3), normals(3))
+    assert y.is_contiguous(memory_format=memory_format)
+    (gx,) = torch.autograd.grad(y, x, normals(*shape))
+    expected = ops.batch_norm(x.detach().contiguous())
+    torch.testing.assert_close(ops.batch_norm(x.detach()), expected, rtol=0, atol=1e-12)
+    assert gx.shape == x.shape
+
+
+# ---- dropout -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed, offset", [(123456789, 42), (-5, -(1 << 63))])
+def test_dropout_mask_is_the_counter_based_one(seed, offset):
+    x = torch.ones(7, 13, dtype=F64)
+    y = ops.dropout(x, 0.25, rng_pair(seed, offset))
+    mask = fn.dropout_mask(x.shape, 0.25, seed=seed % (1 << 64), offset=offset % (1 << 64))
+    bits = np.unpackbits(mask, bitorder="little")[:x.numel()].reshape(x.shape)
+    np.testing.assert_array_equal(y.numpy(), bits / 0.75)
+    y2, packed = ops.dropout_with_mask(x, 0.25, rng_pair(seed, offset))
+    assert torch.equal(y, y2)
+    np.testing.assert_array_equal(packed.numpy(), mask)
+
+
+def test_dropout_opcheck_gradcheck_and_gradgradcheck():
+    x = normals(9, 5, requires_grad=True)
+    for op in (torch.ops.fusednn.dropout, torch.ops.fusednn.dropout_with_mask):
+        torch.library.opcheck(op.default, (x, 0.3, rng_pair()))
+    torch.library.opcheck(torch.ops.fusednn.dropout_backward.default,
+                          (normals(9, 5, requires_grad=True), 0.3, rng_pair()))
+    _, mask = ops.dropout_with_mask(x, 0.3, rng_pair())
+    torch.library.opcheck(torch.ops.fusednn.dropout_backward_with_mask.default,
+                          (normals(9, 5, requires_grad=True), mask, 0.3))
+    for f in (lambda t: ops.dropout(t, 0.3, rng_pair()),
+              lambda t: ops.dropout_with_mask(t, 0.3, rng_pair())[0]):
+        assert torch.autograd.gradcheck(f, (x,))
+        assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_dropout_backward_regenerates_the_forward_mask():
+    x = normals(40, 30, requires_grad=True)
+    y = ops.dropout(x, 0.4, rng_pair(7, 8))
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(gx != 0, y != 0)
+    y2, _ = ops.dropout_with_mask(x, 0.4, rng_pair(7, 8))
+    (gx2,) = torch.autograd.grad(y2, x, torch.ones_like(y))
+    assert torch.equal(gx, gx2)
+
+
+def test_draw_rng_follows_manual_seed():
+    torch.manual_seed(3)
+    first = ops.draw_rng()
+    torch.manual_seed(3)
+    assert torch.equal(ops.draw_rng(), first)
+    assert not torch.equal(ops.draw_rng(), first)
+    assert torch.equal(ops.draw_rng(torch.Generator().manual_seed(9)),
+                       ops.draw_rng(torch.Generator().manual_seed(9)))
+
+
+# ---- bias + activation + dropout ------------------------------------------------------
+
+
+@pytest.mark.parametrize("act, params, axis", [
+    ("relu", {}, -1), ("gelu", {"approximate": "tanh"}, 1), ("elu", {"alpha": 0.5}, -1),
+    ("softplus", {"beta": 2.0}, 1)])
+def test_bias_act_dropout_opcheck_and_gradcheck(act, params, axis):
+    h = normals(6, 5, 3, requires_grad=True)
+    bias = normals(h.shape[axis], requires_grad=True)
+    args = (h, bias, act, 0.2, rng_pair(), axis)
+    torch.library.opcheck(torch.ops.fusednn.bias_act_dropout.default, args, params)
+    torch.library.opcheck(torch.ops.fusednn.bias_act_dropout_backward.default,
+                          (normals(6, 5, 3), h.detach(), bias.detach()) + args[2:], params)
+    assert torch.autograd.gradcheck(
+        lambda h, b: ops.bias_act_dropout(h, b, act, 0.2, rng_pair(), axis, **params), (h, bias))
+
+
+def test_bias_act_dropout_is_the_three_ops():
+    h, bias = normals(20, 8, dtype=torch.float32), normals(8, dtype=torch.float32)
+    fused = ops.bias_act_dropout(h, bias, "gelu", 0.3, rng_pair(1, 2), approximate="tanh")
+    separate = ops.dropout(torch.nn.functional.gelu(h + bias, approximate="tanh"), 0.3,
+                           rng_pair(1, 2))
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
+
+
+# ---- tracing ------------------------------------------------------------------------
+
+
+def every_op(x, weight, bias, mean, var, rng):
+    y = ops.batch_norm(x, weight, bias, mean, var, True, 0.1, 1e-5, 1)
+    y = ops.activation("gelu", y, approximate="tanh") + ops.activation("leaky_relu", y)
+    y = ops.dropout(y, 0.2, rng) + ops.dropout_with_mask(y, 0.1, rng)[0]
+    return ops.bias_act_dropout(y, bias, "silu", 0.3, rng, 1)
+
+
+def every_op_inputs(requires_grad):
+    return (normals(8, 4, 3, requires_grad=requires_grad),
+            normals(4, requires_grad=requires_grad), normals(4, requires_grad=requires_grad),
+            torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64), rng_pair())
+
+
+# Dynamo instantiates torch.autograd.Function when it traces one (batch
+# norm's autograd), which torch itself deprecates with a warning.
+TORCH_AUTOGRAD_FUNCTION_WARNING = "ignore:.*should not be instantiated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
+def test_compile_fullgraph_traces_every_op_forward_and_backward():
+    torch._dynamo.reset()
+    eager_inputs, compiled_inputs = every_op_inputs(True), every_op_inputs(True)
+    for a, b in zip(eager_inputs, compiled_inputs):
+        b.data.copy_(a.data)
+    compiled = torch.compile(every_op, fullgraph=True, backend="aot_eager")
+    expected, got = every_op(*eager_inputs), compiled(*compiled_inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    g = normals(*expected.shape)
+    for a, b in zip(torch.autograd.grad(expected, eager_inputs[:3], g),
+                    torch.autograd.grad(got, compiled_inputs[:3], g)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    # The running statistics were updated in place by the compiled graph too.
+    torch.testing.assert_close(compiled_inputs[3], eager_inputs[3], rtol=0, atol=0)
+
+
+def test_export_keeps_the_operators():
+    class Block(torch.nn.Module):
+        def forward(self, x, rng):
+            return every_op(x, torch.ones(4, dtype=F64), torch.zeros(4, dtype=F64),
+                            torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64), rng)
+
+    exported = torch.export.export(Block(), every_op_inputs(False)[:1] + (rng_pair(),))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"fusednn.batch_norm.default", "fusednn.gelu.default", "fusednn.dropout.default",
+            "fusednn.bias_act_dropout.default"} <= targets
