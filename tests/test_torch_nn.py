@@ -9,7 +9,8 @@ when PyTorch is not installed.
 """
 from __future__ import annotations
 
-import copy
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -374,3 +375,16 @@ def test_compiled_patched_model_has_no_graph_break():
     assert int(model[1].num_batches_tracked) == 1
     model.eval()
     close(compiled(x), model(x), F32)
+
+
+def test_readme_example_runs():
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not next to the tests")
+    block = re.search(r"### PyTorch\n.*?```python\n(.*?)```", readme.read_text(), re.S)
+    assert block is not None, "README.md has no PyTorch example"
+    namespace: dict = {}
+    exec(compile(block.group(1), str(readme), "exec"), namespace)
+    assert namespace["result"].replaced == {"BatchNorm1d": 1, "GELU": 1, "Dropout": 1}
+    assert type(namespace["model"][1]) is torch.nn.BatchNorm1d  # unpatched at the end
+    assert torch.isfinite(namespace["loss"])
