@@ -215,7 +215,10 @@ class KeepCursor {
   }
 
  private:
-  void load(int64_t at) {
+  // load and spread run once per chunk, out of line: inlined, the Philox
+  // draw in them was copied to every loop that reaches a chunk boundary,
+  // several per kernel instantiation.
+  __attribute__((noinline)) void load(int64_t at) {
     chunk_begin_ = begin_ + (at - begin_) / kChunk * kChunk;
     chunk_end_ = std::min(chunk_begin_ + kChunk, end_);
     const int64_t count = chunk_end_ - chunk_begin_;
@@ -292,7 +295,7 @@ class KeepCursor {
   }
 
   // Spreads the chunk's bits into keep_, one 0 or 1 per element.
-  void spread() {
+  __attribute__((noinline)) void spread() {
     spread_ = true;
     const uint8_t* mask_bytes = reinterpret_cast<const uint8_t*>(words_);
     const int64_t bytes = (chunk_end_ - chunk_begin_ + 7) / 8;
@@ -453,6 +456,67 @@ template <class T> struct DropoutBody {
   }
 };
 
+// The fused loops' arithmetic over one contiguous piece: out[k] = act(h[k]
+// + b[k]) * (keep[k] ? scale : 0), and out[k] = dy[k] act'(h[k] + b[k])
+// with dy[k] = g[k] * (keep[k] ? scale : 0). Kept out of line because the
+// loop drivers reach a piece from several places (produce's staged and
+// direct branches, the walks of run_slices and of the grad_bias row
+// groups): inlined at each, every activation's vectorized loops were copied
+// into each of them, which made this file 13 of the CPU module's 16 MB of
+// code and most of its compile time. One call per piece of up to a stage
+// costs nothing measurable.
+template <class Op, class T>
+__attribute__((noinline)) void bias_act_forward_piece(T* out, int64_t m, const T* hs, const T* bs,
+                                                      const uint8_t* keep, const T s,
+                                                      const ActivationParams q) {
+  const auto kept = [=](int64_t k, T y) FUSEDNN_INLINE_LAMBDA { return y * (keep[k] ? s : T(0)); };
+  const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
+  activation_run<Op>(out, m, q, z, kept);
+}
+
+template <class Op, class T>
+__attribute__((noinline)) void bias_act_backward_piece(T* out, int64_t m, const T* gs,
+                                                       const T* hs, const T* bs,
+                                                       const uint8_t* keep, const T s,
+                                                       const ActivationParams q) {
+  const auto dy = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return gs[k] * (keep[k] ? s : T(0)); };
+  const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
+  activation_backward_run<Op>(out, m, q, z, dy);
+}
+
+// The bias along one contiguous run of a fused loop: the bias array where
+// it varies along the run, or, where it is broadcast (one channel's value
+// over a run of the inner axes), an L1 buffer filled with that value. The
+// pieces above then need one instantiation for both layouts, with the same
+// sums h + b; filling the buffer costs one store per line of the run.
+template <class T> class BiasRun {
+ public:
+  static constexpr int64_t kMax = kWideStageBytes / int64_t(sizeof(T));
+
+  BiasRun(const T* bias, bool broadcast, int64_t len) : bias_(bias), broadcast_(broadcast) {
+    if (broadcast) std::fill_n(value_, std::min(len, kMax), *bias);
+  }
+
+  // Calls fn(bs, k, n) for consecutive [k, k + n) covering [0, m), where
+  // bs[j] is the bias of the run's element start + k + j.
+  template <class Fn> void pieces(int64_t start, int64_t m, Fn&& fn) const {
+    if (!broadcast_) {
+      fn(bias_ + start, int64_t(0), m);
+      return;
+    }
+    for (int64_t k = 0; k < m; k += kMax)
+      fn(static_cast<const T*>(value_), k, std::min(kMax, m - k));
+  }
+
+ private:
+  const T* bias_;
+  bool broadcast_;
+  alignas(64) T value_[kMax];
+};
+
+// The fused bodies run once per innermost run and are reached from more
+// than one walk (run_slices, the grad_bias row groups), so they too stay
+// out of line.
 template <class Op, class T> struct BiasActForwardBody {
   KeepCursor cursor;
   int64_t pos;
@@ -460,32 +524,21 @@ template <class Op, class T> struct BiasActForwardBody {
   bool stream;
   ActivationParams params;
 
-  void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+  __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
+                                            const int64_t* inner) {
     const T* h = reinterpret_cast<const T*>(ptr[0]);
     const T* b = reinterpret_cast<const T*>(ptr[1]);
     T* o = reinterpret_cast<T*>(ptr[2]);
     const int64_t at = pos;
     pos += len;
     if (inner[0] == 1 && inner[2] == 1 && (inner[1] == 1 || inner[1] == 0)) {
-      const bool bias_varies = inner[1] == 1;
+      const BiasRun<T> bias(b, inner[1] == 0, len);
       produce<kWideStageBytes>(o, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
-          const T* hs = h + start + done;
-          T* out = dst + done;
-          const T s = scale;
-          const ActivationParams q = params;  // by value: the vectorizer needs it in registers
-          const auto kept = [=](int64_t k, T y) FUSEDNN_INLINE_LAMBDA {
-            return y * (keep[k] ? s : T(0));
-          };
-          if (bias_varies) {
-            const T* bs = b + start + done;
-            const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
-            activation_run<Op>(out, m, q, z, kept);
-          } else {
-            const T bv = *b;
-            const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bv; };
-            activation_run<Op>(out, m, q, z, kept);
-          }
+          bias.pieces(start + done, m, [&](const T* bs, int64_t k, int64_t n) {
+            bias_act_forward_piece<Op>(dst + done + k, n, h + start + done + k, bs, keep + k, scale,
+                                       params);
+          });
         });
       });
     } else {
@@ -545,7 +598,8 @@ template <class Op, class T> struct BiasActBackwardBody {
   double* bias_sums = nullptr;
   int64_t channels = 1;
 
-  void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+  __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
+                                            const int64_t* inner) {
     const T* g = reinterpret_cast<const T*>(ptr[0]);
     const T* h = reinterpret_cast<const T*>(ptr[1]);
     const T* b = reinterpret_cast<const T*>(ptr[2]);
@@ -553,26 +607,14 @@ template <class Op, class T> struct BiasActBackwardBody {
     const int64_t at = pos;
     pos += len;
     if (inner[0] == 1 && inner[1] == 1 && inner[3] == 1 && (inner[2] == 1 || inner[2] == 0)) {
-      const bool bias_varies = inner[2] == 1;
+      const BiasRun<T> bias(b, inner[2] == 0, len);
       produce<kWideStageBytes>(gh, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
-          const T* gs = g + start + done;
-          const T* hs = h + start + done;
           T* out = dst + done;
-          const T s = scale;
-          const ActivationParams q = params;  // by value: the vectorizer needs it in registers
-          const auto dy = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-            return gs[k] * (keep[k] ? s : T(0));
-          };
-          if (bias_varies) {
-            const T* bs = b + start + done;
-            const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
-            activation_backward_run<Op>(out, m, q, z, dy);
-          } else {
-            const T bv = *b;
-            const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bv; };
-            activation_backward_run<Op>(out, m, q, z, dy);
-          }
+          bias.pieces(start + done, m, [&](const T* bs, int64_t k, int64_t n) {
+            bias_act_backward_piece<Op>(out + k, n, g + start + done + k, h + start + done + k, bs,
+                                        keep + k, scale, params);
+          });
           if (bias_sums != nullptr) add_to_channels(bias_sums, out, m, at + start + done, channels);
         });
       });
@@ -686,9 +728,11 @@ template <class T> double lane_sum(const T* x, int64_t n) {
 
 // grad_bias[c] = the groups' sums of channel c added in group order, rounded
 // once to T. partial holds `groups` rows of `channels` sums.
+// This and bias_grad_typed depend on T only: out of line, they are not
+// copied into the kernel of every activation.
 template <class T>
-void store_channel_sums(std::vector<double>& partial, int64_t groups, int64_t channels,
-                        const ArrayRef& grad_bias) {
+__attribute__((noinline)) void store_channel_sums(std::vector<double>& partial, int64_t groups,
+                                                  int64_t channels, const ArrayRef& grad_bias) {
   T* out = static_cast<T*>(grad_bias.data);
   const int64_t out_stride = grad_bias.ndim > 0 ? grad_bias.strides[0] / int64_t(sizeof(T)) : 1;
   for (int64_t group = 1; group < groups; ++group) {
@@ -702,7 +746,9 @@ void store_channel_sums(std::vector<double>& partial, int64_t groups, int64_t ch
 // grad_bias[c] = sum of grad_h over every axis but `axis`, in a fixed order
 // that does not depend on the thread count or the ISA; grad_h is
 // C-contiguous.
-template <class T> void bias_grad_typed(const ArrayRef& grad_h, int axis, const ArrayRef& grad_bias) {
+template <class T>
+__attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
+                                               const ArrayRef& grad_bias) {
   int64_t outer = 1, inner = 1;
   for (int d = 0; d < axis; ++d) outer *= grad_h.shape[d];
   for (int d = axis + 1; d < grad_h.ndim; ++d) inner *= grad_h.shape[d];

@@ -20,7 +20,13 @@ const char* isa_name(Isa isa);
 bool set_isa(const std::string& name);
 bool isa_available(Isa isa);
 
-template <class Fn> Fn select_isa(Fn generic, Fn avx2, Fn avx512) {
+// Only generic deduces Fn: a build without some ISA (FUSEDNN_CPU_ISAS)
+// passes nullptr for it.
+template <class Fn> struct SameType {
+  using type = Fn;
+};
+template <class Fn>
+Fn select_isa(Fn generic, typename SameType<Fn>::type avx2, typename SameType<Fn>::type avx512) {
   switch (active_isa()) {
     case Isa::avx512: if (avx512) return avx512; [[fallthrough]];
     case Isa::avx2: if (avx2) return avx2; [[fallthrough]];
