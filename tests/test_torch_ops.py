@@ -169,6 +169,29 @@ def test_batch_norm_keeps_channels_last(dims, memory_format):
     assert gx.shape == x.shape
 
 
+def test_channels_last_opcheck_and_gradients_with_mixed_layouts():
+    # channels_last tensors run as their channels-last views; a gradient
+    # in the other layout must still meet the right elements.
+    x = normals(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    weight, bias = normals(3), normals(3)
+    torch.library.opcheck(torch.ops.fusednn.batch_norm.default,
+                          (x, weight, bias, None, None, True, 0.1, 1e-5, 1))
+    _, mean, invstd = torch.ops.fusednn.batch_norm(x, weight, bias, None, None, True, 0.1,
+                                                   1e-5, 1)
+    grad = normals(4, 3, 5, 6)  # NCHW
+    torch.library.opcheck(torch.ops.fusednn.batch_norm_backward.default,
+                          (grad, x, weight, mean, invstd, True, 1))
+    expected = ops.batch_norm_backward(grad, x.contiguous(), weight, mean, invstd, True, 1)
+    for got, want in zip(ops.batch_norm_backward(grad, x, weight, mean, invstd, True, 1),
+                         expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.fusednn.gelu_backward.default, (grad, x, False))
+    torch.testing.assert_close(ops.activation_backward("gelu", grad, x),
+                               ops.activation_backward("gelu", grad, x.contiguous()),
+                               rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.fusednn.relu.default, (x,))
+
+
 # ---- dropout -----------------------------------------------------------------------
 
 

@@ -76,6 +76,28 @@ _FROM_OUTPUT = {
 _PIECEWISE_LINEAR = ("relu", "leaky_relu", "hardtanh")
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last (4-d) or channels_last_3d (5-d) when x is laid out so
+    and not also C-contiguous, else contiguous_format."""
+    if x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _in_memory_order(x: Tensor) -> Tensor:
+    """x with its channels moved last when it is channels_last: the same
+    memory seen C-contiguous, which the kernels stream through, where the
+    NCHW view would have them stride across it. Elementwise operators may
+    use it on every operand alike; batch norm with axis=-1."""
+    if _memory_format(x) == torch.contiguous_format:
+        return x
+    return x.movedim(1, -1)
+
+
 def _schema_default(value) -> str:
     return f"'{value}'" if isinstance(value, str) else repr(value)
 
@@ -105,14 +127,17 @@ def _make_activation(name: str):
 
     def forward(x, *values):
         out = torch.empty_like(x)
-        fn.activation(name, x, out=out, **_keywords(name, values))
+        fn.activation(name, _in_memory_order(x), out=_in_memory_order(out),
+                      **_keywords(name, values))
         return out
 
     def backward_kernel(grad_output, saved, saved_is_output, *values):
-        out = torch.empty_like(grad_output)
+        layout = _memory_format(saved)
+        grad_output = grad_output.contiguous(memory_format=layout)
+        out = torch.empty_like(grad_output, memory_format=layout)
         which = "y" if saved_is_output else "x"
-        fn.activation_backward(name, grad_output, out=out, **{which: saved},
-                               **_keywords(name, values))
+        fn.activation_backward(name, _in_memory_order(grad_output), out=_in_memory_order(out),
+                               **{which: _in_memory_order(saved)}, **_keywords(name, values))
         return out
 
     params = _parameter_schema(name)
@@ -129,7 +154,7 @@ def _make_activation(name: str):
 
     @backward_op.register_fake
     def _(grad_output, saved, saved_is_output, *values):
-        return torch.empty_like(grad_output)
+        return torch.empty_like(grad_output, memory_format=_memory_format(saved))
 
     def setup_context(ctx, inputs, output):
         x, *values = inputs
@@ -193,9 +218,19 @@ def _batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     save_mean, save_invstd); training updates the running statistics in
     place (when given), inference normalizes with them."""
     out = torch.empty_like(x)
-    result = fn.batch_norm(x, weight, bias, running_mean, running_var, training=training,
-                           momentum=momentum, eps=eps, axis=axis, out=out)
+    x_view, out_view, axis = _channel_last_views(x, out, axis)
+    result = fn.batch_norm(x_view, weight, bias, running_mean, running_var, training=training,
+                           momentum=momentum, eps=eps, axis=axis, out=out_view)
     return out, result.save_mean, result.save_invstd
+
+
+def _channel_last_views(x: Tensor, other: Tensor, axis: int):
+    """(x, other, axis) as batch norm's kernels read them fastest: for a
+    channels_last x normalized over axis 1, both with the channels moved
+    last and axis -1 (other shares x's layout)."""
+    if axis % max(x.dim(), 1) == 1 and _memory_format(x) != torch.contiguous_format:
+        return _in_memory_order(x), other.movedim(1, -1), -1
+    return x, other, axis
 
 
 @_batch_norm_op.register_fake
@@ -213,8 +248,13 @@ def batch_norm_backward(grad_output: Tensor, x: Tensor, weight: Optional[Tensor]
     """``fusednn.batch_norm_backward``: (grad_input, grad_weight,
     grad_bias); training=False is the backward of the inference forward."""
     out = torch.empty_like(x)
+    grad_output = grad_output.contiguous(memory_format=_memory_format(x))
+    x_view, out_view, view_axis = _channel_last_views(x, out, axis)
+    if view_axis != axis:
+        grad_output = grad_output.movedim(1, -1)
     _, grad_weight, grad_bias = fn.batch_norm_backward(
-        grad_output, x, weight, save_mean, save_invstd, axis=axis, training=training, out=out)
+        grad_output, x_view, weight, save_mean, save_invstd, axis=view_axis, training=training,
+        out=out_view)
     return out, grad_weight, grad_bias
 
 
@@ -250,8 +290,7 @@ class _BatchNorm(torch.autograd.Function):
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, save_mean, save_invstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = batch_norm_backward(
-            grad_y.contiguous(memory_format=_memory_format(x)), x, weight, save_mean,
-            save_invstd, ctx.training, ctx.axis)
+            grad_y, x, weight, save_mean, save_invstd, ctx.training, ctx.axis)
         if weight is not None and grad_weight.dtype != weight.dtype:
             # float16 x with float32 weights (CUDA)
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
@@ -272,18 +311,6 @@ def batch_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     them, and its backward treats them as constants."""
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training, momentum,
                             eps, axis)[0]
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format a gradient should share with x so that the kernel
-    reads both with the same strides."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
-            and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 # ---- dropout ------------------------------------------------------------------------
