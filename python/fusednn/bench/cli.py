@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .._backend import _cpu, get_num_threads, info, set_num_threads
-from . import output, peers
+from . import output, peers, training
 from .activations import ACTIVATION_KERNELS, activation_cases, describe_activations
 from .batchnorm import (BATCH_NORM_KERNELS, BATCH_NORM_QUICK_SHAPE, BATCH_NORM_SHAPE,
                         batch_norm_cases, describe_batch_norm)
@@ -229,7 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f":backward (default: all). Families: {', '.join(FAMILIES)}; "
                              f"activations: {names}; batchnorm: "
                              f"{', '.join(BATCH_NORM_KERNELS)} (batch_norm: both); dropout: "
-                             f"{', '.join(k.name for k in DROPOUT_KERNELS)}")
+                             f"{', '.join(k.name for k in DROPOUT_KERNELS)}. training (on its "
+                             "own, not in all): whole training steps of PyTorch models, stock "
+                             "and patched by fusednn.torch: "
+                             f"{', '.join(training.TRAINING_KERNELS)}")
     batch, channels = BATCH_NORM_SHAPE[:2]
     parser.add_argument("--size", type=_size, metavar="N",
                         help="elements per array (default 2^25, 2^22 with --quick; on --device "
@@ -310,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; returns the exit status (1 when a check fails or,
     with --fail-on-regression, a row regressed). Raises UsageError for bad
     option values and BenchError when the benchmark cannot run here."""
+    training_rows = training.selected(args.kernels)
+    if training_rows is not None:
+        return training.run(args, training_rows)
     options = validate(args)
     check_device(args.device, options.selection)
     if args.plot:
