@@ -55,9 +55,12 @@ template <int N> struct StridedLoop {
   int64_t shape[kMaxDims];
   int64_t strides[N][kMaxDims];  // in elements
 
-  // All operands share `shape`; strides are in bytes (0 broadcasts).
-  StridedLoop(int in_ndim, const int64_t* in_shape, const int64_t* const in_strides[N],
-              const int itemsizes[N]) {
+  // All operands share `shape`; strides are in bytes (0 broadcasts). Out
+  // of line: it runs once per call, and inlined it was copied into every
+  // kernel instantiation.
+  __attribute__((noinline)) StridedLoop(int in_ndim, const int64_t* in_shape,
+                                        const int64_t* const in_strides[N],
+                                        const int itemsizes[N]) {
     if (in_ndim > kMaxDims) throw std::invalid_argument("too many dimensions");
     size = 1;
     for (int d = 0; d < in_ndim; ++d) size *= in_shape[d];
@@ -229,15 +232,15 @@ template <class T> inline int64_t elements_to_line(const T* p, int64_t len) {
 // outputs [start, start + count) to dst. With stream set, outputs go
 // through a cache-resident buffer and are streamed out in 64-byte-aligned
 // blocks of kStage bytes; otherwise compute writes y directly.
+// Each form of compute is called from one place (the direct writes, head
+// or all, from one call): compute is inlined, often with a whole
+// activation's vectorized loops, and every call site held a copy of them.
 template <int kStage = kStageBytes, class T, class Compute>
 inline void produce(T* y, int64_t len, bool stream, Compute&& compute) {
-  if (!stream) {
-    compute(y, 0, len);
-    return;
-  }
-  constexpr int64_t kBlock = kStage / sizeof(T);
-  const int64_t head = elements_to_line(y, len);
+  const int64_t head = stream ? elements_to_line(y, len) : len;
   if (head > 0) compute(y, 0, head);
+  if (!stream) return;
+  constexpr int64_t kBlock = kStage / sizeof(T);
   alignas(64) T stage[kBlock];
   for (int64_t i = head; i < len; i += kBlock) {
     const int64_t count = std::min(kBlock, len - i);
@@ -251,15 +254,12 @@ inline void produce(T* y, int64_t len, bool stream, Compute&& compute) {
 // std::true_type for the part whose lines go past the cache as they are
 // computed (write_run<true>; dst is then 64-byte aligned) and
 // std::false_type elsewhere. With stream unset, one call writes all.
+// As in produce, each form of compute is called from one place.
 template <class T, class Compute>
 inline void produce_lines(T* y, int64_t len, bool stream, Compute&& compute) {
-  if (!stream) {
-    compute(y, 0, len, std::false_type{});
-    return;
-  }
-  const int64_t head = elements_to_line(y, len);
+  const int64_t head = stream ? elements_to_line(y, len) : len;
   if (head > 0) compute(y, 0, head, std::false_type{});
-  compute(y + head, head, len - head, std::true_type{});
+  if (stream) compute(y + head, head, len - head, std::true_type{});
 }
 
 // For the lambdas handed to run_core_blocks: each is called once per
