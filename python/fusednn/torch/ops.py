@@ -23,8 +23,9 @@ mask saved by the forward (``dropout_with_mask``), never a byte mask.
 ``running_var``, which its fused kernel updates in place; torch.library
 attaches autograd formulas to functional operators only, so its autograd
 is an ``autograd.Function`` around it (``batch_norm`` here), which
-``torch.compile`` traces as well. Double backward is registered where the backward is linear in the saved
-tensors' roles and needs no new kernel: dropout (both forms) and the
+``torch.compile`` traces as well. Double backward is registered where the
+backward is linear in the gradient and constant in the saved tensor, so
+that it is its own derivative: dropout (both forms) and the
 piecewise-linear activations relu, leaky_relu and hardtanh.
 """
 from __future__ import annotations
@@ -88,14 +89,15 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _in_memory_order(x: Tensor) -> Tensor:
-    """x with its channels moved last when it is channels_last: the same
+def _in_memory_order(layout: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors (of layout's shape) with their channels moved last when
+    `layout` is channels_last: for tensors laid out like it, the same
     memory seen C-contiguous, which the kernels stream through, where the
-    NCHW view would have them stride across it. Elementwise operators may
-    use it on every operand alike; batch norm with axis=-1."""
-    if _memory_format(x) == torch.contiguous_format:
-        return x
-    return x.movedim(1, -1)
+    NCHW view would have them stride across it. One decision for all, so
+    that elementwise operands keep meeting element for element."""
+    if _memory_format(layout) == torch.contiguous_format:
+        return tensors
+    return tuple(t.movedim(1, -1) for t in tensors)
 
 
 def _schema_default(value) -> str:
@@ -127,8 +129,8 @@ def _make_activation(name: str):
 
     def forward(x, *values):
         out = torch.empty_like(x)
-        fn.activation(name, _in_memory_order(x), out=_in_memory_order(out),
-                      **_keywords(name, values))
+        x_view, out_view = _in_memory_order(x, x, out)
+        fn.activation(name, x_view, out=out_view, **_keywords(name, values))
         return out
 
     def backward_kernel(grad_output, saved, saved_is_output, *values):
@@ -136,8 +138,9 @@ def _make_activation(name: str):
         grad_output = grad_output.contiguous(memory_format=layout)
         out = torch.empty_like(grad_output, memory_format=layout)
         which = "y" if saved_is_output else "x"
-        fn.activation_backward(name, _in_memory_order(grad_output), out=_in_memory_order(out),
-                               **{which: _in_memory_order(saved)}, **_keywords(name, values))
+        grad_view, saved_view, out_view = _in_memory_order(saved, grad_output, saved, out)
+        fn.activation_backward(name, grad_view, out=out_view, **{which: saved_view},
+                               **_keywords(name, values))
         return out
 
     params = _parameter_schema(name)
@@ -212,8 +215,9 @@ def _statistics_dtype(x: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("fusednn::batch_norm", mutates_args=("running_mean", "running_var"))
 def _batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-               running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-               momentum: float, eps: float, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   training: bool, momentum: float, eps: float,
+                   axis: int) -> tuple[Tensor, Tensor, Tensor]:
     """``fusednn.batch_norm`` over channel axis ``axis``: returns (y,
     save_mean, save_invstd); training updates the running statistics in
     place (when given), inference normalizes with them."""
@@ -229,7 +233,7 @@ def _channel_last_views(x: Tensor, other: Tensor, axis: int):
     channels_last x normalized over axis 1, both with the channels moved
     last and axis -1 (other shares x's layout)."""
     if axis % max(x.dim(), 1) == 1 and _memory_format(x) != torch.contiguous_format:
-        return _in_memory_order(x), other.movedim(1, -1), -1
+        return x.movedim(1, -1), other.movedim(1, -1), -1
     return x, other, axis
 
 
@@ -368,19 +372,15 @@ def _dropout_setup_context(ctx, inputs, output):
     ctx.save_for_backward(rng)
 
 
-def _dropout_backward(ctx, grad_output):
+def _dropout_gradient(ctx, grad):
+    """The gradient of dropout and of its backward alike: both multiply
+    by the same mask / (1 - p)."""
     (rng,) = ctx.saved_tensors
-    return dropout_backward(grad_output, ctx.p, rng), None, None
+    return dropout_backward(grad, ctx.p, rng), None, None
 
 
-def _dropout_backward_backward(ctx, grad_grad):
-    (rng,) = ctx.saved_tensors
-    return dropout_backward(grad_grad, ctx.p, rng), None, None
-
-
-dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
-dropout_backward.register_autograd(_dropout_backward_backward,
-                                   setup_context=_dropout_setup_context)
+dropout.register_autograd(_dropout_gradient, setup_context=_dropout_setup_context)
+dropout_backward.register_autograd(_dropout_gradient, setup_context=_dropout_setup_context)
 
 
 @torch.library.custom_op("fusednn::dropout_with_mask", mutates_args=())
