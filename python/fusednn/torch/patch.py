@@ -68,6 +68,14 @@ def _reason_to_skip(module: torch.nn.Module) -> str | None:
     return None
 
 
+def _model_to_change(model, inplace: bool, function: str) -> torch.nn.Module:
+    """model itself, or its deep copy with inplace=False."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fusednn.torch.{function}: model must be a torch.nn.Module, "
+                        f"not {type(model).__name__}")
+    return model if inplace else copy.deepcopy(model)
+
+
 def _label(name: str) -> str:
     return name or "(the model itself)"
 
@@ -79,11 +87,7 @@ def patch(model: torch.nn.Module, *, inplace: bool = True) -> PatchResult:
     Hardswish, Hardtanh, Sigmoid, Tanh and Dropout. ``inplace=False``
     patches a deep copy and leaves ``model`` untouched. Returns a
     PatchResult; ``unpatch`` undoes it."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fusednn.torch.patch: model must be a torch.nn.Module, "
-                        f"not {type(model).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
+    model = _model_to_change(model, inplace, "patch")
     replaced: dict[str, int] = {}
     skipped: list[tuple[str, str]] = []
     for name, module in model.named_modules():
@@ -103,11 +107,7 @@ def unpatch(model: torch.nn.Module, *, inplace: bool = True) -> PatchResult:
     """Switches fusednn's modules inside ``model`` back to the ``torch.nn``
     classes they replaced (``BiasActivationDropout``, which has no torch
     counterpart, stays)."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fusednn.torch.unpatch: model must be a torch.nn.Module, "
-                        f"not {type(model).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
+    model = _model_to_change(model, inplace, "unpatch")
     restored: dict[str, int] = {}
     for _, module in model.named_modules():
         original = _ORIGINALS.get(type(module))
