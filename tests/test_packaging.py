@@ -52,18 +52,21 @@ def readme_switches(readme: str) -> list[str]:
 def cmake_cache_switches() -> set[str]:
     """The FUSEDNN_* cache variables CMakeLists.txt declares."""
     text = (ROOT / "CMakeLists.txt").read_text()
-    return set(re.findall(r"^set\((FUSEDNN_\w+) .*?CACHE ", text, re.M | re.S))
+    return set(re.findall(r"^set\((FUSEDNN_\w+) [^\n]*?CACHE ", text, re.M))
 
 
 # ---- build switches ---------------------------------------------------------------
 
 
-def test_readme_switches_are_the_build_switches(pyproject, readme):
+def test_every_switch_is_read_from_the_environment(pyproject, readme):
+    # The README lists the switches users need (testing-only ones may be
+    # left to their scripts); every CMake switch is mapped from the
+    # environment variable of its name.
     switches = readme_switches(readme)
     assert switches, "README.md has no build-switch table"
     defines = pyproject["tool"]["scikit-build"]["cmake"]["define"]
-    assert sorted(switches) == sorted(defines)
-    assert set(switches) == cmake_cache_switches()
+    assert set(switches) <= set(defines)
+    assert set(defines) == cmake_cache_switches()
     for name, entry in defines.items():
         assert entry["env"] == name, f"{name} is read from ${entry['env']}"
 
@@ -74,11 +77,12 @@ def read_defines(pyproject: dict, config_settings: dict) -> dict:
     return dict(settings.cmake.define)
 
 
-@pytest.mark.parametrize("name", ["FUSEDNN_CUDA", "FUSEDNN_CUDA_ARCHS", "FUSEDNN_CPU_ISAS"])
+@pytest.mark.parametrize("name", ["FUSEDNN_CUDA", "FUSEDNN_CUDA_ARCHS", "FUSEDNN_CPU_ISAS",
+                                  "FUSEDNN_SANITIZE"])
 def test_switch_from_environment_and_config_settings(pyproject, readme, monkeypatch, name):
     assert name in readme_switches(readme)
     value = {"FUSEDNN_CUDA": "OFF", "FUSEDNN_CUDA_ARCHS": "80;90",
-             "FUSEDNN_CPU_ISAS": "avx2"}[name]
+             "FUSEDNN_CPU_ISAS": "avx2", "FUSEDNN_SANITIZE": "address,undefined"}[name]
     monkeypatch.setenv(name, value)
     assert read_defines(pyproject, {})[name] == value
     # -Ccmake.define wins over the environment.
@@ -183,3 +187,93 @@ def test_scripts_exist(pyproject, readme):
         module, function = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function))
         assert f"`{name} " in readme, f"README.md does not mention the {name} command"
+
+
+# ---- types ------------------------------------------------------------------------
+
+# Every public function called as a user would, with the types the stubs
+# promise; mypy must accept all of it.
+TYPED_SCRIPT = """\
+import numpy as np
+import numpy.typing as npt
+import fusednn as fn
+
+x: npt.NDArray[np.float32] = np.zeros((4, 8), np.float32)
+bias = np.zeros(8, np.float32)
+gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
+y: npt.NDArray[np.float32] = fn.relu(x)
+for f in (fn.sigmoid, fn.tanh, fn.relu, fn.selu, fn.silu, fn.mish, fn.hardsigmoid,
+          fn.hardswish):
+    y = f(x, out=y)
+y = fn.leaky_relu(x, 0.1) + fn.elu(x, alpha=0.5) + fn.gelu(x, "tanh")
+y = fn.softplus(x, beta=2.0, threshold=10.0) + fn.hardtanh(x, -2.0, 2.0)
+y = fn.activation("gelu", x, approximate="tanh")
+y = fn.activation_backward("gelu", x, x=x, out=y)
+names: tuple[str, ...] = fn.ACTIVATIONS
+result = fn.batch_norm(x, gamma, beta, training=True, axis=1)
+dx, dgamma, dbeta = fn.batch_norm_backward(x, x, gamma, result.save_mean, result.save_invstd)
+y = fn.dropout(x, 0.1, seed=1)
+y, mask = fn.dropout(x, 0.1, seed=1, offset=2, return_mask=True)
+y = fn.dropout_backward(x, 0.1, mask=mask)
+packed = fn.dropout_mask((4, 8), 0.1, seed=1)
+o = fn.bias_act_dropout(x, bias, "relu", 0.1, seed=3)
+o, mask = fn.bias_act_dropout(x, bias, "gelu", 0.1, seed=3, return_mask=True)
+grad_h, grad_bias = fn.bias_act_dropout_backward(x, x, bias, "relu", 0.1, seed=3)
+build: dict = fn.info()
+fn.set_num_threads(fn.get_num_threads())
+w = fn.init.he_normal((8, 4), seed=0)
+"""
+
+# One wrong call per line; mypy must report every one.
+WRONG_SCRIPT = """\
+import numpy as np
+import fusednn as fn
+
+x = np.zeros(3, np.float32)
+fn.relu([1.0, 2.0])
+fn.gelu(x, approximate="exact")
+fn.dropout(x, 0.5)
+fn.elu(x, alpha="big")
+label: str = fn.sigmoid(x)
+fn.batch_norm(x, momentum=None)
+"""
+
+
+def run_mypy(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """Runs mypy (or a mypy tool such as stubtest) against the fusednn that
+    the tests import: an installed one through this interpreter's
+    site-packages, a source checkout's through MYPYPATH."""
+    pytest.importorskip("mypy")
+    import os
+
+    import fusednn
+
+    env = dict(os.environ)
+    package_root = pathlib.Path(fusednn.__file__).resolve().parents[1]
+    if package_root.name not in ("site-packages", "dist-packages"):
+        env["MYPYPATH"] = str(package_root)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+
+
+def test_mypy_accepts_typed_use_and_reports_wrong_calls(tmp_path):
+    (tmp_path / "typed_use.py").write_text(TYPED_SCRIPT)
+    (tmp_path / "wrong_use.py").write_text(WRONG_SCRIPT)
+    run = run_mypy(tmp_path, "mypy", "--follow-imports=silent", "--no-error-summary",
+                   "--cache-dir", str(tmp_path / "cache"), "--python-executable",
+                   sys.executable, "typed_use.py", "wrong_use.py")
+    errors = [line for line in run.stdout.splitlines() if ": error:" in line]
+    assert not [e for e in errors if e.startswith("typed_use.py")], run.stdout
+    reported = {int(e.split(":")[1]) for e in errors if e.startswith("wrong_use.py")}
+    wrong_lines = set(range(5, WRONG_SCRIPT.count("\n") + 1))
+    assert reported == wrong_lines, run.stdout
+
+
+def test_stubs_match_the_modules(tmp_path):
+    import fusednn
+
+    modules = ["fusednn.activations", "fusednn.dropout", "fusednn.batchnorm", "fusednn._cpu"]
+    if fusednn.info()["cuda_built"]:
+        modules.append("fusednn._cuda")
+    run = run_mypy(tmp_path, "mypy.stubtest", *modules)
+    assert run.returncode == 0, run.stdout + run.stderr
