@@ -277,3 +277,21 @@ def test_stubs_match_the_modules(tmp_path):
         modules.append("fusednn._cuda")
     run = run_mypy(tmp_path, "mypy.stubtest", *modules)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# ---- the CUDA runtime as info() reports it ---------------------------------------------
+
+
+def test_info_names_why_there_is_no_device():
+    import fusednn as fn
+
+    build = fn.info()
+    if not build["cuda_built"]:
+        pytest.skip("fusednn was built without the CUDA module")
+    if build["cuda_devices"] > 0:
+        assert build["cuda_error"] is None
+    else:
+        # e.g. cudaErrorNoDevice, or cudaErrorInsufficientDriver for a driver
+        # older than the runtime (or none: cuda_driver is then 0)
+        assert re.fullmatch(r"cudaError\w+", build["cuda_error"]), build["cuda_error"]
+    assert build["cuda_driver"] >= 0

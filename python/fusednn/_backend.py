@@ -352,5 +352,9 @@ def info() -> dict:
     }
     if _cuda is not None:
         result["cuda_runtime"] = _cuda.runtime_version()
+        result["cuda_driver"] = _cuda.driver_version()  # 0: no driver
         result["cuda_devices"] = _cuda.device_count()
+        # Why there are no devices (cudaErrorInsufficientDriver: the driver is
+        # older than the runtime; cudaErrorNoDevice), None when there are.
+        result["cuda_error"] = _cuda.device_error()
     return result
