@@ -21,7 +21,6 @@ holds no random state.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -40,9 +39,9 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
-@functools.cache
-def _cuda_built() -> bool:
-    return bool(fn.info()["cuda_built"])
+# Read once: forward consults it under torch.compile, which would not
+# trace into fn.info().
+_CUDA_BUILT = bool(fn.info()["cuda_built"])
 
 
 def supports(dtype: torch.dtype, device: torch.device | str) -> Optional[str]:
@@ -54,7 +53,7 @@ def supports(dtype: torch.dtype, device: torch.device | str) -> Optional[str]:
             return None
         return f"dtype {dtype}: fusednn's CPU kernels take float32 and float64"
     if device.type == "cuda":
-        if not _cuda_built():
+        if not _CUDA_BUILT:
             return "CUDA tensors: this fusednn build has no CUDA module"
         if dtype in _CUDA_DTYPES:
             return None
