@@ -88,6 +88,29 @@ def test_activation_same_bits_as_fusednn(name, params, dtype):
                        fn.activation_backward(name, g, x=x.detach(), **params))
 
 
+ODD_TENSORS = {
+    "0-d": lambda: torch.tensor(0.5, dtype=F64),
+    "empty": lambda: torch.empty(0, 3, dtype=F64),
+    "transposed": lambda: normals(6, 8).t(),
+    "strided": lambda: normals(6, 8)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("kind", ODD_TENSORS)
+def test_odd_shapes_and_strides(kind):
+    x = ODD_TENSORS[kind]()
+    for name in ("gelu", "tanh"):
+        torch.library.opcheck(getattr(torch.ops.fusednn, name).default, (x,))
+        torch.testing.assert_close(ops.activation(name, x),
+                                   getattr(torch.nn.functional, name)(x))
+    torch.library.opcheck(torch.ops.fusednn.dropout.default, (x, 0.3, rng_pair()))
+    leaf = x.detach().clone().requires_grad_()
+    y = ops.dropout(ops.activation("tanh", leaf), 0.3, rng_pair())
+    (y.mT if y.dim() == 2 else y).sum().backward()  # a transposed gradient too
+    expected = (y.detach() != 0) / 0.7 * (1 - torch.tanh(x) ** 2)
+    torch.testing.assert_close(leaf.grad, expected)
+
+
 def test_relu_saves_its_output_and_gelu_its_input():
     # Backward from y lets the forward input be freed when only y lives on.
     x = normals(6, 4, requires_grad=True)
