@@ -11,9 +11,9 @@ and 128 channels, the last two with stride 2) then average pooling and a
 linear layer, batch 64 at 32x32, in NCHW and in channels_last. ``--quick``
 quarters the MLP's widths and the CNN's batch.
 
-Each row is checked before it is timed: the patched model's eval-mode
-logits against the stock model's (same weights; dropout off), relative to
-their largest magnitude. The patched model's dropout draws other masks
+Each row is checked before it is timed: the patched model's logits
+against the stock model's (same weights, training mode, dropout layers
+off), relative to their largest magnitude. The patched model's dropout draws other masks
 than torch's, so training losses are compared in the tests (with p = 0),
 not here.
 
@@ -49,8 +49,8 @@ CNN_BATCH = 64
 CNN_SIDE = 32
 CLASSES = 10
 LEARNING_RATE = 0.01
-# Eval-mode logits of the patched model against the stock one, relative to
-# their largest magnitude: a few float32 roundings through the model.
+# The patched model's logits against the stock one's, relative to their
+# largest magnitude: a few float32 roundings through the model.
 CHECK_TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 # Dynamo instantiates torch.autograd.Function when it traces one (the
 # patched batch norm's autograd), which torch answers with this warning.
@@ -137,12 +137,17 @@ class _Step:
 
 
 def _check(torch, stock, patched, x) -> float:
-    stock.eval()
-    patched.eval()
+    """The largest difference of the two models' logits in training mode
+    (batch statistics) with their dropout layers off, relative to the
+    largest logit."""
+    dropouts = [m for model in (stock, patched) for m in model.modules()
+                if isinstance(m, torch.nn.Dropout)]
+    for m in dropouts:
+        m.eval()
     with torch.no_grad():
         expected, got = stock(x), patched(x)
-    stock.train()
-    patched.train()
+    for m in dropouts:
+        m.train()
     return float((got - expected).abs().max() / expected.abs().max())
 
 
@@ -163,7 +168,7 @@ def _row(torch, name: str, quick: bool, dtype, device: str, repeat: int, compile
     error = _check(torch, stock, patched, x)
     tolerance = CHECK_TOLERANCE[str(dtype).removeprefix("torch.")]
     if not error <= tolerance:
-        raise BenchError(f"training {name}: the patched model's eval logits differ from the "
+        raise BenchError(f"training {name}: the patched model's logits differ from the "
                          f"stock model's by {error:.3g} (relative), more than {tolerance}")
     steps = {"stock": _Step(torch, stock, x, target), "patched": _Step(torch, patched, x, target)}
     compile_seconds = {}
@@ -215,8 +220,8 @@ def report_text(head: dict, rows: list) -> str:
     for r in rows:
         replaced = ", ".join(f"{n} {k}" for k, n in r.replaced.items())
         compiling = ", ".join(f"{k} {s:.0f} s" for k, s in r.compile_seconds.items())
-        lines.append(f"{r.model}: patched {replaced}; eval logits within {r.check_error:.1e} "
-                     f"(relative) of stock" + (f"; compile (first two steps): {compiling}"
+        lines.append(f"{r.model}: patched {replaced}; logits (training mode, no dropout) "
+                     f"within {r.check_error:.1e} (relative) of stock" + (f"; compile (first two steps): {compiling}"
                                                if compiling else ""))
     if not head["compiled"]:
         lines.append(f"torch.compile: not timed ({head['compile_note']})")
@@ -259,7 +264,7 @@ def run(args, rows: tuple) -> int:
             "load_average": list(load), "device": args.device, "threads": threads,
             "torch_version": torch.__version__, "dtype": args.dtype, "repeat": repeat,
             "quick": bool(args.quick), "compiled": compile_too,
-            "compile_note": "not selected (--peers)"}
+            "compile_note": "not selected with --peers"}
     print(report_text(head, results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
