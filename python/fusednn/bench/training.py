@@ -264,7 +264,7 @@ def run(args, rows: tuple) -> int:
             "load_average": list(load), "device": args.device, "threads": threads,
             "torch_version": torch.__version__, "dtype": args.dtype, "repeat": repeat,
             "quick": bool(args.quick), "compiled": compile_too,
-            "compile_note": "not selected with --peers"}
+            "compile_note": None if compile_too else "not selected with --peers"}
     print(report_text(head, results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
