@@ -334,6 +334,12 @@ def draw_rng(generator: Optional[torch.Generator] = None) -> Tensor:
                          generator=generator)
 
 
+def _fake_like_first(op) -> None:
+    """Registers the fake implementation of an operator whose one result
+    has the shape, dtype and layout of its first argument."""
+    op.register_fake(lambda first, *args, **kwargs: torch.empty_like(first))
+
+
 def _mask_bytes(x: Tensor) -> int:
     return (x.numel() + 7) // 8
 
@@ -348,9 +354,7 @@ def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
     return out
 
 
-@dropout.register_fake
-def _(x, p, rng):
-    return torch.empty_like(x)
+_fake_like_first(dropout)
 
 
 @torch.library.custom_op("fusednn::dropout_backward", mutates_args=())
@@ -362,9 +366,7 @@ def dropout_backward(grad_output: Tensor, p: float, rng: Tensor) -> Tensor:
     return out
 
 
-@dropout_backward.register_fake
-def _(grad_output, p, rng):
-    return torch.empty_like(grad_output)
+_fake_like_first(dropout_backward)
 
 
 def _dropout_setup_context(ctx, inputs, output):
@@ -407,9 +409,7 @@ def dropout_backward_with_mask(grad_output: Tensor, mask: Tensor, p: float) -> T
     return out
 
 
-@dropout_backward_with_mask.register_fake
-def _(grad_output, mask, p):
-    return torch.empty_like(grad_output)
+_fake_like_first(dropout_backward_with_mask)
 
 
 def _masked_setup_context(ctx, inputs, output):
@@ -467,9 +467,7 @@ def bias_act_dropout(h: Tensor, bias: Tensor, act: str, p: float, rng: Tensor, a
     return out
 
 
-@bias_act_dropout.register_fake
-def _(h, bias, act, p, rng, axis=-1, *params):
-    return torch.empty_like(h)
+_fake_like_first(bias_act_dropout)
 
 
 @torch.library.custom_op("fusednn::bias_act_dropout_backward", mutates_args=())
