@@ -438,11 +438,13 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     if training:
         if m < 2:
             raise ValueError("batch_norm needs more than one value per channel when training")
-        # The mean around one sample of each channel: x.mean() alone rounds
-        # its sum, and for a constant channel of 6.9e16 that left x - mean
-        # at an ulp, normalized to -1 instead of 0.
-        first = x[tuple(0 if d != axis else slice(None) for d in range(x.ndim))]
-        mean = first + (x - first.reshape(shape)).mean(axis=others)
+        # The mean around each channel's median: x.mean() alone rounds its
+        # sum at the scale of |x|, which for a constant channel of 6.9e16
+        # left x - mean at an ulp, normalized to -1 instead of 0; around the
+        # median the rounding is at the scale of the spread.
+        center = np.median(x, axis=others, keepdims=True)
+        center = np.where(np.isfinite(center), center, 0.0)
+        mean = center.reshape(-1) + (x - center).mean(axis=others)
         var = ((x - mean.reshape(shape)) ** 2).mean(axis=others)
         if running_mean is not None:
             running_mean[...] = (1 - momentum) * _f64(running_mean) + momentum * mean
