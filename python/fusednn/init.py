@@ -119,7 +119,7 @@ def _cupy(function: str):
         import cupy
     except ImportError:
         raise RuntimeError(f"fusednn.init.{function}: device='cuda' needs CuPy "
-                           "(pip install cupy-cuda12x), which is not installed") from None
+                           "(pip install 'fusednn[cuda]'), which is not installed") from None
     return cupy
 
 

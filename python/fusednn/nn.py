@@ -136,7 +136,7 @@ def _full(value, shape, dtype, device):
             import cupy
         except ImportError:
             raise RuntimeError("fusednn.nn: device='cuda' needs CuPy (pip install "
-                               "cupy-cuda12x), which is not installed") from None
+                               "'fusednn[cuda]'), which is not installed") from None
         return cupy.full(shape, value, dtype=dtype)
     return np.full(shape, value, dtype=dtype)
 

@@ -124,7 +124,7 @@ def check_device(device: str, selection: dict) -> None:
         cupy, note = peers.import_cupy()
         if cupy is None:
             raise BenchError(f"--device cuda: needs CuPy, which is {note} (pip install "
-                             "cupy-cuda12x, or fusednn[cuda])")
+                             "'fusednn[cuda]', the CuPy for CUDA 13)")
     missing = [f for f in selection if device not in FAMILIES[f].builders]
     if missing:
         raise BenchError(f"--device {device}: no {device.upper()} kernels yet for "
