@@ -41,15 +41,15 @@ def shapes(draw, min_dims=0, max_dims=4, min_side=0, max_side=5):
                                  max_side=max_side))
 
 
-def float_values(dtype, *, finite=False, max_magnitude=None):
+def float_values(dtype, *, finite=False, max_magnitude=None, subnormal=True):
     width = 32 if np.dtype(dtype) == np.float32 else 64
     if max_magnitude is not None:
         # hypothesis wants bounds that the width can hold exactly
         max_magnitude = float(np.asarray(max_magnitude).astype(dtype))
     if max_magnitude is None:
         return st.floats(width=width, allow_nan=not finite, allow_infinity=not finite,
-                         allow_subnormal=True)
-    bounded = st.floats(-max_magnitude, max_magnitude, width=width, allow_subnormal=True)
+                         allow_subnormal=subnormal)
+    bounded = st.floats(-max_magnitude, max_magnitude, width=width, allow_subnormal=subnormal)
     if finite:
         return bounded
     return st.one_of(bounded, st.sampled_from([math.nan, math.inf, -math.inf]))
@@ -251,8 +251,12 @@ def test_unsupported_dtypes_raise_type_error(data):
 
 
 def per_channel(data, channels, dtype, *, positive=False):
+    """gamma, beta or statistics: finite, without subnormals (a subnormal
+    gamma makes every coefficient it scales subnormal, and results then
+    differ from the reference by a few hundred subnormal units, which no
+    relative bound describes)."""
     values = np.abs(data.draw(hnp.arrays(dtype, channels, elements=float_values(
-        dtype, finite=True, max_magnitude=1e3))))
+        dtype, finite=True, max_magnitude=1e3, subnormal=False))))
     if not positive:
         values = values * data.draw(hnp.arrays(dtype, channels,
                                                elements=st.sampled_from([-1.0, 1.0])))
@@ -413,10 +417,13 @@ def test_batch_norm_backward(data):
     floor = 64 * float(np.finfo(dtype).smallest_subnormal) * (1 + terms)
     assert np.all(np.abs(gi - ei) <= eps * scale_i + floor), np.max(np.abs(gi - ei) - eps * scale_i)
     per_sum = np.abs(before[0]).astype(np.float64).sum() + 1e-30
-    np.testing.assert_allclose(gb, eb, rtol=0, atol=eps * per_sum)
+    # grad_gamma and grad_beta are stored in x's dtype: plus its rounding
+    # of a result below its smallest subnormal
+    np.testing.assert_allclose(gb, eb, rtol=0, atol=eps * per_sum + floor.max(initial=0))
     xhat_bound = np.abs(np.asarray(save_invstd, np.float64)).max() * (
         np.abs(before[1]).max(initial=0) + np.abs(np.asarray(save_mean, np.float64)).max())
-    np.testing.assert_allclose(gg, eg, rtol=0, atol=eps * per_sum * (xhat_bound + 1e-30))
+    np.testing.assert_allclose(gg, eg, rtol=0,
+                               atol=eps * per_sum * (xhat_bound + 1e-30) + floor.max(initial=0))
     if out_kind != "in_place":
         np.testing.assert_array_equal(g, before[0])
     np.testing.assert_array_equal(x, before[1])
