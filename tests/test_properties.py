@@ -411,10 +411,10 @@ def test_batch_norm_backward(data):
                          + np.abs(xhat) * np.abs((dy * xhat).sum(axis=others)).reshape(
                              broadcast)) / m
     scale_i = np.abs(gamma64 * invstd64).reshape(broadcast) * terms
-    # plus the roundings of subnormal coefficients (a = gamma * invstd, e,
-    # k: a tiny gamma makes them subnormal), each off by up to a subnormal
-    # and then scaled by the rest of its term
-    floor = 64 * float(np.finfo(dtype).smallest_subnormal) * (1 + terms)
+    # plus the roundings of subnormal coefficients (a, e, k of a * dy - e -
+    # k * xhat, subnormal when dy or invstd is tiny), each off by up to half
+    # a subnormal and then multiplied by dy, 1 or xhat
+    floor = 4 * float(np.finfo(dtype).smallest_subnormal) * (1 + np.abs(dy) + np.abs(xhat))
     assert np.all(np.abs(gi - ei) <= eps * scale_i + floor), np.max(np.abs(gi - ei) - eps * scale_i)
     per_sum = np.abs(before[0]).astype(np.float64).sum() + 1e-30
     # grad_gamma and grad_beta are stored in x's dtype: plus its rounding
