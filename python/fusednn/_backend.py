@@ -279,17 +279,6 @@ def check_no_internal_overlap(a, name: str, function: str) -> None:
                          "pass an array without overlapping elements (e.g. a contiguous one)")
 
 
-def check_disjoint(function: str, arrays: dict) -> None:
-    """A ValueError when two of the arrays a kernel writes (None skipped)
-    share memory."""
-    named = [(name, a) for name, a in arrays.items() if a is not None]
-    for i, (first, a) in enumerate(named):
-        for second, b in named[i + 1:]:
-            if _may_share_memory(a, b):
-                raise ValueError(f"fusednn.{function}: {first} and {second} are both written "
-                                 "and share memory; pass separate arrays")
-
-
 def _may_share_memory(a, b) -> bool:
     if is_cupy_array(a):
         return bool(_cupy().may_share_memory(a, b))
@@ -331,12 +320,10 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Sets the CPU kernels' thread count, 1 to ``_cpu.max_num_threads``
     (results do not depend on it)."""
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+    if (isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral)
+            or not 1 <= n <= _cpu.max_num_threads):
         raise ValueError(f"fusednn.set_num_threads: n must be an integer in "
                          f"[1, {_cpu.max_num_threads}], got {n!r}")
-    if not 1 <= n <= _cpu.max_num_threads:
-        raise ValueError(f"fusednn.set_num_threads: n must lie in [1, {_cpu.max_num_threads}], "
-                         f"got {n}")
     _cpu.set_num_threads(int(n))
 
 

@@ -31,7 +31,7 @@ def library_of(a) -> str | None:
     """'numpy', 'cupy', 'torch', 'jax', 'dlpack' (another DLPack
     exporter), or None for a non-array."""
     kind = type(a)
-    if kind is np.ndarray or isinstance(a, (np.ndarray, np.generic)):
+    if isinstance(a, (np.ndarray, np.generic)):
         return "numpy"
     module = kind.__module__.split(".")[0]
     if module == "cupy":
@@ -130,8 +130,8 @@ def call(function, arguments: dict, function_name: str, primary: str):
         origins[name] = _Origin(value, library, device, view)
     if not origins:
         return function(**arguments)
-    lead = origins.get(primary) or next(iter(origins.values()))
     lead_name = primary if primary in origins else next(iter(origins))
+    lead = origins[lead_name]
     strangers = [f"{name} is {_describe(o)}" for name, o in origins.items()
                  if (o.library, o.device) != (lead.library, lead.device)]
     strangers += [f"{name} is a {library} array" for name, library in natives]

@@ -106,19 +106,17 @@ def _check_running_statistics(training: bool, x, out, gamma, beta, running_mean,
     memory: a ValueError otherwise."""
     if not training:
         return
-    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        if a is not None:
-            _backend.check_no_internal_overlap(a, name, function)
-    _backend.check_disjoint(function, {"out": out, "running_mean": running_mean,
-                                       "running_var": running_var})
-    for statistic_name, statistic in (("running_mean", running_mean),
-                                      ("running_var", running_var)):
+    statistics = {"running_mean": running_mean, "running_var": running_var}
+    operands = {"out": out, "x": x, "gamma": gamma, "beta": beta, **statistics}
+    for name, statistic in statistics.items():
         if statistic is None:
             continue
-        for name, a in (("x", x), ("gamma", gamma), ("beta", beta)):
-            if a is not None and _backend._may_share_memory(statistic, a):
-                raise ValueError(f"fusednn.{function}: {statistic_name} is updated in place but "
-                                 f"shares memory with {name}; pass separate arrays")
+        _backend.check_no_internal_overlap(statistic, name, function)
+        for other_name, other in operands.items():
+            if (other is not None and other_name != name
+                    and _backend._may_share_memory(statistic, other)):
+                raise ValueError(f"fusednn.{function}: {name} is updated in place but "
+                                 f"shares memory with {other_name}; pass separate arrays")
 
 
 # ---- CuPy arrays (CUDA kernels) ----------------------------------------------
