@@ -2,7 +2,11 @@
 // and the kernel families (each bound in its own file).
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <string>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "cpu/threadpool.h"
@@ -35,6 +39,36 @@ PYBIND11_MODULE(_cpu, m) {
   m.attr("max_num_threads") = cpu::kMaxThreads;
   m.def("get_num_threads", &cpu::num_threads);
   m.def("set_num_threads", &cpu::set_num_threads);
+  // The bench's probe of the pool itself: the median seconds of one
+  // parallel region over `regions` back-to-back regions, timed here so that
+  // no Python call is counted. Each of the region's tasks waits until all
+  // have started, so every thread must join: empty tasks would all be run
+  // by the caller before a sleeping worker woke, and time nothing.
+  m.def("pool_region_seconds", [](int tasks, int regions) {
+    if (tasks < 1 || tasks > cpu::num_threads() || regions < 1)
+      throw py::value_error("pool_region_seconds: need 1 <= tasks <= get_num_threads(), "
+                            "regions >= 1");
+    std::vector<double> seconds(regions);
+    std::atomic<bool> joined{true};
+    {
+      py::gil_scoped_release release;
+      for (double& s : seconds) {
+        std::atomic<int> started{0};
+        const auto start = std::chrono::steady_clock::now();
+        cpu::parallel_for(tasks, [&](int64_t) {
+          started.fetch_add(1);
+          // A pool busy with another caller runs the tasks one by one.
+          while (started.load() < tasks && joined)
+            if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(100))
+              joined = false;
+        });
+        s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      }
+    }
+    if (!joined) throw std::runtime_error("pool_region_seconds: the tasks did not run at once");
+    std::nth_element(seconds.begin(), seconds.begin() + regions / 2, seconds.end());
+    return seconds[regions / 2];
+  }, py::arg("tasks"), py::arg("regions"));
   bindings::bind_activations(m);
   bindings::bind_batchnorm(m);
   bindings::bind_dropout(m);

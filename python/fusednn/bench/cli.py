@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .._backend import _cpu, get_num_threads, info, set_num_threads
-from . import output, peers, training
+from . import output, peers, sweep, training
 from .activations import ACTIVATION_KERNELS, activation_cases, describe_activations
 from .batchnorm import (BATCH_NORM_KERNELS, BATCH_NORM_QUICK_SHAPE, BATCH_NORM_SHAPE,
                         batch_norm_cases, describe_batch_norm)
@@ -266,6 +266,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smaller size and fewer repeats, for a look in seconds")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the table: speed against size (2^12 to 2^26 float32 "
+                             "elements, 1 thread and the default count) of one kernel per "
+                             "family beside PyTorch and a copy, batch norm at layer shapes, "
+                             "and the pool's own cost; --plot draws GB/s against size")
 
 
 @dataclass
@@ -317,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
     if training_rows is not None:
         return training.run(args, training_rows)
     options = validate(args)
+    if args.sweep:
+        return sweep.run(args, options.peers)
     check_device(args.device, options.selection)
     if args.plot:
         output.require_matplotlib()
