@@ -526,3 +526,24 @@ def test_a_rows_roof_comes_from_the_copies_of_its_own_rounds():
     source, rate = timing.row_roof(rounds)
     assert source == "fusednn._cpu.copy"
     assert rate == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("elements", [0, 1, 37, 4099, (16 << 20) // 4 + 37])
+def test_the_roofs_copy_copies_every_bit(dtype, elements):
+    # The bench's roof, and dropout's identity, use fusednn._cpu.copy: every
+    # bit (NaN payloads and -0 included) at every alignment, with the
+    # output streamed (from 16 MiB) or not.
+    itemsize = np.dtype(dtype).itemsize
+    bits = np.random.default_rng(elements).integers(0, 256, (elements + 8) * itemsize,
+                                                    dtype=np.uint8)
+    source = bits.view(dtype)
+    for start, target_start in [(0, 0), (1, 0), (0, 3), (5, 2)]:
+        n = min(elements, source.size - start)
+        target = np.zeros(n + target_start, dtype=dtype)
+        fn._cpu.copy(source[start:start + n], target[target_start:])
+        assert target[target_start:].tobytes() == source[start:start + n].tobytes()
+        assert not target[:target_start].any()
+    strided = np.zeros(2 * min(elements, 4099), dtype=dtype)
+    fn._cpu.copy(source[:strided.size // 2], strided[::2])
+    assert strided[::2].tobytes() == source[:strided.size // 2].tobytes()

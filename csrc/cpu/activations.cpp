@@ -111,8 +111,14 @@ template <class T> void copy_typed(const ArrayRef& src, const ArrayRef& dst) {
       const T* in = reinterpret_cast<const T*>(ptr[0]);
       T* out = reinterpret_cast<T*>(ptr[1]);
       if (inner[0] == 1 && inner[1] == 1) {
-        produce(out, len, stream, [&](T* d, int64_t start, int64_t count) {
-          std::memcpy(d, in + start, static_cast<size_t>(count) * sizeof(T));
+        // The activations' own store path with no arithmetic, so that as a
+        // roof it moves bytes the way they do: staged through a buffer
+        // (memcpy, then streamed in bursts) it copied at 7 GB/s on one
+        // thread where relu streamed 24 GB/s.
+        produce_lines(out, len, stream, [&](T* dst, int64_t start, int64_t count, auto streamed) {
+          const T* src = in + start;
+          write_run<decltype(streamed)::value>(
+              dst, count, [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; });
         });
       } else {
         for (int64_t i = 0; i < len; ++i) out[i * inner[1]] = in[i * inner[0]];
