@@ -20,11 +20,17 @@ import fusednn as fn
 from fusednn.__main__ import main
 from fusednn.bench import activations as bench_activations
 from fusednn.bench import batchnorm as bench_batchnorm
-from fusednn.bench import cases, checks, cli, peers, timing
+from fusednn.bench import cases, checks, cli, output, peers, timing
 
 TINY = ["bench", "--quick", "--size", "4096", "--repeat", "1"]
 HEADINGS = ["kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof", "x numpy-ref",
             "x torch", "x torch.compile", "x jax.jit"]
+
+
+def prose(report: str) -> str:
+    """The report's text with its wrapped lines joined (and runs of spaces
+    as one), for looking up sentences that may wrap anywhere."""
+    return " ".join(report.split())
 
 
 @pytest.fixture
@@ -41,7 +47,7 @@ def table_rows(out: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
     rows = []
     for line in lines[start:]:
-        if not line.strip() or line[0] in "*!~-":
+        if not line.strip() or line[0] in "*!~-^":
             break
         rows.append([cell.strip() for cell in line.split("  ") if cell.strip()])
     return rows
@@ -72,7 +78,7 @@ def test_no_arguments_prints_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: fusednn")
-    assert "bench" in out and "info" in out
+    assert "bench" in prose(out) and "info" in prose(out)
 
 
 def test_module_runs_as_a_command():
@@ -95,13 +101,13 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_peers):
     out = captured.out
     build = fn.info()
     assert out.startswith("fusednn bench  ")
-    assert f"fusednn {build['version']}, simd {build['simd']}" in out
-    assert f"threads {fn.get_num_threads()}" in out
-    assert "4096 (2^12) float32 elements; median of 1 repeat" in out
-    assert "check: all 5 agree with fusednn.reference within 4 ulp (relu exact)" in out
-    assert "x torch: skipped (not importable" in out
-    assert "x torch.compile: skipped (needs torch, not importable" in out
-    assert "x jax.jit: skipped (not importable" in out
+    assert f"fusednn {build['version']}, simd {build['simd']}" in prose(out)
+    assert f"threads {fn.get_num_threads()}" in prose(out)
+    assert "4096 (2^12) float32 elements; median of 1 repeat" in prose(out)
+    assert "check: all 5 agree with fusednn.reference within 4 ulp (relu exact)" in prose(out)
+    assert "x torch: skipped (not importable" in prose(out)
+    assert "x torch.compile: skipped (needs torch, not importable" in prose(out)
+    assert "x jax.jit: skipped (not importable" in prose(out)
 
     rows = table_rows(out)
     assert rows[0] == HEADINGS
@@ -113,7 +119,7 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_peers):
         # Printed rounded: on a busy machine a tiny case may show 0.0 GB/s, so
         # the table is only parsed here and positivity is checked in the JSON.
         assert all(float(row[k]) >= 0 for k in (3, 4, 6))
-        assert row[5].endswith("%")
+        assert row[5].rstrip("^").endswith("%")
         assert row[7:] == ["-", "-", "-"]
 
     document = json.loads(path.read_text())
@@ -150,7 +156,7 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys, no_peers):
 def test_bench_float64_counts_eight_byte_elements(capsys, no_peers):
     assert main(TINY + ["--dtype", "float64", "--kernels", "tanh"]) == 0
     out = capsys.readouterr().out
-    assert "float64 elements" in out
+    assert "float64 elements" in prose(out)
     rows = table_rows(out)
     assert [r[2] for r in rows[1:]] == ["16 (1r+1w)", "24 (2r+1w)"]
 
@@ -170,8 +176,8 @@ def test_bench_times_pytorch_into_preallocated_outputs(tmp_path, capsys):
                         "--peers", "torch", "--json", str(path)]) == 0
     assert torch.get_num_threads() == torch_threads
     out = capsys.readouterr().out
-    assert f"torch {torch.__version__}" in out
-    assert "allocates" not in out
+    assert f"torch {torch.__version__}" in prose(out)
+    assert "allocates" not in prose(out)
     results = json.loads(path.read_text())["results"]
     assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
         ("sigmoid.out", False), ("sigmoid_backward.grad_input", False),
@@ -191,7 +197,7 @@ def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
     monkeypatch.setattr(bench_activations, "ACTIVATION_KERNELS", kernels)
     assert main(TINY + ["--kernels", "sigmoid,relu:backward", "--peers", "torch"]) == 0
     out = capsys.readouterr().out
-    assert "* torch allocates its result: sigmoid_backward (no out= overload)" in out
+    assert "* torch allocates its result: sigmoid_backward (no out= overload)" in prose(out)
     assert [row[7].rstrip("!~").endswith("*") for row in table_rows(out)[1:]] == [
         False, True, False]
 
@@ -208,9 +214,9 @@ def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, n
     out = captured.out
     # --size 4096 gives 32x128xHxW with H = W = sqrt(4096 / (32 * 128)) = 1.
     assert (f"batch_norm x 32x128x1x1 (NCHW, axis=1) and 32x1x1x128 (NHWC, axis=-1), "
-            f"4096 {dtype} elements; median of 1 repeat") in out
-    assert "check: all 4 agree with fusednn.reference within per-value bounds" in out
-    assert "x numpy-ref: fusednn.reference (float64) timed on the whole batch" in out
+            f"4096 {dtype} elements; median of 1 repeat") in prose(out)
+    assert "check: all 4 agree with fusednn.reference within per-value bounds" in prose(out)
+    assert "x numpy-ref: fusednn.reference (float64) timed on the whole batch" in prose(out)
 
     reads_writes = {"forward": (2, 1), "backward": (4, 1)}
     rows = table_rows(out)
@@ -256,10 +262,10 @@ def test_bench_batchnorm_times_pytorch_on_the_same_memory(tmp_path, capsys):
                         "--json", str(path)]) == 0
     assert torch.get_num_threads() == torch_threads
     out = capsys.readouterr().out
-    assert "native_batch_norm.out writing preallocated outputs" in out
-    assert "NHWC as channels_last views of the same memory; torch threads 1" in out
+    assert "native_batch_norm.out writing preallocated outputs" in prose(out)
+    assert "NHWC as channels_last views of the same memory; torch threads 1" in prose(out)
     assert ("* torch allocates its result: native_batch_norm_backward "
-            "(its .out overload fills a new tensor and copies it, which is slower)") in out
+            "(its .out overload fills a new tensor and copies it, which is slower)") in prose(out)
     results = json.loads(path.read_text())["results"]
     assert [(r["torch_op"], r["torch_allocates"]) for r in results] == [
         ("native_batch_norm.out", False), ("native_batch_norm_backward", True)] * 2
@@ -273,11 +279,14 @@ def test_bench_with_two_families_reports_each(tmp_path, capsys, no_peers):
                         "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert ("activations: 4096 (2^12) float32 elements; batchnorm: batch_norm x 32x1x1x128 "
-            "(NHWC, axis=-1), 4096 float32 elements; median of 1 repeat") in out
+            "(NHWC, axis=-1), 4096 float32 elements; median of 1 repeat") in prose(out)
     lines = out.splitlines()
     start = lines.index("check: all 2 agree with fusednn.reference:")
     assert lines[start + 1].startswith("  activations: within 4 ulp (relu exact) on ")
-    assert lines[start + 2].startswith("  batchnorm: within per-value bounds ")
+    # Each family's line, its continuations indented further.
+    batchnorm = next(i for i, line in enumerate(lines) if line.startswith("  batchnorm: "))
+    assert lines[batchnorm].startswith("  batchnorm: within per-value bounds ")
+    assert all(line.startswith("    ") for line in lines[start + 2:batchnorm])
     assert [(r[0], r[1], r[2]) for r in table_rows(out)[1:]] == [
         ("relu", "forward", "8 (1r+1w)"), ("batch_norm[NHWC]", "backward", "20 (4r+1w)")]
     roofs = json.loads(path.read_text())["roofs"]
@@ -547,3 +556,60 @@ def test_the_roofs_copy_copies_every_bit(dtype, elements):
     strided = np.zeros(2 * min(elements, 4099), dtype=dtype)
     fn._cpu.copy(source[:strided.size // 2], strided[::2])
     assert strided[::2].tobytes() == source[:strided.size // 2].tobytes()
+
+
+def test_the_report_fits_100_columns_and_footnotes_rows_above_the_roof(monkeypatch, capsys,
+                                                                       no_peers):
+    # A roof at a thousandth of the copy's rate puts every row far above
+    # 110%, and each family's rows must then say why.
+    monkeypatch.setattr(timing, "row_roof",
+                        lambda t: (t.copies[0], min(t.copy_bytes / s for s in
+                                                    t.samples[t.copies[0]]) / 1e12))
+    assert main(TINY + ["--kernels", "relu:forward,batch_norm[NCHW]:forward"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    table = lines.index("") + 1
+    assert all(len(line) <= 100 for line in lines[:table] if " " in line.strip())
+    rows = table_rows(out)
+    assert all(row[5].endswith("%^") for row in rows[1:])
+    footnotes = prose("\n".join(lines[table + len(rows):]))
+    assert ("^ above 110% of the roof (relu forward): the kernel moves the bytes its roof "
+            "copies, no fewer") in footnotes
+    assert ("^ above 110% of the roof (batch_norm[NCHW] forward): its traffic counts x (and "
+            "the backward's grad_output) as read twice") in footnotes
+
+
+def test_rows_within_the_roof_have_no_marker_or_footnote(monkeypatch, capsys, no_peers):
+    monkeypatch.setattr(timing, "row_roof", lambda t: (t.copies[0], 1e30))
+    assert main(TINY + ["--kernels", "relu:forward"]) == 0
+    out = capsys.readouterr().out
+    assert table_rows(out)[1][5] == "0%"
+    assert "above 110%" not in out
+
+
+def test_the_cache_line_says_whether_the_rows_fit(monkeypatch):
+    results = [dataclasses.make_dataclass("Row", ["bytes_moved"])(n)  # all it reads
+               for n in (32 << 20, 80 << 20)]
+    monkeypatch.setattr(output, "last_level_cache", lambda: (3, 300 << 20))
+    line = output.cache_line(results)
+    assert line.startswith("cache: each row moves 32 MiB to 80 MiB (its roof copies as much); "
+                           "the L3 cache holds 300 MiB, so kernel and copy alike may find")
+    assert "in-cache copy" in line
+    monkeypatch.setattr(output, "last_level_cache", lambda: (3, 16 << 20))
+    assert "stream from memory: the roof is memory's copy rate" in output.cache_line(results)
+    monkeypatch.setattr(output, "last_level_cache", lambda: (3, 64 << 20))
+    assert "the smaller rows may find their inputs" in output.cache_line(results)
+    monkeypatch.setattr(output, "last_level_cache", lambda: None)
+    assert output.cache_line(results) is None
+
+
+def test_last_level_cache_reads_sysfs(tmp_path):
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "2048K"), (3, "Unified", "300M")]):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(f"{level}\n")
+        (entry / "type").write_text(f"{kind}\n")
+        (entry / "size").write_text(f"{size}\n")
+    assert timing.last_level_cache(str(tmp_path)) == (3, 300 << 20)
+    assert timing.last_level_cache(str(tmp_path / "missing")) is None

@@ -13,9 +13,15 @@ grad_output twice each and writes grad_input: 4 reads + 1 write). GB/s is
 bytes moved (elements x bytes/elem) per second, 1 GB = 1e9 bytes. The roof
 is a plain copy of the same number of bytes, timed in each row's rounds
 (a row's % roof uses the copies of its own rounds): on the CPU the faster of
-``fusednn._cpu.copy`` (threaded, streaming stores) and ``np.copyto``; on the
-GPU (``--device cuda``) the faster of a device-to-device ``cudaMemcpyAsync``
-and ``cupy.copyto``. The copy, the numpy reference and the peers are timed
+``fusednn._cpu.copy`` (threaded, storing as the kernels do) and
+``np.copyto``; on the GPU (``--device cuda``) the faster of a
+device-to-device ``cudaMemcpyAsync`` and ``cupy.copyto``. The copy's
+buffers are as large as a row's arrays, so where those fit in the CPU's
+last-level cache (``--quick``'s 2^22 elements on a large L3) the roof is an
+in-cache copy's rate, as the kernel's is an in-cache rate; the report says
+which. Rows above 110% of their roof are marked ``^`` with a footnote on
+why (batch norm counts the bytes it reads twice, the second time from the
+cache when they fit). The report's text is wrapped to 100 columns. The copy, the numpy reference and the peers are timed
 in the same rounds as each kernel (one call of each per round, medians over
 the rounds), so that the load of a busy machine hits them alike and every
 ratio comes from one run. Compilation (torch.compile, jax.jit) happens

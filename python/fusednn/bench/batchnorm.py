@@ -452,4 +452,7 @@ def describe_batch_norm(plan: Plan, checks: dict) -> FamilyText:
               "native_batch_norm_backward allocating grad_input (fn.batch_norm_backward "
               "writes a preallocated out=); NHWC as channels_last views of the same memory",
         jax="two-pass statistics and the design's backward formula in jax.numpy, over the "
-            "same layout's axes")
+            "same layout's axes",
+        over_roof="its traffic counts x (and the backward's grad_output) as read twice, for "
+                  "the statistics and to normalize; where they fit in the cache (above) the "
+                  "second read comes from it, so fewer bytes cross to memory than are counted")

@@ -108,6 +108,11 @@ class FamilyText:
     torch: str                # the PyTorch ops, and how they are called
     jax: str                  # the JAX functions
     check_notes: list = field(default_factory=list)   # further lines about the check
+    # Why one of this family's rows may pass its copy roof by more than
+    # output.ROOF_NOTE_PERCENT: the footnote such a row gets.
+    over_roof: str = ("the kernel moves the bytes its roof copies, no fewer, so the two were "
+                      "timed under different load within the rounds (the samples are in "
+                      "the JSON)")
 
 
 @dataclass

@@ -12,16 +12,21 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 
 import numpy as np
 
 from .._backend import info
 from .cases import PEERS, BenchError, Plan, UsageError
-from .timing import COPY_ROOFS, WARMUP
+from .timing import COPY_ROOFS, WARMUP, last_level_cache
 
 # The header fields that make two runs comparable; --compare names those
 # that differ.
 COMPARABLE = ("machine", "device", "dtype", "size", "threads", "simd")
+# The report's text (all but the table's rows) is wrapped to this width.
+REPORT_COLUMNS = 100
+# Rows above this % of their roof get a footnote on why.
+ROOF_NOTE_PERCENT = 110
 
 
 def progress(message: str) -> None:
@@ -163,6 +168,54 @@ def _footnotes(results: list) -> list:
     return lines
 
 
+def wrapped(lines: list, width: int = REPORT_COLUMNS) -> list:
+    """Each line cut at spaces to width columns, its continuations indented
+    two more columns than it (words longer than a line are kept whole)."""
+    out = []
+    for line in lines:
+        indent = line[:len(line) - len(line.lstrip())]
+        out += textwrap.wrap(line, width, subsequent_indent=indent + "  ",
+                             break_long_words=False, break_on_hyphens=False) or [line]
+    return out
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n / (1 << 10):.0f} KiB"
+
+
+def cache_line(results: list) -> str | None:
+    """Where the CPU rows' bytes live: whether each row's arrays (and its
+    roof's copy, as large) fit in the last-level cache, and so whether the
+    roof is an in-cache copy rate or memory's."""
+    cache = last_level_cache()
+    if cache is None or not results:
+        return None
+    level, size = cache
+    moved = sorted({r.bytes_moved for r in results})
+    span = _mib(moved[0]) if len(moved) == 1 else f"{_mib(moved[0])} to {_mib(moved[-1])}"
+    if moved[-1] <= size:
+        where = ("so kernel and copy alike may find their inputs in it from the round "
+                 "before: at this size the roof is the rate of an in-cache copy")
+    elif moved[0] > size:
+        where = "so kernel and copy alike stream from memory: the roof is memory's copy rate"
+    else:
+        where = ("so the smaller rows may find their inputs in it and the larger ones "
+                 "stream from memory, kernel and copy alike")
+    return (f"cache: each row moves {span} (its roof copies as much); the L{level} cache "
+            f"holds {_mib(size)}, {where}")
+
+
+def _over_roof_lines(texts: dict, results: list) -> list:
+    lines = []
+    for family, text in texts.items():
+        over = [f"{r.kernel} {r.direction}" for r in results
+                if r.family == family and r.percent_of_roof > ROOF_NOTE_PERCENT]
+        if over:
+            lines.append(f"^ above {ROOF_NOTE_PERCENT}% of the roof ({', '.join(over)}): "
+                         f"{text.over_roof}")
+    return lines
+
+
 def report_text(plan: Plan, head: dict, checks: dict, texts: dict, roofs: dict,
                 results: list) -> str:
     lines = [
@@ -191,6 +244,8 @@ def report_text(plan: Plan, head: dict, checks: dict, texts: dict, roofs: dict,
                  + "; a row's % roof is against the faster routine's median over that row's "
                  "own rounds, so that load changing between rows cancels; medians over the "
                  "whole run:")
+    if plan.device == "cpu" and (cache := cache_line(results)):
+        lines.insert(-1, cache)
     for roof in roofs.values():
         both = ", ".join(f"{name} {rate:.1f}" for name, rate in roof.gb_per_s.items())
         lines.append(f"  {roof.bytes_per_element:g} bytes/elem x {roof.elements} elements: "
@@ -201,17 +256,22 @@ def report_text(plan: Plan, head: dict, checks: dict, texts: dict, roofs: dict,
     lines.append("x <peer>: the peer's time over fusednn's (> 1: fusednn is faster); each "
                  "peer's output is checked against fusednn.reference by the kernel's bounds: "
                  "! off on ordinary inputs, ~ off on special ones only")
+    lines = wrapped(lines)
     lines.append("")
     columns = ("kernel", "direction", "bytes/elem", "time (ms)", "GB/s", "% roof",
                "x numpy-ref", *(f"x {label}" for label in PEERS))
     markers = {label: ([r.peers[label].allocates for r in results if label in r.peers],
                        [r.peers[label].marker for r in results if label in r.peers])
                for label in PEERS}
+    over_roof = any(r.percent_of_roof > ROOF_NOTE_PERCENT for r in results)
     rows = []
     for r in results:
+        percent = f"{r.percent_of_roof:.0f}%"
+        if over_roof:  # a marker slot, so that the numbers stay aligned
+            percent += "^" if r.percent_of_roof > ROOF_NOTE_PERCENT else " "
         rows.append((r.kernel, r.direction,
                      f"{r.bytes_per_element:g} ({r.traffic})",
-                     f"{r.time_ms:.3f}", f"{r.gb_per_s:.1f}", f"{r.percent_of_roof:.0f}%",
+                     f"{r.time_ms:.3f}", f"{r.gb_per_s:.1f}", percent,
                      f"{r.x_numpy_reference:.1f}",
                      *(_peer_cell(r, label, any(markers[label][0]), any(markers[label][1]))
                        for label in PEERS)))
@@ -220,7 +280,7 @@ def report_text(plan: Plan, head: dict, checks: dict, texts: dict, roofs: dict,
     for row in (columns, *rows):
         lines.append("  ".join(cell.ljust(w) if i < left else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
-    lines += _footnotes(results)
+    lines += wrapped(_over_roof_lines(texts, results) + _footnotes(results))
     return "\n".join(lines)
 
 
