@@ -14,7 +14,8 @@ namespace FUSEDNN_ISA {
 namespace {
 
 template <class Op, class T>
-void forward_typed(const ActivationParams& params, const ArrayRef& x, const ArrayRef& y) {
+void forward_typed(const ActivationParams& params, double ns_per_element, const ArrayRef& x,
+                   const ArrayRef& y) {
   const int64_t* strides[2] = {x.strides, y.strides};
   const int sizes[2] = {int(sizeof(T)), int(sizeof(T))};
   const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
@@ -44,12 +45,12 @@ void forward_typed(const ActivationParams& params, const ArrayRef& x, const Arra
       if (stream) store_fence();
     }
   };
-  loop.run(base, sizes, [&] { return Body{params, stream}; });
+  loop.run(base, sizes, cost_of<T>(ns_per_element), [&] { return Body{params, stream}; });
 }
 
 template <class Op, class T, bool kFromOutput>
-void backward_typed(const ActivationParams& params, const ArrayRef& g, const ArrayRef& saved,
-                    const ArrayRef& gi) {
+void backward_typed(const ActivationParams& params, double ns_per_element, const ArrayRef& g,
+                    const ArrayRef& saved, const ArrayRef& gi) {
   const int64_t* strides[3] = {g.strides, saved.strides, gi.strides};
   const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
   const StridedLoop<3> loop(g.ndim, g.shape, strides, sizes);
@@ -96,7 +97,7 @@ void backward_typed(const ActivationParams& params, const ArrayRef& g, const Arr
       if (stream) store_fence();
     }
   };
-  loop.run(base, sizes, [&] { return Body{params, stream}; });
+  loop.run(base, sizes, cost_of<T>(ns_per_element), [&] { return Body{params, stream}; });
 }
 
 template <class T> void copy_typed(const ArrayRef& src, const ArrayRef& dst) {
@@ -128,19 +129,20 @@ template <class T> void copy_typed(const ArrayRef& src, const ArrayRef& dst) {
       if (stream) store_fence();
     }
   };
-  loop.run(base, sizes, [&] { return Body{stream}; });
+  loop.run(base, sizes, cost_of<T>(kCopyNanoseconds), [&] { return Body{stream}; });
 }
 
 }  // namespace
 
 void activation_forward(Activation act, const ActivationParams& p, const ArrayRef& x,
                         const ArrayRef& y) {
+  const double ns = activation_cost(act).forward;
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
     if (x.dtype == DType::float64) {
-      forward_typed<Op, double>(p, x, y);
+      forward_typed<Op, double>(p, ns, x, y);
     } else {
-      forward_typed<Op, float>(p, x, y);
+      forward_typed<Op, float>(p, ns, x, y);
     }
   });
 }
@@ -148,14 +150,15 @@ void activation_forward(Activation act, const ActivationParams& p, const ArrayRe
 void activation_backward(Activation act, const ActivationParams& p, bool from_output,
                          const ArrayRef& grad_output, const ArrayRef& saved,
                          const ArrayRef& grad_input) {
+  const double ns = activation_cost(act).backward;
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
     if constexpr (Op::kBackwardFromY) {
       if (from_output) {
         if (grad_output.dtype == DType::float64) {
-          backward_typed<Op, double, true>(p, grad_output, saved, grad_input);
+          backward_typed<Op, double, true>(p, ns, grad_output, saved, grad_input);
         } else {
-          backward_typed<Op, float, true>(p, grad_output, saved, grad_input);
+          backward_typed<Op, float, true>(p, ns, grad_output, saved, grad_input);
         }
         return;
       }
@@ -163,9 +166,9 @@ void activation_backward(Activation act, const ActivationParams& p, bool from_ou
       throw std::invalid_argument("this activation's derivative needs x, not y");
     }
     if (grad_output.dtype == DType::float64) {
-      backward_typed<Op, double, false>(p, grad_output, saved, grad_input);
+      backward_typed<Op, double, false>(p, ns, grad_output, saved, grad_input);
     } else {
-      backward_typed<Op, float, false>(p, grad_output, saved, grad_input);
+      backward_typed<Op, float, false>(p, ns, grad_output, saved, grad_input);
     }
   });
 }

@@ -346,6 +346,9 @@ template <class T> std::vector<T> repeated(const T* v, int64_t channels, int64_t
   return out;
 }
 
+// Per-element cost of the scalar passes over strided arrays (slice_count).
+constexpr double kStridedPassNanoseconds = 1.0;
+
 // Elements per task of the elementwise passes (a multiple of 64).
 constexpr int64_t kPassChunk = int64_t(1) << 15;
 
@@ -538,7 +541,7 @@ void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const Normal
     }
     void finish() {}
   };
-  loop.run(base, sizes, [] { return Body{}; });
+  loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
 }
 
 template <class T> struct InputGradSegment {
@@ -623,7 +626,7 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
     }
     void finish() {}
   };
-  loop.run(base, sizes, [] { return Body{}; });
+  loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
 }
 
 // Normalizes every element with normalize_wide, in double: the pass for
@@ -656,7 +659,7 @@ void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
     }
     void finish() {}
   };
-  loop.run(base, sizes, [] { return Body{}; });
+  loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
 }
 
 template <class T>

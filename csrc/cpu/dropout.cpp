@@ -343,11 +343,15 @@ class KeepCursor {
 #endif
 };
 
-// Splits [0, size) into one slice per thread, boundaries on multiples of
+// Nanoseconds per float32 element of the keep-bit draw and its use, on one
+// core with the data in cache (as cpu/activation_runs.h's costs).
+constexpr double kDropoutNanoseconds = 0.6;
+
+// Splits [0, size) into slice_count slices, boundaries on multiples of
 // kSliceAlign, and calls fn(begin, end) for each on the pool.
-template <class Fn> void for_each_slice(int64_t size, Fn fn) {
+template <class Fn> void for_each_slice(int64_t size, double ns_per_element, Fn fn) {
   if (size == 0) return;
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
+  const int64_t slices = slice_count(size, ns_per_element);
   parallel_for(slices, [&](int64_t s) {
     const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~(kSliceAlign - 1);
     const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~(kSliceAlign - 1);
@@ -359,8 +363,8 @@ template <class Fn> void for_each_slice(int64_t size, Fn fn) {
 // slice's body.
 template <int N, class MakeBody>
 void run_slices(const StridedLoop<N>& loop, char* const base[N], const int sizes[N],
-                MakeBody make_body) {
-  for_each_slice(loop.size, [&](int64_t begin, int64_t end) {
+                double ns_per_element, MakeBody make_body) {
+  for_each_slice(loop.size, ns_per_element, [&](int64_t begin, int64_t end) {
     auto body = make_body(begin, end);
     loop.walk(base, sizes, begin, end, body);
     body.finish();
@@ -640,7 +644,7 @@ template <class T> void dropout_typed(const DropoutSpec& spec, const ArrayRef& x
   const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
   char* base[2] = {static_cast<char*>(x.data), static_cast<char*>(y.data)};
   const bool stream = streams<T>(loop.size);
-  run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+  run_slices(loop, base, sizes, cost_of<T>(kDropoutNanoseconds), [&](int64_t begin, int64_t end) {
     return DropoutBody<T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream};
   });
 }
@@ -654,8 +658,9 @@ template <class T> void dropout_typed(const DropoutSpec& spec, const ArrayRef& x
 // multiplies it by the keep bits and streams it out. Returns false, having
 // written nothing, for the layouts it does not take.
 template <class Op, class T>
-bool bias_act_forward_rows(const ActivationParams& params, const DropoutSpec& spec,
-                           const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+bool bias_act_forward_rows(const ActivationParams& params, double ns_per_element,
+                           const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
+                           const ArrayRef& out) {
   if (h.ndim == 0 || spec.mask_in != nullptr || !is_contiguous(h) || !is_contiguous(out))
     return false;
   const int last = h.ndim - 1;
@@ -670,7 +675,7 @@ bool bias_act_forward_rows(const ActivationParams& params, const DropoutSpec& sp
   const T* bp = static_cast<const T*>(bias.data);
   T* op = static_cast<T*>(out.data);
   const bool stream = streams<T>(size);
-  for_each_slice(size, [&](int64_t begin, int64_t end) {
+  for_each_slice(size, ns_per_element, [&](int64_t begin, int64_t end) {
     KeepCursor cursor(spec, begin, end);
     const T scale = T(spec.scale);
     const auto piece = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
@@ -697,10 +702,12 @@ bool bias_act_forward_rows(const ActivationParams& params, const DropoutSpec& sp
 #endif
 
 template <class Op, class T>
-void bias_act_forward_typed(const ActivationParams& params, const DropoutSpec& spec,
-                            const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+void bias_act_forward_typed(const ActivationParams& params, double activation_ns,
+                            const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
+                            const ArrayRef& out) {
+  const double ns_per_element = cost_of<T>(activation_ns + kDropoutNanoseconds);
 #if defined(FUSEDNN_DROPOUT_AVX512)
-  if (bias_act_forward_rows<Op, T>(params, spec, h, bias, out)) return;
+  if (bias_act_forward_rows<Op, T>(params, ns_per_element, spec, h, bias, out)) return;
 #endif
   const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
   const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
@@ -708,7 +715,7 @@ void bias_act_forward_typed(const ActivationParams& params, const DropoutSpec& s
   char* base[3] = {static_cast<char*>(h.data), static_cast<char*>(bias.data),
                    static_cast<char*>(out.data)};
   const bool stream = streams<T>(loop.size);
-  run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+  run_slices(loop, base, sizes, ns_per_element, [&](int64_t begin, int64_t end) {
     return BiasActForwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
                                      params};
   });
@@ -777,7 +784,8 @@ __attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
 }
 
 template <class Op, class T>
-void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& spec,
+void bias_act_backward_typed(const ActivationParams& params, double activation_ns,
+                             const DropoutSpec& spec,
                              const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
                              const ArrayRef& gh, int axis, const ArrayRef& grad_bias) {
   const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
@@ -798,7 +806,8 @@ void bias_act_backward_typed(const ActivationParams& params, const DropoutSpec& 
                           is_contiguous(g) && is_contiguous(h) && is_contiguous(gh) &&
                           bias.strides[axis] == item;
   if (!fused_sums) {
-    run_slices(loop, base, sizes, [&](int64_t begin, int64_t end) {
+    run_slices(loop, base, sizes, cost_of<T>(activation_ns + kDropoutNanoseconds),
+               [&](int64_t begin, int64_t end) {
       return BiasActBackwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale),
                                         stream, params};
     });
@@ -831,7 +840,7 @@ void dropout_apply(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y
 }
 
 void dropout_mask(const DropoutSpec& spec, int64_t n) {
-  for_each_slice(n, [&](int64_t begin, int64_t end) {
+  for_each_slice(n, kDropoutNanoseconds, [&](int64_t begin, int64_t end) {
     KeepCursor cursor(spec, begin, end);
     cursor.bit_pieces(begin, end - begin, [](const uint8_t*, int64_t, int64_t, int64_t) {});
   });
@@ -839,12 +848,13 @@ void dropout_mask(const DropoutSpec& spec, int64_t n) {
 
 void bias_act_dropout_forward(Activation act, const ActivationParams& p, const DropoutSpec& spec,
                               const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
+  const double ns = activation_cost(act).forward;
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
     if (h.dtype == DType::float64) {
-      bias_act_forward_typed<Op, double>(p, spec, h, bias, out);
+      bias_act_forward_typed<Op, double>(p, ns, spec, h, bias, out);
     } else {
-      bias_act_forward_typed<Op, float>(p, spec, h, bias, out);
+      bias_act_forward_typed<Op, float>(p, ns, spec, h, bias, out);
     }
   });
 }
@@ -853,12 +863,13 @@ void bias_act_dropout_backward(Activation act, const ActivationParams& p, const 
                                const ArrayRef& grad_output, const ArrayRef& h,
                                const ArrayRef& bias, const ArrayRef& grad_h, int axis,
                                const ArrayRef& grad_bias) {
+  const double ns = activation_cost(act).backward;
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
     if (h.dtype == DType::float64) {
-      bias_act_backward_typed<Op, double>(p, spec, grad_output, h, bias, grad_h, axis, grad_bias);
+      bias_act_backward_typed<Op, double>(p, ns, spec, grad_output, h, bias, grad_h, axis, grad_bias);
     } else {
-      bias_act_backward_typed<Op, float>(p, spec, grad_output, h, bias, grad_h, axis, grad_bias);
+      bias_act_backward_typed<Op, float>(p, ns, spec, grad_output, h, bias, grad_h, axis, grad_bias);
     }
   });
 }

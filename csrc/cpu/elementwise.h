@@ -33,8 +33,23 @@ namespace cpu {
 namespace FUSEDNN_ISA {
 
 constexpr int kMaxDims = 64;
-// Elements per task below which splitting across threads does not pay.
-constexpr int64_t kGrain = 1 << 16;
+// Work per task below which handing it to another thread does not pay: a
+// worker joins a parallel region in about 2 us here (bench --sweep's pool
+// row), and a task a few times longer keeps that cost small.
+constexpr double kMinTaskNanoseconds = 5000;
+
+// How many slices to split `size` elements costing about ns_per_element
+// each (float32, one core, data in cache) into: one per thread, fewer where
+// a slice would carry less than kMinTaskNanoseconds. A fixed element count
+// would split a relu (0.1 ns per element) as finely as a gelu (0.8 ns).
+inline int64_t slice_count(int64_t size, double ns_per_element) {
+  const double slices = double(size) * ns_per_element / kMinTaskNanoseconds;
+  return slices < 2 ? 1 : std::min<int64_t>(num_threads(), int64_t(slices));
+}
+
+// Per-element costs of the loops that are not activations, measured like
+// the activations' (cpu/activation_runs.h).
+constexpr double kCopyNanoseconds = 0.1;
 // Outputs at least this large are streamed past the cache.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // Size of the cache-resident staging buffer for the streamed outputs of
@@ -133,13 +148,14 @@ template <int N> struct StridedLoop {
     }
   }
 
-  // Splits [0, size) into equal slices (one per thread, boundaries on
+  // Splits [0, size) into equal slices (slice_count of them, boundaries on
   // 64-element multiples) and walks each on the pool. make_body(slice)
   // returns the body for one slice; its finish() runs when the slice ends.
   template <class MakeBody>
-  void run(char* const base[N], const int itemsizes[N], MakeBody make_body) const {
+  void run(char* const base[N], const int itemsizes[N], double ns_per_element,
+           MakeBody make_body) const {
     if (size == 0) return;
-    const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(num_threads(), size / kGrain));
+    const int64_t slices = slice_count(size, ns_per_element);
     parallel_for(slices, [&](int64_t s) {
       const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~int64_t(63);
       const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~int64_t(63);

@@ -15,9 +15,10 @@ burns while idle after a call.
 Each point is the median of rounds that interleave fusednn, PyTorch and the
 copy; each sample repeats its call until it lasts SAMPLE_SECONDS, so that a
 4 us call is not timed by a clock read. PyTorch keeps its default OpenMP
-wait policy (its workers spin a while after each op, as in a user's
-process) unless OMP_WAIT_POLICY is set; a short pause between routines
-lets either library's spinning workers settle before the next is timed.
+wait policy (as in a user's process) unless OMP_WAIT_POLICY is set: its
+workers then spin for about 10 ms after each op, on the core the next
+routine's second thread needs, so each routine's sample starts after a
+pause longer than that.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from .output import progress, require_matplotlib
 SIZES = tuple(2**k for k in range(12, 27))
 QUICK_SIZES = tuple(2**k for k in range(12, 23, 2))
 SAMPLE_SECONDS = 0.002
-SETTLE_SECONDS = 0.003
+SETTLE_SECONDS = 0.015
 BIAS_COLUMNS = 1024
 BATCH_NORM_CHANNELS = 256
 DROPOUT_P = 0.1
