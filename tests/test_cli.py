@@ -495,7 +495,9 @@ def test_size_accepts_powers_of_two():
 ])
 def test_cuda_device_says_why_it_cannot_run(cuda_built, cupy, kernels, message, monkeypatch,
                                             capsys):
-    monkeypatch.setattr(cli, "info", lambda: {**fn.info(), "cuda_built": cuda_built})
+    # A GPU the CUDA module can run, whatever this machine has.
+    monkeypatch.setattr(cli, "info", lambda: {**fn.info(), "cuda_built": cuda_built,
+                                              "cuda_error": None, "cuda_devices": 1})
     monkeypatch.setattr(peers, "import_cupy",
                         lambda: (cupy, "13.0") if cupy else (None, "not importable (no cupy here)"))
     assert main(TINY + ["--device", "cuda", "--kernels", kernels]) == 1
@@ -503,6 +505,41 @@ def test_cuda_device_says_why_it_cannot_run(cuda_built, cupy, kernels, message, 
     assert captured.out == ""
     assert captured.err.startswith("fusednn bench: --device cuda: ")
     assert message in captured.err
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    ({"cuda_error": "cudaErrorInsufficientDriver", "cuda_driver": 0, "cuda_runtime": 13000},
+     "finds no GPU: cudaErrorInsufficientDriver: no NVIDIA driver is loaded, and this build's "
+     "CUDA runtime is 13.0; install or update the driver to one for CUDA 13.0 or newer"),
+    ({"cuda_error": "cudaErrorInsufficientDriver", "cuda_driver": 12040, "cuda_runtime": 13000},
+     "cudaErrorInsufficientDriver: the NVIDIA driver supports CUDA 12.4 only, and this build's "
+     "CUDA runtime is 13.0"),
+    ({"cuda_error": "cudaErrorNoDevice", "cuda_driver": 13000, "cuda_runtime": 13000},
+     "finds no GPU: cudaErrorNoDevice: the NVIDIA driver finds no GPU"),
+])
+def test_cuda_device_names_the_drivers_error(build, message, monkeypatch, capsys):
+    # The CUDA module's own error comes first: CuPy, installed or not, would
+    # fail for the same reason, and installing it would not help.
+    monkeypatch.setattr(cli, "info", lambda: {**fn.info(), "cuda_built": True, **build})
+    monkeypatch.setattr(peers, "import_cupy", lambda: (None, "not importable (no cupy here)"))
+    assert main(TINY + ["--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "CuPy" not in err and "pip install" not in err
+
+
+def test_cuda_device_with_a_cupy_that_sees_no_gpu_names_the_cupy_to_install(monkeypatch,
+                                                                             capsys):
+    monkeypatch.setattr(cli, "info", lambda: {**fn.info(), "cuda_built": True,
+                                              "cuda_error": None, "cuda_devices": 1})
+    monkeypatch.setattr(peers, "import_cupy", lambda: (
+        None, "installed but sees no CUDA device (cudaErrorInsufficientDriver)"))
+    assert main(TINY + ["--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert ("CuPy is installed but sees no CUDA device (cudaErrorInsufficientDriver), while "
+            "fusednn's CUDA module sees 1 GPU(s): this CuPy is likely built for another CUDA "
+            "version (pip install ") in err
+    assert fn._backend.cupy_install_hint() in err
 
 
 def test_plot_without_matplotlib_fails_before_running(tmp_path, monkeypatch, capsys):

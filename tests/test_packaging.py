@@ -10,6 +10,7 @@ they skip where the tests run without it, e.g. from an unpacked wheel.
 """
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import re
 import shutil
@@ -180,6 +181,45 @@ def test_release_metadata(pyproject):
     assert {int(re.fullmatch(r"cp3(\d+)-\*", w).group(1)) for w in wheels} == minors
     for url in project["urls"].values():
         assert url.startswith("https://")
+
+
+def test_the_cuda_extra_matches_the_release_toolkit(pyproject):
+    # One CUDA major version: the toolkit the release wheels are compiled
+    # with, the CuPy the [cuda] extra installs, the classifier, and the one
+    # the error messages name (a source build with another toolkit is told
+    # its own cupy-cudaNNx).
+    from fusednn import _backend
+
+    major = _backend.EXTRA_CUDA_MAJOR
+    assert pyproject["project"]["optional-dependencies"]["cuda"] == [f"cupy-cuda{major}x"]
+    assert f"Environment :: GPU :: NVIDIA CUDA :: {major}" in pyproject["project"]["classifiers"]
+    toolkit = " ".join(pyproject["tool"]["cibuildwheel"]["linux"]["before-all"])
+    assert re.findall(r"cuda-nvcc-(\d+)-", toolkit) == [str(major)]
+
+
+def test_the_cupy_hint_follows_the_cuda_module(monkeypatch):
+    from fusednn import _backend
+
+    class Built:
+        def __init__(self, version):
+            self.runtime_version = lambda: version
+
+    major = _backend.EXTRA_CUDA_MAJOR
+    monkeypatch.setattr(_backend, "_cuda", Built(major * 1000 + 20))
+    assert _backend.cupy_install_hint() == (
+        f"pip install 'fusednn[cuda]': cupy-cuda{major}x, for CUDA {major} like this build")
+    monkeypatch.setattr(_backend, "_cuda", None)
+    assert _backend.cupy_install_hint().startswith("pip install 'fusednn[cuda]'")
+    monkeypatch.setattr(_backend, "_cuda", Built(12080))
+    assert _backend.cupy_install_hint() == (
+        f"pip install cupy-cuda12x: this build's CUDA module is compiled with CUDA 12, and the "
+        f"[cuda] extra's cupy-cuda{major}x is for CUDA {major}")
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed: the message needs it missing")
+    import fusednn as fn
+    with pytest.raises(RuntimeError, match=r"needs CuPy, which is not installed \(pip install "
+                                           r"cupy-cuda12x: "):
+        fn.init.uniform((4,), device="cuda")
 
 
 def test_scripts_exist(pyproject, readme):

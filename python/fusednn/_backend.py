@@ -81,6 +81,24 @@ def _cupy():
     return cupy
 
 
+# The CUDA major version whose CuPy the [cuda] extra installs
+# (pyproject.toml: cupy-cuda13x), the toolkit release wheels are built with.
+EXTRA_CUDA_MAJOR = 13
+
+
+def cupy_install_hint() -> str:
+    """How to install the CuPy this build needs, for error messages: CuPy
+    must match the CUDA major version the CUDA module was compiled with,
+    which is the [cuda] extra's unless a source build used another
+    toolkit."""
+    major = _cuda.runtime_version() // 1000 if _cuda is not None else EXTRA_CUDA_MAJOR
+    if major == EXTRA_CUDA_MAJOR:
+        return f"pip install 'fusednn[cuda]': cupy-cuda{major}x, for CUDA {major} like this build"
+    return (f"pip install cupy-cuda{major}x: this build's CUDA module is compiled with CUDA "
+            f"{major}, and the [cuda] extra's cupy-cuda{EXTRA_CUDA_MAJOR}x is for CUDA "
+            f"{EXTRA_CUDA_MAJOR}")
+
+
 def check_cuda_dtype(dtype, name: str, function: str) -> None:
     if np.dtype(dtype) not in _CUDA_DTYPE_CODES:
         raise TypeError(f"fusednn.{function}: {name} has dtype {np.dtype(dtype)}; supported "

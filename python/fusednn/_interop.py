@@ -95,7 +95,7 @@ def _native_view(obj, library: str, device: str, name: str, function: str):
         cupy = _backend._cupy()
     except ImportError:
         raise RuntimeError(f"fusednn.{function}: {name} is a CUDA array, which fusednn runs "
-                           "through CuPy; install it (pip install 'fusednn[cuda]')") from None
+                           f"through CuPy; install it ({_backend.cupy_install_hint()})") from None
     return cupy.from_dlpack(obj)
 
 

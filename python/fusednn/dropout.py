@@ -120,7 +120,7 @@ def _cupy_for(function: str):
         return _backend._cupy()
     except ImportError:
         raise RuntimeError(f"fusednn.{function}: device='cuda' needs CuPy, which is not "
-                           "installed (pip install 'fusednn[cuda]', the CuPy for CUDA 13)") from None
+                           f"installed ({_backend.cupy_install_hint()})") from None
 
 
 def _mask_or_seed(mask, seed, offset, size: int, function: str, like=None):

@@ -118,8 +118,8 @@ def _cupy(function: str):
     try:
         import cupy
     except ImportError:
-        raise RuntimeError(f"fusednn.init.{function}: device='cuda' needs CuPy "
-                           "(pip install 'fusednn[cuda]'), which is not installed") from None
+        raise RuntimeError(f"fusednn.init.{function}: device='cuda' needs CuPy, which is "
+                           f"not installed ({_backend.cupy_install_hint()})") from None
     return cupy
 
 

@@ -135,8 +135,8 @@ def _full(value, shape, dtype, device):
         try:
             import cupy
         except ImportError:
-            raise RuntimeError("fusednn.nn: device='cuda' needs CuPy (pip install "
-                               "'fusednn[cuda]'), which is not installed") from None
+            raise RuntimeError("fusednn.nn: device='cuda' needs CuPy, which is not installed "
+                               f"({_backend.cupy_install_hint()})") from None
         return cupy.full(shape, value, dtype=dtype)
     return np.full(shape, value, dtype=dtype)
 

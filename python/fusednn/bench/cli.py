@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._backend import _cpu, get_num_threads, info, set_num_threads
+from .._backend import _cpu, cupy_install_hint, get_num_threads, info, set_num_threads
 from . import output, peers, sweep, training
 from .activations import ACTIVATION_KERNELS, activation_cases, describe_activations
 from .batchnorm import (BATCH_NORM_KERNELS, BATCH_NORM_QUICK_SHAPE, BATCH_NORM_SHAPE,
@@ -115,16 +115,48 @@ def parse_peers(spec: str) -> frozenset:
     return frozenset(names)
 
 
+def _cuda_version(code: int) -> str:
+    """A CUDA version as the runtime reports it (13000) in words (13.0)."""
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def no_gpu_reason(build: dict) -> str:
+    """Why fusednn's CUDA module finds no GPU, from info()'s cuda_error."""
+    error, runtime = build["cuda_error"], _cuda_version(build["cuda_runtime"])
+    if error == "cudaErrorInsufficientDriver":
+        if not build.get("cuda_driver"):
+            why = "no NVIDIA driver is loaded"
+        else:
+            why = (f"the NVIDIA driver supports CUDA {_cuda_version(build['cuda_driver'])} "
+                   "only")
+        return (f"{error}: {why}, and this build's CUDA runtime is {runtime}; install or "
+                f"update the driver to one for CUDA {runtime} or newer")
+    if error == "cudaErrorNoDevice":
+        return f"{error}: the NVIDIA driver finds no GPU"
+    return f"{error} (CUDA runtime {runtime})"
+
+
 def check_device(device: str, selection: dict) -> None:
-    """Raises BenchError unless every selected family has kernels on device."""
-    if device == "cuda" and not info()["cuda_built"]:
+    """Raises BenchError unless every selected family has kernels on device,
+    saying what is missing: the CUDA module, a GPU the driver can run (the
+    module's own error), or a CuPy that sees it."""
+    build = info()
+    if device == "cuda" and not build["cuda_built"]:
         raise BenchError("--device cuda: this fusednn was built without CUDA; reinstall with "
                          "nvcc on PATH (FUSEDNN_CUDA=ON pip install . -Ccmake.fresh=true)")
+    if device == "cuda" and build.get("cuda_error"):
+        raise BenchError(f"--device cuda: fusednn's CUDA module finds no GPU: "
+                         f"{no_gpu_reason(build)}")
     if device == "cuda":
         cupy, note = peers.import_cupy()
+        if cupy is None and note.startswith("installed"):
+            # fusednn's module sees a GPU (above), so this CuPy is the wrong one.
+            raise BenchError(f"--device cuda: CuPy is {note}, while fusednn's CUDA module "
+                             f"sees {build.get('cuda_devices', 'a')} GPU(s): this CuPy is "
+                             f"likely built for another CUDA version ({cupy_install_hint()})")
         if cupy is None:
-            raise BenchError(f"--device cuda: needs CuPy, which is {note} (pip install "
-                             "'fusednn[cuda]', the CuPy for CUDA 13)")
+            raise BenchError(f"--device cuda: needs CuPy, which is {note} "
+                             f"({cupy_install_hint()})")
     missing = [f for f in selection if device not in FAMILIES[f].builders]
     if missing:
         raise BenchError(f"--device {device}: no {device.upper()} kernels yet for "
