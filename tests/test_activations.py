@@ -565,7 +565,8 @@ def test_same_bits_for_every_simd_path(name, params, dtype, restore_simd):
 
 # ---- bad input -----------------------------------------------------------------
 
-UNSUPPORTED = [np.int32, np.int64, np.complex64, np.float16, np.bool_, object]
+# float16 and bfloat16 are supported: tests/test_half.py.
+UNSUPPORTED = [np.int32, np.int64, np.complex64, np.bool_, object]
 
 
 @pytest.mark.parametrize("dtype", UNSUPPORTED, ids=lambda d: np.dtype(d).name)

@@ -29,7 +29,7 @@ from conftest import (PARAM_SETS, accepts_output, check_backward_x, check_backwa
                       check_forward)
 
 SUPPORTED = (np.float32, np.float64)
-UNSUPPORTED = (np.float16, np.int32, np.complex64, np.uint8)
+UNSUPPORTED = (np.int32, np.complex64, np.uint8)
 
 
 # ---- building arrays of any layout that hold given values ---------------------------

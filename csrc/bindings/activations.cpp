@@ -48,7 +48,14 @@ void bind_activations(py::module_& m) {
       [](const py::array& src, const py::array& dst) {
         const ArrayView sv(src, false, "src");
         const ArrayView dv(dst, true, "dst");
-        require_same(sv, dv, "copy");
+        const bool converts = sv.dtype() != dv.dtype() &&
+                              (sv.dtype() == cpu::DType::float32) != (dv.dtype() == cpu::DType::float32) &&
+                              (cpu::is_half(sv.dtype()) || cpu::is_half(dv.dtype()));
+        if (converts) {
+          if (sv.shape() != dv.shape()) throw py::value_error("copy: arrays differ in shape");
+        } else {
+          require_same(sv, dv, "copy");
+        }
         run_without_gil([&] {
           FUSEDNN_ISA_SELECT(copy)(sv.ref(), dv.ref());
         });

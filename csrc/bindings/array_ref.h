@@ -30,8 +30,13 @@ class ArrayView {
       dtype_ = cpu::DType::float32;
     } else if (dt.equal(py::dtype::of<double>()) && dt.byteorder() != '>') {
       dtype_ = cpu::DType::float64;
+    } else if (dt.kind() == 'f' && dt.itemsize() == 2 && dt.byteorder() != '>') {
+      dtype_ = cpu::DType::float16;
+    } else if (dt.itemsize() == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16") {
+      dtype_ = cpu::DType::bfloat16;  // ml_dtypes.bfloat16, numpy's only bfloat16
     } else {
-      throw py::type_error(std::string(name) + ": dtype must be float32 or float64");
+      throw py::type_error(std::string(name) +
+                           ": dtype must be float32, float64, float16 or bfloat16");
     }
     if (writable && !array.writeable())
       throw py::value_error(std::string(name) + " is read-only");
@@ -63,6 +68,12 @@ class ArrayView {
   std::vector<int64_t> strides_;
   cpu::ArrayRef ref_{};
 };
+
+// For the kernels that take float32 and float64 only.
+inline void require_full_precision(const ArrayView& a, const char* name) {
+  if (cpu::is_half(a.dtype()))
+    throw py::type_error(std::string(name) + ": dtype must be float32 or float64");
+}
 
 inline void require_same(const ArrayView& a, const ArrayView& b, const char* what) {
   if (a.dtype() != b.dtype() || a.shape() != b.shape())

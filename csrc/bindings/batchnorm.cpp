@@ -16,7 +16,9 @@ namespace {
 std::optional<ArrayView> optional_view(const py::object& array, bool writable, const char* name) {
   if (array.is_none()) return std::nullopt;
   if (!py::isinstance<py::array>(array)) throw py::type_error(std::string(name) + " must be an array");
-  return ArrayView(py::reinterpret_borrow<py::array>(array), writable, name);
+  ArrayView view(py::reinterpret_borrow<py::array>(array), writable, name);
+  require_full_precision(view, name);
+  return view;
 }
 
 const cpu::ArrayRef* ref_or_null(const std::optional<ArrayView>& view) {
@@ -53,6 +55,7 @@ void bind_batchnorm(py::module_& m) {
         const auto rv = optional_view(running_var, training, "running_var");
         const ArrayView sm(save_mean, true, "save_mean");
         const ArrayView si(save_invstd, true, "save_invstd");
+        for (const ArrayView* v : {&xv, &yv, &sm, &si}) require_full_precision(*v, "batch_norm");
         require_channels(gv, channels, "gamma");
         require_channels(bv, channels, "beta");
         require_channels(rm, channels, "running_mean");
@@ -97,6 +100,8 @@ void bind_batchnorm(py::module_& m) {
         const ArrayView si(save_invstd, false, "save_invstd");
         const ArrayView gg(grad_gamma, true, "grad_gamma");
         const ArrayView gb(grad_beta, true, "grad_beta");
+        for (const ArrayView* v : {&gv, &xv, &dv, &sm, &si, &gg, &gb})
+          require_full_precision(*v, "batch_norm_backward");
         require_channels(wv, channels, "gamma");
         for (const ArrayView* v : {&sm, &si, &gg, &gb})
           require_channels(std::optional<ArrayView>(*v), channels, "per-channel array");

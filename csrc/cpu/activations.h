@@ -13,6 +13,8 @@
   void activation_backward(::fusednn::Activation act, const ::fusednn::ActivationParams& p, \
                            bool from_output, const ArrayRef& grad_output,               \
                            const ArrayRef& saved, const ArrayRef& grad_input);          \
+  /* dst = src; between float32 and float16/bfloat16 it converts, rounding */ \
+  /* to nearest even, and is otherwise a plain copy of one dtype. */          \
   void copy(const ArrayRef& src, const ArrayRef& dst);
 
 FUSEDNN_DECLARE_FOR_EACH_ISA(FUSEDNN_ACTIVATION_DECLS)

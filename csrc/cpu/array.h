@@ -10,9 +10,15 @@
 namespace fusednn {
 namespace cpu {
 
-enum class DType : int { float32 = 0, float64 = 1 };
+// float16 and bfloat16 are stored as fusednn::Float16 and BFloat16
+// (fusednn/half.h) and computed in float32.
+enum class DType : int { float32 = 0, float64 = 1, float16 = 2, bfloat16 = 3 };
 
-inline int itemsize(DType d) { return d == DType::float64 ? 8 : 4; }
+inline int itemsize(DType d) {
+  return d == DType::float64 ? 8 : (d == DType::float32 ? 4 : 2);
+}
+
+inline bool is_half(DType d) { return d == DType::float16 || d == DType::bfloat16; }
 
 struct ArrayRef {
   void* data;

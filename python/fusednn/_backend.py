@@ -22,6 +22,13 @@ except ImportError:  # pragma: no cover - depends on the build
 
 SUPPORTED_DTYPES = ("float32", "float64")
 _SUPPORTED = tuple(np.dtype(d) for d in SUPPORTED_DTYPES)
+# Half-precision storage, computed in float32 and rounded once: numpy's
+# float16 and ml_dtypes' bfloat16 (numpy has none of its own), on the CPU
+# for the functions named here.
+HALF_DTYPES = ("float16", "bfloat16")
+_HALF_CPU_FUNCTIONS = frozenset((
+    "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "mish",
+    "hardsigmoid", "hardswish", "hardtanh", "activation", "activation_backward"))
 # The CUDA kernels also take float16 (computed in float32); the codes are
 # the binding's DType.
 SUPPORTED_CUDA_DTYPES = ("float32", "float64", "float16")
@@ -188,12 +195,22 @@ def as_cpu_array(x, name: str, function: str) -> np.ndarray:
     return x
 
 
+def is_half(dtype) -> bool:
+    """Whether dtype is float16 or ml_dtypes' bfloat16 (found by name, so
+    that ml_dtypes is never imported here: an array of it already was)."""
+    dtype = np.dtype(dtype)
+    return dtype.itemsize == 2 and (dtype.kind == "f" or dtype.name == "bfloat16")
+
+
 def check_dtype(dtype, name: str, function: str) -> None:
     if dtype in _SUPPORTED:
         return
+    if function in _HALF_CPU_FUNCTIONS and is_half(dtype):
+        return
     if np.dtype(dtype) not in _SUPPORTED and np.dtype(dtype).newbyteorder("=") not in _SUPPORTED:
+        supported = SUPPORTED_DTYPES + (HALF_DTYPES if function in _HALF_CPU_FUNCTIONS else ())
         raise TypeError(f"fusednn.{function}: {name} has dtype {np.dtype(dtype)}; "
-                        f"supported dtypes are {', '.join(SUPPORTED_DTYPES)}")
+                        f"supported dtypes are {', '.join(supported)}")
 
 
 def check_same(a: np.ndarray, b: np.ndarray, names: str, function: str) -> None:

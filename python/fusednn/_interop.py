@@ -88,6 +88,10 @@ def _native_view(obj, library: str, device: str, name: str, function: str):
     elif library == "jax" and device != "cpu":
         obj.block_until_ready()
     if device == "cpu":
+        if library == "jax" and str(obj.dtype) == "bfloat16":
+            # DLPack has bfloat16 but numpy cannot import it; JAX hands
+            # out an ml_dtypes array instead.
+            return np.asarray(obj)
         return np.from_dlpack(obj)
     if _backend._cuda is None:
         raise _backend.cuda_unavailable(function)
@@ -100,11 +104,25 @@ def _native_view(obj, library: str, device: str, name: str, function: str):
 
 
 def _torch_cpu_view(tensor, name: str, function: str) -> np.ndarray:
+    import torch
+    if tensor.dtype == torch.bfloat16:
+        # numpy has no bfloat16: the same bits as an ml_dtypes array.
+        return tensor.view(torch.int16).numpy().view(_ml_dtypes().bfloat16)
     try:
         return tensor.numpy()
-    except TypeError as error:  # a dtype numpy has no equivalent for (bfloat16, ...)
+    except TypeError as error:  # a dtype numpy has no equivalent for
+        supported = _backend.SUPPORTED_DTYPES + _backend.HALF_DTYPES
         raise TypeError(f"fusednn.{function}: {name} has dtype {tensor.dtype}; supported "
-                        f"dtypes are {', '.join(_backend.SUPPORTED_DTYPES)}") from error
+                        f"dtypes are {', '.join(supported)}") from error
+
+
+def _ml_dtypes():
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("fusednn: bfloat16 arrays on the CPU need ml_dtypes "
+                        "(pip install ml_dtypes)") from None
+    return ml_dtypes
 
 
 def _describe(origin: _Origin) -> str:
@@ -185,6 +203,8 @@ def _to_library(array, lead: _Origin):
     if lead.library == "torch":
         import torch
         if isinstance(array, np.ndarray):
+            if array.dtype.name == "bfloat16":
+                return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
             return torch.from_numpy(array)
         return torch.from_dlpack(array)
     if lead.library == "jax":

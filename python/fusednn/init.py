@@ -63,7 +63,7 @@ __all__ = ["INITIALIZERS", "calculate_gain", "fans", "glorot_normal", "glorot_un
 INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
                 "lecun_uniform", "lecun_normal", "orthogonal", "trunc_normal")
 
-_DTYPES = ("float16", "float32", "float64")
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _DEVICES = ("cpu", "cuda")
 
 
@@ -104,6 +104,13 @@ def _generator(seed, function: str) -> np.random.Generator:
 
 
 def _dtype(dtype, function: str) -> np.dtype:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes  # numpy's bfloat16; imported only when asked for
+        except ImportError:
+            raise TypeError(f"fusednn.init.{function}: dtype 'bfloat16' needs ml_dtypes "
+                            "(pip install ml_dtypes)") from None
+        dtype = ml_dtypes.bfloat16
     try:
         resolved = np.dtype(dtype)
     except TypeError:
@@ -141,9 +148,26 @@ def _draw(sample, shape, seed, dtype, device, function: str):
     if device not in _DEVICES:
         raise ValueError(f"fusednn.init.{function}: device must be 'cpu' or 'cuda', "
                          f"got {device!r}")
+    if device == "cuda" and dt.name == "bfloat16":
+        raise TypeError(f"fusednn.init.{function}: CuPy has no bfloat16; draw on the CPU and "
+                        "move the array with torch or JAX, or use float16 on the GPU")
     cupy = _cupy(function) if device == "cuda" else None
-    values = sample(rng, shape).astype(dt)
+    values = _round_once(sample(rng, shape), dt)
     return values if cupy is None else cupy.asarray(values)
+
+
+def _round_once(values: np.ndarray, dt: np.dtype) -> np.ndarray:
+    """float64 values rounded to dt once, to nearest even. numpy's casts do
+    that; ml_dtypes' cast to bfloat16 goes through float32 and may round
+    twice, so bfloat16 rounds here onto its grid (8 significant bits, no
+    value is near its overflow), which the cast then keeps exactly."""
+    if dt.name != "bfloat16":
+        return values.astype(dt)
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.abs(values)))
+    exponent = np.where(np.isfinite(exponent), np.maximum(exponent, -126), -126)
+    step = np.exp2(exponent - 7)
+    return (np.round(values / step) * step).astype(dt)
 
 
 def _uniform_sampler(low: float, high: float):

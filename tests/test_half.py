@@ -1,0 +1,299 @@
+"""float16 and bfloat16 on the CPU: the conversions to and from float32
+(exact, round to nearest even, NaN, infinities and subnormals), and the
+activations, forward and backward, over every one of the 65,536 inputs of
+each type: each result is the float32 kernel's result rounded once, and
+within 1 ulp of the storage type of the float64 reference (relu,
+leaky_relu and hardtanh correctly rounded). Plus the array plumbing:
+strides, out=, in place, torch and JAX tensors, and the dtype errors of
+the functions that take float32 and float64 only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fusednn as fn
+from fusednn import _cpu
+from fusednn import reference as ref
+
+from conftest import param_id, same_bits
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# (mantissa bits, smallest normal exponent) of each storage type.
+FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
+PARAMS = [(name, {}) for name in fn.ACTIVATIONS] + [
+    ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.5}),
+    ("gelu", {"approximate": "tanh"}), ("softplus", {"beta": 2.5, "threshold": 15.0}),
+    ("hardtanh", {"min_val": -2.0, "max_val": 0.5})]
+EXACT = {"relu", "leaky_relu", "hardtanh"}
+FROM_Y = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
+
+
+def every_value(dtype) -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def assert_same_values(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Bit for bit, except that any NaN matches any NaN of the same sign."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    with np.errstate(invalid="ignore"):
+        a, e = actual.astype(np.float64), expected.astype(np.float64)
+    nan = np.isnan(a) & np.isnan(e) & (np.signbit(a) == np.signbit(e))
+    bad = ~nan & (bits(actual) != bits(expected))
+    assert not bad.any(), (f"{bad.sum()} differ, first at input {np.flatnonzero(bad)[:5]}: "
+                           f"{actual.ravel()[bad.ravel()][:5]} vs {expected.ravel()[bad.ravel()][:5]}")
+
+
+def spacing(dtype_name: str, value: np.ndarray) -> np.ndarray:
+    mantissa_bits, min_exponent = FORMATS[dtype_name]
+    with np.errstate(all="ignore"):
+        exponent = np.floor(np.log2(np.abs(value)))
+    exponent = np.where(np.isfinite(exponent), exponent, min_exponent)
+    return np.exp2(np.maximum(exponent, min_exponent) - mantissa_bits)
+
+
+def round_once(dtype_name: str, value: np.ndarray) -> np.ndarray:
+    """float64 value rounded once to the storage type (ml_dtypes rounds
+    float64 through float32), as float64."""
+    largest = float(np.finfo(DTYPES[dtype_name]).max)
+    step = spacing(dtype_name, value)
+    with np.errstate(all="ignore"):
+        rounded = np.round(value / step) * step
+    rounded = np.where(np.abs(rounded) > largest, np.copysign(np.inf, value), rounded)
+    return np.where(np.isfinite(value), rounded, value)
+
+
+def ulp_error(dtype_name: str, actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """|actual - expected| in ulp of the storage type at expected; 0 for
+    the correctly rounded value (the same infinity included) and for NaN
+    meeting NaN; inf for NaN meeting a number."""
+    a = actual.astype(np.float64)
+    with np.errstate(all="ignore"):
+        err = np.abs(a - expected) / spacing(dtype_name, expected)
+    err = np.where((np.isnan(a) & np.isnan(expected)) | (a == round_once(dtype_name, expected)),
+                   0.0, err)
+    return np.where(np.isnan(err), np.inf, err)
+
+
+# ---- conversions ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_every_half_value_widens_exactly(dtype_name):
+    x = every_value(DTYPES[dtype_name])
+    out = np.empty(x.shape, np.float32)
+    _cpu.copy(x, out)
+    assert_same_values(out, x.astype(np.float32))
+    nan = np.isnan(out)
+    assert nan.sum() == {"float16": 2046, "bfloat16": 254}[dtype_name]
+    if dtype_name == "bfloat16":  # the upper half of a float32, NaNs and all
+        np.testing.assert_array_equal(bits(out), bits(x).astype(np.uint32) << 16)
+    else:  # NaNs keep their sign and payload and come out quiet, as from vcvtph2ps
+        payload = (bits(x)[nan] & 0x3ff).astype(np.uint32) << 13
+        np.testing.assert_array_equal(bits(out)[nan] & 0x003fe000, payload & 0x003fe000)
+        assert np.all(bits(out)[nan] & 0x00400000)
+
+
+def rounding_sweep() -> np.ndarray:
+    """float32 bit patterns: every upper 16 bits (sign, exponent, top of
+    the fraction) with lower 16 bits at and around each multiple of
+    0x1000, so every tie, near-tie and round-up carry of both types (whose
+    lowest kept bit is bit 13 for normal float16 and bit 16 for bfloat16)
+    meets every exponent, plus random lower bits."""
+    upper = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = sorted({(k * 0x1000 + d) & 0xffff for k in range(17) for d in (-1, 0, 1)})
+    rng = np.random.default_rng(5)
+    lows = np.array(lows + list(rng.integers(0, 1 << 16, 8)), dtype=np.uint32)
+    return (upper[:, None] | lows[None, :]).ravel().view(np.float32)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_float32_rounds_once_to_nearest_even(dtype_name):
+    x = rounding_sweep()
+    out = np.empty(x.shape, DTYPES[dtype_name])
+    _cpu.copy(x, out)
+    with np.errstate(all="ignore"):
+        expected = x.astype(DTYPES[dtype_name])  # numpy and ml_dtypes round once from float32
+    assert_same_values(out, expected)
+    # The cases that matter, by name: ties go to even, carries reach the
+    # next exponent and infinity, subnormals round instead of flushing.
+    for value, want in {"float16": [(1 + 2**-11, 1.0), (1 + 3 * 2**-11, 1 + 2**-9),
+                                    (65520.0, np.inf), (65519.99, 65504.0),
+                                    (2**-25, 0.0), (1.5 * 2**-25, 2**-24), (2**-24 * 2.5, 2**-23)],
+                        "bfloat16": [(1 + 2**-8, 1.0), (1 + 3 * 2**-8, 1 + 2**-6),
+                                     (float(np.finfo(np.float32).max), np.inf),
+                                     (2**-140 + 2**-149, 2**-140), (1e-45, 1e-45)]}[dtype_name]:
+        source = np.array([value, -value], np.float32)
+        result = np.empty(2, DTYPES[dtype_name])
+        _cpu.copy(source, result)
+        np.testing.assert_array_equal(result.astype(np.float64),
+                                      np.array([want, -want]).astype(np.float32).astype(
+                                          DTYPES[dtype_name]).astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_conversions_of_strided_views(dtype_name):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 9)).astype(np.float32)[::2, ::-3]
+    out = np.empty((3, 4), DTYPES[dtype_name]).T
+    _cpu.copy(x, out)
+    assert_same_values(out, x.astype(DTYPES[dtype_name]))
+    back = np.empty((4, 3), np.float32)
+    _cpu.copy(out, back)
+    assert_same_values(back, out.astype(np.float32))
+
+
+# ---- activations: every input --------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name,params", PARAMS, ids=[param_id(n, p) for n, p in PARAMS])
+def test_every_input_rounds_the_float32_result_once(name, params, dtype_name):
+    dtype = DTYPES[dtype_name]
+    x = every_value(dtype)
+    grad = np.random.default_rng(1).uniform(0.5, 2.0, x.shape).astype(dtype)
+    x32, grad32 = x.astype(np.float32), grad.astype(np.float32)
+    with np.errstate(all="ignore"):
+        y = fn.activation(name, x, **params)
+        assert_same_values(y, fn.activation(name, x32, **params).astype(dtype))
+        gi = fn.activation_backward(name, grad, x=x, **params)
+        assert_same_values(gi, fn.activation_backward(name, grad32, x=x32, **params).astype(dtype))
+        if name in FROM_Y:
+            gy = fn.activation_backward(name, grad, y=y, **params)
+            expected = fn.activation_backward(name, grad32, y=y.astype(np.float32), **params)
+            assert_same_values(gy, expected.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name,params", PARAMS, ids=[param_id(n, p) for n, p in PARAMS])
+def test_every_input_within_one_ulp_of_float64(name, params, dtype_name):
+    dtype = DTYPES[dtype_name]
+    x = every_value(dtype)
+    grad = np.random.default_rng(1).uniform(0.5, 2.0, x.shape).astype(dtype)
+    bound = 0.0 if name in EXACT else 1.0
+    y = fn.activation(name, x, **params)
+    assert ulp_error(dtype_name, y, ref.activation(name, x, **params)).max() <= bound
+    gi = fn.activation_backward(name, grad, x=x, **params)
+    assert ulp_error(dtype_name, gi,
+                     ref.activation_backward(name, grad, x=x, **params)).max() <= bound
+    if name in FROM_Y:
+        gy = fn.activation_backward(name, grad, y=y, **params)
+        assert ulp_error(dtype_name, gy,
+                         ref.activation_backward(name, grad, y=y, **params)).max() <= bound
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_every_simd_path_gives_the_same_bits(dtype_name, restore_simd):
+    x = every_value(DTYPES[dtype_name])
+    grad = x[::-1].copy()
+    results = {}
+    for path in _cpu.available_simd():
+        _cpu.set_simd(path)
+        with np.errstate(all="ignore"):
+            results[path] = [fn.activation(n, x) for n in fn.ACTIVATIONS] + \
+                [fn.activation_backward(n, grad, x=x) for n in fn.ACTIVATIONS]
+        converted = np.empty(x.shape, np.float32)
+        _cpu.copy(x, converted)
+        narrowed = np.empty(x.shape, x.dtype)
+        _cpu.copy(rounding_sweep()[:x.size], narrowed)
+        results[path] += [converted, narrowed]
+    first = results[_cpu.available_simd()[0]]
+    for path, arrays in results.items():
+        for a, b in zip(arrays, first):
+            assert same_bits(a, b), path
+
+
+# ---- array plumbing -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (3, 5, 7), (1 << 15,)])
+def test_shapes_strides_out_and_in_place(dtype_name, shape):
+    dtype = DTYPES[dtype_name]
+    rng = np.random.default_rng(2)
+    x = np.asarray(rng.standard_normal(shape) * 3).astype(dtype)
+    expected = fn.gelu(x.astype(np.float32)).astype(dtype)
+    assert_same_values(fn.gelu(x), expected)
+    out = np.empty_like(x)
+    assert fn.gelu(x, out=out) is out
+    assert_same_values(out, expected)
+    inplace = x.copy()
+    fn.gelu(inplace, out=inplace)
+    assert_same_values(inplace, expected)
+    if x.ndim == 3:
+        view = x[:, ::2, ::-1]
+        assert_same_values(fn.silu(view), fn.silu(view.astype(np.float32)).astype(dtype))
+        g = np.ones_like(view)
+        strided_out = np.empty((7, 3, 3), dtype).transpose(1, 2, 0)
+        fn.activation_backward("silu", g, x=view, out=strided_out)
+        assert_same_values(strided_out, fn.activation_backward(
+            "silu", g.astype(np.float32), x=view.astype(np.float32)).astype(dtype))
+
+
+def test_large_arrays_take_the_streaming_path():
+    x = np.random.default_rng(3).standard_normal(9 << 20).astype(ml_dtypes.bfloat16)[1:]
+    assert_same_values(fn.tanh(x), fn.tanh(x.astype(np.float32)).astype(x.dtype))
+
+
+def test_out_must_have_the_inputs_dtype():
+    x = np.ones(4, np.float16)
+    with pytest.raises(ValueError, match="dtype"):
+        fn.relu(x, out=np.empty(4, ml_dtypes.bfloat16))
+    with pytest.raises(ValueError, match="dtype"):
+        fn.relu(x, out=np.empty(4, np.float32))
+    with pytest.raises(TypeError, match="same dtype"):
+        fn.activation_backward("relu", np.ones(4, np.float32), x=x)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: fn.dropout(x, 0.5, seed=1),
+    lambda x: fn.batch_norm(x.reshape(2, 2)),
+    lambda x: fn.bias_act_dropout(x.reshape(2, 2), x[:2], "relu", 0.5, seed=1),
+])
+def test_functions_without_half_kernels_name_the_supported_dtypes(call):
+    with pytest.raises(TypeError, match="supported dtypes are float32, float64"):
+        call(np.ones(4, ml_dtypes.bfloat16))
+
+
+def test_torch_half_tensors():
+    torch = pytest.importorskip("torch")
+    for dtype in (torch.bfloat16, torch.float16):
+        t = torch.linspace(-6, 6, 301, dtype=dtype)[::2]
+        y = fn.gelu(t)
+        assert isinstance(y, torch.Tensor) and y.dtype == dtype
+        assert torch.equal(y, fn.gelu(t.float()).to(dtype))
+        gi = fn.activation_backward("sigmoid", torch.ones_like(t), y=fn.sigmoid(t))
+        assert gi.dtype == dtype
+        out = torch.empty_like(t)
+        assert fn.silu(t, out=out) is out
+        assert torch.equal(out, fn.silu(t.float()).to(dtype))
+
+
+def test_jax_bfloat16_arrays():
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.linspace(-4, 4, 33, dtype=jnp.bfloat16)
+    y = fn.silu(x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y), fn.silu(np.asarray(x)))
+
+
+# ---- initializers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_initializers_round_float64_once(dtype_name):
+    w = fn.init.he_normal((64, 33), seed=4, dtype=dtype_name)
+    assert w.dtype == DTYPES[dtype_name]
+    w64 = fn.init.he_normal((64, 33), seed=4, dtype="float64")
+    np.testing.assert_array_equal(w.astype(np.float64), round_once(dtype_name, w64))
+    u = fn.init.uniform((1 << 16,), -1e-38, 1e-38, seed=2, dtype=dtype_name)  # subnormals
+    np.testing.assert_array_equal(
+        u.astype(np.float64),
+        round_once(dtype_name, fn.init.uniform((1 << 16,), -1e-38, 1e-38, seed=2, dtype="float64")))
+
+
+def test_bfloat16_initializers_are_not_on_cupy():
+    with pytest.raises(TypeError, match="CuPy has no bfloat16"):
+        fn.init.glorot_uniform((3, 3), dtype="bfloat16", device="cuda")
