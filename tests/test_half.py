@@ -249,9 +249,7 @@ def test_out_must_have_the_inputs_dtype():
 
 
 @pytest.mark.parametrize("call", [
-    lambda x: fn.dropout(x, 0.5, seed=1),
     lambda x: fn.batch_norm(x.reshape(2, 2)),
-    lambda x: fn.bias_act_dropout(x.reshape(2, 2), x[:2], "relu", 0.5, seed=1),
 ])
 def test_functions_without_half_kernels_name_the_supported_dtypes(call):
     with pytest.raises(TypeError, match="supported dtypes are float32, float64"):
@@ -297,3 +295,76 @@ def test_initializers_round_float64_once(dtype_name):
 def test_bfloat16_initializers_are_not_on_cupy():
     with pytest.raises(TypeError, match="CuPy has no bfloat16"):
         fn.init.glorot_uniform((3, 3), dtype="bfloat16", device="cuda")
+
+
+# ---- dropout and the fused epilogue ------------------------------------------------
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_dropout_masks_and_one_rounding_of_x_times_scale(dtype_name, p):
+    dtype = DTYPES[dtype_name]
+    x = every_value(dtype)
+    x32 = x.astype(np.float32)
+    with np.errstate(all="ignore"):
+        y, mask = fn.dropout(x, p, seed=7, offset=3, return_mask=True)
+        y32, mask32 = fn.dropout(x32, p, seed=7, offset=3, return_mask=True)
+    np.testing.assert_array_equal(mask, mask32)  # the same bits for every dtype
+    keep = np.unpackbits(mask, bitorder="little")[:x.size].astype(bool)
+    scale = np.float64(np.float32(1.0 / (1.0 - p))) if p < 1 else 0.0
+    with np.errstate(all="ignore"):
+        expected = round_once(dtype_name, x.astype(np.float64) * np.where(keep, scale, 0.0))
+    assert_same_values(y, expected.astype(dtype))
+    # Backward from the mask and from (seed, offset): the same function of grad.
+    with np.errstate(all="ignore"):
+        np.testing.assert_array_equal(bits(fn.dropout_backward(x, p, mask=mask)), bits(y))
+        np.testing.assert_array_equal(bits(fn.dropout_backward(x, p, seed=7, offset=3)), bits(y))
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_dropout_strided_and_out(dtype_name):
+    dtype = DTYPES[dtype_name]
+    x = np.random.default_rng(6).standard_normal((5, 40, 3)).astype(dtype)[:, ::3, ::-1]
+    expected = fn.dropout(np.ascontiguousarray(x), 0.3, seed=2)
+    out = np.empty((3, 14, 5), dtype).transpose(2, 1, 0)
+    assert fn.dropout(x, 0.3, seed=2, out=out) is out
+    assert_same_values(out, expected)
+    big = np.ones(6 << 20, dtype)[1:]  # the streaming path, unaligned
+    y, mask = fn.dropout(big, 0.25, seed=9, return_mask=True)
+    keep = np.unpackbits(mask, bitorder="little")[:big.size].astype(bool)
+    np.testing.assert_array_equal(y.astype(np.float32), np.where(keep, np.float32(1 / 0.75), 0)
+                                  .astype(dtype).astype(np.float32))
+
+
+FUSED = [("relu", {}), ("gelu", {}), ("silu", {}), ("leaky_relu", {"negative_slope": 0.2})]
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("act,params", FUSED, ids=[param_id(n, p) for n, p in FUSED])
+@pytest.mark.parametrize("axis,shape", [(-1, (33, 70)), (1, (4, 9, 65)), (0, (5, 3))])
+def test_fused_epilogue_rounds_the_float32_result_once(dtype_name, act, params, axis, shape):
+    dtype = DTYPES[dtype_name]
+    rng = np.random.default_rng(8)
+    h = (rng.standard_normal(shape) * 2).astype(dtype)
+    bias = rng.standard_normal(shape[axis]).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    h32, bias32, g32 = (a.astype(np.float32) for a in (h, bias, g))
+    o, mask = fn.bias_act_dropout(h, bias, act, 0.2, seed=4, axis=axis, return_mask=True, **params)
+    o32, mask32 = fn.bias_act_dropout(h32, bias32, act, 0.2, seed=4, axis=axis, return_mask=True,
+                                      **params)
+    np.testing.assert_array_equal(mask, mask32)
+    assert_same_values(o, o32.astype(dtype))
+    gh, gb = fn.bias_act_dropout_backward(g, h, bias, act, 0.2, mask=mask, axis=axis, **params)
+    gh32, _ = fn.bias_act_dropout_backward(g32, h32, bias32, act, 0.2, mask=mask, axis=axis,
+                                           **params)
+    assert_same_values(gh, gh32.astype(dtype))
+    assert gb.dtype == dtype
+    axes = tuple(d for d in range(len(shape)) if d != axis % len(shape))
+    # The sum of the stored grad_h (exact in float64 at these sizes), rounded once.
+    expected = round_once(dtype_name, gh.astype(np.float64).sum(axis=axes))
+    np.testing.assert_array_equal(gb.astype(np.float64), expected)
+    # Strided operands take the element-by-element loop: the same bits.
+    hs = np.asfortranarray(h)
+    assert_same_values(fn.bias_act_dropout(hs, bias, act, 0.2, seed=4, axis=axis, **params), o)
+    gh_strided, _ = fn.bias_act_dropout_backward(np.asfortranarray(g), hs, bias, act, 0.2,
+                                                 mask=mask, axis=axis, **params)
+    assert_same_values(gh_strided, gh)

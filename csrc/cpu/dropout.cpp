@@ -5,6 +5,9 @@
 // the elementwise loop reads next to its inputs. Every chunk starts on a
 // multiple of 64 elements, so chunks own whole Philox blocks and whole mask
 // words, and the bits are the same for any thread count or SIMD width.
+// float16 and bfloat16 widen each piece to float32 and round each result
+// once: plain dropout rounds the exact x * scale (multiply_to_odd), the
+// fused loops the float32 kernels' results.
 // Compiled once per ISA into namespace FUSEDNN_ISA.
 #include "cpu/dropout.h"
 
@@ -21,6 +24,7 @@
 
 #include "cpu/activation_runs.h"
 #include "cpu/elementwise.h"
+#include "cpu/half_convert.h"
 #include "fusednn/philox.h"
 
 // Mask words are uint64 views of the packed mask bytes, which puts element
@@ -721,14 +725,26 @@ void bias_act_forward_typed(const ActivationParams& params, double activation_ns
   });
 }
 
+// A stored value as a double, and a double sum rounded once to storage.
+template <class T> inline double as_double(T v) {
+  return static_cast<double>(Storage<T>::load(v));
+}
+template <class T> inline T from_double(double v) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return static_cast<T>(v);
+  } else {
+    return Storage<T>::store_double(v);
+  }
+}
+
 // Sum of n contiguous values in 8 interleaved double accumulators combined
 // pairwise: the same operations in the same order on every ISA.
 template <class T> double lane_sum(const T* x, int64_t n) {
   double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(x[k + l]);
-  for (int l = 0; k + l < n; ++l) lanes[l] += static_cast<double>(x[k + l]);
+    for (int l = 0; l < 8; ++l) lanes[l] += as_double(x[k + l]);
+  for (int l = 0; k + l < n; ++l) lanes[l] += as_double(x[k + l]);
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
@@ -747,7 +763,7 @@ __attribute__((noinline)) void store_channel_sums(std::vector<double>& partial, 
 #pragma omp simd
     for (int64_t c = 0; c < channels; ++c) partial[c] += acc[c];
   }
-  for (int64_t c = 0; c < channels; ++c) out[c * out_stride] = static_cast<T>(partial[c]);
+  for (int64_t c = 0; c < channels; ++c) out[c * out_stride] = from_double<T>(partial[c]);
 }
 
 // grad_bias[c] = sum of grad_h over every axis but `axis`, in a fixed order
@@ -773,7 +789,7 @@ __attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
         const T* rows = g + o * channels * inner;
         if (inner == 1) {
 #pragma omp simd
-          for (int64_t c = 0; c < channels; ++c) acc[c] += static_cast<double>(rows[c]);
+          for (int64_t c = 0; c < channels; ++c) acc[c] += as_double(rows[c]);
         } else {
           for (int64_t c = 0; c < channels; ++c) acc[c] += lane_sum(rows + c * inner, inner);
         }
@@ -829,14 +845,220 @@ void bias_act_backward_typed(const ActivationParams& params, double activation_n
   store_channel_sums<T>(partial, groups, channels, grad_bias);
 }
 
+
+// ---- float16 and bfloat16 -------------------------------------------------------
+
+template <class S> struct DropoutHalfBody {
+  KeepCursor cursor;
+  int64_t pos;
+  float scale;
+  bool stream;
+
+  void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+    const S* x = reinterpret_cast<const S*>(ptr[0]);
+    S* y = reinterpret_cast<S*>(ptr[1]);
+    const int64_t at = pos;
+    pos += len;
+    const float s = scale;
+    if (inner[0] == 1 && inner[1] == 1) {
+      produce<kWideStageBytes>(y, len, stream, [&](S* dst, int64_t start, int64_t count) {
+        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+          for (int64_t b = 0; b < m; b += kHalfBlock) {
+            const int64_t n = std::min(kHalfBlock, m - b);
+            alignas(64) float v[kHalfBlock];
+            widen(x + start + done + b, v, n);
+            const uint8_t* kb = keep + b;
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) v[k] = multiply_to_odd(v[k], kb[k] ? s : 0.0f);
+            narrow(v, dst + done + b, n);
+          }
+        });
+      });
+    } else {
+      cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
+        for (int64_t k = 0; k < m; ++k)
+          y[(done + k) * inner[1]] = Storage<S>::store(
+              multiply_to_odd(Storage<S>::load(x[(done + k) * inner[0]]), keep[k] ? s : 0.0f));
+      });
+    }
+  }
+  void finish() {
+    if (stream) store_fence();
+  }
+};
+
+template <class S> void dropout_half(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y) {
+  const int64_t* strides[2] = {x.strides, y.strides};
+  const int sizes[2] = {int(sizeof(S)), int(sizeof(S))};
+  const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
+  char* base[2] = {static_cast<char*>(x.data), static_cast<char*>(y.data)};
+  const bool stream = streams<S>(loop.size);
+  run_slices(loop, base, sizes, kDropoutNanoseconds, [&](int64_t begin, int64_t end) {
+    return DropoutHalfBody<S>{KeepCursor(spec, begin, end), begin, float(spec.scale), stream};
+  });
+}
+
+// Fills dst[0, n) with the bias of a run's elements [k, k + n) as float32:
+// one widened value where the bias is broadcast along the run.
+template <class S>
+inline void bias_block(const S* b, bool broadcast, int64_t k, int64_t n, float* dst) {
+  if (broadcast) {
+    std::fill_n(dst, n, Storage<S>::load(*b));
+  } else {
+    widen(b + k, dst, n);
+  }
+}
+
+template <class Op, class S> struct BiasActForwardHalfBody {
+  KeepCursor cursor;
+  int64_t pos;
+  float scale;
+  bool stream;
+  ActivationParams params;
+
+  __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
+                                            const int64_t* inner) {
+    const S* h = reinterpret_cast<const S*>(ptr[0]);
+    const S* b = reinterpret_cast<const S*>(ptr[1]);
+    S* o = reinterpret_cast<S*>(ptr[2]);
+    const int64_t at = pos;
+    pos += len;
+    if (inner[0] == 1 && inner[2] == 1 && (inner[1] == 1 || inner[1] == 0)) {
+      const bool broadcast = inner[1] == 0;
+      produce<kWideStageBytes>(o, len, stream, [&](S* dst, int64_t start, int64_t count) {
+        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+          for (int64_t k = 0; k < m; k += kHalfBlock) {
+            const int64_t n = std::min(kHalfBlock, m - k);
+            alignas(64) float hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
+            widen(h + start + done + k, hs, n);
+            bias_block(b, broadcast, start + done + k, n, bs);
+            bias_act_forward_piece<Op, float>(out, n, hs, bs, keep + k, scale, params);
+            narrow(out, dst + done + k, n);
+          }
+        });
+      });
+    } else {
+      cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = done + k;
+          const float z = Storage<S>::load(h[i * inner[0]]) + Storage<S>::load(b[i * inner[1]]);
+          o[i * inner[2]] = Storage<S>::store(Op::template forward<float>(z, params) *
+                                              (keep[k] ? scale : 0.0f));
+        }
+      });
+    }
+  }
+  void finish() {
+    if (stream) store_fence();
+  }
+};
+
+template <class Op, class S> struct BiasActBackwardHalfBody {
+  KeepCursor cursor;
+  int64_t pos;
+  float scale;
+  bool stream;
+  ActivationParams params;
+
+  __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
+                                            const int64_t* inner) {
+    const S* g = reinterpret_cast<const S*>(ptr[0]);
+    const S* h = reinterpret_cast<const S*>(ptr[1]);
+    const S* b = reinterpret_cast<const S*>(ptr[2]);
+    S* gh = reinterpret_cast<S*>(ptr[3]);
+    const int64_t at = pos;
+    pos += len;
+    if (inner[0] == 1 && inner[1] == 1 && inner[3] == 1 && (inner[2] == 1 || inner[2] == 0)) {
+      const bool broadcast = inner[2] == 0;
+      produce<kWideStageBytes>(gh, len, stream, [&](S* dst, int64_t start, int64_t count) {
+        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+          for (int64_t k = 0; k < m; k += kHalfBlock) {
+            const int64_t n = std::min(kHalfBlock, m - k);
+            alignas(64) float gs[kHalfBlock], hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
+            widen(g + start + done + k, gs, n);
+            widen(h + start + done + k, hs, n);
+            bias_block(b, broadcast, start + done + k, n, bs);
+            bias_act_backward_piece<Op, float>(out, n, gs, hs, bs, keep + k, scale, params);
+            narrow(out, dst + done + k, n);
+          }
+        });
+      });
+    } else {
+      cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t i = done + k;
+          const float dy = Storage<S>::load(g[i * inner[0]]) * (keep[k] ? scale : 0.0f);
+          const float z = Storage<S>::load(h[i * inner[1]]) + Storage<S>::load(b[i * inner[2]]);
+          gh[i * inner[3]] = Storage<S>::store(Op::template backward_x<float>(dy, z, params));
+        }
+      });
+    }
+  }
+  void finish() {
+    if (stream) store_fence();
+  }
+};
+
+// The half loops' per-element costs are float32's (the same arithmetic).
+template <class Op, class S>
+void bias_act_forward_half(const ActivationParams& params, double activation_ns,
+                           const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
+                           const ArrayRef& out) {
+  const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
+  const int sizes[3] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
+  const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
+  char* base[3] = {static_cast<char*>(h.data), static_cast<char*>(bias.data),
+                   static_cast<char*>(out.data)};
+  const bool stream = streams<S>(loop.size);
+  run_slices(loop, base, sizes, activation_ns + kDropoutNanoseconds,
+             [&](int64_t begin, int64_t end) {
+    return BiasActForwardHalfBody<Op, S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
+                                         stream, params};
+  });
+}
+
+// grad_bias is the sum of the stored (rounded) grad_h, as for the other
+// dtypes, accumulated in double and rounded once to the bias's dtype.
+template <class Op, class S>
+void bias_act_backward_half(const ActivationParams& params, double activation_ns,
+                            const DropoutSpec& spec, const ArrayRef& g, const ArrayRef& h,
+                            const ArrayRef& bias, const ArrayRef& gh, int axis,
+                            const ArrayRef& grad_bias) {
+  const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
+  const int sizes[4] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
+  const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
+  char* base[4] = {static_cast<char*>(g.data), static_cast<char*>(h.data),
+                   static_cast<char*>(bias.data), static_cast<char*>(gh.data)};
+  const bool stream = streams<S>(loop.size);
+  run_slices(loop, base, sizes, activation_ns + kDropoutNanoseconds,
+             [&](int64_t begin, int64_t end) {
+    return BiasActBackwardHalfBody<Op, S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
+                                          stream, params};
+  });
+  bias_grad_typed<S>(gh, axis, grad_bias);
+}
+
+// Calls fn(T{}) with T the storage type of dtype d.
+template <class Fn> void visit_storage(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::float64: fn(double{}); return;
+    case DType::float16: fn(Float16{}); return;
+    case DType::bfloat16: fn(BFloat16{}); return;
+    default: fn(float{}); return;
+  }
+}
+
 }  // namespace
 
 void dropout_apply(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y) {
-  if (x.dtype == DType::float64) {
-    dropout_typed<double>(spec, x, y);
-  } else {
-    dropout_typed<float>(spec, x, y);
-  }
+  visit_storage(x.dtype, [&](auto stored) {
+    using T = decltype(stored);
+    if constexpr (std::is_floating_point_v<T>) {
+      dropout_typed<T>(spec, x, y);
+    } else {
+      dropout_half<T>(spec, x, y);
+    }
+  });
 }
 
 void dropout_mask(const DropoutSpec& spec, int64_t n) {
@@ -851,11 +1073,14 @@ void bias_act_dropout_forward(Activation act, const ActivationParams& p, const D
   const double ns = activation_cost(act).forward;
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
-    if (h.dtype == DType::float64) {
-      bias_act_forward_typed<Op, double>(p, ns, spec, h, bias, out);
-    } else {
-      bias_act_forward_typed<Op, float>(p, ns, spec, h, bias, out);
-    }
+    visit_storage(h.dtype, [&](auto stored) {
+      using T = decltype(stored);
+      if constexpr (std::is_floating_point_v<T>) {
+        bias_act_forward_typed<Op, T>(p, ns, spec, h, bias, out);
+      } else {
+        bias_act_forward_half<Op, T>(p, ns, spec, h, bias, out);
+      }
+    });
   });
 }
 
@@ -866,11 +1091,16 @@ void bias_act_dropout_backward(Activation act, const ActivationParams& p, const 
   const double ns = activation_cost(act).backward;
   visit_activation(act, p, [&](auto op) {
     using Op = decltype(op);
-    if (h.dtype == DType::float64) {
-      bias_act_backward_typed<Op, double>(p, ns, spec, grad_output, h, bias, grad_h, axis, grad_bias);
-    } else {
-      bias_act_backward_typed<Op, float>(p, ns, spec, grad_output, h, bias, grad_h, axis, grad_bias);
-    }
+    visit_storage(h.dtype, [&](auto stored) {
+      using T = decltype(stored);
+      if constexpr (std::is_floating_point_v<T>) {
+        bias_act_backward_typed<Op, T>(p, ns, spec, grad_output, h, bias, grad_h, axis,
+                                         grad_bias);
+      } else {
+        bias_act_backward_half<Op, T>(p, ns, spec, grad_output, h, bias, grad_h, axis,
+                                        grad_bias);
+      }
+    });
   });
 }
 

@@ -28,7 +28,8 @@ _SUPPORTED = tuple(np.dtype(d) for d in SUPPORTED_DTYPES)
 HALF_DTYPES = ("float16", "bfloat16")
 _HALF_CPU_FUNCTIONS = frozenset((
     "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "mish",
-    "hardsigmoid", "hardswish", "hardtanh", "activation", "activation_backward"))
+    "hardsigmoid", "hardswish", "hardtanh", "activation", "activation_backward",
+    "dropout", "dropout_backward", "bias_act_dropout", "bias_act_dropout_backward"))
 # The CUDA kernels also take float16 (computed in float32); the codes are
 # the binding's DType.
 SUPPORTED_CUDA_DTYPES = ("float32", "float64", "float16")
