@@ -18,8 +18,8 @@ from .. import reference
 from ..activations import activation, activation_backward
 from .cases import Case, FamilyText, Plan, Runners, on_device, reference_text, size_text
 from .checks import (CANCELLATION_FACTOR, CANCELLATION_UNITS, ORDINARY, TOLERANCE_ULP,
-                     CheckResult, check_inputs, compare)
-from .peers import jax_peer, torch_check_tensors, torch_peers
+                     CheckResult, check_inputs, compare, finfo, standard_normal)
+from .peers import jax_peer, torch_check_tensors, torch_peers, torch_view
 
 
 @dataclass
@@ -228,12 +228,12 @@ class ActivationArrays:
     def __init__(self, plan: Plan):
         rng = np.random.default_rng(0)
         put, self.to_host = on_device(plan.device)
-        self.x = put(rng.standard_normal(plan.size, dtype=plan.dtype))
-        self.grad = put(rng.standard_normal(plan.size, dtype=plan.dtype))
+        self.x = put(standard_normal(rng, plan.size, plan.dtype))
+        self.grad = put(standard_normal(rng, plan.size, plan.dtype))
         self.y = put(np.empty(plan.size, dtype=plan.dtype))
         self.out = put(np.empty(plan.size, dtype=plan.dtype))
         if plan.torch is not None:
-            view = plan.torch.from_numpy if plan.device == "cpu" else plan.torch.from_dlpack
+            view = torch_view(plan)
             self.tensors = {name: view(getattr(self, name)) for name in ("x", "grad", "y", "out")}
         if plan.jax is not None:
             self.jax = {name: plan.jax.device_put(getattr(self, name)) for name in ("x", "grad")}
@@ -391,7 +391,7 @@ def describe_activations(plan: Plan, checks: dict) -> FamilyText:
              + f" on {inputs} inputs incl. +-0, subnormals, +-inf, NaN, huge magnitudes")
     check_notes = []
     if cancelling:
-        precision = np.finfo(plan.dtype).nmant + 1
+        precision = finfo(plan.dtype).nmant + 1
         check_notes.append(
             f"where the derivative's two terms cancel (by a factor >= {CANCELLATION_FACTOR:g}) "
             f"|error| <= {CANCELLATION_UNITS:g} * 2^-{precision} * |grad_output| is accepted "

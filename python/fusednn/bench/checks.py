@@ -17,7 +17,8 @@ import numpy as np
 # Accuracy the check demands, in ulp of the reference rounded to the dtype.
 # float32 is the design's number; float64 has no target there, and this
 # bound still rejects any wrong formula (about 1e-12 relative).
-TOLERANCE_ULP = {"float32": 4.0, "float64": 4096.0}
+# float16 and bfloat16: the float32 result rounded once is within 1 ulp.
+TOLERANCE_ULP = {"float32": 4.0, "float64": 4096.0, "float16": 1.0, "bfloat16": 1.0}
 # Where a derivative's two terms cancel near its root (their magnitudes
 # add up to CANCELLATION_FACTOR times their sum or more), the design allows
 # an absolute error of CANCELLATION_UNITS * 2^-p * |grad_output| instead,
@@ -61,6 +62,24 @@ class CheckResult:
                 f"(allowed: {allowed})")
 
 
+def finfo(dtype):
+    """np.finfo, and ml_dtypes' for bfloat16 (numpy's does not know it)."""
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
+
+
+def standard_normal(rng, size, dtype) -> np.ndarray:
+    """Standard normal values of dtype; half types are drawn in float32
+    (numpy draws float32 and float64 only) and rounded."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize == 2:
+        return rng.standard_normal(size, dtype=np.float32).astype(dtype)
+    return rng.standard_normal(size, dtype=dtype)
+
+
 def _special_values(finfo) -> list:
     """+-0, subnormals, +-inf, NaN, huge magnitudes, the kinks at +-1 and +-3."""
     return [0.0, -0.0, np.inf, -np.inf, np.nan, finfo.smallest_subnormal,
@@ -78,9 +97,11 @@ def check_inputs(dtype) -> tuple[np.ndarray, np.ndarray]:
     """x: the special values, then random normal ones; grad_output: random
     normal values. The same for every run."""
     dtype = np.dtype(dtype)
-    special = _special_values(np.finfo(dtype))
+    special = _special_values(finfo(dtype))
     rng = np.random.default_rng(0)
-    x = np.concatenate([np.array(special, dtype=dtype),
+    with np.errstate(over="ignore"):  # float16: 1e30 and 1e4 become inf
+        special = np.array(special, dtype=dtype)
+    x = np.concatenate([special,
                         (3.0 * rng.standard_normal(CHECK_RANDOM_VALUES)).astype(dtype)])
     return x, rng.standard_normal(x.size).astype(dtype)
 
@@ -89,14 +110,14 @@ def ulp_errors(ours: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """|ours - expected| in units of the last place of expected in ours'
     dtype: 0 where ours equals expected rounded to that dtype (the same
     infinity and NaN included), inf where only one of them is NaN."""
-    finfo = np.finfo(ours.dtype)
+    info = finfo(ours.dtype)
     with np.errstate(all="ignore"):
         expected = np.asarray(expected, dtype=np.float64)
         rounded = expected.astype(ours.dtype)
         _, exponent = np.frexp(np.abs(expected))
-        ulp = np.maximum(np.ldexp(1.0, exponent - (finfo.nmant + 1)),
-                         float(finfo.smallest_subnormal))
-        ulp = np.where(expected == 0, float(finfo.smallest_subnormal), ulp)
+        ulp = np.maximum(np.ldexp(1.0, exponent - (info.nmant + 1)),
+                         float(info.smallest_subnormal))
+        ulp = np.where(expected == 0, float(info.smallest_subnormal), ulp)
         errors = np.abs(ours.astype(np.float64) - expected) / ulp
     errors = np.where(np.isnan(errors), np.inf, errors)
     agree = (ours == rounded) | (np.isnan(ours) & np.isnan(rounded))
@@ -112,12 +133,12 @@ def compare(ours, expected, tolerance_ulp, inputs: dict, grad=None, terms=None,
     those elements is kept too."""
     errors = ulp_errors(ours, expected)
     if terms is not None:
-        finfo = np.finfo(ours.dtype)
+        info = finfo(ours.dtype)
         with np.errstate(all="ignore"):
             cancels = (np.abs(terms[0]) + np.abs(terms[1])
                        >= CANCELLATION_FACTOR * np.abs(terms[0] + terms[1]))
             absolute = np.abs(ours.astype(np.float64) - expected)
-            allowed = absolute <= CANCELLATION_UNITS * (finfo.eps / 2) * np.abs(grad)
+            allowed = absolute <= CANCELLATION_UNITS * (float(info.eps) / 2) * np.abs(grad)
         errors = np.where(cancels & allowed, 0.0, errors)
     i = int(np.argmax(errors))
     where = ", ".join(f"{name}={values[i]!s}" for name, values in inputs.items())

@@ -163,6 +163,41 @@ def check_device(device: str, selection: dict) -> None:
                          f"{', '.join(missing)}; run with --device cpu")
 
 
+# Families with float16 and bfloat16 kernels on the CPU.
+HALF_FAMILIES = ("activations", "dropout")
+
+
+def resolve_dtype(name: str) -> np.dtype:
+    """The numpy dtype of --dtype; bfloat16 is ml_dtypes' (imported here,
+    where it is asked for)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise UsageError("--dtype bfloat16 needs ml_dtypes (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def half_selection(args: argparse.Namespace, selection: dict) -> dict:
+    """The families of `selection` that have kernels for --dtype: all for
+    float32 and float64; for the half types, HALF_FAMILIES (a UsageError
+    when none of those is selected)."""
+    if args.dtype in ("float32", "float64"):
+        return selection
+    if args.device == "cuda" and args.dtype == "bfloat16":
+        raise UsageError("--dtype bfloat16 --device cuda: CuPy, which the GPU bench runs on, "
+                         "has no bfloat16; use float16 on the GPU")
+    kept = {family: wanted for family, wanted in selection.items() if family in HALF_FAMILIES}
+    if not kept:
+        raise UsageError(f"--dtype {args.dtype}: kernels exist for {', '.join(HALF_FAMILIES)} "
+                         "only")
+    skipped = sorted(set(selection) - set(kept))
+    if skipped:
+        progress(f"--dtype {args.dtype}: skipping {', '.join(skipped)} (no {args.dtype} kernels)")
+    return kept
+
+
 def build_cases(plan: Plan, selection: dict) -> list[Case]:
     cases = []
     for family, wanted in selection.items():
@@ -273,7 +308,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"twin; {shape_text(BATCH_NORM_QUICK_SHAPE)} with --quick); "
                              f"with --size, {batch}x{channels}xHxW with H = W = "
                              f"round(sqrt(N / {batch * channels})), at least 1")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                        default="float32",
+                        help="float16 and bfloat16 (ml_dtypes arrays, torch bfloat16 peers): "
+                             "the activations and dropout families, bfloat16 on the CPU only")
     parser.add_argument("--threads", type=_threads, metavar="N",
                         help="CPU threads for fusednn and torch (default: fusednn's current "
                              "setting)")
@@ -316,14 +354,14 @@ class Options:
 def validate(args: argparse.Namespace) -> Options:
     """Every check of the options' values that argparse's types cannot make
     alone; raises UsageError before any work starts."""
-    selection = parse_selection(args.kernels)
+    selection = half_selection(args, parse_selection(args.kernels))
     wanted = parse_peers(args.peers)
     if args.fail_on_regression is not None and args.compare is None:
         raise UsageError("--fail-on-regression needs --compare OLD.json")
     _check_output_path(args.json, "--json")
     _check_output_path(args.plot, "--plot")
     if args.size is not None and args.device == "cpu":
-        _check_memory(args.size, np.dtype(args.dtype))
+        _check_memory(args.size, resolve_dtype(args.dtype))
     previous = output.load_previous(args.compare) if args.compare else None
     return Options(selection, wanted, previous)
 
@@ -359,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device, options.selection)
     if args.plot:
         output.require_matplotlib()
-    dtype = np.dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     if args.device == "cuda":
         quick_size, default_size = CUDA_QUICK_SIZE, CUDA_DEFAULT_SIZE
     else:

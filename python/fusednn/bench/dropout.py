@@ -22,8 +22,8 @@ from ..dropout import bias_act_dropout, bias_act_dropout_backward, dropout, drop
 from .activations import activation_kernel
 from .cases import Case, FamilyText, Plan, Runners, on_device, reference_text, size_text
 from .checks import (ORDINARY, TOLERANCE_ULP, CheckResult, check_dropped_fraction,
-                     check_inputs, compare)
-from .peers import jax_peer, torch_check_tensors, torch_peers
+                     check_inputs, compare, standard_normal)
+from .peers import jax_peer, torch_check_tensors, torch_peers, torch_view
 
 DROPOUT_P = 0.1
 DROPOUT_SEED = 20240601
@@ -168,14 +168,14 @@ class DropoutArrays:
         rng = np.random.default_rng(0)
         put, self.to_host = on_device(plan.device)
         size = plan.size
-        self.x = put(rng.standard_normal(size, dtype=plan.dtype))
-        self.grad = put(rng.standard_normal(size, dtype=plan.dtype))
+        self.x = put(standard_normal(rng, size, plan.dtype))
+        self.grad = put(standard_normal(rng, size, plan.dtype))
         self.out = put(np.empty(size, dtype=plan.dtype))
         self.shape = self.shape_for(size)
-        self.bias = put(rng.standard_normal(self.shape[1], dtype=plan.dtype))
+        self.bias = put(standard_normal(rng, self.shape[1], plan.dtype))
         torch, jax = plan.torch, plan.jax
         if torch is not None:
-            view = torch.from_numpy if plan.device == "cpu" else torch.from_dlpack
+            view = torch_view(plan)
             self.tensors = {name: view(getattr(self, name)) for name in ("x", "grad", "bias",
                                                                          "out")}
             _, self.tensors["mask"] = torch.ops.aten.native_dropout(self.tensors["x"], DROPOUT_P,

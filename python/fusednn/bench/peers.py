@@ -17,6 +17,8 @@ import time
 import warnings
 from typing import Callable
 
+import numpy as np
+
 from .cases import Peer, Plan
 
 JAX_ALLOCATES = "JAX arrays are immutable"
@@ -75,14 +77,38 @@ def _quietly(call):
 
 
 def torch_to_numpy(outputs):
-    """A tensor, or a tuple of them, as host numpy arrays."""
+    """A tensor, or a tuple of them, as host numpy arrays (bfloat16 as
+    ml_dtypes arrays)."""
     if isinstance(outputs, (tuple, list)):
         return tuple(torch_to_numpy(t) for t in outputs)
-    return outputs.detach().cpu().numpy()
+    tensor = outputs.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        import ml_dtypes
+        import torch
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def torch_view(plan: Plan):
+    """A function giving the torch tensor that shares an array's memory:
+    torch.from_numpy (bfloat16 through its bits: torch does not take
+    ml_dtypes arrays), or from_dlpack for CuPy arrays."""
+    torch = plan.torch
+    if plan.device != "cpu":
+        return torch.from_dlpack
+
+    def view(a):
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+    return view
 
 
 def torch_check_tensors(plan: Plan, *arrays) -> list:
     """Tensors on the plan's device holding copies of host arrays."""
+    if plan.device == "cpu":
+        view = torch_view(plan)
+        return [view(np.array(a)) for a in arrays]
     return [plan.torch.tensor(a, device=plan.device) for a in arrays]
 
 
