@@ -26,8 +26,9 @@ class DeviceArrayView {
       throw py::value_error(std::string(name) + ": expected (pointer, dtype, shape, strides)");
     const auto pointer = operand[0].cast<std::uintptr_t>();
     const int code = operand[1].cast<int>();
-    if (code < 0 || code > static_cast<int>(cuda::DType::float16))
-      throw py::type_error(std::string(name) + ": dtype must be float32, float64 or float16");
+    if (code < 0 || code > static_cast<int>(cuda::DType::bfloat16))
+      throw py::type_error(std::string(name) +
+                           ": dtype must be float32, float64, float16 or bfloat16");
     shape_ = operand[2].cast<std::vector<int64_t>>();
     strides_ = operand[3].cast<std::vector<int64_t>>();
     if (shape_.size() != strides_.size())

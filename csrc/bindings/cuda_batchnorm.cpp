@@ -41,8 +41,8 @@ void bind_cuda_batchnorm(py::module_& m) {
       [](const std::vector<int64_t>& shape, int axis, int dtype) {
         if (axis < 0 || axis >= static_cast<int>(shape.size()))
           throw py::value_error("axis out of range");
-        if (dtype < 0 || dtype > static_cast<int>(cuda::DType::float16))
-          throw py::type_error("dtype must be float32, float64 or float16");
+        if (dtype < 0 || dtype > static_cast<int>(cuda::DType::bfloat16))
+          throw py::type_error("dtype must be float32, float64, float16 or bfloat16");
         int64_t outer = 1, inner = 1;
         for (int d = 0; d < axis; ++d) outer *= shape[static_cast<size_t>(d)];
         for (size_t d = static_cast<size_t>(axis) + 1; d < shape.size(); ++d) inner *= shape[d];

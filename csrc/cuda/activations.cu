@@ -1,5 +1,5 @@
 // CUDA loops for the activations: y = f(x) and grad_input = g * f'(.) on
-// device arrays of any shape and strides, float32, float64 and float16
+// device arrays of any shape and strides, float32, float64, float16 and bfloat16
 // (computed in float32). The math is fusednn/activations.h, the same
 // functions the CPU kernels run; this file only decides the grid.
 // Contiguous operands move in 16-byte packs when every pointer is aligned

@@ -9,10 +9,10 @@
 namespace fusednn {
 namespace cuda {
 
-enum class DType : int { float32 = 0, float64 = 1, float16 = 2 };
+enum class DType : int { float32 = 0, float64 = 1, float16 = 2, bfloat16 = 3 };
 
 inline int itemsize(DType d) {
-  return d == DType::float64 ? 8 : (d == DType::float16 ? 2 : 4);
+  return d == DType::float64 ? 8 : (d == DType::float32 ? 4 : 2);
 }
 
 struct DeviceArrayRef {

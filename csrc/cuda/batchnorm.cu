@@ -153,6 +153,7 @@ __device__ double load_channel(const ChannelArray& a, int64_t c, double absent) 
   switch (a.dtype) {
     case DType::float64: return static_cast<const double*>(a.data)[i];
     case DType::float16: return __half2float(static_cast<const __half*>(a.data)[i]);
+    case DType::bfloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.data)[i]);
     default: return static_cast<const float*>(a.data)[i];
   }
 }
@@ -163,6 +164,7 @@ __device__ void store_channel(const ChannelArray& a, int64_t c, double value) {
   switch (a.dtype) {
     case DType::float64: static_cast<double*>(a.data)[i] = value; return;
     case DType::float16: static_cast<__half*>(a.data)[i] = __double2half(value); return;
+    case DType::bfloat16: static_cast<__nv_bfloat16*>(a.data)[i] = __double2bfloat16(value); return;
     default: static_cast<float*>(a.data)[i] = static_cast<float>(value); return;
   }
 }

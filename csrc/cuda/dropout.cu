@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "cuda/elementwise.cuh"
+#include "fusednn/half.h"
 #include "fusednn/philox.h"
 
 namespace fusednn {
@@ -114,8 +115,15 @@ template <class St> struct ChannelBias {
 // sums are the CPU kernels' own, in the same order.
 template <class St> struct DropoutStep {
   using C = typename St::Compute;
+  // Half types keep x * scale to one rounding: the float32 product is
+  // rounded to odd, so that narrowing it is the exact product's rounding
+  // (the CPU kernels' arithmetic, so both devices give the same bits).
   __device__ __forceinline__ C operator()(const C (&v)[1], C, C factor) const {
-    return v[0] * factor;
+    if constexpr (sizeof(typename St::Stored) == 2) {
+      return multiply_to_odd(v[0], factor);
+    } else {
+      return v[0] * factor;
+    }
   }
 };
 
@@ -336,11 +344,11 @@ template <class St> __device__ __forceinline__ double as_double(typename St::Sto
   return static_cast<double>(St::load(s));
 }
 
-// One rounding from the float64 sum to the stored type (float16 directly,
-// not through float32).
+// One rounding from the float64 sum to the stored type (float16 and
+// bfloat16 directly, not through float32).
 template <class St> __device__ __forceinline__ typename St::Stored from_double(double s) {
   if constexpr (sizeof(typename St::Stored) == 2) {
-    return __half_as_ushort(__double2half(s));
+    return St::from_double(s);
   } else {
     return static_cast<typename St::Stored>(s);
   }

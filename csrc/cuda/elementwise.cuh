@@ -1,11 +1,12 @@
 // What the elementwise CUDA kernel families share: CUDA errors turned into
 // C++ exceptions, the device and stream a launch runs on, grids sized from
-// the device, the storage types (float16 kept as raw bits and computed in
-// float32), 16-byte packs, and the strided layout that merges the
+// the device, the storage types (float16 and bfloat16 kept as raw bits and
+// computed in float32), 16-byte packs, and the strided layout that merges the
 // dimensions every operand steps through contiguously. Kernels index with
 // 64-bit integers throughout, so arrays past 2^31 elements work.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -85,8 +86,9 @@ __device__ __forceinline__ int64_t global_thread() {
 
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
 
-// How each dtype is stored and in which type it is computed: float16 is
-// moved as its 16 bits and computed in float32, rounded once on the way out.
+// How each dtype is stored and in which type it is computed: float16 and
+// bfloat16 are moved as their 16 bits and computed in float32, rounded once
+// on the way out (from_double: once from a float64 sum).
 template <DType D> struct Storage;
 
 template <> struct Storage<DType::float32> {
@@ -110,6 +112,23 @@ template <> struct Storage<DType::float16> {
   static __device__ __forceinline__ Stored store(Compute c) {
     return __half_as_ushort(__float2half_rn(c));
   }
+  static __device__ __forceinline__ Stored from_double(double d) {
+    return __half_as_ushort(__double2half(d));
+  }
+};
+
+template <> struct Storage<DType::bfloat16> {
+  using Stored = unsigned short;
+  using Compute = float;
+  static __device__ __forceinline__ Compute load(Stored s) {
+    return __bfloat162float(__ushort_as_bfloat16(s));
+  }
+  static __device__ __forceinline__ Stored store(Compute c) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(c));
+  }
+  static __device__ __forceinline__ Stored from_double(double d) {
+    return __bfloat16_as_ushort(__double2bfloat16(d));
+  }
 };
 
 // 16 bytes of elements, loaded and stored as one vector access.
@@ -125,6 +144,7 @@ template <class Fn> void visit_dtype(DType d, Fn&& fn) {
   switch (d) {
     case DType::float64: fn(Storage<DType::float64>{}); return;
     case DType::float16: fn(Storage<DType::float16>{}); return;
+    case DType::bfloat16: fn(Storage<DType::bfloat16>{}); return;
     case DType::float32: fn(Storage<DType::float32>{}); return;
   }
   throw std::invalid_argument("unknown dtype code");
