@@ -368,3 +368,20 @@ def test_fused_epilogue_rounds_the_float32_result_once(dtype_name, act, params, 
     gh_strided, _ = fn.bias_act_dropout_backward(np.asfortranarray(g), hs, bias, act, 0.2,
                                                  mask=mask, axis=axis, **params)
     assert_same_values(gh_strided, gh)
+
+
+def test_torch_modules_run_half_tensors_on_fusednn():
+    torch = pytest.importorskip("torch")
+    fnn = pytest.importorskip("fusednn.torch.nn")
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.linspace(-5, 5, 257, dtype=dtype).requires_grad_()
+        y = fnn.GELU()(x)
+        assert y.dtype == dtype
+        assert torch.equal(y.detach(), fn.gelu(x.detach()))
+        y.backward(torch.ones_like(y))
+        expected = fn.activation_backward("gelu", torch.ones_like(x.detach()), x=x.detach())
+        assert torch.equal(x.grad, expected)
+        dropped = fnn.Dropout(0.5)(x.detach())
+        assert dropped.dtype == dtype
+        kept = dropped != 0
+        assert torch.equal(dropped[kept], (x.detach()[kept].float() * 2).to(dtype))

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
+# The CPU activation and dropout kernels also take the half types.
+_CPU_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
@@ -44,13 +46,19 @@ _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
 _CUDA_BUILT = bool(fn.info()["cuda_built"])
 
 
-def supports(dtype: torch.dtype, device: torch.device | str) -> Optional[str]:
+def supports(dtype: torch.dtype, device: torch.device | str, *,
+             elementwise: bool = False) -> Optional[str]:
     """None when fusednn has kernels for tensors of this dtype on this
-    device, else the reason it has not."""
+    device, else the reason it has not. `elementwise`: for the activation
+    and dropout kernels, which also take float16 and bfloat16 on the
+    CPU."""
     device = torch.device(device)
     if device.type == "cpu":
-        if dtype in _CPU_DTYPES:
+        if dtype in _CPU_DTYPES or (elementwise and dtype in _CPU_HALF_DTYPES):
             return None
+        if elementwise:
+            return (f"dtype {dtype}: fusednn's CPU activation and dropout kernels take "
+                    "float32, float64, float16 and bfloat16")
         return f"dtype {dtype}: fusednn's CPU kernels take float32 and float64"
     if device.type == "cuda":
         if not _CUDA_BUILT:
@@ -111,7 +119,8 @@ class _Activation:
     _name: str
 
     def forward(self, input: Tensor) -> Tensor:
-        if getattr(self, "inplace", False) or supports(input.dtype, input.device) is not None:
+        if getattr(self, "inplace", False) or \
+                supports(input.dtype, input.device, elementwise=True) is not None:
             return super().forward(input)
         params = {key: getattr(self, key) for key, _, _ in ops.ACTIVATION_PARAMETERS[self._name]}
         return ops.activation(self._name, input, **params)
@@ -162,7 +171,7 @@ class Dropout(torch.nn.Dropout):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return input
-        if self.inplace or supports(input.dtype, input.device) is not None:
+        if self.inplace or supports(input.dtype, input.device, elementwise=True) is not None:
             return super().forward(input)
         return ops.dropout(input, self.p, ops.draw_rng(getattr(self, "generator", None)))
 
