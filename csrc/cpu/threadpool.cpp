@@ -28,6 +28,18 @@ namespace fusednn {
 namespace cpu {
 namespace {
 
+// The cores this process may run on (taskset, container CPU sets), not
+// every core of the machine.
+int usable_cores() {
+#if defined(__linux__)
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof allowed, &allowed) == 0 && CPU_COUNT(&allowed) > 0)
+    return CPU_COUNT(&allowed);
+#endif
+  const unsigned cores = std::thread::hardware_concurrency();
+  return cores == 0 ? 1 : static_cast<int>(cores);
+}
+
 int threads_from_environment() {
   for (const char* name : {"FUSEDNN_NUM_THREADS", "OMP_NUM_THREADS"}) {
     const char* value = std::getenv(name);
@@ -37,15 +49,7 @@ int threads_from_environment() {
       if (end != value && n > 0) return static_cast<int>(std::min<long>(n, kMaxThreads));
     }
   }
-#if defined(__linux__)
-  // The cores this process may run on (taskset, container CPU sets), not
-  // every core of the machine.
-  cpu_set_t allowed;
-  if (sched_getaffinity(0, sizeof allowed, &allowed) == 0 && CPU_COUNT(&allowed) > 0)
-    return CPU_COUNT(&allowed);
-#endif
-  const unsigned cores = std::thread::hardware_concurrency();
-  return cores == 0 ? 1 : static_cast<int>(cores);
+  return usable_cores();
 }
 
 thread_local bool t_inside_task = false;
@@ -63,9 +67,10 @@ inline void cpu_relax() {
 #endif
 }
 
-// Spins until ready() or kSpinTime has passed; returns ready().
-template <class Ready> bool spin_until(Ready ready) {
-  const auto deadline = std::chrono::steady_clock::now() + kSpinTime;
+// Spins until ready() or `limit` has passed; returns ready().
+template <class Ready> bool spin_until(std::chrono::microseconds limit, Ready ready) {
+  if (limit.count() == 0) return ready();
+  const auto deadline = std::chrono::steady_clock::now() + limit;
   for (unsigned i = 1;; ++i) {
     if (ready()) return true;
     cpu_relax();
@@ -76,7 +81,7 @@ template <class Ready> bool spin_until(Ready ready) {
 
 class Pool {
  public:
-  explicit Pool(int threads) : threads_(threads) {}
+  explicit Pool(int threads) : threads_(threads), spin_(spin_time(threads)) {}
 
   // Worker threads are detached and live for the process: joining them at
   // interpreter exit could deadlock with a thread still blocked in Python.
@@ -85,6 +90,7 @@ class Pool {
   void resize(int threads) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     threads_ = threads;
+    spin_.store(spin_time(threads));
   }
 
   void run(int64_t ntasks, const std::function<void(int64_t)>& task) {
@@ -108,7 +114,7 @@ class Pool {
     // Cheap when no worker sleeps: spinning ones see the new generation.
     wake_.notify_all();
     work();
-    spin_until([this] { return finished(); });
+    spin_until(spin_.load(), [this] { return finished(); });
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, [this] { return finished(); });
     // Workers that have not woken yet must not join a finished region.
@@ -168,7 +174,7 @@ class Pool {
     for (;;) {
       if (generation_.load() == seen) {
         lock.unlock();
-        spin_until([&] { return generation_.load() != seen; });
+        spin_until(spin_.load(), [&] { return generation_.load() != seen; });
         lock.lock();
       }
       wake_.wait(lock, [&] { return generation_.load() != seen; });
@@ -184,7 +190,15 @@ class Pool {
     }
   }
 
+  // With more threads than cores a spinning thread takes a core from one
+  // with work (as OpenMP runtimes throttle their spin), so threads sleep
+  // at once then.
+  static std::chrono::microseconds spin_time(int threads) {
+    return threads <= usable_cores() ? kSpinTime : std::chrono::microseconds(0);
+  }
+
   int threads_;
+  std::atomic<std::chrono::microseconds> spin_;
   std::mutex run_mutex_;  // one parallel region at a time
   std::mutex mutex_;
   std::condition_variable wake_;
