@@ -34,9 +34,10 @@ namespace FUSEDNN_ISA {
 
 constexpr int kMaxDims = 64;
 // Work per task below which handing it to another thread does not pay: a
-// worker joins a parallel region in about 2 us here (bench --sweep's pool
-// row), and a task a few times longer keeps that cost small.
-constexpr double kMinTaskNanoseconds = 5000;
+// worker joins an empty parallel region in about 2 us here (bench --sweep's
+// pool row), but a gelu of 2^14 elements (14 us) measured no faster on two
+// threads than on one, while 2^15 was.
+constexpr double kMinTaskNanoseconds = 8000;
 
 // How many slices to split `size` elements costing about ns_per_element
 // each (float32, one core, data in cache) into: one per thread, fewer where
