@@ -121,9 +121,11 @@ void forward_half(const ActivationParams& params, double ns_per_element, const A
       S* out = reinterpret_cast<S*>(ptr[1]);
       const ActivationParams local = p;
       if (inner[0] == 1 && inner[1] == 1) {
-        produce(out, len, stream, [&](S* dst, int64_t start, int64_t count) {
+        produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
           const S* const inputs[1] = {in + start};
-          staged_run<1>(dst, count, inputs, [local](float* o, const float* const* ins, int64_t n) {
+          constexpr bool kStream = decltype(streamed)::value;
+          staged_run<kStream, 1>(dst, count, inputs,
+                                 [local](float* o, const float* const* ins, int64_t n) {
             const float* src = ins[0];
             const ActivationParams q = local;
             const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
@@ -170,9 +172,11 @@ void backward_half(const ActivationParams& params, double ns_per_element, const 
       S* out = reinterpret_cast<S*>(ptr[2]);
       const ActivationParams local = p;
       if (inner[0] == 1 && inner[1] == 1 && inner[2] == 1) {
-        produce(out, len, stream, [&](S* dst, int64_t start, int64_t count) {
+        produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
           const S* const inputs[2] = {grad + start, value + start};
-          staged_run<2>(dst, count, inputs, [local](float* o, const float* const* ins, int64_t n) {
+          constexpr bool kStream = decltype(streamed)::value;
+          staged_run<kStream, 2>(dst, count, inputs,
+                                 [local](float* o, const float* const* ins, int64_t n) {
             const float* gs = ins[0];
             const float* vs = ins[1];
             const ActivationParams q = local;

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/elementwise.h"
 #include "fusednn/half.h"
 
 #if !defined(FUSEDNN_ISA)
@@ -74,11 +75,27 @@ inline void narrow(const float* src, BFloat16* dst, int64_t n) {
 inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void narrow(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 
+// Narrows n results to dst, 64-byte aligned, streaming whole lines past
+// the cache (each narrowed into a register-sized local first) and storing
+// the partial last line.
+template <class S> inline void narrow_streamed(const float* src, S* dst, int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(S));
+  int64_t i = 0;
+  for (; i + kLine <= n; i += kLine) {
+    alignas(64) S line[kLine];
+    narrow(src + i, line, kLine);
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + i);
+    stream_line(d, load_line(reinterpret_cast<const uint16_t*>(line)));
+  }
+  narrow(src + i, dst + i, n - i);
+}
+
 // Produces count half-precision outputs at dst from K half-precision input
 // runs: each block of kHalfBlock elements of every input is widened into a
 // float32 buffer, compute(out, ins, n) writes n float32 results from those
-// buffers, and the results are narrowed into dst.
-template <int K, class S, class Compute>
+// buffers, and the results are narrowed into dst, streamed with kStream
+// (dst then 64-byte aligned; blocks keep the alignment).
+template <bool kStream, int K, class S, class Compute>
 inline void staged_run(S* dst, int64_t count, const S* const (&inputs)[K], Compute&& compute) {
   alignas(64) float in[K][kHalfBlock];
   alignas(64) float out[kHalfBlock];
@@ -90,7 +107,11 @@ inline void staged_run(S* dst, int64_t count, const S* const (&inputs)[K], Compu
       ins[k] = in[k];
     }
     compute(out, ins, n);
-    narrow(out, dst + b, n);
+    if constexpr (kStream) {
+      narrow_streamed(out, dst + b, n);
+    } else {
+      narrow(out, dst + b, n);
+    }
   }
 }
 
