@@ -223,11 +223,9 @@ def interleaved_medians(calls: dict, repeat: int) -> dict:
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
-def copy_call(buffers: Buffers, nbytes: int) -> Callable:
-    """The faster of fusednn's threaded streaming copy and np.copyto, as one
-    routine: a copy of nbytes (half read, half written)."""
-    n = max(1, nbytes // 8)
-    src, dst = buffers.grad[:n], buffers.out[:n]
+def copy_call(src: np.ndarray, dst: np.ndarray) -> Callable:
+    """The faster of fusednn's threaded streaming copy and np.copyto of src
+    into dst, as one routine."""
     threaded = lambda: _cpu.copy(src, dst)  # noqa: E731
     single = lambda: np.copyto(dst, src)  # noqa: E731
     return min((threaded, single), key=lambda c: min(_seconds(c) for _ in range(3)))
@@ -275,6 +273,24 @@ class Point:
         return None if self.torch_s is None else self.torch_s / self.ours_s
 
 
+def measure(name: str, elements: int, nbytes: int, ours, peer, copy, threads_list, repeat,
+            torch) -> list:
+    """Points of one call (and its PyTorch peer, where there is one) at
+    each thread count, timed in rounds with the copy of nbytes."""
+    points = []
+    for threads in threads_list:
+        set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
+        calls = {"ours": ours, "copy": copy}
+        if peer is not None:
+            calls["torch"] = peer
+        medians = interleaved_medians(calls, repeat)
+        points.append(Point(name, elements, threads, medians["ours"], medians.get("torch"),
+                            medians["copy"], nbytes))
+    return points
+
+
 def run_sweep(sizes, threads_list, repeat, torch) -> list:
     buffers = Buffers(max(sizes), torch)
     points = []
@@ -282,16 +298,10 @@ def run_sweep(sizes, threads_list, repeat, torch) -> list:
         for n in sizes:
             ours, peer = kernel.make(buffers, n, torch)
             nbytes = n * kernel.bytes_per_element
-            for threads in threads_list:
-                set_num_threads(threads)
-                if torch is not None:
-                    torch.set_num_threads(threads)
-                calls = {"ours": ours, "copy": copy_call(buffers, nbytes)}
-                if peer is not None:
-                    calls["torch"] = peer
-                medians = interleaved_medians(calls, repeat)
-                points.append(Point(kernel.name, n, threads, medians["ours"],
-                                    medians.get("torch"), medians["copy"], nbytes))
+            n_copied = max(1, nbytes // 8)
+            copy = copy_call(buffers.grad[:n_copied], buffers.out[:n_copied])
+            points += measure(kernel.name, n, nbytes, ours, peer, copy, threads_list, repeat,
+                              torch)
             progress(f"  {kernel.name} 2^{n.bit_length() - 1} done")
     return points
 
@@ -312,27 +322,12 @@ def layer_shapes_points(threads_list, repeat, torch) -> list:
             out = np.empty_like(x)
             for direction, traffic in (("forward", 12), ("backward", 20)):
                 ours, peer = batch_norm_calls(x, out, grad, torch, direction, axis, to_nchw)
-                name = f"batch_norm {direction} {shape}{suffix}"
-                for threads in threads_list:
-                    set_num_threads(threads)
-                    if torch is not None:
-                        torch.set_num_threads(threads)
-                    calls = {"ours": ours, "copy": copy_call_for(x, traffic)}
-                    if peer is not None:
-                        calls["torch"] = peer
-                    medians = interleaved_medians(calls, repeat)
-                    points.append(Point(name, x.size, threads, medians["ours"],
-                                        medians.get("torch"), medians["copy"],
-                                        x.size * traffic))
+                source = np.ones(max(1, x.size * traffic // 8), np.float32)
+                copy = copy_call(source, np.empty_like(source))
+                points += measure(f"batch_norm {direction} {shape}{suffix}", x.size,
+                                  x.size * traffic, ours, peer, copy, threads_list, repeat, torch)
             progress(f"  batch_norm {shape}{suffix} done")
     return points
-
-
-def copy_call_for(x: np.ndarray, bytes_per_element: int) -> Callable:
-    n = max(1, x.size * bytes_per_element // 8)
-    src = np.ones(n, np.float32)
-    dst = np.empty_like(src)
-    return lambda: _cpu.copy(src, dst)
 
 
 def format_sweep(points: list, threads_list) -> list[str]:
