@@ -20,7 +20,7 @@ import pytest
 from numpy.lib.stride_tricks import as_strided
 
 import fusednn as fn
-from fusednn import _backend, _cpu
+from fusednn import _arrays, _cpu
 from fusednn import reference as ref
 
 RNG = np.random.default_rng(20261206)
@@ -197,7 +197,7 @@ def test_internal_overlap_test_agrees_with_brute_force():
         ndim = int(rng.integers(1, 4))
         shape = tuple(int(n) for n in rng.integers(0, 5, ndim))
         strides = tuple(int(s) * 4 for s in rng.integers(-6, 7, ndim))
-        assert _backend.has_internal_overlap(shape, strides, 4) == \
+        assert _arrays.has_internal_overlap(shape, strides, 4) == \
             brute_force_overlap(shape, strides, 4), (shape, strides)
 
 
@@ -364,7 +364,7 @@ def test_private_forward_with_too_few_values_raises(shape):
     y = np.empty_like(x)
     save = np.empty(shape[1], np.float32)
     with pytest.raises(ValueError, match="more than one value per channel"):
-        _cpu.batch_norm_forward(x, y, None, None, None, None, save, save.copy(), True, 0.1,
+        _cpu.batch_norm_forward(x, y, None, None, None, None, save, save.copy(), None, True, 0.1,
                                 1e-5, 1)
 
 
@@ -373,7 +373,7 @@ def test_private_forward_inference_without_statistics_raises():
     save = np.empty(3, np.float32)
     with pytest.raises(ValueError, match="running"):
         _cpu.batch_norm_forward(x, np.empty_like(x), None, None, None, None, save, save.copy(),
-                                False, 0.1, 1e-5, 1)
+                                None, False, 0.1, 1e-5, 1)
 
 
 def test_private_forward_with_unmergeable_layout_raises():
@@ -381,7 +381,7 @@ def test_private_forward_with_unmergeable_layout_raises():
     save = np.empty(6, np.float32)
     with pytest.raises(ValueError, match="merge"):
         _cpu.batch_norm_forward(x, np.empty(x.shape, np.float32), None, None, None, None, save,
-                                save.copy(), True, 0.1, 1e-5, 2)
+                                save.copy(), None, True, 0.1, 1e-5, 2)
 
 
 # ---- 10. interpreter exit while a kernel runs -----------------------------------------

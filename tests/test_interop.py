@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fusednn as fn
-from fusednn import _interop
+from fusednn import _arrays
 
 RNG = np.random.default_rng(11)
 
@@ -46,7 +46,7 @@ def test_torch_activations_same_bits_and_type(th):
 def test_torch_views_are_read_in_place(th):
     base = th.from_numpy(normals((40, 30), np.float64))
     view = base.t()[::2]  # transposed and strided: a view, no copy
-    assert _interop._native_view(view, "torch", "cpu", "x", "t").__array_interface__["data"][0] \
+    assert _arrays.TORCH_CPU.view(view, "x", "t").__array_interface__["data"][0] \
         == view.data_ptr()
     np.testing.assert_array_equal(as_numpy(fn.tanh(view)), fn.tanh(as_numpy(view)))
 

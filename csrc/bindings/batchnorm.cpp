@@ -1,120 +1,90 @@
-// pybind11 bindings of the CPU batch-normalization kernels: argument
-// unpacking only, with the GIL released while the kernels run. Optional
-// per-channel arrays arrive as None.
+// pybind11 bindings of the batch-normalization kernels, compiled once into
+// each module (see backend.h): argument unpacking only. Optional
+// per-channel arrays and the scratch buffer arrive as None; the buffer's
+// size comes from batch_norm_workspace_bytes (0 on the CPU).
 #include <optional>
+#include <vector>
 
-#include "bindings/array_ref.h"
-#include "bindings/without_gil.h"
-#include "cpu/batchnorm.h"
+#include "bindings/backend.h"
 
 namespace fusednn {
 namespace bindings {
 
 namespace {
 
-// A per-channel array, or nothing for None.
-std::optional<ArrayView> optional_view(const py::object& array, bool writable, const char* name) {
-  if (array.is_none()) return std::nullopt;
-  if (!py::isinstance<py::array>(array)) throw py::type_error(std::string(name) + " must be an array");
-  ArrayView view(py::reinterpret_borrow<py::array>(array), writable, name);
-  require_full_precision(view, name);
-  return view;
-}
-
-const cpu::ArrayRef* ref_or_null(const std::optional<ArrayView>& view) {
-  return view ? &view->ref() : nullptr;
-}
-
-void require_channels(const std::optional<ArrayView>& view, int64_t channels, const char* name) {
-  if (view && (view->shape().size() != 1 || view->shape()[0] != channels))
-    throw py::value_error(std::string(name) + " must have one value per channel");
-}
-
-int checked_axis(const ArrayView& x, int axis) {
-  const int ndim = static_cast<int>(x.shape().size());
-  if (axis < 0 || axis >= ndim) throw py::value_error("axis out of range");
-  return axis;
-}
+const Operand* pointer(const std::optional<Operand>& a) { return a ? &*a : nullptr; }
 
 }  // namespace
 
 void bind_batchnorm(py::module_& m) {
   m.def(
-      "batch_norm_forward",
-      [](const py::array& x, const py::array& out, const py::object& gamma, const py::object& beta,
-         const py::object& running_mean, const py::object& running_var, const py::array& save_mean,
-         const py::array& save_invstd, bool training, double momentum, double eps, int axis) {
-        const ArrayView xv(x, false, "x");
-        const ArrayView yv(out, true, "out");
-        require_same(xv, yv, "batch_norm_forward");
-        const int ax = checked_axis(xv, axis);
-        const int64_t channels = xv.shape()[static_cast<size_t>(ax)];
-        const auto gv = optional_view(gamma, false, "gamma");
-        const auto bv = optional_view(beta, false, "beta");
-        const auto rm = optional_view(running_mean, training, "running_mean");
-        const auto rv = optional_view(running_var, training, "running_var");
-        const ArrayView sm(save_mean, true, "save_mean");
-        const ArrayView si(save_invstd, true, "save_invstd");
-        for (const ArrayView* v : {&xv, &yv, &sm, &si}) require_full_precision(*v, "batch_norm");
-        require_channels(gv, channels, "gamma");
-        require_channels(bv, channels, "beta");
-        require_channels(rm, channels, "running_mean");
-        require_channels(rv, channels, "running_var");
-        require_channels(std::optional<ArrayView>(sm), channels, "save_mean");
-        require_channels(std::optional<ArrayView>(si), channels, "save_invstd");
-        if (!training && (!rm || !rv))
-          throw py::value_error("batch_norm_forward: inference needs the running statistics");
-        cpu::BatchNormForwardArgs args{ax,
-                                       training,
-                                       momentum,
-                                       eps,
-                                       ref_or_null(gv),
-                                       ref_or_null(bv),
-                                       ref_or_null(rm),
-                                       ref_or_null(rv),
-                                       &sm.ref(),
-                                       &si.ref()};
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(batch_norm_forward)(xv.ref(), yv.ref(), args);
-        });
+      "batch_norm_workspace_bytes",
+      [](const std::vector<int64_t>& shape, int axis, int dtype) {
+        if (axis < 0 || axis >= static_cast<int>(shape.size()))
+          throw py::value_error("batch_norm_workspace_bytes: axis out of range");
+        return Backend::batch_norm_workspace_bytes(shape, axis, dtype);
       },
-      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("gamma"), py::arg("beta"),
-      py::arg("running_mean"), py::arg("running_var"), py::arg("save_mean").noconvert(),
-      py::arg("save_invstd").noconvert(), py::arg("training"), py::arg("momentum"),
-      py::arg("eps"), py::arg("axis"));
+      "Bytes of scratch memory batch_norm_forward/backward need for x of `shape` (dtype code "
+      "`dtype`) normalized over `axis`.",
+      py::arg("shape"), py::arg("axis"), py::arg("dtype"));
+
+  m.def(
+      "batch_norm_forward",
+      [](const Operand& x, const Operand& out, const std::optional<Operand>& gamma,
+         const std::optional<Operand>& beta, const std::optional<Operand>& running_mean,
+         const std::optional<Operand>& running_var, const Operand& save_mean,
+         const Operand& save_invstd, const std::optional<Operand>& workspace, bool training,
+         double momentum, double eps, int axis) {
+        const char* f = "batch_norm_forward";
+        require_same(x, out, f);
+        require_writable(out, f, "out");
+        const int64_t channels = x.shape[static_cast<size_t>(checked_axis(x, axis, f))];
+        require_channels(pointer(gamma), channels, f, "gamma");
+        require_channels(pointer(beta), channels, f, "beta");
+        require_channels(pointer(running_mean), channels, f, "running_mean");
+        require_channels(pointer(running_var), channels, f, "running_var");
+        require_channels(&save_mean, channels, f, "save_mean");
+        require_channels(&save_invstd, channels, f, "save_invstd");
+        require_writable(save_mean, f, "save_mean");
+        require_writable(save_invstd, f, "save_invstd");
+        if (training) {
+          if (running_mean) require_writable(*running_mean, f, "running_mean");
+          if (running_var) require_writable(*running_var, f, "running_var");
+        } else if (!running_mean || !running_var) {
+          throw py::value_error("batch_norm_forward: inference needs the running statistics");
+        }
+        Backend::batch_norm_forward(x, out, pointer(gamma), pointer(beta), pointer(running_mean),
+                                    pointer(running_var), save_mean, save_invstd, workspace,
+                                    training, momentum, eps, axis);
+      },
+      py::arg("x"), py::arg("out"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
+      py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),
+      py::arg("workspace"), py::arg("training"), py::arg("momentum"), py::arg("eps"),
+      py::arg("axis"));
 
   m.def(
       "batch_norm_backward",
-      [](const py::array& grad_output, const py::array& x, const py::array& grad_input,
-         const py::object& gamma, const py::array& save_mean, const py::array& save_invstd,
-         const py::array& grad_gamma, const py::array& grad_beta, int axis, bool training) {
-        const ArrayView gv(grad_output, false, "grad_output");
-        const ArrayView xv(x, false, "x");
-        const ArrayView dv(grad_input, true, "grad_input");
-        require_same(gv, xv, "batch_norm_backward");
-        require_same(gv, dv, "batch_norm_backward");
-        const int ax = checked_axis(xv, axis);
-        const int64_t channels = xv.shape()[static_cast<size_t>(ax)];
-        const auto wv = optional_view(gamma, false, "gamma");
-        const ArrayView sm(save_mean, false, "save_mean");
-        const ArrayView si(save_invstd, false, "save_invstd");
-        const ArrayView gg(grad_gamma, true, "grad_gamma");
-        const ArrayView gb(grad_beta, true, "grad_beta");
-        for (const ArrayView* v : {&gv, &xv, &dv, &sm, &si, &gg, &gb})
-          require_full_precision(*v, "batch_norm_backward");
-        require_channels(wv, channels, "gamma");
-        for (const ArrayView* v : {&sm, &si, &gg, &gb})
-          require_channels(std::optional<ArrayView>(*v), channels, "per-channel array");
-        cpu::BatchNormBackwardArgs args{ax,        training,  ref_or_null(wv), &sm.ref(),
-                                        &si.ref(), &gg.ref(), &gb.ref()};
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(batch_norm_backward)(gv.ref(), xv.ref(), dv.ref(), args);
-        });
+      [](const Operand& grad_output, const Operand& x, const Operand& grad_input,
+         const std::optional<Operand>& gamma, const Operand& save_mean,
+         const Operand& save_invstd, const Operand& grad_gamma, const Operand& grad_beta,
+         const std::optional<Operand>& workspace, int axis, bool training) {
+        const char* f = "batch_norm_backward";
+        require_same(grad_output, x, f);
+        require_same(grad_output, grad_input, f);
+        require_writable(grad_input, f, "grad_input");
+        const int64_t channels = x.shape[static_cast<size_t>(checked_axis(x, axis, f))];
+        require_channels(pointer(gamma), channels, f, "gamma");
+        for (const Operand* a : {&save_mean, &save_invstd, &grad_gamma, &grad_beta})
+          require_channels(a, channels, f, "per-channel array");
+        require_writable(grad_gamma, f, "grad_gamma");
+        require_writable(grad_beta, f, "grad_beta");
+        Backend::batch_norm_backward(grad_output, x, grad_input, pointer(gamma), save_mean,
+                                     save_invstd, grad_gamma, grad_beta, workspace, axis,
+                                     training);
       },
-      py::arg("grad_output").noconvert(), py::arg("x").noconvert(),
-      py::arg("grad_input").noconvert(), py::arg("gamma"), py::arg("save_mean").noconvert(),
-      py::arg("save_invstd").noconvert(), py::arg("grad_gamma").noconvert(),
-      py::arg("grad_beta").noconvert(), py::arg("axis"), py::arg("training"));
+      py::arg("grad_output"), py::arg("x"), py::arg("grad_input"), py::arg("gamma"),
+      py::arg("save_mean"), py::arg("save_invstd"), py::arg("grad_gamma"), py::arg("grad_beta"),
+      py::arg("workspace"), py::arg("axis"), py::arg("training"));
 }
 
 }  // namespace bindings

@@ -1,15 +1,16 @@
-// pybind11 bindings of the CPU dropout kernels and the fused bias +
-// activation + dropout epilogue: argument unpacking only, with the GIL
-// released while a kernel runs. p arrives already validated; keep = 1 - p,
-// the threshold and the scale are formed here once, in double, exactly as
-// the reference forms them.
-#include "bindings/dropout_args.h"
-#include "bindings/without_gil.h"
-#include "bindings/activation_args.h"
+// pybind11 bindings of the dropout kernels and the fused bias + activation
+// + dropout epilogue, compiled once into each module (see backend.h):
+// argument unpacking only. p arrives already validated; keep = 1 - p, the
+// threshold and the scale are formed once, in double, exactly as the
+// reference forms them (dropout_args.h). Masks are uint8 Operands of
+// (n + 7) / 8 bytes, or None.
+#include <optional>
 #include <string>
+#include <vector>
 
-#include "bindings/array_ref.h"
-#include "cpu/dropout.h"
+#include "bindings/activation_args.h"
+#include "bindings/backend.h"
+#include "bindings/dropout_args.h"
 #include "fusednn/philox.h"
 
 namespace fusednn {
@@ -17,25 +18,23 @@ namespace bindings {
 
 namespace {
 
-// A C-contiguous uint8 array of exactly `bytes` bytes, or None.
-uint8_t* mask_pointer(const py::object& mask, int64_t bytes, bool writable, const char* name) {
-  if (mask.is_none()) return nullptr;
-  if (!py::isinstance<py::array>(mask)) throw py::type_error(std::string(name) + " must be an array");
-  const py::array array = py::reinterpret_borrow<py::array>(mask);
-  if (!array.dtype().is(py::dtype::of<uint8_t>()))
-    throw py::type_error(std::string(name) + ": dtype must be uint8");
-  if (!(array.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + " must be C-contiguous");
-  if (array.size() != bytes)
-    throw py::value_error(std::string(name) + " must hold " + std::to_string(bytes) + " bytes");
-  if (writable && !array.writeable()) throw py::value_error(std::string(name) + " is read-only");
-  return static_cast<uint8_t*>(const_cast<void*>(array.data()));
+int64_t mask_bytes(const Operand& a) { return (a.size() + 7) / 8; }
+
+uint8_t* mask_pointer(const std::optional<Operand>& mask, const Operand& like, bool writable,
+                      const char* function, const char* name) {
+  if (mask) {
+    require_dtype(*mask, DTypeCode::uint8, function, name);
+    if (writable) require_writable(*mask, function, name);
+  }
+  return buffer_pointer(mask, mask_bytes(like), like, function, name);
 }
 
-int64_t mask_bytes(const ArrayView& v) {
-  int64_t n = 1;
-  for (int64_t s : v.shape()) n *= s;
-  return (n + 7) / 8;
+void require_bias(const Operand& h, const Operand& bias, int axis, const char* function) {
+  checked_axis(h, axis, function);
+  if (bias.dtype != h.dtype || bias.shape.size() != 1 ||
+      bias.shape[0] != h.shape[static_cast<size_t>(axis)])
+    throw py::value_error(std::string(function) +
+                          ": bias must be 1-d, of h's dtype and length h.shape[axis]");
 }
 
 }  // namespace
@@ -43,109 +42,106 @@ int64_t mask_bytes(const ArrayView& v) {
 void bind_dropout(py::module_& m) {
   m.def(
       "dropout_forward",
-      [](const py::array& x, const py::array& out, double p, uint64_t seed, uint64_t offset,
-         const py::object& mask_out) {
-        const ArrayView xv(x, false, "x");
-        const ArrayView ov(out, true, "out");
-        require_same(xv, ov, "dropout_forward");
-        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
-        spec.mask_out = mask_pointer(mask_out, mask_bytes(xv), true, "mask_out");
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(dropout_apply)(spec, xv.ref(), ov.ref());
-        });
+      [](const Operand& x, const Operand& out, double p, uint64_t seed, uint64_t offset,
+         const std::optional<Operand>& mask_out) {
+        const char* f = "dropout_forward";
+        require_same(x, out, f);
+        require_writable(out, f, "out");
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        spec.mask_out = mask_pointer(mask_out, x, true, f, "mask_out");
+        Backend::dropout_apply(spec, x, out);
       },
-      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("p"), py::arg("seed"),
-      py::arg("offset"), py::arg("mask_out"));
+      py::arg("x"), py::arg("out"), py::arg("p"), py::arg("seed"), py::arg("offset"),
+      py::arg("mask_out"));
 
   m.def(
       "dropout_backward",
-      [](const py::array& g, const py::array& out, double p, const py::object& mask,
+      [](const Operand& g, const Operand& out, double p, const std::optional<Operand>& mask,
          uint64_t seed, uint64_t offset) {
-        const ArrayView gv(g, false, "grad_output");
-        const ArrayView ov(out, true, "out");
-        require_same(gv, ov, "dropout_backward");
-        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
-        spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(dropout_apply)(spec, gv.ref(), ov.ref());
-        });
+        const char* f = "dropout_backward";
+        require_same(g, out, f);
+        require_writable(out, f, "out");
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        spec.mask_in = mask_pointer(mask, g, false, f, "mask");
+        Backend::dropout_apply(spec, g, out);
       },
-      py::arg("grad_output").noconvert(), py::arg("out").noconvert(), py::arg("p"),
-      py::arg("mask"), py::arg("seed"), py::arg("offset"));
+      py::arg("grad_output"), py::arg("out"), py::arg("p"), py::arg("mask"), py::arg("seed"),
+      py::arg("offset"));
 
   m.def(
       "dropout_mask",
-      [](int64_t n, double p, uint64_t seed, uint64_t offset, const py::array& mask_out) {
+      [](int64_t n, double p, uint64_t seed, uint64_t offset, const Operand& mask_out) {
+        const char* f = "dropout_mask";
         if (n < 0) throw py::value_error("dropout_mask: n must be non-negative");
-        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
-        spec.mask_out = mask_pointer(mask_out, (n + 7) / 8, true, "mask_out");
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(dropout_mask)(spec, n);
-        });
+        require_dtype(mask_out, DTypeCode::uint8, f, "mask_out");
+        require_writable(mask_out, f, "mask_out");
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        spec.mask_out = buffer_pointer(mask_out, (n + 7) / 8, mask_out, f, "mask_out");
+        Backend::dropout_mask(spec, n, mask_out);
       },
-      py::arg("n"), py::arg("p"), py::arg("seed"), py::arg("offset"),
-      py::arg("mask_out").noconvert());
+      py::arg("n"), py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("mask_out"));
 
   m.def(
       "bias_act_dropout_forward",
-      [](int id, const py::array& h, const py::array& bias, const py::array& out, double a,
+      [](int id, const Operand& h, const Operand& bias, int axis, const Operand& out, double a,
          double b, bool tanh_approx, double p, uint64_t seed, uint64_t offset,
-         const py::object& mask_out) {
+         const std::optional<Operand>& mask_out) {
+        const char* f = "bias_act_dropout_forward";
         const Activation act = activation_from_id(id);
-        const ArrayView hv(h, false, "h");
-        const ArrayView bv(bias, false, "bias");
-        const ArrayView ov(out, true, "out");
-        require_same(hv, bv, "bias_act_dropout_forward");
-        require_same(hv, ov, "bias_act_dropout_forward");
-        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
-        spec.mask_out = mask_pointer(mask_out, mask_bytes(hv), true, "mask_out");
-        const ActivationParams params = make_activation_params(a, b, tanh_approx);
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(bias_act_dropout_forward)(act, params, spec, hv.ref(), bv.ref(),
-                                                       ov.ref());
-        });
+        require_same(h, out, f);
+        require_writable(out, f, "out");
+        require_bias(h, bias, axis, f);
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        spec.mask_out = mask_pointer(mask_out, h, true, f, "mask_out");
+        Backend::bias_act_dropout_forward(act, make_activation_params(a, b, tanh_approx), spec, h,
+                                          bias, axis, out);
       },
-      py::arg("activation"), py::arg("h").noconvert(), py::arg("bias").noconvert(),
-      py::arg("out").noconvert(), py::arg("a"), py::arg("b"), py::arg("tanh_approximation"),
-      py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("mask_out"));
+      "out = keep_i * scale * act(h + bias[c]), c the index along `axis`.",
+      py::arg("activation"), py::arg("h"), py::arg("bias"), py::arg("axis"), py::arg("out"),
+      py::arg("a"), py::arg("b"), py::arg("tanh_approximation"), py::arg("p"), py::arg("seed"),
+      py::arg("offset"), py::arg("mask_out"));
+
+  m.def(
+      "bias_grad_workspace_bytes",
+      [](const std::vector<int64_t>& shape, int axis) {
+        if (axis < 0 || axis >= static_cast<int>(shape.size()))
+          throw py::value_error("bias_grad_workspace_bytes: axis out of range");
+        return Backend::bias_grad_workspace_bytes(shape, axis);
+      },
+      "Bytes of scratch memory bias_act_dropout_backward needs for h of `shape` (0 on the CPU).",
+      py::arg("shape"), py::arg("axis"));
 
   m.def(
       "bias_act_dropout_backward",
-      [](int id, const py::array& g, const py::array& h, const py::array& bias,
-         const py::array& grad_h, int axis, const py::array& grad_bias, double a, double b,
-         bool tanh_approx, double p, const py::object& mask, uint64_t seed, uint64_t offset) {
+      [](int id, const Operand& g, const Operand& h, const Operand& bias, int axis,
+         const Operand& grad_h, const Operand& grad_bias, const std::optional<Operand>& workspace,
+         double a, double b, bool tanh_approx, double p, const std::optional<Operand>& mask,
+         uint64_t seed, uint64_t offset) {
+        const char* f = "bias_act_dropout_backward";
         const Activation act = activation_from_id(id);
-        const ArrayView gv(g, false, "grad_output");
-        const ArrayView hv(h, false, "h");
-        const ArrayView bv(bias, false, "bias");
-        const ArrayView ov(grad_h, true, "grad_h");
-        const ArrayView sv(grad_bias, true, "grad_bias");
-        require_same(gv, hv, "bias_act_dropout_backward");
-        require_same(gv, bv, "bias_act_dropout_backward");
-        require_same(gv, ov, "bias_act_dropout_backward");
-        if (!(grad_h.flags() & py::array::c_style))
+        require_same(g, h, f);
+        require_same(g, grad_h, f);
+        require_writable(grad_h, f, "grad_h");
+        require_writable(grad_bias, f, "grad_bias");
+        require_bias(h, bias, axis, f);
+        if (!grad_h.c_contiguous())
           throw py::value_error("bias_act_dropout_backward: grad_h must be C-contiguous");
-        if (axis < 0 || axis >= grad_h.ndim())
-          throw py::value_error("bias_act_dropout_backward: bad axis");
-        if (gv.dtype() != sv.dtype() || grad_bias.ndim() != 1 ||
-            grad_bias.shape(0) != grad_h.shape(axis))
-          throw py::value_error("bias_act_dropout_backward: grad_bias must be 1-d, of grad_h's "
-                                "dtype and length grad_h.shape[axis]");
-        cpu::DropoutSpec spec = dropout_spec<cpu::DropoutSpec>(p, seed, offset);
-        spec.mask_in = mask_pointer(mask, mask_bytes(gv), false, "mask");
-        const ActivationParams params = make_activation_params(a, b, tanh_approx);
-        run_without_gil([&] {
-          FUSEDNN_ISA_SELECT(bias_act_dropout_backward)(act, params, spec, gv.ref(), hv.ref(),
-                                                        bv.ref(), ov.ref(), axis, sv.ref());
-        });
+        if (grad_bias.dtype != h.dtype || grad_bias.shape != bias.shape)
+          throw py::value_error("bias_act_dropout_backward: grad_bias must be 1-d, of h's dtype "
+                                "and length h.shape[axis]");
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        spec.mask_in = mask_pointer(mask, g, false, f, "mask");
+        const int64_t needed = Backend::bias_grad_workspace_bytes(h.shape, axis);
+        if (needed > 0) buffer_pointer(workspace, needed, h, f, "workspace");
+        Backend::bias_act_dropout_backward(act, make_activation_params(a, b, tanh_approx), spec,
+                                           g, h, bias, axis, grad_h, grad_bias, workspace);
       },
-      "grad_h = grad_output * keep * scale * act'(h + bias) and grad_bias, its sum over every "
+      "grad_h = grad_output * keep_i * scale * act'(h + bias) and grad_bias, its sum over every "
       "axis but `axis` (grad_h C-contiguous).",
-      py::arg("activation"), py::arg("grad_output").noconvert(), py::arg("h").noconvert(),
-      py::arg("bias").noconvert(), py::arg("grad_h").noconvert(), py::arg("axis"),
-      py::arg("grad_bias").noconvert(), py::arg("a"), py::arg("b"),
-      py::arg("tanh_approximation"), py::arg("p"), py::arg("mask"), py::arg("seed"),
-      py::arg("offset"));
+      py::arg("activation"), py::arg("grad_output"), py::arg("h"), py::arg("bias"),
+      py::arg("axis"), py::arg("grad_h"), py::arg("grad_bias"), py::arg("workspace"),
+      py::arg("a"), py::arg("b"), py::arg("tanh_approximation"), py::arg("p"), py::arg("mask"),
+      py::arg("seed"), py::arg("offset"));
 
   m.def(
       "philox4x32_10",

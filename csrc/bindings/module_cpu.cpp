@@ -1,5 +1,6 @@
 // The fusednn._cpu extension module: build facts, thread and ISA settings,
-// and the kernel families (each bound in its own file).
+// the threaded copy (the bench's memory roof), and the kernel families,
+// bound in files shared with _cuda (see backend.h).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/backend.h"
 #include "cpu/isa.h"
 #include "cpu/threadpool.h"
 
@@ -69,6 +71,28 @@ PYBIND11_MODULE(_cpu, m) {
     std::nth_element(seconds.begin(), seconds.begin() + regions / 2, seconds.end());
     return seconds[regions / 2];
   }, py::arg("tasks"), py::arg("regions"));
+  m.def(
+      "copy",
+      [](const bindings::Operand& src, const bindings::Operand& dst) {
+        // Also a conversion between float32 and a half type (either way).
+        using bindings::DTypeCode;
+        const auto half = [](DTypeCode c) {
+          return c == DTypeCode::float16 || c == DTypeCode::bfloat16;
+        };
+        const bool f32_src = src.dtype == DTypeCode::float32;
+        const bool f32_dst = dst.dtype == DTypeCode::float32;
+        const bool converts = f32_src != f32_dst && (half(src.dtype) || half(dst.dtype));
+        if (converts) {
+          if (src.shape != dst.shape) throw py::value_error("copy: arrays differ in shape");
+        } else {
+          bindings::require_same(src, dst, "copy");
+        }
+        bindings::require_writable(dst, "copy", "dst");
+        const cpu::ArrayRef s = bindings::Backend::ref(src, "copy", "src");
+        const cpu::ArrayRef d = bindings::Backend::ref(dst, "copy", "dst");
+        bindings::run_without_gil([&] { FUSEDNN_ISA_SELECT(copy)(s, d); });
+      },
+      py::arg("src"), py::arg("dst"));
   bindings::bind_activations(m);
   bindings::bind_batchnorm(m);
   bindings::bind_dropout(m);

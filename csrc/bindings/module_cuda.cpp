@@ -1,6 +1,6 @@
 // The fusednn._cuda extension module: what the CUDA build targets, what
 // the driver reports (its version, the devices, or why there are none), and
-// the kernel families (each bound in its own file).
+// the kernel families, bound in files shared with _cpu (see backend.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,9 +13,9 @@ namespace py = pybind11;
 
 namespace fusednn {
 namespace bindings {
-void bind_cuda_activations(py::module_& m);
-void bind_cuda_dropout(py::module_& m);
-void bind_cuda_batchnorm(py::module_& m);
+void bind_activations(py::module_& m);
+void bind_batchnorm(py::module_& m);
+void bind_dropout(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
@@ -49,7 +49,7 @@ PYBIND11_MODULE(_cuda, m) {
       "Why device_count() is 0, as the CUDA runtime names it (cudaErrorNoDevice, "
       "cudaErrorInsufficientDriver: the driver is older than the runtime, ...); None when "
       "there are devices.");
-  fusednn::bindings::bind_cuda_activations(m);
-  fusednn::bindings::bind_cuda_dropout(m);
-  fusednn::bindings::bind_cuda_batchnorm(m);
+  fusednn::bindings::bind_activations(m);
+  fusednn::bindings::bind_batchnorm(m);
+  fusednn::bindings::bind_dropout(m);
 }

@@ -3,9 +3,10 @@
 from typing import Any, Protocol, TypeVar
 
 class Array(Protocol):
-    """An array fusednn accepts: a numpy or CuPy ndarray (float32, float64;
-    float16 on the GPU). Anything with a shape and a dtype matches the type;
-    the functions check the rest at run time."""
+    """An array fusednn accepts: numpy, CuPy, a torch tensor, a JAX array or
+    any DLPack exporter (float32, float64; float16 on the GPU). Anything
+    with a shape and a dtype matches the type; the functions check the rest
+    at run time."""
     @property
     def shape(self) -> tuple[int, ...]: ...
     @property

@@ -1,10 +1,10 @@
-"""Activation functions and their derivatives on numpy arrays (CPU kernels)
-and CuPy arrays (CUDA kernels, on CuPy's current stream).
+"""Activation functions and their derivatives, on arrays of any library
+the array layer takes (numpy, CuPy, torch, JAX, DLPack; see _arrays).
 
 Every function takes an array of any shape (0-d, empty and strided views
 included) in float32 or float64 (and float16 on the GPU) and returns a new
-array of the same library, or writes ``out`` when given (``out=x`` works in
-place). Parameters and edge cases follow PyTorch; see docs/activations.md
+array of the same library and device, or writes ``out`` when given
+(``out=x`` works in place). Parameters and edge cases follow PyTorch; see docs/activations.md
 for each formula, the derivative's input and the measured accuracy, and
 docs/cuda.md for the GPU.
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _backend, _interop
-from ._backend import _cpu, _cuda
+from . import _arrays, _backend
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu",
                "softplus", "mish", "hardsigmoid", "hardswish", "hardtanh")
@@ -30,6 +29,15 @@ _PARAMETERS = {
 
 # Activations whose derivative can be formed from the forward output y.
 _FROM_OUTPUT = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
+
+
+def _check_same(a, b, names: str, function: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"fusednn.{function}: {names} must have the same shape, "
+                         f"got {a.shape} and {b.shape}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"fusednn.{function}: {names} must have the same dtype, "
+                        f"got {a.dtype} and {b.dtype}")
 
 
 def _check_name(name: str, function: str) -> None:
@@ -93,22 +101,12 @@ def activation(name: str, x, *, out=None, **params):
     function = name if isinstance(name, str) and name in _IDS else "activation"
     _check_name(name, "activation")
     a, b, tanh_approx = _kernel_params(name, params, function)
-    device = _backend.device_of(function, x=x)
-    if device == "foreign":
-        return _interop.call(lambda **arrays: activation(name, **arrays, **params),
-                             {"x": x, "out": out}, function, "x")
-    if device == "cuda":
-        x = _backend.as_cuda_array(x, "x", function)
-        out = _backend.prepare_cuda_out(out, x, function)
-        x = _backend.detach_from_cuda_out(x, out)
-        _cuda.activation_forward(_IDS[name], _backend.cuda_operand(x), _backend.cuda_operand(out),
-                                 a, b, tanh_approx, *_backend.cuda_target(x))
-        return out
-    x = _backend.as_cpu_array(x, "x", function)
-    out = _backend.prepare_out(out, x.shape, x.dtype, function)
-    x = _backend.detach_from_out(x, out)
-    _cpu.activation_forward(_IDS[name], x, out, a, b, tanh_approx)
-    return out
+    place = _arrays.locate(function, ("x",), x)
+    x = place.view(x, "x", function)
+    result = place.output(out, x, function)
+    x = place.detach(x, result)
+    place.backend.activation_forward(_IDS[name], x, result, a, b, tanh_approx)
+    return place.result(result, out)
 
 
 def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **params):
@@ -133,31 +131,16 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
                          "parameters needs x, the forward input; y is not enough")
     saved_name = "y" if use_y else "x"
     saved = y if use_y else x
-    device = _backend.device_of(function, grad_output=grad_output, **{saved_name: saved})
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: activation_backward(name, **arrays, **params),
-            {"grad_output": grad_output, saved_name: saved, "out": out}, function,
-            "grad_output")
-    if device == "cuda":
-        grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
-        saved = _backend.as_cuda_array(saved, saved_name, function)
-        _backend.check_same(grad_output, saved, f"grad_output and {saved_name}", function)
-        out = _backend.prepare_cuda_out(out, grad_output, function)
-        grad_output = _backend.detach_from_cuda_out(grad_output, out)
-        saved = _backend.detach_from_cuda_out(saved, out)
-        _cuda.activation_backward(_IDS[name], use_y, _backend.cuda_operand(grad_output),
-                                  _backend.cuda_operand(saved), _backend.cuda_operand(out),
-                                  a, b, tanh_approx, *_backend.cuda_target(grad_output))
-        return out
-    grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
-    saved = _backend.as_cpu_array(saved, saved_name, function)
-    _backend.check_same(grad_output, saved, f"grad_output and {saved_name}", function)
-    out = _backend.prepare_out(out, grad_output.shape, grad_output.dtype, function)
-    grad_output = _backend.detach_from_out(grad_output, out)
-    saved = _backend.detach_from_out(saved, out)
-    _cpu.activation_backward(_IDS[name], use_y, grad_output, saved, out, a, b, tanh_approx)
-    return out
+    place = _arrays.locate(function, ("grad_output", saved_name), grad_output, saved)
+    grad_output = place.view(grad_output, "grad_output", function)
+    saved = place.view(saved, saved_name, function)
+    _check_same(grad_output, saved, f"grad_output and {saved_name}", function)
+    result = place.output(out, grad_output, function)
+    grad_output = place.detach(grad_output, result)
+    saved = place.detach(saved, result)
+    place.backend.activation_backward(_IDS[name], use_y, grad_output, saved, result, a, b,
+                                      tanh_approx)
+    return place.result(result, out)
 
 
 def sigmoid(x, *, out=None):

@@ -1,12 +1,12 @@
-"""Batch normalization on numpy arrays (CPU kernels) and CuPy arrays (CUDA
-kernels, on CuPy's current stream): the training and inference forward
-pass and the training backward pass, over any channel axis (NC, NCL, NCHW,
-NCDHW with axis=1; channels-last with axis=-1).
+"""Batch normalization on arrays of any library the array layer takes
+(numpy, CuPy, torch, JAX, DLPack; see _arrays): the training and inference
+forward pass and the training backward pass, over any channel axis (NC,
+NCL, NCHW, NCDHW with axis=1; channels-last with axis=-1).
 
-Everything is validated here before a kernel runs, so bad input raises
-without touching ``out`` or the running statistics. See docs/batchnorm.md
-for the conventions (which follow PyTorch) and the numerics, and
-docs/cuda.md for the GPU.
+Everything is validated here, once and the same way for every device,
+before a kernel runs, so bad input raises without touching ``out`` or the
+running statistics. See docs/batchnorm.md for the conventions (which follow
+PyTorch) and the numerics, and docs/cuda.md for the GPU.
 """
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import numbers
 
 import numpy as np
 
-from . import _backend, _interop
-from ._backend import _cpu, _cuda
+from . import _arrays, _backend
 from .reference import BatchNormResult
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
@@ -32,34 +31,40 @@ def _channel_axis(axis, ndim: int, function: str) -> int:
     return int(axis) % ndim
 
 
-def _per_channel(a, name: str, channels: int, function: str, *, dtype=None,
+def _weight_dtypes(dtype) -> tuple:
+    """The dtypes gamma and beta may have for x of `dtype`: x's own, and
+    float32 too for float16 x (as mixed-precision training keeps them)."""
+    if dtype == np.float16:
+        return (np.dtype(np.float16), np.dtype(np.float32))
+    return (np.dtype(dtype),)
+
+
+def _statistics_dtype(dtype) -> np.dtype:
+    """save_mean, save_invstd, grad_gamma and grad_beta: x's dtype, float32
+    for float16 x (a per-channel sum of float16 values may not fit one)."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _per_channel(place, a, name: str, channels: int, function: str, *, weights_of=None,
                  writable: bool = False):
-    """Checks a per-channel array: numpy, float32/float64 (exactly `dtype`
-    when given), shape (channels,); writable arrays must also be writable in
-    place (native byte order, aligned)."""
+    """The descriptor of a per-channel array: a supported dtype (one of
+    _weight_dtypes(weights_of) when given), shape (channels,); arrays
+    updated in place (`writable`) must be writable where they are."""
     if a is None:
         return None
-    if _backend.is_cupy_array(a):
-        raise _backend.cuda_unavailable(function)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"fusednn.{function}: {name} must be a numpy array or None, "
-                        f"not {type(a).__name__}")
-    _backend.check_dtype(a.dtype, name, function)
-    if dtype is not None and a.dtype != dtype and a.dtype.newbyteorder("=") != dtype:
-        raise TypeError(f"fusednn.{function}: {name} has dtype {a.dtype}; it must match "
-                        f"x's dtype {np.dtype(dtype)}")
+    a = place.view(a, name, function, writable=writable)
+    if weights_of is not None:
+        allowed = _weight_dtypes(weights_of)
+        if a.dtype not in allowed:
+            if len(allowed) == 1:
+                raise TypeError(f"fusednn.{function}: {name} has dtype {a.dtype}; it must "
+                                f"match x's dtype {weights_of}")
+            raise TypeError(f"fusednn.{function}: {name} has dtype {a.dtype}; it must be "
+                            f"{' or '.join(d.name for d in allowed)} here")
     if a.shape != (channels,):
         raise ValueError(f"fusednn.{function}: {name} has shape {a.shape}; expected "
                          f"({channels},), one value per channel")
-    if writable:
-        flags = a.flags
-        if not flags.writeable:
-            raise ValueError(f"fusednn.{function}: {name} is read-only but is updated in place")
-        if not a.dtype.isnative or not flags.aligned:
-            raise ValueError(f"fusednn.{function}: {name} is updated in place and must be "
-                             "aligned and in native byte order")
-        return a
-    return _backend.as_cpu_array(a, name, function)
+    return a
 
 
 def _merges(shape, strides) -> bool:
@@ -68,16 +73,14 @@ def _merges(shape, strides) -> bool:
     return all(s == s_next * n_next for (_, s), (n_next, s_next) in zip(dims, dims[1:]))
 
 
-def _channel_viewable(x, axis: int):
-    """x (numpy or CuPy) itself when the dimensions before and after the
-    channel axis each merge into one strided extent (what the reductions
-    walk), else one contiguous copy."""
-    if x.size == 0 or x.flags.c_contiguous or (_merges(x.shape[:axis], x.strides[:axis])
+def _channel_viewable(place, x, axis: int):
+    """x itself when the dimensions before and after the channel axis each
+    merge into one strided extent (what the reductions walk), else one
+    contiguous copy."""
+    if x.size == 0 or place.c_contiguous(x) or (_merges(x.shape[:axis], x.strides[:axis])
                        and _merges(x.shape[axis + 1:], x.strides[axis + 1:])):
         return x
-    if _backend.is_cupy_array(x):
-        return _backend._cupy().ascontiguousarray(x)
-    return np.ascontiguousarray(x)
+    return place.contiguous(x)
 
 
 def _settings(training, momentum, eps, function: str):
@@ -98,8 +101,8 @@ def _values_per_channel(shape: tuple, axis: int) -> int:
     return math.prod(shape[:axis] + shape[axis + 1:])
 
 
-def _check_running_statistics(training: bool, x, out, gamma, beta, running_mean, running_var,
-                              function: str) -> None:
+def _check_running_statistics(place, training: bool, x, out, gamma, beta, running_mean,
+                              running_var, function: str) -> None:
     """Training writes the running statistics in place after it has read
     x, gamma and beta and written out, so they must be separate from all of
     those and from each other, with no two of their own elements sharing
@@ -111,152 +114,12 @@ def _check_running_statistics(training: bool, x, out, gamma, beta, running_mean,
     for name, statistic in statistics.items():
         if statistic is None:
             continue
-        _backend.check_no_internal_overlap(statistic, name, function)
+        _arrays.check_no_internal_overlap(statistic, name, function)
         for other_name, other in operands.items():
             if (other is not None and other_name != name
-                    and _backend._may_share_memory(statistic, other)):
+                    and place.may_share_memory(statistic, other)):
                 raise ValueError(f"fusednn.{function}: {name} is updated in place but "
                                  f"shares memory with {other_name}; pass separate arrays")
-
-
-# ---- CuPy arrays (CUDA kernels) ----------------------------------------------
-
-
-def _cuda_weight_dtypes(dtype) -> tuple:
-    """The dtypes gamma and beta may have for x of `dtype` on the GPU: x's
-    own, and float32 too for float16 x (as mixed-precision training keeps
-    them)."""
-    if dtype == np.float16:
-        return (np.dtype(np.float16), np.dtype(np.float32))
-    return (np.dtype(dtype),)
-
-
-_CUDA_ANY = tuple(np.dtype(d) for d in _backend.SUPPORTED_CUDA_DTYPES)
-
-
-def _cuda_statistics_dtype(dtype) -> np.dtype:
-    """save_mean, save_invstd, grad_gamma and grad_beta: x's dtype, float32
-    for float16 x (a per-channel sum of float16 values may not fit one)."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
-
-
-def _cuda_per_channel(a, name: str, channels: int, function: str, dtypes: tuple, *,
-                      writable: bool = False):
-    """Checks a per-channel CuPy array: a dtype of `dtypes`, shape
-    (channels,), on the current device; arrays updated in place must also
-    be aligned (others are copied once if they are not)."""
-    if a is None:
-        return None
-    cupy = _backend._cupy()
-    if not isinstance(a, cupy.ndarray):
-        raise TypeError(f"fusednn.{function}: {name} must be a CuPy array or None, "
-                        f"not {type(a).__name__}")
-    if a.dtype not in dtypes:
-        raise TypeError(f"fusednn.{function}: {name} has dtype {a.dtype}; it must be "
-                        f"{' or '.join(d.name for d in dtypes)} here")
-    if a.shape != (channels,):
-        raise ValueError(f"fusednn.{function}: {name} has shape {a.shape}; expected "
-                         f"({channels},), one value per channel")
-    if not writable:
-        return _backend.as_cuda_array(a, name, function)
-    current = cupy.cuda.Device().id
-    if a.device.id != current:
-        raise ValueError(f"fusednn.{function}: {name} is on GPU {a.device.id} but the current "
-                         f"CuPy device is GPU {current}")
-    if a.data.ptr % a.dtype.itemsize or any(s % a.dtype.itemsize for s in a.strides):
-        raise ValueError(f"fusednn.{function}: {name} is updated in place and must be aligned "
-                         "to its item size")
-    return a
-
-
-def _cuda_workspace(x, axis: int):
-    """Device scratch memory for the kernels' partial sums and coefficients,
-    from CuPy's pool (on the current stream)."""
-    code = _backend.cuda_operand(x)[1]
-    nbytes = _cuda.batch_norm_workspace_bytes(list(x.shape), axis, code)
-    return _backend._cupy().empty(max(1, -(-nbytes // 8)), dtype=np.float64)
-
-
-def _operand_or_none(a):
-    return None if a is None else _backend.cuda_operand(a)
-
-
-def _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, momentum, eps,
-                     axis, out):
-    function = "batch_norm"
-    cupy = _backend._cupy()
-    x = _backend.as_cuda_array(x, "x", function)
-    if x.ndim == 0:
-        raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
-    ax = _channel_axis(axis, x.ndim, function)
-    training, momentum, eps = _settings(training, momentum, eps, function)
-    channels = x.shape[ax]
-    weights = _cuda_weight_dtypes(x.dtype)
-    gamma = _cuda_per_channel(gamma, "gamma", channels, function, weights)
-    beta = _cuda_per_channel(beta, "beta", channels, function, weights)
-    running_mean = _cuda_per_channel(running_mean, "running_mean", channels, function,
-                                     _CUDA_ANY, writable=training)
-    running_var = _cuda_per_channel(running_var, "running_var", channels, function,
-                                    _CUDA_ANY, writable=training)
-    if training and _values_per_channel(x.shape, ax) < 2:
-        raise ValueError(f"fusednn.{function}: training needs more than one value per channel, "
-                         f"got input shape {x.shape} with channel axis {ax}")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(f"fusednn.{function}: training=False normalizes with running_mean "
-                         "and running_var; pass both")
-    out = _backend.prepare_cuda_out(out, x, function)
-    _check_running_statistics(training, x, out, gamma, beta, running_mean, running_var, function)
-    x = _channel_viewable(_backend.detach_from_cuda_out(x, out), ax)
-    gamma, beta = (_backend.detach_from_cuda_out(a, out, elementwise=False) for a in (gamma, beta))
-    if not training:
-        running_mean, running_var = (_backend.detach_from_cuda_out(a, out, elementwise=False)
-                                     for a in (running_mean, running_var))
-    statistics = _cuda_statistics_dtype(x.dtype)
-    save_mean = cupy.empty(channels, dtype=statistics)
-    save_invstd = cupy.empty(channels, dtype=statistics)
-    workspace = _cuda_workspace(x, ax)
-    operand = _backend.cuda_operand
-    _cuda.batch_norm_forward(operand(x), operand(out), _operand_or_none(gamma),
-                             _operand_or_none(beta), _operand_or_none(running_mean),
-                             _operand_or_none(running_var), operand(save_mean),
-                             operand(save_invstd), workspace.data.ptr, workspace.nbytes,
-                             training, momentum, eps, ax, *_backend.cuda_target(x))
-    return BatchNormResult(out, save_mean, save_invstd)
-
-
-def _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis, training,
-                              out):
-    function = "batch_norm_backward"
-    cupy = _backend._cupy()
-    grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
-    x = _backend.as_cuda_array(x, "x", function)
-    _backend.check_same(grad_output, x, "grad_output and x", function)
-    if x.ndim == 0:
-        raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
-    ax = _channel_axis(axis, x.ndim, function)
-    channels = x.shape[ax]
-    gamma = _cuda_per_channel(gamma, "gamma", channels, function, _cuda_weight_dtypes(x.dtype))
-    if save_mean is None or save_invstd is None:
-        raise TypeError(f"fusednn.{function}: save_mean and save_invstd are required "
-                        "(batch_norm returns them)")
-    save_mean = _cuda_per_channel(save_mean, "save_mean", channels, function, _CUDA_ANY)
-    save_invstd = _cuda_per_channel(save_invstd, "save_invstd", channels, function, _CUDA_ANY)
-    grad_input = _backend.prepare_cuda_out(out, x, function)
-    grad_output = _channel_viewable(_backend.detach_from_cuda_out(grad_output, grad_input), ax)
-    x = _channel_viewable(_backend.detach_from_cuda_out(x, grad_input), ax)
-    gamma, save_mean, save_invstd = (
-        _backend.detach_from_cuda_out(a, grad_input, elementwise=False)
-        for a in (gamma, save_mean, save_invstd))
-    statistics = _cuda_statistics_dtype(x.dtype)
-    grad_gamma = cupy.empty(channels, dtype=statistics)
-    grad_beta = cupy.empty(channels, dtype=statistics)
-    workspace = _cuda_workspace(x, ax)
-    operand = _backend.cuda_operand
-    _cuda.batch_norm_backward(operand(grad_output), operand(x), operand(grad_input),
-                              _operand_or_none(gamma), operand(save_mean), operand(save_invstd),
-                              operand(grad_gamma), operand(grad_beta), workspace.data.ptr,
-                              workspace.nbytes, ax, training, *_backend.cuda_target(x))
-    return grad_input, grad_gamma, grad_beta
 
 
 # ---- public functions -----------------------------------------------------------
@@ -284,48 +147,44 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     running statistics may be float16, float32 or float64.
     """
     function = "batch_norm"
-    device = _backend.device_of(function, x=x, gamma=gamma, beta=beta, running_mean=running_mean,
-                                running_var=running_var)
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: batch_norm(**arrays, training=training, momentum=momentum, eps=eps,
-                                       axis=axis),
-            {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
-             "running_var": running_var, "out": out}, function, "x")
-    if device == "cuda":
-        return _batch_norm_cuda(x, gamma, beta, running_mean, running_var, training, momentum,
-                                eps, axis, out)
-    x = _backend.as_cpu_array(x, "x", function)
+    place = _arrays.locate(function, ("x", "gamma", "beta", "running_mean", "running_var"), x,
+                           gamma, beta, running_mean, running_var)
+    x = place.view(x, "x", function)
     if x.ndim == 0:
         raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
     ax = _channel_axis(axis, x.ndim, function)
     training, momentum, eps = _settings(training, momentum, eps, function)
     channels = x.shape[ax]
-    per_channel = _values_per_channel(x.shape, ax)
-    gamma = _per_channel(gamma, "gamma", channels, function, dtype=x.dtype)
-    beta = _per_channel(beta, "beta", channels, function, dtype=x.dtype)
-    running_mean = _per_channel(running_mean, "running_mean", channels, function,
+    gamma = _per_channel(place, gamma, "gamma", channels, function, weights_of=x.dtype)
+    beta = _per_channel(place, beta, "beta", channels, function, weights_of=x.dtype)
+    running_mean = _per_channel(place, running_mean, "running_mean", channels, function,
                                 writable=training)
-    running_var = _per_channel(running_var, "running_var", channels, function,
+    running_var = _per_channel(place, running_var, "running_var", channels, function,
                                writable=training)
-    if training and per_channel < 2:
+    if training and _values_per_channel(x.shape, ax) < 2:
         raise ValueError(f"fusednn.{function}: training needs more than one value per channel, "
                          f"got input shape {x.shape} with channel axis {ax}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"fusednn.{function}: training=False normalizes with running_mean "
                          "and running_var; pass both")
-    out = _backend.prepare_out(out, x.shape, x.dtype, function)
-    _check_running_statistics(training, x, out, gamma, beta, running_mean, running_var, function)
-    x = _channel_viewable(_backend.detach_from_out(x, out), ax)
-    gamma, beta = (_backend.detach_from_out(a, out, elementwise=False) for a in (gamma, beta))
+    y = place.output(out, x, function)
+    _check_running_statistics(place, training, x, y, gamma, beta, running_mean, running_var,
+                              function)
+    x = _channel_viewable(place, place.detach(x, y), ax)
+    gamma, beta = (place.detach(a, y, elementwise=False) for a in (gamma, beta))
     if not training:
-        running_mean, running_var = (_backend.detach_from_out(a, out, elementwise=False)
+        running_mean, running_var = (place.detach(a, y, elementwise=False)
                                      for a in (running_mean, running_var))
-    save_mean = np.empty(channels, dtype=x.dtype)
-    save_invstd = np.empty(channels, dtype=x.dtype)
-    _cpu.batch_norm_forward(x, out, gamma, beta, running_mean, running_var, save_mean,
-                            save_invstd, training, momentum, eps, ax)
-    return BatchNormResult(out, save_mean, save_invstd)
+    statistics = _statistics_dtype(x.dtype)
+    save_mean = place.empty((channels,), statistics)
+    save_invstd = place.empty((channels,), statistics)
+    backend = place.backend
+    workspace = place.workspace(backend.batch_norm_workspace_bytes(
+        x.shape, ax, _arrays.DTYPE_CODES[x.dtype]))
+    backend.batch_norm_forward(x, y, gamma, beta, running_mean, running_var, save_mean,
+                               save_invstd, workspace, training, momentum, eps, ax)
+    return BatchNormResult(place.result(y, out), place.result(save_mean),
+                           place.result(save_invstd))
 
 
 def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1,
@@ -355,36 +214,37 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
         raise TypeError(f"fusednn.{function}: training must be a bool, "
                         f"not {type(training).__name__}")
     training = bool(training)
-    device = _backend.device_of(function, grad_output=grad_output, x=x, gamma=gamma,
-                                save_mean=save_mean, save_invstd=save_invstd)
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: batch_norm_backward(**arrays, axis=axis, training=training),
-            {"grad_output": grad_output, "x": x, "gamma": gamma, "save_mean": save_mean,
-             "save_invstd": save_invstd, "out": out}, function, "grad_output")
-    if device == "cuda":
-        return _batch_norm_backward_cuda(grad_output, x, gamma, save_mean, save_invstd, axis,
-                                         training, out)
-    grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
-    x = _backend.as_cpu_array(x, "x", function)
-    _backend.check_same(grad_output, x, "grad_output and x", function)
+    place = _arrays.locate(function, ("grad_output", "x", "gamma", "save_mean", "save_invstd"),
+                           grad_output, x, gamma, save_mean, save_invstd)
+    grad_output = place.view(grad_output, "grad_output", function)
+    x = place.view(x, "x", function)
+    if grad_output.shape != x.shape:
+        raise ValueError(f"fusednn.{function}: grad_output and x must have the same shape, "
+                         f"got {grad_output.shape} and {x.shape}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(f"fusednn.{function}: grad_output and x must have the same dtype, "
+                        f"got {grad_output.dtype} and {x.dtype}")
     if x.ndim == 0:
         raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
     ax = _channel_axis(axis, x.ndim, function)
     channels = x.shape[ax]
-    gamma = _per_channel(gamma, "gamma", channels, function, dtype=x.dtype)
+    gamma = _per_channel(place, gamma, "gamma", channels, function, weights_of=x.dtype)
     if save_mean is None or save_invstd is None:
         raise TypeError(f"fusednn.{function}: save_mean and save_invstd are required "
                         "(batch_norm returns them)")
-    save_mean = _per_channel(save_mean, "save_mean", channels, function)
-    save_invstd = _per_channel(save_invstd, "save_invstd", channels, function)
-    grad_input = _backend.prepare_out(out, x.shape, x.dtype, function)
-    grad_output = _channel_viewable(_backend.detach_from_out(grad_output, grad_input), ax)
-    x = _channel_viewable(_backend.detach_from_out(x, grad_input), ax)
-    gamma, save_mean, save_invstd = (_backend.detach_from_out(a, grad_input, elementwise=False)
+    save_mean = _per_channel(place, save_mean, "save_mean", channels, function)
+    save_invstd = _per_channel(place, save_invstd, "save_invstd", channels, function)
+    grad_input = place.output(out, x, function)
+    grad_output = _channel_viewable(place, place.detach(grad_output, grad_input), ax)
+    x = _channel_viewable(place, place.detach(x, grad_input), ax)
+    gamma, save_mean, save_invstd = (place.detach(a, grad_input, elementwise=False)
                                      for a in (gamma, save_mean, save_invstd))
-    grad_gamma = np.empty(channels, dtype=x.dtype)
-    grad_beta = np.empty(channels, dtype=x.dtype)
-    _cpu.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean, save_invstd,
-                             grad_gamma, grad_beta, ax, training)
-    return grad_input, grad_gamma, grad_beta
+    statistics = _statistics_dtype(x.dtype)
+    grad_gamma = place.empty((channels,), statistics)
+    grad_beta = place.empty((channels,), statistics)
+    backend = place.backend
+    workspace = place.workspace(backend.batch_norm_workspace_bytes(
+        x.shape, ax, _arrays.DTYPE_CODES[x.dtype]))
+    backend.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean, save_invstd,
+                                grad_gamma, grad_beta, workspace, ax, training)
+    return place.result(grad_input, out), place.result(grad_gamma), place.result(grad_beta)

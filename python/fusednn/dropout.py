@@ -1,6 +1,6 @@
-"""Inverted dropout and the fused bias + activation + dropout epilogue on
-numpy arrays (CPU kernels) and CuPy arrays (CUDA kernels, on CuPy's current
-stream; float16 too, computed in float32).
+"""Inverted dropout and the fused bias + activation + dropout epilogue, on
+arrays of any library the array layer takes (numpy, CuPy, torch, JAX,
+DLPack; see _arrays; float16 on the GPU, computed in float32).
 
 ``p`` is the drop probability; kept elements are scaled by ``1 / (1 - p)``.
 The mask is a pure function of (seed, offset, p, n): element ``i`` (flat
@@ -18,9 +18,8 @@ import numbers
 
 import numpy as np
 
-from . import _backend, _interop
-from ._backend import _cpu, _cuda
-from .activations import _IDS, _check_name, _kernel_params
+from . import _arrays, _backend
+from .activations import _IDS, _check_name, _check_same, _kernel_params
 
 _UINT64_LIMIT = 1 << 64
 
@@ -77,56 +76,22 @@ def _mask_bytes(size: int) -> int:
     return (size + 7) // 8
 
 
-def _check_mask(mask, size: int, function: str) -> np.ndarray:
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"fusednn.{function}: mask must be a numpy array, "
-                        f"not {type(mask).__name__}")
-    if mask.dtype != np.uint8:
-        raise TypeError(f"fusednn.{function}: mask must have dtype uint8 (bit-packed), "
-                        f"got {mask.dtype}")
+_MASK_DTYPES = (np.dtype(np.uint8),)
+
+
+def _check_mask(place, mask, size: int, function: str):
+    """The descriptor of a bit-packed mask for `size` elements: uint8,
+    (size + 7) // 8 bytes, made C-contiguous (the kernels read it as bytes)."""
+    mask = place.view(mask, "mask (bit-packed)", function, dtypes=_MASK_DTYPES)
     if mask.size != _mask_bytes(size):
         raise ValueError(f"fusednn.{function}: mask must hold (n + 7) // 8 = "
                          f"{_mask_bytes(size)} bytes for {size} elements, got {mask.size}")
-    return np.ascontiguousarray(mask).reshape(-1)
+    return place.contiguous(mask)
 
 
-def _check_cuda_mask(mask, size: int, like, function: str):
-    """A CuPy mask for the CuPy array `like`, as _check_mask checks a numpy
-    one; returned C-contiguous and flat."""
-    cupy = _backend._cupy()
-    if mask.dtype != np.uint8:
-        raise TypeError(f"fusednn.{function}: mask must have dtype uint8 (bit-packed), "
-                        f"got {mask.dtype}")
-    if mask.size != _mask_bytes(size):
-        raise ValueError(f"fusednn.{function}: mask must hold (n + 7) // 8 = "
-                         f"{_mask_bytes(size)} bytes for {size} elements, got {mask.size}")
-    if mask.device.id != like.device.id:
-        raise ValueError(f"fusednn.{function}: mask is on GPU {mask.device.id}, the arrays on "
-                         f"GPU {like.device.id}")
-    return cupy.ascontiguousarray(mask).reshape(-1)
-
-
-def _device_buffer(buffer):
-    """A CuPy array as the CUDA module takes a mask or workspace: (device
-    pointer, bytes), or None."""
-    return None if buffer is None else (buffer.data.ptr, buffer.nbytes)
-
-
-def _cupy_for(function: str):
-    """CuPy, for a call that asks for the GPU without passing a CuPy array."""
-    if _cuda is None:
-        raise _backend.cuda_unavailable(function)
-    try:
-        return _backend._cupy()
-    except ImportError:
-        raise RuntimeError(f"fusednn.{function}: device='cuda' needs CuPy, which is not "
-                           f"installed ({_backend.cupy_install_hint()})") from None
-
-
-def _mask_or_seed(mask, seed, offset, size: int, function: str, like=None):
+def _mask_or_seed(place, mask, seed, offset, size: int, function: str):
     """Validates the backward's source of the mask: exactly one of mask and
-    seed; `like` is the CuPy array the mask must sit beside, or None on the
-    CPU. Returns (packed mask or None, seed, offset)."""
+    seed. Returns (mask descriptor or None, seed, offset)."""
     if mask is None and seed is None:
         raise ValueError(f"fusednn.{function}: give the forward's mask, or the seed (and "
                          "offset) that drew it")
@@ -134,9 +99,7 @@ def _mask_or_seed(mask, seed, offset, size: int, function: str, like=None):
         raise ValueError(f"fusednn.{function}: give either mask or seed, not both")
     offset = _check_counter(offset, "offset", function)
     if mask is not None:
-        if like is not None:
-            return _check_cuda_mask(mask, size, like, function), 0, 0
-        return _check_mask(mask, size, function), 0, 0
+        return _check_mask(place, mask, size, function), 0, 0
     return None, _check_counter(seed, "seed", function), offset
 
 
@@ -155,42 +118,20 @@ def dropout(x, p, *, seed, offset=0, training=True, return_mask=False, out=None)
     offset = _check_counter(offset, "offset", function)
     training = _check_flag(training, "training", function)
     return_mask = _check_flag(return_mask, "return_mask", function)
-    device = _backend.device_of(function, x=x)
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: dropout(**arrays, p=p, seed=seed, offset=offset, training=training,
-                                     return_mask=return_mask),
-            {"x": x, "out": out}, function, "x")
-    if device == "cuda":
-        cupy = _backend._cupy()
-        x = _backend.as_cuda_array(x, "x", function)
-        out = _backend.prepare_cuda_out(out, x, function)
-        x = _backend.detach_from_cuda_out(x, out)
-        if not training:
-            cupy.copyto(out, x)
-            return (out, cupy.asarray(_all_kept(x.size))) if return_mask else out
-        mask = cupy.empty(_mask_bytes(x.size), dtype=cupy.uint8) if return_mask else None
-        _cuda.dropout_forward(_backend.cuda_operand(x), _backend.cuda_operand(out), p, seed,
-                              offset, _device_buffer(mask), *_backend.cuda_target(x))
-        return (out, mask) if return_mask else out
-    x = _backend.as_cpu_array(x, "x", function)
-    out = _backend.prepare_out(out, x.shape, x.dtype, function)
-    x = _backend.detach_from_out(x, out)
-    if not training:
-        _cpu.copy(x, out)
-        if return_mask:
-            return out, _all_kept(x.size)
-        return out
-    mask = np.empty(_mask_bytes(x.size), dtype=np.uint8) if return_mask else None
-    _cpu.dropout_forward(x, out, p, seed, offset, mask)
-    return (out, mask) if return_mask else out
-
-
-def _all_kept(size: int) -> np.ndarray:
-    mask = np.full(_mask_bytes(size), 0xFF, dtype=np.uint8)
-    if size % 8:
-        mask[-1] = (1 << (size % 8)) - 1
-    return mask
+    place = _arrays.locate(function, ("x",), x)
+    x = place.view(x, "x", function)
+    y = place.output(out, x, function)
+    x = place.detach(x, y)
+    mask = place.empty((_mask_bytes(x.size),), np.uint8) if return_mask else None
+    if training:
+        place.backend.dropout_forward(x, y, p, seed, offset, mask)
+    else:
+        place.copy(x, y)
+        if return_mask:  # every element kept: the mask of p = 0
+            place.backend.dropout_mask(x.size, 0.0, 0, 0, mask)
+    if return_mask:
+        return place.result(y, out), place.result(mask)
+    return place.result(y, out)
 
 
 def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, out=None):
@@ -198,29 +139,14 @@ def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, out=None
     bit-packed or regenerated from the (seed, offset) of the forward."""
     function = "dropout_backward"
     p = _check_p(p, function)
-    device = _backend.device_of(function, grad_output=grad_output, mask=mask)
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: dropout_backward(**arrays, p=p, seed=seed, offset=offset),
-            {"grad_output": grad_output, "mask": mask, "out": out}, function, "grad_output")
-    if device == "cuda":
-        grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
-        mask, seed, offset = _mask_or_seed(mask, seed, offset, grad_output.size, function,
-                                           like=grad_output)
-        out = _backend.prepare_cuda_out(out, grad_output, function)
-        grad_output = _backend.detach_from_cuda_out(grad_output, out)
-        mask = _backend.detach_from_cuda_out(mask, out, elementwise=False)
-        _cuda.dropout_backward(_backend.cuda_operand(grad_output), _backend.cuda_operand(out),
-                               p, _device_buffer(mask), seed, offset,
-                               *_backend.cuda_target(grad_output))
-        return out
-    grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
-    mask, seed, offset = _mask_or_seed(mask, seed, offset, grad_output.size, function)
-    out = _backend.prepare_out(out, grad_output.shape, grad_output.dtype, function)
-    grad_output = _backend.detach_from_out(grad_output, out)
-    mask = _backend.detach_from_out(mask, out, elementwise=False)
-    _cpu.dropout_backward(grad_output, out, p, mask, seed, offset)
-    return out
+    place = _arrays.locate(function, ("grad_output", "mask"), grad_output, mask)
+    grad_output = place.view(grad_output, "grad_output", function)
+    mask, seed, offset = _mask_or_seed(place, mask, seed, offset, grad_output.size, function)
+    result = place.output(out, grad_output, function)
+    grad_output = place.detach(grad_output, result)
+    mask = place.detach(mask, result, elementwise=False)
+    place.backend.dropout_backward(grad_output, result, p, mask, seed, offset)
+    return place.result(result, out)
 
 
 def dropout_mask(shape, p, *, seed, offset=0, device="cpu"):
@@ -238,15 +164,10 @@ def dropout_mask(shape, p, *, seed, offset=0, device="cpu"):
     if device not in ("cpu", "cuda", "gpu"):
         raise ValueError(f"fusednn.{function}: device must be 'cpu' or 'cuda', got {device!r}")
     size = math.prod(shape)
-    if device != "cpu":
-        cupy = _cupy_for(function)
-        mask = cupy.empty(_mask_bytes(size), dtype=cupy.uint8)
-        _cuda.dropout_mask(size, p, seed, offset, _device_buffer(mask),
-                           *_backend.cuda_target(mask))
-        return mask
-    mask = np.empty(_mask_bytes(size), dtype=np.uint8)
-    _cpu.dropout_mask(size, p, seed, offset, mask)
-    return mask
+    place = _arrays.NUMPY if device == "cpu" else _arrays.cuda_place(function)
+    mask = place.empty((_mask_bytes(size),), np.uint8)
+    place.backend.dropout_mask(size, p, seed, offset, mask)
+    return place.result(mask)
 
 
 def _check_axis(axis, ndim: int, function: str) -> int:
@@ -261,9 +182,10 @@ def _check_axis(axis, ndim: int, function: str) -> int:
     return int(axis) % ndim
 
 
-def _check_bias(bias, h, axis: int, function: str):
-    """bias itself (numpy or CuPy, like h) when it is 1-d of length
-    h.shape[axis] and of h's dtype."""
+def _check_bias(place, bias, h, axis: int, function: str):
+    """bias's descriptor: 1-d, of length h.shape[axis] and h's dtype (the
+    kernels broadcast it along every other axis)."""
+    bias = place.view(bias, "bias", function)
     if bias.ndim != 1 or bias.shape[0] != h.shape[axis]:
         raise ValueError(f"fusednn.{function}: bias must be 1-d of length h.shape[{axis}] = "
                          f"{h.shape[axis]}, got shape {bias.shape}")
@@ -271,30 +193,6 @@ def _check_bias(bias, h, axis: int, function: str):
         raise TypeError(f"fusednn.{function}: bias and h must have the same dtype, "
                         f"got {bias.dtype} and {h.dtype}")
     return bias
-
-
-def _bias_view(bias, h: np.ndarray, axis: int, out: np.ndarray, function: str) -> np.ndarray:
-    """bias (1-d, length h.shape[axis]) as a read-only view of h's shape with
-    stride 0 along every other axis; copied first if it lies in out."""
-    bias = _check_bias(_backend.as_cpu_array(bias, "bias", function), h, axis, function)
-    bias = _backend.detach_from_out(bias, out, elementwise=False)
-    if bias.flags.c_contiguous:
-        # The same view as broadcast_to's, built directly: several times
-        # faster, which counts for small calls.
-        strides = [0] * h.ndim
-        strides[axis] = bias.itemsize
-        view = np.ndarray(h.shape, bias.dtype, bias, 0, strides)
-        view.flags.writeable = False
-        return view
-    shape = [1] * h.ndim
-    shape[axis] = h.shape[axis]
-    return np.broadcast_to(bias.reshape(shape), h.shape)
-
-
-def _cuda_bias(bias, h, axis: int, function: str):
-    """bias as the CUDA kernels take it: 1-d CuPy, length h.shape[axis]; the
-    kernels broadcast it themselves."""
-    return _check_bias(_backend.as_cuda_array(bias, "bias", function), h, axis, function)
 
 
 def _activation_args(act, act_params: dict, function: str):
@@ -318,39 +216,22 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
     return_mask = _check_flag(return_mask, "return_mask", function)
-    device = _backend.device_of(function, h=h, bias=bias)
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: bias_act_dropout(**arrays, act=act, p=p, seed=seed, offset=offset,
-                                              axis=axis, return_mask=return_mask, **act_params),
-            {"h": h, "bias": bias, "out": out}, function, "h")
-    if device == "cuda":
-        cupy = _backend._cupy()
-        h = _backend.as_cuda_array(h, "h", function)
-        axis = _check_axis(axis, h.ndim, function)
-        bias = _cuda_bias(bias, h, axis, function)
-        out = _backend.prepare_cuda_out(out, h, function)
-        h = _backend.detach_from_cuda_out(h, out)
-        bias = _backend.detach_from_cuda_out(bias, out, elementwise=False)
-        mask = cupy.empty(_mask_bytes(h.size), dtype=cupy.uint8) if return_mask else None
-        _cuda.bias_act_dropout_forward(act_id, _backend.cuda_operand(h),
-                                       _backend.cuda_operand(bias), axis,
-                                       _backend.cuda_operand(out), a, b, tanh_approx, p, seed,
-                                       offset, _device_buffer(mask), *_backend.cuda_target(h))
-        return (out, mask) if return_mask else out
-    h = _backend.as_cpu_array(h, "h", function)
+    place = _arrays.locate(function, ("h", "bias"), h, bias)
+    h = place.view(h, "h", function)
     axis = _check_axis(axis, h.ndim, function)
-    out = _backend.prepare_out(out, h.shape, h.dtype, function)
-    bias_view = _bias_view(bias, h, axis, out, function)
-    h = _backend.detach_from_out(h, out)
-    mask = np.empty(_mask_bytes(h.size), dtype=np.uint8) if return_mask else None
-    _cpu.bias_act_dropout_forward(act_id, h, bias_view, out, a, b, tanh_approx, p, seed, offset,
-                                  mask)
-    return (out, mask) if return_mask else out
+    result = place.output(out, h, function)
+    bias = place.detach(_check_bias(place, bias, h, axis, function), result, elementwise=False)
+    h = place.detach(h, result)
+    mask = place.empty((_mask_bytes(h.size),), np.uint8) if return_mask else None
+    place.backend.bias_act_dropout_forward(act_id, h, bias, axis, result, a, b, tanh_approx, p,
+                                           seed, offset, mask)
+    if return_mask:
+        return place.result(result, out), place.result(mask)
+    return place.result(result, out)
 
 
 def _check_contiguous_out(out, function: str):
-    if not out.flags.c_contiguous:
+    if not _arrays.is_c_contiguous(out):
         raise ValueError(f"fusednn.{function}: out must be C-contiguous (grad_bias is reduced "
                          "from it); pass a contiguous array, or none")
 
@@ -371,52 +252,23 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     function = "bias_act_dropout_backward"
     act_id, (a, b, tanh_approx) = _activation_args(act, act_params, function)
     p = _check_p(p, function)
-    device = _backend.device_of(function, grad_output=grad_output, h=h, bias=bias, mask=mask)
-    if device == "foreign":
-        return _interop.call(
-            lambda **arrays: bias_act_dropout_backward(
-                **arrays, act=act, p=p, seed=seed, offset=offset, axis=axis, **act_params),
-            {"grad_output": grad_output, "h": h, "bias": bias, "mask": mask, "out": out},
-            function, "grad_output")
-    if device == "cuda":
-        cupy = _backend._cupy()
-        grad_output = _backend.as_cuda_array(grad_output, "grad_output", function)
-        h = _backend.as_cuda_array(h, "h", function)
-        _backend.check_same(grad_output, h, "grad_output and h", function)
-        axis = _check_axis(axis, h.ndim, function)
-        bias = _cuda_bias(bias, h, axis, function)
-        mask, seed, offset = _mask_or_seed(mask, seed, offset, h.size, function, like=h)
-        target = _backend.cuda_target(h)
-        grad_h = _backend.prepare_cuda_out(out, h, function)
-        _check_contiguous_out(grad_h, function)
-        grad_output = _backend.detach_from_cuda_out(grad_output, grad_h)
-        h = _backend.detach_from_cuda_out(h, grad_h)
-        bias = _backend.detach_from_cuda_out(bias, grad_h, elementwise=False)
-        mask = _backend.detach_from_cuda_out(mask, grad_h, elementwise=False)
-        _cuda.bias_act_dropout_backward(act_id, _backend.cuda_operand(grad_output),
-                                        _backend.cuda_operand(h), _backend.cuda_operand(bias),
-                                        axis, _backend.cuda_operand(grad_h), a, b, tanh_approx,
-                                        p, _device_buffer(mask), seed, offset, *target)
-        grad_bias = cupy.empty(h.shape[axis], dtype=h.dtype)
-        # The float64 partial sums of the two-stage reduction: their count is
-        # fixed by the shape, like the order in which they are added.
-        workspace = cupy.empty(_cuda.bias_grad_workspace(h.shape, axis), dtype=cupy.float64)
-        _cuda.bias_grad(_backend.cuda_operand(grad_h), axis, _backend.cuda_operand(grad_bias),
-                        _device_buffer(workspace), *target)
-        return grad_h, grad_bias
-    grad_output = _backend.as_cpu_array(grad_output, "grad_output", function)
-    h = _backend.as_cpu_array(h, "h", function)
-    _backend.check_same(grad_output, h, "grad_output and h", function)
+    place = _arrays.locate(function, ("grad_output", "h", "bias", "mask"), grad_output, h, bias,
+                           mask)
+    grad_output = place.view(grad_output, "grad_output", function)
+    h = place.view(h, "h", function)
+    _check_same(grad_output, h, "grad_output and h", function)
     axis = _check_axis(axis, h.ndim, function)
-    mask, seed, offset = _mask_or_seed(mask, seed, offset, h.size, function)
-    grad_h = _backend.prepare_out(out, h.shape, h.dtype, function)
+    bias = _check_bias(place, bias, h, axis, function)
+    mask, seed, offset = _mask_or_seed(place, mask, seed, offset, h.size, function)
+    grad_h = place.output(out, h, function)
     _check_contiguous_out(grad_h, function)
-    bias_view = _bias_view(bias, h, axis, grad_h, function)
-    grad_output = _backend.detach_from_out(grad_output, grad_h)
-    h = _backend.detach_from_out(h, grad_h)
-    mask = _backend.detach_from_out(mask, grad_h, elementwise=False)
-    grad_bias = np.empty(h.shape[axis], dtype=h.dtype)
-    _cpu.bias_act_dropout_backward(act_id, grad_output, h, bias_view, grad_h, axis, grad_bias, a,
-                                   b, tanh_approx, p, mask, seed, offset)
-    return grad_h, grad_bias
-
+    grad_output = place.detach(grad_output, grad_h)
+    h = place.detach(h, grad_h)
+    bias = place.detach(bias, grad_h, elementwise=False)
+    mask = place.detach(mask, grad_h, elementwise=False)
+    grad_bias = place.empty((h.shape[axis],), h.dtype)
+    backend = place.backend
+    workspace = place.workspace(backend.bias_grad_workspace_bytes(h.shape, axis))
+    backend.bias_act_dropout_backward(act_id, grad_output, h, bias, axis, grad_h, grad_bias,
+                                      workspace, a, b, tanh_approx, p, mask, seed, offset)
+    return place.result(grad_h, out), place.result(grad_bias)
