@@ -440,3 +440,58 @@ def restore_simd():
     original = _cpu.simd()
     yield
     _cpu.set_simd(original)
+
+
+# ---- every public function, on arrays of any library ------------------------------------
+
+# Each entry calls one public function with its arrays made by `make` from
+# numpy arrays (make = lambda a: a is the numpy call itself), so that the
+# same draw runs in every library. `data` holds x (2-d, >= 2 rows), g (x's
+# shape), bias (x.shape[1]), mask (dropout_mask of x) and, for batch norm,
+# per-channel arrays of x.shape[1]. Training batch norm with running
+# statistics is separate: JAX arrays are immutable, so they cannot be
+# updated in place.
+LIBRARY_CALLS = {
+    "activation": lambda make, d: fn.activation("softplus", make(d["x"]), beta=2.0),
+    "activation_backward[x]": lambda make, d: fn.activation_backward("gelu", make(d["g"]),
+                                                                     x=make(d["x"])),
+    "activation_backward[y]": lambda make, d: fn.activation_backward("tanh", make(d["g"]),
+                                                                     y=make(d["x"])),
+    "dropout": lambda make, d: fn.dropout(make(d["x"]), 0.3, seed=5, offset=2, return_mask=True),
+    "dropout[eval]": lambda make, d: fn.dropout(make(d["x"]), 0.3, seed=5, training=False,
+                                                return_mask=True),
+    "dropout_backward[mask]": lambda make, d: fn.dropout_backward(make(d["g"]), 0.3,
+                                                                  mask=make(d["mask"])),
+    "dropout_backward[seed]": lambda make, d: fn.dropout_backward(make(d["g"]), 0.3, seed=5,
+                                                                  offset=2),
+    "bias_act_dropout": lambda make, d: fn.bias_act_dropout(
+        make(d["x"]), make(d["bias"]), "silu", 0.2, seed=3, axis=1, return_mask=True),
+    "bias_act_dropout_backward": lambda make, d: fn.bias_act_dropout_backward(
+        make(d["g"]), make(d["x"]), make(d["bias"]), "silu", 0.2, mask=make(d["mask"]), axis=1),
+    "batch_norm[train]": lambda make, d: fn.batch_norm(make(d["x"]), make(d["gamma"]),
+                                                       make(d["beta"])),
+    "batch_norm[eval]": lambda make, d: fn.batch_norm(
+        make(d["x"]), make(d["gamma"]), make(d["beta"]), make(d["running_mean"]),
+        make(d["running_var"]), training=False),
+    "batch_norm_backward": lambda make, d: fn.batch_norm_backward(
+        make(d["g"]), make(d["x"]), make(d["gamma"]), make(d["save_mean"]),
+        make(d["save_invstd"])),
+}
+
+
+def library_call_data(x: np.ndarray, seed: int = 0) -> dict:
+    """The arrays LIBRARY_CALLS read, for a 2-d x of at least two rows."""
+    rng = np.random.default_rng(seed)
+    channels = x.shape[1]
+    per_channel = lambda: rng.standard_normal(channels).astype(x.dtype)  # noqa: E731
+    forward = fn.batch_norm(x)
+    return {"x": x, "g": rng.standard_normal(x.shape).astype(x.dtype), "bias": per_channel(),
+            "mask": fn.dropout_mask(x.shape, 0.3, seed=5, offset=2),
+            "gamma": per_channel(), "beta": per_channel(), "running_mean": per_channel(),
+            "running_var": np.abs(per_channel()) + 0.5, "save_mean": forward.save_mean,
+            "save_invstd": forward.save_invstd}
+
+
+def flat_results(result) -> list:
+    """A call's arrays, in order (tuples and named tuples flattened)."""
+    return list(result) if isinstance(result, tuple) else [result]

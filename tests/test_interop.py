@@ -1,16 +1,22 @@
 """PyTorch tensors and JAX arrays through every public function on the CPU:
-the same bits as the numpy call, results in the caller's library, inputs
-read and ``out=`` and running statistics written in place without copies,
-and clear errors for mixed libraries and for ``out=`` with immutable JAX
-arrays. Each library's tests skip when it is not installed.
+the same bits as the numpy call, results in the caller's library and on
+its device, inputs read and results returned without copies (data
+pointers compared), ``out=`` and running statistics written in place,
+strided and transposed views, 0-d and empty arrays, and clear errors for
+mixed libraries and for ``out=`` with immutable JAX arrays. Each library's
+tests skip when it is not installed.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 
 import fusednn as fn
 from fusednn import _arrays
+
+from conftest import LIBRARY_CALLS, flat_results, library_call_data
 
 RNG = np.random.default_rng(11)
 
@@ -165,3 +171,179 @@ def test_jax_out_is_a_type_error(jnp):
     a = jnp.ones(4)
     with pytest.raises(TypeError, match="immutable"):
         fn.relu(a, out=a)
+
+
+# ---- every public function, torch and JAX ----------------------------------------------
+
+
+def _float64_arrays(library):
+    """A scope in which the library keeps float64 arrays (JAX makes them
+    float32 unless x64 is enabled)."""
+    if library == "jax":
+        import jax
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
+def _make_for(library):
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        return lambda a: torch.from_numpy(np.array(a)), lambda r: r.numpy(), torch.Tensor
+    jax = pytest.importorskip("jax")
+    return jax.numpy.asarray, np.asarray, jax.Array
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("call", list(LIBRARY_CALLS))
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_every_function_gives_the_numpy_bits_in_the_callers_library(library, call, dtype):
+    make, to_numpy, kind = _make_for(library)
+    data = library_call_data(normals((6, 5), dtype), seed=3)
+    expected = flat_results(LIBRARY_CALLS[call](lambda a: a, data))
+    with _float64_arrays(library):
+        got = flat_results(LIBRARY_CALLS[call](make, data))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert isinstance(g, kind), type(g)
+        if library == "torch":
+            assert g.device.type == "cpu" and not g.requires_grad
+        else:
+            assert {d.platform for d in g.devices()} == {"cpu"}
+        g = to_numpy(g)
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_array_equal(g, e)
+
+
+def test_torch_results_share_the_kernels_memory():
+    torch = pytest.importorskip("torch")
+    view = np.empty((3, 4), np.float32)
+    wrapped = _arrays.TORCH_CPU.result(view)
+    assert isinstance(wrapped, torch.Tensor)
+    assert wrapped.data_ptr() == view.__array_interface__["data"][0]
+
+
+def test_torch_out_in_place_for_every_function_that_takes_out():
+    torch = pytest.importorskip("torch")
+    x = normals((6, 5))
+    data = library_call_data(x, seed=4)
+    t = lambda a: torch.from_numpy(np.array(a))  # noqa: E731
+    calls = {
+        "relu": lambda make, out: fn.relu(make(x), out=out),
+        "activation_backward": lambda make, out: fn.activation_backward(
+            "mish", make(data["g"]), x=make(x), out=out),
+        "dropout": lambda make, out: fn.dropout(make(x), 0.5, seed=1, out=out),
+        "dropout[eval]": lambda make, out: fn.dropout(make(x), 0.5, seed=1, training=False,
+                                                      out=out),
+        "dropout_backward": lambda make, out: fn.dropout_backward(make(data["g"]), 0.5, seed=1,
+                                                                  out=out),
+        "bias_act_dropout": lambda make, out: fn.bias_act_dropout(
+            make(x), make(data["bias"]), "relu", 0.5, seed=1, axis=1, out=out),
+        "bias_act_dropout_backward": lambda make, out: fn.bias_act_dropout_backward(
+            make(data["g"]), make(x), make(data["bias"]), "relu", 0.5, seed=1, axis=1,
+            out=out)[0],
+        "batch_norm": lambda make, out: fn.batch_norm(make(x), out=out).y,
+        "batch_norm_backward": lambda make, out: fn.batch_norm_backward(
+            make(data["g"]), make(x), None, make(data["save_mean"]), make(data["save_invstd"]),
+            out=out)[0],
+    }
+    for name, call in calls.items():
+        out = torch.full(x.shape, 7.0)
+        pointer = out.data_ptr()
+        assert call(t, out) is out, name
+        assert out.data_ptr() == pointer
+        np.testing.assert_array_equal(out.numpy(), call(lambda a: a, None), err_msg=name)
+
+
+def test_torch_in_place_on_the_input_itself():
+    torch = pytest.importorskip("torch")
+    x = normals((5, 7))
+    t = torch.from_numpy(x.copy())
+    assert fn.gelu(t, out=t) is t
+    np.testing.assert_array_equal(t.numpy(), fn.gelu(x))
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_strided_and_transposed_views(library):
+    make, to_numpy, _ = _make_for(library)
+    base = normals((12, 10), np.float64)
+    views = {"transposed": lambda a: a.T, "strided": lambda a: a[::3, 1::2]}
+    for name, take in views.items():
+        expected = take(base)
+        g = normals(expected.shape, np.float64)
+        statistics = fn.batch_norm(expected)[1:]
+        with _float64_arrays(library):
+            if library == "torch":
+                arg = take(make(base))
+                # no copy in: the kernels read the tensor's own memory
+                assert _arrays.TORCH_CPU.view(arg, "x", "t").__array_interface__["data"][0] == \
+                    arg.data_ptr()
+            else:
+                arg = take(make(base))
+            y = to_numpy(fn.silu(arg))
+            grad = to_numpy(fn.batch_norm_backward(make(g), arg, None, *map(make, statistics))[0])
+        np.testing.assert_array_equal(y, fn.silu(expected), err_msg=name)
+        np.testing.assert_array_equal(
+            grad, fn.batch_norm_backward(g, expected, None, *statistics)[0], err_msg=name)
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_zero_d_and_empty(library):
+    make, to_numpy, _ = _make_for(library)
+    for shape in [(), (0,), (2, 0)]:
+        x = normals(shape)
+        np.testing.assert_array_equal(to_numpy(fn.elu(make(x))), fn.elu(x))
+        y, mask = fn.dropout(make(x), 0.5, seed=1, return_mask=True)
+        assert tuple(y.shape) == shape and to_numpy(mask).size == fn.dropout_mask(shape, 0.5,
+                                                                                 seed=1).size
+    empty = normals((0, 3))
+    result = fn.batch_norm(make(empty), training=False, running_mean=make(np.zeros(3, np.float32)),
+                           running_var=make(np.ones(3, np.float32)))
+    assert tuple(result.y.shape) == (0, 3)
+
+
+def test_torch_running_statistics_updated_in_their_own_storage():
+    torch = pytest.importorskip("torch")
+    x = normals((8, 3, 2))
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    pointers = running_mean.data_ptr(), running_var.data_ptr()
+    fn.batch_norm(torch.from_numpy(x), None, None, running_mean, running_var, momentum=0.5)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    fn.batch_norm(x, None, None, rm, rv, momentum=0.5)
+    assert (running_mean.data_ptr(), running_var.data_ptr()) == pointers
+    np.testing.assert_array_equal(running_mean.numpy(), rm)
+    np.testing.assert_array_equal(running_var.numpy(), rv)
+    # a parameter that requires grad is read as data; its statistics still update
+    gamma = torch.nn.Parameter(torch.ones(3))
+    fn.batch_norm(torch.from_numpy(x), gamma, None, running_mean, running_var)
+    assert not np.array_equal(running_mean.numpy(), rm)
+
+
+def test_jax_running_statistics_cannot_be_updated():
+    jax = pytest.importorskip("jax")
+    x = jax.numpy.asarray(normals((8, 3)))
+    with pytest.raises(ValueError, match="read-only"):
+        fn.batch_norm(x, running_mean=jax.numpy.zeros(3), running_var=jax.numpy.ones(3))
+
+
+def test_mixing_libraries_names_the_arrays_and_the_fix():
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    t = torch.ones(4, 3)
+    with pytest.raises(TypeError, match=r"gamma on the CPU \(JAX\).*jax.numpy.asarray"):
+        fn.batch_norm(t, jax.numpy.ones(3))
+    with pytest.raises(TypeError, match=r"mask on the CPU \(numpy\).*torch.from_numpy"):
+        fn.dropout_backward(t, 0.5, mask=np.zeros(2, np.uint8))
+    out = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match="out is a numpy array on the CPU"):
+        fn.relu(t, out=out)
+    assert not out.any()
+    with pytest.raises(ValueError, match="out is a torch array"):
+        fn.relu(out, out=t)
+    with pytest.raises(TypeError, match="must be an array"):
+        fn.bias_act_dropout(t, [1.0, 2.0, 3.0], "relu", 0.5, seed=1)
+
+
+def test_torch_mask_of_another_dtype_is_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="uint8"):
+        fn.dropout_backward(torch.ones(16), 0.5, mask=torch.ones(2, dtype=torch.int32))
