@@ -652,3 +652,21 @@ def test_last_level_cache_reads_sysfs(tmp_path):
         (entry / "size").write_text(f"{size}\n")
     assert timing.last_level_cache(str(tmp_path)) == (3, 300 << 20)
     assert timing.last_level_cache(str(tmp_path / "missing")) is None
+
+
+def test_bench_overhead_table(monkeypatch, capsys, tmp_path):
+    """--kernels overhead times every call on numpy (and torch, when
+    installed) and writes the same numbers as JSON; it runs on its own."""
+    from fusednn.bench import overhead
+    monkeypatch.setattr(overhead, "QUICK_CALLS_PER_REPEAT", 3)
+    path = tmp_path / "overhead.json"
+    assert main(["bench", "--kernels", "overhead", "--quick", "--repeat", "1",
+                 "--json", str(path)]) == 0
+    report = capsys.readouterr().out
+    document = json.loads(path.read_text())
+    assert set(document["calls"]) == set(overhead.calls(lambda a: a))
+    for label, row in document["calls"].items():
+        assert label in report
+        assert all(math.isfinite(us) and us > 0 for us in row.values())
+    with pytest.raises(SystemExit):
+        main(["bench", "--kernels", "overhead,relu"])

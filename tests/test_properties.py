@@ -8,6 +8,9 @@ with elements that share memory). Each call must either match
 unchanged, or raise TypeError/ValueError with ``out`` untouched, and the
 test knows in advance which of the two a draw deserves.
 
+The array library is drawn too (numpy, torch, JAX where installed): every
+function must give the numpy call's bits in the caller's library.
+
 The default profile ("ci", registered in conftest.py) keeps the run short;
 ``--hypothesis-profile=thorough`` draws 10,000 examples per test.
 """
@@ -25,8 +28,8 @@ from numpy.lib.stride_tricks import as_strided
 import fusednn as fn
 from fusednn import reference as ref
 
-from conftest import (PARAM_SETS, accepts_output, check_backward_x, check_backward_y,
-                      check_forward)
+from conftest import (LIBRARY_CALLS, PARAM_SETS, accepts_output, check_backward_x,
+                      check_backward_y, check_forward, flat_results, library_call_data)
 
 SUPPORTED = (np.float32, np.float64)
 UNSUPPORTED = (np.int32, np.complex64, np.uint8)
@@ -586,3 +589,58 @@ def test_bias_act_dropout_backward(data):
     bound = np.abs(separate.astype(np.float64)).sum(axis=others) * np.finfo(dtype).eps * summed
     assert np.all(np.abs(grad_bias - exact_sum) <= bound + 1e-300)
     np.testing.assert_array_equal(h, h_before)
+
+
+# ---- the array library ----------------------------------------------------------------
+
+
+def _available_libraries() -> list:
+    libraries = ["numpy"]
+    for name in ("torch", "jax"):
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+        libraries.append(name)
+    return libraries
+
+
+LIBRARIES = _available_libraries()
+
+
+def _maker(library):
+    """(make, to_numpy, scope): how a draw's numpy arrays become the
+    library's, without a copy where the library can view them (torch), and
+    the scope in which the library keeps float64 (JAX's x64)."""
+    import contextlib
+    if library == "torch":
+        import torch
+        return torch.from_numpy, lambda r: r.numpy(), contextlib.nullcontext()
+    if library == "jax":
+        import jax
+        return jax.numpy.asarray, np.asarray, jax.enable_x64(True)
+    return (lambda a: a), (lambda r: r), contextlib.nullcontext()
+
+
+@given(data=st.data())
+def test_every_library_gives_the_numpy_bits(data):
+    """The library drawn (numpy, torch, JAX) changes nothing but the type of
+    the results: the same bits as the numpy call, for every public function,
+    any supported dtype, contiguous and transposed layouts, non-finite
+    values included."""
+    library = data.draw(st.sampled_from(LIBRARIES), label="library")
+    call = data.draw(st.sampled_from(sorted(LIBRARY_CALLS)), label="call")
+    dtype = data.draw(st.sampled_from(SUPPORTED), label="dtype")
+    shape = (data.draw(st.integers(2, 7)), data.draw(st.integers(1, 6)))
+    values = data.draw(hnp.arrays(dtype, shape, elements=float_values(dtype)))
+    x = data.draw(placed(values, layouts=("contiguous", "transposed")))
+    arrays = library_call_data(x, seed=data.draw(st.integers(0, 3)))
+    expected = flat_results(LIBRARY_CALLS[call](lambda a: a, arrays))
+    make, to_numpy, scope = _maker(library)
+    with scope:
+        got = flat_results(LIBRARY_CALLS[call](make, arrays))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        g = to_numpy(g)
+        assert g.dtype == e.dtype and g.shape == e.shape
+        np.testing.assert_array_equal(g, e)

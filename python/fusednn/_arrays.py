@@ -532,6 +532,10 @@ class TorchCudaPlace(DevicePlace):
     def __init__(self, device: int):
         import torch
         self.torch = torch
+        self.torch_dtypes = {np.dtype(np.float32): torch.float32,
+                             np.dtype(np.float64): torch.float64,
+                             np.dtype(np.float16): torch.float16,
+                             np.dtype(np.uint8): torch.uint8}
         super().__init__(device, torch.cuda.current_stream(device).cuda_stream)
 
     def describe(self) -> str:
@@ -551,7 +555,7 @@ class TorchCudaPlace(DevicePlace):
         return view if index == self.device else Array(view[:4] + (index,) + view[5:])
 
     def empty(self, shape, dtype) -> Array:
-        t = self.torch.empty(shape, dtype=_TORCH_FROM_NUMPY(self.torch)[dtype],
+        t = self.torch.empty(shape, dtype=self.torch_dtypes[np.dtype(dtype)],
                              device=f"cuda:{self.device}")
         return self._wrap_tensor(t)
 
@@ -560,11 +564,6 @@ class TorchCudaPlace(DevicePlace):
 
     def copy(self, src: Array, dst: Array) -> None:
         dst.obj.copy_(src.obj)
-
-
-def _TORCH_FROM_NUMPY(torch) -> dict:
-    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
-            np.dtype(np.float16): torch.float16, np.dtype(np.uint8): torch.uint8}
 
 
 # ---- finding a call's place ---------------------------------------------------------------

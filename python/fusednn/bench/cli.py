@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .._backend import _cpu, cupy_install_hint, get_num_threads, info, set_num_threads
-from . import output, peers, sweep, training
+from . import output, overhead, peers, sweep, training
 from .activations import ACTIVATION_KERNELS, activation_cases, describe_activations
 from .batchnorm import (BATCH_NORM_KERNELS, BATCH_NORM_QUICK_SHAPE, BATCH_NORM_SHAPE,
                         batch_norm_cases, describe_batch_norm)
@@ -299,7 +299,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(k.name for k in DROPOUT_KERNELS)}. training (on its "
                              "own, not in all): whole training steps of PyTorch models, stock "
                              "and patched by fusednn.torch: "
-                             f"{', '.join(training.TRAINING_KERNELS)}")
+                             f"{', '.join(training.TRAINING_KERNELS)}. overhead (on its own): "
+                             "the per-call cost of small calls on numpy arrays and torch "
+                             "tensors")
     batch, channels = BATCH_NORM_SHAPE[:2]
     parser.add_argument("--size", type=_size, metavar="N",
                         help="elements per array (default 2^25, 2^22 with --quick; on --device "
@@ -391,6 +393,8 @@ def run(args: argparse.Namespace) -> int:
     training_rows = training.selected(args.kernels)
     if training_rows is not None:
         return training.run(args, training_rows)
+    if overhead.selected(args.kernels):
+        return overhead.run(args)
     options = validate(args)
     if args.sweep:
         return sweep.run(args, options.peers)
