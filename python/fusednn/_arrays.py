@@ -357,7 +357,8 @@ class TorchHostPlace(HostPlace):
         if given is not None:
             return given
         import torch
-        if view.dtype.name == "bfloat16":
+        # dtype.name takes microseconds; kind 'V' first rules out the float types
+        if view.dtype.kind == "V" and view.dtype.name == "bfloat16":
             return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(view)
 
