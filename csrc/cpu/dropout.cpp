@@ -277,7 +277,12 @@ class KeepCursor {
 #if defined(FUSEDNN_DROPOUT_AVX512)
   // The keep bits of elements [chunk_begin + 128 g, chunk_begin + 128 g +
   // 128) for groups g in [from, to), as words[2 g] and words[2 g + 1].
-  void draw_groups(uint64_t* words, int64_t chunk_begin, int64_t from, int64_t to) {
+  // Out of line: drawn_bit_pieces reaches it from three places, and
+  // inlined, the unrolled Philox rounds were copied three times into the
+  // fused forward of every activation and dtype; a call per 128 elements
+  // is small beside the draw itself.
+  __attribute__((noinline)) void draw_groups(uint64_t* words, int64_t chunk_begin, int64_t from,
+                                             int64_t to) {
     const uint64_t first_block = static_cast<uint64_t>(chunk_begin) / philox::kLanes;
     for (int64_t g = from; g < to; ++g) {
       if (spec_.threshold == 0) {
@@ -492,6 +497,51 @@ __attribute__((noinline)) void bias_act_backward_piece(T* out, int64_t m, const 
   activation_backward_run<Op>(out, m, q, z, dy);
 }
 
+// The same for elements done + k, k < m, of a run with other strides
+// (inner, in elements: h, b, out), one element at a time. The vectorizer
+// is kept off: on its own it adds a copy of the loop for unit strides (the
+// case the pieces above take), several KB per activation and dtype.
+template <class Op, class T>
+__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_forward_strided(
+    T* o, const T* h, const T* b, const int64_t* inner, int64_t done, int64_t m,
+    const uint8_t* keep, const T scale, const ActivationParams& params) {
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t i = done + k;
+    const T z = h[i * inner[0]] + b[i * inner[1]];
+    o[i * inner[2]] = Op::template forward<T>(z, params) * (keep[k] ? scale : T(0));
+  }
+}
+
+// inner: g, h, b, out.
+template <class Op, class T>
+__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_backward_strided(
+    T* gh, const T* g, const T* h, const T* b, const int64_t* inner, int64_t done, int64_t m,
+    const uint8_t* keep, const T scale, const ActivationParams& params) {
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t i = done + k;
+    const T dy = g[i * inner[0]] * (keep[k] ? scale : T(0));
+    gh[i * inner[3]] = Op::template backward_x<T>(dy, h[i * inner[1]] + b[i * inner[2]], params);
+  }
+}
+
+// An activation's fused arithmetic, as the functions above: what the loop
+// drivers below need of the activation. The drivers (chunked keep bits,
+// staging, bias layouts, threads, the grad_bias sums) depend on the dtype
+// only and take these by pointer, so that each is compiled once per dtype
+// rather than once per activation and dtype; the pieces were calls already,
+// now indirect ones. T computes, S stores (float16 and bfloat16 compute in
+// float32).
+template <class T, class S = T> struct BiasActForwardFns {
+  void (*piece)(T*, int64_t, const T*, const T*, const uint8_t*, T, ActivationParams);
+  void (*strided)(S*, const S*, const S*, const int64_t*, int64_t, int64_t, const uint8_t*, T,
+                  const ActivationParams&);
+};
+template <class T, class S = T> struct BiasActBackwardFns {
+  void (*piece)(T*, int64_t, const T*, const T*, const T*, const uint8_t*, T, ActivationParams);
+  void (*strided)(S*, const S*, const S*, const S*, const int64_t*, int64_t, int64_t,
+                  const uint8_t*, T, const ActivationParams&);
+};
+
 // The bias along one contiguous run of a fused loop: the bias array where
 // it varies along the run, or, where it is broadcast (one channel's value
 // over a run of the inner axes), an L1 buffer filled with that value. The
@@ -525,12 +575,13 @@ template <class T> class BiasRun {
 // The fused bodies run once per innermost run and are reached from more
 // than one walk (run_slices, the grad_bias row groups), so they too stay
 // out of line.
-template <class Op, class T> struct BiasActForwardBody {
+template <class T> struct BiasActForwardBody {
   KeepCursor cursor;
   int64_t pos;
   T scale;
   bool stream;
   ActivationParams params;
+  BiasActForwardFns<T> fns;
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -544,18 +595,13 @@ template <class Op, class T> struct BiasActForwardBody {
       produce<kWideStageBytes>(o, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           bias.pieces(start + done, m, [&](const T* bs, int64_t k, int64_t n) {
-            bias_act_forward_piece<Op>(dst + done + k, n, h + start + done + k, bs, keep + k, scale,
-                                       params);
+            fns.piece(dst + done + k, n, h + start + done + k, bs, keep + k, scale, params);
           });
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        for (int64_t k = 0; k < m; ++k) {
-          const int64_t i = done + k;
-          const T z = h[i * inner[0]] + b[i * inner[1]];
-          o[i * inner[2]] = Op::template forward<T>(z, params) * (keep[k] ? scale : T(0));
-        }
+        fns.strided(o, h, b, inner, done, m, keep, scale, params);
       });
     }
   }
@@ -594,12 +640,13 @@ inline int64_t bias_group_row(int64_t outer, int64_t channels, int64_t inner, in
   return row / row_align * row_align;
 }
 
-template <class Op, class T> struct BiasActBackwardBody {
+template <class T> struct BiasActBackwardBody {
   KeepCursor cursor;
   int64_t pos;
   T scale;
   bool stream;
   ActivationParams params;
+  BiasActBackwardFns<T> fns;
   // With bias_sums set (grad_h C-contiguous, bias along its last axis),
   // each grad_h value is also added to bias_sums[flat index % channels] as
   // it is produced, in increasing flat order.
@@ -620,20 +667,15 @@ template <class Op, class T> struct BiasActBackwardBody {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           T* out = dst + done;
           bias.pieces(start + done, m, [&](const T* bs, int64_t k, int64_t n) {
-            bias_act_backward_piece<Op>(out + k, n, g + start + done + k, h + start + done + k, bs,
-                                        keep + k, scale, params);
+            fns.piece(out + k, n, g + start + done + k, h + start + done + k, bs, keep + k, scale,
+                      params);
           });
           if (bias_sums != nullptr) add_to_channels(bias_sums, out, m, at + start + done, channels);
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        for (int64_t k = 0; k < m; ++k) {
-          const int64_t i = done + k;
-          const T dy = g[i * inner[0]] * (keep[k] ? scale : T(0));
-          gh[i * inner[3]] =
-              Op::template backward_x<T>(dy, h[i * inner[1]] + b[i * inner[2]], params);
-        }
+        fns.strided(gh, g, h, b, inner, done, m, keep, scale, params);
       });
     }
   }
@@ -705,6 +747,24 @@ bool bias_act_forward_rows(const ActivationParams& params, double ns_per_element
 }
 #endif
 
+// The fused forward's walk over any layout, once per dtype (noclone: a
+// copy specialized for each activation's fns is what it avoids).
+template <class T>
+__attribute__((noinline, noclone)) void bias_act_forward_walk(
+    const ActivationParams& params, double ns_per_element, const DropoutSpec& spec,
+    const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out, BiasActForwardFns<T> fns) {
+  const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
+  const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
+  const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
+  char* base[3] = {static_cast<char*>(h.data), static_cast<char*>(bias.data),
+                   static_cast<char*>(out.data)};
+  const bool stream = streams<T>(loop.size);
+  run_slices(loop, base, sizes, ns_per_element, [&](int64_t begin, int64_t end) {
+    return BiasActForwardBody<T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
+                                 params, fns};
+  });
+}
+
 template <class Op, class T>
 void bias_act_forward_typed(const ActivationParams& params, double activation_ns,
                             const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
@@ -713,16 +773,8 @@ void bias_act_forward_typed(const ActivationParams& params, double activation_ns
 #if defined(FUSEDNN_DROPOUT_AVX512)
   if (bias_act_forward_rows<Op, T>(params, ns_per_element, spec, h, bias, out)) return;
 #endif
-  const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
-  const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
-  const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
-  char* base[3] = {static_cast<char*>(h.data), static_cast<char*>(bias.data),
-                   static_cast<char*>(out.data)};
-  const bool stream = streams<T>(loop.size);
-  run_slices(loop, base, sizes, ns_per_element, [&](int64_t begin, int64_t end) {
-    return BiasActForwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
-                                     params};
-  });
+  bias_act_forward_walk<T>(params, ns_per_element, spec, h, bias, out,
+                           {&bias_act_forward_piece<Op, T>, &bias_act_forward_strided<Op, T>});
 }
 
 // A stored value as a double, and a double sum rounded once to storage.
@@ -799,11 +851,12 @@ __attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
   store_channel_sums<T>(partial, groups, channels, grad_bias);
 }
 
-template <class Op, class T>
-void bias_act_backward_typed(const ActivationParams& params, double activation_ns,
-                             const DropoutSpec& spec,
-                             const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
-                             const ArrayRef& gh, int axis, const ArrayRef& grad_bias) {
+// The fused backward, once per dtype like bias_act_forward_walk.
+template <class T>
+__attribute__((noinline, noclone)) void bias_act_backward_walk(
+    const ActivationParams& params, double activation_ns, const DropoutSpec& spec,
+    const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias, const ArrayRef& gh, int axis,
+    const ArrayRef& grad_bias, BiasActBackwardFns<T> fns) {
   const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
   const int sizes[4] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
   const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
@@ -824,8 +877,8 @@ void bias_act_backward_typed(const ActivationParams& params, double activation_n
   if (!fused_sums) {
     run_slices(loop, base, sizes, cost_of<T>(activation_ns + kDropoutNanoseconds),
                [&](int64_t begin, int64_t end) {
-      return BiasActBackwardBody<Op, T>{KeepCursor(spec, begin, end), begin, T(spec.scale),
-                                        stream, params};
+      return BiasActBackwardBody<T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
+                                    params, fns};
     });
     bias_grad_typed<T>(gh, axis, grad_bias);
     return;
@@ -837,14 +890,22 @@ void bias_act_backward_typed(const ActivationParams& params, double activation_n
     const int64_t begin = bias_group_row(outer, channels, 1, group, groups) * channels;
     const int64_t end = bias_group_row(outer, channels, 1, group + 1, groups) * channels;
     if (begin == end) return;
-    BiasActBackwardBody<Op, T> body{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
-                                    params, partial.data() + group * channels, channels};
+    BiasActBackwardBody<T> body{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
+                                params, fns, partial.data() + group * channels, channels};
     loop.walk(base, sizes, begin, end, body);
     body.finish();
   });
   store_channel_sums<T>(partial, groups, channels, grad_bias);
 }
 
+template <class Op, class T>
+void bias_act_backward_typed(const ActivationParams& params, double activation_ns,
+                             const DropoutSpec& spec,
+                             const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
+                             const ArrayRef& gh, int axis, const ArrayRef& grad_bias) {
+  bias_act_backward_walk<T>(params, activation_ns, spec, g, h, bias, gh, axis, grad_bias,
+                            {&bias_act_backward_piece<Op, T>, &bias_act_backward_strided<Op, T>});
+}
 
 // ---- float16 and bfloat16 -------------------------------------------------------
 
@@ -909,12 +970,38 @@ inline void bias_block(const S* b, bool broadcast, int64_t k, int64_t n, float* 
   }
 }
 
-template <class Op, class S> struct BiasActForwardHalfBody {
+// The half fused loops' strided runs, as bias_act_*_strided.
+template <class Op, class S>
+__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_forward_strided_half(
+    S* o, const S* h, const S* b, const int64_t* inner, int64_t done, int64_t m,
+    const uint8_t* keep, const float scale, const ActivationParams& params) {
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t i = done + k;
+    const float z = Storage<S>::load(h[i * inner[0]]) + Storage<S>::load(b[i * inner[1]]);
+    o[i * inner[2]] =
+        Storage<S>::store(Op::template forward<float>(z, params) * (keep[k] ? scale : 0.0f));
+  }
+}
+
+template <class Op, class S>
+__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_backward_strided_half(
+    S* gh, const S* g, const S* h, const S* b, const int64_t* inner, int64_t done, int64_t m,
+    const uint8_t* keep, const float scale, const ActivationParams& params) {
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t i = done + k;
+    const float dy = Storage<S>::load(g[i * inner[0]]) * (keep[k] ? scale : 0.0f);
+    const float z = Storage<S>::load(h[i * inner[1]]) + Storage<S>::load(b[i * inner[2]]);
+    gh[i * inner[3]] = Storage<S>::store(Op::template backward_x<float>(dy, z, params));
+  }
+}
+
+template <class S> struct BiasActForwardHalfBody {
   KeepCursor cursor;
   int64_t pos;
   float scale;
   bool stream;
   ActivationParams params;
+  BiasActForwardFns<float, S> fns;
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -932,19 +1019,14 @@ template <class Op, class S> struct BiasActForwardHalfBody {
             alignas(64) float hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
             widen(h + start + done + k, hs, n);
             bias_block(b, broadcast, start + done + k, n, bs);
-            bias_act_forward_piece<Op, float>(out, n, hs, bs, keep + k, scale, params);
+            fns.piece(out, n, hs, bs, keep + k, scale, params);
             narrow(out, dst + done + k, n);
           }
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        for (int64_t k = 0; k < m; ++k) {
-          const int64_t i = done + k;
-          const float z = Storage<S>::load(h[i * inner[0]]) + Storage<S>::load(b[i * inner[1]]);
-          o[i * inner[2]] = Storage<S>::store(Op::template forward<float>(z, params) *
-                                              (keep[k] ? scale : 0.0f));
-        }
+        fns.strided(o, h, b, inner, done, m, keep, scale, params);
       });
     }
   }
@@ -953,12 +1035,13 @@ template <class Op, class S> struct BiasActForwardHalfBody {
   }
 };
 
-template <class Op, class S> struct BiasActBackwardHalfBody {
+template <class S> struct BiasActBackwardHalfBody {
   KeepCursor cursor;
   int64_t pos;
   float scale;
   bool stream;
   ActivationParams params;
+  BiasActBackwardFns<float, S> fns;
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -978,19 +1061,14 @@ template <class Op, class S> struct BiasActBackwardHalfBody {
             widen(g + start + done + k, gs, n);
             widen(h + start + done + k, hs, n);
             bias_block(b, broadcast, start + done + k, n, bs);
-            bias_act_backward_piece<Op, float>(out, n, gs, hs, bs, keep + k, scale, params);
+            fns.piece(out, n, gs, hs, bs, keep + k, scale, params);
             narrow(out, dst + done + k, n);
           }
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        for (int64_t k = 0; k < m; ++k) {
-          const int64_t i = done + k;
-          const float dy = Storage<S>::load(g[i * inner[0]]) * (keep[k] ? scale : 0.0f);
-          const float z = Storage<S>::load(h[i * inner[1]]) + Storage<S>::load(b[i * inner[2]]);
-          gh[i * inner[3]] = Storage<S>::store(Op::template backward_x<float>(dy, z, params));
-        }
+        fns.strided(gh, g, h, b, inner, done, m, keep, scale, params);
       });
     }
   }
@@ -1000,10 +1078,11 @@ template <class Op, class S> struct BiasActBackwardHalfBody {
 };
 
 // The half loops' per-element costs are float32's (the same arithmetic).
-template <class Op, class S>
-void bias_act_forward_half(const ActivationParams& params, double activation_ns,
-                           const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
-                           const ArrayRef& out) {
+// Once per storage type, like bias_act_forward_walk.
+template <class S>
+__attribute__((noinline, noclone)) void bias_act_forward_half_walk(
+    const ActivationParams& params, double activation_ns, const DropoutSpec& spec,
+    const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out, BiasActForwardFns<float, S> fns) {
   const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
   const int sizes[3] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
   const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
@@ -1012,18 +1091,27 @@ void bias_act_forward_half(const ActivationParams& params, double activation_ns,
   const bool stream = streams<S>(loop.size);
   run_slices(loop, base, sizes, activation_ns + kDropoutNanoseconds,
              [&](int64_t begin, int64_t end) {
-    return BiasActForwardHalfBody<Op, S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
-                                         stream, params};
+    return BiasActForwardHalfBody<S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
+                                     stream, params, fns};
   });
+}
+
+template <class Op, class S>
+void bias_act_forward_half(const ActivationParams& params, double activation_ns,
+                           const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
+                           const ArrayRef& out) {
+  bias_act_forward_half_walk<S>(
+      params, activation_ns, spec, h, bias, out,
+      {&bias_act_forward_piece<Op, float>, &bias_act_forward_strided_half<Op, S>});
 }
 
 // grad_bias is the sum of the stored (rounded) grad_h, as for the other
 // dtypes, accumulated in double and rounded once to the bias's dtype.
-template <class Op, class S>
-void bias_act_backward_half(const ActivationParams& params, double activation_ns,
-                            const DropoutSpec& spec, const ArrayRef& g, const ArrayRef& h,
-                            const ArrayRef& bias, const ArrayRef& gh, int axis,
-                            const ArrayRef& grad_bias) {
+template <class S>
+__attribute__((noinline, noclone)) void bias_act_backward_half_walk(
+    const ActivationParams& params, double activation_ns, const DropoutSpec& spec,
+    const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias, const ArrayRef& gh, int axis,
+    const ArrayRef& grad_bias, BiasActBackwardFns<float, S> fns) {
   const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
   const int sizes[4] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
   const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
@@ -1032,10 +1120,20 @@ void bias_act_backward_half(const ActivationParams& params, double activation_ns
   const bool stream = streams<S>(loop.size);
   run_slices(loop, base, sizes, activation_ns + kDropoutNanoseconds,
              [&](int64_t begin, int64_t end) {
-    return BiasActBackwardHalfBody<Op, S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
-                                          stream, params};
+    return BiasActBackwardHalfBody<S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
+                                      stream, params, fns};
   });
   bias_grad_typed<S>(gh, axis, grad_bias);
+}
+
+template <class Op, class S>
+void bias_act_backward_half(const ActivationParams& params, double activation_ns,
+                            const DropoutSpec& spec, const ArrayRef& g, const ArrayRef& h,
+                            const ArrayRef& bias, const ArrayRef& gh, int axis,
+                            const ArrayRef& grad_bias) {
+  bias_act_backward_half_walk<S>(
+      params, activation_ns, spec, g, h, bias, gh, axis, grad_bias,
+      {&bias_act_backward_piece<Op, float>, &bias_act_backward_strided_half<Op, S>});
 }
 
 // Calls fn(T{}) with T the storage type of dtype d.
