@@ -92,7 +92,7 @@ def accepts_output(name: str, params: dict) -> bool:
 # roundings) and get the ulp bound; in float64, hardsigmoid' (g / 6 against
 # the reference's g * (1/6)) and hardswish may differ by the reference's
 # own rounding.
-# float16 (GPU only) is computed in float32 and rounded once more: only
+# float16 is computed in float32 and rounded once more: only
 # the activations that select rather than compute stay exact.
 EXACT = {np.dtype(np.float32): {"relu", "leaky_relu", "hardtanh"},
          np.dtype(np.float64): {"relu", "leaky_relu", "hardtanh"},

@@ -2,9 +2,10 @@
 the array layer takes (numpy, CuPy, torch, JAX, DLPack; see _arrays).
 
 Every function takes an array of any shape (0-d, empty and strided views
-included) in float32 or float64 (and float16 on the GPU) and returns a new
-array of the same library and device, or writes ``out`` when given
-(``out=x`` works in place). Parameters and edge cases follow PyTorch; see docs/activations.md
+included) in float32 or float64, or float16 and bfloat16 (ml_dtypes, torch
+and JAX arrays on the CPU; float16 on the GPU) computed in float32 and
+rounded once, and returns a new array of the same library and device, or
+writes ``out`` when given (``out=x`` works in place). Parameters and edge cases follow PyTorch; see docs/activations.md
 for each formula, the derivative's input and the measured accuracy, and
 docs/cuda.md for the GPU.
 """
