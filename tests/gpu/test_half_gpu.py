@@ -26,17 +26,16 @@ if not torch.cuda.is_available() or _backend._cuda is None:
 
 pytestmark = pytest.mark.gpu
 _cuda = _backend._cuda
-BFLOAT16 = 3  # the CUDA module's dtype code (csrc/cuda/array.h)
-FLOAT32 = 0
+# The binding's dtype codes (csrc/bindings/operand.h).
+CODES = {torch.float32: 0, torch.bfloat16: 3, torch.uint8: 4}
 
 
 def operand(t) -> tuple:
-    code = BFLOAT16 if t.dtype == torch.bfloat16 else FLOAT32
-    return (t.data_ptr(), code, tuple(t.shape), tuple(s * t.element_size() for s in t.stride()))
-
-
-def target(t) -> tuple:
-    return t.device.index or 0, torch.cuda.current_stream(t.device).cuda_stream
+    """(pointer, dtype code, shape, byte strides, device, stream) of a CUDA
+    tensor, on torch's current stream."""
+    return (t.data_ptr(), CODES[t.dtype], tuple(t.shape),
+            tuple(s * t.element_size() for s in t.stride()), t.device.index or 0,
+            torch.cuda.current_stream(t.device).cuda_stream)
 
 
 def to_host(t) -> np.ndarray:
@@ -68,13 +67,12 @@ def test_activations_every_bfloat16_input(name):
     from fusednn.activations import _DEFAULT_KERNEL_PARAMS, _IDS
     host, x = every_bfloat16()
     y = torch.empty_like(x)
-    _cuda.activation_forward(_IDS[name], operand(x), operand(y), *_DEFAULT_KERNEL_PARAMS[name],
-                             *target(x))
+    _cuda.activation_forward(_IDS[name], operand(x), operand(y), *_DEFAULT_KERNEL_PARAMS[name])
     assert bf16_ulp_error(to_host(y), ref.activation(name, host)).max() <= 1
     g = torch.ones_like(x)
     gi = torch.empty_like(x)
     _cuda.activation_backward(_IDS[name], False, operand(g), operand(x), operand(gi),
-                              *_DEFAULT_KERNEL_PARAMS[name], *target(x))
+                              *_DEFAULT_KERNEL_PARAMS[name])
     expected = ref.activation_backward(name, np.ones_like(host), x=host)
     assert bf16_ulp_error(to_host(gi), expected).max() <= 1
 
@@ -83,8 +81,7 @@ def test_dropout_matches_the_cpu_bit_for_bit():
     host, x = every_bfloat16()
     y = torch.empty_like(x)
     mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    _cuda.dropout_forward(operand(x), operand(y), 0.3, 5, 2**33, (mask.data_ptr(), mask.numel()),
-                          *target(x))
+    _cuda.dropout_forward(operand(x), operand(y), 0.3, 5, 2**33, operand(mask))
     expected, expected_mask = fn.dropout(host, 0.3, seed=5, offset=2**33, return_mask=True)
     np.testing.assert_array_equal(mask.cpu().numpy(), expected_mask)
     assert same_bits(to_host(y), expected)
@@ -100,8 +97,7 @@ def test_fused_epilogue_is_the_float32_kernel_rounded_once():
         hh, bb = h.to(dtype), bias.to(dtype)
         out = torch.empty_like(hh)
         _cuda.bias_act_dropout_forward(_IDS["gelu"], operand(hh), operand(bb), 1, operand(out),
-                                       *_DEFAULT_KERNEL_PARAMS["gelu"], 0.1, 8, 0, None,
-                                       *target(hh))
+                                       *_DEFAULT_KERNEL_PARAMS["gelu"], 0.1, 8, 0, None)
         outputs[dtype] = out
     torch.cuda.synchronize()
     assert torch.equal(outputs[torch.bfloat16], outputs[torch.float32].bfloat16())
