@@ -17,35 +17,35 @@ def device_error() -> str | None: ...
 # An array as csrc/bindings/operand.h takes it: a numpy array (host memory)
 # or (pointer, dtype code, shape, byte strides, device, stream, ...) for
 # device memory (fusednn._arrays.Array).
-Operand: TypeAlias = np.ndarray | tuple[Any, ...]
+_Operand: TypeAlias = np.ndarray | tuple[Any, ...]
 
-def activation_forward(activation: int, x: Operand, out: Operand, a: float, b: float,
+def activation_forward(activation: int, x: _Operand, out: _Operand, a: float, b: float,
                        tanh_approximation: bool) -> None: ...
-def activation_backward(activation: int, from_output: bool, grad_output: Operand,
-                        saved: Operand, out: Operand, a: float, b: float,
+def activation_backward(activation: int, from_output: bool, grad_output: _Operand,
+                        saved: _Operand, out: _Operand, a: float, b: float,
                         tanh_approximation: bool) -> None: ...
 def batch_norm_workspace_bytes(shape: Sequence[int], axis: int, dtype: int) -> int: ...
-def batch_norm_forward(x: Operand, out: Operand, gamma: Operand | None, beta: Operand | None,
-                       running_mean: Operand | None, running_var: Operand | None,
-                       save_mean: Operand, save_invstd: Operand, workspace: Operand | None,
+def batch_norm_forward(x: _Operand, out: _Operand, gamma: _Operand | None, beta: _Operand | None,
+                       running_mean: _Operand | None, running_var: _Operand | None,
+                       save_mean: _Operand, save_invstd: _Operand, workspace: _Operand | None,
                        training: bool, momentum: float, eps: float, axis: int) -> None: ...
-def batch_norm_backward(grad_output: Operand, x: Operand, grad_input: Operand,
-                        gamma: Operand | None, save_mean: Operand, save_invstd: Operand,
-                        grad_gamma: Operand, grad_beta: Operand, workspace: Operand | None,
+def batch_norm_backward(grad_output: _Operand, x: _Operand, grad_input: _Operand,
+                        gamma: _Operand | None, save_mean: _Operand, save_invstd: _Operand,
+                        grad_gamma: _Operand, grad_beta: _Operand, workspace: _Operand | None,
                         axis: int, training: bool) -> None: ...
-def dropout_forward(x: Operand, out: Operand, p: float, seed: int, offset: int,
-                    mask_out: Operand | None) -> None: ...
-def dropout_backward(grad_output: Operand, out: Operand, p: float, mask: Operand | None,
+def dropout_forward(x: _Operand, out: _Operand, p: float, seed: int, offset: int,
+                    mask_out: _Operand | None) -> None: ...
+def dropout_backward(grad_output: _Operand, out: _Operand, p: float, mask: _Operand | None,
                      seed: int, offset: int) -> None: ...
-def dropout_mask(n: int, p: float, seed: int, offset: int, mask_out: Operand) -> None: ...
-def bias_act_dropout_forward(activation: int, h: Operand, bias: Operand, axis: int, out: Operand,
+def dropout_mask(n: int, p: float, seed: int, offset: int, mask_out: _Operand) -> None: ...
+def bias_act_dropout_forward(activation: int, h: _Operand, bias: _Operand, axis: int, out: _Operand,
                              a: float, b: float, tanh_approximation: bool, p: float, seed: int,
-                             offset: int, mask_out: Operand | None) -> None: ...
+                             offset: int, mask_out: _Operand | None) -> None: ...
 def bias_grad_workspace_bytes(shape: Sequence[int], axis: int) -> int: ...
-def bias_act_dropout_backward(activation: int, grad_output: Operand, h: Operand, bias: Operand,
-                              axis: int, grad_h: Operand, grad_bias: Operand,
-                              workspace: Operand | None, a: float, b: float,
-                              tanh_approximation: bool, p: float, mask: Operand | None,
+def bias_act_dropout_backward(activation: int, grad_output: _Operand, h: _Operand, bias: _Operand,
+                              axis: int, grad_h: _Operand, grad_bias: _Operand,
+                              workspace: _Operand | None, a: float, b: float,
+                              tanh_approximation: bool, p: float, mask: _Operand | None,
                               seed: int, offset: int) -> None: ...
 def dropout_threshold(keep: float) -> int: ...
 def philox4x32_10(c0: int, c1: int, c2: int, c3: int, k0: int,
