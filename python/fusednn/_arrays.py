@@ -349,7 +349,10 @@ class TorchHostPlace(HostPlace):
             return a.numpy()
         except TypeError as error:  # a dtype numpy has no equivalent for
             import torch
-            if a.dtype == torch.bfloat16:  # the same bits as an ml_dtypes array
+            # The same bits as an ml_dtypes array, for the functions with
+            # half-precision kernels; the others name the dtypes they take
+            # rather than asking for ml_dtypes.
+            if a.dtype == torch.bfloat16 and function in _backend._HALF_CPU_FUNCTIONS:
                 return a.view(torch.int16).numpy().view(_ml_dtypes().bfloat16)
             raise _unsupported_dtype(a.dtype, name, function, host_dtypes(function)) from error
 
