@@ -125,6 +125,13 @@ def _check_running_statistics(place, training: bool, x, out, gamma, beta, runnin
 # ---- public functions -----------------------------------------------------------
 
 
+def _workspace(place, x, axis: int):
+    """The backend's scratch buffer for a batch-norm call on x (the CPU
+    needs none)."""
+    return place.workspace(place.backend.batch_norm_workspace_bytes(
+        x.shape, axis, _arrays.DTYPE_CODES[x.dtype]))
+
+
 def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
     """Normalizes x over every axis but the channel axis ``axis``:
@@ -178,11 +185,9 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     statistics = _statistics_dtype(x.dtype)
     save_mean = place.empty((channels,), statistics)
     save_invstd = place.empty((channels,), statistics)
-    backend = place.backend
-    workspace = place.workspace(backend.batch_norm_workspace_bytes(
-        x.shape, ax, _arrays.DTYPE_CODES[x.dtype]))
-    backend.batch_norm_forward(x, y, gamma, beta, running_mean, running_var, save_mean,
-                               save_invstd, workspace, training, momentum, eps, ax)
+    workspace = _workspace(place, x, ax)
+    place.backend.batch_norm_forward(x, y, gamma, beta, running_mean, running_var, save_mean,
+                                     save_invstd, workspace, training, momentum, eps, ax)
     return BatchNormResult(place.result(y, out), place.result(save_mean),
                            place.result(save_invstd))
 
@@ -242,9 +247,8 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     statistics = _statistics_dtype(x.dtype)
     grad_gamma = place.empty((channels,), statistics)
     grad_beta = place.empty((channels,), statistics)
-    backend = place.backend
-    workspace = place.workspace(backend.batch_norm_workspace_bytes(
-        x.shape, ax, _arrays.DTYPE_CODES[x.dtype]))
-    backend.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean, save_invstd,
-                                grad_gamma, grad_beta, workspace, ax, training)
+    workspace = _workspace(place, x, ax)
+    place.backend.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean,
+                                      save_invstd, grad_gamma, grad_beta, workspace, ax,
+                                      training)
     return place.result(grad_input, out), place.result(grad_gamma), place.result(grad_beta)

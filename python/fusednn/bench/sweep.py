@@ -34,6 +34,7 @@ import numpy as np
 from .._backend import _cpu, get_num_threads, set_num_threads
 from .cases import BenchError
 from .output import progress, require_matplotlib
+from .timing import wall_seconds
 
 SIZES = tuple(2**k for k in range(12, 27))
 QUICK_SIZES = tuple(2**k for k in range(12, 23, 2))
@@ -47,13 +48,6 @@ EPS = 1e-5
 # channels-last (the same values laid out NHWC).
 LAYER_SHAPES = tuple((n, c) for n in (32, 256, 8192) for c in (64, 1024, 4096)) + (
     (64, 64, 16, 16), (64, 128, 28, 28))
-
-
-@dataclass
-class Routine:
-    """One timed call and what it moves."""
-    call: Callable[[], object]
-    bytes_moved: int
 
 
 @dataclass
@@ -83,7 +77,7 @@ class Buffers:
         return [self.torch.from_numpy(a) for a in arrays]
 
 
-def _activation(name: str, aten_forward: str | None = None):
+def _activation(name: str):
     def make(buffers: Buffers, n: int, torch):
         import fusednn as fn
         x, out = buffers.arrays(n, "x", "out")
@@ -92,7 +86,7 @@ def _activation(name: str, aten_forward: str | None = None):
         if torch is None:
             return ours, None
         tx, tout = buffers.tensors(x, out)
-        op = getattr(torch.ops.aten, aten_forward or name).out
+        op = getattr(torch.ops.aten, name).out
         return ours, lambda: op(tx, out=tout)
     return make
 
@@ -228,13 +222,7 @@ def copy_call(src: np.ndarray, dst: np.ndarray) -> Callable:
     into dst, as one routine."""
     threaded = lambda: _cpu.copy(src, dst)  # noqa: E731
     single = lambda: np.copyto(dst, src)  # noqa: E731
-    return min((threaded, single), key=lambda c: min(_seconds(c) for _ in range(3)))
-
-
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    return min((threaded, single), key=lambda c: min(wall_seconds(c) for _ in range(3)))
 
 
 def pool_probe(threads: int, repeat: int) -> dict:
@@ -371,7 +359,7 @@ def summary_lines(points: list, threads_list) -> list[str]:
                 continue
             q = next((q for q in points if q.kernel == p.kernel and q.elements == p.elements
                       and q.threads == fewer), None)
-            if q is not None and p.ours_s > q.ours_s * 1.0:
+            if q is not None and p.ours_s > q.ours_s:
                 slower.append((p, q.ours_s / p.ours_s))
         lines.append(f"slower on {more} threads than on {fewer}: {len(slower)}")
         for p, ratio in sorted(slower, key=lambda s: s[1])[:20]:
