@@ -259,6 +259,13 @@ packed = fn.dropout_mask((4, 8), 0.1, seed=1)
 o = fn.bias_act_dropout(x, bias, "relu", 0.1, seed=3)
 o, mask = fn.bias_act_dropout(x, bias, "gelu", 0.1, seed=3, return_mask=True)
 grad_h, grad_bias = fn.bias_act_dropout_backward(x, x, bias, "relu", 0.1, seed=3)
+stats = fn.batch_norm_stats(x)
+merged = fn.batch_norm_combine([stats.count], stats.mean[None], stats.m2[None])
+invstd = fn.batch_norm_finalize(merged.mean, merged.var, merged.count, eps=1e-5)
+y = fn.batch_norm_apply(x, merged.mean, invstd, gamma, beta, out=y)
+sum_dy, sum_dy_xhat = fn.batch_norm_backward_reduce(x, x, merged.mean, invstd)
+y = fn.batch_norm_backward_apply(x, x, merged.mean, invstd, gamma, sum_dy, sum_dy_xhat,
+                                 merged.count)
 build: dict = fn.info()
 fn.set_num_threads(fn.get_num_threads())
 w = fn.init.he_normal((8, 4), seed=0)
@@ -312,7 +319,8 @@ def test_mypy_accepts_typed_use_and_reports_wrong_calls(tmp_path):
 def test_stubs_match_the_modules(tmp_path):
     import fusednn
 
-    modules = ["fusednn.activations", "fusednn.dropout", "fusednn.batchnorm", "fusednn._cpu"]
+    modules = ["fusednn.activations", "fusednn.dropout", "fusednn.batchnorm",
+               "fusednn.batchnorm_split", "fusednn._cpu"]
     if fusednn.info()["cuda_built"]:
         modules.append("fusednn._cuda")
     run = run_mypy(tmp_path, "mypy.stubtest", *modules)

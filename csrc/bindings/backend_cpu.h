@@ -93,6 +93,75 @@ struct Backend {
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_backward)(gr, xr, dr, args); });
   }
 
+  static void batch_norm_stats(const Operand& x, const Operand& mean, const Operand& m2,
+                               const std::optional<Operand>&, int axis) {
+    const char* f = "batch_norm_stats";
+    const Ref xr = full_ref(x, f, "x"), mr = full_ref(mean, f, "mean"), m2r = full_ref(m2, f, "m2");
+    run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_stats)(xr, axis, mr, m2r); });
+  }
+
+  static int64_t batch_norm_combine_workspace_bytes(int64_t) { return 0; }
+
+  static void batch_norm_combine(const std::vector<double>& counts, const Operand& means,
+                                 const Operand& m2s, const Operand& mean, const Operand& var,
+                                 const std::optional<Operand>&) {
+    const char* f = "batch_norm_combine";
+    const Ref msr = full_ref(means, f, "means"), m2r = full_ref(m2s, f, "m2s");
+    const Ref mr = full_ref(mean, f, "mean"), vr = full_ref(var, f, "var");
+    run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_combine)(counts, msr, m2r, mr, vr); });
+  }
+
+  static void batch_norm_finalize(const Operand& mean, const Operand& var, const Operand& invstd,
+                                  const Operand* running_mean, const Operand* running_var,
+                                  double count, double eps, double momentum) {
+    const char* f = "batch_norm_finalize";
+    const Ref mr = full_ref(mean, f, "mean"), vr = full_ref(var, f, "var");
+    const Ref ir = full_ref(invstd, f, "invstd");
+    const auto rm = optional_ref(running_mean, f, "running_mean");
+    const auto rv = optional_ref(running_var, f, "running_var");
+    const cpu::BatchNormFinalizeArgs args{count, eps, momentum, &mr, &vr, &ir, pointer(rm),
+                                          pointer(rv)};
+    run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_finalize)(args); });
+  }
+
+  static void batch_norm_apply(const Operand& x, const Operand& y, const Operand& mean,
+                               const Operand& invstd, const Operand* gamma, const Operand* beta,
+                               const std::optional<Operand>&, int axis) {
+    const char* f = "batch_norm_apply";
+    const Ref xr = full_ref(x, f, "x"), yr = full_ref(y, f, "out");
+    const Ref mr = full_ref(mean, f, "mean"), ir = full_ref(invstd, f, "invstd");
+    const auto g = optional_ref(gamma, f, "gamma"), b = optional_ref(beta, f, "beta");
+    const cpu::BatchNormApplyArgs args{axis, &mr, &ir, pointer(g), pointer(b)};
+    run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_apply)(xr, yr, args); });
+  }
+
+  static void batch_norm_backward_reduce(const Operand& g, const Operand& x, const Operand& mean,
+                                         const Operand& invstd, const Operand& sum_dy,
+                                         const Operand& sum_dy_xhat,
+                                         const std::optional<Operand>&, int axis) {
+    const char* f = "batch_norm_backward_reduce";
+    const Ref gr = full_ref(g, f, "grad_output"), xr = full_ref(x, f, "x");
+    const Ref mr = full_ref(mean, f, "mean"), ir = full_ref(invstd, f, "invstd");
+    const Ref s1 = full_ref(sum_dy, f, "sum_dy"), s2 = full_ref(sum_dy_xhat, f, "sum_dy_xhat");
+    const cpu::BatchNormReduceArgs args{axis, &mr, &ir, &s1, &s2};
+    run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_backward_reduce)(gr, xr, args); });
+  }
+
+  static void batch_norm_backward_apply(const Operand& g, const Operand& x,
+                                        const Operand& grad_input, const Operand& mean,
+                                        const Operand& invstd, const Operand* gamma,
+                                        const Operand& sum_dy, const Operand& sum_dy_xhat,
+                                        double count, const std::optional<Operand>&, int axis) {
+    const char* f = "batch_norm_backward_apply";
+    const Ref gr = full_ref(g, f, "grad_output"), xr = full_ref(x, f, "x");
+    const Ref dr = full_ref(grad_input, f, "grad_input");
+    const Ref mr = full_ref(mean, f, "mean"), ir = full_ref(invstd, f, "invstd");
+    const Ref s1 = full_ref(sum_dy, f, "sum_dy"), s2 = full_ref(sum_dy_xhat, f, "sum_dy_xhat");
+    const auto w = optional_ref(gamma, f, "gamma");
+    const cpu::BatchNormBackwardApplyArgs args{axis, count, &mr, &ir, pointer(w), &s1, &s2};
+    run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_backward_apply)(gr, xr, dr, args); });
+  }
+
   static void dropout_apply(const DropoutSpec& spec, const Operand& x, const Operand& y) {
     const Ref xr = ref(x, "dropout", "x"), yr = ref(y, "dropout", "out");
     run_without_gil([&] { FUSEDNN_ISA_SELECT(dropout_apply)(spec, xr, yr); });

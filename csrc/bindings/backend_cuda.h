@@ -100,6 +100,82 @@ struct Backend {
     run_without_gil([&] { cuda::batch_norm_backward(gr, xr, dr, args, ws, target(x)); });
   }
 
+  static void batch_norm_stats(const Operand& x, const Operand& mean, const Operand& m2,
+                               const std::optional<Operand>& workspace, int axis) {
+    const char* f = "batch_norm_stats";
+    const Ref xr = ref(x, f, "x"), mr = ref(mean, f, "mean"), m2r = ref(m2, f, "m2");
+    const cuda::Workspace ws = scratch(workspace, x, f);
+    run_without_gil([&] { cuda::batch_norm_stats(xr, axis, mr, m2r, ws, target(x)); });
+  }
+
+  static int64_t batch_norm_combine_workspace_bytes(int64_t ranks) {
+    return cuda::batch_norm_combine_workspace_bytes(ranks);
+  }
+
+  static void batch_norm_combine(const std::vector<double>& counts, const Operand& means,
+                                 const Operand& m2s, const Operand& mean, const Operand& var,
+                                 const std::optional<Operand>& workspace) {
+    const char* f = "batch_norm_combine";
+    const Ref msr = ref(means, f, "means"), m2r = ref(m2s, f, "m2s");
+    const Ref mr = ref(mean, f, "mean"), vr = ref(var, f, "var");
+    const cuda::Workspace ws = scratch(workspace, means, f);
+    run_without_gil([&] { cuda::batch_norm_combine(counts, msr, m2r, mr, vr, ws, target(means)); });
+  }
+
+  static void batch_norm_finalize(const Operand& mean, const Operand& var, const Operand& invstd,
+                                  const Operand* running_mean, const Operand* running_var,
+                                  double count, double eps, double momentum) {
+    const char* f = "batch_norm_finalize";
+    const Ref mr = ref(mean, f, "mean"), vr = ref(var, f, "var"), ir = ref(invstd, f, "invstd");
+    const auto rm = optional_ref(running_mean, f, "running_mean");
+    const auto rv = optional_ref(running_var, f, "running_var");
+    const cuda::BatchNormFinalizeArgs args{count, eps, momentum, &mr, &vr, &ir, pointer(rm),
+                                           pointer(rv)};
+    run_without_gil([&] { cuda::batch_norm_finalize(args, target(var)); });
+  }
+
+  static void batch_norm_apply(const Operand& x, const Operand& y, const Operand& mean,
+                               const Operand& invstd, const Operand* gamma, const Operand* beta,
+                               const std::optional<Operand>& workspace, int axis) {
+    const char* f = "batch_norm_apply";
+    const Ref xr = ref(x, f, "x"), yr = ref(y, f, "out");
+    const Ref mr = ref(mean, f, "mean"), ir = ref(invstd, f, "invstd");
+    const auto g = optional_ref(gamma, f, "gamma"), b = optional_ref(beta, f, "beta");
+    const cuda::BatchNormApplyArgs args{axis, &mr, &ir, pointer(g), pointer(b)};
+    const cuda::Workspace ws = scratch(workspace, x, f);
+    run_without_gil([&] { cuda::batch_norm_apply(xr, yr, args, ws, target(x)); });
+  }
+
+  static void batch_norm_backward_reduce(const Operand& g, const Operand& x, const Operand& mean,
+                                         const Operand& invstd, const Operand& sum_dy,
+                                         const Operand& sum_dy_xhat,
+                                         const std::optional<Operand>& workspace, int axis) {
+    const char* f = "batch_norm_backward_reduce";
+    const Ref gr = ref(g, f, "grad_output"), xr = ref(x, f, "x");
+    const Ref mr = ref(mean, f, "mean"), ir = ref(invstd, f, "invstd");
+    const Ref s1 = ref(sum_dy, f, "sum_dy"), s2 = ref(sum_dy_xhat, f, "sum_dy_xhat");
+    const cuda::BatchNormReduceArgs args{axis, &mr, &ir, &s1, &s2};
+    const cuda::Workspace ws = scratch(workspace, x, f);
+    run_without_gil([&] { cuda::batch_norm_backward_reduce(gr, xr, args, ws, target(x)); });
+  }
+
+  static void batch_norm_backward_apply(const Operand& g, const Operand& x,
+                                        const Operand& grad_input, const Operand& mean,
+                                        const Operand& invstd, const Operand* gamma,
+                                        const Operand& sum_dy, const Operand& sum_dy_xhat,
+                                        double count, const std::optional<Operand>& workspace,
+                                        int axis) {
+    const char* f = "batch_norm_backward_apply";
+    const Ref gr = ref(g, f, "grad_output"), xr = ref(x, f, "x");
+    const Ref dr = ref(grad_input, f, "grad_input");
+    const Ref mr = ref(mean, f, "mean"), ir = ref(invstd, f, "invstd");
+    const Ref s1 = ref(sum_dy, f, "sum_dy"), s2 = ref(sum_dy_xhat, f, "sum_dy_xhat");
+    const auto w = optional_ref(gamma, f, "gamma");
+    const cuda::BatchNormBackwardApplyArgs args{axis, count, &mr, &ir, pointer(w), &s1, &s2};
+    const cuda::Workspace ws = scratch(workspace, x, f);
+    run_without_gil([&] { cuda::batch_norm_backward_apply(gr, xr, dr, args, ws, target(x)); });
+  }
+
   static void dropout_apply(const DropoutSpec& spec, const Operand& x, const Operand& y) {
     const Ref xr = ref(x, "dropout", "x"), yr = ref(y, "dropout", "out");
     run_without_gil([&] { cuda::dropout_apply(spec, xr, yr, target(x)); });

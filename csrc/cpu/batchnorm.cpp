@@ -678,6 +678,152 @@ void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
   loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
 }
 
+// The normalizing pass's per-channel coefficients (normalize_coefficients),
+// and the double ones of normalize_wide for channels whose shift may
+// overflow T.
+template <class T> struct NormalizeTables {
+  std::vector<T> mean_hi, mean_lo, scale, shift;
+  std::vector<double> scale_wide, shift_wide;
+  std::vector<char> wide;
+
+  explicit NormalizeTables(size_t channels)
+      : mean_hi(channels), mean_lo(channels), scale(channels), shift(channels),
+        scale_wide(channels), shift_wide(channels), wide(channels, 0) {}
+
+  // Channels [c0, c1) from their mean, invstd, gamma and beta, in a loop
+  // that vectorizes.
+  void fill(int64_t c0, int64_t c1, const double* mu, const double* inv, const double* g,
+            const double* b) {
+    T* hi = mean_hi.data();
+    T* lo = mean_lo.data();
+    T* sc = scale.data();
+    T* sh = shift.data();
+    double* scw = scale_wide.data();
+    double* shw = shift_wide.data();
+    char* wd = wide.data();
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const NormalizeCoefficients<T> k = normalize_coefficients<T>(mu[c], inv[c], g[c], b[c]);
+      hi[c] = k.mean_hi;
+      lo[c] = k.mean_lo;
+      sc[c] = k.scale;
+      sh[c] = k.shift;
+      scw[c] = g[c] * inv[c];
+      shw[c] = b[c];
+      wd[c] = shift_may_overflow<T>(mu[c]);
+    }
+  }
+
+  NormalizeSegment<T> segment(const T* x) const {
+    return {x, mean_hi.data(), mean_lo.data(), scale.data(), shift.data()};
+  }
+
+  // Writes y for every element of x; mean is the double mean fill() had.
+  void apply(const ArrayRef& x, const ArrayRef& y, int axis, const std::vector<double>& mean) const {
+    if (std::find(wide.begin(), wide.end(), 1) != wide.end()) {
+      normalize_wide_pass<T>(x, y, axis, mean, scale_wide, shift_wide);
+    } else {
+      normalize_pass<T>(x, y, axis, segment(static_cast<const T*>(x.data)));
+    }
+  }
+};
+
+// The input-gradient pass's per-channel coefficients (input_grad_coefficients).
+template <class T> struct InputGradTables {
+  std::vector<T> mean_hi, mean_lo, invstd, a, e, k;
+
+  explicit InputGradTables(size_t channels)
+      : mean_hi(channels), mean_lo(channels), invstd(channels), a(channels), e(channels),
+        k(channels) {}
+
+  // Channels [c0, c1) of a batch of `count` elements per channel, in a loop
+  // that vectorizes.
+  void fill(int64_t c0, int64_t c1, double count, const double* mu, const double* inv,
+            const double* g, const double* sum_dy, const double* sum_dy_xhat) {
+    T* hi = mean_hi.data();
+    T* lo = mean_lo.data();
+    T* inv_t = invstd.data();
+    T* pa = a.data();
+    T* pe = e.data();
+    T* pk = k.data();
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const InputGradCoefficients<T> q =
+          input_grad_coefficients<T>(count, mu[c], inv[c], g[c], sum_dy[c], sum_dy_xhat[c]);
+      hi[c] = q.mean_hi;
+      lo[c] = q.mean_lo;
+      inv_t[c] = q.invstd;
+      pa[c] = q.a;
+      pe[c] = q.e;
+      pk[c] = q.k;
+    }
+  }
+
+  InputGradSegment<T> segment(const T* dy, const T* x) const {
+    return {dy, x, mean_hi.data(), mean_lo.data(), invstd.data(), a.data(), e.data(), k.data()};
+  }
+};
+
+// Fills invstd[c0, c1) from the variances, in a loop of its own that
+// vectorizes: one scalar square root and division per channel took most of
+// the time of a (32, 4096) batch.
+void fill_inverse_std(int64_t c0, int64_t c1, const double* var, double eps, double* invstd) {
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) invstd[c] = inverse_std(var[c], eps);
+}
+
+// A channel's moments from its units' sums, merged in unit order.
+Moments merge_units(const Partial* p, int64_t units) {
+  Moments acc = moments_from_shifted_sums(p[0].count, p[0].center, p[0].s1, p[0].s2);
+  for (int64_t u = 1; u < units; ++u)
+    acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1, p[u].s2));
+  return acc;
+}
+
+// A channel's sum(dy) and sum(dy * xhat) from its units' sums, added in unit
+// order.
+void sum_units(const Partial* p, int64_t units, double invstd, double& sum_dy,
+               double& sum_dy_xhat) {
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t u = 0; u < units; ++u) {
+    s1 += p[u].s1;
+    s2 += p[u].s2;
+  }
+  sum_dy = s1;
+  sum_dy_xhat = s2 * invstd;
+}
+
+// Every channel's mean and M2 over a view with at least one element per
+// channel.
+template <class T>
+void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vector<double>& m2) {
+  const Partition part(xv);
+  const int64_t units = part.units_per_channel();
+  std::vector<Partial> partials;
+  reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
+  for_each_channel(xv.channels, units, [&](int64_t c) {
+    const Moments m = merge_units(partials.data() + c * units, units);
+    mean[static_cast<size_t>(c)] = m.mean;
+    m2[static_cast<size_t>(c)] = m.m2;
+  });
+}
+
+// Every channel's sum(dy) and sum(dy * xhat) around the given statistics,
+// over views with at least one element per channel.
+template <class T>
+void gradient_sums(const ChannelView& xv, const ChannelView& gv, const std::vector<double>& mean,
+                   const std::vector<double>& invstd, std::vector<double>& sum_dy,
+                   std::vector<double>& sum_dy_xhat) {
+  const Partition part(xv);
+  const int64_t units = part.units_per_channel();
+  std::vector<Partial> partials;
+  reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
+  for_each_channel(xv.channels, units, [&](int64_t c) {
+    const size_t i = static_cast<size_t>(c);
+    sum_units(partials.data() + c * units, units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
+  });
+}
+
 template <class T>
 void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
@@ -693,77 +839,35 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
     throw std::invalid_argument("batch_norm: inference needs running_mean and running_var");
   const size_t nc = static_cast<size_t>(channels);
   std::vector<double> mean(nc), var(nc), m2(nc), invstd(nc), gamma(nc), beta(nc);
-  std::vector<T> mean_hi(nc), mean_lo(nc), scale(nc), shift(nc);
-  // The double coefficients, for channels that shift_may_overflow.
-  std::vector<double> scale_wide(nc), shift_wide(nc);
-  std::vector<char> wide(nc, 0);
+  NormalizeTables<T> tables(nc);
   load_channels(args.gamma, channels, 1.0, gamma.data());
   load_channels(args.beta, channels, 0.0, beta.data());
-  auto set_moments = [&](int64_t c, double channel_mean, double channel_var, double channel_m2) {
-    const size_t i = static_cast<size_t>(c);
-    mean[i] = channel_mean;
-    var[i] = channel_var;
-    m2[i] = channel_m2;
-  };
-  // Fills invstd and the coefficients of channels [c0, c1) from their mean
-  // and variance. The inverse standard deviations come first, in a loop of
-  // their own that vectorizes: one scalar square root and division per
-  // channel took most of the time of a (32, 4096) batch.
   auto set_coefficients = [&](int64_t c0, int64_t c1) {
-    double* inv = invstd.data();
-    const double* v = var.data();
-    const double* mu = mean.data();
-    const double* g = gamma.data();
-    const double* b = beta.data();
-    T* hi = mean_hi.data();
-    T* lo = mean_lo.data();
-    T* sc = scale.data();
-    T* sh = shift.data();
-    double* scw = scale_wide.data();
-    double* shw = shift_wide.data();
-    char* wd = wide.data();
-    const double eps = args.eps;
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) inv[c] = inverse_std(v[c], eps);
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const NormalizeCoefficients<T> k = normalize_coefficients<T>(mu[c], inv[c], g[c], b[c]);
-      hi[c] = k.mean_hi;
-      lo[c] = k.mean_lo;
-      sc[c] = k.scale;
-      sh[c] = k.shift;
-      scw[c] = g[c] * inv[c];
-      shw[c] = b[c];
-      wd[c] = shift_may_overflow<T>(mu[c]);
-    }
+    fill_inverse_std(c0, c1, var.data(), args.eps, invstd.data());
+    tables.fill(c0, c1, mean.data(), invstd.data(), gamma.data(), beta.data());
   };
-  const Partition part(xv);
-  const int64_t units = part.units_per_channel();
-  // A channel's statistics from its units' sums, merged in unit order.
-  auto merge_units = [&](int64_t c, const Partial* p) {
-    Moments acc = moments_from_shifted_sums(p[0].count, p[0].center, p[0].s1, p[0].s2);
-    for (int64_t u = 1; u < units; ++u)
-      acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1, p[u].s2));
-    set_moments(c, acc.mean, acc.m2 / acc.count, acc.m2);
-  };
-  const NormalizeSegment<T> segment{static_cast<const T*>(x.data), mean_hi.data(), mean_lo.data(),
-                                    scale.data(), shift.data()};
   if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(T), 1, {&xv, &yv})) {
+    const Partition part(xv);
+    const int64_t units = part.units_per_channel();
+    const NormalizeSegment<T> segment = tables.segment(static_cast<const T*>(x.data));
     const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
+      const size_t i = static_cast<size_t>(c);
       std::vector<Partial> p(static_cast<size_t>(units));
       for (int64_t u = 0; u < units; ++u)
         p[static_cast<size_t>(u)] = inner_unit_sums<StatisticsSums, T>(xv, xv, part, c, u, nullptr);
-      merge_units(c, p.data());
+      const Moments m = merge_units(p.data(), units);
+      mean[i] = m.mean;
+      m2[i] = m.m2;
+      var[i] = m.m2 / m.count;
       set_coefficients(c, c + 1);
       const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
-      const size_t i = static_cast<size_t>(c);
       write_channel_rows<T>(yv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
         const T* src = xc + o * xv.stride_outer + start;
         if (next) prefetch_to_l2(src + xv.stride_channel, n);
-        if (wide[i]) {
+        if (tables.wide[i]) {
           for (int64_t j = 0; j < n; ++j)
-            dst[j] = normalize_wide(src[j], mean[i], scale_wide[i], shift_wide[i]);
+            dst[j] = normalize_wide(src[j], mean[i], tables.scale_wide[i], tables.shift_wide[i]);
         } else {
           segment.row(dst, src, n, c);
         }
@@ -771,22 +875,14 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
     });
   } else {
     if (args.training) {
-      std::vector<Partial> partials;
-      reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
-      for_each_channel(channels, units,
-                       [&](int64_t c) { merge_units(c, partials.data() + c * units); });
+      if (count > 0) channel_moments<T>(xv, mean, m2);
+      for (size_t i = 0; i < nc; ++i) var[i] = m2[i] / static_cast<double>(count);
     } else {
       load_channels(args.running_mean, channels, 0.0, mean.data());
       load_channels(args.running_var, channels, 0.0, var.data());
     }
     set_coefficients(0, channels);
-    if (count > 0 && channels > 0) {
-      if (std::find(wide.begin(), wide.end(), 1) != wide.end()) {
-        normalize_wide_pass<T>(x, y, args.axis, mean, scale_wide, shift_wide);
-      } else {
-        normalize_pass<T>(x, y, args.axis, segment);
-      }
-    }
+    if (count > 0 && channels > 0) tables.apply(x, y, args.axis, mean);
   }
 
   store_channels(*args.save_mean, channels, mean.data());
@@ -817,117 +913,134 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
   const int64_t channels = xv.channels;
   const int64_t count = xv.outer * xv.inner;
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), invstd(nc), gamma(nc), sum_dy(nc), sum_dy_centered(nc);
+  std::vector<double> mean(nc), invstd(nc), gamma(nc), sum_dy(nc), sum_dy_xhat(nc);
   load_channels(args.save_mean, channels, 0.0, mean.data());
   load_channels(args.save_invstd, channels, 0.0, invstd.data());
   load_channels(args.gamma, channels, 1.0, gamma.data());
-  std::vector<T> mean_hi(nc), mean_lo(nc), invstd_t(nc), a(nc), e(nc), k(nc);
-  // Inference: dx = a * dy, written by the forward's normalize loops over
-  // dy (hi, lo and shift zero); the sums below give grad_gamma and grad_beta.
-  std::vector<T> zeros(args.training ? 0 : nc, T(0));
-  auto set_sums = [&](int64_t c, double s1, double s2) {
-    sum_dy[static_cast<size_t>(c)] = s1;
-    sum_dy_centered[static_cast<size_t>(c)] = s2;
-  };
-  // The input-gradient coefficients of channels [c0, c1) from their sums,
-  // in loops that vectorize (as the forward's set_coefficients).
-  auto set_coefficients = [&](int64_t c0, int64_t c1) {
-    const double* mu = mean.data();
-    const double* inv = invstd.data();
-    const double* g = gamma.data();
-    const double* s1 = sum_dy.data();
-    const double* s2 = sum_dy_centered.data();
-    T* hi = mean_hi.data();
-    T* lo = mean_lo.data();
-    T* inv_t = invstd_t.data();
-    T* pa = a.data();
-    T* pe = e.data();
-    T* pk = k.data();
-    if (!args.training) {
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c)
-        pa[c] = inference_input_grad_coefficients<T>(inv[c], g[c]).scale;
-      return;
-    }
-    const double n = static_cast<double>(count);
-#pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const InputGradCoefficients<T> q =
-          input_grad_coefficients<T>(n, mu[c], inv[c], g[c], s1[c], s2[c]);
-      hi[c] = q.mean_hi;
-      lo[c] = q.mean_lo;
-      inv_t[c] = q.invstd;
-      pa[c] = q.a;
-      pe[c] = q.e;
-      pk[c] = q.k;
-    }
-  };
-  // grad_gamma = sum(dy * (x - mean)) * invstd and grad_beta = sum(dy).
+  InputGradTables<T> tables(nc);
+  // grad_gamma = sum(dy * xhat) and grad_beta = sum(dy).
   auto store_parameter_grads = [&] {
-    for (size_t i = 0; i < nc; ++i) sum_dy_centered[i] *= invstd[i];
-    store_channels(*args.grad_gamma, channels, sum_dy_centered.data());
+    store_channels(*args.grad_gamma, channels, sum_dy_xhat.data());
     store_channels(*args.grad_beta, channels, sum_dy.data());
   };
   if (count == 0 || channels == 0) {
     store_parameter_grads();
     return;
   }
-  const Partition part(xv);
-  const int64_t units = part.units_per_channel();
-  // A channel's two sums from its units' partial sums, added in unit order.
-  auto sum_units = [&](int64_t c, const Partial* p) {
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t u = 0; u < units; ++u) {
-      s1 += p[u].s1;
-      s2 += p[u].s2;
-    }
-    set_sums(c, s1, s2);
-  };
-  const InputGradSegment<T> segment{static_cast<const T*>(dy.data),
-                                    static_cast<const T*>(x.data),
-                                    mean_hi.data(),
-                                    mean_lo.data(),
-                                    invstd_t.data(),
-                                    a.data(),
-                                    e.data(),
-                                    k.data()};
+  const double n = static_cast<double>(count);
   if (args.training && dx_has_view && channel_resident(xv, sizeof(T), 2, {&xv, &gv, &dv})) {
+    const Partition part(xv);
+    const int64_t units = part.units_per_channel();
+    const InputGradSegment<T> segment =
+        tables.segment(static_cast<const T*>(dy.data), static_cast<const T*>(x.data));
     const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
+      const size_t i = static_cast<size_t>(c);
       std::vector<Partial> p(static_cast<size_t>(units));
       for (int64_t u = 0; u < units; ++u)
-        p[static_cast<size_t>(u)] =
-            inner_unit_sums<GradientSums, T>(xv, gv, part, c, u, &mean[static_cast<size_t>(c)]);
-      sum_units(c, p.data());
-      set_coefficients(c, c + 1);
+        p[static_cast<size_t>(u)] = inner_unit_sums<GradientSums, T>(xv, gv, part, c, u, &mean[i]);
+      sum_units(p.data(), units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
+      tables.fill(c, c + 1, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
+                  sum_dy_xhat.data());
       const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
       const T* gc = reinterpret_cast<const T*>(gv.data) + c * gv.stride_channel;
-      write_channel_rows<T>(dv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
+      write_channel_rows<T>(dv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t len) {
         const T* g = gc + o * gv.stride_outer + start;
         const T* v = xc + o * xv.stride_outer + start;
         if (next) {
-          prefetch_to_l2(g + gv.stride_channel, n);
-          prefetch_to_l2(v + xv.stride_channel, n);
+          prefetch_to_l2(g + gv.stride_channel, len);
+          prefetch_to_l2(v + xv.stride_channel, len);
         }
-        segment.row(dst, g, v, n, c);
+        segment.row(dst, g, v, len, c);
       });
     });
     store_parameter_grads();
     return;
   }
-  std::vector<Partial> partials;
-  reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
-  for_each_channel(channels, units,
-                   [&](int64_t c) { sum_units(c, partials.data() + c * units); });
-  set_coefficients(0, channels);
+  gradient_sums<T>(xv, gv, mean, invstd, sum_dy, sum_dy_xhat);
   store_parameter_grads();
   if (args.training) {
-    input_grad_pass<T>(dy, x, dx, args.axis, segment);
-  } else {
-    normalize_pass<T>(dy, dx, args.axis,
-                      NormalizeSegment<T>{static_cast<const T*>(dy.data), zeros.data(),
-                                          zeros.data(), a.data(), zeros.data()});
+    tables.fill(0, channels, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
+                sum_dy_xhat.data());
+    input_grad_pass<T>(dy, x, dx, args.axis,
+                       tables.segment(static_cast<const T*>(dy.data), static_cast<const T*>(x.data)));
+    return;
   }
+  // Inference: dx = gamma * invstd * dy, written by the forward's normalize
+  // loops over dy (hi, lo and shift zero).
+  std::vector<T> zeros(nc, T(0)), scale(nc);
+  for (size_t i = 0; i < nc; ++i)
+    scale[i] = inference_input_grad_coefficients<T>(invstd[i], gamma[i]).scale;
+  normalize_pass<T>(dy, dx, args.axis,
+                    NormalizeSegment<T>{static_cast<const T*>(dy.data), zeros.data(),
+                                        zeros.data(), scale.data(), zeros.data()});
+}
+
+// ---- the split phases of data-parallel batch normalization -----------------
+
+template <class T> void stats_typed(const ArrayRef& x, int axis, const ArrayRef& mean_out,
+                                    const ArrayRef& m2_out) {
+  const ChannelView xv = channel_view(x, axis);
+  const size_t nc = static_cast<size_t>(xv.channels);
+  // A process with no samples contributes nothing (count 0): zeros.
+  std::vector<double> mean(nc, 0.0), m2(nc, 0.0);
+  if (xv.outer * xv.inner > 0) channel_moments<T>(xv, mean, m2);
+  store_channels(mean_out, xv.channels, mean.data());
+  store_channels(m2_out, xv.channels, m2.data());
+}
+
+template <class T>
+void apply_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs& args) {
+  const ChannelView xv = channel_view(x, args.axis);
+  const int64_t channels = xv.channels;
+  const size_t nc = static_cast<size_t>(channels);
+  std::vector<double> mean(nc), invstd(nc), gamma(nc), beta(nc);
+  load_channels(args.mean, channels, 0.0, mean.data());
+  load_channels(args.invstd, channels, 0.0, invstd.data());
+  load_channels(args.gamma, channels, 1.0, gamma.data());
+  load_channels(args.beta, channels, 0.0, beta.data());
+  NormalizeTables<T> tables(nc);
+  tables.fill(0, channels, mean.data(), invstd.data(), gamma.data(), beta.data());
+  if (xv.outer * xv.inner > 0 && channels > 0) tables.apply(x, y, args.axis, mean);
+}
+
+template <class T>
+void backward_reduce_typed(const ArrayRef& dy, const ArrayRef& x, const BatchNormReduceArgs& args) {
+  const ChannelView xv = channel_view(x, args.axis);
+  const ChannelView gv = channel_view(dy, args.axis);
+  const size_t nc = static_cast<size_t>(xv.channels);
+  std::vector<double> mean(nc), invstd(nc), sum_dy(nc, 0.0), sum_dy_xhat(nc, 0.0);
+  load_channels(args.mean, xv.channels, 0.0, mean.data());
+  load_channels(args.invstd, xv.channels, 0.0, invstd.data());
+  if (xv.outer * xv.inner > 0) gradient_sums<T>(xv, gv, mean, invstd, sum_dy, sum_dy_xhat);
+  store_channels(*args.sum_dy, xv.channels, sum_dy.data());
+  store_channels(*args.sum_dy_xhat, xv.channels, sum_dy_xhat.data());
+}
+
+template <class T>
+void backward_apply_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
+                          const BatchNormBackwardApplyArgs& args) {
+  const ChannelView xv = channel_view(x, args.axis);
+  const int64_t channels = xv.channels;
+  const size_t nc = static_cast<size_t>(channels);
+  std::vector<double> mean(nc), invstd(nc), gamma(nc), sum_dy(nc), sum_dy_xhat(nc);
+  load_channels(args.mean, channels, 0.0, mean.data());
+  load_channels(args.invstd, channels, 0.0, invstd.data());
+  load_channels(args.gamma, channels, 1.0, gamma.data());
+  load_channels(args.sum_dy, channels, 0.0, sum_dy.data());
+  load_channels(args.sum_dy_xhat, channels, 0.0, sum_dy_xhat.data());
+  if (xv.outer * xv.inner == 0 || channels == 0) return;
+  InputGradTables<T> tables(nc);
+  tables.fill(0, channels, args.count, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
+              sum_dy_xhat.data());
+  input_grad_pass<T>(dy, x, dx, args.axis,
+                     tables.segment(static_cast<const T*>(dy.data), static_cast<const T*>(x.data)));
+}
+
+// The element at row r, column c of a 2-D float64 array.
+double element(const ArrayRef& a, int64_t r, int64_t c) {
+  return *reinterpret_cast<const double*>(static_cast<const char*>(a.data) + r * a.strides[0] +
+                                          c * a.strides[1]);
 }
 
 }  // namespace
@@ -946,6 +1059,77 @@ void batch_norm_backward(const ArrayRef& grad_output, const ArrayRef& x, const A
     backward_typed<double>(grad_output, x, grad_input, args);
   } else {
     backward_typed<float>(grad_output, x, grad_input, args);
+  }
+}
+
+void batch_norm_stats(const ArrayRef& x, int axis, const ArrayRef& mean, const ArrayRef& m2) {
+  if (x.dtype == DType::float64) {
+    stats_typed<double>(x, axis, mean, m2);
+  } else {
+    stats_typed<float>(x, axis, mean, m2);
+  }
+}
+
+void batch_norm_combine(const std::vector<double>& counts, const ArrayRef& means,
+                        const ArrayRef& m2s, const ArrayRef& mean, const ArrayRef& var) {
+  const int64_t ranks = static_cast<int64_t>(counts.size());
+  const int64_t channels = means.shape[1];
+  std::vector<double> merged_mean(static_cast<size_t>(channels)), merged_var(merged_mean.size());
+  for (int64_t c = 0; c < channels; ++c) {
+    const Moments m = merge_ranks(ranks, counts.data(), [&](int64_t r, double count) {
+      return Moments{count, element(means, r, c), element(m2s, r, c)};
+    });
+    merged_mean[static_cast<size_t>(c)] = m.mean;
+    merged_var[static_cast<size_t>(c)] = m.m2 / m.count;
+  }
+  store_channels(mean, channels, merged_mean.data());
+  store_channels(var, channels, merged_var.data());
+}
+
+void batch_norm_finalize(const BatchNormFinalizeArgs& args) {
+  const int64_t channels = args.var->shape[0];
+  const size_t nc = static_cast<size_t>(channels);
+  std::vector<double> mean(nc), var(nc), invstd(nc), running(nc);
+  load_channels(args.mean, channels, 0.0, mean.data());
+  load_channels(args.var, channels, 0.0, var.data());
+  fill_inverse_std(0, channels, var.data(), args.eps, invstd.data());
+  store_channels(*args.invstd, channels, invstd.data());
+  if (args.running_mean != nullptr) {
+    load_channels(args.running_mean, channels, 0.0, running.data());
+    for (size_t i = 0; i < nc; ++i) running[i] = running_update(running[i], mean[i], args.momentum);
+    store_channels(*args.running_mean, channels, running.data());
+  }
+  if (args.running_var != nullptr) {
+    load_channels(args.running_var, channels, 0.0, running.data());
+    for (size_t i = 0; i < nc; ++i)
+      running[i] = running_update(running[i], unbiased_variance(var[i], args.count), args.momentum);
+    store_channels(*args.running_var, channels, running.data());
+  }
+}
+
+void batch_norm_apply(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs& args) {
+  if (x.dtype == DType::float64) {
+    apply_typed<double>(x, y, args);
+  } else {
+    apply_typed<float>(x, y, args);
+  }
+}
+
+void batch_norm_backward_reduce(const ArrayRef& grad_output, const ArrayRef& x,
+                                const BatchNormReduceArgs& args) {
+  if (x.dtype == DType::float64) {
+    backward_reduce_typed<double>(grad_output, x, args);
+  } else {
+    backward_reduce_typed<float>(grad_output, x, args);
+  }
+}
+
+void batch_norm_backward_apply(const ArrayRef& grad_output, const ArrayRef& x,
+                               const ArrayRef& grad_input, const BatchNormBackwardApplyArgs& args) {
+  if (x.dtype == DType::float64) {
+    backward_apply_typed<double>(grad_output, x, grad_input, args);
+  } else {
+    backward_apply_typed<float>(grad_output, x, grad_input, args);
   }
 }
 

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <climits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cuda/elementwise.cuh"
@@ -384,6 +385,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A channel's moments from its units' partials, merged by one warp in a
+// fixed tree (lane 0 gets the result); every lane of the warp must call it.
+__device__ Moments merge_units(const Partial* p, int64_t units, int lane) {
+  Moments acc{0.0, 0.0, 0.0};
+  for (int64_t u = lane; u < units; u += 32)
+    acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1, p[u].s2));
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const Moments other{__shfl_down_sync(kFullMask, acc.count, offset),
+                        __shfl_down_sync(kFullMask, acc.mean, offset),
+                        __shfl_down_sync(kFullMask, acc.m2, offset)};
+    acc = merge_moments(acc, other);
+  }
+  return acc;
+}
+
+// A channel's two gradient sums from its units' partials, added by one warp
+// in a fixed tree (lane 0 gets them); every lane of the warp must call it.
+__device__ void sum_units(const Partial* p, int64_t units, int lane, double& sum_dy,
+                          double& sum_dy_centered) {
+  sum_dy = 0.0;
+  sum_dy_centered = 0.0;
+  for (int64_t u = lane; u < units; u += 32) {
+    sum_dy += p[u].s1;
+    sum_dy_centered += p[u].s2;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    sum_dy += __shfl_down_sync(kFullMask, sum_dy, offset);
+    sum_dy_centered += __shfl_down_sync(kFullMask, sum_dy_centered, offset);
+  }
+}
+
 struct ForwardChannels {
   ChannelArray gamma, beta, running_mean, running_var, save_mean, save_invstd;
 };
@@ -399,20 +433,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;  // the whole warp
-  Moments acc{0.0, 0.0, 0.0};
-  if (training) {
-    const Partial* p = partials + c * units;
-    for (int64_t u = lane; u < units; u += 32)
-      acc = merge_moments(acc, moments_from_shifted_sums(p[u].count, p[u].center, p[u].s1,
-                                                         p[u].s2));
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const Moments other{__shfl_down_sync(kFullMask, acc.count, offset),
-                          __shfl_down_sync(kFullMask, acc.mean, offset),
-                          __shfl_down_sync(kFullMask, acc.m2, offset)};
-      acc = merge_moments(acc, other);
-    }
-  }
+  const Moments acc = training ? merge_units(partials + c * units, units, lane)
+                               : Moments{0.0, 0.0, 0.0};
   if (lane != 0) return;
   const double mean = training ? acc.mean : load_channel(arrays.running_mean, c, 0.0);
   const double var = training ? acc.m2 / acc.count : load_channel(arrays.running_var, c, 1.0);
@@ -446,32 +468,129 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (c >= channels) return;  // the whole warp
-  double sum_dy = 0.0;
-  double sum_dy_centered = 0.0;
-  const Partial* p = partials + c * units;
-  for (int64_t u = lane; u < units; u += 32) {
-    sum_dy += p[u].s1;
-    sum_dy_centered += p[u].s2;
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    sum_dy += __shfl_down_sync(kFullMask, sum_dy, offset);
-    sum_dy_centered += __shfl_down_sync(kFullMask, sum_dy_centered, offset);
-  }
+  double sum_dy, sum_dy_centered;
+  sum_units(partials + c * units, units, lane, sum_dy, sum_dy_centered);
   if (lane != 0) return;
   const double mean = load_channel(arrays.save_mean, c, 0.0);
   const double invstd = load_channel(arrays.save_invstd, c, 1.0);
-  store_channel(arrays.grad_gamma, c, sum_dy_centered * invstd);
+  const double sum_dy_xhat = sum_dy_centered * invstd;
+  store_channel(arrays.grad_gamma, c, sum_dy_xhat);
   store_channel(arrays.grad_beta, c, sum_dy);
   if (count == 0.0) return;
   const double gamma = load_channel(arrays.gamma, c, 1.0);
   if (training) {
     static_cast<InputGradCoefficients<C>*>(coefficients)[c] =
-        input_grad_coefficients<C>(count, mean, invstd, gamma, sum_dy, sum_dy_centered);
+        input_grad_coefficients<C>(count, mean, invstd, gamma, sum_dy, sum_dy_xhat);
   } else {
     static_cast<NormalizeCoefficients<C>*>(coefficients)[c] =
         inference_input_grad_coefficients<C>(invstd, gamma);
   }
+}
+
+// ---- the split phases of data-parallel batch normalization ----------------
+
+// One warp per channel: the channel's mean and M2 from its units (zeros for a
+// slice with no elements).
+__global__ void __launch_bounds__(kThreads)
+    store_moments(const Partial* __restrict__ partials, int64_t units, int64_t channels,
+                  ChannelArray mean, ChannelArray m2) {
+  const int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= channels) return;  // the whole warp
+  const Moments acc = merge_units(partials + c * units, units, lane);
+  if (lane != 0) return;
+  store_channel(mean, c, acc.count > 0.0 ? acc.mean : 0.0);
+  store_channel(m2, c, acc.count > 0.0 ? acc.m2 : 0.0);
+}
+
+// A (ranks, C) float64 array.
+struct RankRows {
+  const double* data;
+  int64_t row_stride;  // elements
+  int64_t column_stride;
+};
+
+// One thread per channel: the ranks' rows merged in rank order.
+__global__ void __launch_bounds__(kThreads)
+    combine_ranks(const double* __restrict__ counts, int64_t ranks, int64_t channels,
+                  RankRows means, RankRows m2s, ChannelArray mean, ChannelArray var) {
+  const int64_t c = global_thread();
+  if (c >= channels) return;
+  const Moments m = merge_ranks(ranks, counts, [&](int64_t r, double count) {
+    return Moments{count, means.data[r * means.row_stride + c * means.column_stride],
+                   m2s.data[r * m2s.row_stride + c * m2s.column_stride]};
+  });
+  store_channel(mean, c, m.mean);
+  store_channel(var, c, m.m2 / m.count);
+}
+
+struct FinalizeChannels {
+  ChannelArray mean, var, invstd, running_mean, running_var;
+};
+
+// One thread per channel: invstd and the running statistics.
+__global__ void __launch_bounds__(kThreads)
+    finalize_statistics(int64_t channels, double count, double eps, double momentum,
+                        FinalizeChannels arrays) {
+  const int64_t c = global_thread();
+  if (c >= channels) return;
+  const double var = load_channel(arrays.var, c, 1.0);
+  store_channel(arrays.invstd, c, inverse_std(var, eps));
+  if (arrays.running_mean.data != nullptr)
+    store_channel(arrays.running_mean, c,
+                  running_update(load_channel(arrays.running_mean, c, 0.0),
+                                 load_channel(arrays.mean, c, 0.0), momentum));
+  if (arrays.running_var.data != nullptr)
+    store_channel(arrays.running_var, c,
+                  running_update(load_channel(arrays.running_var, c, 1.0),
+                                 unbiased_variance(var, count), momentum));
+}
+
+// One thread per channel: the normalizing pass's coefficients from given
+// statistics.
+template <class C>
+__global__ void __launch_bounds__(kThreads)
+    apply_coefficients(int64_t channels, ChannelArray mean, ChannelArray invstd,
+                       ChannelArray gamma, ChannelArray beta,
+                       NormalizeCoefficients<C>* __restrict__ coefficients) {
+  const int64_t c = global_thread();
+  if (c >= channels) return;
+  coefficients[c] = normalize_coefficients<C>(load_channel(mean, c, 0.0),
+                                              load_channel(invstd, c, 1.0),
+                                              load_channel(gamma, c, 1.0),
+                                              load_channel(beta, c, 0.0));
+}
+
+// One warp per channel: sum(dy) and sum(dy * xhat) from the units.
+__global__ void __launch_bounds__(kThreads)
+    store_gradient_sums(const Partial* __restrict__ partials, int64_t units, int64_t channels,
+                        ChannelArray invstd, ChannelArray sum_dy, ChannelArray sum_dy_xhat) {
+  const int64_t c = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= channels) return;  // the whole warp
+  double s1, s2;
+  sum_units(partials + c * units, units, lane, s1, s2);
+  if (lane != 0) return;
+  store_channel(sum_dy, c, s1);
+  store_channel(sum_dy_xhat, c, s2 * load_channel(invstd, c, 1.0));
+}
+
+struct BackwardApplyChannels {
+  ChannelArray mean, invstd, gamma, sum_dy, sum_dy_xhat;
+};
+
+// One thread per channel: the input-gradient coefficients from the whole
+// batch's sums and count.
+template <class C>
+__global__ void __launch_bounds__(kThreads)
+    backward_apply_coefficients(int64_t channels, double count, BackwardApplyChannels arrays,
+                                InputGradCoefficients<C>* __restrict__ coefficients) {
+  const int64_t c = global_thread();
+  if (c >= channels) return;
+  coefficients[c] = input_grad_coefficients<C>(
+      count, load_channel(arrays.mean, c, 0.0), load_channel(arrays.invstd, c, 1.0),
+      load_channel(arrays.gamma, c, 1.0), load_channel(arrays.sum_dy, c, 0.0),
+      load_channel(arrays.sum_dy_xhat, c, 0.0));
 }
 
 template <class C> struct NormalizeOp {
@@ -718,6 +837,108 @@ void backward_typed(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
                          stream, "batch_norm backward");
 }
 
+// The workspace of a call on x's view: partials, then coefficients.
+struct Scratch {
+  Partition part;
+  Partial* partials;
+  void* coefficients;
+};
+
+Scratch scratch(const DeviceArrayRef& x, const ChannelView& xv, const Workspace& workspace,
+                const char* function) {
+  const Partition part = make_partition(xv.outer, xv.channels, xv.inner, group_size(x.dtype));
+  const WorkspaceLayout layout = workspace_layout(x.dtype, part);
+  if (workspace.bytes < layout.bytes)
+    throw std::invalid_argument(std::string(function) + ": workspace too small");
+  char* base = static_cast<char*>(workspace.data);
+  return {part, reinterpret_cast<Partial*>(base), base + layout.coefficients_offset};
+}
+
+unsigned channel_threads_blocks(int64_t channels) { return blocks_for(ceil_div(channels, kThreads)); }
+
+template <class St>
+void stats_typed(const DeviceArrayRef& x, int axis, const DeviceArrayRef& mean,
+                 const DeviceArrayRef& m2, const Workspace& workspace, const LaunchTarget& target) {
+  using S = typename St::Stored;
+  const ChannelView xv = channel_view(x, axis);
+  if (xv.channels == 0) return;
+  const Scratch ws = scratch(x, xv, workspace, "batch_norm_stats");
+  const DeviceScope scope(target.device);
+  const cudaStream_t stream = stream_of(target);
+  const S* xp = static_cast<const S*>(x.data);
+  launch_reduction<St, StatisticsSums>(xv, xp, xv, xp, ws.part, channel_array(nullptr),
+                                       ws.partials, stream);
+  store_moments<<<finalize_blocks(xv.channels), kThreads, 0, stream>>>(
+      ws.partials, ws.part.units_per_channel(), xv.channels, channel_array(&mean),
+      channel_array(&m2));
+  check_launch("batch_norm_stats");
+}
+
+template <class St>
+void apply_typed(const DeviceArrayRef& x, const DeviceArrayRef& y, const BatchNormApplyArgs& args,
+                 const Workspace& workspace, const LaunchTarget& target) {
+  using C = typename St::Compute;
+  const ChannelView xv = channel_view(x, args.axis);
+  if (xv.channels == 0) return;
+  const Scratch ws = scratch(x, xv, workspace, "batch_norm_apply");
+  auto* coefficients = static_cast<NormalizeCoefficients<C>*>(ws.coefficients);
+  const DeviceScope scope(target.device);
+  const cudaStream_t stream = stream_of(target);
+  apply_coefficients<C><<<channel_threads_blocks(xv.channels), kThreads, 0, stream>>>(
+      xv.channels, channel_array(args.mean), channel_array(args.invstd),
+      channel_array(args.gamma), channel_array(args.beta), coefficients);
+  check_launch("batch_norm_apply coefficients");
+  const DeviceArrayRef* const operands[2] = {&x, &y};
+  launch_channel_map<St>(NormalizeOp<C>{}, operands, args.axis, xv, coefficients, target, stream,
+                         "batch_norm_apply");
+}
+
+template <class St>
+void backward_reduce_typed(const DeviceArrayRef& dy, const DeviceArrayRef& x,
+                           const BatchNormReduceArgs& args, const Workspace& workspace,
+                           const LaunchTarget& target) {
+  using S = typename St::Stored;
+  const ChannelView xv = channel_view(x, args.axis);
+  const ChannelView gv = channel_view(dy, args.axis);
+  if (xv.channels == 0) return;
+  const Scratch ws = scratch(x, xv, workspace, "batch_norm_backward_reduce");
+  const DeviceScope scope(target.device);
+  const cudaStream_t stream = stream_of(target);
+  launch_reduction<St, GradientSums>(xv, static_cast<const S*>(x.data), gv,
+                                     static_cast<const S*>(dy.data), ws.part,
+                                     channel_array(args.mean), ws.partials, stream);
+  store_gradient_sums<<<finalize_blocks(xv.channels), kThreads, 0, stream>>>(
+      ws.partials, ws.part.units_per_channel(), xv.channels, channel_array(args.invstd),
+      channel_array(args.sum_dy), channel_array(args.sum_dy_xhat));
+  check_launch("batch_norm_backward_reduce");
+}
+
+template <class St>
+void backward_apply_typed(const DeviceArrayRef& dy, const DeviceArrayRef& x,
+                          const DeviceArrayRef& dx, const BatchNormBackwardApplyArgs& args,
+                          const Workspace& workspace, const LaunchTarget& target) {
+  using C = typename St::Compute;
+  const ChannelView xv = channel_view(x, args.axis);
+  if (xv.channels == 0) return;
+  const Scratch ws = scratch(x, xv, workspace, "batch_norm_backward_apply");
+  auto* coefficients = static_cast<InputGradCoefficients<C>*>(ws.coefficients);
+  const DeviceScope scope(target.device);
+  const cudaStream_t stream = stream_of(target);
+  const BackwardApplyChannels arrays{channel_array(args.mean), channel_array(args.invstd),
+                                     channel_array(args.gamma), channel_array(args.sum_dy),
+                                     channel_array(args.sum_dy_xhat)};
+  backward_apply_coefficients<C><<<channel_threads_blocks(xv.channels), kThreads, 0, stream>>>(
+      xv.channels, args.count, arrays, coefficients);
+  check_launch("batch_norm_backward_apply coefficients");
+  const DeviceArrayRef* const operands[3] = {&dy, &x, &dx};
+  launch_channel_map<St>(InputGradOp<C>{}, operands, args.axis, xv, coefficients, target, stream,
+                         "batch_norm_backward_apply");
+}
+
+RankRows rank_rows(const DeviceArrayRef& a) {
+  return {static_cast<const double*>(a.data), a.strides[0] / 8, a.strides[1] / 8};
+}
+
 }  // namespace
 
 int64_t batch_norm_workspace_bytes(DType dtype, int64_t outer, int64_t channels, int64_t inner) {
@@ -737,6 +958,76 @@ void batch_norm_backward(const DeviceArrayRef& grad_output, const DeviceArrayRef
                          const Workspace& workspace, const LaunchTarget& target) {
   visit_dtype(x.dtype, [&](auto storage) {
     backward_typed<decltype(storage)>(grad_output, x, grad_input, args, workspace, target);
+  });
+}
+
+void batch_norm_stats(const DeviceArrayRef& x, int axis, const DeviceArrayRef& mean,
+                      const DeviceArrayRef& m2, const Workspace& workspace,
+                      const LaunchTarget& target) {
+  visit_dtype(x.dtype, [&](auto storage) {
+    stats_typed<decltype(storage)>(x, axis, mean, m2, workspace, target);
+  });
+}
+
+int64_t batch_norm_combine_workspace_bytes(int64_t ranks) { return ranks * int64_t(sizeof(double)); }
+
+void batch_norm_combine(const std::vector<double>& counts, const DeviceArrayRef& means,
+                        const DeviceArrayRef& m2s, const DeviceArrayRef& mean,
+                        const DeviceArrayRef& var, const Workspace& workspace,
+                        const LaunchTarget& target) {
+  const int64_t ranks = static_cast<int64_t>(counts.size());
+  const int64_t channels = means.shape[1];
+  if (workspace.bytes < batch_norm_combine_workspace_bytes(ranks))
+    throw std::invalid_argument("batch_norm_combine: workspace too small");
+  if (channels == 0 || ranks == 0) return;
+  const DeviceScope scope(target.device);
+  const cudaStream_t stream = stream_of(target);
+  double* device_counts = static_cast<double*>(workspace.data);
+  // From pageable memory: staged before the call returns, so `counts` may go.
+  check_cuda(cudaMemcpyAsync(device_counts, counts.data(), size_t(ranks) * sizeof(double),
+                             cudaMemcpyHostToDevice, stream),
+             "batch_norm_combine counts");
+  combine_ranks<<<channel_threads_blocks(channels), kThreads, 0, stream>>>(
+      device_counts, ranks, channels, rank_rows(means), rank_rows(m2s), channel_array(&mean),
+      channel_array(&var));
+  check_launch("batch_norm_combine");
+}
+
+void batch_norm_finalize(const BatchNormFinalizeArgs& args, const LaunchTarget& target) {
+  const int64_t channels = args.var->shape[0];
+  if (channels == 0) return;
+  const DeviceScope scope(target.device);
+  const cudaStream_t stream = stream_of(target);
+  const FinalizeChannels arrays{channel_array(args.mean), channel_array(args.var),
+                                channel_array(args.invstd), channel_array(args.running_mean),
+                                channel_array(args.running_var)};
+  finalize_statistics<<<channel_threads_blocks(channels), kThreads, 0, stream>>>(
+      channels, args.count, args.eps, args.momentum, arrays);
+  check_launch("batch_norm_finalize");
+}
+
+void batch_norm_apply(const DeviceArrayRef& x, const DeviceArrayRef& y,
+                      const BatchNormApplyArgs& args, const Workspace& workspace,
+                      const LaunchTarget& target) {
+  visit_dtype(x.dtype, [&](auto storage) {
+    apply_typed<decltype(storage)>(x, y, args, workspace, target);
+  });
+}
+
+void batch_norm_backward_reduce(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
+                                const BatchNormReduceArgs& args, const Workspace& workspace,
+                                const LaunchTarget& target) {
+  visit_dtype(x.dtype, [&](auto storage) {
+    backward_reduce_typed<decltype(storage)>(grad_output, x, args, workspace, target);
+  });
+}
+
+void batch_norm_backward_apply(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
+                               const DeviceArrayRef& grad_input,
+                               const BatchNormBackwardApplyArgs& args, const Workspace& workspace,
+                               const LaunchTarget& target) {
+  visit_dtype(x.dtype, [&](auto storage) {
+    backward_apply_typed<decltype(storage)>(grad_output, x, grad_input, args, workspace, target);
   });
 }
 

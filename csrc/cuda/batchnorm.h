@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "cuda/array.h"
 
@@ -58,6 +59,73 @@ void batch_norm_forward(const DeviceArrayRef& x, const DeviceArrayRef& y,
 void batch_norm_backward(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
                          const DeviceArrayRef& grad_input, const BatchNormBackwardArgs& args,
                          const Workspace& workspace, const LaunchTarget& target);
+
+// The split phases of data-parallel batch normalization (see cpu/batchnorm.h;
+// the same arguments on the device). The x-reading ones take the workspace
+// of batch_norm_workspace_bytes; combine takes one of
+// batch_norm_combine_workspace_bytes for the counts.
+struct BatchNormApplyArgs {
+  int axis;
+  const DeviceArrayRef* mean;
+  const DeviceArrayRef* invstd;
+  const DeviceArrayRef* gamma;  // or null for ones
+  const DeviceArrayRef* beta;   // or null for zeros
+};
+
+struct BatchNormFinalizeArgs {
+  double count;
+  double eps;
+  double momentum;
+  const DeviceArrayRef* mean;
+  const DeviceArrayRef* var;
+  const DeviceArrayRef* invstd;        // output
+  const DeviceArrayRef* running_mean;  // or null, updated in place
+  const DeviceArrayRef* running_var;   // or null, updated in place
+};
+
+struct BatchNormReduceArgs {
+  int axis;
+  const DeviceArrayRef* mean;
+  const DeviceArrayRef* invstd;
+  const DeviceArrayRef* sum_dy;       // float64 output
+  const DeviceArrayRef* sum_dy_xhat;  // float64 output
+};
+
+struct BatchNormBackwardApplyArgs {
+  int axis;
+  double count;
+  const DeviceArrayRef* mean;
+  const DeviceArrayRef* invstd;
+  const DeviceArrayRef* gamma;  // or null for ones
+  const DeviceArrayRef* sum_dy;
+  const DeviceArrayRef* sum_dy_xhat;
+};
+
+void batch_norm_stats(const DeviceArrayRef& x, int axis, const DeviceArrayRef& mean,
+                      const DeviceArrayRef& m2, const Workspace& workspace,
+                      const LaunchTarget& target);
+
+int64_t batch_norm_combine_workspace_bytes(int64_t ranks);
+
+void batch_norm_combine(const std::vector<double>& counts, const DeviceArrayRef& means,
+                        const DeviceArrayRef& m2s, const DeviceArrayRef& mean,
+                        const DeviceArrayRef& var, const Workspace& workspace,
+                        const LaunchTarget& target);
+
+void batch_norm_finalize(const BatchNormFinalizeArgs& args, const LaunchTarget& target);
+
+void batch_norm_apply(const DeviceArrayRef& x, const DeviceArrayRef& y,
+                      const BatchNormApplyArgs& args, const Workspace& workspace,
+                      const LaunchTarget& target);
+
+void batch_norm_backward_reduce(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
+                                const BatchNormReduceArgs& args, const Workspace& workspace,
+                                const LaunchTarget& target);
+
+void batch_norm_backward_apply(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
+                               const DeviceArrayRef& grad_input,
+                               const BatchNormBackwardApplyArgs& args, const Workspace& workspace,
+                               const LaunchTarget& target);
 
 }  // namespace cuda
 }  // namespace fusednn

@@ -15,6 +15,9 @@ the build configuration.
 from . import reference
 from ._backend import get_num_threads, info, set_num_threads
 from .batchnorm import BatchNormResult, batch_norm, batch_norm_backward
+from .batchnorm_split import (BatchNormMoments, BatchNormStats, batch_norm_apply,
+                              batch_norm_backward_apply, batch_norm_backward_reduce,
+                              batch_norm_combine, batch_norm_finalize, batch_norm_stats)
 from .activations import (ACTIVATIONS, activation, activation_backward, elu, gelu,
                           hardsigmoid, hardswish, hardtanh, leaky_relu, mish, relu, selu,
                           sigmoid, silu, softplus, tanh)
@@ -25,8 +28,10 @@ from . import init, nn
 __version__ = info()["version"]
 
 __all__ = [
-    "ACTIVATIONS", "BatchNormResult", "activation", "activation_backward", "batch_norm",
-    "batch_norm_backward", "bias_act_dropout", "bias_act_dropout_backward", "dropout",
+    "ACTIVATIONS", "BatchNormMoments", "BatchNormResult", "BatchNormStats", "activation",
+    "activation_backward", "batch_norm", "batch_norm_apply", "batch_norm_backward",
+    "batch_norm_backward_apply", "batch_norm_backward_reduce", "batch_norm_combine",
+    "batch_norm_finalize", "batch_norm_stats", "bias_act_dropout", "bias_act_dropout_backward", "dropout",
     "dropout_backward", "dropout_mask", "elu", "gelu", "get_num_threads",
     "hardsigmoid", "hardswish", "hardtanh", "info", "init", "leaky_relu", "mish", "nn",
     "reference", "relu", "selu", "set_num_threads", "sigmoid", "silu", "softplus", "tanh",

@@ -42,10 +42,14 @@ from . import _backend
 from . import init as _init
 from .activations import _check_name, _kernel_params, activation, activation_backward
 from .batchnorm import batch_norm, batch_norm_backward
+from .batchnorm_split import (batch_norm_apply, batch_norm_backward_apply,
+                              batch_norm_backward_reduce, batch_norm_combine, batch_norm_finalize,
+                              batch_norm_stats)
 from .dropout import dropout, dropout_backward
 
 __all__ = ["Activation", "Adam", "Autoencoder", "BatchNorm", "Dense", "Dropout", "EarlyStopping",
            "GROW_RULES", "GrowOnPlateau", "Layer", "Parameter", "Plateau", "SGD", "Sequential",
+           "SyncBatchNorm",
            "accuracy", "grow", "mean_squared_error", "penalty", "pretrain_units", "prune",
            "prune_by_magnitude", "replace_head", "softmax", "softmax_cross_entropy",
            "sparsity"]
@@ -486,6 +490,127 @@ class BatchNorm(Layer):
             self.gamma.grad[...] = grad_gamma
             self.beta.grad[...] = grad_beta
         return grad_input
+
+
+class SyncBatchNorm(BatchNorm):
+    """BatchNorm over the whole batch of a data-parallel run: every process
+    of the mpi4py communicator ``comm`` holds a slice of the batch, and in
+    training the statistics are those of all the slices together (the split
+    phases of ``fusednn.batchnorm_split``). ``comm=None`` is one process:
+    then it is ``BatchNorm``. Eval mode uses the running statistics, which
+    every process updates identically.
+
+    Per step and layer it sends one all-gather of ``2C + 1`` float64 values
+    per process (count, mean and M2) in the forward pass and one all-reduce
+    of ``2C`` values in the backward pass. ``gamma.grad`` and ``beta.grad``
+    are this process's share of the batch's gradients: summing them over
+    the processes, as the all-reduce of every other gradient does, gives
+    the one-process gradients.
+
+    CuPy arrays are sent as device buffers when ``cuda_aware=True`` (an MPI
+    built with CUDA support); otherwise they are copied to the host and
+    back around each exchange.
+    """
+
+    def __init__(self, num_features, comm=None, *, axis=1, momentum=0.1, eps=1e-5,
+                 affine=True, track_running_stats=True, dtype="float32", device="cpu",
+                 cuda_aware=False):
+        super().__init__(num_features, axis=axis, momentum=momentum, eps=eps, affine=affine,
+                         track_running_stats=track_running_stats, dtype=dtype, device=device)
+        where = "fusednn.nn.SyncBatchNorm"
+        if comm is not None and not all(hasattr(comm, name) for name in
+                                        ("Allgather", "Allreduce", "Get_size")):
+            raise TypeError(f"{where}: comm must be an mpi4py communicator (or None for one "
+                            f"process), not {type(comm).__name__}")
+        if not isinstance(cuda_aware, bool):
+            raise TypeError(f"{where}: cuda_aware must be True or False, not {cuda_aware!r}")
+        self.comm = comm
+        self.cuda_aware = cuda_aware
+        self._sync_saved = None
+
+    def __repr__(self) -> str:
+        size = 1 if self.comm is None else self.comm.Get_size()
+        return f"SyncBatchNorm({self.num_features}, axis={self.axis}, processes={size})"
+
+    def _exchange(self, local, gathered: bool):
+        """All-gathers (gathered: one row per process) or all-reduces (sums)
+        the 1-D float64 array `local` over comm. CuPy arrays go through the
+        host unless the MPI is CUDA-aware."""
+        from mpi4py import MPI
+        xp = _xp(local)
+        if xp is not np:
+            if not self.cuda_aware:
+                return xp.asarray(self._exchange(xp.asnumpy(local), gathered))
+            xp.cuda.get_current_stream().synchronize()  # MPI reads outside the stream
+        if gathered:
+            received = xp.empty((self.comm.Get_size(), local.shape[0]), np.float64)
+            self.comm.Allgather(local, received)
+        else:
+            received = xp.empty_like(local)
+            self.comm.Allreduce(local, received, op=MPI.SUM)
+        return received
+
+    def forward(self, x):
+        if self.comm is None or not self.training:
+            self._sync_saved = None
+            return super().forward(x)
+        x = _check_array(x, "input", repr(self))
+        reference = self.gamma.value if self.gamma is not None else self.running_mean
+        if reference is not None:
+            _check_matches(x, reference, "input", repr(self))
+        if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] != self.num_features:
+            raise ValueError(f"{self!r}: expected {self.num_features} channels on axis "
+                             f"{self.axis}, got input of shape {tuple(x.shape)}")
+        xp = _xp(x)
+        channels = self.num_features
+        stats = batch_norm_stats(x, axis=self.axis)
+        local = xp.empty(2 * channels + 1, np.float64)
+        local[0] = stats.count
+        local[1:channels + 1] = stats.mean
+        local[channels + 1:] = stats.m2
+        rows = self._exchange(local, gathered=True)
+        counts = [int(c) for c in rows[:, 0].tolist()]
+        merged = batch_norm_combine(counts, rows[:, 1:channels + 1], rows[:, channels + 1:])
+        momentum = 0.0 if self.momentum is None else self.momentum
+        tracked = self.track_running_stats
+        if tracked:
+            self.num_batches_tracked += 1
+            if self.momentum is None:
+                momentum = 1.0 / self.num_batches_tracked
+        invstd = batch_norm_finalize(merged.mean, merged.var, merged.count, eps=self.eps,
+                                     running_mean=self.running_mean if tracked else None,
+                                     running_var=self.running_var if tracked else None,
+                                     momentum=momentum)
+        gamma = None if self.gamma is None else self.gamma.value
+        beta = None if self.beta is None else self.beta.value
+        y = batch_norm_apply(x, merged.mean, invstd, gamma, beta, axis=self.axis)
+        self._saved_forward = None
+        self._sync_saved = (x, merged.mean, invstd, merged.count)
+        return y
+
+    def backward(self, grad_output):
+        if self._sync_saved is None:
+            return super().backward(grad_output)
+        x, mean, invstd, count = self._sync_saved
+        grad_output = _check_array(grad_output, "grad_output", repr(self))
+        _check_matches(grad_output, x, "grad_output", repr(self))
+        if grad_output.shape != x.shape:
+            raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
+                             f"expected {tuple(x.shape)}")
+        sum_dy, sum_dy_xhat = batch_norm_backward_reduce(grad_output, x, mean, invstd,
+                                                         axis=self.axis)
+        if self.gamma is not None:
+            self.gamma.grad[...] = sum_dy_xhat
+            self.beta.grad[...] = sum_dy
+        xp = _xp(x)
+        channels = self.num_features
+        local = xp.empty(2 * channels, np.float64)
+        local[:channels] = sum_dy
+        local[channels:] = sum_dy_xhat
+        total = self._exchange(local, gathered=False)
+        gamma = None if self.gamma is None else self.gamma.value
+        return batch_norm_backward_apply(grad_output, x, mean, invstd, gamma, total[:channels],
+                                         total[channels:], count, axis=self.axis)
 
 
 class Dropout(Layer):

@@ -93,7 +93,24 @@ FUSEDNN_HD Moments merge_moments(const Moments& a, const Moments& b) {
   return {count, a.mean + delta * weight_b, a.m2 + b.m2 + delta * delta * a.count * weight_b};
 }
 
+// The statistics of rows[0..ranks) merged in row order: rank r holds
+// counts[r] elements per channel with mean means[r] and M2 m2s[r] (a
+// process's batch_norm_stats; a rank with no elements is skipped). The same
+// inputs give the same bits.
+template <class Row>
+FUSEDNN_HD Moments merge_ranks(int64_t ranks, const double* counts, const Row& row) {
+  Moments acc{0.0, 0.0, 0.0};
+  for (int64_t r = 0; r < ranks; ++r) acc = merge_moments(acc, row(r, counts[r]));
+  return acc;
+}
+
 FUSEDNN_HD double inverse_std(double variance, double eps) { return 1.0 / sqrt(variance + eps); }
+
+// The unbiased variance of `count` elements whose biased variance is
+// `variance`, for the running statistics.
+FUSEDNN_HD double unbiased_variance(double variance, double count) {
+  return variance * count / (count - 1.0);
+}
 
 // running <- (1 - momentum) * running + momentum * batch.
 FUSEDNN_HD double running_update(double running, double batch, double momentum) {
@@ -144,7 +161,7 @@ FUSEDNN_HD T normalize_wide(T x, double mean, double scale, double shift) {
 //   dx = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat))
 //      = a * dy - e - k * xhat
 // where a = gamma * invstd, e = a * sum(dy) / m and
-// k = a * invstd * sum(dy * (x - mean)) / m. k multiplies xhat, not
+// k = a * sum(dy * xhat) / m. k multiplies xhat, not
 // x - mean: the coefficient of x - mean, a * invstd^2 * ..., underflows
 // float32 for channels whose spread is above about 1e13, while k and xhat
 // stay near the size of a * dy for every finite input.
@@ -157,15 +174,18 @@ template <class T> struct InputGradCoefficients {
   T k;
 };
 
+// sum_dy_xhat = invstd * sum(dy * (x - mean)), also grad_gamma. count is the
+// elements per channel of the whole batch: in data-parallel training, the
+// sum over every process, as are sum_dy and sum_dy_xhat.
 template <class T>
 FUSEDNN_HD InputGradCoefficients<T> input_grad_coefficients(double count, double mean, double invstd,
                                                             double gamma, double sum_dy,
-                                                            double sum_dy_centered) {
+                                                            double sum_dy_xhat) {
   const T hi = static_cast<T>(mean);
   const double a = gamma * invstd;
   return {hi, static_cast<T>(mean - static_cast<double>(hi)), static_cast<T>(invstd),
           static_cast<T>(a), static_cast<T>(a * sum_dy / count),
-          static_cast<T>(a * invstd * sum_dy_centered / count)};
+          static_cast<T>(a * sum_dy_xhat / count)};
 }
 
 template <class T>

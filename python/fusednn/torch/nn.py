@@ -32,7 +32,7 @@ from . import ops
 __all__ = [
     "ELU", "GELU", "SELU", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BiasActivationDropout",
     "Dropout", "Hardsigmoid", "Hardswish", "Hardtanh", "LeakyReLU", "Mish", "ReLU", "SiLU",
-    "Sigmoid", "Softplus", "Tanh", "supports",
+    "Sigmoid", "Softplus", "SyncBatchNorm", "Tanh", "supports",
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -220,3 +220,6 @@ class BiasActivationDropout(torch.nn.Module):
             p, rng = 0.0, torch.zeros(2, dtype=torch.int64)
         return ops.bias_act_dropout(input, self.bias, self.activation, p, rng, self.axis,
                                     **self.activation_params)
+
+
+from .sync import SyncBatchNorm  # noqa: E402  (it builds on _BatchNorm above)
