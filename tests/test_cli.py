@@ -670,3 +670,25 @@ def test_bench_overhead_table(monkeypatch, capsys, tmp_path):
         assert all(math.isfinite(us) and us > 0 for us in row.values())
     with pytest.raises(SystemExit):
         main(["bench", "--kernels", "overhead,relu"])
+
+
+def test_bench_split_table(monkeypatch, capsys, tmp_path):
+    """--kernels split times the split phases beside the fused kernels on
+    the same arrays, and the two write the same outputs; it runs on its
+    own."""
+    from fusednn.bench import split
+    monkeypatch.setattr(split, "QUICK_SHAPES", [("NC (8, 3)", (8, 3), 1),
+                                                ("NHWC (2, 3, 3, 4)", (2, 3, 3, 4), -1)])
+    path = tmp_path / "split.json"
+    assert main(["bench", "--kernels", "split", "--quick", "--repeat", "1",
+                 "--json", str(path)]) == 0
+    report = capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["shape"] for row in rows] == ["NC (8, 3)", "NHWC (2, 3, 3, 4)"]
+    for row in rows:
+        assert row["shape"] in report
+        assert row["bytes_per_rank"] == (4 * row["channels"] + 1) * 8
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+    assert all(len(line) <= 100 for line in report.splitlines())
+    with pytest.raises(SystemExit):
+        main(["bench", "--kernels", "split,relu"])

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .._backend import _cpu, cupy_install_hint, get_num_threads, info, set_num_threads
-from . import output, overhead, peers, sweep, training
+from . import output, overhead, peers, split, sweep, training
 from .activations import ACTIVATION_KERNELS, activation_cases, describe_activations
 from .batchnorm import (BATCH_NORM_KERNELS, BATCH_NORM_QUICK_SHAPE, BATCH_NORM_SHAPE,
                         batch_norm_cases, describe_batch_norm)
@@ -301,7 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and patched by fusednn.torch: "
                              f"{', '.join(training.TRAINING_KERNELS)}. overhead (on its own): "
                              "the per-call cost of small calls on numpy arrays and torch "
-                             "tensors")
+                             "tensors. split (on its own): data-parallel batch norm's split "
+                             "phases on one process against the fused kernels")
     batch, channels = BATCH_NORM_SHAPE[:2]
     parser.add_argument("--size", type=_size, metavar="N",
                         help="elements per array (default 2^25, 2^22 with --quick; on --device "
@@ -395,6 +396,8 @@ def run(args: argparse.Namespace) -> int:
         return training.run(args, training_rows)
     if overhead.selected(args.kernels):
         return overhead.run(args)
+    if split.selected(args.kernels):
+        return split.run(args)
     options = validate(args)
     if args.sweep:
         return sweep.run(args, options.peers)
