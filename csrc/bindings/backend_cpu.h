@@ -64,7 +64,8 @@ struct Backend {
                                  const Operand* beta, const Operand* running_mean,
                                  const Operand* running_var, const Operand& save_mean,
                                  const Operand& save_invstd, const std::optional<Operand>&,
-                                 bool training, double momentum, double eps, int axis) {
+                                 bool training, double momentum, double eps, int axis,
+                                 bool relu) {
     const char* f = "batch_norm_forward";
     const Ref xr = full_ref(x, f, "x"), yr = full_ref(y, f, "out");
     const Ref sm = full_ref(save_mean, f, "save_mean");
@@ -73,7 +74,8 @@ struct Backend {
     const auto rm = optional_ref(running_mean, f, "running_mean");
     const auto rv = optional_ref(running_var, f, "running_var");
     const cpu::BatchNormForwardArgs args{axis,        training,    momentum,    eps, pointer(g),
-                                         pointer(b),  pointer(rm), pointer(rv), &sm, &si};
+                                         pointer(b),  pointer(rm), pointer(rv), &sm, &si,
+                                         relu};
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_forward)(xr, yr, args); });
   }
 
@@ -81,7 +83,7 @@ struct Backend {
                                   const Operand* gamma, const Operand& save_mean,
                                   const Operand& save_invstd, const Operand& grad_gamma,
                                   const Operand& grad_beta, const std::optional<Operand>&,
-                                  int axis, bool training) {
+                                  int axis, bool training, const Operand* relu_output) {
     const char* f = "batch_norm_backward";
     const Ref gr = full_ref(g, f, "grad_output"), xr = full_ref(x, f, "x");
     const Ref dr = full_ref(grad_input, f, "grad_input");
@@ -89,7 +91,9 @@ struct Backend {
     const Ref si = full_ref(save_invstd, f, "save_invstd");
     const Ref gg = full_ref(grad_gamma, f, "grad_gamma"), gb = full_ref(grad_beta, f, "grad_beta");
     const auto w = optional_ref(gamma, f, "gamma");
-    const cpu::BatchNormBackwardArgs args{axis, training, pointer(w), &sm, &si, &gg, &gb};
+    const auto ro = optional_ref(relu_output, f, "relu_output");
+    const cpu::BatchNormBackwardArgs args{axis, training, pointer(w), &sm, &si,
+                                          &gg,  &gb,      pointer(ro)};
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_backward)(gr, xr, dr, args); });
   }
 

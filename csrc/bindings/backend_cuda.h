@@ -70,7 +70,7 @@ struct Backend {
                                  const Operand* running_var, const Operand& save_mean,
                                  const Operand& save_invstd,
                                  const std::optional<Operand>& workspace, bool training,
-                                 double momentum, double eps, int axis) {
+                                 double momentum, double eps, int axis, bool relu) {
     const char* f = "batch_norm_forward";
     const Ref xr = ref(x, f, "x"), yr = ref(y, f, "out");
     const Ref sm = ref(save_mean, f, "save_mean"), si = ref(save_invstd, f, "save_invstd");
@@ -78,7 +78,8 @@ struct Backend {
     const auto rm = optional_ref(running_mean, f, "running_mean");
     const auto rv = optional_ref(running_var, f, "running_var");
     const cuda::BatchNormForwardArgs args{axis,        training,    momentum,    eps, pointer(g),
-                                          pointer(b),  pointer(rm), pointer(rv), &sm, &si};
+                                          pointer(b),  pointer(rm), pointer(rv), &sm, &si,
+                                          relu};
     const cuda::Workspace ws = scratch(workspace, x, f);
     run_without_gil([&] { cuda::batch_norm_forward(xr, yr, args, ws, target(x)); });
   }
@@ -88,14 +89,16 @@ struct Backend {
                                   const Operand& save_invstd, const Operand& grad_gamma,
                                   const Operand& grad_beta,
                                   const std::optional<Operand>& workspace, int axis,
-                                  bool training) {
+                                  bool training, const Operand* relu_output) {
     const char* f = "batch_norm_backward";
     const Ref gr = ref(g, f, "grad_output"), xr = ref(x, f, "x");
     const Ref dr = ref(grad_input, f, "grad_input");
     const Ref sm = ref(save_mean, f, "save_mean"), si = ref(save_invstd, f, "save_invstd");
     const Ref gg = ref(grad_gamma, f, "grad_gamma"), gb = ref(grad_beta, f, "grad_beta");
     const auto w = optional_ref(gamma, f, "gamma");
-    const cuda::BatchNormBackwardArgs args{axis, training, pointer(w), &sm, &si, &gg, &gb};
+    const auto ro = optional_ref(relu_output, f, "relu_output");
+    const cuda::BatchNormBackwardArgs args{axis, training, pointer(w), &sm, &si,
+                                           &gg,  &gb,      pointer(ro)};
     const cuda::Workspace ws = scratch(workspace, x, f);
     run_without_gil([&] { cuda::batch_norm_backward(gr, xr, dr, args, ws, target(x)); });
   }

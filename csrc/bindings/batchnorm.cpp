@@ -1,7 +1,9 @@
 // pybind11 bindings of the batch-normalization kernels, compiled once into
 // each module (see backend.h): argument unpacking only. Optional
 // per-channel arrays and the scratch buffer arrive as None; the buffer's
-// size comes from batch_norm_workspace_bytes (0 on the CPU).
+// size comes from batch_norm_workspace_bytes (0 on the CPU). `relu` and
+// `relu_output` fuse a ReLU after the normalization (see
+// fusednn/batchnorm.h).
 #include <optional>
 #include <vector>
 
@@ -34,7 +36,7 @@ void bind_batchnorm(py::module_& m) {
          const std::optional<Operand>& beta, const std::optional<Operand>& running_mean,
          const std::optional<Operand>& running_var, const Operand& save_mean,
          const Operand& save_invstd, const std::optional<Operand>& workspace, bool training,
-         double momentum, double eps, int axis) {
+         double momentum, double eps, int axis, bool relu) {
         const char* f = "batch_norm_forward";
         require_same(x, out, f);
         require_writable(out, f, "out");
@@ -55,19 +57,20 @@ void bind_batchnorm(py::module_& m) {
         }
         Backend::batch_norm_forward(x, out, pointer(gamma), pointer(beta), pointer(running_mean),
                                     pointer(running_var), save_mean, save_invstd, workspace,
-                                    training, momentum, eps, axis);
+                                    training, momentum, eps, axis, relu);
       },
       py::arg("x"), py::arg("out"), py::arg("gamma"), py::arg("beta"), py::arg("running_mean"),
       py::arg("running_var"), py::arg("save_mean"), py::arg("save_invstd"),
       py::arg("workspace"), py::arg("training"), py::arg("momentum"), py::arg("eps"),
-      py::arg("axis"));
+      py::arg("axis"), py::arg("relu") = false);
 
   m.def(
       "batch_norm_backward",
       [](const Operand& grad_output, const Operand& x, const Operand& grad_input,
          const std::optional<Operand>& gamma, const Operand& save_mean,
          const Operand& save_invstd, const Operand& grad_gamma, const Operand& grad_beta,
-         const std::optional<Operand>& workspace, int axis, bool training) {
+         const std::optional<Operand>& workspace, int axis, bool training,
+         const std::optional<Operand>& relu_output) {
         const char* f = "batch_norm_backward";
         require_same(grad_output, x, f);
         require_same(grad_output, grad_input, f);
@@ -78,13 +81,15 @@ void bind_batchnorm(py::module_& m) {
           require_channels(a, channels, f, "per-channel array");
         require_writable(grad_gamma, f, "grad_gamma");
         require_writable(grad_beta, f, "grad_beta");
+        if (relu_output) require_same(grad_output, *relu_output, f);
         Backend::batch_norm_backward(grad_output, x, grad_input, pointer(gamma), save_mean,
                                      save_invstd, grad_gamma, grad_beta, workspace, axis,
-                                     training);
+                                     training, pointer(relu_output));
       },
       py::arg("grad_output"), py::arg("x"), py::arg("grad_input"), py::arg("gamma"),
       py::arg("save_mean"), py::arg("save_invstd"), py::arg("grad_gamma"), py::arg("grad_beta"),
-      py::arg("workspace"), py::arg("axis"), py::arg("training"));
+      py::arg("workspace"), py::arg("axis"), py::arg("training"),
+      py::arg("relu_output") = py::none());
 
   // The split phases of data-parallel batch normalization (see
   // docs/distributed.md); per-channel results are float64.

@@ -33,6 +33,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu/activations.h"
 #include "cpu/elementwise.h"
 #include "fusednn/batchnorm.h"
 
@@ -158,37 +159,45 @@ double sum_lanes(double* lanes) {
 }
 
 // Adds a run of n elements into the lanes: element i goes to lane i % kLanes.
-template <class Sums, class T>
-void accumulate_run(const T* x, const T* g, int64_t n, int64_t stride_x, int64_t stride_g,
-                    double center, double* s1, double* s2) {
+// The gradient g reaches the sums through Grad (masked by the fused ReLU's
+// output m, or as given, when m is not read).
+template <class Sums, class Grad, class T>
+void accumulate_run(const T* x, const T* g, const T* m, int64_t n, int64_t stride_x,
+                    int64_t stride_g, int64_t stride_m, double center, double* s1, double* s2) {
   int64_t i = 0;
-  if (stride_x == 1 && stride_g == 1) {
+  if (stride_x == 1 && stride_g == 1 && stride_m == 1) {
     for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) Sums::add(s1[j], s2[j], x[i + j], g[i + j], center);
+      for (int j = 0; j < kLanes; ++j)
+        Sums::add(s1[j], s2[j], x[i + j], Grad::gradient(g[i + j], m[i + j]), center);
     }
   } else {
     for (; i + kLanes <= n; i += kLanes)
       for (int j = 0; j < kLanes; ++j)
-        Sums::add(s1[j], s2[j], x[(i + j) * stride_x], g[(i + j) * stride_g], center);
+        Sums::add(s1[j], s2[j], x[(i + j) * stride_x],
+                  Grad::gradient(g[(i + j) * stride_g], m[(i + j) * stride_m]), center);
   }
-  for (int j = 0; i < n; ++i, ++j) Sums::add(s1[j], s2[j], x[i * stride_x], g[i * stride_g], center);
+  for (int j = 0; i < n; ++i, ++j)
+    Sums::add(s1[j], s2[j], x[i * stride_x], Grad::gradient(g[i * stride_g], m[i * stride_m]),
+              center);
 }
 
 // The sums of unit `unit` of channel c when inner > 1: a block of outer
 // rows times a block of the inner extent. center: the channel's center, or
 // null to center the unit on the median of three of its samples.
-template <class Sums, class T>
-Partial inner_unit_sums(const ChannelView& xv, const ChannelView& gv, const Partition& part,
-                        int64_t c, int64_t unit, const double* center) {
+template <class Sums, class Grad, class T>
+Partial inner_unit_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                        const Partition& part, int64_t c, int64_t unit, const double* center) {
   const T* x = reinterpret_cast<const T*>(xv.data);
   const T* g = reinterpret_cast<const T*>(gv.data);
+  const T* m = reinterpret_cast<const T*>(mv.data);
   const int64_t o0 = unit / part.inner_blocks * part.outer_block;
   const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
   const int64_t i0 = (unit % part.inner_blocks) * part.inner_block;
   const int64_t n = std::min(part.inner, i0 + part.inner_block) - i0;
   const T* xc = x + c * xv.stride_channel + i0 * xv.stride_inner;
   const T* gc = g + c * gv.stride_channel + i0 * gv.stride_inner;
+  const T* mc = m + c * mv.stride_channel + i0 * mv.stride_inner;
   const double shift =
       center != nullptr
           ? *center
@@ -198,8 +207,9 @@ Partial inner_unit_sums(const ChannelView& xv, const ChannelView& gv, const Part
   alignas(64) double s1[kLanes] = {};
   alignas(64) double s2[kLanes] = {};
   for (int64_t o = o0; o < o1; ++o)
-    accumulate_run<Sums>(xc + o * xv.stride_outer, gc + o * gv.stride_outer, n, xv.stride_inner,
-                         gv.stride_inner, shift, s1, s2);
+    accumulate_run<Sums, Grad>(xc + o * xv.stride_outer, gc + o * gv.stride_outer,
+                               mc + o * mv.stride_outer, n, xv.stride_inner, gv.stride_inner,
+                               mv.stride_inner, shift, s1, s2);
   return Partial{static_cast<double>((o1 - o0) * n), shift, sum_lanes(s1), sum_lanes(s2)};
 }
 
@@ -212,20 +222,21 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
 
 // Fills partials[c * units_per_channel + u] for every channel c and unit u.
 // centers: one per channel, or null to center each unit on the median of
-// three of its samples.
-template <class Sums, class T>
-void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition& part,
-                  const double* centers, std::vector<Partial>& partials) {
+// three of its samples. mv: the fused ReLU's output, read when Grad masks g.
+template <class Sums, class Grad, class T>
+void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                  const Partition& part, const double* centers, std::vector<Partial>& partials) {
   const int64_t units = part.units_per_channel();
   partials.assign(static_cast<size_t>(part.channels * units), Partial{0, 0, 0, 0});
   const T* x = reinterpret_cast<const T*>(xv.data);
   const T* g = reinterpret_cast<const T*>(gv.data);
+  const T* m = reinterpret_cast<const T*>(mv.data);
   parallel_for(part.tasks(), [&](int64_t task) {
     const int64_t block = task / units;
     const int64_t unit = task % units;
     if (part.inner > 1) {
-      partials[static_cast<size_t>(task)] = inner_unit_sums<Sums, T>(
-          xv, gv, part, block, unit, centers != nullptr ? centers + block : nullptr);
+      partials[static_cast<size_t>(task)] = inner_unit_sums<Sums, Grad, T>(
+          xv, gv, mv, part, block, unit, centers != nullptr ? centers + block : nullptr);
       return;
     }
     const int64_t o0 = unit * part.outer_block;
@@ -234,6 +245,7 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
     const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
     const T* xc = x + c0 * xv.stride_channel;
     const T* gc = g + c0 * gv.stride_channel;
+    const T* mc = m + c0 * mv.stride_channel;
     alignas(64) double center[kChannelBlock];
     alignas(64) T center_hi[kChannelBlock];
     alignas(64) T center_lo[kChannelBlock];
@@ -248,7 +260,8 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
       center_hi[k] = static_cast<T>(center[k]);
       center_lo[k] = static_cast<T>(center[k] - static_cast<double>(center_hi[k]));
     }
-    const bool contiguous = xv.stride_channel == 1 && gv.stride_channel == 1;
+    const bool contiguous =
+        xv.stride_channel == 1 && gv.stride_channel == 1 && mv.stride_channel == 1;
     const int64_t rows_ahead =
         std::max<int64_t>(1, kRowPrefetchBytes / (count * int64_t(sizeof(T))));
     for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
@@ -260,17 +273,21 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
       for (int64_t o = row_block; o < row_end; ++o) {
         const T* xr = xc + o * xv.stride_outer;
         const T* gr = gc + o * gv.stride_outer;
+        const T* mr = mc + o * mv.stride_outer;
         if (contiguous) {
           if (o + rows_ahead < part.outer) {
             prefetch_to_l2(xr + rows_ahead * xv.stride_outer, count);
             if (Sums::kReadsGradient) prefetch_to_l2(gr + rows_ahead * gv.stride_outer, count);
+            if (Grad::kReadsOutput) prefetch_to_l2(mr + rows_ahead * mv.stride_outer, count);
           }
 #pragma omp simd
           for (int64_t k = 0; k < count; ++k)
-            Sums::add_partial(p1[k], p2[k], xr[k], gr[k], center_hi[k], center_lo[k]);
+            Sums::add_partial(p1[k], p2[k], xr[k], Grad::gradient(gr[k], mr[k]), center_hi[k],
+                              center_lo[k]);
         } else {
           for (int64_t k = 0; k < count; ++k)
-            Sums::add_partial(p1[k], p2[k], xr[k * xv.stride_channel], gr[k * gv.stride_channel],
+            Sums::add_partial(p1[k], p2[k], xr[k * xv.stride_channel],
+                              Grad::gradient(gr[k * gv.stride_channel], mr[k * mv.stride_channel]),
                               center_hi[k], center_lo[k]);
         }
       }
@@ -289,8 +306,10 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const Partition&
       s1[k] = s2[k] = 0.0;
       const T* xk = xc + k * xv.stride_channel;
       const T* gk = gc + k * gv.stride_channel;
+      const T* mk = mc + k * mv.stride_channel;
       for (int64_t o = o0; o < o1; ++o)
-        Sums::add(s1[k], s2[k], xk[o * xv.stride_outer], gk[o * gv.stride_outer], center[k]);
+        Sums::add(s1[k], s2[k], xk[o * xv.stride_outer],
+                  Grad::gradient(gk[o * gv.stride_outer], mk[o * mv.stride_outer]), center[k]);
     }
     for (int64_t k = 0; k < count; ++k)
       partials[static_cast<size_t>((c0 + k) * units + unit)] =
@@ -495,6 +514,10 @@ template <class T> struct NormalizeSegment {
   const T* mean_lo;
   const T* scale;
   const T* shift;
+  bool relu = false;  // a fused ReLU after the normalization
+
+  // The output of a normalized value v (a scalar or a line).
+  template <class V> V activate(V v) const { return relu ? relu_after_normalize(v) : v; }
 
   // The coefficient arrays, one entry per channel (see map_contiguous_pass).
   static std::array<const T* NormalizeSegment::*, 4> coefficients() {
@@ -505,13 +528,13 @@ template <class T> struct NormalizeSegment {
   void row(T* dst, const T* src, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = scale[c], b = shift[c];
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi, lo, s, b);
+    for (int64_t i = 0; i < len; ++i) dst[i] = activate(normalize(src[i], hi, lo, s, b));
   }
   void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
   // See stream_lines.
   template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
-    return normalize(load_line(x + pos), coefficient(mean_hi), coefficient(mean_lo),
-                     coefficient(scale), coefficient(shift));
+    return activate(normalize(load_line(x + pos), coefficient(mean_hi), coefficient(mean_lo),
+                              coefficient(scale), coefficient(shift)));
   }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* src = x + pos;
@@ -520,15 +543,14 @@ template <class T> struct NormalizeSegment {
     const T* s = scale + j;
     const T* b = shift + j;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = normalize(src[i], hi[i], lo[i], s[i], b[i]);
+    for (int64_t i = 0; i < len; ++i) dst[i] = activate(normalize(src[i], hi[i], lo[i], s[i], b[i]));
   }
 };
 
 template <class T>
 void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const NormalizeSegment<T>& seg) {
-  const ChannelView xv = channel_view(x, axis);
   if (is_contiguous(x) && is_contiguous(y)) {
-    map_contiguous_pass(static_cast<T*>(y.data), xv, seg);
+    map_contiguous_pass(static_cast<T*>(y.data), channel_view(x, axis), seg);
     return;
   }
   // Any strides: a scalar loop over runs, the coefficients as operands.
@@ -544,6 +566,7 @@ void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const Normal
                    reinterpret_cast<char*>(const_cast<T*>(seg.scale)),
                    reinterpret_cast<char*>(const_cast<T*>(seg.shift))};
   struct Body {
+    const NormalizeSegment<T>* seg;
     void operator()(char* const* p, int64_t len, const int64_t* in) {
       const T* src = reinterpret_cast<const T*>(p[0]);
       T* dst = reinterpret_cast<T*>(p[1]);
@@ -552,17 +575,20 @@ void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const Normal
       const T* s = reinterpret_cast<const T*>(p[4]);
       const T* b = reinterpret_cast<const T*>(p[5]);
       for (int64_t i = 0; i < len; ++i)
-        dst[i * in[1]] = normalize(src[i * in[0]], hi[i * in[2]], lo[i * in[3]], s[i * in[4]],
-                                   b[i * in[5]]);
+        dst[i * in[1]] = seg->activate(normalize(src[i * in[0]], hi[i * in[2]], lo[i * in[3]],
+                                                 s[i * in[4]], b[i * in[5]]));
     }
     void finish() {}
   };
-  loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
+  loop.run(base, sizes, kStridedPassNanoseconds, [&seg] { return Body{&seg}; });
 }
 
-template <class T> struct InputGradSegment {
+// Grad: the gradient as given, or masked by the fused ReLU's output y
+// (read only then; y may be dy itself otherwise).
+template <class T, class Grad> struct InputGradSegment {
   const T* dy;
   const T* x;
+  const T* y;
   const T* mean_hi;
   const T* mean_lo;
   const T* invstd;
@@ -574,24 +600,27 @@ template <class T> struct InputGradSegment {
     return {&InputGradSegment::mean_hi, &InputGradSegment::mean_lo, &InputGradSegment::invstd,
             &InputGradSegment::a,       &InputGradSegment::e,       &InputGradSegment::k};
   }
-  // len outputs of channel c from the runs of dy at g and of x at v.
-  void row(T* dst, const T* g, const T* v, int64_t len, int64_t c) const {
+  // len outputs of channel c from the runs of dy at g, of x at v and of y
+  // at m.
+  void row(T* dst, const T* g, const T* v, const T* m, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = invstd[c], ac = a[c], ec = e[c], kc = k[c];
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = input_grad(g[i], v[i], hi, lo, s, ac, ec, kc);
+    for (int64_t i = 0; i < len; ++i)
+      dst[i] = input_grad(Grad::gradient(g[i], m[i]), v[i], hi, lo, s, ac, ec, kc);
   }
   void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
-    row(dst, dy + pos, x + pos, len, c);
+    row(dst, dy + pos, x + pos, y + pos, len, c);
   }
   // See stream_lines.
   template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
-    return input_grad(load_line(dy + pos), load_line(x + pos), coefficient(mean_hi),
-                      coefficient(mean_lo), coefficient(invstd), coefficient(a), coefficient(e),
-                      coefficient(k));
+    return input_grad(Grad::gradient(load_line(dy + pos), load_line(y + pos)), load_line(x + pos),
+                      coefficient(mean_hi), coefficient(mean_lo), coefficient(invstd),
+                      coefficient(a), coefficient(e), coefficient(k));
   }
   void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
     const T* g = dy + pos;
     const T* v = x + pos;
+    const T* m = y + pos;
     const T* hi = mean_hi + j;
     const T* lo = mean_lo + j;
     const T* s = invstd + j;
@@ -600,45 +629,48 @@ template <class T> struct InputGradSegment {
     const T* kc = k + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = input_grad(g[i], v[i], hi[i], lo[i], s[i], ac[i], ec[i], kc[i]);
+      dst[i] = input_grad(Grad::gradient(g[i], m[i]), v[i], hi[i], lo[i], s[i], ac[i], ec[i], kc[i]);
   }
 };
 
-template <class T>
-void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, int axis,
-                     const InputGradSegment<T>& seg) {
-  const ChannelView xv = channel_view(x, axis);
-  if (is_contiguous(dy) && is_contiguous(x) && is_contiguous(dx)) {
-    map_contiguous_pass(static_cast<T*>(dx.data), xv, seg);
+// m: the fused ReLU's output when Grad reads it, else dy again.
+template <class T, class Grad>
+void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, const ArrayRef& dx,
+                     int axis, const InputGradSegment<T, Grad>& seg) {
+  if (is_contiguous(dy) && is_contiguous(x) && is_contiguous(m) && is_contiguous(dx)) {
+    map_contiguous_pass(static_cast<T*>(dx.data), channel_view(x, axis), seg);
     return;
   }
   const ChannelStrides cs(x, axis, int(sizeof(T)));
-  const int64_t* strides[9] = {dy.strides,        x.strides,          dx.strides,
-                               cs.strides.data(), cs.strides.data(), cs.strides.data(),
-                               cs.strides.data(), cs.strides.data(), cs.strides.data()};
-  int sizes[9];
-  std::fill(sizes, sizes + 9, int(sizeof(T)));
-  const StridedLoop<9> loop(x.ndim, x.shape, strides, sizes);
+  const int64_t* strides[10] = {dy.strides,        x.strides,         m.strides,
+                                dx.strides,        cs.strides.data(), cs.strides.data(),
+                                cs.strides.data(), cs.strides.data(), cs.strides.data(),
+                                cs.strides.data()};
+  int sizes[10];
+  std::fill(sizes, sizes + 10, int(sizeof(T)));
+  const StridedLoop<10> loop(x.ndim, x.shape, strides, sizes);
   auto coef = [](const T* p) { return reinterpret_cast<char*>(const_cast<T*>(p)); };
-  char* base[9] = {static_cast<char*>(dy.data), static_cast<char*>(x.data),
-                   static_cast<char*>(dx.data), coef(seg.mean_hi),
-                   coef(seg.mean_lo),           coef(seg.invstd),
-                   coef(seg.a),                 coef(seg.e),
-                   coef(seg.k)};
+  char* base[10] = {static_cast<char*>(dy.data), static_cast<char*>(x.data),
+                    static_cast<char*>(m.data),  static_cast<char*>(dx.data),
+                    coef(seg.mean_hi),           coef(seg.mean_lo),
+                    coef(seg.invstd),            coef(seg.a),
+                    coef(seg.e),                 coef(seg.k)};
   struct Body {
     void operator()(char* const* p, int64_t len, const int64_t* in) {
       const T* g = reinterpret_cast<const T*>(p[0]);
       const T* v = reinterpret_cast<const T*>(p[1]);
-      T* dst = reinterpret_cast<T*>(p[2]);
-      const T* hi = reinterpret_cast<const T*>(p[3]);
-      const T* lo = reinterpret_cast<const T*>(p[4]);
-      const T* s = reinterpret_cast<const T*>(p[5]);
-      const T* a = reinterpret_cast<const T*>(p[6]);
-      const T* e = reinterpret_cast<const T*>(p[7]);
-      const T* k = reinterpret_cast<const T*>(p[8]);
+      const T* y = reinterpret_cast<const T*>(p[2]);
+      T* dst = reinterpret_cast<T*>(p[3]);
+      const T* hi = reinterpret_cast<const T*>(p[4]);
+      const T* lo = reinterpret_cast<const T*>(p[5]);
+      const T* s = reinterpret_cast<const T*>(p[6]);
+      const T* a = reinterpret_cast<const T*>(p[7]);
+      const T* e = reinterpret_cast<const T*>(p[8]);
+      const T* k = reinterpret_cast<const T*>(p[9]);
       for (int64_t i = 0; i < len; ++i)
-        dst[i * in[2]] = input_grad(g[i * in[0]], v[i * in[1]], hi[i * in[3]], lo[i * in[4]],
-                                    s[i * in[5]], a[i * in[6]], e[i * in[7]], k[i * in[8]]);
+        dst[i * in[3]] = input_grad(Grad::gradient(g[i * in[0]], y[i * in[2]]), v[i * in[1]],
+                                    hi[i * in[4]], lo[i * in[5]], s[i * in[6]], a[i * in[7]],
+                                    e[i * in[8]], k[i * in[9]]);
     }
     void finish() {}
   };
@@ -651,7 +683,7 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx, 
 template <class T>
 void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
                          const std::vector<double>& mean, const std::vector<double>& scale,
-                         const std::vector<double>& shift) {
+                         const std::vector<double>& shift, bool relu) {
   const ChannelStrides cs(x, axis, int(sizeof(double)));
   const int64_t* strides[5] = {x.strides, y.strides, cs.strides.data(), cs.strides.data(),
                                cs.strides.data()};
@@ -664,18 +696,21 @@ void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
   char* base[5] = {static_cast<char*>(x.data), static_cast<char*>(y.data), coef(mean),
                    coef(scale), coef(shift)};
   struct Body {
+    bool relu;
     void operator()(char* const* p, int64_t len, const int64_t* in) {
       const T* src = reinterpret_cast<const T*>(p[0]);
       T* dst = reinterpret_cast<T*>(p[1]);
       const double* m = reinterpret_cast<const double*>(p[2]);
       const double* s = reinterpret_cast<const double*>(p[3]);
       const double* b = reinterpret_cast<const double*>(p[4]);
-      for (int64_t i = 0; i < len; ++i)
-        dst[i * in[1]] = normalize_wide(src[i * in[0]], m[i * in[2]], s[i * in[3]], b[i * in[4]]);
+      for (int64_t i = 0; i < len; ++i) {
+        const T v = normalize_wide(src[i * in[0]], m[i * in[2]], s[i * in[3]], b[i * in[4]]);
+        dst[i * in[1]] = relu ? relu_after_normalize(v) : v;
+      }
     }
     void finish() {}
   };
-  loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
+  loop.run(base, sizes, kStridedPassNanoseconds, [relu] { return Body{relu}; });
 }
 
 // The normalizing pass's per-channel coefficients (normalize_coefficients),
@@ -714,16 +749,18 @@ template <class T> struct NormalizeTables {
     }
   }
 
-  NormalizeSegment<T> segment(const T* x) const {
-    return {x, mean_hi.data(), mean_lo.data(), scale.data(), shift.data()};
+  // relu: a ReLU fused after the normalization.
+  NormalizeSegment<T> segment(const T* x, bool relu = false) const {
+    return {x, mean_hi.data(), mean_lo.data(), scale.data(), shift.data(), relu};
   }
 
   // Writes y for every element of x; mean is the double mean fill() had.
-  void apply(const ArrayRef& x, const ArrayRef& y, int axis, const std::vector<double>& mean) const {
+  void apply(const ArrayRef& x, const ArrayRef& y, int axis, const std::vector<double>& mean,
+             bool relu = false) const {
     if (std::find(wide.begin(), wide.end(), 1) != wide.end()) {
-      normalize_wide_pass<T>(x, y, axis, mean, scale_wide, shift_wide);
+      normalize_wide_pass<T>(x, y, axis, mean, scale_wide, shift_wide, relu);
     } else {
-      normalize_pass<T>(x, y, axis, segment(static_cast<const T*>(x.data)));
+      normalize_pass<T>(x, y, axis, segment(static_cast<const T*>(x.data), relu));
     }
   }
 };
@@ -759,8 +796,10 @@ template <class T> struct InputGradTables {
     }
   }
 
-  InputGradSegment<T> segment(const T* dy, const T* x) const {
-    return {dy, x, mean_hi.data(), mean_lo.data(), invstd.data(), a.data(), e.data(), k.data()};
+  // y: the fused ReLU's output when Grad masks dy with it, else dy again.
+  template <class Grad = GradientAsGiven>
+  InputGradSegment<T, Grad> segment(const T* dy, const T* x, const T* y) const {
+    return {dy, x, y, mean_hi.data(), mean_lo.data(), invstd.data(), a.data(), e.data(), k.data()};
   }
 };
 
@@ -800,7 +839,7 @@ void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vect
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
   std::vector<Partial> partials;
-  reduce_units<StatisticsSums, T>(xv, xv, part, nullptr, partials);
+  reduce_units<StatisticsSums, GradientAsGiven, T>(xv, xv, xv, part, nullptr, partials);
   for_each_channel(xv.channels, units, [&](int64_t c) {
     const Moments m = merge_units(partials.data() + c * units, units);
     mean[static_cast<size_t>(c)] = m.mean;
@@ -809,15 +848,16 @@ void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vect
 }
 
 // Every channel's sum(dy) and sum(dy * xhat) around the given statistics,
-// over views with at least one element per channel.
-template <class T>
-void gradient_sums(const ChannelView& xv, const ChannelView& gv, const std::vector<double>& mean,
-                   const std::vector<double>& invstd, std::vector<double>& sum_dy,
-                   std::vector<double>& sum_dy_xhat) {
+// over views with at least one element per channel; dy through Grad (mv:
+// the fused ReLU's output, or gv again).
+template <class T, class Grad = GradientAsGiven>
+void gradient_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                   const std::vector<double>& mean, const std::vector<double>& invstd,
+                   std::vector<double>& sum_dy, std::vector<double>& sum_dy_xhat) {
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
   std::vector<Partial> partials;
-  reduce_units<GradientSums, T>(xv, gv, part, mean.data(), partials);
+  reduce_units<GradientSums, Grad, T>(xv, gv, mv, part, mean.data(), partials);
   for_each_channel(xv.channels, units, [&](int64_t c) {
     const size_t i = static_cast<size_t>(c);
     sum_units(partials.data() + c * units, units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
@@ -849,13 +889,14 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(T), 1, {&xv, &yv})) {
     const Partition part(xv);
     const int64_t units = part.units_per_channel();
-    const NormalizeSegment<T> segment = tables.segment(static_cast<const T*>(x.data));
+    const NormalizeSegment<T> segment = tables.segment(static_cast<const T*>(x.data), args.relu);
     const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       const size_t i = static_cast<size_t>(c);
       std::vector<Partial> p(static_cast<size_t>(units));
       for (int64_t u = 0; u < units; ++u)
-        p[static_cast<size_t>(u)] = inner_unit_sums<StatisticsSums, T>(xv, xv, part, c, u, nullptr);
+        p[static_cast<size_t>(u)] =
+            inner_unit_sums<StatisticsSums, GradientAsGiven, T>(xv, xv, xv, part, c, u, nullptr);
       const Moments m = merge_units(p.data(), units);
       mean[i] = m.mean;
       m2[i] = m.m2;
@@ -867,7 +908,8 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
         if (next) prefetch_to_l2(src + xv.stride_channel, n);
         if (tables.wide[i]) {
           for (int64_t j = 0; j < n; ++j)
-            dst[j] = normalize_wide(src[j], mean[i], tables.scale_wide[i], tables.shift_wide[i]);
+            dst[j] = segment.activate(
+                normalize_wide(src[j], mean[i], tables.scale_wide[i], tables.shift_wide[i]));
         } else {
           segment.row(dst, src, n, c);
         }
@@ -882,7 +924,7 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
       load_channels(args.running_var, channels, 0.0, var.data());
     }
     set_coefficients(0, channels);
-    if (count > 0 && channels > 0) tables.apply(x, y, args.axis, mean);
+    if (count > 0 && channels > 0) tables.apply(x, y, args.axis, mean, args.relu);
   }
 
   store_channels(*args.save_mean, channels, mean.data());
@@ -903,11 +945,14 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   }
 }
 
-template <class T>
-void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
+// m: the fused ReLU's output, whose mask Grad applies to dy, or dy itself
+// when Grad takes dy as given.
+template <class T, class Grad>
+void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, const ArrayRef& dx,
                     const BatchNormBackwardArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
   const ChannelView gv = channel_view(dy, args.axis);
+  const ChannelView mv = channel_view(m, args.axis);
   const bool dx_has_view = has_channel_view(dx, args.axis);
   const ChannelView dv = dx_has_view ? channel_view(dx, args.axis) : xv;
   const int64_t channels = xv.channels;
@@ -928,51 +973,66 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
     return;
   }
   const double n = static_cast<double>(count);
-  if (args.training && dx_has_view && channel_resident(xv, sizeof(T), 2, {&xv, &gv, &dv})) {
+  const T* dy_data = static_cast<const T*>(dy.data);
+  const T* x_data = static_cast<const T*>(x.data);
+  const T* m_data = static_cast<const T*>(m.data);
+  const int reads = Grad::kReadsOutput ? 3 : 2;
+  if (args.training && dx_has_view &&
+      channel_resident(xv, sizeof(T), reads, {&xv, &gv, &mv, &dv})) {
     const Partition part(xv);
     const int64_t units = part.units_per_channel();
-    const InputGradSegment<T> segment =
-        tables.segment(static_cast<const T*>(dy.data), static_cast<const T*>(x.data));
+    const InputGradSegment<T, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
     const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       const size_t i = static_cast<size_t>(c);
       std::vector<Partial> p(static_cast<size_t>(units));
       for (int64_t u = 0; u < units; ++u)
-        p[static_cast<size_t>(u)] = inner_unit_sums<GradientSums, T>(xv, gv, part, c, u, &mean[i]);
+        p[static_cast<size_t>(u)] =
+            inner_unit_sums<GradientSums, Grad, T>(xv, gv, mv, part, c, u, &mean[i]);
       sum_units(p.data(), units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
       tables.fill(c, c + 1, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
                   sum_dy_xhat.data());
       const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
       const T* gc = reinterpret_cast<const T*>(gv.data) + c * gv.stride_channel;
+      const T* mc = reinterpret_cast<const T*>(mv.data) + c * mv.stride_channel;
       write_channel_rows<T>(dv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t len) {
         const T* g = gc + o * gv.stride_outer + start;
         const T* v = xc + o * xv.stride_outer + start;
+        const T* y = mc + o * mv.stride_outer + start;
         if (next) {
           prefetch_to_l2(g + gv.stride_channel, len);
           prefetch_to_l2(v + xv.stride_channel, len);
+          if (Grad::kReadsOutput) prefetch_to_l2(y + mv.stride_channel, len);
         }
-        segment.row(dst, g, v, len, c);
+        segment.row(dst, g, v, y, len, c);
       });
     });
     store_parameter_grads();
     return;
   }
-  gradient_sums<T>(xv, gv, mean, invstd, sum_dy, sum_dy_xhat);
+  gradient_sums<T, Grad>(xv, gv, mv, mean, invstd, sum_dy, sum_dy_xhat);
   store_parameter_grads();
   if (args.training) {
     tables.fill(0, channels, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
                 sum_dy_xhat.data());
-    input_grad_pass<T>(dy, x, dx, args.axis,
-                       tables.segment(static_cast<const T*>(dy.data), static_cast<const T*>(x.data)));
+    input_grad_pass<T>(dy, x, m, dx, args.axis,
+                       tables.template segment<Grad>(dy_data, x_data, m_data));
     return;
   }
   // Inference: dx = gamma * invstd * dy, written by the forward's normalize
-  // loops over dy (hi, lo and shift zero).
+  // loops over dy (hi, lo and shift zero). With the fused ReLU, dy is
+  // masked into dx first and scaled there: inference's input gradient is
+  // elementwise, so the extra pass is the only cost of the mask.
+  const ArrayRef* scaled = &dy;
+  if (Grad::kReadsOutput) {
+    activation_backward(Activation::relu, ActivationParams{}, /*from_output=*/true, dy, m, dx);
+    scaled = &dx;
+  }
   std::vector<T> zeros(nc, T(0)), scale(nc);
   for (size_t i = 0; i < nc; ++i)
     scale[i] = inference_input_grad_coefficients<T>(invstd[i], gamma[i]).scale;
-  normalize_pass<T>(dy, dx, args.axis,
-                    NormalizeSegment<T>{static_cast<const T*>(dy.data), zeros.data(),
+  normalize_pass<T>(*scaled, dx, args.axis,
+                    NormalizeSegment<T>{static_cast<const T*>(scaled->data), zeros.data(),
                                         zeros.data(), scale.data(), zeros.data()});
 }
 
@@ -1012,7 +1072,7 @@ void backward_reduce_typed(const ArrayRef& dy, const ArrayRef& x, const BatchNor
   std::vector<double> mean(nc), invstd(nc), sum_dy(nc, 0.0), sum_dy_xhat(nc, 0.0);
   load_channels(args.mean, xv.channels, 0.0, mean.data());
   load_channels(args.invstd, xv.channels, 0.0, invstd.data());
-  if (xv.outer * xv.inner > 0) gradient_sums<T>(xv, gv, mean, invstd, sum_dy, sum_dy_xhat);
+  if (xv.outer * xv.inner > 0) gradient_sums<T>(xv, gv, gv, mean, invstd, sum_dy, sum_dy_xhat);
   store_channels(*args.sum_dy, xv.channels, sum_dy.data());
   store_channels(*args.sum_dy_xhat, xv.channels, sum_dy_xhat.data());
 }
@@ -1033,8 +1093,9 @@ void backward_apply_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef&
   InputGradTables<T> tables(nc);
   tables.fill(0, channels, args.count, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
               sum_dy_xhat.data());
-  input_grad_pass<T>(dy, x, dx, args.axis,
-                     tables.segment(static_cast<const T*>(dy.data), static_cast<const T*>(x.data)));
+  const T* dy_data = static_cast<const T*>(dy.data);
+  input_grad_pass<T>(dy, x, dy, dx, args.axis,
+                     tables.segment(dy_data, static_cast<const T*>(x.data), dy_data));
 }
 
 // The element at row r, column c of a 2-D float64 array.
@@ -1055,10 +1116,17 @@ void batch_norm_forward(const ArrayRef& x, const ArrayRef& y, const BatchNormFor
 
 void batch_norm_backward(const ArrayRef& grad_output, const ArrayRef& x, const ArrayRef& grad_input,
                          const BatchNormBackwardArgs& args) {
+  const ArrayRef* relu = args.relu_output;
   if (x.dtype == DType::float64) {
-    backward_typed<double>(grad_output, x, grad_input, args);
+    if (relu != nullptr) {
+      backward_typed<double, GradientThroughRelu>(grad_output, x, *relu, grad_input, args);
+    } else {
+      backward_typed<double, GradientAsGiven>(grad_output, x, grad_output, grad_input, args);
+    }
+  } else if (relu != nullptr) {
+    backward_typed<float, GradientThroughRelu>(grad_output, x, *relu, grad_input, args);
   } else {
-    backward_typed<float>(grad_output, x, grad_input, args);
+    backward_typed<float, GradientAsGiven>(grad_output, x, grad_output, grad_input, args);
   }
 }
 

@@ -24,6 +24,7 @@ struct BatchNormForwardArgs {
   const ArrayRef* running_var;   // inference, updated in place in training
   const ArrayRef* save_mean;     // (C,) output, x's dtype
   const ArrayRef* save_invstd;   // (C,) output, x's dtype
+  bool relu;                     // y = relu(batch_norm(x)), in the same pass
 };
 
 struct BatchNormBackwardArgs {
@@ -36,6 +37,9 @@ struct BatchNormBackwardArgs {
   const ArrayRef* save_invstd;  // (C,) float32/float64
   const ArrayRef* grad_gamma;   // (C,) output, x's dtype
   const ArrayRef* grad_beta;    // (C,) output, x's dtype
+  // The output y of a forward with a fused ReLU (x's shape and dtype), or
+  // null: dy is masked by y > 0 inside the passes that read it.
+  const ArrayRef* relu_output;
 };
 
 // The split phases of data-parallel batch normalization: each process

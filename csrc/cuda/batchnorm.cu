@@ -221,13 +221,15 @@ __device__ __forceinline__ void block_sum(double& a, double& b) {
 
 // inner > 1: one block per unit of one channel, partials[c * units + u].
 // centers: the saved mean per channel, or absent to center each unit on
-// the median of three of its samples.
-template <class St, class Sums>
+// the median of three of its samples. g reaches the sums through Grad:
+// masked by the fused ReLU's output m, or as given (m unread).
+template <class St, class Sums, class Grad>
 __global__ void __launch_bounds__(kThreads)
     reduce_channel_slices(const typename St::Stored* x,  // (outer, C, inner)
                           const typename St::Stored* g,  // (outer, C, inner); read if Sums needs it
-                          ChannelView xv, ChannelView gv, Partition part, ChannelArray centers,
-                          bool packed, Partial* __restrict__ partials) {
+                          const typename St::Stored* m,  // (outer, C, inner); read if Grad needs it
+                          ChannelView xv, ChannelView gv, ChannelView mv, Partition part,
+                          ChannelArray centers, bool packed, Partial* __restrict__ partials) {
   using S = typename St::Stored;
   using C = typename St::Compute;
   constexpr int G = Pack<S>::kSize;
@@ -240,6 +242,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n = static_cast<int>(min(part.inner, i0 + part.inner_block) - i0);
   const S* xc = x + c * xv.stride_channel + o0 * xv.stride_outer + i0 * xv.stride_inner;
   const S* gc = g + c * gv.stride_channel + o0 * gv.stride_outer + i0 * gv.stride_inner;
+  const S* mc = m + c * mv.stride_channel + o0 * mv.stride_outer + i0 * mv.stride_inner;
   const double center =
       centers.data != nullptr
           ? load_channel(centers, c, 0.0)
@@ -254,6 +257,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int first = threadIdx.x; first < total; first += kThreads * kSliceUnroll) {
     C xs[kSliceUnroll][G];
     C gs[kSliceUnroll][G];
+    C ms[kSliceUnroll][G];
     int valid[kSliceUnroll];
 #pragma unroll
     for (int k = 0; k < kSliceUnroll; ++k) {
@@ -268,6 +272,9 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (Sums::kReadsGradient)
           load_group<St, G>(gc + row * gv.stride_outer + start * gv.stride_inner,
                             gv.stride_inner, valid[k], packed, gs[k]);
+        if constexpr (Grad::kReadsOutput)
+          load_group<St, G>(mc + row * mv.stride_outer + start * mv.stride_inner,
+                            mv.stride_inner, valid[k], packed, ms[k]);
       }
     }
 #pragma unroll
@@ -275,7 +282,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < G; ++j) {
         if (j >= valid[k]) continue;
-        if constexpr (Sums::kReadsGradient) {
+        if constexpr (Grad::kReadsOutput) {
+          Sums::add(s1, s2, xs[k][j], Grad::gradient(gs[k][j], ms[k][j]), center);
+        } else if constexpr (Sums::kReadsGradient) {
           Sums::add(s1, s2, xs[k][j], gs[k][j], center);
         } else {
           Sums::add(s1, s2, xs[k][j], xs[k][j], center);
@@ -301,12 +310,13 @@ __device__ double row_center(const typename St::Stored* x, int64_t stride_outer,
 
 // inner == 1: one block per unit of channel_block channels over
 // outer_block rows, partials[c * outer_blocks + u].
-template <class St, class Sums>
+template <class St, class Sums, class Grad>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows(const typename St::Stored* x,  // (outer, C)
                 const typename St::Stored* g,  // (outer, C); read if Sums needs it
-                ChannelView xv, ChannelView gv, Partition part, ChannelArray centers, bool packed,
-                Partial* __restrict__ partials) {
+                const typename St::Stored* m,  // (outer, C); read if Grad needs it
+                ChannelView xv, ChannelView gv, ChannelView mv, Partition part,
+                ChannelArray centers, bool packed, Partial* __restrict__ partials) {
   using S = typename St::Stored;
   using C = typename St::Compute;
   constexpr int G = Pack<S>::kSize;
@@ -322,6 +332,7 @@ __global__ void __launch_bounds__(kThreads)
   const int valid = max(0, min(G, width - start));
   const S* xc = x + (c0 + start) * xv.stride_channel;
   const S* gc = g + (c0 + start) * gv.stride_channel;
+  const S* mc = m + (c0 + start) * mv.stride_channel;
   double center[G];
   double s1[G];
   double s2[G];
@@ -337,6 +348,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t first = o0 + slot; first < o1; first += int64_t(rows_per_step) * kRowUnroll) {
       C xs[kRowUnroll][G];
       C gs[kRowUnroll][G];
+      C ms[kRowUnroll][G];
       bool present[kRowUnroll];
 #pragma unroll
       for (int k = 0; k < kRowUnroll; ++k) {
@@ -346,6 +358,8 @@ __global__ void __launch_bounds__(kThreads)
         load_group<St, G>(xc + row * xv.stride_outer, xv.stride_channel, valid, packed, xs[k]);
         if constexpr (Sums::kReadsGradient)
           load_group<St, G>(gc + row * gv.stride_outer, gv.stride_channel, valid, packed, gs[k]);
+        if constexpr (Grad::kReadsOutput)
+          load_group<St, G>(mc + row * mv.stride_outer, mv.stride_channel, valid, packed, ms[k]);
       }
 #pragma unroll
       for (int k = 0; k < kRowUnroll; ++k) {
@@ -353,7 +367,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < G; ++j) {
           if (j >= valid) continue;
-          if constexpr (Sums::kReadsGradient) {
+          if constexpr (Grad::kReadsOutput) {
+            Sums::add(s1[j], s2[j], xs[k][j], Grad::gradient(gs[k][j], ms[k][j]), center[j]);
+          } else if constexpr (Sums::kReadsGradient) {
             Sums::add(s1[j], s2[j], xs[k][j], gs[k][j], center[j]);
           } else {
             Sums::add(s1[j], s2[j], xs[k][j], xs[k][j], center[j]);
@@ -593,26 +609,33 @@ __global__ void __launch_bounds__(kThreads)
       load_channel(arrays.sum_dy_xhat, c, 0.0));
 }
 
-template <class C> struct NormalizeOp {
+// Input: its one input as given (the forward's x; inference backward's dy)
+// or, for the inference backward of a fused ReLU, dy masked by the ReLU's
+// output, a second input. relu: a ReLU after the normalization (forward).
+template <class C, class Input> struct NormalizeOp {
   using Coefficients = NormalizeCoefficients<C>;
-  static constexpr int kInputs = 1;  // x
-  __device__ __forceinline__ C operator()(const Coefficients& k, const C (&v)[1]) const {
-    const C y = normalize(v[0], k.mean_hi, k.mean_lo, k.scale, k.shift);
+  static constexpr int kInputs = Input::kReadsOutput ? 2 : 1;  // x or dy [, y]
+  bool relu;
+  __device__ __forceinline__ C operator()(const Coefficients& k, const C (&v)[kInputs]) const {
+    C in = v[0];
+    if constexpr (Input::kReadsOutput) in = Input::gradient(v[0], v[kInputs - 1]);
+    C y = normalize(in, k.mean_hi, k.mean_lo, k.scale, k.shift);
     // x - mean can overflow float data near the top of its range (see
     // shift_may_overflow); such elements are taken again in double. The
     // test costs a compare where the loads are the bound.
-    if (!isfinite(y) && isfinite(v[0]))
-      return normalize_wide(v[0], double(k.mean_hi) + double(k.mean_lo), double(k.scale),
-                            double(k.shift));
-    return y;
+    if (!isfinite(y) && isfinite(in))
+      y = normalize_wide(in, double(k.mean_hi) + double(k.mean_lo), double(k.scale),
+                         double(k.shift));
+    return relu ? relu_after_normalize(y) : y;
   }
 };
 
-template <class C> struct InputGradOp {
+template <class C, class Grad> struct InputGradOp {
   using Coefficients = InputGradCoefficients<C>;
-  static constexpr int kInputs = 2;  // grad_output, x
-  __device__ __forceinline__ C operator()(const Coefficients& k, const C (&v)[2]) const {
-    return input_grad(v[0], v[1], k.mean_hi, k.mean_lo, k.invstd, k.a, k.e, k.k);
+  static constexpr int kInputs = Grad::kReadsOutput ? 3 : 2;  // grad_output, x [, y]
+  __device__ __forceinline__ C operator()(const Coefficients& k, const C (&v)[kInputs]) const {
+    return input_grad(Grad::gradient(v[0], v[kInputs - 1]), v[1], k.mean_hi, k.mean_lo, k.invstd,
+                      k.a, k.e, k.k);
   }
 };
 
@@ -736,23 +759,27 @@ bool rows_packed(const ChannelView& v, const void* data, int group) {
          (v.outer == 1 || v.stride_outer % group == 0) && aligned16(data);
 }
 
-// Fills every unit's partial; g is read only by Sums that need it.
-template <class St, class Sums>
+// Fills every unit's partial; g is read only by Sums that need it, m (the
+// fused ReLU's output) only by a Grad that masks g.
+template <class St, class Sums, class Grad>
 void launch_reduction(const ChannelView& xv, const typename St::Stored* x, const ChannelView& gv,
-                      const typename St::Stored* g, const Partition& part,
+                      const typename St::Stored* g, const ChannelView& mv,
+                      const typename St::Stored* m, const Partition& part,
                       const ChannelArray& centers, Partial* partials, cudaStream_t stream) {
   constexpr int G = Pack<typename St::Stored>::kSize;
   const int64_t blocks = part.blocks();
   if (blocks == 0) return;
   if (xv.inner > 1) {
-    const bool packed =
-        slices_packed(xv, x, G) && (!Sums::kReadsGradient || slices_packed(gv, g, G));
-    reduce_channel_slices<St, Sums><<<blocks_for(blocks), kThreads, 0, stream>>>(
-        x, g, xv, gv, part, centers, packed, partials);
+    const bool packed = slices_packed(xv, x, G) &&
+                        (!Sums::kReadsGradient || slices_packed(gv, g, G)) &&
+                        (!Grad::kReadsOutput || slices_packed(mv, m, G));
+    reduce_channel_slices<St, Sums, Grad><<<blocks_for(blocks), kThreads, 0, stream>>>(
+        x, g, m, xv, gv, mv, part, centers, packed, partials);
   } else {
-    const bool packed = rows_packed(xv, x, G) && (!Sums::kReadsGradient || rows_packed(gv, g, G));
-    reduce_rows<St, Sums><<<blocks_for(blocks), kThreads, 0, stream>>>(x, g, xv, gv, part,
-                                                                        centers, packed, partials);
+    const bool packed = rows_packed(xv, x, G) && (!Sums::kReadsGradient || rows_packed(gv, g, G)) &&
+                        (!Grad::kReadsOutput || rows_packed(mv, m, G));
+    reduce_rows<St, Sums, Grad><<<blocks_for(blocks), kThreads, 0, stream>>>(
+        x, g, m, xv, gv, mv, part, centers, packed, partials);
   }
   check_launch("batch_norm reduction");
 }
@@ -782,8 +809,8 @@ void forward_typed(const DeviceArrayRef& x, const DeviceArrayRef& y,
   const cudaStream_t stream = stream_of(target);
   const S* xp = static_cast<const S*>(x.data);
   if (args.training)
-    launch_reduction<St, StatisticsSums>(xv, xp, xv, xp, part, channel_array(nullptr), partials,
-                                         stream);
+    launch_reduction<St, StatisticsSums, GradientAsGiven>(xv, xp, xv, xp, xv, xp, part,
+                                                          channel_array(nullptr), partials, stream);
   const ForwardChannels arrays{channel_array(args.gamma),        channel_array(args.beta),
                                channel_array(args.running_mean), channel_array(args.running_var),
                                channel_array(args.save_mean),    channel_array(args.save_invstd)};
@@ -792,18 +819,22 @@ void forward_typed(const DeviceArrayRef& x, const DeviceArrayRef& y,
       args.momentum, args.eps, arrays, coefficients);
   check_launch("batch_norm statistics");
   const DeviceArrayRef* const operands[2] = {&x, &y};
-  launch_channel_map<St>(NormalizeOp<C>{}, operands, args.axis, xv, coefficients, target, stream,
-                         "batch_norm forward");
+  launch_channel_map<St>(NormalizeOp<C, GradientAsGiven>{args.relu}, operands, args.axis, xv,
+                         coefficients, target, stream, "batch_norm forward");
 }
 
-template <class St>
+// m: the fused ReLU's output, whose mask Grad applies to grad_output, or
+// grad_output itself when Grad takes it as given.
+template <class St, class Grad>
 void backward_typed(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
-                    const DeviceArrayRef& grad_input, const BatchNormBackwardArgs& args,
-                    const Workspace& workspace, const LaunchTarget& target) {
+                    const DeviceArrayRef& m, const DeviceArrayRef& grad_input,
+                    const BatchNormBackwardArgs& args, const Workspace& workspace,
+                    const LaunchTarget& target) {
   using S = typename St::Stored;
   using C = typename St::Compute;
   const ChannelView xv = channel_view(x, args.axis);
   const ChannelView gv = channel_view(grad_output, args.axis);
+  const ChannelView mv = channel_view(m, args.axis);
   if (xv.channels == 0) return;
   const int64_t count = xv.outer * xv.inner;
   const Partition part = make_partition(xv.outer, xv.channels, xv.inner, group_size(x.dtype));
@@ -814,9 +845,10 @@ void backward_typed(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
   void* const coefficients = base + layout.coefficients_offset;
   const DeviceScope scope(target.device);
   const cudaStream_t stream = stream_of(target);
-  launch_reduction<St, GradientSums>(xv, static_cast<const S*>(x.data), gv,
-                                     static_cast<const S*>(grad_output.data), part,
-                                     channel_array(args.save_mean), partials, stream);
+  launch_reduction<St, GradientSums, Grad>(xv, static_cast<const S*>(x.data), gv,
+                                           static_cast<const S*>(grad_output.data), mv,
+                                           static_cast<const S*>(m.data), part,
+                                           channel_array(args.save_mean), partials, stream);
   const BackwardChannels arrays{channel_array(args.gamma), channel_array(args.save_mean),
                                 channel_array(args.save_invstd), channel_array(args.grad_gamma),
                                 channel_array(args.grad_beta)};
@@ -825,16 +857,30 @@ void backward_typed(const DeviceArrayRef& grad_output, const DeviceArrayRef& x,
       arrays, coefficients);
   check_launch("batch_norm backward statistics");
   if (!args.training) {
-    const DeviceArrayRef* const operands[2] = {&grad_output, &grad_input};
-    launch_channel_map<St>(NormalizeOp<C>{}, operands, args.axis, gv,
-                           static_cast<const NormalizeCoefficients<C>*>(coefficients), target,
-                           stream, "batch_norm backward");
+    if constexpr (Grad::kReadsOutput) {
+      const DeviceArrayRef* const operands[3] = {&grad_output, &m, &grad_input};
+      launch_channel_map<St>(NormalizeOp<C, Grad>{false}, operands, args.axis, gv,
+                             static_cast<const NormalizeCoefficients<C>*>(coefficients), target,
+                             stream, "batch_norm backward");
+    } else {
+      const DeviceArrayRef* const operands[2] = {&grad_output, &grad_input};
+      launch_channel_map<St>(NormalizeOp<C, Grad>{false}, operands, args.axis, gv,
+                             static_cast<const NormalizeCoefficients<C>*>(coefficients), target,
+                             stream, "batch_norm backward");
+    }
     return;
   }
-  const DeviceArrayRef* const operands[3] = {&grad_output, &x, &grad_input};
-  launch_channel_map<St>(InputGradOp<C>{}, operands, args.axis, xv,
-                         static_cast<const InputGradCoefficients<C>*>(coefficients), target,
-                         stream, "batch_norm backward");
+  if constexpr (Grad::kReadsOutput) {
+    const DeviceArrayRef* const operands[4] = {&grad_output, &x, &m, &grad_input};
+    launch_channel_map<St>(InputGradOp<C, Grad>{}, operands, args.axis, xv,
+                           static_cast<const InputGradCoefficients<C>*>(coefficients), target,
+                           stream, "batch_norm backward");
+  } else {
+    const DeviceArrayRef* const operands[3] = {&grad_output, &x, &grad_input};
+    launch_channel_map<St>(InputGradOp<C, Grad>{}, operands, args.axis, xv,
+                           static_cast<const InputGradCoefficients<C>*>(coefficients), target,
+                           stream, "batch_norm backward");
+  }
 }
 
 // The workspace of a call on x's view: partials, then coefficients.
@@ -866,8 +912,9 @@ void stats_typed(const DeviceArrayRef& x, int axis, const DeviceArrayRef& mean,
   const DeviceScope scope(target.device);
   const cudaStream_t stream = stream_of(target);
   const S* xp = static_cast<const S*>(x.data);
-  launch_reduction<St, StatisticsSums>(xv, xp, xv, xp, ws.part, channel_array(nullptr),
-                                       ws.partials, stream);
+  launch_reduction<St, StatisticsSums, GradientAsGiven>(xv, xp, xv, xp, xv, xp, ws.part,
+                                                        channel_array(nullptr), ws.partials,
+                                                        stream);
   store_moments<<<finalize_blocks(xv.channels), kThreads, 0, stream>>>(
       ws.partials, ws.part.units_per_channel(), xv.channels, channel_array(&mean),
       channel_array(&m2));
@@ -889,8 +936,8 @@ void apply_typed(const DeviceArrayRef& x, const DeviceArrayRef& y, const BatchNo
       channel_array(args.gamma), channel_array(args.beta), coefficients);
   check_launch("batch_norm_apply coefficients");
   const DeviceArrayRef* const operands[2] = {&x, &y};
-  launch_channel_map<St>(NormalizeOp<C>{}, operands, args.axis, xv, coefficients, target, stream,
-                         "batch_norm_apply");
+  launch_channel_map<St>(NormalizeOp<C, GradientAsGiven>{false}, operands, args.axis, xv,
+                         coefficients, target, stream, "batch_norm_apply");
 }
 
 template <class St>
@@ -904,9 +951,10 @@ void backward_reduce_typed(const DeviceArrayRef& dy, const DeviceArrayRef& x,
   const Scratch ws = scratch(x, xv, workspace, "batch_norm_backward_reduce");
   const DeviceScope scope(target.device);
   const cudaStream_t stream = stream_of(target);
-  launch_reduction<St, GradientSums>(xv, static_cast<const S*>(x.data), gv,
-                                     static_cast<const S*>(dy.data), ws.part,
-                                     channel_array(args.mean), ws.partials, stream);
+  const S* dyp = static_cast<const S*>(dy.data);
+  launch_reduction<St, GradientSums, GradientAsGiven>(xv, static_cast<const S*>(x.data), gv, dyp,
+                                                      gv, dyp, ws.part, channel_array(args.mean),
+                                                      ws.partials, stream);
   store_gradient_sums<<<finalize_blocks(xv.channels), kThreads, 0, stream>>>(
       ws.partials, ws.part.units_per_channel(), xv.channels, channel_array(args.invstd),
       channel_array(args.sum_dy), channel_array(args.sum_dy_xhat));
@@ -931,8 +979,8 @@ void backward_apply_typed(const DeviceArrayRef& dy, const DeviceArrayRef& x,
       xv.channels, args.count, arrays, coefficients);
   check_launch("batch_norm_backward_apply coefficients");
   const DeviceArrayRef* const operands[3] = {&dy, &x, &dx};
-  launch_channel_map<St>(InputGradOp<C>{}, operands, args.axis, xv, coefficients, target, stream,
-                         "batch_norm_backward_apply");
+  launch_channel_map<St>(InputGradOp<C, GradientAsGiven>{}, operands, args.axis, xv,
+                         coefficients, target, stream, "batch_norm_backward_apply");
 }
 
 RankRows rank_rows(const DeviceArrayRef& a) {
@@ -957,7 +1005,14 @@ void batch_norm_backward(const DeviceArrayRef& grad_output, const DeviceArrayRef
                          const DeviceArrayRef& grad_input, const BatchNormBackwardArgs& args,
                          const Workspace& workspace, const LaunchTarget& target) {
   visit_dtype(x.dtype, [&](auto storage) {
-    backward_typed<decltype(storage)>(grad_output, x, grad_input, args, workspace, target);
+    using St = decltype(storage);
+    if (args.relu_output != nullptr) {
+      backward_typed<St, GradientThroughRelu>(grad_output, x, *args.relu_output, grad_input, args,
+                                              workspace, target);
+    } else {
+      backward_typed<St, GradientAsGiven>(grad_output, x, grad_output, grad_input, args,
+                                          workspace, target);
+    }
   });
 }
 

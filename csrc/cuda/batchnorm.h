@@ -33,6 +33,7 @@ struct BatchNormForwardArgs {
   const DeviceArrayRef* running_var;   // updated in place in training
   const DeviceArrayRef* save_mean;     // (C,) output
   const DeviceArrayRef* save_invstd;   // (C,) output
+  bool relu;                           // y = relu(batch_norm(x)), in the same pass
 };
 
 struct BatchNormBackwardArgs {
@@ -45,6 +46,9 @@ struct BatchNormBackwardArgs {
   const DeviceArrayRef* save_invstd;  // (C,)
   const DeviceArrayRef* grad_gamma;   // (C,) output
   const DeviceArrayRef* grad_beta;    // (C,) output
+  // The output y of a forward with a fused ReLU (x's shape and dtype), or
+  // null: dy is masked by y > 0 inside the passes that read it.
+  const DeviceArrayRef* relu_output;
 };
 
 // Bytes of workspace both launchers need for x of this dtype and view.

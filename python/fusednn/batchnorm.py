@@ -7,6 +7,11 @@ Everything is validated here, once and the same way for every device,
 before a kernel runs, so bad input raises without touching ``out`` or the
 running statistics. See docs/batchnorm.md for the conventions (which follow
 PyTorch) and the numerics, and docs/cuda.md for the GPU.
+
+``activation="relu"`` fuses a ReLU after the normalization: the forward
+writes ``relu(batch_norm(x))`` in its one pass, and the backward, given
+that output as ``y``, masks grad_output by ``y > 0`` inside its own passes,
+so the pair costs the memory traffic of batch norm alone.
 """
 from __future__ import annotations
 
@@ -83,6 +88,20 @@ def _channel_viewable(place, x, axis: int):
     return place.contiguous(x)
 
 
+# What `activation` may name: the activations fused after the normalization.
+ACTIVATIONS = ("relu",)
+
+
+def _activation(activation, function: str) -> bool:
+    """Whether a ReLU follows the normalization (activation None or "relu")."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        return True
+    raise ValueError(f"fusednn.{function}: activation must be None or 'relu', "
+                     f"got {activation!r}")
+
+
 def _settings(training, momentum, eps, function: str):
     """Checks the forward's scalar arguments; returns them as bool, float, float."""
     if not isinstance(training, (bool, np.bool_)):
@@ -133,7 +152,7 @@ def _workspace(place, x, axis: int):
 
 
 def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
-               training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+               training=True, momentum=0.1, eps=1e-5, axis=1, activation=None, out=None):
     """Normalizes x over every axis but the channel axis ``axis``:
     ``y = (x - mean) / sqrt(var + eps) * gamma + beta``.
 
@@ -149,6 +168,10 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     ``1 / sqrt(var + eps)`` that were used (batch statistics in training,
     the running ones in inference), in x's dtype (float32 for float16 x).
 
+    ``activation="relu"`` returns ``relu(y)`` instead of y, written in the
+    same pass (fusednn's relu: -0 and NaN pass); its backward is
+    ``batch_norm_backward(..., activation="relu", y=<that output>)``.
+
     CuPy arrays run on the GPU, where float16 x is also accepted (computed
     in float32; gamma and beta may then be float16 or float32) and the
     running statistics may be float16, float32 or float64.
@@ -161,6 +184,7 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
     ax = _channel_axis(axis, x.ndim, function)
     training, momentum, eps = _settings(training, momentum, eps, function)
+    relu = _activation(activation, function)
     channels = x.shape[ax]
     gamma = _per_channel(place, gamma, "gamma", channels, function, weights_of=x.dtype)
     beta = _per_channel(place, beta, "beta", channels, function, weights_of=x.dtype)
@@ -187,13 +211,13 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     save_invstd = place.empty((channels,), statistics)
     workspace = _workspace(place, x, ax)
     place.backend.batch_norm_forward(x, y, gamma, beta, running_mean, running_var, save_mean,
-                                     save_invstd, workspace, training, momentum, eps, ax)
+                                     save_invstd, workspace, training, momentum, eps, ax, relu)
     return BatchNormResult(place.result(y, out), place.result(save_mean),
                            place.result(save_invstd))
 
 
 def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1,
-                        training=True, out=None):
+                        training=True, activation=None, y=None, out=None):
     """Gradients of batch_norm.
 
     ``save_mean`` and ``save_invstd`` are what batch_norm returned (float32
@@ -210,6 +234,14 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     statistics (the running ones it returned as save_mean/save_invstd) are
     constants: ``grad_input = gamma * invstd * dy``, as PyTorch's eval mode.
 
+    ``activation="relu"`` is the backward of ``batch_norm(...,
+    activation="relu")``: ``y``, that forward's output (x's shape and
+    dtype), is then required, and dy is taken as 0 where ``y <= 0``
+    (fusednn's relu backward) inside the passes that read dy, for
+    grad_input, grad_gamma and grad_beta alike. The mask comes from y
+    rather than from x normalized again, so it is exactly the forward's:
+    y is what a framework keeps for the next layer anyway.
+
     ``out``, when given, receives grad_input (x's shape and dtype; it may be
     grad_output or x itself), so that a training loop can reuse one buffer
     instead of allocating, and touching fresh pages for, every call.
@@ -219,8 +251,15 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
         raise TypeError(f"fusednn.{function}: training must be a bool, "
                         f"not {type(training).__name__}")
     training = bool(training)
-    place = _arrays.locate(function, ("grad_output", "x", "gamma", "save_mean", "save_invstd"),
-                           grad_output, x, gamma, save_mean, save_invstd)
+    relu = _activation(activation, function)
+    if relu and y is None:
+        raise TypeError(f"fusednn.{function}: activation='relu' needs y, the forward's output, "
+                        "to mask grad_output with")
+    if not relu and y is not None:
+        raise ValueError(f"fusednn.{function}: y is read only with activation='relu'")
+    place = _arrays.locate(function,
+                           ("grad_output", "x", "gamma", "save_mean", "save_invstd", "y"),
+                           grad_output, x, gamma, save_mean, save_invstd, y)
     grad_output = place.view(grad_output, "grad_output", function)
     x = place.view(x, "x", function)
     if grad_output.shape != x.shape:
@@ -229,6 +268,14 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     if grad_output.dtype != x.dtype:
         raise TypeError(f"fusednn.{function}: grad_output and x must have the same dtype, "
                         f"got {grad_output.dtype} and {x.dtype}")
+    if relu:
+        y = place.view(y, "y", function)
+        if y.shape != x.shape:
+            raise ValueError(f"fusednn.{function}: y must have x's shape {x.shape}, "
+                             f"got {y.shape}")
+        if y.dtype != x.dtype:
+            raise TypeError(f"fusednn.{function}: y must have x's dtype {x.dtype}, "
+                            f"got {y.dtype}")
     if x.ndim == 0:
         raise ValueError(f"fusednn.{function}: x must have at least one dimension (the channels)")
     ax = _channel_axis(axis, x.ndim, function)
@@ -242,6 +289,8 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     grad_input = place.output(out, x, function)
     grad_output = _channel_viewable(place, place.detach(grad_output, grad_input), ax)
     x = _channel_viewable(place, place.detach(x, grad_input), ax)
+    if relu:
+        y = _channel_viewable(place, place.detach(y, grad_input), ax)
     gamma, save_mean, save_invstd = (place.detach(a, grad_input, elementwise=False)
                                      for a in (gamma, save_mean, save_invstd))
     statistics = _statistics_dtype(x.dtype)
@@ -250,5 +299,5 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     workspace = _workspace(place, x, ax)
     place.backend.batch_norm_backward(grad_output, x, grad_input, gamma, save_mean,
                                       save_invstd, grad_gamma, grad_beta, workspace, ax,
-                                      training)
+                                      training, y)
     return place.result(grad_input, out), place.result(grad_gamma), place.result(grad_beta)

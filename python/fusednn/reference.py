@@ -423,13 +423,14 @@ def _channel_layout(x, axis):
 
 
 def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
-               training=True, momentum=0.1, eps=1e-5, axis=1):
+               training=True, momentum=0.1, eps=1e-5, axis=1, activation=None):
     """Batch normalization over the channel axis ``axis``, in float64.
 
     training: normalize with the batch mean and biased variance (two-pass)
     and update running_mean/running_var in place when given, the variance
     with the unbiased estimate var * m / (m - 1). Inference: normalize with
-    the running statistics. Returns (y, mean, 1 / sqrt(var + eps)).
+    the running statistics. activation="relu": y is relu(y) (relu above).
+    Returns (y, mean, 1 / sqrt(var + eps)).
     """
     x = _f64(x)
     axis, others, shape = _channel_layout(x, axis)
@@ -459,19 +460,32 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     gamma = np.ones(channels) if gamma is None else _f64(gamma)
     beta = np.zeros(channels) if beta is None else _f64(beta)
     y = ((x - mean.reshape(shape)) * (invstd * gamma).reshape(shape) + beta.reshape(shape))
+    if activation == "relu":
+        y = relu(y)
+    elif activation is not None:
+        raise ValueError(f"batch_norm: activation must be None or 'relu', got {activation!r}")
     return BatchNormResult(y, mean, invstd)
 
 
 def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1,
-                        training=True):
+                        training=True, activation=None, y=None):
     """Gradients of batch_norm, in float64: with m values per channel and
     xhat = (x - mean) * invstd, grad_gamma = sum(dy * xhat), grad_beta = sum(dy),
     and grad_input =
     gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat)) (training:
     the statistics are functions of x) or gamma * invstd * dy (training=False:
     the running statistics are constants).
+    activation="relu": the backward of batch_norm(..., activation="relu")
+    whose output was y: dy is first taken through relu's derivative at y
+    (0 where y <= 0, dy elsewhere, NaN y included), then as above.
     Returns (grad_input, grad_gamma, grad_beta)."""
     g = _f64(grad_output)
+    if activation == "relu":
+        with np.errstate(invalid="ignore"):
+            g = np.where(_f64(y) <= 0, 0.0, g)
+    elif activation is not None:
+        raise ValueError(f"batch_norm_backward: activation must be None or 'relu', "
+                         f"got {activation!r}")
     x = _f64(x)
     axis, others, shape = _channel_layout(x, axis)
     channels = x.shape[axis]

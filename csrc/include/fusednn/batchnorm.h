@@ -82,6 +82,26 @@ struct GradientSums {
   }
 };
 
+// A ReLU fused after the normalization: the forward writes relu(bn(x)) in
+// the same pass, and the backward masks dy by the forward's output y inside
+// the batch-norm backward's own passes (the sums and the input gradient),
+// so that the pair reads and writes memory once. Both are fusednn's relu
+// (activations.h, act::Relu): -0 and NaN pass forward, and the gradient is
+// kept where y > 0 or y is NaN. T{} is zero for scalars and for the CPU's
+// vector lines alike.
+template <class T> FUSEDNN_HD T relu_after_normalize(T y) { return y < T{} ? T{} : y; }
+
+// The loops' policies for the gradient they read: as given, or masked by
+// the fused ReLU's output. kReadsOutput says whether y is read at all.
+struct GradientAsGiven {
+  static constexpr bool kReadsOutput = false;
+  template <class T> FUSEDNN_HD static T gradient(T dy, T) { return dy; }
+};
+struct GradientThroughRelu {
+  static constexpr bool kReadsOutput = true;
+  template <class T> FUSEDNN_HD static T gradient(T dy, T y) { return y <= T{} ? T{} : dy; }
+};
+
 // Chan's pairwise merge; the result depends on the order of merging, so
 // callers merge partials in a fixed order to get the same bits every run.
 FUSEDNN_HD Moments merge_moments(const Moments& a, const Moments& b) {

@@ -14,6 +14,11 @@ replaces; ``fusednn.torch.patch`` reports such configurations when it can
 see them in advance. The check reads only dtype and device, which
 ``torch.compile`` specializes on, so it adds no graph break.
 
+``BatchNormReLU1d/2d/3d`` are the batch norms with the following ReLU
+fused in (one pass forward, one backward), and ``FoldedReLU`` the ReLU
+such a batch norm took over: it returns its input. ``fusednn.torch.patch``
+puts both in place of a BatchNorm and the ReLU right after it.
+
 Dropout draws its ``[seed, offset]`` from a ``torch.Generator`` per call
 (``generator=None``: torch's default generator), so ``torch.manual_seed``
 reproduces the masks, as with ``torch.nn.Dropout``; the module itself
@@ -30,9 +35,10 @@ import fusednn as fn
 from . import ops
 
 __all__ = [
-    "ELU", "GELU", "SELU", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BiasActivationDropout",
-    "Dropout", "Hardsigmoid", "Hardswish", "Hardtanh", "LeakyReLU", "Mish", "ReLU", "SiLU",
-    "Sigmoid", "Softplus", "SyncBatchNorm", "Tanh", "supports",
+    "ELU", "GELU", "SELU", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d",
+    "BatchNormReLU2d", "BatchNormReLU3d", "BiasActivationDropout", "Dropout", "FoldedReLU",
+    "Hardsigmoid", "Hardswish", "Hardtanh", "LeakyReLU", "Mish", "ReLU", "SiLU", "Sigmoid",
+    "Softplus", "SyncBatchNorm", "Tanh", "supports",
 ]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -75,12 +81,15 @@ def supports(dtype: torch.dtype, device: torch.device | str, *,
 class _BatchNorm:
     """The forward of ``torch.nn.modules.batchnorm._BatchNorm`` (the same
     decisions about running statistics, momentum=None and eval mode) on
-    fusednn's kernel."""
+    fusednn's kernel; ``_relu``: a ReLU fused after it."""
+
+    _relu = False
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if supports(input.dtype, input.device) is not None:
-            return super().forward(input)
+            output = super().forward(input)
+            return torch.relu(output) if self._relu else output
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -93,7 +102,7 @@ class _BatchNorm:
         return ops.batch_norm(input, self.weight, self.bias,
                               self.running_mean if tracked else None,
                               self.running_var if tracked else None,
-                              bn_training, factor, self.eps, 1)
+                              bn_training, factor, self.eps, 1, self._relu)
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
@@ -107,6 +116,39 @@ class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on fusednn's batch-norm kernels."""
+
+
+class BatchNormReLU1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` followed by a ReLU, fused: the forward
+    writes relu(batch_norm(x)) in one pass, the backward masks the gradient
+    by that output inside batch norm's own passes. Parameters, buffers and
+    state_dict keys are BatchNorm1d's."""
+
+    _relu = True
+
+
+class BatchNormReLU2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` followed by a ReLU, fused (see
+    BatchNormReLU1d); NCHW and channels_last."""
+
+    _relu = True
+
+
+class BatchNormReLU3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` followed by a ReLU, fused (see
+    BatchNormReLU1d)."""
+
+    _relu = True
+
+
+class FoldedReLU(torch.nn.ReLU):
+    """A ``torch.nn.ReLU`` whose work the batch norm before it does
+    (``BatchNormReLU*d``): it returns its input, which is already
+    relu(batch_norm(x)). Only ``fusednn.torch.patch`` makes one, for a
+    ReLU that nothing else calls."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input
 
 
 # ---- activations ------------------------------------------------------------------

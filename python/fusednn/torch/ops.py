@@ -21,9 +21,13 @@ mask saved by the forward (``dropout_with_mask``), never a byte mask.
 
 ``fusednn::batch_norm`` declares that it mutates ``running_mean`` and
 ``running_var``, which its fused kernel updates in place; torch.library
-attaches autograd formulas to functional operators only, so its autograd
-is an ``autograd.Function`` around it (``batch_norm`` here), which
-``torch.compile`` traces as well. Double backward is registered where the
+attaches autograd formulas to functional operators only (register_autograd
+raises for this schema), so its autograd is an ``autograd.Function``
+around it (``batch_norm`` here), which ``torch.compile`` traces as well.
+``relu=True`` fuses a ReLU after the normalization: the forward returns
+``relu(batch_norm(x))`` from the same pass, the autograd saves that output,
+and ``fusednn::batch_norm_backward`` masks grad_output with it
+(``relu_output``) inside its own passes. Double backward is registered where the
 backward is linear in the gradient and constant in the saved tensor, so
 that it is its own derivative: dropout (both forms) and the
 piecewise-linear activations relu, leaky_relu and hardtanh.
@@ -217,14 +221,16 @@ def _statistics_dtype(x: Tensor) -> torch.dtype:
 def _batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    training: bool, momentum: float, eps: float,
-                   axis: int) -> tuple[Tensor, Tensor, Tensor]:
+                   axis: int, relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``fusednn.batch_norm`` over channel axis ``axis``: returns (y,
     save_mean, save_invstd); training updates the running statistics in
-    place (when given), inference normalizes with them."""
+    place (when given), inference normalizes with them. relu: y is
+    relu(batch_norm(x)), written in the same pass."""
     out = torch.empty_like(x)
     x_view, out_view, axis = _channel_last_views(x, out, axis)
     result = fn.batch_norm(x_view, weight, bias, running_mean, running_var, training=training,
-                           momentum=momentum, eps=eps, axis=axis, out=out_view)
+                           momentum=momentum, eps=eps, axis=axis,
+                           activation="relu" if relu else None, out=out_view)
     return out, result.save_mean, result.save_invstd
 
 
@@ -238,7 +244,7 @@ def _channel_last_views(x: Tensor, other: Tensor, axis: int):
 
 
 @_batch_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_var, training, momentum, eps, axis):
+def _(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, relu=False):
     channels = x.shape[axis]
     dtype = _statistics_dtype(x)
     return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
@@ -248,22 +254,30 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps, axis)
 @torch.library.custom_op("fusednn::batch_norm_backward", mutates_args=())
 def batch_norm_backward(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
                         save_mean: Tensor, save_invstd: Tensor, training: bool,
-                        axis: int) -> tuple[Tensor, Tensor, Tensor]:
+                        axis: int, relu_output: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """``fusednn.batch_norm_backward``: (grad_input, grad_weight,
-    grad_bias); training=False is the backward of the inference forward."""
+    grad_bias); training=False is the backward of the inference forward.
+    relu_output: the output of a forward with relu=True, whose mask
+    (relu_output > 0) applies to grad_output."""
     out = torch.empty_like(x)
-    grad_output = grad_output.contiguous(memory_format=_memory_format(x))
+    layout = _memory_format(x)
+    grad_output = grad_output.contiguous(memory_format=layout)
     x_view, out_view, view_axis = _channel_last_views(x, out, axis)
     if view_axis != axis:
         grad_output = grad_output.movedim(1, -1)
+    if relu_output is not None:
+        relu_output = relu_output.contiguous(memory_format=layout)
+        if view_axis != axis:
+            relu_output = relu_output.movedim(1, -1)
     _, grad_weight, grad_bias = fn.batch_norm_backward(
         grad_output, x_view, weight, save_mean, save_invstd, axis=view_axis, training=training,
-        out=out_view)
+        activation=None if relu_output is None else "relu", y=relu_output, out=out_view)
     return out, grad_weight, grad_bias
 
 
 @batch_norm_backward.register_fake
-def _(grad_output, x, weight, save_mean, save_invstd, training, axis):
+def _(grad_output, x, weight, save_mean, save_invstd, training, axis, relu_output=None):
     channels = x.shape[axis]
     dtype = _statistics_dtype(x)
     return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
@@ -278,23 +292,25 @@ class _BatchNorm(torch.autograd.Function):
     (functionalizing the declared mutation)."""
 
     @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis):
+    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, relu):
         return _batch_norm_op(x, weight, bias, running_mean, running_var, training, momentum,
-                              eps, axis)
+                              eps, axis, relu)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, _, _, training, _, _, axis = inputs
-        _, save_mean, save_invstd = output
+        x, weight, bias, _, _, training, _, _, axis, relu = inputs
+        y, save_mean, save_invstd = output
         ctx.mark_non_differentiable(save_mean, save_invstd)
         ctx.training, ctx.axis, ctx.has_bias = training, axis, bias is not None
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        # With the fused ReLU, backward masks with y, which the next layer
+        # keeps anyway; without it, None.
+        ctx.save_for_backward(x, weight, save_mean, save_invstd, y if relu else None)
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
-        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        x, weight, save_mean, save_invstd, relu_output = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = batch_norm_backward(
-            grad_y, x, weight, save_mean, save_invstd, ctx.training, ctx.axis)
+            grad_y, x, weight, save_mean, save_invstd, ctx.training, ctx.axis, relu_output)
         if weight is not None and grad_weight.dtype != weight.dtype:
             # float16 x with float32 weights (CUDA)
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
@@ -302,19 +318,20 @@ class _BatchNorm(torch.autograd.Function):
             grad_weight = None
         if not ctx.has_bias:
             grad_bias = None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def batch_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-               axis: int = 1) -> Tensor:
+               axis: int = 1, relu: bool = False) -> Tensor:
     """Differentiable batch norm (x, weight and bias) on
-    ``torch.ops.fusednn.batch_norm``; returns y. Training updates the
-    running statistics in place when given; training=False normalizes with
-    them, and its backward treats them as constants."""
+    ``torch.ops.fusednn.batch_norm``; returns y, or relu(y) from the same
+    pass with relu=True. Training updates the running statistics in place
+    when given; training=False normalizes with them, and its backward
+    treats them as constants."""
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training, momentum,
-                            eps, axis)[0]
+                            eps, axis, relu)[0]
 
 
 # ---- dropout ------------------------------------------------------------------------
