@@ -234,3 +234,25 @@ def test_compiled_fused_model_has_no_graph_break():
     assert int(model[1].num_batches_tracked) == 1
     want = eager(x)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_eager_calls_skip_the_dispatcher_and_traces_keep_the_operator(relu):
+    # Eager autograd runs the kernel functions directly; anything that
+    # traces (here make_fx, a dispatch mode) must still see the operators.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, weight, bias = normals(6, 3, 4), normals(3), normals(3)
+    eager = ops.batch_norm(x.requires_grad_(), weight, bias, None, None, True, 0.1, 1e-5, 1,
+                           relu=relu)
+    via_op = torch.ops.fusednn.batch_norm(x.detach(), weight, bias, None, None, True, 0.1, 1e-5,
+                                          1, relu)[0]
+    assert torch.equal(eager, via_op)
+
+    def step(x, g):
+        y = ops.batch_norm(x, weight, bias, None, None, True, 0.1, 1e-5, 1, relu=relu)
+        return torch.autograd.grad(y, x, g)[0]
+
+    graph = make_fx(step)(x.detach().requires_grad_(), normals(6, 3, 4))
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert {"fusednn.batch_norm.default", "fusednn.batch_norm_backward.default"} <= targets

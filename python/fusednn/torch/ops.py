@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
 import fusednn as fn
 
@@ -217,11 +218,10 @@ def _statistics_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype == torch.float16 else x.dtype
 
 
-@torch.library.custom_op("fusednn::batch_norm", mutates_args=("running_mean", "running_var"))
-def _batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   training: bool, momentum: float, eps: float,
-                   axis: int, relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _batch_norm_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       training: bool, momentum: float, eps: float,
+                       axis: int, relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``fusednn.batch_norm`` over channel axis ``axis``: returns (y,
     save_mean, save_invstd); training updates the running statistics in
     place (when given), inference normalizes with them. relu: y is
@@ -232,6 +232,10 @@ def _batch_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                            momentum=momentum, eps=eps, axis=axis,
                            activation="relu" if relu else None, out=out_view)
     return out, result.save_mean, result.save_invstd
+
+
+_batch_norm_op = torch.library.custom_op(
+    "fusednn::batch_norm", _batch_norm_kernel, mutates_args=("running_mean", "running_var"))
 
 
 def _channel_last_views(x: Tensor, other: Tensor, axis: int):
@@ -251,11 +255,10 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
             x.new_empty(channels, dtype=dtype))
 
 
-@torch.library.custom_op("fusednn::batch_norm_backward", mutates_args=())
-def batch_norm_backward(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
-                        save_mean: Tensor, save_invstd: Tensor, training: bool,
-                        axis: int, relu_output: Optional[Tensor] = None
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
+                                save_mean: Tensor, save_invstd: Tensor, training: bool,
+                                axis: int, relu_output: Optional[Tensor] = None
+                                ) -> tuple[Tensor, Tensor, Tensor]:
     """``fusednn.batch_norm_backward``: (grad_input, grad_weight,
     grad_bias); training=False is the backward of the inference forward.
     relu_output: the output of a forward with relu=True, whose mask
@@ -276,6 +279,10 @@ def batch_norm_backward(grad_output: Tensor, x: Tensor, weight: Optional[Tensor]
     return out, grad_weight, grad_bias
 
 
+batch_norm_backward = torch.library.custom_op("fusednn::batch_norm_backward",
+                                              _batch_norm_backward_kernel, mutates_args=())
+
+
 @batch_norm_backward.register_fake
 def _(grad_output, x, weight, save_mean, save_invstd, training, axis, relu_output=None):
     channels = x.shape[axis]
@@ -284,33 +291,48 @@ def _(grad_output, x, weight, save_mean, save_invstd, training, axis, relu_outpu
             x.new_empty(channels, dtype=dtype))
 
 
+def _eager(x: Tensor) -> bool:
+    """Whether a call on x runs in plain eager mode: a plain tensor, no
+    compilation or export tracing it, no dispatch mode (fake tensors,
+    make_fx) active. There the autograd.Function below calls the kernel
+    functions themselves: the operator's dispatch layers in Python
+    (autograd, ADInplaceOrView, the backend wrapper, argument defaults)
+    took about 170 us per batch-norm call and add nothing inside a
+    Function that already does autograd. Traced code keeps the operators
+    as single nodes."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and _len_torch_dispatch_stack() == 0)
+
+
 class _BatchNorm(torch.autograd.Function):
     """Autograd for fusednn::batch_norm. torch.library registers autograd
     formulas only for functional operators, and this one updates the
     running statistics in place inside the fused kernel; an
     autograd.Function keeps that single pass, and torch.compile traces it
-    (functionalizing the declared mutation)."""
+    (functionalizing the declared mutation). forward takes ctx itself: the
+    separate setup_context form costs about 60 us more per call in
+    PyTorch 2.13, which binds the arguments to the signature with
+    inspect on every call."""
 
     @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, relu):
-        return _batch_norm_op(x, weight, bias, running_mean, running_var, training, momentum,
-                              eps, axis, relu)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, _, _, training, _, _, axis, relu = inputs
-        y, save_mean, save_invstd = output
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                relu):
+        run = _batch_norm_kernel if _eager(x) else _batch_norm_op
+        y, save_mean, save_invstd = run(x, weight, bias, running_mean, running_var, training,
+                                        momentum, eps, axis, relu)
         ctx.mark_non_differentiable(save_mean, save_invstd)
         ctx.training, ctx.axis, ctx.has_bias = training, axis, bias is not None
         # With the fused ReLU, backward masks with y, which the next layer
         # keeps anyway; without it, None.
         ctx.save_for_backward(x, weight, save_mean, save_invstd, y if relu else None)
+        return y, save_mean, save_invstd
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, save_mean, save_invstd, relu_output = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = batch_norm_backward(
-            grad_y, x, weight, save_mean, save_invstd, ctx.training, ctx.axis, relu_output)
+        run = _batch_norm_backward_kernel if _eager(grad_y) else batch_norm_backward
+        grad_x, grad_weight, grad_bias = run(grad_y, x, weight, save_mean, save_invstd,
+                                             ctx.training, ctx.axis, relu_output)
         if weight is not None and grad_weight.dtype != weight.dtype:
             # float16 x with float32 weights (CUDA)
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
