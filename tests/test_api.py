@@ -36,6 +36,15 @@ SIGNATURES = {
     "hardtanh": "(x, min_val=-1.0, max_val=1.0, *, out=None)",
     "activation": "(name, x, *, out=None, **params)",
     "activation_backward": "(name, grad_output, *, x=None, y=None, out=None, **params)",
+    # DESIGN's dropout signatures with start, the global index of the first
+    # element (data-parallel slices of a batch).
+    "dropout": "(x, p, *, seed, offset=0, start=0, training=True, return_mask=False, out=None)",
+    "dropout_backward": "(grad_output, p, *, mask=None, seed=None, offset=0, start=0, out=None)",
+    "dropout_mask": "(shape, p, *, seed, offset=0, start=0, device='cpu')",
+    "bias_act_dropout": "(h, bias, act, p, *, seed, offset=0, start=0, axis=-1, return_mask=False, "
+                        "out=None, **act_params)",
+    "bias_act_dropout_backward": "(grad_output, h, bias, act, p, *, mask=None, seed=None, "
+                                 "offset=0, start=0, axis=-1, out=None, **act_params)",
 }
 
 

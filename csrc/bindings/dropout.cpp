@@ -43,55 +43,57 @@ void bind_dropout(py::module_& m) {
   m.def(
       "dropout_forward",
       [](const Operand& x, const Operand& out, double p, uint64_t seed, uint64_t offset,
-         const std::optional<Operand>& mask_out) {
+         uint64_t start, const std::optional<Operand>& mask_out) {
         const char* f = "dropout_forward";
         require_same(x, out, f);
         require_writable(out, f, "out");
-        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset, start, x.size(), f);
         spec.mask_out = mask_pointer(mask_out, x, true, f, "mask_out");
         Backend::dropout_apply(spec, x, out);
       },
       py::arg("x"), py::arg("out"), py::arg("p"), py::arg("seed"), py::arg("offset"),
-      py::arg("mask_out"));
+      py::arg("start"), py::arg("mask_out"));
 
   m.def(
       "dropout_backward",
       [](const Operand& g, const Operand& out, double p, const std::optional<Operand>& mask,
-         uint64_t seed, uint64_t offset) {
+         uint64_t seed, uint64_t offset, uint64_t start) {
         const char* f = "dropout_backward";
         require_same(g, out, f);
         require_writable(out, f, "out");
-        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset, start, g.size(), f);
         spec.mask_in = mask_pointer(mask, g, false, f, "mask");
         Backend::dropout_apply(spec, g, out);
       },
       py::arg("grad_output"), py::arg("out"), py::arg("p"), py::arg("mask"), py::arg("seed"),
-      py::arg("offset"));
+      py::arg("offset"), py::arg("start"));
 
   m.def(
       "dropout_mask",
-      [](int64_t n, double p, uint64_t seed, uint64_t offset, const Operand& mask_out) {
+      [](int64_t n, double p, uint64_t seed, uint64_t offset, uint64_t start,
+         const Operand& mask_out) {
         const char* f = "dropout_mask";
         if (n < 0) throw py::value_error("dropout_mask: n must be non-negative");
         require_dtype(mask_out, DTypeCode::uint8, f, "mask_out");
         require_writable(mask_out, f, "mask_out");
-        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset, start, n, f);
         spec.mask_out = buffer_pointer(mask_out, (n + 7) / 8, mask_out, f, "mask_out");
         Backend::dropout_mask(spec, n, mask_out);
       },
-      py::arg("n"), py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("mask_out"));
+      py::arg("n"), py::arg("p"), py::arg("seed"), py::arg("offset"), py::arg("start"),
+      py::arg("mask_out"));
 
   m.def(
       "bias_act_dropout_forward",
       [](int id, const Operand& h, const Operand& bias, int axis, const Operand& out, double a,
-         double b, bool tanh_approx, double p, uint64_t seed, uint64_t offset,
+         double b, bool tanh_approx, double p, uint64_t seed, uint64_t offset, uint64_t start,
          const std::optional<Operand>& mask_out) {
         const char* f = "bias_act_dropout_forward";
         const Activation act = activation_from_id(id);
         require_same(h, out, f);
         require_writable(out, f, "out");
         require_bias(h, bias, axis, f);
-        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset, start, h.size(), f);
         spec.mask_out = mask_pointer(mask_out, h, true, f, "mask_out");
         Backend::bias_act_dropout_forward(act, make_activation_params(a, b, tanh_approx), spec, h,
                                           bias, axis, out);
@@ -99,7 +101,7 @@ void bind_dropout(py::module_& m) {
       "out = keep_i * scale * act(h + bias[c]), c the index along `axis`.",
       py::arg("activation"), py::arg("h"), py::arg("bias"), py::arg("axis"), py::arg("out"),
       py::arg("a"), py::arg("b"), py::arg("tanh_approximation"), py::arg("p"), py::arg("seed"),
-      py::arg("offset"), py::arg("mask_out"));
+      py::arg("offset"), py::arg("start"), py::arg("mask_out"));
 
   m.def(
       "bias_grad_workspace_bytes",
@@ -116,7 +118,7 @@ void bind_dropout(py::module_& m) {
       [](int id, const Operand& g, const Operand& h, const Operand& bias, int axis,
          const Operand& grad_h, const Operand& grad_bias, const std::optional<Operand>& workspace,
          double a, double b, bool tanh_approx, double p, const std::optional<Operand>& mask,
-         uint64_t seed, uint64_t offset) {
+         uint64_t seed, uint64_t offset, uint64_t start) {
         const char* f = "bias_act_dropout_backward";
         const Activation act = activation_from_id(id);
         require_same(g, h, f);
@@ -129,7 +131,7 @@ void bind_dropout(py::module_& m) {
         if (grad_bias.dtype != h.dtype || grad_bias.shape != bias.shape)
           throw py::value_error("bias_act_dropout_backward: grad_bias must be 1-d, of h's dtype "
                                 "and length h.shape[axis]");
-        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset);
+        auto spec = dropout_spec<Backend::DropoutSpec>(p, seed, offset, start, g.size(), f);
         spec.mask_in = mask_pointer(mask, g, false, f, "mask");
         const int64_t needed = Backend::bias_grad_workspace_bytes(h.shape, axis);
         if (needed > 0) buffer_pointer(workspace, needed, h, f, "workspace");
@@ -141,7 +143,7 @@ void bind_dropout(py::module_& m) {
       py::arg("activation"), py::arg("grad_output"), py::arg("h"), py::arg("bias"),
       py::arg("axis"), py::arg("grad_h"), py::arg("grad_bias"), py::arg("workspace"),
       py::arg("a"), py::arg("b"), py::arg("tanh_approximation"), py::arg("p"), py::arg("mask"),
-      py::arg("seed"), py::arg("offset"));
+      py::arg("seed"), py::arg("offset"), py::arg("start"));
 
   m.def(
       "philox4x32_10",

@@ -134,12 +134,26 @@ inline void draw_words_128(const PhiloxStream& stream, uint64_t block, uint64_t 
 }
 #endif
 
+// Moves a bit string down by `shift` (1..3) bits: bit k of words[0,
+// count) becomes bit k + shift of the string, so words[count] is read.
+inline void shift_bits_down(uint64_t* words, int64_t count, uint32_t shift) {
+  for (int64_t q = 0; q < count; ++q)
+    words[q] = (words[q] >> shift) | (words[q + 1] << (64 - shift));
+}
+
 // Supplies the keep decision of each element of one thread's slice
-// [begin, end), in increasing order, a chunk at a time.
+// [begin, end), in increasing order, a chunk at a time. Element i takes
+// global index spec.start + i: a chunk's bits are drawn from the blocks of
+// its global indices, which start on a block when start % 4 == 0 (the
+// usual case, start = 0, draws exactly that) and otherwise lane_shift
+// elements into one, so that one more block is drawn and the chunk's bits
+// are shifted down into place (shift_bits_down, a pass over 129 words per
+// chunk of 8192 elements).
 class KeepCursor {
  public:
   KeepCursor(const DropoutSpec& spec, int64_t begin, int64_t end)
-      : spec_(spec), stream_(spec), begin_(begin), end_(end) {}
+      : spec_(spec), stream_(spec), blocks_(philox::block_start(spec.start)), begin_(begin),
+        end_(end) {}
 
   // Calls fn(keep, done, m) for consecutive pieces covering [pos, pos +
   // count): keep[k] (0 or 1) decides element pos + done + k. Positions
@@ -180,7 +194,7 @@ class KeepCursor {
     while (count > 0) {
       const int64_t chunk_end = chunk_begin + count;
       const int64_t next_count = std::min(kChunk, end_ - chunk_end);
-      const int64_t next_groups = (next_count + kOverlapPiece - 1) / kOverlapPiece;
+      const int64_t next_groups = next_count == 0 ? 0 : drawn_words(next_count) / 2;
       int64_t drawn = 0;
       for (int64_t at = chunk_begin; at < chunk_end;) {
         const int64_t since_phase = at - begin_ - phase;
@@ -195,6 +209,8 @@ class KeepCursor {
         at += m;
       }
       draw_groups(next, chunk_end, drawn, next_groups);
+      if (blocks_.lane_shift != 0)
+        shift_bits_down(next, (next_count + 63) / 64, blocks_.lane_shift);
       if (spec_.mask_out != nullptr) store_mask(current, chunk_begin, count);
       std::swap(current, next);
       chunk_begin = chunk_end;
@@ -235,18 +251,30 @@ class KeepCursor {
     spread_ = false;
   }
 
-  // Fills words_ with the keep bits of the chunk's (count + 127) / 128 * 2
-  // words; bits past count are drawn for elements that do not exist.
+  // Words of bits to draw for `count` elements from the chunk's first
+  // block: lane_shift more than count, in whole steps of the draw (two
+  // words on AVX-512, one elsewhere).
+  int64_t drawn_words(int64_t count) const {
+    const int64_t words = (count + blocks_.lane_shift + 63) / 64;
+#if defined(FUSEDNN_DROPOUT_AVX512)
+    return (words + 1) / 2 * 2;
+#else
+    return words;
+#endif
+  }
+
+  // Fills words_ with the keep bits of the chunk's count elements; bits
+  // past count are drawn for elements that do not exist.
   void draw(int64_t count) {
-    const int64_t words = (count + 63) / 64;
     if (spec_.threshold == 0) {
       std::memset(words_, 0, sizeof words_);
       return;
     }
+    const int64_t words = drawn_words(count);
 #if defined(FUSEDNN_DROPOUT_AVX512)
-    draw_groups(words_, chunk_begin_, 0, (words + 1) / 2);
+    draw_groups(words_, chunk_begin_, 0, words / 2);
 #else
-    const uint64_t first_block = static_cast<uint64_t>(chunk_begin_) / philox::kLanes;
+    const uint64_t first_block = chunk_first_block(chunk_begin_);
     // One Philox block per iteration, four decisions as a nibble; the loop
     // vectorizes across blocks. The 64-bit block number in 32-bit halves,
     // carrying by hand, keeps it in 32-bit lanes.
@@ -272,6 +300,13 @@ class KeepCursor {
       words_[q] = word;
     }
 #endif
+    if (blocks_.lane_shift != 0) shift_bits_down(words_, (count + 63) / 64, blocks_.lane_shift);
+  }
+
+  // The block holding the global index of the chunk's first element (a
+  // multiple of 64 past begin_, so of 4).
+  uint64_t chunk_first_block(int64_t chunk_begin) const {
+    return blocks_.first_block + static_cast<uint64_t>(chunk_begin) / philox::kLanes;
   }
 
 #if defined(FUSEDNN_DROPOUT_AVX512)
@@ -283,7 +318,7 @@ class KeepCursor {
   // is small beside the draw itself.
   __attribute__((noinline)) void draw_groups(uint64_t* words, int64_t chunk_begin, int64_t from,
                                              int64_t to) {
-    const uint64_t first_block = static_cast<uint64_t>(chunk_begin) / philox::kLanes;
+    const uint64_t first_block = chunk_first_block(chunk_begin);
     for (int64_t g = from; g < to; ++g) {
       if (spec_.threshold == 0) {
         words[2 * g] = words[2 * g + 1] = 0;
@@ -335,20 +370,22 @@ class KeepCursor {
 
   DropoutSpec spec_;
   PhiloxStream stream_;
+  philox::BlockStart blocks_;
   int64_t begin_;
   int64_t end_;
   int64_t chunk_begin_ = 0;
   int64_t chunk_end_ = 0;
   bool spread_ = false;
-  // One word more than a chunk needs, so that 4-byte reads of the bits
-  // stay inside.
-  alignas(64) uint64_t words_[kChunkWords + 1] = {};
+  // Two words more than a chunk needs: the draw of a shifted chunk's last
+  // elements (drawn_words), which also keeps 4-byte reads of the bits
+  // inside.
+  alignas(64) uint64_t words_[kChunkWords + 2] = {};
 #if defined(FUSEDNN_DROPOUT_AVX512)
-  alignas(64) uint64_t next_words_[kChunkWords + 1] = {};
+  alignas(64) uint64_t next_words_[kChunkWords + 2] = {};
 #endif
   alignas(64) uint8_t keep_[kChunk];
 #if !defined(FUSEDNN_DROPOUT_AVX512)
-  alignas(64) uint8_t nibbles_[kChunk / 4];
+  alignas(64) uint8_t nibbles_[(kChunkWords + 1) * 16];
 #endif
 };
 

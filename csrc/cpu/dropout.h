@@ -21,6 +21,10 @@ namespace cpu {
 struct DropoutSpec {
   uint64_t seed = 0;
   uint64_t offset = 0;
+  // Global index of element 0: element i takes the decision of index
+  // start + i (philox::block_start); masks stay those of the call's own
+  // elements, bit i for element i.
+  uint64_t start = 0;
   uint64_t threshold = 0;
   double scale = 0.0;  // 1 / keep, 0 when keep = 0
   const uint8_t* mask_in = nullptr;

@@ -42,25 +42,35 @@ struct KeepSource {
   uint64_t seed;
   uint64_t offset;
   uint64_t threshold;
+  philox::BlockStart blocks;  // of spec.start
   const uint8_t* mask_in;
   uint8_t* mask_out;
 };
 
 // The keep bits of elements [8 * unit, 8 * unit + count), count in 1..8,
-// bit j for element 8 * unit + j; bits past count are zero. Drawn ones are
-// also stored in mask_out when it is set.
+// bit j for element 8 * unit + j (global index start + 8 * unit + j); bits
+// past count are zero. Drawn ones are also stored in mask_out when it is
+// set. A unit's elements fill two whole blocks when start % 4 == 0, and
+// otherwise reach into a third, whose lanes are shifted into place; the
+// branch is the same for every thread.
 __device__ __forceinline__ uint32_t unit_keeps(const KeepSource& k, int64_t unit, int count) {
   if (k.mask_in != nullptr) return k.mask_in[unit];
+  const uint64_t first = k.blocks.first_block + 2 * static_cast<uint64_t>(unit);
   uint32_t bits = 0;
+  if (k.blocks.lane_shift == 0) {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    if (half * philox::kLanes < count) {
-      uint32_t draws[philox::kLanes];
-      philox::dropout_block(k.seed, k.offset, 2 * static_cast<uint64_t>(unit) + half, draws);
+    for (int b = 0; b < 2; ++b)
+      if (b * philox::kLanes < count)
+        bits |= philox::dropout_block_keeps(k.seed, k.offset, first + b, k.threshold)
+                << (b * philox::kLanes);
+  } else {
+    const int lanes = count + static_cast<int>(k.blocks.lane_shift);
 #pragma unroll
-      for (int l = 0; l < philox::kLanes; ++l)
-        bits |= (philox::keeps(draws[l], k.threshold) ? 1u : 0u) << (half * philox::kLanes + l);
-    }
+    for (int b = 0; b < 3; ++b)
+      if (b * philox::kLanes < lanes)
+        bits |= philox::dropout_block_keeps(k.seed, k.offset, first + b, k.threshold)
+                << (b * philox::kLanes);
+    bits >>= k.blocks.lane_shift;
   }
   if (count < kUnit) bits &= (1u << count) - 1u;
   if (k.mask_out != nullptr) k.mask_out[unit] = static_cast<uint8_t>(bits);
@@ -256,7 +266,8 @@ __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(KeepSource keep,
 }
 
 KeepSource keep_source(const DropoutSpec& spec) {
-  return KeepSource{spec.seed, spec.offset, spec.threshold, spec.mask_in, spec.mask_out};
+  return KeepSource{spec.seed,          spec.offset,   spec.threshold,
+                    philox::block_start(spec.start), spec.mask_in, spec.mask_out};
 }
 
 // arrays = inputs..., output; all of one shape and dtype.

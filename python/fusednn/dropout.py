@@ -4,13 +4,16 @@ DLPack; see _arrays). float16 and bfloat16 (bfloat16 on the CPU only) are
 computed in float32 and rounded once.
 
 ``p`` is the drop probability; kept elements are scaled by ``1 / (1 - p)``.
-The mask is a pure function of (seed, offset, p, n): element ``i`` (flat
-C-order index of the logical array, whatever its strides) is kept iff lane
-``i % 4`` of Philox4x32-10 with counter ``(i // 4, offset)`` and key
-``seed`` is below ``round((1 - p) * 2**32)``. It can be returned bit-packed
-(bit ``i % 8`` of byte ``i // 8``) or not stored at all: the backward
-functions accept either the packed mask or the (seed, offset) that drew it.
-Both devices draw the same bits. See docs/dropout.md and docs/cuda.md.
+The mask is a pure function of (seed, offset, start, p, n): element ``i``
+(flat C-order index of the logical array, whatever its strides) takes the
+decision of global index ``g = start + i``, kept iff lane ``g % 4`` of
+Philox4x32-10 with counter ``(g // 4, offset)`` and key ``seed`` is below
+``round((1 - p) * 2**32)``; ``start`` lets the slices of a batch split
+across processes draw the one-process mask of the whole batch. It can be
+returned bit-packed (bit ``i % 8`` of byte ``i // 8``) or not stored at
+all: the backward functions accept either the packed mask or the (seed,
+offset, start) that drew it. Both devices draw the same bits. See
+docs/dropout.md and docs/cuda.md.
 """
 from __future__ import annotations
 
@@ -57,6 +60,24 @@ def _check_counter(value, name: str, function: str) -> int:
     return value
 
 
+def _check_start(value, size: int, function: str) -> int:
+    """start, the global index of the call's first element: an integer in
+    [0, 2**64) with every index start + i of the call's size elements below
+    2**64."""
+    if type(value) is int and 0 <= value < _UINT64_LIMIT - size:  # the common case
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fusednn.{function}: start must be an integer, "
+                        f"not {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < _UINT64_LIMIT:
+        raise ValueError(f"fusednn.{function}: start must lie in [0, 2**64), got {value}")
+    if value + size > _UINT64_LIMIT:
+        raise ValueError(f"fusednn.{function}: start + n must not exceed 2**64 (every global "
+                         f"index below 2**64), got start = {value} for n = {size}")
+    return value
+
+
 def _check_shape(shape, function: str) -> tuple:
     if isinstance(shape, numbers.Integral) and not isinstance(shape, (bool, np.bool_)):
         shape = (shape,)
@@ -90,28 +111,36 @@ def _check_mask(place, mask, size: int, function: str):
     return place.contiguous(mask)
 
 
-def _mask_or_seed(place, mask, seed, offset, size: int, function: str):
+def _mask_or_seed(place, mask, seed, offset, start, size: int, function: str):
     """Validates the backward's source of the mask: exactly one of mask and
-    seed. Returns (mask descriptor or None, seed, offset)."""
+    seed. Returns (mask descriptor or None, seed, offset, start). A mask
+    holds the call's own elements (bit i for element i, as the forward
+    returned it with the same start), so start is checked but not used
+    with one."""
     if mask is None and seed is None:
         raise ValueError(f"fusednn.{function}: give the forward's mask, or the seed (and "
                          "offset) that drew it")
     if mask is not None and seed is not None:
         raise ValueError(f"fusednn.{function}: give either mask or seed, not both")
     offset = _check_counter(offset, "offset", function)
+    start = _check_start(start, size, function)
     if mask is not None:
-        return _check_mask(place, mask, size, function), 0, 0
-    return None, _check_counter(seed, "seed", function), offset
+        return _check_mask(place, mask, size, function), 0, 0, 0
+    return None, _check_counter(seed, "seed", function), offset, start
 
 
-def dropout(x, p, *, seed, offset=0, training=True, return_mask=False, out=None):
+def dropout(x, p, *, seed, offset=0, start=0, training=True, return_mask=False, out=None):
     """Inverted dropout: ``y = x * mask / (1 - p)``, elementwise.
 
     ``p = 1`` gives zeros (``x * 0``: NaN and infinities stay NaN, as in
     PyTorch), ``p = 0`` gives x. With ``training=False`` x is returned
     unchanged (copied into ``out``, or a copy). ``return_mask=True`` also
     returns the bit-packed uint8 mask of ``(x.size + 7) // 8`` bytes (all
-    ones for ``training=False``).
+    ones for ``training=False``). Element ``i`` takes the decision of
+    global index ``start + i``: a rank whose slice of a batch starts at
+    global element ``g`` passes ``start=g``, with the same seed and offset
+    as every other rank, and the ranks' masks are the slices of the
+    one-process mask of the whole batch.
     """
     function = "dropout"
     p = _check_p(p, function)
@@ -121,53 +150,57 @@ def dropout(x, p, *, seed, offset=0, training=True, return_mask=False, out=None)
     return_mask = _check_flag(return_mask, "return_mask", function)
     place = _arrays.locate(function, ("x",), x)
     x = place.view(x, "x", function)
+    start = _check_start(start, x.size, function)
     y = place.output(out, x, function)
     x = place.detach(x, y)
     mask = place.empty((_mask_bytes(x.size),), np.uint8) if return_mask else None
     if training:
-        place.backend.dropout_forward(x, y, p, seed, offset, mask)
+        place.backend.dropout_forward(x, y, p, seed, offset, start, mask)
     else:
         place.copy(x, y)
         if return_mask:  # every element kept: the mask of p = 0
-            place.backend.dropout_mask(x.size, 0.0, 0, 0, mask)
+            place.backend.dropout_mask(x.size, 0.0, 0, 0, 0, mask)
     if return_mask:
         return place.result(y, out), place.result(mask)
     return place.result(y, out)
 
 
-def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, out=None):
+def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, start=0, out=None):
     """``grad_input = grad_output * mask / (1 - p)``, with the mask given
-    bit-packed or regenerated from the (seed, offset) of the forward."""
+    bit-packed or regenerated from the (seed, offset, start) of the
+    forward."""
     function = "dropout_backward"
     p = _check_p(p, function)
     place = _arrays.locate(function, ("grad_output", "mask"), grad_output, mask)
     grad_output = place.view(grad_output, "grad_output", function)
-    mask, seed, offset = _mask_or_seed(place, mask, seed, offset, grad_output.size, function)
+    mask, seed, offset, start = _mask_or_seed(place, mask, seed, offset, start,
+                                              grad_output.size, function)
     result = place.output(out, grad_output, function)
     grad_output = place.detach(grad_output, result)
     mask = place.detach(mask, result, elementwise=False)
-    place.backend.dropout_backward(grad_output, result, p, mask, seed, offset)
+    place.backend.dropout_backward(grad_output, result, p, mask, seed, offset, start)
     return place.result(result, out)
 
 
-def dropout_mask(shape, p, *, seed, offset=0, device="cpu"):
+def dropout_mask(shape, p, *, seed, offset=0, start=0, device="cpu"):
     """The bit-packed keep mask that ``dropout`` draws for an array of
     ``shape``: uint8, ``(n + 7) // 8`` bytes, bit ``i % 8`` of byte
-    ``i // 8`` for element ``i``; ``np.unpackbits(mask,
-    bitorder='little')[:n]`` unpacks it. ``device='cuda'`` draws it on the
-    current CuPy device and stream and returns a CuPy array with the same
-    bytes."""
+    ``i // 8`` for element ``i`` (the decision of global index
+    ``start + i``); ``np.unpackbits(mask, bitorder='little')[:n]`` unpacks
+    it. ``device='cuda'`` draws it on the current CuPy device and stream
+    and returns a CuPy array with the same bytes."""
     function = "dropout_mask"
     shape = _check_shape(shape, function)
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)
+    size = math.prod(shape)
+    start = _check_start(start, size, function)
     if device not in ("cpu", "cuda", "gpu"):
         raise ValueError(f"fusednn.{function}: device must be 'cpu' or 'cuda', got {device!r}")
-    size = math.prod(shape)
     place = _arrays.NUMPY if device == "cpu" else _arrays.cuda_place(function)
     mask = place.empty((_mask_bytes(size),), np.uint8)
-    place.backend.dropout_mask(size, p, seed, offset, mask)
+    place.backend.dropout_mask(size, p, seed, offset, start, mask)
     return place.result(mask)
 
 
@@ -201,15 +234,15 @@ def _activation_args(act, act_params: dict, function: str):
     return _IDS[act], _kernel_params(act, act_params, function)
 
 
-def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=False, out=None,
-                     **act_params):
+def bias_act_dropout(h, bias, act, p, *, seed, offset=0, start=0, axis=-1, return_mask=False,
+                     out=None, **act_params):
     """The fused epilogue ``o = mask * act(h + bias) / (1 - p)`` in one pass.
 
     ``bias`` is 1-d and broadcast along ``axis`` of h (``-1``: the last
     axis, as after ``x @ W``; ``1``: channels of NCHW). ``act`` is an
     activation name from ``fusednn.ACTIVATIONS`` and ``act_params`` its
     parameters. The mask is the one ``dropout`` draws for h's shape with
-    the same (seed, offset, p); ``return_mask=True`` returns it too.
+    the same (seed, offset, start, p); ``return_mask=True`` returns it too.
     """
     function = "bias_act_dropout"
     act_id, (a, b, tanh_approx) = _activation_args(act, act_params, function)
@@ -220,12 +253,13 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
     place = _arrays.locate(function, ("h", "bias"), h, bias)
     h = place.view(h, "h", function)
     axis = _check_axis(axis, h.ndim, function)
+    start = _check_start(start, h.size, function)
     result = place.output(out, h, function)
     bias = place.detach(_check_bias(place, bias, h, axis, function), result, elementwise=False)
     h = place.detach(h, result)
     mask = place.empty((_mask_bytes(h.size),), np.uint8) if return_mask else None
     place.backend.bias_act_dropout_forward(act_id, h, bias, axis, result, a, b, tanh_approx, p,
-                                           seed, offset, mask)
+                                           seed, offset, start, mask)
     if return_mask:
         return place.result(result, out), place.result(mask)
     return place.result(result, out)
@@ -238,13 +272,13 @@ def _check_contiguous_out(out, function: str):
 
 
 def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=None, offset=0,
-                              axis=-1, out=None, **act_params):
+                              start=0, axis=-1, out=None, **act_params):
     """Gradients of ``bias_act_dropout``: returns ``(grad_h, grad_bias)``
     with ``grad_h = grad_output * mask / (1 - p) * act'(h + bias)`` and
     ``grad_bias`` its sum over every axis but ``axis``, accumulated in
     double in an order fixed by the shape (the same bits for any thread
     count, and on the GPU on every run). Give the forward's packed mask, or
-    the (seed, offset) that drew it. ``out``, a C-contiguous array of h's
+    the (seed, offset, start) that drew it. ``out``, a C-contiguous array of h's
     shape and dtype on h's device (``grad_output`` or ``h`` itself
     included), receives grad_h and is returned as it; a new array
     otherwise. grad_bias is reduced from grad_h as written, hence the
@@ -260,7 +294,8 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     _check_same(grad_output, h, "grad_output and h", function)
     axis = _check_axis(axis, h.ndim, function)
     bias = _check_bias(place, bias, h, axis, function)
-    mask, seed, offset = _mask_or_seed(place, mask, seed, offset, h.size, function)
+    mask, seed, offset, start = _mask_or_seed(place, mask, seed, offset, start, h.size,
+                                              function)
     grad_h = place.output(out, h, function)
     _check_contiguous_out(grad_h, function)
     grad_output = place.detach(grad_output, grad_h)
@@ -271,5 +306,6 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
     backend = place.backend
     workspace = place.workspace(backend.bias_grad_workspace_bytes(h.shape, axis))
     backend.bias_act_dropout_backward(act_id, grad_output, h, bias, axis, grad_h, grad_bias,
-                                      workspace, a, b, tanh_approx, p, mask, seed, offset)
+                                      workspace, a, b, tanh_approx, p, mask, seed, offset,
+                                      start)
     return place.result(grad_h, out), place.result(grad_bias)

@@ -542,29 +542,38 @@ def dropout_threshold(p):
     return int(round((1.0 - float(p)) * 2.0 ** 32))
 
 
-def dropout_draws(n, *, seed, offset=0):
-    """The uint32 draw of each of n elements: lane i % 4 of Philox with
-    counter (i // 4 as two 32-bit words, offset as two 32-bit words) and
-    key (seed low word, seed high word)."""
-    blocks = np.arange((n + 3) // 4, dtype=np.uint64)
+def dropout_draws(n, *, seed, offset=0, start=0):
+    """The uint32 draw of each of n elements, element i taking global index
+    g = start + i: lane g % 4 of Philox with counter (g // 4 as two 32-bit
+    words, offset as two 32-bit words) and key (seed low word, seed high
+    word). Every g must be below 2**64."""
+    start = int(start)
+    if not 0 <= start < 2**64 or start + n > 2**64:
+        raise ValueError(f"start must lie in [0, 2**64) and start + n in [0, 2**64], got "
+                         f"start = {start}, n = {n}")
+    first_block, lane_shift = divmod(start, 4)
+    count = (lane_shift + n + 3) // 4
+    # Block numbers past 2**62 do not fit numpy's int64 arange: add them.
+    blocks = np.arange(count, dtype=np.uint64) + np.uint64(first_block)
     seed, offset = int(seed), int(offset)
     lanes = philox4x32_10(
         (blocks & _LOW32, blocks >> np.uint64(32), offset & 0xFFFFFFFF, offset >> 32),
         (seed & 0xFFFFFFFF, seed >> 32))
-    return np.stack(lanes, axis=-1).reshape(-1)[:n]
+    return np.stack(lanes, axis=-1).reshape(-1)[lane_shift:lane_shift + n]
 
 
-def dropout_keep(shape, p, *, seed, offset=0):
-    """The boolean keep mask of an array of `shape`, in C order."""
+def dropout_keep(shape, p, *, seed, offset=0, start=0):
+    """The boolean keep mask of an array of `shape`, in C order, its
+    element i at global index start + i."""
     shape = (shape,) if np.isscalar(shape) else tuple(shape)
     n = int(np.prod(shape, dtype=np.int64))
-    return (dropout_draws(n, seed=seed, offset=offset).astype(np.int64)
+    return (dropout_draws(n, seed=seed, offset=offset, start=start).astype(np.int64)
             < dropout_threshold(p)).reshape(shape)
 
 
-def dropout_mask(shape, p, *, seed, offset=0):
+def dropout_mask(shape, p, *, seed, offset=0, start=0):
     """The keep mask bit-packed: bit i % 8 of byte i // 8."""
-    return np.packbits(dropout_keep(shape, p, seed=seed, offset=offset).reshape(-1),
+    return np.packbits(dropout_keep(shape, p, seed=seed, offset=offset, start=start).reshape(-1),
                        bitorder="little")
 
 
@@ -584,10 +593,11 @@ def _scale_kept(x, keep, p):
 
 
 @_quiet
-def dropout(x, p, *, seed, offset=0, training=True, return_mask=False):
+def dropout(x, p, *, seed, offset=0, start=0, training=True, return_mask=False):
     """Inverted dropout in float64: x * mask / (1 - p)."""
     x = _f64(x)
-    keep = dropout_keep(x.shape, p, seed=seed, offset=offset) if training else np.ones(x.shape, bool)
+    keep = (dropout_keep(x.shape, p, seed=seed, offset=offset, start=start) if training
+            else np.ones(x.shape, bool))
     y = _scale_kept(x, keep, p) if training else x.copy()
     if return_mask:
         return y, np.packbits(keep.reshape(-1), bitorder="little")
@@ -595,13 +605,14 @@ def dropout(x, p, *, seed, offset=0, training=True, return_mask=False):
 
 
 @_quiet
-def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0):
-    """grad_output * mask / (1 - p), the mask given packed or by (seed, offset)."""
+def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, start=0):
+    """grad_output * mask / (1 - p), the mask given packed or by (seed,
+    offset, start)."""
     g = _f64(grad_output)
     if mask is not None:
         keep = unpack_mask(mask, g.shape)
     else:
-        keep = dropout_keep(g.shape, p, seed=seed, offset=offset)
+        keep = dropout_keep(g.shape, p, seed=seed, offset=offset, start=start)
     return _scale_kept(g, keep, p)
 
 
@@ -612,12 +623,12 @@ def _broadcast_bias(bias, ndim, axis):
 
 
 @_quiet
-def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=False,
+def bias_act_dropout(h, bias, act, p, *, seed, offset=0, start=0, axis=-1, return_mask=False,
                      **act_params):
     """mask * act(h + bias) / (1 - p), bias broadcast along `axis`, in float64."""
     h = _f64(h)
     z = h + _broadcast_bias(bias, h.ndim, axis)
-    keep = dropout_keep(h.shape, p, seed=seed, offset=offset)
+    keep = dropout_keep(h.shape, p, seed=seed, offset=offset, start=start)
     y = _scale_kept(activation(act, z, **act_params), keep, p)
     if return_mask:
         return y, np.packbits(keep.reshape(-1), bitorder="little")
@@ -626,12 +637,12 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, axis=-1, return_mask=Fa
 
 @_quiet
 def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=None, offset=0,
-                              axis=-1, **act_params):
+                              start=0, axis=-1, **act_params):
     """(grad_h, grad_bias) of bias_act_dropout, in float64."""
     h = _f64(h)
     axis = axis % h.ndim
     z = h + _broadcast_bias(bias, h.ndim, axis)
-    g = dropout_backward(grad_output, p, mask=mask, seed=seed, offset=offset)
+    g = dropout_backward(grad_output, p, mask=mask, seed=seed, offset=offset, start=start)
     grad_h = activation_backward(act, g, x=z, **act_params)
     other_axes = tuple(d for d in range(h.ndim) if d != axis)
     return grad_h, grad_h.sum(axis=other_axes)

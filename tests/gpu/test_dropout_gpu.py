@@ -1,7 +1,8 @@
 """The CUDA dropout kernels and the fused bias + activation + dropout
 epilogue on CuPy arrays: masks equal to the CPU's and the reference's bit
 for bit (random seeds, offsets past 2^32, odd sizes, strided and unaligned
-views, arrays past 2^31 elements), outputs equal to the CPU kernel's
+views, arrays past 2^31 elements, starts inside a Philox block and past
+2^62), outputs equal to the CPU kernel's
 (float16 bit for bit the CPU kernel's float16), backward from the mask
 and from (seed, offset), grad_bias reduced deterministically, results on
 CuPy's current stream, and bad input refused before anything is written.
@@ -120,6 +121,55 @@ def test_backward_from_mask_and_from_seed(dtype, p):
     # A mask drawn on the CPU gives the same gradient.
     cpu_mask = cp.asarray(fn.dropout_mask(n, p, seed=12, offset=2**35))
     assert same_bits(host(fn.dropout_backward(gd, p, mask=cpu_mask)), from_seed)
+
+
+# ---- start: a slice of a larger array ------------------------------------------------
+
+START_SIZES = [0, 1, 3, 4, 7, 8, 9, 17, 1000, 100003]
+STARTS = [0, 1, 2, 3, 4, 5, 7, 63, 64, 65, 2**32 - 3, 2**62 - 3, 2**62 + 1, 2**64 - 100003]
+
+
+@pytest.mark.parametrize("start", STARTS)
+@pytest.mark.parametrize("n", START_SIZES)
+def test_start_masks_equal_cpu_and_reference(n, start):
+    kw = {"seed": 2**40 + 977, "offset": 2**33 + 5, "start": start}
+    mask = host(fn.dropout_mask(n, 0.37, device="cuda", **kw), ((n + 7) // 8,), np.uint8)
+    np.testing.assert_array_equal(mask, fn.dropout_mask(n, 0.37, **kw))
+    np.testing.assert_array_equal(mask, ref.dropout_mask(n, 0.37, **kw))
+
+
+@pytest.mark.parametrize("start", [1, 2, 3, 4, 65, 2**62 + 1])
+@dtypes
+def test_start_outputs_equal_cpu(start, dtype):
+    rng = np.random.default_rng(start % 1000)
+    kw = {"seed": 77, "offset": 2**35, "start": start}
+    for shape in [(100003,), (37, 5, 3), (300, 257)]:
+        x = rng.standard_normal(shape).astype(dtype)
+        bias = rng.standard_normal(shape[-1]).astype(dtype)
+        xd, bd = cp.asarray(x), cp.asarray(bias)
+        y, mask = fn.dropout(xd, 0.3, return_mask=True, **kw)
+        np.testing.assert_array_equal(host(mask), ref.dropout_mask(shape, 0.3, **kw))
+        assert same_bits(host(y), cpu_dropout(x, 0.3, **kw))
+        assert same_bits(host(fn.dropout_backward(xd, 0.3, **kw)), host(y))
+        out, omask = fn.bias_act_dropout(xd, bd, "relu", 0.3, return_mask=True, **kw)
+        np.testing.assert_array_equal(host(omask), host(mask))
+        agrees("relu", host(out), on_cpu(fn.bias_act_dropout, x, bias, act="relu", p=0.3, **kw))
+        gh, gb = fn.bias_act_dropout_backward(xd, xd, bd, "relu", 0.3, **kw)
+        gh_m, gb_m = fn.bias_act_dropout_backward(xd, xd, bd, "relu", 0.3, mask=mask)
+        assert same_bits(host(gh), host(gh_m)) and same_bits(host(gb), host(gb_m))
+
+
+@pytest.mark.parametrize("start", [1, 3, 2**32 - 3])
+def test_start_strided_views_use_logical_order(start):
+    base = np.random.default_rng(3).standard_normal((37, 29, 6)).astype(np.float32)
+    views, device_views = _views(base), _views(cp.asarray(base))
+    for name, x in views.items():
+        xd = device_views[name]
+        y, mask = fn.dropout(xd, 0.4, seed=5, start=start, return_mask=True)
+        np.testing.assert_array_equal(host(mask), ref.dropout_mask(x.shape, 0.4, seed=5,
+                                                                   start=start), err_msg=name)
+        assert same_bits(host(y), fn.dropout(x, 0.4, seed=5, start=start)), name
+        assert same_bits(host(fn.dropout_backward(xd, 0.4, seed=5, start=start)), host(y)), name
 
 
 def _views(array):

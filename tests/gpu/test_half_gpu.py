@@ -81,7 +81,7 @@ def test_dropout_matches_the_cpu_bit_for_bit():
     host, x = every_bfloat16()
     y = torch.empty_like(x)
     mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    _cuda.dropout_forward(operand(x), operand(y), 0.3, 5, 2**33, operand(mask))
+    _cuda.dropout_forward(operand(x), operand(y), 0.3, 5, 2**33, 0, operand(mask))
     expected, expected_mask = fn.dropout(host, 0.3, seed=5, offset=2**33, return_mask=True)
     np.testing.assert_array_equal(mask.cpu().numpy(), expected_mask)
     assert same_bits(to_host(y), expected)
@@ -97,7 +97,7 @@ def test_fused_epilogue_is_the_float32_kernel_rounded_once():
         hh, bb = h.to(dtype), bias.to(dtype)
         out = torch.empty_like(hh)
         _cuda.bias_act_dropout_forward(_IDS["gelu"], operand(hh), operand(bb), 1, operand(out),
-                                       *_DEFAULT_KERNEL_PARAMS["gelu"], 0.1, 8, 0, None)
+                                       *_DEFAULT_KERNEL_PARAMS["gelu"], 0.1, 8, 0, 0, None)
         outputs[dtype] = out
     torch.cuda.synchronize()
     assert torch.equal(outputs[torch.bfloat16], outputs[torch.float32].bfloat16())

@@ -67,6 +67,23 @@ FUSEDNN_HD void dropout_block(uint64_t seed, uint64_t offset, uint64_t block, ui
   out[3] = c3;
 }
 
+// Where a call's elements sit in the blocks. A call may cover a slice of a
+// larger array (one rank's part of a batch split across processes): its
+// element i then takes the decision of global index start + i, so that the
+// slices' masks put together are the whole array's. Blocks stay aligned to
+// global index 0: with start = 4 * first_block + lane_shift, element i is
+// lane (i + lane_shift) % 4 of block first_block + (i + lane_shift) / 4,
+// i.e. the call's decisions are those of the blocks from first_block on,
+// shifted down by lane_shift elements. start + i must fit in 64 bits.
+struct BlockStart {
+  uint64_t first_block;
+  uint32_t lane_shift;  // 0..3; 0 is the aligned case, with no shift
+};
+
+FUSEDNN_HD BlockStart block_start(uint64_t start) {
+  return BlockStart{start / kLanes, static_cast<uint32_t>(start % kLanes)};
+}
+
 // T = round(keep * 2^32), half to even (the rounding of rint and of
 // Python's round), in [0, 2^32]: 64 bits, so that keep = 1 keeps every
 // uint32 draw. keep * 2^32 is exact in double, so only this one rounding
@@ -79,6 +96,17 @@ FUSEDNN_HD uint64_t dropout_threshold(double keep) {
 
 FUSEDNN_HD bool keeps(uint32_t draw, uint64_t threshold) {
   return static_cast<uint64_t>(draw) < threshold;
+}
+
+// The keep decisions of the four elements of `block` as bits 0..3 (bit l
+// for lane l).
+FUSEDNN_HD uint32_t dropout_block_keeps(uint64_t seed, uint64_t offset, uint64_t block,
+                                        uint64_t threshold) {
+  uint32_t draws[kLanes];
+  dropout_block(seed, offset, block, draws);
+  uint32_t bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= (keeps(draws[l], threshold) ? 1u : 0u) << l;
+  return bits;
 }
 
 // Whether element `index` of the stream (seed, offset) is kept: the
