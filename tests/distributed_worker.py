@@ -18,6 +18,8 @@ import fusednn as fn
 from fusednn import nn
 
 CHANNELS = 5
+DROPOUT_P = 0.3
+DROPOUT_SEED = 1234
 
 
 def slice_bounds(total: int, world: int, rank: int) -> tuple:
@@ -65,6 +67,17 @@ def mpi_batch_norm(comm, case: str) -> dict:
             "running_var": layer.running_var}
 
 
+def mpi_dropout(comm) -> dict:
+    x, dy = batch("nchw")
+    lo, hi = slice_bounds(x.shape[0], comm.Get_size(), comm.Get_rank())
+    layer = nn.Dropout(DROPOUT_P, seed=None if comm.Get_rank() else DROPOUT_SEED, comm=comm)
+    outputs = {}
+    for step in range(2):  # the offset advances alike on every rank
+        outputs[f"y{step}"] = layer(x[lo:hi])
+        outputs[f"dx{step}"] = layer.backward(dy[lo:hi])
+    return {"lo": lo, "hi": hi, **outputs}
+
+
 def mpi_training(comm) -> dict:
     """20 SGD steps on the whole batch, data-parallel: each rank's loss
     gradient is weighted by its share of the batch and every parameter
@@ -106,20 +119,45 @@ def torch_batch_norm(case: str, rank: int, world: int) -> dict:
             "running_mean": layer.running_mean.numpy(), "running_var": layer.running_var.numpy()}
 
 
+def torch_dropout(rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from fusednn.torch import nn as tnn
+    x, dy = batch("nchw")
+    lo, hi = slice_bounds(x.shape[0], world, rank)
+    torch.manual_seed(DROPOUT_SEED)  # every rank draws the same [seed, offset]
+    layer = tnn.Dropout(DROPOUT_P, process_group=dist.group.WORLD)
+    outputs = {}
+    for step in range(2):
+        xs = torch.tensor(x[lo:hi], requires_grad=True)
+        y = layer(xs)
+        y.backward(torch.tensor(dy[lo:hi]))
+        outputs[f"y{step}"], outputs[f"dx{step}"] = y.detach().numpy(), xs.grad.numpy()
+    return {"lo": lo, "hi": hi, **outputs}
+
+
 def main() -> None:
     engine, case, out = sys.argv[1:4]
     if engine == "mpi":
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
         rank = comm.Get_rank()
-        result = mpi_training(comm) if case == "training" else mpi_batch_norm(comm, case)
+        if case == "training":
+            result = mpi_training(comm)
+        elif case == "dropout":
+            result = mpi_dropout(comm)
+        else:
+            result = mpi_batch_norm(comm, case)
     else:
         import torch.distributed as dist
         rank, world = int(sys.argv[4]), int(sys.argv[5])
         dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
                                 world_size=world)
         try:
-            result = torch_batch_norm(case, rank, world)
+            if case == "dropout":
+                result = torch_dropout(rank, world)
+            else:
+                result = torch_batch_norm(case, rank, world)
         finally:
             dist.destroy_process_group()
     np.savez(f"{out}/rank{rank}.npz", **result)

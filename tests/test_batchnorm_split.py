@@ -237,3 +237,32 @@ def test_bad_input_raises_and_writes_nothing():
         fn.batch_norm_backward_apply(x, x, mean, invstd, None, mean, mean, 0, out=out)
     np.testing.assert_array_equal(out, 7.0)
     np.testing.assert_array_equal(rm, 0.0)
+
+
+def test_jax_arrays_in_and_out():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    x, gamma, beta, dy = _data((6, 3, 5), 1, np.float32)
+    x64 = jax.config.jax_enable_x64
+    if not x64:
+        with pytest.raises(TypeError, match="jax_enable_x64"):
+            fn.batch_norm_stats(jnp.asarray(x))
+    jax.config.update("jax_enable_x64", True)
+    try:
+        _jax_round_trip(jnp, x)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def _jax_round_trip(jnp, x):
+    stats = fn.batch_norm_stats(jnp.asarray(x))
+    assert stats.mean.dtype == np.float64
+    assert type(stats.mean) is type(jnp.asarray(x))
+    merged = fn.batch_norm_combine([stats.count], np.asarray(stats.mean)[None],
+                                   np.asarray(stats.m2)[None])
+    invstd = fn.batch_norm_finalize(merged.mean, merged.var, merged.count)
+    y = fn.batch_norm_apply(jnp.asarray(x), jnp.asarray(merged.mean), jnp.asarray(invstd))
+    np.testing.assert_allclose(np.asarray(y), fn.batch_norm(x).y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="immutable"):
+        fn.batch_norm_apply(jnp.asarray(x), jnp.asarray(merged.mean), jnp.asarray(invstd),
+                            out=jnp.asarray(x))

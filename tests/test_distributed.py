@@ -2,8 +2,9 @@
 fusednn.nn.SyncBatchNorm over MPI (mpiexec -n 2 and -n 3) and
 fusednn.torch.nn.SyncBatchNorm over torch.distributed with gloo (2 and 3
 processes), each rank on an uneven slice of one batch (one rank empty with
-three), against the one-process kernels on the whole batch; and a 20-step
-data-parallel training run against the same run on one process.
+three), against the one-process kernels on the whole batch; dropout masks
+of the ranks' slices against the one-process mask, bit for bit; and a
+20-step data-parallel training run against the same run on one process.
 
 The ranks run tests/distributed_worker.py; these tests need mpi4py with an
 MPI (the `mpi` extra) or torch, and are skipped without them.
@@ -105,6 +106,41 @@ def test_torch_sync_batch_norm_matches_one_process(ranks, case, tmp_path):
     _check_batch_norm(_run_torch(ranks, case, tmp_path), case)
 
 
+def _check_dropout(results: list, one_process: list) -> None:
+    """Each rank's masks are the slices of the one-process masks, bit for
+    bit, step after step."""
+    for step, (y, dx) in enumerate(one_process):
+        np.testing.assert_array_equal(np.concatenate([r[f"y{step}"] for r in results]), y)
+        np.testing.assert_array_equal(np.concatenate([r[f"dx{step}"] for r in results]), dx)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_mpi_dropout_masks_are_slices_of_the_one_process_masks(ranks, tmp_path):
+    results = _run_mpi(ranks, "dropout", tmp_path)
+    x, dy = worker.batch("nchw")
+    layer = nn.Dropout(worker.DROPOUT_P, seed=worker.DROPOUT_SEED)
+    one = [(layer(x), layer.backward(dy)) for _ in range(2)]
+    assert np.count_nonzero(one[0][0] == 0) > 0  # something was dropped
+    _check_dropout(results, one)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_torch_dropout_masks_are_slices_of_the_one_process_masks(ranks, tmp_path):
+    torch = pytest.importorskip("torch")
+    from fusednn.torch import nn as tnn
+    results = _run_torch(ranks, "dropout", tmp_path)
+    x, dy = worker.batch("nchw")
+    torch.manual_seed(worker.DROPOUT_SEED)
+    layer = tnn.Dropout(worker.DROPOUT_P)
+    one = []
+    for _ in range(2):
+        xt = torch.tensor(x, requires_grad=True)
+        y = layer(xt)
+        y.backward(torch.tensor(dy))
+        one.append((y.detach().numpy(), xt.grad.numpy()))
+    _check_dropout(results, one)
+
+
 def test_mpi_training_tracks_one_process(tmp_path):
     results = _run_mpi(2, "training", tmp_path)
     x, labels = worker.training_data()
@@ -151,3 +187,45 @@ def test_torch_convert_sync_batchnorm_keeps_state():
     reference = torch.nn.BatchNorm2d(4)
     reference.load_state_dict(converted[1].state_dict())
     torch.testing.assert_close(converted[1](x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_patch_switches_sync_batch_norm():
+    torch = pytest.importorskip("torch")
+    import fusednn.torch as ft
+    from fusednn.torch import nn as tnn
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.SyncBatchNorm(6))
+    result = ft.patch(model)
+    assert result.replaced == {"SyncBatchNorm": 1}
+    assert type(model[1]) is tnn.SyncBatchNorm
+    x = torch.randn(8, 6)
+    reference = torch.nn.BatchNorm1d(6)
+    torch.testing.assert_close(model[1](x), reference(x), rtol=1e-5, atol=1e-5)
+    ft.unpatch(model)
+    assert type(model[1]) is torch.nn.SyncBatchNorm
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_mlp.py"
+
+
+def _example(launcher: list, *options: str) -> str:
+    """The accuracy line examples/ddp_mlp.py prints after one epoch."""
+    if not EXAMPLE.exists():
+        pytest.skip("examples/ is not next to the tests")
+    pytest.importorskip("sklearn")
+    done = subprocess.run([*launcher, str(EXAMPLE), "--epochs", "1", *options],
+                          env=_environment(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line for line in done.stdout.splitlines() if "test accuracy" in line][-1]
+
+
+def test_example_under_mpiexec_prints_the_one_process_accuracy():
+    mpiexec = _mpiexec()
+    one = _example([sys.executable])
+    assert _example([mpiexec, "-n", "2", sys.executable]) == one
+
+
+def test_example_under_torchrun_prints_the_one_process_accuracy():
+    pytest.importorskip("torch")
+    one = _example([sys.executable], "--engine", "torch")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert _example(torchrun) == one

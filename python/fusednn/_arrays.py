@@ -212,6 +212,18 @@ class Place:
     def contiguous(self, a):
         return a if is_c_contiguous(a) else self.copy_of(a)
 
+    def check_result_dtype(self, dtype, function: str) -> None:
+        """Raises TypeError, before anything runs, where this place's library
+        cannot hold results of `dtype`: JAX keeps float64 only in its x64
+        mode, and would otherwise truncate to float32."""
+        if self.library != "JAX" or np.dtype(dtype) != np.float64:
+            return
+        import jax
+        if not jax.config.jax_enable_x64:
+            raise TypeError(f"fusednn.{function}: its results are float64, which JAX holds "
+                            "only in x64 mode: call jax.config.update('jax_enable_x64', True) "
+                            "first (or pass numpy arrays)")
+
     def workspace(self, nbytes: int):
         """Scratch device memory of nbytes for one call, or None for 0."""
         return self.empty((nbytes,), np.dtype(np.uint8)) if nbytes else None

@@ -94,9 +94,11 @@ def batch_norm_stats(x, *, axis=1) -> BatchNormStats:
     library and device. Summed as batch_norm sums (in double around a
     sample of each block, blocks merged in a fixed order), so they are as
     accurate as the one-process statistics and have the same bits for any
-    thread count. A slice with no values gives count 0 and zeros."""
+    thread count. A slice with no values gives count 0 and zeros. (JAX
+    holds float64 only in x64 mode: enable it for JAX arrays.)"""
     function = "batch_norm_stats"
     place = _arrays.locate(function, ("x",), x)
+    place.check_result_dtype(_FLOAT64, function)
     x = _data(place, x, "x", function)
     ax = _channel_axis(axis, x.ndim, function)
     x = _channel_viewable(place, x, ax)
@@ -135,6 +137,7 @@ def batch_norm_combine(counts, means, m2s) -> BatchNormMoments:
     with no values are skipped. ``var`` is the biased variance."""
     function = "batch_norm_combine"
     place = _arrays.locate(function, ("means", "m2s"), means, m2s)
+    place.check_result_dtype(_FLOAT64, function)
     means = place.view(means, "means", function)
     m2s = place.view(m2s, "m2s", function)
     counts = _host_counts(counts, function)
@@ -171,6 +174,7 @@ def batch_norm_finalize(mean, var, count, *, eps=1e-5, running_mean=None, runnin
     function = "batch_norm_finalize"
     place = _arrays.locate(function, ("mean", "var", "running_mean", "running_var"), mean,
                            var, running_mean, running_var)
+    place.check_result_dtype(_FLOAT64, function)
     var = place.view(var, "var", function)
     if var.ndim != 1:
         raise ValueError(f"fusednn.{function}: var has shape {var.shape}; expected (C,)")
@@ -256,6 +260,7 @@ def batch_norm_backward_reduce(grad_output, x, mean, invstd, *, axis=1):
     function = "batch_norm_backward_reduce"
     place = _arrays.locate(function, ("grad_output", "x", "mean", "invstd"), grad_output, x,
                            mean, invstd)
+    place.check_result_dtype(_FLOAT64, function)
     grad_output, x, mean, invstd, ax, channels = _gradient_operands(
         place, grad_output, x, mean, invstd, axis, function)
     grad_output = _channel_viewable(place, grad_output, ax)

@@ -624,13 +624,26 @@ class Dropout(Layer):
     same seed and starting offset. ``seed=None`` draws a seed from fresh
     entropy. Backward regenerates the mask from (seed, offset) instead of
     storing it.
+
+    ``comm``: in data-parallel training, the mpi4py communicator whose
+    ranks hold the slices of the batch in rank order. The seed is then rank
+    0's (``seed=None`` draws it there and broadcasts it), and each training
+    call finds where its slice starts in the whole batch (an exclusive scan
+    of the element counts), so that the ranks' masks are the slices of the
+    one-process mask of the whole batch (docs/distributed.md).
     """
 
-    def __init__(self, p, *, seed=None, offset=0):
+    def __init__(self, p, *, seed=None, offset=0, comm=None):
         where = "fusednn.nn.Dropout"
         self.p = _real_in(p, "p", where, 0.0, 1.0)
+        if comm is not None and not all(hasattr(comm, name) for name in ("bcast", "exscan")):
+            raise TypeError(f"{where}: comm must be an mpi4py communicator (or None for one "
+                            f"process), not {type(comm).__name__}")
+        self.comm = comm
         if seed is None:
             seed = int(np.random.default_rng().integers(2 ** 63))
+        if comm is not None:
+            seed = comm.bcast(seed, root=0)
         for name, value in (("seed", seed), ("offset", offset)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{where}: {name} must be an integer, not {type(value).__name__}")
@@ -638,7 +651,7 @@ class Dropout(Layer):
                 raise ValueError(f"{where}: {name} must be in [0, 2**64), got {value}")
         self.seed = int(seed)
         self.offset = int(offset)
-        self._last = None  # ("eval",) or ("train", offset, shape) of the last forward
+        self._last = None  # ("eval",) or ("train", offset, shape, start) of the last forward
 
     def __repr__(self) -> str:
         return f"Dropout({self.p:g}, seed={self.seed})"
@@ -650,8 +663,11 @@ class Dropout(Layer):
             return x
         if self.offset >= 2 ** 64:
             raise ValueError(f"{self!r}: the 2**64 mask streams of this seed are used up")
-        y = dropout(x, self.p, seed=self.seed, offset=self.offset)
-        self._last = ("train", self.offset, tuple(x.shape))
+        start = 0
+        if self.comm is not None:
+            start = self.comm.exscan(int(x.size)) or 0  # None on rank 0
+        y = dropout(x, self.p, seed=self.seed, offset=self.offset, start=start)
+        self._last = ("train", self.offset, tuple(x.shape), start)
         self.offset += 1
         return y
 
@@ -660,11 +676,11 @@ class Dropout(Layer):
         grad_output = _check_array(grad_output, "grad_output", repr(self))
         if last[0] == "eval":
             return grad_output
-        _, offset, shape = last
+        _, offset, shape, start = last
         if tuple(grad_output.shape) != shape:
             raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
                              f"expected {shape}")
-        return dropout_backward(grad_output, self.p, seed=self.seed, offset=offset)
+        return dropout_backward(grad_output, self.p, seed=self.seed, offset=offset, start=start)
 
 
 class Sequential(Layer):

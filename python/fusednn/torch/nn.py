@@ -199,23 +199,52 @@ Tanh = _activation_class("tanh", torch.nn.Tanh, "``torch.nn.Tanh`` on fusednn's 
 # ---- dropout ----------------------------------------------------------------------
 
 
+def _rng_for_slice(rng: Tensor, input: Tensor, process_group) -> Tensor:
+    """rng with the global index of input's first element appended when
+    input is this rank's slice of a batch split over ``process_group`` (in
+    rank order), so that the ranks' masks are the slices of the mask one
+    process would draw for the whole batch (docs/distributed.md); rng
+    itself without a group or without an initialized torch.distributed."""
+    import torch.distributed as dist
+    if process_group is None or not dist.is_available() or not dist.is_initialized():
+        return rng
+    sizes = [torch.zeros(1, dtype=torch.int64, device=input.device)
+             for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(sizes, torch.tensor([input.numel()], dtype=torch.int64,
+                                        device=input.device), group=process_group)
+    rank = dist.get_rank(process_group)
+    start = int(sum(size.item() for size in sizes[:rank]))
+    return torch.cat([rng, torch.tensor([start], dtype=torch.int64)])
+
+
 class Dropout(torch.nn.Dropout):
     """``torch.nn.Dropout(p, inplace)`` on fusednn's dropout: the mask of a
     ``[seed, offset]`` drawn from ``generator`` (torch's default generator
     when None) at each training call; backward regenerates it from those
-    two numbers instead of storing it. Eval mode returns the input."""
+    two numbers instead of storing it. Eval mode returns the input.
+
+    ``process_group``: in data-parallel training, the group whose ranks hold
+    the slices of the batch in rank order (``torch.distributed.group.WORLD``
+    for all of them). Every rank then draws the same ``[seed, offset]``
+    (seed the generators alike) and the masks of the ranks' slices are the
+    slices of the one-process mask of the whole batch, at the cost of an
+    all-gather of one integer per call. None: this rank's mask as if its
+    input were the whole batch."""
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, process_group=None) -> None:
         super().__init__(p, inplace)
         self.generator = generator
+        self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return input
         if self.inplace or supports(input.dtype, input.device, elementwise=True) is not None:
             return super().forward(input)
-        return ops.dropout(input, self.p, ops.draw_rng(getattr(self, "generator", None)))
+        rng = ops.draw_rng(getattr(self, "generator", None))
+        return ops.dropout(input, self.p,
+                           _rng_for_slice(rng, input, getattr(self, "process_group", None)))
 
 
 class BiasActivationDropout(torch.nn.Module):

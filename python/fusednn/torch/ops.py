@@ -359,10 +359,14 @@ def batch_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 # ---- dropout ------------------------------------------------------------------------
 
 
-def _stream(rng: Tensor) -> tuple[int, int]:
-    """(seed, offset) as fusednn takes them, from the int64 pair."""
-    seed, offset = rng.tolist()
-    return seed % _UINT64, offset % _UINT64
+def _stream(rng: Tensor) -> tuple[int, int, int]:
+    """(seed, offset, start) as fusednn takes them, from the int64 pair
+    ``[seed, offset]`` or triple ``[seed, offset, start]``: start, the
+    global index of the first element, places a rank's slice of a batch
+    split across processes (docs/distributed.md); 0 when absent."""
+    values = rng.tolist()
+    start = values[2] if len(values) == 3 else 0
+    return values[0] % _UINT64, values[1] % _UINT64, start
 
 
 def draw_rng(generator: Optional[torch.Generator] = None) -> Tensor:
@@ -387,9 +391,9 @@ def _mask_bytes(x: Tensor) -> int:
 def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
     """Inverted dropout ``x * mask / (1 - p)`` with the mask of ``rng =
     [seed, offset]``; backward regenerates the mask."""
-    seed, offset = _stream(rng)
+    seed, offset, start = _stream(rng)
     out = torch.empty_like(x)
-    fn.dropout(x, p, seed=seed, offset=offset, out=out)
+    fn.dropout(x, p, seed=seed, offset=offset, start=start, out=out)
     return out
 
 
@@ -399,9 +403,9 @@ _fake_like_first(dropout)
 @torch.library.custom_op("fusednn::dropout_backward", mutates_args=())
 def dropout_backward(grad_output: Tensor, p: float, rng: Tensor) -> Tensor:
     """``grad_output * mask / (1 - p)``, the mask regenerated from rng."""
-    seed, offset = _stream(rng)
+    seed, offset, start = _stream(rng)
     out = torch.empty_like(grad_output)
-    fn.dropout_backward(grad_output, p, seed=seed, offset=offset, out=out)
+    fn.dropout_backward(grad_output, p, seed=seed, offset=offset, start=start, out=out)
     return out
 
 
@@ -429,9 +433,10 @@ def dropout_with_mask(x: Tensor, p: float, rng: Tensor) -> tuple[Tensor, Tensor]
     """``dropout`` that also returns the bit-packed uint8 mask
     (``(x.numel() + 7) // 8`` bytes), which backward reads instead of
     regenerating it."""
-    seed, offset = _stream(rng)
+    seed, offset, start = _stream(rng)
     out = torch.empty_like(x)
-    _, mask = fn.dropout(x, p, seed=seed, offset=offset, return_mask=True, out=out)
+    _, mask = fn.dropout(x, p, seed=seed, offset=offset, start=start, return_mask=True,
+                         out=out)
     return out, mask
 
 
@@ -498,11 +503,12 @@ def bias_act_dropout(h: Tensor, bias: Tensor, act: str, p: float, rng: Tensor, a
                      max_val: float = 1.0) -> Tensor:
     """The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
     along ``axis``; only the parameters of ``act`` are read."""
-    seed, offset = _stream(rng)
+    seed, offset, start = _stream(rng)
     params = _act_params(act, negative_slope, alpha, approximate, beta, threshold, min_val,
                          max_val)
     out = torch.empty_like(h)
-    fn.bias_act_dropout(h, bias, act, p, seed=seed, offset=offset, axis=axis, out=out, **params)
+    fn.bias_act_dropout(h, bias, act, p, seed=seed, offset=offset, start=start, axis=axis,
+                        out=out, **params)
     return out
 
 
@@ -517,14 +523,15 @@ def bias_act_dropout_backward(grad_output: Tensor, h: Tensor, bias: Tensor, act:
                               max_val: float = 1.0) -> tuple[Tensor, Tensor]:
     """(grad_h, grad_bias) of ``bias_act_dropout``, the mask regenerated
     from rng."""
-    seed, offset = _stream(rng)
+    seed, offset, start = _stream(rng)
     params = _act_params(act, negative_slope, alpha, approximate, beta, threshold, min_val,
                          max_val)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # C-contiguous: see below
     # The kernel reduces grad_bias from grad_h as written, which it needs
     # C-contiguous.
     _, grad_bias = fn.bias_act_dropout_backward(grad_output, h, bias, act, p, seed=seed,
-                                                offset=offset, axis=axis, out=grad_h, **params)
+                                                offset=offset, start=start, axis=axis,
+                                                out=grad_h, **params)
     return grad_h, grad_bias
 
 

@@ -40,6 +40,7 @@ _REPLACEMENTS: dict[type, type] = {
     torch.nn.BatchNorm1d: nn.BatchNorm1d,
     torch.nn.BatchNorm2d: nn.BatchNorm2d,
     torch.nn.BatchNorm3d: nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm: nn.SyncBatchNorm,
     torch.nn.ReLU: nn.ReLU,
     torch.nn.LeakyReLU: nn.LeakyReLU,
     torch.nn.ELU: nn.ELU,
@@ -127,7 +128,7 @@ def _label(name: str) -> str:
 
 def patch(model: torch.nn.Module, *, inplace: bool = True, fuse: bool = True) -> PatchResult:
     """Switches every supported ``torch.nn`` module inside ``model`` (the
-    model itself included) to fusednn's: BatchNorm1d/2d/3d, ReLU,
+    model itself included) to fusednn's: BatchNorm1d/2d/3d, SyncBatchNorm, ReLU,
     LeakyReLU, ELU, SELU, GELU, SiLU, Softplus, Mish, Hardsigmoid,
     Hardswish, Hardtanh, Sigmoid, Tanh and Dropout. ``fuse=True`` first
     fuses each BatchNorm that a ReLU follows in an nn.Sequential (counted

@@ -72,13 +72,27 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` (same constructor, parameters, buffers and
     ``state_dict``) on fusednn's kernels: in training with more than one
     rank in ``process_group`` (the default group when None), the statistics
     are those of every rank's slice together; otherwise it is fusednn's
     one-process ``BatchNorm``. Unlike torch's, it also runs on CPU tensors
-    (gloo). Input of shape (N, C, ...), channels_last included."""
+    (gloo). Input of shape (N, C, ...), channels_last included.
+
+    It is not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
+    refuses modules holding that class on the CPU. A tensor fusednn has no
+    kernel for (e.g. bfloat16) goes to torch's SyncBatchNorm forward."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Optional[object] = None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, bias=bias)
+        self.process_group = process_group
+
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -112,7 +126,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
         as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does."""
         converted = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and \
-                not isinstance(module, cls):
+                type(module) is not cls:
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group)
             if module.affine:
