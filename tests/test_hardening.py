@@ -201,6 +201,124 @@ def test_internal_overlap_test_agrees_with_brute_force():
             brute_force_overlap(shape, strides, 4), (shape, strides)
 
 
+# ---- 2b. how overlap is decided: byte extents first, numpy's exact test where they meet --
+
+
+def random_views(rng, buffer, count):
+    """Views of one float32 buffer: strided, reversed, transposed, empty."""
+    words = buffer.size
+    for _ in range(count):
+        ndim = int(rng.integers(1, 3))
+        shape = tuple(int(n) for n in rng.integers(0, 5, ndim))
+        strides = tuple(int(s) * 4 for s in rng.integers(-5, 6, ndim))
+        low = sum(min(0, s) * (n - 1) for n, s in zip(shape, strides) if n) // 4
+        high = sum(max(0, s) * (n - 1) for n, s in zip(shape, strides) if n) // 4
+        if high - low >= words:
+            continue
+        start = int(rng.integers(-low, words - high))
+        yield as_strided(buffer[start:], shape=shape, strides=strides)
+
+
+def extent_of(a):
+    return _arrays.byte_span(a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize)
+
+
+def test_byte_extents_match_the_array_interface():
+    rng = np.random.default_rng(7)
+    views = list(random_views(rng, np.zeros(64, np.float32), 400))
+    views += [np.ones(()), np.zeros((3, 0)), np.zeros((5, 4))[:, ::-2].T]
+    for a in views:
+        assert _cpu.byte_extents(a)[0] == extent_of(a), (a.shape, a.strides)
+    assert _cpu.byte_extents(None, views[0]) == (None, extent_of(views[0]))
+    with pytest.raises(TypeError):
+        _cpu.byte_extents([1.0])
+
+
+def test_overlap_agrees_with_numpys_exact_test():
+    """Extents that do not meet decide at once; where they meet (shifted,
+    interleaved, reversed views) the answer is numpy's exact one."""
+    rng = np.random.default_rng(8)
+    views = list(random_views(rng, np.zeros(48, np.float32), 200))
+    place = _arrays.NUMPY
+    for a, b in zip(views, views[1:] + views[:1]):
+        expected = bool(np.shares_memory(a, b))
+        assert place.may_share_memory(a, b) == expected, (a.strides, b.strides)
+        assert place.may_share_memory(a, b, place.extents(a, b)) == expected
+
+
+def test_device_descriptors_use_the_same_overlap_test():
+    """The GPU's Array descriptors (pointer tuples) get the same answers,
+    from the same addresses, with nothing read through them."""
+    place = object.__new__(_arrays.DevicePlace)  # no device needed: addresses only
+    rng = np.random.default_rng(9)
+    views = list(random_views(rng, np.zeros(48, np.float32), 200))
+
+    def descriptor(a):
+        return _arrays.Array((a.__array_interface__["data"][0], 0, a.shape, a.strides, 0, 0,
+                              a, a.dtype))
+    for a, b in zip(views, views[1:] + views[:1]):
+        da, db = descriptor(a), descriptor(b)
+        assert place.may_share_memory(da, db) == bool(np.shares_memory(a, b))
+        assert place.same_view(da, db) == (extent_of(a) == extent_of(b) and a.shape == b.shape
+                                           and a.strides == b.strides)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "reversed interleaved", "columns of x's buffer"])
+def test_running_statistics_interleaved_without_sharing_are_accepted(layout):
+    """Extents that meet are not enough to refuse: running statistics in
+    alternate elements of one buffer share no memory and are updated."""
+    x = normals((16, 6), np.float64)
+    if layout == "interleaved":
+        buffer = np.zeros(12)
+        running_mean, running_var = buffer[0::2], buffer[1::2]
+    elif layout == "reversed interleaved":
+        buffer = np.zeros(12)
+        running_mean, running_var = buffer[::-2], buffer[-2::-2]
+    else:  # inside x's extent, in none of its elements
+        buffer = np.zeros((16, 8))
+        buffer[:, :6] = x
+        x = buffer[:, :6]
+        running_mean, running_var = buffer[8:14, 6], buffer[1:7, 7]
+    running_var[...] = 1.0
+    fn.batch_norm(x, None, None, running_mean, running_var)
+    np.testing.assert_allclose(running_mean, 0.1 * x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(running_var, 0.9 + 0.1 * x.var(axis=0, ddof=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["shifted", "reversed over x", "strided over out"])
+def test_running_statistics_that_share_an_element_are_rejected(layout):
+    buffer = np.zeros(64, np.float32)
+    x = normals((8, 6))
+    out = np.zeros((8, 6), np.float32)
+    running_var = np.ones(6, np.float32)
+    if layout == "shifted":
+        running_mean, running_var = buffer[0:6], buffer[5:11]
+    elif layout == "reversed over x":
+        running_mean = x.reshape(-1)[11::-2]
+    else:
+        running_mean = out.reshape(-1)[::8]
+    before = [a.copy() for a in (x, out, buffer)]
+    with pytest.raises(ValueError, match="shares memory"):
+        fn.batch_norm(x, None, None, running_mean, running_var, out=out)
+    for a, b in zip((x, out, buffer), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_input_interleaved_with_out_is_read_correctly():
+    """An input in the other half of out's buffer needs no copy; one that
+    shares elements with out (shifted by one) is copied first."""
+    buffer = normals(32)
+    x, out = buffer[1::2], buffer[0::2]
+    expected = np.maximum(x, 0)
+    fn.relu(x, out=out)
+    np.testing.assert_array_equal(out, expected)
+    buffer = normals(17)
+    x, out = buffer[1:], buffer[:16]
+    expected = np.tanh(x)
+    fn.tanh(x, out=out)
+    np.testing.assert_allclose(out, expected, rtol=2e-7, atol=1e-7)
+
+
 # ---- 3. shapes past int64 ----------------------------------------------------
 
 

@@ -1,11 +1,13 @@
 // The fusednn._cpu extension module: build facts, thread and ISA settings,
 // the threaded copy (the bench's memory roof), and the kernel families,
 // bound in files shared with _cuda (see backend.h).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -71,6 +73,34 @@ PYBIND11_MODULE(_cpu, m) {
     std::nth_element(seconds.begin(), seconds.begin() + regions / 2, seconds.end());
     return seconds[regions / 2];
   }, py::arg("tasks"), py::arg("regions"));
+  // The bytes [low, high) each numpy array spans (None for None; empty
+  // arrays span none), in one call: the Python layer's overlap checks
+  // compare these before any exact test, and reading an array's address
+  // from Python (__array_interface__, ctypes) costs more than this call.
+  m.def("byte_extents", [](const py::args& arrays) {
+    py::tuple extents(arrays.size());
+    for (size_t i = 0; i < arrays.size(); ++i) {
+      const py::handle item = arrays[i];
+      if (item.is_none()) {
+        extents[i] = py::none();
+        continue;
+      }
+      if (!py::isinstance<py::array>(item))
+        throw py::type_error("byte_extents: expected numpy arrays or None");
+      const auto a = py::reinterpret_borrow<py::array>(item);
+      auto low = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(a.data()));
+      auto high = low;
+      if (a.size() > 0) {
+        for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+          const std::int64_t reach = static_cast<std::int64_t>(a.strides(d)) * (a.shape(d) - 1);
+          (reach < 0 ? low : high) += reach;
+        }
+        high += a.itemsize();
+      }
+      extents[i] = py::make_tuple(low, high);
+    }
+    return extents;
+  });
   m.def(
       "copy",
       [](const bindings::Operand& src, const bindings::Operand& dst) {

@@ -103,6 +103,27 @@ def byte_span(ptr: int, shape, strides, itemsize: int) -> tuple:
     return low, high + itemsize
 
 
+def extents_meet(a, b) -> bool:
+    """Whether two byte extents ([low, high) pairs, None for no array)
+    have a byte in common."""
+    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
+
+
+# The work numpy's exact overlap solver may spend on one pair of views
+# (np.shares_memory's max_work); views it cannot decide within that count
+# as sharing memory.
+_EXACT_OVERLAP_WORK = 1 << 16
+
+
+def shares_memory_exactly(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two numpy views have an element's byte in common (not only
+    interleaved extents), by numpy's exact solver."""
+    try:
+        return bool(np.shares_memory(a, b, max_work=_EXACT_OVERLAP_WORK))
+    except np.exceptions.TooHardError:
+        return True
+
+
 # Up to this many elements an output whose strides leave the quick test
 # undecided is checked address by address.
 _OVERLAP_ENUMERATION_LIMIT = 1 << 20
@@ -116,6 +137,8 @@ def has_internal_overlap(shape, strides, itemsize: int) -> bool:
     ones span; views that fail that test (rare interleavings, stride 0)
     are checked exactly when small enough, and counted as overlapping
     otherwise."""
+    if len(shape) == 1:  # per-channel arrays, the common case
+        return shape[0] > 1 and abs(strides[0]) < itemsize
     if 0 in shape:
         return False
     dims = sorted((abs(s), n) for n, s in zip(shape, strides) if n > 1)
@@ -191,20 +214,51 @@ class Place:
                           f"{self.describe()}; out must be an array of the inputs' library on "
                           "the inputs' device")
 
-    def detach(self, a, out, *, elementwise: bool = True):
+    def detach(self, a, out, *, elementwise: bool = True, extents=None):
         """a itself, or a copy of it when it shares memory with out (None
-        passes through).
+        passes through); `extents`, when the caller has them, are a's and
+        out's (see extents).
 
         Kernels write out while they read their inputs, so an input that
         overlaps out in any other way would be read after parts of it were
         overwritten. The exception is the documented in-place form: an
         `elementwise` operand (one read at the element it writes) that is
         the very same view as out."""
-        if a is None or not self.may_share_memory(a, out):
+        if a is None or (elementwise and a is out):
             return a
-        if elementwise and (a is out or self.same_view(a, out)):
+        if extents is None:
+            extents = self.extents(a, out)
+        if not self.may_share_memory(a, out, extents):
+            return a
+        if elementwise and self.same_view(a, out, extents):
             return a
         return self.copy_of(a)
+
+    def extents(self, *arrays) -> tuple:
+        """The bytes [low, high) each descriptor spans (None for None), for
+        may_share_memory and same_view."""
+        return tuple(None if a is None else byte_span(a.ptr, a.shape, a.strides, a.dtype.itemsize)
+                     for a in arrays)
+
+    def may_share_memory(self, a, b, extents=None) -> bool:
+        """Whether two descriptors have a byte in common: their extents
+        (`extents`, when the caller has them) decide when they are apart,
+        numpy's exact test when they meet (interleaved views may share
+        none)."""
+        if extents is None:
+            extents = self.extents(a, b)
+        return extents_meet(*extents) and shares_memory_exactly(self.addresses(a),
+                                                                self.addresses(b))
+
+    def same_view(self, a, b, extents=None) -> bool:
+        """Whether two descriptors are the same elements at the same
+        addresses: with equal shapes and strides, equal extents mean equal
+        start pointers."""
+        if a.shape != b.shape or a.strides != b.strides:
+            return False
+        if extents is None:
+            extents = self.extents(a, b)
+        return extents[0] == extents[1]
 
     def c_contiguous(self, a) -> bool:
         return is_c_contiguous(a)
@@ -305,12 +359,13 @@ class HostPlace(Place):
     def copy(self, src: np.ndarray, dst: np.ndarray) -> None:
         _cpu.copy(src, dst)
 
-    def may_share_memory(self, a, b) -> bool:
-        return bool(np.may_share_memory(a, b))
+    # One compiled call for all the arrays: a numpy array's address costs
+    # more to read from Python than that call.
+    extents = staticmethod(_cpu.byte_extents)
 
-    def same_view(self, a, b) -> bool:
-        return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-                and a.strides == b.strides and a.shape == b.shape)
+    @staticmethod
+    def addresses(a: np.ndarray) -> np.ndarray:
+        return a
 
     def result(self, view, given=None):
         """What the caller gets for `view`: `given` (the caller's out,
@@ -453,19 +508,28 @@ class DevicePlace(Place):
         view = self.view(out, "out", function, writable=True, dtypes=_CUDA_DTYPES)
         return view
 
-    def may_share_memory(self, a: Array, b: Array) -> bool:
-        low_a, high_a = byte_span(a.ptr, a.shape, a.strides, a.dtype.itemsize)
-        low_b, high_b = byte_span(b.ptr, b.shape, b.strides, b.dtype.itemsize)
-        return low_a < high_b and low_b < high_a
-
-    def same_view(self, a: Array, b: Array) -> bool:
-        return a.ptr == b.ptr and a.strides == b.strides and a.shape == b.shape
+    @staticmethod
+    def addresses(a: Array) -> np.ndarray:
+        """A numpy array at a's device addresses, for numpy's exact overlap
+        test, which reads addresses, never the memory."""
+        return np.asarray(_Addresses(a))
 
     def result(self, view: Array, given=None):
         return view.obj if given is None else given
 
 
 _CUDA_DTYPES = tuple(np.dtype(d) for d in SUPPORTED_CUDA_DTYPES)
+
+
+class _Addresses:
+    """A device view's pointer, shape and strides in numpy's array
+    interface (read-only: nothing may write through it)."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, a: Array):
+        self.__array_interface__ = {"shape": a.shape, "typestr": a.dtype.str,
+                                    "data": (a.ptr, True), "strides": a.strides, "version": 3}
 
 
 def _cupy(function: str):
@@ -662,6 +726,13 @@ def locate(function: str, names: tuple, *arrays) -> Place:
             break
     else:
         return NUMPY
+    # The next most common call: torch CPU tensors (and Parameters), told
+    # apart by type and is_cpu alone.
+    for a in arrays:
+        if a is not None and (_LIBRARY_OF_TYPE.get(type(a)) != "torch" or not a.is_cpu):
+            break
+    else:
+        return TORCH_CPU
     keys = []
     for name, a in zip(names, arrays):
         if a is None:

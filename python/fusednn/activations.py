@@ -99,14 +99,18 @@ def activation(name: str, x, *, out=None, **params):
     ``params`` are the activation's own keyword parameters (e.g.
     ``negative_slope`` for leaky_relu). Returns ``out`` when given.
     """
-    function = name if isinstance(name, str) and name in _IDS else "activation"
-    _check_name(name, "activation")
+    act_id = _IDS.get(name) if type(name) is str else None
+    if act_id is None:
+        _check_name(name, "activation")
+        act_id = _IDS[name]
+    function = name
     a, b, tanh_approx = _kernel_params(name, params, function)
     place = _arrays.locate(function, ("x",), x)
     x = place.view(x, "x", function)
     result = place.output(out, x, function)
-    x = place.detach(x, result)
-    place.backend.activation_forward(_IDS[name], x, result, a, b, tanh_approx)
+    if out is not None:  # a new result shares memory with nothing
+        x = place.detach(x, result)
+    place.backend.activation_forward(act_id, x, result, a, b, tanh_approx)
     return place.result(result, out)
 
 
@@ -137,8 +141,9 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
     saved = place.view(saved, saved_name, function)
     _check_same(grad_output, saved, f"grad_output and {saved_name}", function)
     result = place.output(out, grad_output, function)
-    grad_output = place.detach(grad_output, result)
-    saved = place.detach(saved, result)
+    if out is not None:  # a new result shares memory with nothing
+        grad_output = place.detach(grad_output, result)
+        saved = place.detach(saved, result)
     place.backend.activation_backward(_IDS[name], use_y, grad_output, saved, result, a, b,
                                       tanh_approx)
     return place.result(result, out)

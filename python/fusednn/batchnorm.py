@@ -15,6 +15,7 @@ so the pair costs the memory traffic of batch norm alone.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -39,15 +40,28 @@ def _channel_axis(axis, ndim: int, function: str) -> int:
 def _weight_dtypes(dtype) -> tuple:
     """The dtypes gamma and beta may have for x of `dtype`: x's own, and
     float32 too for float16 x (as mixed-precision training keeps them)."""
-    if dtype == np.float16:
-        return (np.dtype(np.float16), np.dtype(np.float32))
-    return (np.dtype(dtype),)
+    allowed = _WEIGHT_DTYPES.get(dtype)
+    if allowed is None:
+        allowed = _WEIGHT_DTYPES[dtype] = (
+            (np.dtype(np.float16), np.dtype(np.float32)) if dtype == np.float16
+            else (np.dtype(dtype),))
+    return allowed
 
 
 def _statistics_dtype(dtype) -> np.dtype:
     """save_mean, save_invstd, grad_gamma and grad_beta: x's dtype, float32
     for float16 x (a per-channel sum of float16 values may not fit one)."""
-    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+    statistics = _STATISTICS_DTYPES.get(dtype)
+    if statistics is None:
+        statistics = _STATISTICS_DTYPES[dtype] = (
+            np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype))
+    return statistics
+
+
+# The two tables above, filled as dtypes arrive (a call's fixed cost is
+# what decides small batches).
+_WEIGHT_DTYPES: dict = {}
+_STATISTICS_DTYPES: dict = {}
 
 
 def _per_channel(place, a, name: str, channels: int, function: str, *, weights_of=None,
@@ -120,25 +134,35 @@ def _values_per_channel(shape: tuple, axis: int) -> int:
     return math.prod(shape[:axis] + shape[axis + 1:])
 
 
+_OPERAND_NAMES = ("out", "x", "gamma", "beta", "running_mean", "running_var")
+
+
 def _check_running_statistics(place, training: bool, x, out, gamma, beta, running_mean,
-                              running_var, function: str) -> None:
+                              running_var, function: str, extents=None) -> None:
     """Training writes the running statistics in place after it has read
     x, gamma and beta and written out, so they must be separate from all of
     those and from each other, with no two of their own elements sharing
-    memory: a ValueError otherwise."""
-    if not training:
+    memory: a ValueError otherwise. `extents`, when the caller has them,
+    are place.extents of (out, x, gamma, beta, running_mean, running_var)."""
+    if not training or (running_mean is None and running_var is None):
         return
-    statistics = {"running_mean": running_mean, "running_var": running_var}
-    operands = {"out": out, "x": x, "gamma": gamma, "beta": beta, **statistics}
-    for name, statistic in statistics.items():
+    operands = (out, x, gamma, beta, running_mean, running_var)
+    if extents is None:
+        extents = place.extents(*operands)
+    for index in (4, 5):
+        statistic = operands[index]
         if statistic is None:
             continue
+        name = _OPERAND_NAMES[index]
         _arrays.check_no_internal_overlap(statistic, name, function)
-        for other_name, other in operands.items():
-            if (other is not None and other_name != name
-                    and place.may_share_memory(statistic, other)):
+        extent = extents[index]
+        for other_index, other in enumerate(operands):
+            if (other_index != index and _arrays.extents_meet(extent, extents[other_index])
+                    and place.may_share_memory(statistic, other,
+                                               (extent, extents[other_index]))):
                 raise ValueError(f"fusednn.{function}: {name} is updated in place but "
-                                 f"shares memory with {other_name}; pass separate arrays")
+                                 f"shares memory with {_OPERAND_NAMES[other_index]}; pass "
+                                 "separate arrays")
 
 
 # ---- public functions -----------------------------------------------------------
@@ -147,8 +171,14 @@ def _check_running_statistics(place, training: bool, x, out, gamma, beta, runnin
 def _workspace(place, x, axis: int):
     """The backend's scratch buffer for a batch-norm call on x (the CPU
     needs none)."""
-    return place.workspace(place.backend.batch_norm_workspace_bytes(
-        x.shape, axis, _arrays.DTYPE_CODES[x.dtype]))
+    return place.workspace(_workspace_bytes(place.backend, x.shape, axis, x.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _workspace_bytes(backend, shape: tuple, axis: int, dtype) -> int:
+    """The backend's answer, remembered: a training loop asks about the
+    same few shapes every step, and asking costs more than remembering."""
+    return backend.batch_norm_workspace_bytes(shape, axis, _arrays.DTYPE_CODES[dtype])
 
 
 def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
@@ -199,13 +229,19 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
         raise ValueError(f"fusednn.{function}: training=False normalizes with running_mean "
                          "and running_var; pass both")
     y = place.output(out, x, function)
+    # One look at every operand's bytes serves the checks and the copies.
+    extents = place.extents(y, x, gamma, beta, running_mean, running_var)
     _check_running_statistics(place, training, x, y, gamma, beta, running_mean, running_var,
-                              function)
-    x = _channel_viewable(place, place.detach(x, y), ax)
-    gamma, beta = (place.detach(a, y, elementwise=False) for a in (gamma, beta))
+                              function, extents)
+    y_extent = extents[0]
+    x = _channel_viewable(place, place.detach(x, y, extents=(extents[1], y_extent)), ax)
+    gamma = place.detach(gamma, y, elementwise=False, extents=(extents[2], y_extent))
+    beta = place.detach(beta, y, elementwise=False, extents=(extents[3], y_extent))
     if not training:
-        running_mean, running_var = (place.detach(a, y, elementwise=False)
-                                     for a in (running_mean, running_var))
+        running_mean = place.detach(running_mean, y, elementwise=False,
+                                    extents=(extents[4], y_extent))
+        running_var = place.detach(running_var, y, elementwise=False,
+                                   extents=(extents[5], y_extent))
     statistics = _statistics_dtype(x.dtype)
     save_mean = place.empty((channels,), statistics)
     save_invstd = place.empty((channels,), statistics)
@@ -287,12 +323,18 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     save_mean = _per_channel(place, save_mean, "save_mean", channels, function)
     save_invstd = _per_channel(place, save_invstd, "save_invstd", channels, function)
     grad_input = place.output(out, x, function)
-    grad_output = _channel_viewable(place, place.detach(grad_output, grad_input), ax)
-    x = _channel_viewable(place, place.detach(x, grad_input), ax)
+    extents = place.extents(grad_input, grad_output, x, y, gamma, save_mean, save_invstd)
+    out_extent = extents[0]
+    grad_output = _channel_viewable(
+        place, place.detach(grad_output, grad_input, extents=(extents[1], out_extent)), ax)
+    x = _channel_viewable(place, place.detach(x, grad_input, extents=(extents[2], out_extent)),
+                          ax)
     if relu:
-        y = _channel_viewable(place, place.detach(y, grad_input), ax)
-    gamma, save_mean, save_invstd = (place.detach(a, grad_input, elementwise=False)
-                                     for a in (gamma, save_mean, save_invstd))
+        y = _channel_viewable(place, place.detach(y, grad_input, extents=(extents[3], out_extent)),
+                              ax)
+    gamma, save_mean, save_invstd = (
+        place.detach(a, grad_input, elementwise=False, extents=(extent, out_extent))
+        for a, extent in zip((gamma, save_mean, save_invstd), extents[4:]))
     statistics = _statistics_dtype(x.dtype)
     grad_gamma = place.empty((channels,), statistics)
     grad_beta = place.empty((channels,), statistics)

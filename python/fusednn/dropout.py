@@ -152,7 +152,8 @@ def dropout(x, p, *, seed, offset=0, start=0, training=True, return_mask=False, 
     x = place.view(x, "x", function)
     start = _check_start(start, x.size, function)
     y = place.output(out, x, function)
-    x = place.detach(x, y)
+    if out is not None:  # a new y shares memory with nothing
+        x = place.detach(x, y)
     mask = place.empty((_mask_bytes(x.size),), np.uint8) if return_mask else None
     if training:
         place.backend.dropout_forward(x, y, p, seed, offset, start, mask)
@@ -176,8 +177,9 @@ def dropout_backward(grad_output, p, *, mask=None, seed=None, offset=0, start=0,
     mask, seed, offset, start = _mask_or_seed(place, mask, seed, offset, start,
                                               grad_output.size, function)
     result = place.output(out, grad_output, function)
-    grad_output = place.detach(grad_output, result)
-    mask = place.detach(mask, result, elementwise=False)
+    if out is not None:  # a new result shares memory with nothing
+        grad_output = place.detach(grad_output, result)
+        mask = place.detach(mask, result, elementwise=False)
     place.backend.dropout_backward(grad_output, result, p, mask, seed, offset, start)
     return place.result(result, out)
 
@@ -255,8 +257,10 @@ def bias_act_dropout(h, bias, act, p, *, seed, offset=0, start=0, axis=-1, retur
     axis = _check_axis(axis, h.ndim, function)
     start = _check_start(start, h.size, function)
     result = place.output(out, h, function)
-    bias = place.detach(_check_bias(place, bias, h, axis, function), result, elementwise=False)
-    h = place.detach(h, result)
+    bias = _check_bias(place, bias, h, axis, function)
+    if out is not None:  # a new result shares memory with nothing
+        bias = place.detach(bias, result, elementwise=False)
+        h = place.detach(h, result)
     mask = place.empty((_mask_bytes(h.size),), np.uint8) if return_mask else None
     place.backend.bias_act_dropout_forward(act_id, h, bias, axis, result, a, b, tanh_approx, p,
                                            seed, offset, start, mask)
@@ -298,10 +302,11 @@ def bias_act_dropout_backward(grad_output, h, bias, act, p, *, mask=None, seed=N
                                               function)
     grad_h = place.output(out, h, function)
     _check_contiguous_out(grad_h, function)
-    grad_output = place.detach(grad_output, grad_h)
-    h = place.detach(h, grad_h)
-    bias = place.detach(bias, grad_h, elementwise=False)
-    mask = place.detach(mask, grad_h, elementwise=False)
+    if out is not None:  # a new grad_h shares memory with nothing
+        grad_output = place.detach(grad_output, grad_h)
+        h = place.detach(h, grad_h)
+        bias = place.detach(bias, grad_h, elementwise=False)
+        mask = place.detach(mask, grad_h, elementwise=False)
     grad_bias = place.empty((h.shape[axis],), h.dtype)
     backend = place.backend
     workspace = place.workspace(backend.bias_grad_workspace_bytes(h.shape, axis))
