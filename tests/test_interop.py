@@ -347,3 +347,61 @@ def test_torch_mask_of_another_dtype_is_a_type_error():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="uint8"):
         fn.dropout_backward(torch.ones(16), 0.5, mask=torch.ones(2, dtype=torch.int32))
+
+
+# ---- device= of the functions that read no array -------------------------------------
+
+
+def device_cases():
+    """(label, device, library of the result): every CPU destination."""
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    return [("'cpu'", "cpu", np.ndarray), ("numpy array", np.zeros(2), np.ndarray),
+            ("torch.device('cpu')", torch.device("cpu"), torch.Tensor),
+            ("torch tensor", torch.zeros(2), torch.Tensor),
+            ("JAX array", jnp.zeros(2), type(jnp.zeros(2)))]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_dropout_mask_device_gives_the_same_bytes_in_that_library(index):
+    label, device, kind = device_cases()[index]
+    expected = fn.dropout_mask((7, 5), 0.3, seed=11, offset=4)
+    mask = fn.dropout_mask((7, 5), 0.3, seed=11, offset=4, device=device)
+    assert isinstance(mask, kind), label
+    np.testing.assert_array_equal(np.asarray(mask), expected)
+    assert np.asarray(mask).dtype == np.uint8
+
+
+@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_initializer_device_gives_the_same_values_in_that_library(index, dtype):
+    label, device, kind = device_cases()[index]
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    expected = fn.init.he_uniform((6, 4), seed=3, dtype=dtype)
+    weights = fn.init.he_uniform((6, 4), seed=3, dtype=dtype, device=device)
+    assert isinstance(weights, kind), label
+    if kind.__module__.startswith("torch"):
+        assert str(weights.dtype) == f"torch.{dtype}"
+        weights = weights.float().numpy()
+    np.testing.assert_array_equal(np.asarray(weights, dtype=np.float32),
+                                  expected.astype(np.float32))
+
+
+def test_bad_devices_are_named():
+    torch = pytest.importorskip("torch")
+    for device in ("tpu", "gpu", "cuda:", "cuda:x"):
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N'"):
+            fn.dropout_mask(4, 0.5, seed=1, device=device)
+    with pytest.raises(TypeError, match="not int"):
+        fn.init.uniform((2,), device=3)
+    with pytest.raises(TypeError, match="meta is not supported"):
+        fn.dropout_mask(4, 0.5, seed=1, device=torch.device("meta"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            fn.dropout_mask(4, 0.5, seed=1, device=torch.device("cuda"))
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            fn.init.uniform((2,), device=torch.device("cuda:0"))
+    if not fn.info()["cuda_built"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            fn.dropout_mask(4, 0.5, seed=1, device="cuda:1")

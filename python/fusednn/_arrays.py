@@ -372,6 +372,10 @@ class HostPlace(Place):
         written in place) when there is one, else view in its library."""
         return view if given is None else given
 
+    def from_host(self, values: np.ndarray):
+        """values (a numpy array) as an array of this place."""
+        return self.result(values)
+
 
 _HOST_DTYPES = tuple(np.dtype(d) for d in SUPPORTED_DTYPES)
 
@@ -546,12 +550,13 @@ class CupyPlace(DevicePlace):
     """CuPy arrays, and JAX GPU and other DLPack CUDA arrays viewed as CuPy
     arrays; CuPy's current device and stream."""
 
-    def __init__(self, library: str, function: str):
+    def __init__(self, library: str, function: str, device=None):
         cupy = _cupy(function)
         self.cupy = cupy
         self.library = library
         self.key = (library, "cuda")
-        super().__init__(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+        with cupy.cuda.Device(device):  # None: the current device
+            super().__init__(cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
 
     def array_view(self, a, name: str, function: str) -> Array:
         cupy = self.cupy
@@ -562,8 +567,14 @@ class CupyPlace(DevicePlace):
         return self.wrap(a, a.data.ptr, a.dtype, a.shape, a.strides)
 
     def empty(self, shape, dtype) -> Array:
-        a = self.cupy.empty(shape, dtype=dtype)
+        with self.cupy.cuda.Device(self.device):
+            a = self.cupy.empty(shape, dtype=dtype)
         return self.wrap(a, a.data.ptr, a.dtype, a.shape, a.strides)
+
+    def from_host(self, values: np.ndarray):
+        with self.cupy.cuda.Device(self.device):
+            a = self.cupy.asarray(values)
+        return self.result(self.wrap(a, a.data.ptr, a.dtype, a.shape, a.strides))
 
     def copy_of(self, a: Array) -> Array:
         c = self.cupy.ascontiguousarray(a.obj)
@@ -644,6 +655,9 @@ class TorchCudaPlace(DevicePlace):
 
     def copy(self, src: Array, dst: Array) -> None:
         dst.obj.copy_(src.obj)
+
+    def from_host(self, values: np.ndarray):
+        return TORCH_CPU.from_host(values).to(f"cuda:{self.device}")
 
 
 # ---- finding a call's place ---------------------------------------------------------------
@@ -770,3 +784,58 @@ def cuda_place(function: str, library: str = "CuPy", lead=None) -> DevicePlace:
     if library == "torch":
         return TorchCudaPlace(lead.device.index or 0)
     return CupyPlace(library, function)
+
+
+def device_place(function: str, device, *, kernels: bool = True) -> Place:
+    """The place of a result that no array argument decides (dropout_mask's
+    mask, the initializers' values). `device` is 'cpu' (numpy), 'cuda'
+    (CuPy, its current device), 'cuda:N' (CuPy, device N), a
+    torch.device (torch tensors there), or an array of any library the
+    functions take (its library, on its device; CuPy's current device for
+    JAX and other DLPack GPU arrays). `kernels`: the result is computed
+    there, so a GPU place needs the CUDA module (the initializers only copy
+    host values and need CuPy or torch alone)."""
+
+    def gpu(make, *args):
+        if kernels and _backend._cuda is None:
+            raise _backend.cuda_unavailable(function)
+        return make(*args)
+
+    if isinstance(device, str):
+        if device == "cpu":
+            return NUMPY
+        if device == "cuda":
+            return gpu(CupyPlace, "CuPy", function)
+        index = device[5:] if device.startswith("cuda:") else ""
+        if index.isdigit():
+            return gpu(CupyPlace, "CuPy", function, int(index))
+        raise ValueError(f"fusednn.{function}: device must be 'cpu', 'cuda', 'cuda:N', a "
+                         f"torch.device or an array, got {device!r}")
+    kind = type(device)
+    if kind.__module__ == "torch" and kind.__name__ == "device":
+        if device.type == "cpu":
+            return TORCH_CPU
+        if device.type == "cuda":
+            return gpu(_torch_cuda_place, function, device.index)
+        raise TypeError(f"fusednn.{function}: torch device {device} is not supported; fusednn "
+                        "runs on the CPU and on CUDA GPUs")
+    key = _identify(device)
+    if key is None:
+        raise TypeError(f"fusednn.{function}: device must be 'cpu', 'cuda', 'cuda:N', a "
+                        f"torch.device or an array, not {kind.__name__}")
+    if key in _HOST_PLACES:
+        return _HOST_PLACES[key]
+    if key == ("torch", "cuda"):
+        return gpu(_torch_cuda_place, function, device.device.index)
+    if key == ("CuPy", "cuda"):
+        return gpu(CupyPlace, "CuPy", function, device.device.id)
+    return gpu(CupyPlace, key[0], function)
+
+
+def _torch_cuda_place(function: str, index) -> TorchCudaPlace:
+    """torch's place on CUDA device `index` (None: torch's current one)."""
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"fusednn.{function}: this torch has no CUDA device (torch "
+                           f"{torch.__version__}); pass device='cpu' or torch.device('cpu')")
+    return TorchCudaPlace(torch.cuda.current_device() if index is None else index)

@@ -189,8 +189,14 @@ def dropout_mask(shape, p, *, seed, offset=0, start=0, device="cpu"):
     ``shape``: uint8, ``(n + 7) // 8`` bytes, bit ``i % 8`` of byte
     ``i // 8`` for element ``i`` (the decision of global index
     ``start + i``); ``np.unpackbits(mask, bitorder='little')[:n]`` unpacks
-    it. ``device='cuda'`` draws it on the current CuPy device and stream
-    and returns a CuPy array with the same bytes."""
+    it.
+
+    ``device`` says where the mask is drawn and in which library it comes
+    back: 'cpu' (numpy), 'cuda' (CuPy, its current device and stream),
+    'cuda:N' (CuPy, device N), a ``torch.device`` (a uint8 torch tensor
+    there, on torch's current stream), or an array of any library fusednn
+    takes (that library, on that array's device). The bytes are the same
+    everywhere."""
     function = "dropout_mask"
     shape = _check_shape(shape, function)
     p = _check_p(p, function)
@@ -198,9 +204,7 @@ def dropout_mask(shape, p, *, seed, offset=0, start=0, device="cpu"):
     offset = _check_counter(offset, "offset", function)
     size = math.prod(shape)
     start = _check_start(start, size, function)
-    if device not in ("cpu", "cuda", "gpu"):
-        raise ValueError(f"fusednn.{function}: device must be 'cpu' or 'cuda', got {device!r}")
-    place = _arrays.NUMPY if device == "cpu" else _arrays.cuda_place(function)
+    place = _arrays.device_place(function, device)
     mask = place.empty((_mask_bytes(size),), np.uint8)
     place.backend.dropout_mask(size, p, seed, offset, start, mask)
     return place.result(mask)

@@ -40,8 +40,11 @@ generator, PCG64: ``seed`` is an int (the same int gives the same values on
 every platform numpy supports), None (fresh entropy) or a
 ``numpy.random.Generator`` to draw from (it advances, so that successive
 calls give different values). Values are drawn in float64 and rounded once
-to ``dtype``. ``device='cuda'`` draws the same values on the host and copies
-them into a CuPy array, so a seed gives identical weights on both devices.
+to ``dtype``. Values are always drawn on the host; ``device`` says where they
+go and in which library: 'cpu' (numpy), 'cuda' (a CuPy array on the current
+device), 'cuda:N' (CuPy, device N), a ``torch.device`` (a torch tensor
+there), or an array of any library fusednn takes (that library, on that
+array's device). So a seed gives identical weights on every device.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ import warnings
 
 import numpy as np
 
-from . import _backend
+from . import _arrays, _backend
 
 __all__ = ["INITIALIZERS", "calculate_gain", "fans", "glorot_normal", "glorot_uniform",
            "he_normal", "he_uniform", "lecun_normal", "lecun_uniform", "normal", "orthogonal",
@@ -64,7 +67,6 @@ INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
                 "lecun_uniform", "lecun_normal", "orthogonal", "trunc_normal")
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
-_DEVICES = ("cpu", "cuda")
 
 
 def _shape(shape, function: str) -> tuple[int, ...]:
@@ -145,15 +147,20 @@ def _draw(sample, shape, seed, dtype, device, function: str):
     bad argument leaves a passed Generator where it was."""
     rng = _generator(seed, function)
     dt = _dtype(dtype, function)
-    if device not in _DEVICES:
-        raise ValueError(f"fusednn.init.{function}: device must be 'cpu' or 'cuda', "
-                         f"got {device!r}")
-    if device == "cuda" and dt.name == "bfloat16":
+    if isinstance(device, str) and (device == "cuda" or device[:5] == "cuda:"
+                                    and device[5:].isdigit()):
+        _check_cupy_dtype(dt, function)
+        _cupy(function)  # the message naming the CuPy this build needs
+    place = _arrays.device_place(f"init.{function}", device, kernels=False)
+    if isinstance(place, _arrays.CupyPlace):  # a CuPy or JAX GPU array's place
+        _check_cupy_dtype(dt, function)
+    return place.from_host(_round_once(sample(rng, shape), dt))
+
+
+def _check_cupy_dtype(dt: np.dtype, function: str) -> None:
+    if dt.name == "bfloat16":
         raise TypeError(f"fusednn.init.{function}: CuPy has no bfloat16; draw on the CPU and "
                         "move the array with torch or JAX, or use float16 on the GPU")
-    cupy = _cupy(function) if device == "cuda" else None
-    values = _round_once(sample(rng, shape), dt)
-    return values if cupy is None else cupy.asarray(values)
 
 
 def _round_once(values: np.ndarray, dt: np.dtype) -> np.ndarray:
