@@ -228,7 +228,10 @@ class Place:
             return a
         if extents is None:
             extents = self.extents(a, out)
-        if not self.may_share_memory(a, out, extents):
+        (low, high), (out_low, out_high) = extents
+        # Apart (the common case, tested inline: every call with out= asks),
+        # or in no element in common.
+        if high <= out_low or out_high <= low or not self.may_share_memory(a, out, extents):
             return a
         if elementwise and self.same_view(a, out, extents):
             return a
@@ -430,11 +433,20 @@ class TorchHostPlace(HostPlace):
     def result(self, view, given=None):
         if given is not None:
             return given
-        import torch
         # dtype.name takes microseconds; kind 'V' first rules out the float types
         if view.dtype.kind == "V" and view.dtype.name == "bfloat16":
+            import torch
             return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(view)
+        return _torch_from_numpy(view)
+
+
+def _torch_from_numpy(view: np.ndarray):
+    """torch.from_numpy, found once (a torch place exists only once torch
+    has been imported by the caller)."""
+    global _torch_from_numpy
+    import torch
+    _torch_from_numpy = torch.from_numpy
+    return torch.from_numpy(view)
 
 
 class DLPackHostPlace(HostPlace):

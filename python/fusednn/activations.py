@@ -99,18 +99,21 @@ def activation(name: str, x, *, out=None, **params):
     ``params`` are the activation's own keyword parameters (e.g.
     ``negative_slope`` for leaky_relu). Returns ``out`` when given.
     """
-    act_id = _IDS.get(name) if type(name) is str else None
-    if act_id is None:
+    if type(name) is not str or name not in _IDS:
         _check_name(name, "activation")
-        act_id = _IDS[name]
-    function = name
-    a, b, tanh_approx = _kernel_params(name, params, function)
-    place = _arrays.locate(function, ("x",), x)
-    x = place.view(x, "x", function)
-    result = place.output(out, x, function)
+    return _forward(name, x, out, _kernel_params(name, params, name))
+
+
+def _forward(name: str, x, out, kernel_params):
+    """The one path of every forward activation: `name` is checked,
+    kernel_params are its (a, b, tanh_approximation)."""
+    place = _arrays.locate(name, ("x",), x)
+    x = place.view(x, "x", name)
+    result = place.output(out, x, name)
     if out is not None:  # a new result shares memory with nothing
         x = place.detach(x, result)
-    place.backend.activation_forward(act_id, x, result, a, b, tanh_approx)
+    a, b, tanh_approx = kernel_params
+    place.backend.activation_forward(_IDS[name], x, result, a, b, tanh_approx)
     return place.result(result, out)
 
 
@@ -151,17 +154,17 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
 
 def sigmoid(x, *, out=None):
     """1 / (1 + exp(-x))."""
-    return activation("sigmoid", x, out=out)
+    return _forward("sigmoid", x, out, _DEFAULT_KERNEL_PARAMS["sigmoid"])
 
 
 def tanh(x, *, out=None):
     """Hyperbolic tangent."""
-    return activation("tanh", x, out=out)
+    return _forward("tanh", x, out, _DEFAULT_KERNEL_PARAMS["tanh"])
 
 
 def relu(x, *, out=None):
     """max(x, 0); -0 and NaN pass through, as in PyTorch."""
-    return activation("relu", x, out=out)
+    return _forward("relu", x, out, _DEFAULT_KERNEL_PARAMS["relu"])
 
 
 def leaky_relu(x, negative_slope=0.01, *, out=None):
@@ -176,17 +179,19 @@ def elu(x, alpha=1.0, *, out=None):
 
 def selu(x, *, out=None):
     """scale * elu(x, alpha) with the self-normalizing constants."""
-    return activation("selu", x, out=out)
+    return _forward("selu", x, out, _DEFAULT_KERNEL_PARAMS["selu"])
 
 
 def gelu(x, approximate="none", *, out=None):
     """x * Phi(x) (approximate='none') or its tanh approximation ('tanh')."""
+    if type(approximate) is str and approximate == "none":  # the default, formed once
+        return _forward("gelu", x, out, _DEFAULT_KERNEL_PARAMS["gelu"])
     return activation("gelu", x, out=out, approximate=approximate)
 
 
 def silu(x, *, out=None):
     """x * sigmoid(x) (swish)."""
-    return activation("silu", x, out=out)
+    return _forward("silu", x, out, _DEFAULT_KERNEL_PARAMS["silu"])
 
 
 def softplus(x, beta=1.0, threshold=20.0, *, out=None):
@@ -196,17 +201,17 @@ def softplus(x, beta=1.0, threshold=20.0, *, out=None):
 
 def mish(x, *, out=None):
     """x * tanh(softplus(x))."""
-    return activation("mish", x, out=out)
+    return _forward("mish", x, out, _DEFAULT_KERNEL_PARAMS["mish"])
 
 
 def hardsigmoid(x, *, out=None):
     """clamp(x + 3, 0, 6) / 6."""
-    return activation("hardsigmoid", x, out=out)
+    return _forward("hardsigmoid", x, out, _DEFAULT_KERNEL_PARAMS["hardsigmoid"])
 
 
 def hardswish(x, *, out=None):
     """x * clamp(x + 3, 0, 6) / 6."""
-    return activation("hardswish", x, out=out)
+    return _forward("hardswish", x, out, _DEFAULT_KERNEL_PARAMS["hardswish"])
 
 
 def hardtanh(x, min_val=-1.0, max_val=1.0, *, out=None):

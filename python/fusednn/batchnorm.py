@@ -155,11 +155,14 @@ def _check_running_statistics(place, training: bool, x, out, gamma, beta, runnin
             continue
         name = _OPERAND_NAMES[index]
         _arrays.check_no_internal_overlap(statistic, name, function)
-        extent = extents[index]
-        for other_index, other in enumerate(operands):
-            if (other_index != index and _arrays.extents_meet(extent, extents[other_index])
-                    and place.may_share_memory(statistic, other,
-                                               (extent, extents[other_index]))):
+        extent = low, high = extents[index]
+        for other_index, other_extent in enumerate(extents):
+            # Extents that do not meet settle it here, inline: this loop runs
+            # on every training call.
+            if (other_extent is not None and other_index != index and other_extent[0] < high
+                    and low < other_extent[1]
+                    and place.may_share_memory(statistic, operands[other_index],
+                                               (extent, other_extent))):
                 raise ValueError(f"fusednn.{function}: {name} is updated in place but "
                                  f"shares memory with {_OPERAND_NAMES[other_index]}; pass "
                                  "separate arrays")
