@@ -116,6 +116,16 @@ def _activation(activation, function: str) -> bool:
                      f"got {activation!r}")
 
 
+def _check_gradient_matches(grad_output, x, function: str) -> None:
+    """grad_output must have x's shape and dtype."""
+    if grad_output.shape != x.shape:
+        raise ValueError(f"fusednn.{function}: grad_output and x must have the same shape, "
+                         f"got {grad_output.shape} and {x.shape}")
+    if grad_output.dtype != x.dtype:
+        raise TypeError(f"fusednn.{function}: grad_output and x must have the same dtype, "
+                        f"got {grad_output.dtype} and {x.dtype}")
+
+
 def _settings(training, momentum, eps, function: str):
     """Checks the forward's scalar arguments; returns them as bool, float, float."""
     if not isinstance(training, (bool, np.bool_)):
@@ -301,12 +311,7 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
                            grad_output, x, gamma, save_mean, save_invstd, y)
     grad_output = place.view(grad_output, "grad_output", function)
     x = place.view(x, "x", function)
-    if grad_output.shape != x.shape:
-        raise ValueError(f"fusednn.{function}: grad_output and x must have the same shape, "
-                         f"got {grad_output.shape} and {x.shape}")
-    if grad_output.dtype != x.dtype:
-        raise TypeError(f"fusednn.{function}: grad_output and x must have the same dtype, "
-                        f"got {grad_output.dtype} and {x.dtype}")
+    _check_gradient_matches(grad_output, x, function)
     if relu:
         y = place.view(y, "y", function)
         if y.shape != x.shape:

@@ -34,7 +34,8 @@ import numbers
 import numpy as np
 
 from . import _arrays, _backend
-from .batchnorm import _channel_axis, _channel_viewable, _per_channel, _values_per_channel
+from .batchnorm import (_channel_axis, _channel_viewable, _check_gradient_matches, _per_channel,
+                        _values_per_channel)
 
 __all__ = ["BatchNormMoments", "BatchNormStats", "batch_norm_apply",
            "batch_norm_backward_apply", "batch_norm_backward_reduce", "batch_norm_combine",
@@ -238,12 +239,7 @@ def batch_norm_apply(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None
 def _gradient_operands(place, grad_output, x, mean, invstd, axis, function: str):
     grad_output = _data(place, grad_output, "grad_output", function)
     x = _data(place, x, "x", function)
-    if grad_output.shape != x.shape:
-        raise ValueError(f"fusednn.{function}: grad_output and x must have the same shape, "
-                         f"got {grad_output.shape} and {x.shape}")
-    if grad_output.dtype != x.dtype:
-        raise TypeError(f"fusednn.{function}: grad_output and x must have the same dtype, "
-                        f"got {grad_output.dtype} and {x.dtype}")
+    _check_gradient_matches(grad_output, x, function)
     ax = _channel_axis(axis, x.ndim, function)
     channels = x.shape[ax]
     mean = _statistic(place, mean, "mean", channels, function)
