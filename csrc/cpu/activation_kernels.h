@@ -33,22 +33,36 @@ void activation_backward_op(const ActivationParams& params, double ns_per_elemen
                             bool from_output, const ArrayRef& grad_output, const ArrayRef& saved,
                             const ArrayRef& grad_input);
 
-// The float32 arithmetic of a contiguous run written to memory that stays
-// in the cache: o[i] = f(src[i]), and o[i] = g[i] f'(.) from x or y values
-// v, for i < n. Pointers to these are what the half-precision runs take.
-using ForwardBlock = void (*)(float* o, const float* src, int64_t n, ActivationParams q);
-using BackwardBlock = void (*)(float* o, const float* g, const float* v, int64_t n,
-                               ActivationParams q);
+// The arithmetic of a contiguous run of T (float or double) written to
+// memory that stays in the cache: o[i] = f(x[i]), and o[i] = g[i] f'(.)
+// from x or y values v, for i < n. The shared runs below take pointers to
+// an activation's.
+template <class T> using ForwardBlock = void (*)(T* o, const T* x, int64_t n, ActivationParams q);
+template <class T>
+using BackwardBlock = void (*)(T* o, const T* g, const T* v, int64_t n, ActivationParams q);
+template <class S> using ComputeOf = typename Storage<S>::Compute;
 
-// The contiguous runs of the half-precision kernels, once per storage type
-// S for all activations (activations.cpp): each block of kHalfBlock inputs
-// widened to float32, computed by `block`, and narrowed into dst, which
-// with kStream is 64-byte aligned and written past the cache.
+// Runs shared by all activations, once per storage type S
+// (activations.cpp), that hand the arithmetic to `block` a block at a
+// time. The contiguous runs of the half-precision kernels: each block of
+// inputs widened to float32 and the results narrowed into dst, which with
+// kStream is 64-byte aligned and written past the cache.
 template <class S, bool kStream>
-void half_forward_run(S* dst, int64_t count, const S* in, ForwardBlock block, ActivationParams q);
+void half_forward_run(S* dst, int64_t count, const S* x, ForwardBlock<float> block,
+                      ActivationParams q);
 template <class S, bool kStream>
-void half_backward_run(S* dst, int64_t count, const S* grad, const S* value, BackwardBlock block,
-                       ActivationParams q);
+void half_backward_run(S* dst, int64_t count, const S* grad, const S* value,
+                       BackwardBlock<float> block, ActivationParams q);
+// Runs with other strides (inner, in elements: the inputs', then the
+// output's): each block of inputs gathered into a contiguous buffer (and
+// widened), the results scattered into out (and narrowed).
+template <class S>
+void strided_forward_run(const S* x, S* out, int64_t len, const int64_t* inner,
+                         ForwardBlock<ComputeOf<S>> block, ActivationParams q);
+template <class S>
+void strided_backward_run(const S* grad, const S* value, S* out, int64_t len,
+                          const int64_t* inner, BackwardBlock<ComputeOf<S>> block,
+                          ActivationParams q);
 
 // Calls fn(S{}) with S the storage type of dtype d.
 template <class Fn> void visit_storage(DType d, Fn&& fn) {

@@ -20,26 +20,26 @@ namespace fusednn {
 namespace cpu {
 namespace FUSEDNN_ISA {
 
-// Out of line, once per activation: the float32 kernels' cached runs and
-// the half-precision kernels' blocks share them. Inlined into each kernel,
-// an activation's vectorized float32 loops were compiled again for
-// float16 and for bfloat16 and for streamed and cached outputs of each,
-// most of the activations' code. A call per run or per block costs little
-// beside the block's arithmetic.
-template <class Op>
-__attribute__((noinline)) void forward_block(float* o, const float* src, int64_t n,
-                                             const ActivationParams q) {
-  const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
-  const auto as_is = [](int64_t, float v) FUSEDNN_INLINE_LAMBDA { return v; };
+// Out of line, once per activation and compute type: the contiguous runs
+// of the float32 and float64 kernels whose outputs stay in the cache, the
+// half-precision kernels' blocks and the strided runs of every dtype share
+// them. Inlined into each kernel, an activation's vectorized loops were
+// compiled again for float16 and for bfloat16, for strided runs, and for
+// streamed and cached outputs of each, most of the activations' code. A
+// call per run or per block costs little beside the block's arithmetic.
+template <class Op, class T>
+__attribute__((noinline)) void forward_block(T* o, const T* x, int64_t n, const ActivationParams q) {
+  const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return x[i]; };
+  const auto as_is = [](int64_t, T v) FUSEDNN_INLINE_LAMBDA { return v; };
   activation_run<Op>(o, n, q, input, as_is);
 }
 
-template <class Op, bool kFromOutput>
-__attribute__((noinline)) void backward_block(float* o, const float* gs, const float* vs,
-                                              int64_t n, const ActivationParams q) {
+template <class Op, class T, bool kFromOutput>
+__attribute__((noinline)) void backward_block(T* o, const T* gs, const T* vs, int64_t n,
+                                              const ActivationParams q) {
   if constexpr (kFromOutput) {
     write_run<false>(o, n, [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
-      return Op::template backward_y<float>(gs[i], vs[i], q);
+      return Op::template backward_y<T>(gs[i], vs[i], q);
     });
   } else {
     const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
@@ -47,41 +47,6 @@ __attribute__((noinline)) void backward_block(float* o, const float* gs, const f
     activation_backward_run<Op>(o, n, q, input, grad_at);
   }
 }
-
-// The loops for runs with other strides (inner, in elements), out of the
-// kernels' bodies. At -O3 GCC also compiles a copy of such a loop for unit
-// strides, a case the bodies take before they get here: several KB per
-// activation and dtype that never ran. The strided loop itself stays
-// vectorized (kept scalar, a strided gelu forward ran 3.6 times slower).
-#define FUSEDNN_STRIDED_LOOP __attribute__((noinline, optimize("no-version-loops-for-strides")))
-
-template <class Op, class S>
-FUSEDNN_STRIDED_LOOP void forward_strided(const S* in, S* out, int64_t len, const int64_t* inner,
-                                          const ActivationParams& params) {
-  using T = typename Storage<S>::Compute;
-  for (int64_t i = 0; i < len; ++i)
-    out[i * inner[1]] =
-        Storage<S>::store(Op::template forward<T>(Storage<S>::load(in[i * inner[0]]), params));
-}
-
-template <class Op, class S, bool kFromOutput>
-FUSEDNN_STRIDED_LOOP void backward_strided(const S* grad, const S* value, S* out, int64_t len,
-                                           const int64_t* inner, const ActivationParams& params) {
-  using T = typename Storage<S>::Compute;
-  for (int64_t i = 0; i < len; ++i) {
-    const T g = Storage<S>::load(grad[i * inner[0]]);
-    const T v = Storage<S>::load(value[i * inner[1]]);
-    T r;
-    if constexpr (kFromOutput) {
-      r = Op::template backward_y<T>(g, v, params);
-    } else {
-      r = Op::template backward_x<T>(g, v, params);
-    }
-    out[i * inner[2]] = Storage<S>::store(r);
-  }
-}
-
-#undef FUSEDNN_STRIDED_LOOP
 
 // Elements per unit of a kernel's cost: a float64 vector holds half as
 // many elements as a float32 one; the half types compute in float32 and
@@ -112,9 +77,9 @@ void forward_typed(const ActivationParams& params, double ns_per_element, const 
           const S* src = in + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
           if constexpr (!std::is_floating_point_v<S>) {
-            half_forward_run<S, kStream>(dst, count, src, &forward_block<Op>, q);
-          } else if constexpr (std::is_same_v<S, float> && !kStream) {
-            forward_block<Op>(dst, src, count, q);
+            half_forward_run<S, kStream>(dst, count, src, &forward_block<Op, float>, q);
+          } else if constexpr (!kStream) {
+            forward_block<Op, S>(dst, src, count, q);
           } else {
             const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
             const auto as_is = [](int64_t, S v) FUSEDNN_INLINE_LAMBDA { return v; };
@@ -122,7 +87,7 @@ void forward_typed(const ActivationParams& params, double ns_per_element, const 
           }
         });
       } else {
-        forward_strided<Op, S>(in, out, len, inner, local);
+        strided_forward_run<S>(in, out, len, inner, &forward_block<Op, ComputeOf<S>>, local);
       }
     }
     void finish() {
@@ -157,9 +122,10 @@ void backward_typed(const ActivationParams& params, double ns_per_element, const
           const S* vs = value + start;
           const ActivationParams q = local;  // by value: the vectorizer needs it in registers
           if constexpr (!std::is_floating_point_v<S>) {
-            half_backward_run<S, kStream>(dst, count, gs, vs, &backward_block<Op, kFromOutput>, q);
-          } else if constexpr (std::is_same_v<S, float> && !kStream) {
-            backward_block<Op, kFromOutput>(dst, gs, vs, count, q);
+            half_backward_run<S, kStream>(dst, count, gs, vs,
+                                          &backward_block<Op, float, kFromOutput>, q);
+          } else if constexpr (!kStream) {
+            backward_block<Op, S, kFromOutput>(dst, gs, vs, count, q);
           } else if constexpr (kFromOutput) {
             write_run<kStream>(dst, count, [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
               return Op::template backward_y<S>(gs[i], vs[i], q);
@@ -171,7 +137,8 @@ void backward_typed(const ActivationParams& params, double ns_per_element, const
           }
         });
       } else {
-        backward_strided<Op, S, kFromOutput>(grad, value, out, len, inner, local);
+        strided_backward_run<S>(grad, value, out, len, inner,
+                                &backward_block<Op, ComputeOf<S>, kFromOutput>, local);
       }
     }
     void finish() {

@@ -18,9 +18,10 @@ namespace FUSEDNN_ISA {
 // noclone: once per storage type, not again for each block function that
 // GCC sees passed to it.
 template <class S, bool kStream>
-__attribute__((noinline, noclone)) void half_forward_run(S* dst, int64_t count, const S* in,
-                                                         ForwardBlock block, ActivationParams q) {
-  const S* const inputs[1] = {in};
+__attribute__((noinline, noclone)) void half_forward_run(S* dst, int64_t count, const S* x,
+                                                         ForwardBlock<float> block,
+                                                         ActivationParams q) {
+  const S* const inputs[1] = {x};
   staged_run<kStream, 1>(dst, count, inputs, [=](float* o, const float* const* ins, int64_t n) {
     block(o, ins[0], n, q);
   });
@@ -28,7 +29,8 @@ __attribute__((noinline, noclone)) void half_forward_run(S* dst, int64_t count, 
 
 template <class S, bool kStream>
 __attribute__((noinline, noclone)) void half_backward_run(S* dst, int64_t count, const S* grad,
-                                                          const S* value, BackwardBlock block,
+                                                          const S* value,
+                                                          BackwardBlock<float> block,
                                                           ActivationParams q) {
   const S* const inputs[2] = {grad, value};
   staged_run<kStream, 2>(dst, count, inputs, [=](float* o, const float* const* ins, int64_t n) {
@@ -36,16 +38,68 @@ __attribute__((noinline, noclone)) void half_backward_run(S* dst, int64_t count,
   });
 }
 
-#define FUSEDNN_HALF_RUNS(S, kStream)                                                     \
-  template void half_forward_run<S, kStream>(S*, int64_t, const S*, ForwardBlock,         \
-                                             ActivationParams);                          \
-  template void half_backward_run<S, kStream>(S*, int64_t, const S*, const S*, BackwardBlock, \
-                                              ActivationParams);
+// Elements per block of a strided run: its buffers stay in L1.
+constexpr int64_t kStridedBlock = 256;
+
+template <class S>
+__attribute__((noinline, noclone)) void strided_forward_run(const S* x, S* out, int64_t len,
+                                                            const int64_t* inner,
+                                                            ForwardBlock<ComputeOf<S>> block,
+                                                            ActivationParams q) {
+  using C = ComputeOf<S>;
+  alignas(64) C in[kStridedBlock];
+  alignas(64) C results[kStridedBlock];
+  const int64_t x_step = inner[0], out_step = inner[1];
+  for (int64_t b = 0; b < len; b += kStridedBlock) {
+    const int64_t n = std::min(kStridedBlock, len - b);
+    for (int64_t i = 0; i < n; ++i) in[i] = Storage<S>::load(x[(b + i) * x_step]);
+    block(results, in, n, q);
+    for (int64_t i = 0; i < n; ++i) out[(b + i) * out_step] = Storage<S>::store(results[i]);
+  }
+}
+
+template <class S>
+__attribute__((noinline, noclone)) void strided_backward_run(const S* grad, const S* value, S* out,
+                                                             int64_t len, const int64_t* inner,
+                                                             BackwardBlock<ComputeOf<S>> block,
+                                                             ActivationParams q) {
+  using C = ComputeOf<S>;
+  alignas(64) C g[kStridedBlock];
+  alignas(64) C v[kStridedBlock];
+  alignas(64) C results[kStridedBlock];
+  const int64_t grad_step = inner[0], value_step = inner[1], out_step = inner[2];
+  for (int64_t b = 0; b < len; b += kStridedBlock) {
+    const int64_t n = std::min(kStridedBlock, len - b);
+    for (int64_t i = 0; i < n; ++i) {
+      g[i] = Storage<S>::load(grad[(b + i) * grad_step]);
+      v[i] = Storage<S>::load(value[(b + i) * value_step]);
+    }
+    block(results, g, v, n, q);
+    for (int64_t i = 0; i < n; ++i) out[(b + i) * out_step] = Storage<S>::store(results[i]);
+  }
+}
+
+#define FUSEDNN_HALF_RUNS(S, kStream)                                                        \
+  template void half_forward_run<S, kStream>(S*, int64_t, const S*, ForwardBlock<float>,     \
+                                             ActivationParams);                             \
+  template void half_backward_run<S, kStream>(S*, int64_t, const S*, const S*,               \
+                                              BackwardBlock<float>, ActivationParams);
 FUSEDNN_HALF_RUNS(Float16, false)
 FUSEDNN_HALF_RUNS(Float16, true)
 FUSEDNN_HALF_RUNS(BFloat16, false)
 FUSEDNN_HALF_RUNS(BFloat16, true)
 #undef FUSEDNN_HALF_RUNS
+
+#define FUSEDNN_STRIDED_RUNS(S)                                                              \
+  template void strided_forward_run<S>(const S*, S*, int64_t, const int64_t*,                \
+                                       ForwardBlock<ComputeOf<S>>, ActivationParams);       \
+  template void strided_backward_run<S>(const S*, const S*, S*, int64_t, const int64_t*,     \
+                                        BackwardBlock<ComputeOf<S>>, ActivationParams);
+FUSEDNN_STRIDED_RUNS(float)
+FUSEDNN_STRIDED_RUNS(double)
+FUSEDNN_STRIDED_RUNS(Float16)
+FUSEDNN_STRIDED_RUNS(BFloat16)
+#undef FUSEDNN_STRIDED_RUNS
 
 namespace {
 
