@@ -33,13 +33,15 @@ void activation_backward_op(const ActivationParams& params, double ns_per_elemen
                             bool from_output, const ArrayRef& grad_output, const ArrayRef& saved,
                             const ArrayRef& grad_input);
 
-// The arithmetic of a contiguous run of T (float or double) written to
-// memory that stays in the cache: o[i] = f(x[i]), and o[i] = g[i] f'(.)
-// from x or y values v, for i < n. The shared runs below take pointers to
-// an activation's.
-template <class T> using ForwardBlock = void (*)(T* o, const T* x, int64_t n, ActivationParams q);
+// The arithmetic of a contiguous run of T (float or double): o[i] =
+// f(x[i]), and o[i] = g[i] f'(.) from x or y values v, for i < n; with
+// stream set, o is 64-byte aligned and its whole lines are written past
+// the cache. The shared runs below take pointers to an activation's.
 template <class T>
-using BackwardBlock = void (*)(T* o, const T* g, const T* v, int64_t n, ActivationParams q);
+using ForwardBlock = void (*)(T* o, const T* x, int64_t n, ActivationParams q, bool stream);
+template <class T>
+using BackwardBlock = void (*)(T* o, const T* g, const T* v, int64_t n, ActivationParams q,
+                               bool stream);
 template <class S> using ComputeOf = typename Storage<S>::Compute;
 
 // Runs shared by all activations, once per storage type S

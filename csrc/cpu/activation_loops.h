@@ -21,30 +21,31 @@ namespace cpu {
 namespace FUSEDNN_ISA {
 
 // Out of line, once per activation and compute type: the contiguous runs
-// of the float32 and float64 kernels whose outputs stay in the cache, the
-// half-precision kernels' blocks and the strided runs of every dtype share
-// them. Inlined into each kernel, an activation's vectorized loops were
-// compiled again for float16 and for bfloat16, for strided runs, and for
-// streamed and cached outputs of each, most of the activations' code. A
-// call per run or per block costs little beside the block's arithmetic.
+// of the float32 and float64 kernels, streamed or not, the half-precision
+// kernels' blocks and the strided runs of every dtype share them. Inlined
+// into each kernel, an activation's vectorized loops were compiled again
+// for float16 and for bfloat16, for strided runs, and for streamed and
+// cached outputs of each, most of the activations' code. A call per run or
+// per block costs little beside the block's arithmetic.
 template <class Op, class T>
-__attribute__((noinline)) void forward_block(T* o, const T* x, int64_t n, const ActivationParams q) {
+__attribute__((noinline)) void forward_block(T* o, const T* x, int64_t n, const ActivationParams q,
+                                             bool stream) {
   const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return x[i]; };
   const auto as_is = [](int64_t, T v) FUSEDNN_INLINE_LAMBDA { return v; };
-  activation_run<Op>(o, n, q, input, as_is);
+  activation_run<Op, true>(o, n, q, input, as_is, stream);
 }
 
 template <class Op, class T, bool kFromOutput>
 __attribute__((noinline)) void backward_block(T* o, const T* gs, const T* vs, int64_t n,
-                                              const ActivationParams q) {
+                                              const ActivationParams q, bool stream) {
   if constexpr (kFromOutput) {
-    write_run<false>(o, n, [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+    write_lines(o, n, stream, [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
       return Op::template backward_y<T>(gs[i], vs[i], q);
     });
   } else {
     const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
     const auto grad_at = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return gs[i]; };
-    activation_backward_run<Op>(o, n, q, input, grad_at);
+    activation_backward_run<Op, true>(o, n, q, input, grad_at, stream);
   }
 }
 
@@ -75,15 +76,10 @@ void forward_typed(const ActivationParams& params, double ns_per_element, const 
         produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
           constexpr bool kStream = decltype(streamed)::value;
           const S* src = in + start;
-          const ActivationParams q = local;  // by value: the vectorizer needs it in registers
-          if constexpr (!std::is_floating_point_v<S>) {
-            half_forward_run<S, kStream>(dst, count, src, &forward_block<Op, float>, q);
-          } else if constexpr (!kStream) {
-            forward_block<Op, S>(dst, src, count, q);
+          if constexpr (std::is_floating_point_v<S>) {
+            forward_block<Op, S>(dst, src, count, local, kStream);
           } else {
-            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return src[i]; };
-            const auto as_is = [](int64_t, S v) FUSEDNN_INLINE_LAMBDA { return v; };
-            activation_run<Op, kStream>(dst, count, q, input, as_is);
+            half_forward_run<S, kStream>(dst, count, src, &forward_block<Op, float>, local);
           }
         });
       } else {
@@ -120,20 +116,11 @@ void backward_typed(const ActivationParams& params, double ns_per_element, const
           constexpr bool kStream = decltype(streamed)::value;
           const S* gs = grad + start;
           const S* vs = value + start;
-          const ActivationParams q = local;  // by value: the vectorizer needs it in registers
-          if constexpr (!std::is_floating_point_v<S>) {
-            half_backward_run<S, kStream>(dst, count, gs, vs,
-                                          &backward_block<Op, float, kFromOutput>, q);
-          } else if constexpr (!kStream) {
-            backward_block<Op, S, kFromOutput>(dst, gs, vs, count, q);
-          } else if constexpr (kFromOutput) {
-            write_run<kStream>(dst, count, [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
-              return Op::template backward_y<S>(gs[i], vs[i], q);
-            });
+          if constexpr (std::is_floating_point_v<S>) {
+            backward_block<Op, S, kFromOutput>(dst, gs, vs, count, local, kStream);
           } else {
-            const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return vs[i]; };
-            const auto grad_at = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return gs[i]; };
-            activation_backward_run<Op, kStream>(dst, count, q, input, grad_at);
+            half_backward_run<S, kStream>(dst, count, gs, vs,
+                                          &backward_block<Op, float, kFromOutput>, local);
           }
         });
       } else {

@@ -47,41 +47,44 @@ inline ActivationCost activation_cost(Activation act) {
 // half as many doubles.
 template <class T> constexpr double cost_of(double ns) { return ns * sizeof(T) / sizeof(float); }
 
-// out[k] = finish(k, act(z(k))) for k in [0, m); kStream as in write_run.
-template <class Op, bool kStream = false, class T, class Input, class Finish>
-inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z, Finish finish) {
+// out[k] = finish(k, act(z(k))) for k in [0, m). With kLines, a line at a
+// time (write_lines), streamed where `stream` is set; otherwise in single
+// vectorized loops.
+template <class Op, bool kLines = false, class T, class Input, class Finish>
+inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z, Finish finish,
+                           bool stream = kLines) {
+  const auto value = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+    return finish(k, Op::template forward<T>(z(k), q));
+  };
   if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return finish(k, Op::forward_core_f32(z(k), q));
     };
-    const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return finish(k, Op::template forward<T>(z(k), q));
-    };
-    run_core_blocks<kStream>(out, m, Op::kForwardCoreBound, z, core, full);
+    run_core_blocks<kLines>(out, m, Op::kForwardCoreBound, z, core, value, stream);
+  } else if constexpr (kLines) {
+    write_lines(out, m, stream, value);
   } else {
-    write_run<kStream>(out, m, [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return finish(k, Op::template forward<T>(z(k), q));
-    });
+    write_run<false>(out, m, value);
   }
 }
 
 // out[k] = dy(k) act'(z(k)) for k in [0, m), the derivative formed from x;
-// kStream as in write_run.
-template <class Op, bool kStream = false, class T, class Input, class Grad>
+// kLines and stream as in activation_run.
+template <class Op, bool kLines = false, class T, class Input, class Grad>
 inline void activation_backward_run(T* out, int64_t m, const ActivationParams q, Input z,
-                                    Grad dy) {
+                                    Grad dy, bool stream = kLines) {
+  const auto value = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+    return Op::template backward_x<T>(dy(k), z(k), q);
+  };
   if constexpr (std::is_same_v<T, float> && HasBackwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return Op::backward_core_f32(dy(k), z(k), q);
     };
-    const auto full = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::template backward_x<T>(dy(k), z(k), q);
-    };
-    run_core_blocks<kStream>(out, m, Op::kBackwardCoreBound, z, core, full);
+    run_core_blocks<kLines>(out, m, Op::kBackwardCoreBound, z, core, value, stream);
+  } else if constexpr (kLines) {
+    write_lines(out, m, stream, value);
   } else {
-    write_run<kStream>(out, m, [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
-      return Op::template backward_x<T>(dy(k), z(k), q);
-    });
+    write_run<false>(out, m, value);
   }
 }
 

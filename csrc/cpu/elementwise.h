@@ -290,26 +290,32 @@ inline void produce_lines(T* y, int64_t len, bool stream, Compute&& compute) {
 // Elements per block that run_core_blocks tests at once.
 constexpr int kCoreBlock = 64;
 
-// out[k] = value(k) for k in [0, count). With kStream, out is 64-byte
-// aligned and its lines are streamed past the cache one at a time, each
-// computed into registers just before its store: the stores then trickle
-// out between stretches of arithmetic, and the memory traffic overlaps the
-// arithmetic. Staged through a 1 KiB buffer instead, 16 lines leave in a
-// burst that stalls the core: against that, float32 activations of 2^25
-// elements (2 threads, medians of 15 paired calls) ran 7-23% faster where
-// their arithmetic is heavy (gelu forward 0.376 -> 0.326 ns per element,
-// softplus backward 0.227 -> 0.184) and within 3% where it is light (relu,
-// hardtanh). The partial last line takes ordinary stores.
-template <bool kStream, class T, class Value>
-inline void write_run(T* out, int64_t count, Value value) {
+// out[k] = value(k) for k in [0, count), a line at a time: each line of
+// out is computed into registers, then streamed past the cache where
+// `stream` is set (out then 64-byte aligned) or stored. Streamed one line
+// at a time, the stores trickle out between stretches of arithmetic, and
+// the memory traffic overlaps the arithmetic. Staged through a 1 KiB
+// buffer instead, 16 lines leave in a burst that stalls the core: against
+// that, float32 activations of 2^25 elements (2 threads, medians of 15
+// paired calls) ran 7-23% faster where their arithmetic is heavy (gelu
+// forward 0.376 -> 0.326 ns per element, softplus backward 0.227 -> 0.184)
+// and within 3% where it is light (relu, hardtanh). The partial last line
+// takes ordinary stores. With `stream` a run-time value, one copy of the
+// arithmetic serves streamed and cached outputs alike.
+template <class T, class Value>
+inline void write_lines(T* out, int64_t count, bool stream, Value value) {
+  constexpr int64_t kLine = kLineElems<T>;
   int64_t k = 0;
-  if constexpr (kStream) {
-    constexpr int64_t kLine = kLineElems<T>;
-    for (; k + kLine <= count; k += kLine) {
-      alignas(64) T line[kLine];
+  for (; k + kLine <= count; k += kLine) {
+    alignas(64) T line[kLine];
 #pragma omp simd
-      for (int64_t j = 0; j < kLine; ++j) line[j] = value(k + j);
+    for (int64_t j = 0; j < kLine; ++j) line[j] = value(k + j);
+    // Cached stores fall through: a light activation's line is a few
+    // instructions, and jumping around them cost float16 hardtanh 10%.
+    if (__builtin_expect(stream, false)) {
       stream_line(out + k, load_line(line));
+    } else {
+      std::memcpy(out + k, line, sizeof line);
     }
   }
   const int64_t done = k;
@@ -317,16 +323,39 @@ inline void write_run(T* out, int64_t count, Value value) {
   for (int64_t j = done; j < count; ++j) out[j] = value(j);
 }
 
+// out[k] = value(k) for k in [0, count): with kStream, write_lines
+// streaming every whole line (out 64-byte aligned); otherwise one
+// vectorized loop.
+template <bool kStream, class T, class Value>
+inline void write_run(T* out, int64_t count, Value value) {
+  if constexpr (kStream) {
+    write_lines(out, count, true, value);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[j] = value(j);
+  }
+}
+
 // out[k] = full(k) for k in [0, count), where blocks of kCoreBlock whose
 // arguments arg(k) all lie in [-bound, bound] (NaN lies outside) take
 // core(k) instead: a cheaper evaluation that equals full(k) there, so the
 // blocking decides speed, never bits. Each of the three loops vectorizes;
-// only the choice between them branches. kStream as in write_run.
+// only the choice between them branches. With kLines the loops are
+// write_lines, streaming where `stream` is set; otherwise write_run's
+// single loops.
 // The callables are taken by value, so that once inlined their captures
 // are locals the compiler keeps in registers rather than reloads through a
 // reference that the stores to out might alias.
-template <bool kStream = false, class T, class Arg, class Core, class Full>
-inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core, Full full) {
+template <bool kLines = false, class T, class Arg, class Core, class Full>
+inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core, Full full,
+                            bool stream = kLines) {
+  const auto write = [stream](T* dst, int64_t n, auto value) FUSEDNN_INLINE_LAMBDA {
+    if constexpr (kLines) {
+      write_lines(dst, n, stream, value);
+    } else {
+      write_run<false>(dst, n, value);
+    }
+  };
   int64_t i = 0;
   for (; i + kCoreBlock <= count; i += kCoreBlock) {
     int outside = 0;
@@ -334,16 +363,13 @@ inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core co
     for (int j = 0; j < kCoreBlock; ++j) outside |= !(std::fabs(arg(i + j)) <= bound);
     const int64_t at = i;
     if (outside == 0) {
-      write_run<kStream>(out + at, kCoreBlock,
-                         [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
+      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
     } else {
-      write_run<kStream>(out + at, kCoreBlock,
-                         [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(at + j); });
+      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(at + j); });
     }
   }
   const int64_t done = i;
-  write_run<kStream>(out + done, count - done,
-                     [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(done + j); });
+  write(out + done, count - done, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(done + j); });
 }
 
 }  // namespace FUSEDNN_ISA
