@@ -1,8 +1,10 @@
 // Entry points of the CPU activation kernels: the dispatch to each
 // activation's kernels (cpu/activation_kernels.h, compiled in the
-// activations_*.cpp files), the half-precision runs that all activations
-// share, and the plain copy used as the memory roof, with the conversions
-// between float32 and the half types. Compiled once per ISA into namespace
+// activations_*.cpp files); the loops that all activations share (threads,
+// contiguous, streamed and strided runs, the half types' widening and
+// rounding), which take an activation's arithmetic as a function pointer;
+// and the plain copy used as the memory roof, with the conversions between
+// float32 and the half types. Compiled once per ISA into namespace
 // FUSEDNN_ISA.
 #include "cpu/activations.h"
 
@@ -88,27 +90,108 @@ __attribute__((noinline, noclone)) void strided_backward_run(const S* grad, cons
   }
 }
 
-#define FUSEDNN_HALF_RUNS(S, kStream)                                                        \
-  template void half_forward_run<S, kStream>(S*, int64_t, const S*, ForwardBlock<float>,     \
-                                             ActivationParams);                             \
-  template void half_backward_run<S, kStream>(S*, int64_t, const S*, const S*,               \
-                                              BackwardBlock<float>, ActivationParams);
-FUSEDNN_HALF_RUNS(Float16, false)
-FUSEDNN_HALF_RUNS(Float16, true)
-FUSEDNN_HALF_RUNS(BFloat16, false)
-FUSEDNN_HALF_RUNS(BFloat16, true)
-#undef FUSEDNN_HALF_RUNS
+// Elements per unit of a kernel's cost: a float64 vector holds half as
+// many elements as a float32 one; the half types compute in float32 and
+// their conversions are cheap.
+template <class S> constexpr double storage_cost(double ns) {
+  return cost_of<typename Storage<S>::Compute>(ns);
+}
 
-#define FUSEDNN_STRIDED_RUNS(S)                                                              \
-  template void strided_forward_run<S>(const S*, S*, int64_t, const int64_t*,                \
-                                       ForwardBlock<ComputeOf<S>>, ActivationParams);       \
-  template void strided_backward_run<S>(const S*, const S*, S*, int64_t, const int64_t*,     \
-                                        BackwardBlock<ComputeOf<S>>, ActivationParams);
-FUSEDNN_STRIDED_RUNS(float)
-FUSEDNN_STRIDED_RUNS(double)
-FUSEDNN_STRIDED_RUNS(Float16)
-FUSEDNN_STRIDED_RUNS(BFloat16)
-#undef FUSEDNN_STRIDED_RUNS
+// y = f(x) for storage type S; noclone: once per storage type, not again
+// for each block function GCC sees passed to it.
+template <class S>
+__attribute__((noclone)) void forward_loops(const ActivationParams& params, double ns_per_element, const ArrayRef& x,
+                   const ArrayRef& y, ForwardBlock<ComputeOf<S>> block) {
+  const int64_t* strides[2] = {x.strides, y.strides};
+  const int sizes[2] = {int(sizeof(S)), int(sizeof(S))};
+  const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
+  const bool stream = loop.size * int64_t(sizeof(S)) >= kStreamBytes;
+  char* base[2] = {static_cast<char*>(x.data), static_cast<char*>(y.data)};
+  struct Body {
+    ActivationParams p;
+    bool stream;
+    ForwardBlock<ComputeOf<S>> block;
+    void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+      const S* in = reinterpret_cast<const S*>(ptr[0]);
+      S* out = reinterpret_cast<S*>(ptr[1]);
+      const ActivationParams local = p;
+      if (inner[0] == 1 && inner[1] == 1) {
+        produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
+          constexpr bool kStream = decltype(streamed)::value;
+          const S* src = in + start;
+          if constexpr (std::is_floating_point_v<S>) {
+            block(dst, src, count, local, kStream);
+          } else {
+            half_forward_run<S, kStream>(dst, count, src, block, local);
+          }
+        });
+      } else {
+        strided_forward_run<S>(in, out, len, inner, block, local);
+      }
+    }
+    void finish() {
+      if (stream) store_fence();
+    }
+  };
+  loop.run(base, sizes, storage_cost<S>(ns_per_element),
+           [&] { return Body{params, stream, block}; });
+}
+
+// grad_input = g * f'(.) for storage type S, from x or y as `block` does.
+template <class S>
+__attribute__((noclone)) void backward_loops(const ActivationParams& params, double ns_per_element, const ArrayRef& g,
+                    const ArrayRef& saved, const ArrayRef& gi,
+                    BackwardBlock<ComputeOf<S>> block) {
+  const int64_t* strides[3] = {g.strides, saved.strides, gi.strides};
+  const int sizes[3] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
+  const StridedLoop<3> loop(g.ndim, g.shape, strides, sizes);
+  const bool stream = loop.size * int64_t(sizeof(S)) >= kStreamBytes;
+  char* base[3] = {static_cast<char*>(g.data), static_cast<char*>(saved.data),
+                   static_cast<char*>(gi.data)};
+  struct Body {
+    ActivationParams p;
+    bool stream;
+    BackwardBlock<ComputeOf<S>> block;
+    void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
+      const S* grad = reinterpret_cast<const S*>(ptr[0]);
+      const S* value = reinterpret_cast<const S*>(ptr[1]);
+      S* out = reinterpret_cast<S*>(ptr[2]);
+      const ActivationParams local = p;
+      if (inner[0] == 1 && inner[1] == 1 && inner[2] == 1) {
+        produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
+          constexpr bool kStream = decltype(streamed)::value;
+          const S* gs = grad + start;
+          const S* vs = value + start;
+          if constexpr (std::is_floating_point_v<S>) {
+            block(dst, gs, vs, count, local, kStream);
+          } else {
+            half_backward_run<S, kStream>(dst, count, gs, vs, block, local);
+          }
+        });
+      } else {
+        strided_backward_run<S>(grad, value, out, len, inner, block, local);
+      }
+    }
+    void finish() {
+      if (stream) store_fence();
+    }
+  };
+  loop.run(base, sizes, storage_cost<S>(ns_per_element),
+           [&] { return Body{params, stream, block}; });
+}
+
+
+#define FUSEDNN_LOOPS(S)                                                                     \
+  template void forward_loops<S>(const ActivationParams&, double, const ArrayRef&,           \
+                                 const ArrayRef&, ForwardBlock<ComputeOf<S>>);               \
+  template void backward_loops<S>(const ActivationParams&, double, const ArrayRef&,          \
+                                  const ArrayRef&, const ArrayRef&,                          \
+                                  BackwardBlock<ComputeOf<S>>);
+FUSEDNN_LOOPS(float)
+FUSEDNN_LOOPS(double)
+FUSEDNN_LOOPS(Float16)
+FUSEDNN_LOOPS(BFloat16)
+#undef FUSEDNN_LOOPS
 
 namespace {
 
