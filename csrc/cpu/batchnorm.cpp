@@ -811,6 +811,16 @@ void fill_inverse_std(int64_t c0, int64_t c1, const double* var, double eps, dou
   for (int64_t c = c0; c < c1; ++c) invstd[c] = inverse_std(var[c], eps);
 }
 
+// running <- running_update(running, batch, momentum) per channel, in
+// place; nothing when running is absent. scratch: channels doubles.
+void update_running(const ArrayRef* running, int64_t channels, const double* batch,
+                    double momentum, double* scratch) {
+  if (running == nullptr) return;
+  load_channels(running, channels, 0.0, scratch);
+  for (int64_t c = 0; c < channels; ++c) scratch[c] = running_update(scratch[c], batch[c], momentum);
+  store_channels(*running, channels, scratch);
+}
+
 // A channel's moments from its units' sums, merged in unit order.
 Moments merge_units(const Partial* p, int64_t units) {
   Moments acc = moments_from_shifted_sums(p[0].count, p[0].center, p[0].s1, p[0].s2);
@@ -930,19 +940,10 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   store_channels(*args.save_mean, channels, mean.data());
   store_channels(*args.save_invstd, channels, invstd.data());
   if (!args.training) return;
-  // The running statistics, through `var`, which is no longer needed.
-  double* running = var.data();
-  if (args.running_mean != nullptr) {
-    load_channels(args.running_mean, channels, 0.0, running);
-    for (size_t i = 0; i < nc; ++i) running[i] = running_update(running[i], mean[i], args.momentum);
-    store_channels(*args.running_mean, channels, running);
-  }
-  if (args.running_var != nullptr) {
-    load_channels(args.running_var, channels, 0.0, running);
-    for (size_t i = 0; i < nc; ++i)
-      running[i] = running_update(running[i], m2[i] / static_cast<double>(count - 1), args.momentum);
-    store_channels(*args.running_var, channels, running);
-  }
+  // The unbiased variance into m2, and `var` (no longer needed) as scratch.
+  for (size_t i = 0; i < nc; ++i) m2[i] /= static_cast<double>(count - 1);
+  update_running(args.running_mean, channels, mean.data(), args.momentum, var.data());
+  update_running(args.running_var, channels, m2.data(), args.momentum, var.data());
 }
 
 // m: the fused ReLU's output, whose mask Grad applies to dy, or dy itself
@@ -1157,22 +1158,14 @@ void batch_norm_combine(const std::vector<double>& counts, const ArrayRef& means
 void batch_norm_finalize(const BatchNormFinalizeArgs& args) {
   const int64_t channels = args.var->shape[0];
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), var(nc), invstd(nc), running(nc);
+  std::vector<double> mean(nc), var(nc), invstd(nc);
   load_channels(args.mean, channels, 0.0, mean.data());
   load_channels(args.var, channels, 0.0, var.data());
   fill_inverse_std(0, channels, var.data(), args.eps, invstd.data());
   store_channels(*args.invstd, channels, invstd.data());
-  if (args.running_mean != nullptr) {
-    load_channels(args.running_mean, channels, 0.0, running.data());
-    for (size_t i = 0; i < nc; ++i) running[i] = running_update(running[i], mean[i], args.momentum);
-    store_channels(*args.running_mean, channels, running.data());
-  }
-  if (args.running_var != nullptr) {
-    load_channels(args.running_var, channels, 0.0, running.data());
-    for (size_t i = 0; i < nc; ++i)
-      running[i] = running_update(running[i], unbiased_variance(var[i], args.count), args.momentum);
-    store_channels(*args.running_var, channels, running.data());
-  }
+  update_running(args.running_mean, channels, mean.data(), args.momentum, invstd.data());
+  for (size_t i = 0; i < nc; ++i) var[i] = unbiased_variance(var[i], args.count);
+  update_running(args.running_var, channels, var.data(), args.momentum, invstd.data());
 }
 
 void batch_norm_apply(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs& args) {

@@ -111,6 +111,24 @@ def batch_norm_stats(x, *, axis=1) -> BatchNormStats:
                           place.result(m2))
 
 
+def _stats_row(stats: BatchNormStats, row):
+    """Fills the 1-D float64 array row (2C + 1 values, of any library that
+    takes slice assignment) with this rank's ``[count, mean..., m2...]``,
+    the row each rank all-gathers; returns it."""
+    channels = (row.shape[0] - 1) // 2
+    row[0] = stats.count
+    row[1:channels + 1] = stats.mean
+    row[channels + 1:] = stats.m2
+    return row
+
+
+def _combine_rows(rows) -> BatchNormMoments:
+    """batch_norm_combine of the gathered (R, 2C + 1) rows of _stats_row."""
+    channels = (rows.shape[1] - 1) // 2
+    return batch_norm_combine(rows[:, 0].tolist(), rows[:, 1:channels + 1],
+                              rows[:, channels + 1:])
+
+
 def _host_counts(counts, function: str) -> list:
     values = counts.tolist() if hasattr(counts, "tolist") else counts
     try:

@@ -42,9 +42,9 @@ from . import _backend
 from . import init as _init
 from .activations import _check_name, _kernel_params, activation, activation_backward
 from .batchnorm import batch_norm, batch_norm_backward
-from .batchnorm_split import (batch_norm_apply, batch_norm_backward_apply,
-                              batch_norm_backward_reduce, batch_norm_combine, batch_norm_finalize,
-                              batch_norm_stats)
+from .batchnorm_split import (_combine_rows, _stats_row, batch_norm_apply,
+                              batch_norm_backward_apply, batch_norm_backward_reduce,
+                              batch_norm_finalize, batch_norm_stats)
 from .dropout import dropout, dropout_backward
 
 __all__ = ["Activation", "Adam", "Autoencoder", "BatchNorm", "Dense", "Dropout", "EarlyStopping",
@@ -452,7 +452,9 @@ class BatchNorm(Layer):
             return {}
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
-    def forward(self, x):
+    def _checked_input(self, x):
+        """x after the checks of every forward: an array of the layer's
+        library, device and dtype with num_features channels on axis."""
         x = _check_array(x, "input", repr(self))
         if self.gamma is not None:
             _check_matches(x, self.gamma.value, "input", repr(self))
@@ -461,15 +463,36 @@ class BatchNorm(Layer):
         if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] != self.num_features:
             raise ValueError(f"{self!r}: expected {self.num_features} channels on axis "
                              f"{self.axis}, got input of shape {tuple(x.shape)}")
-        gamma = None if self.gamma is None else self.gamma.value
-        beta = None if self.beta is None else self.beta.value
-        # Batch statistics in training, and always without running ones.
-        use_batch = self.training or not self.track_running_stats
+        return x
+
+    def _checked_gradient(self, grad_output, x):
+        """grad_output after the checks of every backward: x's library,
+        device, dtype and shape."""
+        grad_output = _check_array(grad_output, "grad_output", repr(self))
+        _check_matches(grad_output, x, "grad_output", repr(self))
+        if grad_output.shape != x.shape:
+            raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
+                             f"expected {tuple(x.shape)}")
+        return grad_output
+
+    def _step_momentum(self) -> float:
+        """The running statistics' update factor for this call, counting a
+        training batch in num_batches_tracked: momentum, or with
+        momentum=None the cumulative average's 1 / num_batches_tracked."""
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             if self.momentum is None:
                 momentum = 1.0 / self.num_batches_tracked
+        return momentum
+
+    def forward(self, x):
+        x = self._checked_input(x)
+        gamma = None if self.gamma is None else self.gamma.value
+        beta = None if self.beta is None else self.beta.value
+        # Batch statistics in training, and always without running ones.
+        use_batch = self.training or not self.track_running_stats
+        momentum = self._step_momentum()
         result = batch_norm(x, gamma, beta, self.running_mean, self.running_var,
                             training=use_batch, momentum=momentum, eps=self.eps,
                             axis=self.axis)
@@ -478,11 +501,7 @@ class BatchNorm(Layer):
 
     def backward(self, grad_output):
         x, mean, invstd, training = self._saved("_saved_forward")
-        grad_output = _check_array(grad_output, "grad_output", repr(self))
-        _check_matches(grad_output, x, "grad_output", repr(self))
-        if grad_output.shape != x.shape:
-            raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
-                             f"expected {tuple(x.shape)}")
+        grad_output = self._checked_gradient(grad_output, x)
         gamma = None if self.gamma is None else self.gamma.value
         grad_input, grad_gamma, grad_beta = batch_norm_backward(
             grad_output, x, gamma, mean, invstd, axis=self.axis, training=training)
@@ -554,29 +573,12 @@ class SyncBatchNorm(BatchNorm):
         if self.comm is None or not self.training:
             self._sync_saved = None
             return super().forward(x)
-        x = _check_array(x, "input", repr(self))
-        reference = self.gamma.value if self.gamma is not None else self.running_mean
-        if reference is not None:
-            _check_matches(x, reference, "input", repr(self))
-        if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] != self.num_features:
-            raise ValueError(f"{self!r}: expected {self.num_features} channels on axis "
-                             f"{self.axis}, got input of shape {tuple(x.shape)}")
-        xp = _xp(x)
-        channels = self.num_features
-        stats = batch_norm_stats(x, axis=self.axis)
-        local = xp.empty(2 * channels + 1, np.float64)
-        local[0] = stats.count
-        local[1:channels + 1] = stats.mean
-        local[channels + 1:] = stats.m2
-        rows = self._exchange(local, gathered=True)
-        counts = [int(c) for c in rows[:, 0].tolist()]
-        merged = batch_norm_combine(counts, rows[:, 1:channels + 1], rows[:, channels + 1:])
-        momentum = 0.0 if self.momentum is None else self.momentum
+        x = self._checked_input(x)
+        local = _stats_row(batch_norm_stats(x, axis=self.axis),
+                           _xp(x).empty(2 * self.num_features + 1, np.float64))
+        merged = _combine_rows(self._exchange(local, gathered=True))
+        momentum = self._step_momentum()
         tracked = self.track_running_stats
-        if tracked:
-            self.num_batches_tracked += 1
-            if self.momentum is None:
-                momentum = 1.0 / self.num_batches_tracked
         invstd = batch_norm_finalize(merged.mean, merged.var, merged.count, eps=self.eps,
                                      running_mean=self.running_mean if tracked else None,
                                      running_var=self.running_var if tracked else None,
@@ -592,22 +594,14 @@ class SyncBatchNorm(BatchNorm):
         if self._sync_saved is None:
             return super().backward(grad_output)
         x, mean, invstd, count = self._sync_saved
-        grad_output = _check_array(grad_output, "grad_output", repr(self))
-        _check_matches(grad_output, x, "grad_output", repr(self))
-        if grad_output.shape != x.shape:
-            raise ValueError(f"{self!r}: grad_output has shape {tuple(grad_output.shape)}, "
-                             f"expected {tuple(x.shape)}")
+        grad_output = self._checked_gradient(grad_output, x)
         sum_dy, sum_dy_xhat = batch_norm_backward_reduce(grad_output, x, mean, invstd,
                                                          axis=self.axis)
         if self.gamma is not None:
             self.gamma.grad[...] = sum_dy_xhat
             self.beta.grad[...] = sum_dy
-        xp = _xp(x)
         channels = self.num_features
-        local = xp.empty(2 * channels, np.float64)
-        local[:channels] = sum_dy
-        local[channels:] = sum_dy_xhat
-        total = self._exchange(local, gathered=False)
+        total = self._exchange(_xp(x).concatenate([sum_dy, sum_dy_xhat]), gathered=False)
         gamma = None if self.gamma is None else self.gamma.value
         return batch_norm_backward_apply(grad_output, x, mean, invstd, gamma, total[:channels],
                                          total[channels:], count, axis=self.axis)

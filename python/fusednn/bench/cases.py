@@ -167,6 +167,18 @@ class Result:
     peer_errors: dict = field(default_factory=dict)   # label -> why it is missing here
 
 
+def names_alone(spec: str, name: str) -> bool:
+    """Whether --kernels names the table `name`, which runs on its own: a
+    UsageError when the list names it beside kernels."""
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if name not in tokens:
+        return False
+    if tokens != [name]:
+        raise UsageError(f"--kernels: {name} is benchmarked on its own; name it without "
+                         f"kernels (--kernels {name})")
+    return True
+
+
 def on_device(device: str):
     """(to_device, to_host) array conversions for the kernels of `device`:
     identities on the CPU, CuPy's asarray and asnumpy on the GPU."""

@@ -19,7 +19,7 @@ import numpy as np
 
 import fusednn as fn
 
-from .cases import UsageError
+from .cases import UsageError, names_alone
 from .output import progress
 from .peers import import_torch
 
@@ -31,14 +31,8 @@ QUICK_CALLS_PER_REPEAT = 300
 
 
 def selected(spec: str) -> bool:
-    """Whether --kernels names the overhead table, which runs on its own."""
-    tokens = [t.strip() for t in spec.split(",") if t.strip()]
-    if OVERHEAD_KERNEL not in tokens:
-        return False
-    if tokens != [OVERHEAD_KERNEL]:
-        raise UsageError("--kernels: overhead is benchmarked on its own; name it without "
-                         "kernels (--kernels overhead)")
-    return True
+    """Whether --kernels names this table, which runs on its own."""
+    return names_alone(spec, OVERHEAD_KERNEL)
 
 
 def calls(make) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 
 import fusednn as fn
 
-from .cases import UsageError
+from .cases import UsageError, names_alone
 from .output import progress
 
 SPLIT_KERNEL = "split"
@@ -39,13 +39,7 @@ TARGET_RATIO = 1.3
 
 def selected(spec: str) -> bool:
     """Whether --kernels names this table, which runs on its own."""
-    tokens = [t.strip() for t in spec.split(",") if t.strip()]
-    if SPLIT_KERNEL not in tokens:
-        return False
-    if tokens != [SPLIT_KERNEL]:
-        raise UsageError("--kernels: split is benchmarked on its own; name it without "
-                         "kernels (--kernels split)")
-    return True
+    return names_alone(spec, SPLIT_KERNEL)
 
 
 def steps(shape, axis: int) -> dict:

@@ -85,16 +85,23 @@ class _BatchNorm:
 
     _relu = False
 
+    def _step_momentum(self) -> float:
+        """The running statistics' update factor for this call, counting a
+        training batch in num_batches_tracked: momentum, or with
+        momentum=None the cumulative average's 1 / num_batches_tracked."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if supports(input.dtype, input.device) is not None:
             output = super().forward(input)
             return torch.relu(output) if self._relu else output
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._step_momentum()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Eval mode reads the running statistics; training updates them only
         # when they are tracked.

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import fusednn as fn
+from ..batchnorm_split import _combine_rows, _stats_row
 from .nn import _BatchNorm, supports
 
 __all__ = ["SyncBatchNorm"]
@@ -35,14 +36,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 process_group, world_size):
         x = input.detach()
         channels = x.shape[1]
-        stats = fn.batch_norm_stats(x, axis=1)
-        local = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
-        local[0] = stats.count
-        local[1:channels + 1] = stats.mean
-        local[channels + 1:] = stats.m2
-        rows = _all_gather_rows(local, process_group, world_size)
-        counts = [int(c) for c in rows[:, 0].tolist()]
-        merged = fn.batch_norm_combine(counts, rows[:, 1:channels + 1], rows[:, channels + 1:])
+        local = _stats_row(fn.batch_norm_stats(x, axis=1),
+                           torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device))
+        merged = _combine_rows(_all_gather_rows(local, process_group, world_size))
         invstd = fn.batch_norm_finalize(merged.mean, merged.var, merged.count, eps=eps,
                                         running_mean=running_mean, running_var=running_var,
                                         momentum=momentum)
@@ -108,11 +104,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
             return _BatchNorm.forward(self, input)
         if supports(input.dtype, input.device) is not None:
             return torch.nn.SyncBatchNorm.forward(self, input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+        factor = self._step_momentum()
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
