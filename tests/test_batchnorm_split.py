@@ -266,3 +266,56 @@ def _jax_round_trip(jnp, x):
     with pytest.raises(TypeError, match="immutable"):
         fn.batch_norm_apply(jnp.asarray(x), jnp.asarray(merged.mean), jnp.asarray(invstd),
                             out=jnp.asarray(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_each_phase_matches_the_reference(shape, axis, dtype):
+    x, gamma, beta, dy = _data(shape, axis, dtype, seed=7)
+    slices = _slices(x, [0, 4, 4])
+    stats = [fn.batch_norm_stats(s, axis=axis) for s in slices]
+    expected = [ref.batch_norm_stats(s, axis=axis) for s in slices]
+    rtol = 1e-6 if dtype == np.float32 else 1e-13
+    for got, want in zip(stats, expected):
+        assert got.count == want[0]
+        spread = np.sqrt(want[2] / max(want[0], 1))
+        assert np.all(np.abs(got.mean - want[1]) <= rtol * (np.abs(want[1]) + spread))
+        np.testing.assert_allclose(got.m2, want[2], rtol=10 * rtol, atol=0)
+    args = ([s.count for s in stats], np.stack([s.mean for s in stats]),
+            np.stack([s.m2 for s in stats]))
+    merged, want = fn.batch_norm_combine(*args), ref.batch_norm_combine(*args)
+    assert merged.count == want[0]
+    np.testing.assert_allclose(merged.mean, want[1], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(merged.var, want[2], rtol=1e-12)
+    invstd = fn.batch_norm_finalize(merged.mean, merged.var, merged.count)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(want[2] + 1e-5), rtol=1e-15)
+    y = fn.batch_norm_apply(x, merged.mean, invstd, gamma, beta, axis=axis)
+    _assert_close(y, ref.batch_norm_apply(x, merged.mean, invstd, gamma, beta, axis=axis), dtype)
+    sums = fn.batch_norm_backward_reduce(dy, x, merged.mean, invstd, axis=axis)
+    want = ref.batch_norm_backward_reduce(dy, x, merged.mean, invstd, axis=axis)
+    sums_tol = 1e-5 if dtype == np.float32 else 1e-12
+    for got, expect in zip(sums, want):
+        np.testing.assert_allclose(got, expect, rtol=sums_tol, atol=sums_tol)
+    dx = fn.batch_norm_backward_apply(dy, x, merged.mean, invstd, gamma, *sums, merged.count,
+                                      axis=axis)
+    _assert_close(dx, ref.batch_norm_backward_apply(dy, x, merged.mean, invstd, gamma, *sums,
+                                                    merged.count, axis=axis), dtype)
+
+
+def test_reference_phases_compose_to_the_reference_batch_norm():
+    """The split reference against the one-process reference, so that a
+    mistake shared by kernel and reference would show."""
+    x, gamma, beta, dy = _data((15, 4, 3), 1, np.float64, seed=9)
+    parts = [ref.batch_norm_stats(s) for s in _slices(x, [0, 6, 6, 11])]
+    count, mean, var = ref.batch_norm_combine([p[0] for p in parts],
+                                              np.stack([p[1] for p in parts]),
+                                              np.stack([p[2] for p in parts]))
+    invstd = 1 / np.sqrt(var + 1e-5)
+    whole = ref.batch_norm(x, gamma, beta)
+    np.testing.assert_allclose(ref.batch_norm_apply(x, mean, invstd, gamma, beta), whole.y,
+                               rtol=1e-12, atol=1e-12)
+    sums = ref.batch_norm_backward_reduce(dy, x, mean, invstd)
+    dx = ref.batch_norm_backward_apply(dy, x, mean, invstd, gamma, *sums, count)
+    expected = ref.batch_norm_backward(dy, x, gamma, whole.save_mean, whole.save_invstd)
+    np.testing.assert_allclose(dx, expected[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sums[1], expected[1], rtol=1e-12, atol=1e-12)

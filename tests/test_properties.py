@@ -374,6 +374,37 @@ def test_batch_norm(data):
 
 
 @given(data=st.data())
+def test_batch_norm_split_phases(data):
+    """A batch cut into slices along a non-channel dimension, each slice
+    reduced on its own and the statistics combined: y within the
+    one-process bound of the float64 reference on the whole batch."""
+    dtype = data.draw(dtypes)
+    shape = data.draw(shapes(min_dims=2, max_dims=4, min_side=1))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    cut_dim = 1 if axis % len(shape) == 0 else 0
+    x = data.draw(arrays(dtype, shape, finite=True, max_magnitude=1e6))
+    channels = shape[axis]
+    if math.prod(shape) // channels < 2:
+        return
+    gamma = per_channel(data, channels, dtype) if data.draw(st.booleans()) else None
+    bounds = sorted(data.draw(st.lists(st.integers(0, shape[cut_dim]), max_size=3)))
+    edges = [0, *bounds, shape[cut_dim]]
+    slices = [np.take(x, range(lo, hi), axis=cut_dim) for lo, hi in zip(edges, edges[1:])]
+    stats = [fn.batch_norm_stats(s, axis=axis) for s in slices]
+    merged = fn.batch_norm_combine([s.count for s in stats], np.stack([s.mean for s in stats]),
+                                   np.stack([s.m2 for s in stats]))
+    invstd = fn.batch_norm_finalize(merged.mean, merged.var, merged.count)
+    y = np.concatenate([np.asarray(fn.batch_norm_apply(s, merged.mean, invstd, gamma, axis=axis))
+                        for s in slices], axis=cut_dim).astype(np.float64)
+    x64 = np.asarray(x, np.float64)
+    expected = ref.batch_norm(x64, gamma, axis=axis)
+    broadcast = [1] * len(shape)
+    broadcast[axis % len(shape)] = channels
+    tol = batch_norm_tolerance(dtype, x64, expected, gamma, None, broadcast, axis)
+    assert np.all(np.abs(y - expected.y) <= tol), np.max(np.abs(y - expected.y) - tol)
+
+
+@given(data=st.data())
 def test_batch_norm_backward(data):
     dtype = data.draw(dtypes)
     shape = data.draw(shapes(min_dims=1, max_dims=4, min_side=1))

@@ -503,6 +503,71 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     return grad_input, grad_gamma, grad_beta
 
 
+# ---- batch norm in split phases (data-parallel training) -----------------------
+
+
+def batch_norm_stats(x, *, axis=1):
+    """One slice's (count, mean, m2) per channel, in float64: the mean
+    around each channel's median (as batch_norm), m2 = sum((x - mean)^2);
+    a slice with no values gives count 0 and zeros."""
+    x = _f64(x)
+    axis, others, _ = _channel_layout(x, axis)
+    channels = x.shape[axis]
+    count = math.prod(x.shape[d] for d in others)
+    if count == 0:
+        return count, np.zeros(channels), np.zeros(channels)
+    center = np.median(x, axis=others, keepdims=True)
+    center = np.where(np.isfinite(center), center, 0.0)
+    mean = center.reshape(-1) + (x - center).mean(axis=others)
+    m2 = ((x - np.expand_dims(mean, others)) ** 2).sum(axis=others)
+    return count, mean, m2
+
+
+def batch_norm_combine(counts, means, m2s):
+    """The whole batch's (count, mean, biased var) from the ranks' rows, by
+    the direct formulas rather than a chain of pairwise merges:
+    mean = sum(n_r * m_r) / n, M2 = sum(M2_r + n_r * (m_r - mean)^2)."""
+    n_r = np.asarray(counts, dtype=np.float64)[:, None]
+    means, m2s = _f64(means), _f64(m2s)
+    count = float(n_r.sum())
+    mean = (n_r * means).sum(axis=0) / count
+    m2 = (m2s + n_r * (means - mean) ** 2).sum(axis=0)
+    return int(count), mean, m2 / count
+
+
+def batch_norm_apply(x, mean, invstd, gamma=None, beta=None, *, axis=1):
+    """(x - mean) * invstd * gamma + beta with given statistics, float64."""
+    x = _f64(x)
+    axis, _, shape = _channel_layout(x, axis)
+    channels = x.shape[axis]
+    gamma = np.ones(channels) if gamma is None else _f64(gamma)
+    beta = np.zeros(channels) if beta is None else _f64(beta)
+    return ((x - _f64(mean).reshape(shape)) * (_f64(invstd) * gamma).reshape(shape)
+            + beta.reshape(shape))
+
+
+def batch_norm_backward_reduce(grad_output, x, mean, invstd, *, axis=1):
+    """One slice's (sum(dy), sum(dy * xhat)) per channel, float64."""
+    g, x = _f64(grad_output), _f64(x)
+    axis, others, shape = _channel_layout(x, axis)
+    xhat = (x - _f64(mean).reshape(shape)) * _f64(invstd).reshape(shape)
+    return g.sum(axis=others), (g * xhat).sum(axis=others)
+
+
+def batch_norm_backward_apply(grad_output, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count,
+                              *, axis=1):
+    """gamma * invstd / n * (n * dy - sum_dy - xhat * sum_dy_xhat) with the
+    whole batch's sums and n = count, float64."""
+    g, x = _f64(grad_output), _f64(x)
+    axis, _, shape = _channel_layout(x, axis)
+    channels = x.shape[axis]
+    gamma = np.ones(channels) if gamma is None else _f64(gamma)
+    invstd = _f64(invstd).reshape(shape)
+    xhat = (x - _f64(mean).reshape(shape)) * invstd
+    return (gamma.reshape(shape) * invstd / count
+            * (count * g - _f64(sum_dy).reshape(shape) - xhat * _f64(sum_dy_xhat).reshape(shape)))
+
+
 # Activations whose backward selects 0 rather than multiplying by 0.
 _ZERO_SELECTING = {"relu", "hardsigmoid", "hardswish", "hardtanh"}
 
