@@ -23,6 +23,11 @@
 // elements to the same lanes, so the statistics have the same bits for any
 // thread count and SIMD path. Compiled once per ISA into namespace
 // FUSEDNN_ISA.
+//
+// The loops are written for a storage type S (the arrays' elements) and
+// its compute type T = Storage<S>::Compute (fusednn/half.h): the same type
+// for float and double, whose loads and stores are then plain copies.
+// Per-channel coefficients and partial sums are of T.
 #include "fusednn/channel_layout.h"
 #include "cpu/batchnorm.h"
 
@@ -31,11 +36,13 @@
 #include <cmath>
 #include <initializer_list>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/activations.h"
 #include "cpu/elementwise.h"
 #include "fusednn/batchnorm.h"
+#include "fusednn/half.h"
 
 namespace fusednn {
 namespace cpu {
@@ -62,6 +69,13 @@ constexpr int kLanes = 16;
 // reduced and written in one task: about a core's L2, with the shared L3
 // behind it catching what spills.
 constexpr int64_t kResidentChannelBytes = int64_t(1) << 20;
+
+// The compute type of storage type S.
+template <class S> using ComputeOf = typename Storage<S>::Compute;
+
+// An element of storage type S as its compute type, and back.
+template <class S> inline ComputeOf<S> load_value(S v) { return Storage<S>::load(v); }
+template <class S> inline S store_value(ComputeOf<S> v) { return Storage<S>::store(v); }
 
 // The channel layout of fusednn/channel_layout.h plus the array's data.
 struct ChannelView : ChannelLayout {
@@ -147,9 +161,10 @@ struct Partial {
 
 // The median of a unit's first, middle and last samples: the center of its
 // sums.
-template <class T> double median_of_three(const T* first, const T* middle, const T* last) {
-  return fusednn::median_of_three(static_cast<double>(*first), static_cast<double>(*middle),
-                                  static_cast<double>(*last));
+template <class S> double median_of_three(const S* first, const S* middle, const S* last) {
+  return fusednn::median_of_three(static_cast<double>(load_value(*first)),
+                                  static_cast<double>(load_value(*middle)),
+                                  static_cast<double>(load_value(*last)));
 }
 
 double sum_lanes(double* lanes) {
@@ -161,43 +176,43 @@ double sum_lanes(double* lanes) {
 // Adds a run of n elements into the lanes: element i goes to lane i % kLanes.
 // The gradient g reaches the sums through Grad (masked by the fused ReLU's
 // output m, or as given, when m is not read).
-template <class Sums, class Grad, class T>
-void accumulate_run(const T* x, const T* g, const T* m, int64_t n, int64_t stride_x,
+template <class Sums, class Grad, class S>
+void accumulate_run(const S* x, const S* g, const S* m, int64_t n, int64_t stride_x,
                     int64_t stride_g, int64_t stride_m, double center, double* s1, double* s2) {
+  const auto add = [&](int j, int64_t ix, int64_t ig, int64_t im) {
+    Sums::add(s1[j], s2[j], load_value(x[ix]), Grad::gradient(load_value(g[ig]), load_value(m[im])),
+              center);
+  };
   int64_t i = 0;
   if (stride_x == 1 && stride_g == 1 && stride_m == 1) {
     for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j)
-        Sums::add(s1[j], s2[j], x[i + j], Grad::gradient(g[i + j], m[i + j]), center);
+      for (int j = 0; j < kLanes; ++j) add(j, i + j, i + j, i + j);
     }
   } else {
     for (; i + kLanes <= n; i += kLanes)
       for (int j = 0; j < kLanes; ++j)
-        Sums::add(s1[j], s2[j], x[(i + j) * stride_x],
-                  Grad::gradient(g[(i + j) * stride_g], m[(i + j) * stride_m]), center);
+        add(j, (i + j) * stride_x, (i + j) * stride_g, (i + j) * stride_m);
   }
-  for (int j = 0; i < n; ++i, ++j)
-    Sums::add(s1[j], s2[j], x[i * stride_x], Grad::gradient(g[i * stride_g], m[i * stride_m]),
-              center);
+  for (int j = 0; i < n; ++i, ++j) add(j, i * stride_x, i * stride_g, i * stride_m);
 }
 
 // The sums of unit `unit` of channel c when inner > 1: a block of outer
 // rows times a block of the inner extent. center: the channel's center, or
 // null to center the unit on the median of three of its samples.
-template <class Sums, class Grad, class T>
+template <class Sums, class Grad, class S>
 Partial inner_unit_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
                         const Partition& part, int64_t c, int64_t unit, const double* center) {
-  const T* x = reinterpret_cast<const T*>(xv.data);
-  const T* g = reinterpret_cast<const T*>(gv.data);
-  const T* m = reinterpret_cast<const T*>(mv.data);
+  const S* x = reinterpret_cast<const S*>(xv.data);
+  const S* g = reinterpret_cast<const S*>(gv.data);
+  const S* m = reinterpret_cast<const S*>(mv.data);
   const int64_t o0 = unit / part.inner_blocks * part.outer_block;
   const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
   const int64_t i0 = (unit % part.inner_blocks) * part.inner_block;
   const int64_t n = std::min(part.inner, i0 + part.inner_block) - i0;
-  const T* xc = x + c * xv.stride_channel + i0 * xv.stride_inner;
-  const T* gc = g + c * gv.stride_channel + i0 * gv.stride_inner;
-  const T* mc = m + c * mv.stride_channel + i0 * mv.stride_inner;
+  const S* xc = x + c * xv.stride_channel + i0 * xv.stride_inner;
+  const S* gc = g + c * gv.stride_channel + i0 * gv.stride_inner;
+  const S* mc = m + c * mv.stride_channel + i0 * mv.stride_inner;
   const double shift =
       center != nullptr
           ? *center
@@ -223,19 +238,20 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
 // Fills partials[c * units_per_channel + u] for every channel c and unit u.
 // centers: one per channel, or null to center each unit on the median of
 // three of its samples. mv: the fused ReLU's output, read when Grad masks g.
-template <class Sums, class Grad, class T>
+template <class Sums, class Grad, class S>
 void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
                   const Partition& part, const double* centers, std::vector<Partial>& partials) {
+  using T = ComputeOf<S>;
   const int64_t units = part.units_per_channel();
   partials.assign(static_cast<size_t>(part.channels * units), Partial{0, 0, 0, 0});
-  const T* x = reinterpret_cast<const T*>(xv.data);
-  const T* g = reinterpret_cast<const T*>(gv.data);
-  const T* m = reinterpret_cast<const T*>(mv.data);
+  const S* x = reinterpret_cast<const S*>(xv.data);
+  const S* g = reinterpret_cast<const S*>(gv.data);
+  const S* m = reinterpret_cast<const S*>(mv.data);
   parallel_for(part.tasks(), [&](int64_t task) {
     const int64_t block = task / units;
     const int64_t unit = task % units;
     if (part.inner > 1) {
-      partials[static_cast<size_t>(task)] = inner_unit_sums<Sums, Grad, T>(
+      partials[static_cast<size_t>(task)] = inner_unit_sums<Sums, Grad, S>(
           xv, gv, mv, part, block, unit, centers != nullptr ? centers + block : nullptr);
       return;
     }
@@ -243,16 +259,16 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
     const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
     const int64_t c0 = block * part.channel_block;
     const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
-    const T* xc = x + c0 * xv.stride_channel;
-    const T* gc = g + c0 * gv.stride_channel;
-    const T* mc = m + c0 * mv.stride_channel;
+    const S* xc = x + c0 * xv.stride_channel;
+    const S* gc = g + c0 * gv.stride_channel;
+    const S* mc = m + c0 * mv.stride_channel;
     alignas(64) double center[kChannelBlock];
     alignas(64) T center_hi[kChannelBlock];
     alignas(64) T center_lo[kChannelBlock];
     alignas(64) double s1[kChannelBlock] = {};
     alignas(64) double s2[kChannelBlock] = {};
     for (int64_t k = 0; k < count; ++k) {
-      const T* xk = xc + k * xv.stride_channel;
+      const S* xk = xc + k * xv.stride_channel;
       center[k] = centers != nullptr ? centers[c0 + k]
                                      : median_of_three(xk + o0 * xv.stride_outer,
                                                        xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
@@ -263,7 +279,7 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
     const bool contiguous =
         xv.stride_channel == 1 && gv.stride_channel == 1 && mv.stride_channel == 1;
     const int64_t rows_ahead =
-        std::max<int64_t>(1, kRowPrefetchBytes / (count * int64_t(sizeof(T))));
+        std::max<int64_t>(1, kRowPrefetchBytes / (count * int64_t(sizeof(S))));
     for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
       const int64_t row_end = std::min(o1, row_block + kPartialRows);
       alignas(64) T p1[kChannelBlock];
@@ -271,9 +287,9 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
       std::fill_n(p1, count, T(0));
       std::fill_n(p2, count, T(0));
       for (int64_t o = row_block; o < row_end; ++o) {
-        const T* xr = xc + o * xv.stride_outer;
-        const T* gr = gc + o * gv.stride_outer;
-        const T* mr = mc + o * mv.stride_outer;
+        const S* xr = xc + o * xv.stride_outer;
+        const S* gr = gc + o * gv.stride_outer;
+        const S* mr = mc + o * mv.stride_outer;
         if (contiguous) {
           if (o + rows_ahead < part.outer) {
             prefetch_to_l2(xr + rows_ahead * xv.stride_outer, count);
@@ -282,12 +298,14 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
           }
 #pragma omp simd
           for (int64_t k = 0; k < count; ++k)
-            Sums::add_partial(p1[k], p2[k], xr[k], Grad::gradient(gr[k], mr[k]), center_hi[k],
+            Sums::add_partial(p1[k], p2[k], load_value(xr[k]),
+                              Grad::gradient(load_value(gr[k]), load_value(mr[k])), center_hi[k],
                               center_lo[k]);
         } else {
           for (int64_t k = 0; k < count; ++k)
-            Sums::add_partial(p1[k], p2[k], xr[k * xv.stride_channel],
-                              Grad::gradient(gr[k * gv.stride_channel], mr[k * mv.stride_channel]),
+            Sums::add_partial(p1[k], p2[k], load_value(xr[k * xv.stride_channel]),
+                              Grad::gradient(load_value(gr[k * gv.stride_channel]),
+                                             load_value(mr[k * mv.stride_channel])),
                               center_hi[k], center_lo[k]);
         }
       }
@@ -304,12 +322,14 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
     for (int64_t k = 0; k < count; ++k) {
       if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
       s1[k] = s2[k] = 0.0;
-      const T* xk = xc + k * xv.stride_channel;
-      const T* gk = gc + k * gv.stride_channel;
-      const T* mk = mc + k * mv.stride_channel;
+      const S* xk = xc + k * xv.stride_channel;
+      const S* gk = gc + k * gv.stride_channel;
+      const S* mk = mc + k * mv.stride_channel;
       for (int64_t o = o0; o < o1; ++o)
-        Sums::add(s1[k], s2[k], xk[o * xv.stride_outer],
-                  Grad::gradient(gk[o * gv.stride_outer], mk[o * mv.stride_outer]), center[k]);
+        Sums::add(s1[k], s2[k], load_value(xk[o * xv.stride_outer]),
+                  Grad::gradient(load_value(gk[o * gv.stride_outer]),
+                                 load_value(mk[o * mv.stride_outer])),
+                  center[k]);
     }
     for (int64_t k = 0; k < count; ++k)
       partials[static_cast<size_t>((c0 + k) * units + unit)] =
@@ -331,12 +351,12 @@ bool channel_resident(const ChannelView& v, int64_t item, int reads,
 // Writes out[o, c, :] = row(dst, o, start, count) for every outer row o of
 // channel c, streaming when `stream` is set. row(dst, o, start, count)
 // computes elements [start, start + count) of row o into dst.
-template <class T, class Row>
+template <class S, class Row>
 void write_channel_rows(const ChannelView& out, int64_t c, bool stream, const Row& row) {
-  T* base = const_cast<T*>(reinterpret_cast<const T*>(out.data)) + c * out.stride_channel;
+  S* base = const_cast<S*>(reinterpret_cast<const S*>(out.data)) + c * out.stride_channel;
   for (int64_t o = 0; o < out.outer; ++o)
     produce<kWideStageBytes>(base + o * out.stride_outer, out.inner, stream,
-            [&](T* dst, int64_t start, int64_t count) { row(dst, o, start, count); });
+            [&](S* dst, int64_t start, int64_t count) { row(dst, o, start, count); });
   if (stream) store_fence();
 }
 
@@ -438,10 +458,10 @@ inline void stream_lines(T* out, int64_t begin, int64_t end, int64_t channels, i
 // (inner > 1) and segment.across(dst, pos, len, j) for runs that start at
 // entry j of coefficient arrays `period` long (inner == 1). pos is the
 // flat index of the run's first element, dst where its outputs go.
-template <class T, class Segment>
-void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64_t period,
+template <class S, class Segment>
+void map_contiguous(S* out, int64_t size, int64_t channels, int64_t inner, int64_t period,
                     const Segment& segment) {
-  const bool stream = size * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = size * int64_t(sizeof(S)) >= kStreamBytes;
   const int64_t chunks = (size + kPassChunk - 1) / kPassChunk;
   parallel_for(chunks, [&](int64_t task) {
     const int64_t begin = (chunks - 1 - task) * kPassChunk;
@@ -450,7 +470,7 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
     // Runs end at multiples of `run`: rows of one channel, or whole
     // periods of the coefficient arrays.
     const int64_t run = inner > 1 ? inner : period;
-    const auto write = [&](T* dst, int64_t start, int64_t count) {
+    const auto write = [&](S* dst, int64_t start, int64_t count) {
       int64_t pos = begin + start;
       const int64_t stop = pos + count;
       const int64_t first_run = pos / run;
@@ -469,8 +489,14 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
         if (++c == channels) c = 0;
       }
     };
-    if (stream && (inner == 1 || inner >= kLineElems<T>)) {
-      stream_lines(out, begin, end, channels, inner, period, local, write);
+    // Lines straight from registers where the storage is the compute type;
+    // the half types go through produce's staging buffer.
+    bool lines = false;
+    if constexpr (std::is_same_v<S, ComputeOf<S>>)
+      lines = stream && (inner == 1 || inner >= kLineElems<S>);
+    if (lines) {
+      if constexpr (std::is_same_v<S, ComputeOf<S>>)
+        stream_lines(out, begin, end, channels, inner, period, local, write);
     } else {
       produce<kWideStageBytes>(out + begin, end - begin, stream, write);
     }
@@ -482,8 +508,9 @@ void map_contiguous(T* out, int64_t size, int64_t channels, int64_t inner, int64
 // runs read seg's coefficient arrays (Segment::coefficients()) along the
 // run, so those are repeated to coefficient_period entries first, plus one
 // line for stream_lines.
-template <class T, class Segment>
-void map_contiguous_pass(T* out, const ChannelView& v, Segment seg) {
+template <class S, class Segment>
+void map_contiguous_pass(S* out, const ChannelView& v, Segment seg) {
+  using T = ComputeOf<S>;
   const int64_t size = v.outer * v.channels * v.inner;
   if (v.inner > 1) {
     map_contiguous(out, size, v.channels, v.inner, v.channels, seg);
@@ -508,8 +535,9 @@ struct ChannelStrides {
   }
 };
 
-template <class T> struct NormalizeSegment {
-  const T* x;
+template <class S> struct NormalizeSegment {
+  using T = ComputeOf<S>;
+  const S* x;
   const T* mean_hi;
   const T* mean_lo;
   const T* scale;
@@ -525,32 +553,35 @@ template <class T> struct NormalizeSegment {
             &NormalizeSegment::shift};
   }
   // len outputs of channel c from the run of inputs at src.
-  void row(T* dst, const T* src, int64_t len, int64_t c) const {
+  void row(S* dst, const S* src, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = scale[c], b = shift[c];
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = activate(normalize(src[i], hi, lo, s, b));
+    for (int64_t i = 0; i < len; ++i)
+      dst[i] = store_value<S>(activate(normalize(load_value(src[i]), hi, lo, s, b)));
   }
-  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
+  void broadcast(S* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
   // See stream_lines.
   template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
     return activate(normalize(load_line(x + pos), coefficient(mean_hi), coefficient(mean_lo),
                               coefficient(scale), coefficient(shift)));
   }
-  void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
-    const T* src = x + pos;
+  void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
+    const S* src = x + pos;
     const T* hi = mean_hi + j;
     const T* lo = mean_lo + j;
     const T* s = scale + j;
     const T* b = shift + j;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = activate(normalize(src[i], hi[i], lo[i], s[i], b[i]));
+    for (int64_t i = 0; i < len; ++i)
+      dst[i] = store_value<S>(activate(normalize(load_value(src[i]), hi[i], lo[i], s[i], b[i])));
   }
 };
 
-template <class T>
-void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const NormalizeSegment<T>& seg) {
+template <class S>
+void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const NormalizeSegment<S>& seg) {
+  using T = ComputeOf<S>;
   if (is_contiguous(x) && is_contiguous(y)) {
-    map_contiguous_pass(static_cast<T*>(y.data), channel_view(x, axis), seg);
+    map_contiguous_pass(static_cast<S*>(y.data), channel_view(x, axis), seg);
     return;
   }
   // Any strides: a scalar loop over runs, the coefficients as operands.
@@ -559,6 +590,7 @@ void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const Normal
                                cs.strides.data(), cs.strides.data()};
   int sizes[6];
   std::fill(sizes, sizes + 6, int(sizeof(T)));
+  sizes[0] = sizes[1] = int(sizeof(S));
   const StridedLoop<6> loop(x.ndim, x.shape, strides, sizes);
   char* base[6] = {static_cast<char*>(x.data), static_cast<char*>(y.data),
                    reinterpret_cast<char*>(const_cast<T*>(seg.mean_hi)),
@@ -566,17 +598,17 @@ void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const Normal
                    reinterpret_cast<char*>(const_cast<T*>(seg.scale)),
                    reinterpret_cast<char*>(const_cast<T*>(seg.shift))};
   struct Body {
-    const NormalizeSegment<T>* seg;
+    const NormalizeSegment<S>* seg;
     void operator()(char* const* p, int64_t len, const int64_t* in) {
-      const T* src = reinterpret_cast<const T*>(p[0]);
-      T* dst = reinterpret_cast<T*>(p[1]);
+      const S* src = reinterpret_cast<const S*>(p[0]);
+      S* dst = reinterpret_cast<S*>(p[1]);
       const T* hi = reinterpret_cast<const T*>(p[2]);
       const T* lo = reinterpret_cast<const T*>(p[3]);
       const T* s = reinterpret_cast<const T*>(p[4]);
       const T* b = reinterpret_cast<const T*>(p[5]);
       for (int64_t i = 0; i < len; ++i)
-        dst[i * in[1]] = seg->activate(normalize(src[i * in[0]], hi[i * in[2]], lo[i * in[3]],
-                                                 s[i * in[4]], b[i * in[5]]));
+        dst[i * in[1]] = store_value<S>(seg->activate(normalize(
+            load_value(src[i * in[0]]), hi[i * in[2]], lo[i * in[3]], s[i * in[4]], b[i * in[5]])));
     }
     void finish() {}
   };
@@ -585,10 +617,11 @@ void normalize_pass(const ArrayRef& x, const ArrayRef& y, int axis, const Normal
 
 // Grad: the gradient as given, or masked by the fused ReLU's output y
 // (read only then; y may be dy itself otherwise).
-template <class T, class Grad> struct InputGradSegment {
-  const T* dy;
-  const T* x;
-  const T* y;
+template <class S, class Grad> struct InputGradSegment {
+  using T = ComputeOf<S>;
+  const S* dy;
+  const S* x;
+  const S* y;
   const T* mean_hi;
   const T* mean_lo;
   const T* invstd;
@@ -602,13 +635,14 @@ template <class T, class Grad> struct InputGradSegment {
   }
   // len outputs of channel c from the runs of dy at g, of x at v and of y
   // at m.
-  void row(T* dst, const T* g, const T* v, const T* m, int64_t len, int64_t c) const {
+  void row(S* dst, const S* g, const S* v, const S* m, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = invstd[c], ac = a[c], ec = e[c], kc = k[c];
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = input_grad(Grad::gradient(g[i], m[i]), v[i], hi, lo, s, ac, ec, kc);
+      dst[i] = store_value<S>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
+                                         load_value(v[i]), hi, lo, s, ac, ec, kc));
   }
-  void broadcast(T* dst, int64_t pos, int64_t len, int64_t c) const {
+  void broadcast(S* dst, int64_t pos, int64_t len, int64_t c) const {
     row(dst, dy + pos, x + pos, y + pos, len, c);
   }
   // See stream_lines.
@@ -617,10 +651,10 @@ template <class T, class Grad> struct InputGradSegment {
                       coefficient(mean_hi), coefficient(mean_lo), coefficient(invstd),
                       coefficient(a), coefficient(e), coefficient(k));
   }
-  void across(T* dst, int64_t pos, int64_t len, int64_t j) const {
-    const T* g = dy + pos;
-    const T* v = x + pos;
-    const T* m = y + pos;
+  void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
+    const S* g = dy + pos;
+    const S* v = x + pos;
+    const S* m = y + pos;
     const T* hi = mean_hi + j;
     const T* lo = mean_lo + j;
     const T* s = invstd + j;
@@ -629,16 +663,18 @@ template <class T, class Grad> struct InputGradSegment {
     const T* kc = k + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = input_grad(Grad::gradient(g[i], m[i]), v[i], hi[i], lo[i], s[i], ac[i], ec[i], kc[i]);
+      dst[i] = store_value<S>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
+                                         load_value(v[i]), hi[i], lo[i], s[i], ac[i], ec[i], kc[i]));
   }
 };
 
 // m: the fused ReLU's output when Grad reads it, else dy again.
-template <class T, class Grad>
+template <class S, class Grad>
 void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, const ArrayRef& dx,
-                     int axis, const InputGradSegment<T, Grad>& seg) {
+                     int axis, const InputGradSegment<S, Grad>& seg) {
+  using T = ComputeOf<S>;
   if (is_contiguous(dy) && is_contiguous(x) && is_contiguous(m) && is_contiguous(dx)) {
-    map_contiguous_pass(static_cast<T*>(dx.data), channel_view(x, axis), seg);
+    map_contiguous_pass(static_cast<S*>(dx.data), channel_view(x, axis), seg);
     return;
   }
   const ChannelStrides cs(x, axis, int(sizeof(T)));
@@ -648,6 +684,7 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, c
                                 cs.strides.data()};
   int sizes[10];
   std::fill(sizes, sizes + 10, int(sizeof(T)));
+  std::fill(sizes, sizes + 4, int(sizeof(S)));
   const StridedLoop<10> loop(x.ndim, x.shape, strides, sizes);
   auto coef = [](const T* p) { return reinterpret_cast<char*>(const_cast<T*>(p)); };
   char* base[10] = {static_cast<char*>(dy.data), static_cast<char*>(x.data),
@@ -657,10 +694,10 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, c
                     coef(seg.e),                 coef(seg.k)};
   struct Body {
     void operator()(char* const* p, int64_t len, const int64_t* in) {
-      const T* g = reinterpret_cast<const T*>(p[0]);
-      const T* v = reinterpret_cast<const T*>(p[1]);
-      const T* y = reinterpret_cast<const T*>(p[2]);
-      T* dst = reinterpret_cast<T*>(p[3]);
+      const S* g = reinterpret_cast<const S*>(p[0]);
+      const S* v = reinterpret_cast<const S*>(p[1]);
+      const S* y = reinterpret_cast<const S*>(p[2]);
+      S* dst = reinterpret_cast<S*>(p[3]);
       const T* hi = reinterpret_cast<const T*>(p[4]);
       const T* lo = reinterpret_cast<const T*>(p[5]);
       const T* s = reinterpret_cast<const T*>(p[6]);
@@ -668,26 +705,41 @@ void input_grad_pass(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, c
       const T* e = reinterpret_cast<const T*>(p[8]);
       const T* k = reinterpret_cast<const T*>(p[9]);
       for (int64_t i = 0; i < len; ++i)
-        dst[i * in[3]] = input_grad(Grad::gradient(g[i * in[0]], y[i * in[2]]), v[i * in[1]],
-                                    hi[i * in[4]], lo[i * in[5]], s[i * in[6]], a[i * in[7]],
-                                    e[i * in[8]], k[i * in[9]]);
+        dst[i * in[3]] = store_value<S>(input_grad(
+            Grad::gradient(load_value(g[i * in[0]]), load_value(y[i * in[2]])),
+            load_value(v[i * in[1]]), hi[i * in[4]], lo[i * in[5]], s[i * in[6]], a[i * in[7]],
+            e[i * in[8]], k[i * in[9]]));
     }
     void finish() {}
   };
   loop.run(base, sizes, kStridedPassNanoseconds, [] { return Body{}; });
 }
 
+// normalize_wide of an element of storage type S, with the fused ReLU when
+// relu is set: for the half types in double from the widened input, rounded
+// once to S.
+template <class S>
+S normalize_wide_value(S x, double mean, double scale, double shift, bool relu) {
+  if constexpr (std::is_same_v<S, ComputeOf<S>>) {
+    const S v = normalize_wide(x, mean, scale, shift);
+    return relu ? relu_after_normalize(v) : v;
+  } else {
+    const double v = normalize_wide(static_cast<double>(load_value(x)), mean, scale, shift);
+    return Storage<S>::store_double(relu ? relu_after_normalize(v) : v);
+  }
+}
+
 // Normalizes every element with normalize_wide, in double: the pass for
 // calls where some channel's shift may overflow (shift_may_overflow).
 // Elementwise, so in place works; slow, and taken only for such data.
-template <class T>
+template <class S>
 void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
                          const std::vector<double>& mean, const std::vector<double>& scale,
                          const std::vector<double>& shift, bool relu) {
   const ChannelStrides cs(x, axis, int(sizeof(double)));
   const int64_t* strides[5] = {x.strides, y.strides, cs.strides.data(), cs.strides.data(),
                                cs.strides.data()};
-  const int sizes[5] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(double)),
+  const int sizes[5] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(double)),
                         int(sizeof(double)), int(sizeof(double))};
   const StridedLoop<5> loop(x.ndim, x.shape, strides, sizes);
   auto coef = [](const std::vector<double>& v) {
@@ -698,15 +750,14 @@ void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
   struct Body {
     bool relu;
     void operator()(char* const* p, int64_t len, const int64_t* in) {
-      const T* src = reinterpret_cast<const T*>(p[0]);
-      T* dst = reinterpret_cast<T*>(p[1]);
+      const S* src = reinterpret_cast<const S*>(p[0]);
+      S* dst = reinterpret_cast<S*>(p[1]);
       const double* m = reinterpret_cast<const double*>(p[2]);
       const double* s = reinterpret_cast<const double*>(p[3]);
       const double* b = reinterpret_cast<const double*>(p[4]);
-      for (int64_t i = 0; i < len; ++i) {
-        const T v = normalize_wide(src[i * in[0]], m[i * in[2]], s[i * in[3]], b[i * in[4]]);
-        dst[i * in[1]] = relu ? relu_after_normalize(v) : v;
-      }
+      for (int64_t i = 0; i < len; ++i)
+        dst[i * in[1]] =
+            normalize_wide_value(src[i * in[0]], m[i * in[2]], s[i * in[3]], b[i * in[4]], relu);
     }
     void finish() {}
   };
@@ -716,7 +767,8 @@ void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
 // The normalizing pass's per-channel coefficients (normalize_coefficients),
 // and the double ones of normalize_wide for channels whose shift may
 // overflow T.
-template <class T> struct NormalizeTables {
+template <class S> struct NormalizeTables {
+  using T = ComputeOf<S>;
   std::vector<T> mean_hi, mean_lo, scale, shift;
   std::vector<double> scale_wide, shift_wide;
   std::vector<char> wide;
@@ -750,7 +802,7 @@ template <class T> struct NormalizeTables {
   }
 
   // relu: a ReLU fused after the normalization.
-  NormalizeSegment<T> segment(const T* x, bool relu = false) const {
+  NormalizeSegment<S> segment(const S* x, bool relu = false) const {
     return {x, mean_hi.data(), mean_lo.data(), scale.data(), shift.data(), relu};
   }
 
@@ -758,15 +810,16 @@ template <class T> struct NormalizeTables {
   void apply(const ArrayRef& x, const ArrayRef& y, int axis, const std::vector<double>& mean,
              bool relu = false) const {
     if (std::find(wide.begin(), wide.end(), 1) != wide.end()) {
-      normalize_wide_pass<T>(x, y, axis, mean, scale_wide, shift_wide, relu);
+      normalize_wide_pass<S>(x, y, axis, mean, scale_wide, shift_wide, relu);
     } else {
-      normalize_pass<T>(x, y, axis, segment(static_cast<const T*>(x.data), relu));
+      normalize_pass<S>(x, y, axis, segment(static_cast<const S*>(x.data), relu));
     }
   }
 };
 
 // The input-gradient pass's per-channel coefficients (input_grad_coefficients).
-template <class T> struct InputGradTables {
+template <class S> struct InputGradTables {
+  using T = ComputeOf<S>;
   std::vector<T> mean_hi, mean_lo, invstd, a, e, k;
 
   explicit InputGradTables(size_t channels)
@@ -798,7 +851,7 @@ template <class T> struct InputGradTables {
 
   // y: the fused ReLU's output when Grad masks dy with it, else dy again.
   template <class Grad = GradientAsGiven>
-  InputGradSegment<T, Grad> segment(const T* dy, const T* x, const T* y) const {
+  InputGradSegment<S, Grad> segment(const S* dy, const S* x, const S* y) const {
     return {dy, x, y, mean_hi.data(), mean_lo.data(), invstd.data(), a.data(), e.data(), k.data()};
   }
 };
@@ -844,12 +897,12 @@ void sum_units(const Partial* p, int64_t units, double invstd, double& sum_dy,
 
 // Every channel's mean and M2 over a view with at least one element per
 // channel.
-template <class T>
+template <class S>
 void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vector<double>& m2) {
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
   std::vector<Partial> partials;
-  reduce_units<StatisticsSums, GradientAsGiven, T>(xv, xv, xv, part, nullptr, partials);
+  reduce_units<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, nullptr, partials);
   for_each_channel(xv.channels, units, [&](int64_t c) {
     const Moments m = merge_units(partials.data() + c * units, units);
     mean[static_cast<size_t>(c)] = m.mean;
@@ -860,21 +913,21 @@ void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vect
 // Every channel's sum(dy) and sum(dy * xhat) around the given statistics,
 // over views with at least one element per channel; dy through Grad (mv:
 // the fused ReLU's output, or gv again).
-template <class T, class Grad = GradientAsGiven>
+template <class S, class Grad = GradientAsGiven>
 void gradient_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
                    const std::vector<double>& mean, const std::vector<double>& invstd,
                    std::vector<double>& sum_dy, std::vector<double>& sum_dy_xhat) {
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
   std::vector<Partial> partials;
-  reduce_units<GradientSums, Grad, T>(xv, gv, mv, part, mean.data(), partials);
+  reduce_units<GradientSums, Grad, S>(xv, gv, mv, part, mean.data(), partials);
   for_each_channel(xv.channels, units, [&](int64_t c) {
     const size_t i = static_cast<size_t>(c);
     sum_units(partials.data() + c * units, units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
   });
 }
 
-template <class T>
+template <class S>
 void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
   const bool y_has_view = has_channel_view(y, args.axis);
@@ -889,37 +942,37 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
     throw std::invalid_argument("batch_norm: inference needs running_mean and running_var");
   const size_t nc = static_cast<size_t>(channels);
   std::vector<double> mean(nc), var(nc), m2(nc), invstd(nc), gamma(nc), beta(nc);
-  NormalizeTables<T> tables(nc);
+  NormalizeTables<S> tables(nc);
   load_channels(args.gamma, channels, 1.0, gamma.data());
   load_channels(args.beta, channels, 0.0, beta.data());
   auto set_coefficients = [&](int64_t c0, int64_t c1) {
     fill_inverse_std(c0, c1, var.data(), args.eps, invstd.data());
     tables.fill(c0, c1, mean.data(), invstd.data(), gamma.data(), beta.data());
   };
-  if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(T), 1, {&xv, &yv})) {
+  if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(S), 1, {&xv, &yv})) {
     const Partition part(xv);
     const int64_t units = part.units_per_channel();
-    const NormalizeSegment<T> segment = tables.segment(static_cast<const T*>(x.data), args.relu);
-    const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
+    const NormalizeSegment<S> segment = tables.segment(static_cast<const S*>(x.data), args.relu);
+    const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       const size_t i = static_cast<size_t>(c);
       std::vector<Partial> p(static_cast<size_t>(units));
       for (int64_t u = 0; u < units; ++u)
         p[static_cast<size_t>(u)] =
-            inner_unit_sums<StatisticsSums, GradientAsGiven, T>(xv, xv, xv, part, c, u, nullptr);
+            inner_unit_sums<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, c, u, nullptr);
       const Moments m = merge_units(p.data(), units);
       mean[i] = m.mean;
       m2[i] = m.m2;
       var[i] = m.m2 / m.count;
       set_coefficients(c, c + 1);
-      const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
-      write_channel_rows<T>(yv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t n) {
-        const T* src = xc + o * xv.stride_outer + start;
+      const S* xc = reinterpret_cast<const S*>(xv.data) + c * xv.stride_channel;
+      write_channel_rows<S>(yv, c, stream, [&](S* dst, int64_t o, int64_t start, int64_t n) {
+        const S* src = xc + o * xv.stride_outer + start;
         if (next) prefetch_to_l2(src + xv.stride_channel, n);
         if (tables.wide[i]) {
           for (int64_t j = 0; j < n; ++j)
-            dst[j] = segment.activate(
-                normalize_wide(src[j], mean[i], tables.scale_wide[i], tables.shift_wide[i]));
+            dst[j] = normalize_wide_value(src[j], mean[i], tables.scale_wide[i],
+                                          tables.shift_wide[i], args.relu);
         } else {
           segment.row(dst, src, n, c);
         }
@@ -927,7 +980,7 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
     });
   } else {
     if (args.training) {
-      if (count > 0) channel_moments<T>(xv, mean, m2);
+      if (count > 0) channel_moments<S>(xv, mean, m2);
       for (size_t i = 0; i < nc; ++i) var[i] = m2[i] / static_cast<double>(count);
     } else {
       load_channels(args.running_mean, channels, 0.0, mean.data());
@@ -948,7 +1001,7 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
 
 // m: the fused ReLU's output, whose mask Grad applies to dy, or dy itself
 // when Grad takes dy as given.
-template <class T, class Grad>
+template <class S, class Grad>
 void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, const ArrayRef& dx,
                     const BatchNormBackwardArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
@@ -963,7 +1016,7 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   load_channels(args.save_mean, channels, 0.0, mean.data());
   load_channels(args.save_invstd, channels, 0.0, invstd.data());
   load_channels(args.gamma, channels, 1.0, gamma.data());
-  InputGradTables<T> tables(nc);
+  InputGradTables<S> tables(nc);
   // grad_gamma = sum(dy * xhat) and grad_beta = sum(dy).
   auto store_parameter_grads = [&] {
     store_channels(*args.grad_gamma, channels, sum_dy_xhat.data());
@@ -974,32 +1027,32 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
     return;
   }
   const double n = static_cast<double>(count);
-  const T* dy_data = static_cast<const T*>(dy.data);
-  const T* x_data = static_cast<const T*>(x.data);
-  const T* m_data = static_cast<const T*>(m.data);
+  const S* dy_data = static_cast<const S*>(dy.data);
+  const S* x_data = static_cast<const S*>(x.data);
+  const S* m_data = static_cast<const S*>(m.data);
   const int reads = Grad::kReadsOutput ? 3 : 2;
   if (args.training && dx_has_view &&
-      channel_resident(xv, sizeof(T), reads, {&xv, &gv, &mv, &dv})) {
+      channel_resident(xv, sizeof(S), reads, {&xv, &gv, &mv, &dv})) {
     const Partition part(xv);
     const int64_t units = part.units_per_channel();
-    const InputGradSegment<T, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
-    const bool stream = count * channels * int64_t(sizeof(T)) >= kStreamBytes;
+    const InputGradSegment<S, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
+    const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       const size_t i = static_cast<size_t>(c);
       std::vector<Partial> p(static_cast<size_t>(units));
       for (int64_t u = 0; u < units; ++u)
         p[static_cast<size_t>(u)] =
-            inner_unit_sums<GradientSums, Grad, T>(xv, gv, mv, part, c, u, &mean[i]);
+            inner_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, c, u, &mean[i]);
       sum_units(p.data(), units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
       tables.fill(c, c + 1, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
                   sum_dy_xhat.data());
-      const T* xc = reinterpret_cast<const T*>(xv.data) + c * xv.stride_channel;
-      const T* gc = reinterpret_cast<const T*>(gv.data) + c * gv.stride_channel;
-      const T* mc = reinterpret_cast<const T*>(mv.data) + c * mv.stride_channel;
-      write_channel_rows<T>(dv, c, stream, [&](T* dst, int64_t o, int64_t start, int64_t len) {
-        const T* g = gc + o * gv.stride_outer + start;
-        const T* v = xc + o * xv.stride_outer + start;
-        const T* y = mc + o * mv.stride_outer + start;
+      const S* xc = reinterpret_cast<const S*>(xv.data) + c * xv.stride_channel;
+      const S* gc = reinterpret_cast<const S*>(gv.data) + c * gv.stride_channel;
+      const S* mc = reinterpret_cast<const S*>(mv.data) + c * mv.stride_channel;
+      write_channel_rows<S>(dv, c, stream, [&](S* dst, int64_t o, int64_t start, int64_t len) {
+        const S* g = gc + o * gv.stride_outer + start;
+        const S* v = xc + o * xv.stride_outer + start;
+        const S* y = mc + o * mv.stride_outer + start;
         if (next) {
           prefetch_to_l2(g + gv.stride_channel, len);
           prefetch_to_l2(v + xv.stride_channel, len);
@@ -1011,12 +1064,12 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
     store_parameter_grads();
     return;
   }
-  gradient_sums<T, Grad>(xv, gv, mv, mean, invstd, sum_dy, sum_dy_xhat);
+  gradient_sums<S, Grad>(xv, gv, mv, mean, invstd, sum_dy, sum_dy_xhat);
   store_parameter_grads();
   if (args.training) {
     tables.fill(0, channels, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
                 sum_dy_xhat.data());
-    input_grad_pass<T>(dy, x, m, dx, args.axis,
+    input_grad_pass<S>(dy, x, m, dx, args.axis,
                        tables.template segment<Grad>(dy_data, x_data, m_data));
     return;
   }
@@ -1029,28 +1082,29 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
     activation_backward(Activation::relu, ActivationParams{}, /*from_output=*/true, dy, m, dx);
     scaled = &dx;
   }
+  using T = ComputeOf<S>;
   std::vector<T> zeros(nc, T(0)), scale(nc);
   for (size_t i = 0; i < nc; ++i)
     scale[i] = inference_input_grad_coefficients<T>(invstd[i], gamma[i]).scale;
-  normalize_pass<T>(*scaled, dx, args.axis,
-                    NormalizeSegment<T>{static_cast<const T*>(scaled->data), zeros.data(),
+  normalize_pass<S>(*scaled, dx, args.axis,
+                    NormalizeSegment<S>{static_cast<const S*>(scaled->data), zeros.data(),
                                         zeros.data(), scale.data(), zeros.data()});
 }
 
 // ---- the split phases of data-parallel batch normalization -----------------
 
-template <class T> void stats_typed(const ArrayRef& x, int axis, const ArrayRef& mean_out,
+template <class S> void stats_typed(const ArrayRef& x, int axis, const ArrayRef& mean_out,
                                     const ArrayRef& m2_out) {
   const ChannelView xv = channel_view(x, axis);
   const size_t nc = static_cast<size_t>(xv.channels);
   // A process with no samples contributes nothing (count 0): zeros.
   std::vector<double> mean(nc, 0.0), m2(nc, 0.0);
-  if (xv.outer * xv.inner > 0) channel_moments<T>(xv, mean, m2);
+  if (xv.outer * xv.inner > 0) channel_moments<S>(xv, mean, m2);
   store_channels(mean_out, xv.channels, mean.data());
   store_channels(m2_out, xv.channels, m2.data());
 }
 
-template <class T>
+template <class S>
 void apply_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
   const int64_t channels = xv.channels;
@@ -1060,12 +1114,12 @@ void apply_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs&
   load_channels(args.invstd, channels, 0.0, invstd.data());
   load_channels(args.gamma, channels, 1.0, gamma.data());
   load_channels(args.beta, channels, 0.0, beta.data());
-  NormalizeTables<T> tables(nc);
+  NormalizeTables<S> tables(nc);
   tables.fill(0, channels, mean.data(), invstd.data(), gamma.data(), beta.data());
   if (xv.outer * xv.inner > 0 && channels > 0) tables.apply(x, y, args.axis, mean);
 }
 
-template <class T>
+template <class S>
 void backward_reduce_typed(const ArrayRef& dy, const ArrayRef& x, const BatchNormReduceArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
   const ChannelView gv = channel_view(dy, args.axis);
@@ -1073,12 +1127,12 @@ void backward_reduce_typed(const ArrayRef& dy, const ArrayRef& x, const BatchNor
   std::vector<double> mean(nc), invstd(nc), sum_dy(nc, 0.0), sum_dy_xhat(nc, 0.0);
   load_channels(args.mean, xv.channels, 0.0, mean.data());
   load_channels(args.invstd, xv.channels, 0.0, invstd.data());
-  if (xv.outer * xv.inner > 0) gradient_sums<T>(xv, gv, gv, mean, invstd, sum_dy, sum_dy_xhat);
+  if (xv.outer * xv.inner > 0) gradient_sums<S>(xv, gv, gv, mean, invstd, sum_dy, sum_dy_xhat);
   store_channels(*args.sum_dy, xv.channels, sum_dy.data());
   store_channels(*args.sum_dy_xhat, xv.channels, sum_dy_xhat.data());
 }
 
-template <class T>
+template <class S>
 void backward_apply_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& dx,
                           const BatchNormBackwardApplyArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
@@ -1091,12 +1145,12 @@ void backward_apply_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef&
   load_channels(args.sum_dy, channels, 0.0, sum_dy.data());
   load_channels(args.sum_dy_xhat, channels, 0.0, sum_dy_xhat.data());
   if (xv.outer * xv.inner == 0 || channels == 0) return;
-  InputGradTables<T> tables(nc);
+  InputGradTables<S> tables(nc);
   tables.fill(0, channels, args.count, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
               sum_dy_xhat.data());
-  const T* dy_data = static_cast<const T*>(dy.data);
-  input_grad_pass<T>(dy, x, dy, dx, args.axis,
-                     tables.segment(dy_data, static_cast<const T*>(x.data), dy_data));
+  const S* dy_data = static_cast<const S*>(dy.data);
+  input_grad_pass<S>(dy, x, dy, dx, args.axis,
+                     tables.segment(dy_data, static_cast<const S*>(x.data), dy_data));
 }
 
 // The element at row r, column c of a 2-D float64 array.
