@@ -41,6 +41,7 @@
 
 #include "cpu/activations.h"
 #include "cpu/elementwise.h"
+#include "cpu/scratch.h"
 #include "fusednn/batchnorm.h"
 #include "fusednn/half.h"
 
@@ -98,30 +99,50 @@ bool has_channel_view(const ArrayRef& a, int axis) {
 }
 
 // A per-channel operand as doubles (fill where it is absent): one typed
-// loop per call, not a dtype test per channel.
+// loop per call, not a dtype test per channel, and a vectorized one for
+// the usual contiguous operand (strided loads and stores one channel at a
+// time were 5% of a (32, 4096) forward).
+template <class E> void load_typed(const char* p, int64_t stride, int64_t channels, double* out) {
+  if (stride == int64_t(sizeof(E))) {
+    const E* v = reinterpret_cast<const E*>(p);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<double>(v[c]);
+    return;
+  }
+  for (int64_t c = 0; c < channels; ++c)
+    out[c] = static_cast<double>(*reinterpret_cast<const E*>(p + c * stride));
+}
+
+template <class E> void store_typed(char* p, int64_t stride, int64_t channels, const double* values) {
+  if (stride == int64_t(sizeof(E))) {
+    E* v = reinterpret_cast<E*>(p);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) v[c] = static_cast<E>(values[c]);
+    return;
+  }
+  for (int64_t c = 0; c < channels; ++c)
+    *reinterpret_cast<E*>(p + c * stride) = static_cast<E>(values[c]);
+}
+
 void load_channels(const ArrayRef* a, int64_t channels, double fill, double* out) {
   if (a == nullptr) {
     std::fill_n(out, channels, fill);
     return;
   }
   const char* p = static_cast<const char*>(a->data);
-  const int64_t stride = a->strides[0];
   if (a->dtype == DType::float64) {
-    for (int64_t c = 0; c < channels; ++c) out[c] = *reinterpret_cast<const double*>(p + c * stride);
+    load_typed<double>(p, a->strides[0], channels, out);
   } else {
-    for (int64_t c = 0; c < channels; ++c)
-      out[c] = static_cast<double>(*reinterpret_cast<const float*>(p + c * stride));
+    load_typed<float>(p, a->strides[0], channels, out);
   }
 }
 
 void store_channels(const ArrayRef& a, int64_t channels, const double* values) {
   char* p = static_cast<char*>(a.data);
-  const int64_t stride = a.strides[0];
   if (a.dtype == DType::float64) {
-    for (int64_t c = 0; c < channels; ++c) *reinterpret_cast<double*>(p + c * stride) = values[c];
+    store_typed<double>(p, a.strides[0], channels, values);
   } else {
-    for (int64_t c = 0; c < channels; ++c)
-      *reinterpret_cast<float*>(p + c * stride) = static_cast<float>(values[c]);
+    store_typed<float>(p, a.strides[0], channels, values);
   }
 }
 
@@ -235,15 +256,15 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
   for (int64_t i = 0; i < size; i += 64) __builtin_prefetch(bytes + i, 0, 2);
 }
 
-// Fills partials[c * units_per_channel + u] for every channel c and unit u.
+// Fills partials[c * units_per_channel + u] for every channel c and unit u
+// (channels * units_per_channel entries, all written).
 // centers: one per channel, or null to center each unit on the median of
 // three of its samples. mv: the fused ReLU's output, read when Grad masks g.
 template <class Sums, class Grad, class S>
 void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
-                  const Partition& part, const double* centers, std::vector<Partial>& partials) {
+                  const Partition& part, const double* centers, Partial* partials) {
   using T = ComputeOf<S>;
   const int64_t units = part.units_per_channel();
-  partials.assign(static_cast<size_t>(part.channels * units), Partial{0, 0, 0, 0});
   const S* x = reinterpret_cast<const S*>(xv.data);
   const S* g = reinterpret_cast<const S*>(gv.data);
   const S* m = reinterpret_cast<const S*>(mv.data);
@@ -251,7 +272,7 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
     const int64_t block = task / units;
     const int64_t unit = task % units;
     if (part.inner > 1) {
-      partials[static_cast<size_t>(task)] = inner_unit_sums<Sums, Grad, S>(
+      partials[task] = inner_unit_sums<Sums, Grad, S>(
           xv, gv, mv, part, block, unit, centers != nullptr ? centers + block : nullptr);
       return;
     }
@@ -267,12 +288,26 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
     alignas(64) T center_lo[kChannelBlock];
     alignas(64) double s1[kChannelBlock] = {};
     alignas(64) double s2[kChannelBlock] = {};
+    if (centers != nullptr) {
+      std::copy_n(centers + c0, count, center);
+    } else if (xv.stride_channel == 1) {
+      // The three rows' channels side by side: one vectorized loop.
+      const S* first = xc + o0 * xv.stride_outer;
+      const S* middle = xc + (o0 + o1 - 1) / 2 * xv.stride_outer;
+      const S* last = xc + (o1 - 1) * xv.stride_outer;
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k)
+        center[k] = median_of_three(first + k, middle + k, last + k);
+    } else {
+      for (int64_t k = 0; k < count; ++k) {
+        const S* xk = xc + k * xv.stride_channel;
+        center[k] = median_of_three(xk + o0 * xv.stride_outer,
+                                    xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
+                                    xk + (o1 - 1) * xv.stride_outer);
+      }
+    }
+#pragma omp simd
     for (int64_t k = 0; k < count; ++k) {
-      const S* xk = xc + k * xv.stride_channel;
-      center[k] = centers != nullptr ? centers[c0 + k]
-                                     : median_of_three(xk + o0 * xv.stride_outer,
-                                                       xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
-                                                       xk + (o1 - 1) * xv.stride_outer);
       center_hi[k] = static_cast<T>(center[k]);
       center_lo[k] = static_cast<T>(center[k] - static_cast<double>(center_hi[k]));
     }
@@ -332,7 +367,7 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
                   center[k]);
     }
     for (int64_t k = 0; k < count; ++k)
-      partials[static_cast<size_t>((c0 + k) * units + unit)] =
+      partials[(c0 + k) * units + unit] =
           Partial{static_cast<double>(o1 - o0), center[k], s1[k], s2[k]};
   });
 }
@@ -391,14 +426,19 @@ int64_t coefficient_period(int64_t channels) {
   return channels * std::max<int64_t>(1, kMinCoefficientPeriod / std::max<int64_t>(1, channels));
 }
 
-// Repeats v (one value per channel) to `period` elements, a block of
-// channels at a time: an index modulo the channel count per element took
-// longer than the whole normalization of a (32, 4096) batch.
-template <class T> std::vector<T> repeated(const T* v, int64_t channels, int64_t period) {
-  std::vector<T> out(static_cast<size_t>(period));
-  for (int64_t i = 0; i < period; i += channels)
-    std::copy_n(v, std::min(channels, period - i), out.data() + i);
-  return out;
+// The length of the coefficient arrays the channels-last passes read:
+// coefficient_period entries plus one line, so that stream_lines never
+// wraps inside a line.
+template <class T> int64_t repeated_length(int64_t channels) {
+  return coefficient_period(channels) + kLineElems<T>;
+}
+
+// Repeats v[0, channels) (one value per channel) through v[0, length), a
+// block of channels at a time: an index modulo the channel count per
+// element took longer than the whole normalization of a (32, 4096) batch.
+template <class T> void repeat_channels(T* v, int64_t channels, int64_t length) {
+  for (int64_t i = channels; i < length; i += channels)
+    std::copy_n(v, std::min(channels, length - i), v + i);
 }
 
 // Per-element cost of the scalar passes over strided arrays (slice_count).
@@ -506,8 +546,9 @@ void map_contiguous(S* out, int64_t size, int64_t channels, int64_t inner, int64
 
 // map_contiguous for a pass over all of v's contiguous array. Channels-last
 // runs read seg's coefficient arrays (Segment::coefficients()) along the
-// run, so those are repeated to coefficient_period entries first, plus one
-// line for stream_lines.
+// run, so those must hold repeated_length entries (repeat_channels):
+// already so when seg.repeated is set (the tables below lay them out that
+// way), else copied here.
 template <class S, class Segment>
 void map_contiguous_pass(S* out, const ChannelView& v, Segment seg) {
   using T = ComputeOf<S>;
@@ -516,14 +557,17 @@ void map_contiguous_pass(S* out, const ChannelView& v, Segment seg) {
     map_contiguous(out, size, v.channels, v.inner, v.channels, seg);
     return;
   }
-  const int64_t period = coefficient_period(v.channels);
-  const auto members = Segment::coefficients();
-  std::array<std::vector<T>, std::tuple_size<decltype(members)>::value> copies;
-  for (size_t i = 0; i < members.size(); ++i) {
-    copies[i] = repeated(seg.*members[i], v.channels, period + kLineElems<T>);
-    seg.*members[i] = copies[i].data();
+  ScratchScope scratch;
+  if (!seg.repeated) {
+    const int64_t length = repeated_length<T>(v.channels);
+    for (const auto member : Segment::coefficients()) {
+      T* copy = scratch.take<T>(static_cast<size_t>(length));
+      std::copy_n(seg.*member, v.channels, copy);
+      repeat_channels(copy, v.channels, length);
+      seg.*member = copy;
+    }
   }
-  map_contiguous(out, size, v.channels, 1, period, seg);
+  map_contiguous(out, size, v.channels, 1, coefficient_period(v.channels), seg);
 }
 
 // Per-channel coefficient arrays as pseudo-operands of a StridedLoop: they
@@ -543,6 +587,9 @@ template <class S> struct NormalizeSegment {
   const T* scale;
   const T* shift;
   bool relu = false;  // a fused ReLU after the normalization
+  // Whether the coefficient arrays hold repeated_length entries (see
+  // map_contiguous_pass), not one per channel.
+  bool repeated = false;
 
   // The output of a normalized value v (a scalar or a line).
   template <class V> V activate(V v) const { return relu ? relu_after_normalize(v) : v; }
@@ -628,6 +675,7 @@ template <class S, class Grad> struct InputGradSegment {
   const T* a;
   const T* e;
   const T* k;
+  bool repeated = false;  // see NormalizeSegment::repeated
 
   static std::array<const T* InputGradSegment::*, 6> coefficients() {
     return {&InputGradSegment::mean_hi, &InputGradSegment::mean_lo, &InputGradSegment::invstd,
@@ -734,17 +782,14 @@ S normalize_wide_value(S x, double mean, double scale, double shift, bool relu) 
 // Elementwise, so in place works; slow, and taken only for such data.
 template <class S>
 void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
-                         const std::vector<double>& mean, const std::vector<double>& scale,
-                         const std::vector<double>& shift, bool relu) {
+                         const double* mean, const double* scale, const double* shift, bool relu) {
   const ChannelStrides cs(x, axis, int(sizeof(double)));
   const int64_t* strides[5] = {x.strides, y.strides, cs.strides.data(), cs.strides.data(),
                                cs.strides.data()};
   const int sizes[5] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(double)),
                         int(sizeof(double)), int(sizeof(double))};
   const StridedLoop<5> loop(x.ndim, x.shape, strides, sizes);
-  auto coef = [](const std::vector<double>& v) {
-    return reinterpret_cast<char*>(const_cast<double*>(v.data()));
-  };
+  auto coef = [](const double* v) { return reinterpret_cast<char*>(const_cast<double*>(v)); };
   char* base[5] = {static_cast<char*>(x.data), static_cast<char*>(y.data), coef(mean),
                    coef(scale), coef(shift)};
   struct Body {
@@ -764,30 +809,48 @@ void normalize_wide_pass(const ArrayRef& x, const ArrayRef& y, int axis,
   loop.run(base, sizes, kStridedPassNanoseconds, [relu] { return Body{relu}; });
 }
 
+// The length of a per-channel table in scratch: one entry per channel, or
+// repeated_length for the channels-last passes (`repeated`).
+template <class T> size_t table_length(int64_t channels, bool repeated) {
+  return static_cast<size_t>(repeated ? repeated_length<T>(channels) : channels);
+}
+
 // The normalizing pass's per-channel coefficients (normalize_coefficients),
 // and the double ones of normalize_wide for channels whose shift may
-// overflow T.
+// overflow T, in scratch memory. `repeated`: laid out for the
+// channels-last pass (map_contiguous_pass), which apply() completes.
 template <class S> struct NormalizeTables {
   using T = ComputeOf<S>;
-  std::vector<T> mean_hi, mean_lo, scale, shift;
-  std::vector<double> scale_wide, shift_wide;
-  std::vector<char> wide;
+  int64_t channels;
+  bool repeated;
+  T* mean_hi;
+  T* mean_lo;
+  T* scale;
+  T* shift;
+  double* scale_wide;
+  double* shift_wide;
+  char* wide;
 
-  explicit NormalizeTables(size_t channels)
-      : mean_hi(channels), mean_lo(channels), scale(channels), shift(channels),
-        scale_wide(channels), shift_wide(channels), wide(channels, 0) {}
+  NormalizeTables(ScratchScope& scratch, int64_t channels, bool repeated)
+      : channels(channels), repeated(repeated) {
+    const size_t length = table_length<T>(channels, repeated);
+    for (T** table : {&mean_hi, &mean_lo, &scale, &shift}) *table = scratch.take<T>(length);
+    scale_wide = scratch.take<double>(static_cast<size_t>(channels));
+    shift_wide = scratch.take<double>(static_cast<size_t>(channels));
+    wide = scratch.take<char>(static_cast<size_t>(channels));
+  }
 
   // Channels [c0, c1) from their mean, invstd, gamma and beta, in a loop
   // that vectorizes.
   void fill(int64_t c0, int64_t c1, const double* mu, const double* inv, const double* g,
             const double* b) {
-    T* hi = mean_hi.data();
-    T* lo = mean_lo.data();
-    T* sc = scale.data();
-    T* sh = shift.data();
-    double* scw = scale_wide.data();
-    double* shw = shift_wide.data();
-    char* wd = wide.data();
+    T* hi = mean_hi;
+    T* lo = mean_lo;
+    T* sc = scale;
+    T* sh = shift;
+    double* scw = scale_wide;
+    double* shw = shift_wide;
+    char* wd = wide;
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) {
       const NormalizeCoefficients<T> k = normalize_coefficients<T>(mu[c], inv[c], g[c], b[c]);
@@ -803,39 +866,55 @@ template <class S> struct NormalizeTables {
 
   // relu: a ReLU fused after the normalization.
   NormalizeSegment<S> segment(const S* x, bool relu = false) const {
-    return {x, mean_hi.data(), mean_lo.data(), scale.data(), shift.data(), relu};
+    return {x, mean_hi, mean_lo, scale, shift, relu, repeated};
   }
 
-  // Writes y for every element of x; mean is the double mean fill() had.
-  void apply(const ArrayRef& x, const ArrayRef& y, int axis, const std::vector<double>& mean,
-             bool relu = false) const {
-    if (std::find(wide.begin(), wide.end(), 1) != wide.end()) {
+  // Writes y for every element of x once every channel is filled; mean is
+  // the double mean fill() had.
+  void apply(const ArrayRef& x, const ArrayRef& y, int axis, const double* mean,
+             bool relu = false) {
+    if (std::find(wide, wide + channels, 1) != wide + channels) {
       normalize_wide_pass<S>(x, y, axis, mean, scale_wide, shift_wide, relu);
-    } else {
-      normalize_pass<S>(x, y, axis, segment(static_cast<const S*>(x.data), relu));
+      return;
     }
+    if (repeated) {
+      const int64_t length = repeated_length<T>(channels);
+      for (T* table : {mean_hi, mean_lo, scale, shift}) repeat_channels(table, channels, length);
+    }
+    normalize_pass<S>(x, y, axis, segment(static_cast<const S*>(x.data), relu));
   }
 };
 
-// The input-gradient pass's per-channel coefficients (input_grad_coefficients).
+// The input-gradient pass's per-channel coefficients
+// (input_grad_coefficients), in scratch memory; `repeated` as in
+// NormalizeTables, completed by repeat().
 template <class S> struct InputGradTables {
   using T = ComputeOf<S>;
-  std::vector<T> mean_hi, mean_lo, invstd, a, e, k;
+  int64_t channels;
+  bool repeated;
+  T* mean_hi;
+  T* mean_lo;
+  T* invstd;
+  T* a;
+  T* e;
+  T* k;
 
-  explicit InputGradTables(size_t channels)
-      : mean_hi(channels), mean_lo(channels), invstd(channels), a(channels), e(channels),
-        k(channels) {}
+  InputGradTables(ScratchScope& scratch, int64_t channels, bool repeated)
+      : channels(channels), repeated(repeated) {
+    const size_t length = table_length<T>(channels, repeated);
+    for (T** table : {&mean_hi, &mean_lo, &invstd, &a, &e, &k}) *table = scratch.take<T>(length);
+  }
 
   // Channels [c0, c1) of a batch of `count` elements per channel, in a loop
   // that vectorizes.
   void fill(int64_t c0, int64_t c1, double count, const double* mu, const double* inv,
             const double* g, const double* sum_dy, const double* sum_dy_xhat) {
-    T* hi = mean_hi.data();
-    T* lo = mean_lo.data();
-    T* inv_t = invstd.data();
-    T* pa = a.data();
-    T* pe = e.data();
-    T* pk = k.data();
+    T* hi = mean_hi;
+    T* lo = mean_lo;
+    T* inv_t = invstd;
+    T* pa = a;
+    T* pe = e;
+    T* pk = k;
 #pragma omp simd
     for (int64_t c = c0; c < c1; ++c) {
       const InputGradCoefficients<T> q =
@@ -849,10 +928,17 @@ template <class S> struct InputGradTables {
     }
   }
 
+  // Once every channel is filled, before a channels-last pass.
+  void repeat() {
+    if (!repeated) return;
+    const int64_t length = repeated_length<T>(channels);
+    for (T* table : {mean_hi, mean_lo, invstd, a, e, k}) repeat_channels(table, channels, length);
+  }
+
   // y: the fused ReLU's output when Grad masks dy with it, else dy again.
   template <class Grad = GradientAsGiven>
   InputGradSegment<S, Grad> segment(const S* dy, const S* x, const S* y) const {
-    return {dy, x, y, mean_hi.data(), mean_lo.data(), invstd.data(), a.data(), e.data(), k.data()};
+    return {dy, x, y, mean_hi, mean_lo, invstd, a, e, k, repeated};
   }
 };
 
@@ -896,17 +982,30 @@ void sum_units(const Partial* p, int64_t units, double invstd, double& sum_dy,
 }
 
 // Every channel's mean and M2 over a view with at least one element per
-// channel.
+// channel. With one unit per channel (every batch of up to 256 rows in
+// the channels-last layout), merging is one vectorized loop over the
+// channels: the same arithmetic as merge_units.
 template <class S>
-void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vector<double>& m2) {
+void channel_moments(const ChannelView& xv, double* mean, double* m2) {
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
-  std::vector<Partial> partials;
+  ScratchScope scratch;
+  Partial* partials = scratch.take<Partial>(static_cast<size_t>(xv.channels * units));
   reduce_units<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, nullptr, partials);
+  if (units == 1) {
+#pragma omp simd
+    for (int64_t c = 0; c < xv.channels; ++c) {
+      const Partial& p = partials[c];
+      const Moments m = moments_from_shifted_sums(p.count, p.center, p.s1, p.s2);
+      mean[c] = m.mean;
+      m2[c] = m.m2;
+    }
+    return;
+  }
   for_each_channel(xv.channels, units, [&](int64_t c) {
-    const Moments m = merge_units(partials.data() + c * units, units);
-    mean[static_cast<size_t>(c)] = m.mean;
-    m2[static_cast<size_t>(c)] = m.m2;
+    const Moments m = merge_units(partials + c * units, units);
+    mean[c] = m.mean;
+    m2[c] = m.m2;
   });
 }
 
@@ -915,15 +1014,20 @@ void channel_moments(const ChannelView& xv, std::vector<double>& mean, std::vect
 // the fused ReLU's output, or gv again).
 template <class S, class Grad = GradientAsGiven>
 void gradient_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
-                   const std::vector<double>& mean, const std::vector<double>& invstd,
-                   std::vector<double>& sum_dy, std::vector<double>& sum_dy_xhat) {
+                   const double* mean, const double* invstd, double* sum_dy, double* sum_dy_xhat) {
   const Partition part(xv);
   const int64_t units = part.units_per_channel();
-  std::vector<Partial> partials;
-  reduce_units<GradientSums, Grad, S>(xv, gv, mv, part, mean.data(), partials);
+  ScratchScope scratch;
+  Partial* partials = scratch.take<Partial>(static_cast<size_t>(xv.channels * units));
+  reduce_units<GradientSums, Grad, S>(xv, gv, mv, part, mean, partials);
+  if (units == 1) {  // as in channel_moments
+#pragma omp simd
+    for (int64_t c = 0; c < xv.channels; ++c)
+      sum_units(partials + c, 1, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+    return;
+  }
   for_each_channel(xv.channels, units, [&](int64_t c) {
-    const size_t i = static_cast<size_t>(c);
-    sum_units(partials.data() + c * units, units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
+    sum_units(partials + c * units, units, invstd[c], sum_dy[c], sum_dy_xhat[c]);
   });
 }
 
@@ -941,26 +1045,34 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   if (!args.training && (args.running_mean == nullptr || args.running_var == nullptr))
     throw std::invalid_argument("batch_norm: inference needs running_mean and running_var");
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), var(nc), m2(nc), invstd(nc), gamma(nc), beta(nc);
-  NormalizeTables<S> tables(nc);
-  load_channels(args.gamma, channels, 1.0, gamma.data());
-  load_channels(args.beta, channels, 0.0, beta.data());
+  ScratchScope scratch;
+  double* mean = scratch.take<double>(nc);
+  double* var = scratch.take<double>(nc);
+  double* m2 = scratch.take<double>(nc);
+  double* invstd = scratch.take<double>(nc);
+  double* gamma = scratch.take<double>(nc);
+  double* beta = scratch.take<double>(nc);
+  NormalizeTables<S> tables(scratch, channels, xv.inner == 1);
+  load_channels(args.gamma, channels, 1.0, gamma);
+  load_channels(args.beta, channels, 0.0, beta);
   auto set_coefficients = [&](int64_t c0, int64_t c1) {
-    fill_inverse_std(c0, c1, var.data(), args.eps, invstd.data());
-    tables.fill(c0, c1, mean.data(), invstd.data(), gamma.data(), beta.data());
+    fill_inverse_std(c0, c1, var, args.eps, invstd);
+    tables.fill(c0, c1, mean, invstd, gamma, beta);
   };
   if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(S), 1, {&xv, &yv})) {
     const Partition part(xv);
     const int64_t units = part.units_per_channel();
     const NormalizeSegment<S> segment = tables.segment(static_cast<const S*>(x.data), args.relu);
     const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
+    // Each channel's unit sums; a task uses the `units` entries of its
+    // channel.
+    Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       const size_t i = static_cast<size_t>(c);
-      std::vector<Partial> p(static_cast<size_t>(units));
+      Partial* p = partials + c * units;
       for (int64_t u = 0; u < units; ++u)
-        p[static_cast<size_t>(u)] =
-            inner_unit_sums<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, c, u, nullptr);
-      const Moments m = merge_units(p.data(), units);
+        p[u] = inner_unit_sums<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, c, u, nullptr);
+      const Moments m = merge_units(p, units);
       mean[i] = m.mean;
       m2[i] = m.m2;
       var[i] = m.m2 / m.count;
@@ -983,20 +1095,20 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
       if (count > 0) channel_moments<S>(xv, mean, m2);
       for (size_t i = 0; i < nc; ++i) var[i] = m2[i] / static_cast<double>(count);
     } else {
-      load_channels(args.running_mean, channels, 0.0, mean.data());
-      load_channels(args.running_var, channels, 0.0, var.data());
+      load_channels(args.running_mean, channels, 0.0, mean);
+      load_channels(args.running_var, channels, 0.0, var);
     }
     set_coefficients(0, channels);
     if (count > 0 && channels > 0) tables.apply(x, y, args.axis, mean, args.relu);
   }
 
-  store_channels(*args.save_mean, channels, mean.data());
-  store_channels(*args.save_invstd, channels, invstd.data());
+  store_channels(*args.save_mean, channels, mean);
+  store_channels(*args.save_invstd, channels, invstd);
   if (!args.training) return;
   // The unbiased variance into m2, and `var` (no longer needed) as scratch.
   for (size_t i = 0; i < nc; ++i) m2[i] /= static_cast<double>(count - 1);
-  update_running(args.running_mean, channels, mean.data(), args.momentum, var.data());
-  update_running(args.running_var, channels, m2.data(), args.momentum, var.data());
+  update_running(args.running_mean, channels, mean, args.momentum, var);
+  update_running(args.running_var, channels, m2, args.momentum, var);
 }
 
 // m: the fused ReLU's output, whose mask Grad applies to dy, or dy itself
@@ -1012,17 +1124,24 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   const int64_t channels = xv.channels;
   const int64_t count = xv.outer * xv.inner;
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), invstd(nc), gamma(nc), sum_dy(nc), sum_dy_xhat(nc);
-  load_channels(args.save_mean, channels, 0.0, mean.data());
-  load_channels(args.save_invstd, channels, 0.0, invstd.data());
-  load_channels(args.gamma, channels, 1.0, gamma.data());
-  InputGradTables<S> tables(nc);
+  ScratchScope scratch;
+  double* mean = scratch.take<double>(nc);
+  double* invstd = scratch.take<double>(nc);
+  double* gamma = scratch.take<double>(nc);
+  double* sum_dy = scratch.take<double>(nc);
+  double* sum_dy_xhat = scratch.take<double>(nc);
+  load_channels(args.save_mean, channels, 0.0, mean);
+  load_channels(args.save_invstd, channels, 0.0, invstd);
+  load_channels(args.gamma, channels, 1.0, gamma);
+  InputGradTables<S> tables(scratch, channels, xv.inner == 1);
   // grad_gamma = sum(dy * xhat) and grad_beta = sum(dy).
   auto store_parameter_grads = [&] {
-    store_channels(*args.grad_gamma, channels, sum_dy_xhat.data());
-    store_channels(*args.grad_beta, channels, sum_dy.data());
+    store_channels(*args.grad_gamma, channels, sum_dy_xhat);
+    store_channels(*args.grad_beta, channels, sum_dy);
   };
   if (count == 0 || channels == 0) {
+    std::fill_n(sum_dy, nc, 0.0);
+    std::fill_n(sum_dy_xhat, nc, 0.0);
     store_parameter_grads();
     return;
   }
@@ -1037,15 +1156,14 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
     const int64_t units = part.units_per_channel();
     const InputGradSegment<S, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
     const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
+    Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
     for_each_resident_channel(channels, [&](int64_t c, bool next) {
       const size_t i = static_cast<size_t>(c);
-      std::vector<Partial> p(static_cast<size_t>(units));
+      Partial* p = partials + c * units;
       for (int64_t u = 0; u < units; ++u)
-        p[static_cast<size_t>(u)] =
-            inner_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, c, u, &mean[i]);
-      sum_units(p.data(), units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
-      tables.fill(c, c + 1, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
-                  sum_dy_xhat.data());
+        p[u] = inner_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, c, u, &mean[i]);
+      sum_units(p, units, invstd[i], sum_dy[i], sum_dy_xhat[i]);
+      tables.fill(c, c + 1, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
       const S* xc = reinterpret_cast<const S*>(xv.data) + c * xv.stride_channel;
       const S* gc = reinterpret_cast<const S*>(gv.data) + c * gv.stride_channel;
       const S* mc = reinterpret_cast<const S*>(mv.data) + c * mv.stride_channel;
@@ -1067,8 +1185,8 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   gradient_sums<S, Grad>(xv, gv, mv, mean, invstd, sum_dy, sum_dy_xhat);
   store_parameter_grads();
   if (args.training) {
-    tables.fill(0, channels, n, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
-                sum_dy_xhat.data());
+    tables.fill(0, channels, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
+    tables.repeat();
     input_grad_pass<S>(dy, x, m, dx, args.axis,
                        tables.template segment<Grad>(dy_data, x_data, m_data));
     return;
@@ -1083,12 +1201,14 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
     scaled = &dx;
   }
   using T = ComputeOf<S>;
-  std::vector<T> zeros(nc, T(0)), scale(nc);
+  T* zeros = scratch.take<T>(nc);
+  T* scale = scratch.take<T>(nc);
+  std::fill_n(zeros, nc, T(0));
   for (size_t i = 0; i < nc; ++i)
     scale[i] = inference_input_grad_coefficients<T>(invstd[i], gamma[i]).scale;
   normalize_pass<S>(*scaled, dx, args.axis,
-                    NormalizeSegment<S>{static_cast<const S*>(scaled->data), zeros.data(),
-                                        zeros.data(), scale.data(), zeros.data()});
+                    NormalizeSegment<S>{static_cast<const S*>(scaled->data), zeros, zeros, scale,
+                                        zeros});
 }
 
 // ---- the split phases of data-parallel batch normalization -----------------
@@ -1097,11 +1217,17 @@ template <class S> void stats_typed(const ArrayRef& x, int axis, const ArrayRef&
                                     const ArrayRef& m2_out) {
   const ChannelView xv = channel_view(x, axis);
   const size_t nc = static_cast<size_t>(xv.channels);
-  // A process with no samples contributes nothing (count 0): zeros.
-  std::vector<double> mean(nc, 0.0), m2(nc, 0.0);
-  if (xv.outer * xv.inner > 0) channel_moments<S>(xv, mean, m2);
-  store_channels(mean_out, xv.channels, mean.data());
-  store_channels(m2_out, xv.channels, m2.data());
+  ScratchScope scratch;
+  double* mean = scratch.take<double>(nc);
+  double* m2 = scratch.take<double>(nc);
+  if (xv.outer * xv.inner > 0) {
+    channel_moments<S>(xv, mean, m2);
+  } else {  // a process with no samples contributes nothing (count 0): zeros
+    std::fill_n(mean, nc, 0.0);
+    std::fill_n(m2, nc, 0.0);
+  }
+  store_channels(mean_out, xv.channels, mean);
+  store_channels(m2_out, xv.channels, m2);
 }
 
 template <class S>
@@ -1109,13 +1235,17 @@ void apply_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs&
   const ChannelView xv = channel_view(x, args.axis);
   const int64_t channels = xv.channels;
   const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), invstd(nc), gamma(nc), beta(nc);
-  load_channels(args.mean, channels, 0.0, mean.data());
-  load_channels(args.invstd, channels, 0.0, invstd.data());
-  load_channels(args.gamma, channels, 1.0, gamma.data());
-  load_channels(args.beta, channels, 0.0, beta.data());
-  NormalizeTables<S> tables(nc);
-  tables.fill(0, channels, mean.data(), invstd.data(), gamma.data(), beta.data());
+  ScratchScope scratch;
+  double* mean = scratch.take<double>(nc);
+  double* invstd = scratch.take<double>(nc);
+  double* gamma = scratch.take<double>(nc);
+  double* beta = scratch.take<double>(nc);
+  load_channels(args.mean, channels, 0.0, mean);
+  load_channels(args.invstd, channels, 0.0, invstd);
+  load_channels(args.gamma, channels, 1.0, gamma);
+  load_channels(args.beta, channels, 0.0, beta);
+  NormalizeTables<S> tables(scratch, channels, xv.inner == 1);
+  tables.fill(0, channels, mean, invstd, gamma, beta);
   if (xv.outer * xv.inner > 0 && channels > 0) tables.apply(x, y, args.axis, mean);
 }
 
@@ -1124,12 +1254,21 @@ void backward_reduce_typed(const ArrayRef& dy, const ArrayRef& x, const BatchNor
   const ChannelView xv = channel_view(x, args.axis);
   const ChannelView gv = channel_view(dy, args.axis);
   const size_t nc = static_cast<size_t>(xv.channels);
-  std::vector<double> mean(nc), invstd(nc), sum_dy(nc, 0.0), sum_dy_xhat(nc, 0.0);
-  load_channels(args.mean, xv.channels, 0.0, mean.data());
-  load_channels(args.invstd, xv.channels, 0.0, invstd.data());
-  if (xv.outer * xv.inner > 0) gradient_sums<S>(xv, gv, gv, mean, invstd, sum_dy, sum_dy_xhat);
-  store_channels(*args.sum_dy, xv.channels, sum_dy.data());
-  store_channels(*args.sum_dy_xhat, xv.channels, sum_dy_xhat.data());
+  ScratchScope scratch;
+  double* mean = scratch.take<double>(nc);
+  double* invstd = scratch.take<double>(nc);
+  double* sum_dy = scratch.take<double>(nc);
+  double* sum_dy_xhat = scratch.take<double>(nc);
+  load_channels(args.mean, xv.channels, 0.0, mean);
+  load_channels(args.invstd, xv.channels, 0.0, invstd);
+  if (xv.outer * xv.inner > 0) {
+    gradient_sums<S>(xv, gv, gv, mean, invstd, sum_dy, sum_dy_xhat);
+  } else {
+    std::fill_n(sum_dy, nc, 0.0);
+    std::fill_n(sum_dy_xhat, nc, 0.0);
+  }
+  store_channels(*args.sum_dy, xv.channels, sum_dy);
+  store_channels(*args.sum_dy_xhat, xv.channels, sum_dy_xhat);
 }
 
 template <class S>
@@ -1137,17 +1276,22 @@ void backward_apply_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef&
                           const BatchNormBackwardApplyArgs& args) {
   const ChannelView xv = channel_view(x, args.axis);
   const int64_t channels = xv.channels;
-  const size_t nc = static_cast<size_t>(channels);
-  std::vector<double> mean(nc), invstd(nc), gamma(nc), sum_dy(nc), sum_dy_xhat(nc);
-  load_channels(args.mean, channels, 0.0, mean.data());
-  load_channels(args.invstd, channels, 0.0, invstd.data());
-  load_channels(args.gamma, channels, 1.0, gamma.data());
-  load_channels(args.sum_dy, channels, 0.0, sum_dy.data());
-  load_channels(args.sum_dy_xhat, channels, 0.0, sum_dy_xhat.data());
   if (xv.outer * xv.inner == 0 || channels == 0) return;
-  InputGradTables<S> tables(nc);
-  tables.fill(0, channels, args.count, mean.data(), invstd.data(), gamma.data(), sum_dy.data(),
-              sum_dy_xhat.data());
+  const size_t nc = static_cast<size_t>(channels);
+  ScratchScope scratch;
+  double* mean = scratch.take<double>(nc);
+  double* invstd = scratch.take<double>(nc);
+  double* gamma = scratch.take<double>(nc);
+  double* sum_dy = scratch.take<double>(nc);
+  double* sum_dy_xhat = scratch.take<double>(nc);
+  load_channels(args.mean, channels, 0.0, mean);
+  load_channels(args.invstd, channels, 0.0, invstd);
+  load_channels(args.gamma, channels, 1.0, gamma);
+  load_channels(args.sum_dy, channels, 0.0, sum_dy);
+  load_channels(args.sum_dy_xhat, channels, 0.0, sum_dy_xhat);
+  InputGradTables<S> tables(scratch, channels, xv.inner == 1);
+  tables.fill(0, channels, args.count, mean, invstd, gamma, sum_dy, sum_dy_xhat);
+  tables.repeat();
   const S* dy_data = static_cast<const S*>(dy.data);
   input_grad_pass<S>(dy, x, dy, dx, args.axis,
                      tables.segment(dy_data, static_cast<const S*>(x.data), dy_data));
