@@ -391,7 +391,7 @@ def _bad_calls():
         ("beta dtype", {"beta": np.ones(4, np.int32)}, TypeError),
         ("gamma list", {"gamma": [1.0] * 4}, TypeError),
         ("running_mean length", {"running_mean": np.zeros(3, f32)}, ValueError),
-        ("running_var dtype", {"running_var": np.ones(4, np.float16)}, TypeError),
+        ("running_var dtype", {"running_var": np.ones(4, np.int32)}, TypeError),
         ("eps zero", {"eps": 0.0}, ValueError),
         ("eps negative", {"eps": -1e-5}, ValueError),
         ("eps nan", {"eps": float("nan")}, ValueError),

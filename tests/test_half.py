@@ -4,8 +4,8 @@ activations, forward and backward, over every one of the 65,536 inputs of
 each type: each result is the float32 kernel's result rounded once, and
 within 1 ulp of the storage type of the float64 reference (relu,
 leaky_relu and hardtanh correctly rounded). Plus the array plumbing:
-strides, out=, in place, torch and JAX tensors, and the dtype errors of
-the functions that take float32 and float64 only.
+strides, out=, in place, torch and JAX tensors. Batch norm's half
+precision is tested in test_batchnorm_half.py.
 """
 from __future__ import annotations
 
@@ -246,14 +246,6 @@ def test_out_must_have_the_inputs_dtype():
         fn.relu(x, out=np.empty(4, np.float32))
     with pytest.raises(TypeError, match="same dtype"):
         fn.activation_backward("relu", np.ones(4, np.float32), x=x)
-
-
-@pytest.mark.parametrize("call", [
-    lambda x: fn.batch_norm(x.reshape(2, 2)),
-])
-def test_functions_without_half_kernels_name_the_supported_dtypes(call):
-    with pytest.raises(TypeError, match="supported dtypes are float32, float64"):
-        call(np.ones(4, ml_dtypes.bfloat16))
 
 
 def test_torch_half_tensors():

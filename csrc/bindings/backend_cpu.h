@@ -35,14 +35,6 @@ struct Backend {
     return a.ref<Ref>();
   }
 
-  // For the kernels without half-precision loops (batch norm).
-  static Ref full_ref(const Operand& a, const char* function, const char* name) {
-    if (a.dtype != DTypeCode::float32 && a.dtype != DTypeCode::float64)
-      throw py::type_error(operand_error(function, name, "has dtype ") + code_name(a.dtype) +
-                           "; must be float32 or float64");
-    return ref(a, function, name);
-  }
-
   static void activation_forward(Activation act, const ActivationParams& p, const Operand& x,
                                  const Operand& y) {
     const Ref xr = ref(x, "activation_forward", "x"), yr = ref(y, "activation_forward", "out");
@@ -67,9 +59,9 @@ struct Backend {
                                  bool training, double momentum, double eps, int axis,
                                  bool relu) {
     const char* f = "batch_norm_forward";
-    const Ref xr = full_ref(x, f, "x"), yr = full_ref(y, f, "out");
-    const Ref sm = full_ref(save_mean, f, "save_mean");
-    const Ref si = full_ref(save_invstd, f, "save_invstd");
+    const Ref xr = ref(x, f, "x"), yr = ref(y, f, "out");
+    const Ref sm = ref(save_mean, f, "save_mean");
+    const Ref si = ref(save_invstd, f, "save_invstd");
     const auto g = optional_ref(gamma, f, "gamma"), b = optional_ref(beta, f, "beta");
     const auto rm = optional_ref(running_mean, f, "running_mean");
     const auto rv = optional_ref(running_var, f, "running_var");
@@ -85,11 +77,11 @@ struct Backend {
                                   const Operand& grad_beta, const std::optional<Operand>&,
                                   int axis, bool training, const Operand* relu_output) {
     const char* f = "batch_norm_backward";
-    const Ref gr = full_ref(g, f, "grad_output"), xr = full_ref(x, f, "x");
-    const Ref dr = full_ref(grad_input, f, "grad_input");
-    const Ref sm = full_ref(save_mean, f, "save_mean");
-    const Ref si = full_ref(save_invstd, f, "save_invstd");
-    const Ref gg = full_ref(grad_gamma, f, "grad_gamma"), gb = full_ref(grad_beta, f, "grad_beta");
+    const Ref gr = ref(g, f, "grad_output"), xr = ref(x, f, "x");
+    const Ref dr = ref(grad_input, f, "grad_input");
+    const Ref sm = ref(save_mean, f, "save_mean");
+    const Ref si = ref(save_invstd, f, "save_invstd");
+    const Ref gg = ref(grad_gamma, f, "grad_gamma"), gb = ref(grad_beta, f, "grad_beta");
     const auto w = optional_ref(gamma, f, "gamma");
     const auto ro = optional_ref(relu_output, f, "relu_output");
     const cpu::BatchNormBackwardArgs args{axis, training, pointer(w), &sm, &si,
@@ -100,7 +92,7 @@ struct Backend {
   static void batch_norm_stats(const Operand& x, const Operand& mean, const Operand& m2,
                                const std::optional<Operand>&, int axis) {
     const char* f = "batch_norm_stats";
-    const Ref xr = full_ref(x, f, "x"), mr = full_ref(mean, f, "mean"), m2r = full_ref(m2, f, "m2");
+    const Ref xr = ref(x, f, "x"), mr = ref(mean, f, "mean"), m2r = ref(m2, f, "m2");
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_stats)(xr, axis, mr, m2r); });
   }
 
@@ -110,8 +102,8 @@ struct Backend {
                                  const Operand& m2s, const Operand& mean, const Operand& var,
                                  const std::optional<Operand>&) {
     const char* f = "batch_norm_combine";
-    const Ref msr = full_ref(means, f, "means"), m2r = full_ref(m2s, f, "m2s");
-    const Ref mr = full_ref(mean, f, "mean"), vr = full_ref(var, f, "var");
+    const Ref msr = ref(means, f, "means"), m2r = ref(m2s, f, "m2s");
+    const Ref mr = ref(mean, f, "mean"), vr = ref(var, f, "var");
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_combine)(counts, msr, m2r, mr, vr); });
   }
 
@@ -119,8 +111,8 @@ struct Backend {
                                   const Operand* running_mean, const Operand* running_var,
                                   double count, double eps, double momentum) {
     const char* f = "batch_norm_finalize";
-    const Ref mr = full_ref(mean, f, "mean"), vr = full_ref(var, f, "var");
-    const Ref ir = full_ref(invstd, f, "invstd");
+    const Ref mr = ref(mean, f, "mean"), vr = ref(var, f, "var");
+    const Ref ir = ref(invstd, f, "invstd");
     const auto rm = optional_ref(running_mean, f, "running_mean");
     const auto rv = optional_ref(running_var, f, "running_var");
     const cpu::BatchNormFinalizeArgs args{count, eps, momentum, &mr, &vr, &ir, pointer(rm),
@@ -132,8 +124,8 @@ struct Backend {
                                const Operand& invstd, const Operand* gamma, const Operand* beta,
                                const std::optional<Operand>&, int axis) {
     const char* f = "batch_norm_apply";
-    const Ref xr = full_ref(x, f, "x"), yr = full_ref(y, f, "out");
-    const Ref mr = full_ref(mean, f, "mean"), ir = full_ref(invstd, f, "invstd");
+    const Ref xr = ref(x, f, "x"), yr = ref(y, f, "out");
+    const Ref mr = ref(mean, f, "mean"), ir = ref(invstd, f, "invstd");
     const auto g = optional_ref(gamma, f, "gamma"), b = optional_ref(beta, f, "beta");
     const cpu::BatchNormApplyArgs args{axis, &mr, &ir, pointer(g), pointer(b)};
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_apply)(xr, yr, args); });
@@ -144,9 +136,9 @@ struct Backend {
                                          const Operand& sum_dy_xhat,
                                          const std::optional<Operand>&, int axis) {
     const char* f = "batch_norm_backward_reduce";
-    const Ref gr = full_ref(g, f, "grad_output"), xr = full_ref(x, f, "x");
-    const Ref mr = full_ref(mean, f, "mean"), ir = full_ref(invstd, f, "invstd");
-    const Ref s1 = full_ref(sum_dy, f, "sum_dy"), s2 = full_ref(sum_dy_xhat, f, "sum_dy_xhat");
+    const Ref gr = ref(g, f, "grad_output"), xr = ref(x, f, "x");
+    const Ref mr = ref(mean, f, "mean"), ir = ref(invstd, f, "invstd");
+    const Ref s1 = ref(sum_dy, f, "sum_dy"), s2 = ref(sum_dy_xhat, f, "sum_dy_xhat");
     const cpu::BatchNormReduceArgs args{axis, &mr, &ir, &s1, &s2};
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_backward_reduce)(gr, xr, args); });
   }
@@ -157,10 +149,10 @@ struct Backend {
                                         const Operand& sum_dy, const Operand& sum_dy_xhat,
                                         double count, const std::optional<Operand>&, int axis) {
     const char* f = "batch_norm_backward_apply";
-    const Ref gr = full_ref(g, f, "grad_output"), xr = full_ref(x, f, "x");
-    const Ref dr = full_ref(grad_input, f, "grad_input");
-    const Ref mr = full_ref(mean, f, "mean"), ir = full_ref(invstd, f, "invstd");
-    const Ref s1 = full_ref(sum_dy, f, "sum_dy"), s2 = full_ref(sum_dy_xhat, f, "sum_dy_xhat");
+    const Ref gr = ref(g, f, "grad_output"), xr = ref(x, f, "x");
+    const Ref dr = ref(grad_input, f, "grad_input");
+    const Ref mr = ref(mean, f, "mean"), ir = ref(invstd, f, "invstd");
+    const Ref s1 = ref(sum_dy, f, "sum_dy"), s2 = ref(sum_dy_xhat, f, "sum_dy_xhat");
     const auto w = optional_ref(gamma, f, "gamma");
     const cpu::BatchNormBackwardApplyArgs args{axis, count, &mr, &ir, pointer(w), &s1, &s2};
     run_without_gil([&] { FUSEDNN_ISA_SELECT(batch_norm_backward_apply)(gr, xr, dr, args); });
@@ -209,7 +201,7 @@ struct Backend {
   static std::optional<Ref> optional_ref(const Operand* a, const char* function,
                                          const char* name) {
     if (a == nullptr) return std::nullopt;
-    return full_ref(*a, function, name);
+    return ref(*a, function, name);
   }
 
   static const Ref* pointer(const std::optional<Ref>& r) { return r ? &*r : nullptr; }

@@ -41,6 +41,7 @@
 
 #include "cpu/activations.h"
 #include "cpu/elementwise.h"
+#include "cpu/half_convert.h"
 #include "cpu/scratch.h"
 #include "fusednn/batchnorm.h"
 #include "fusednn/half.h"
@@ -78,6 +79,29 @@ template <class S> using ComputeOf = typename Storage<S>::Compute;
 template <class S> inline ComputeOf<S> load_value(S v) { return Storage<S>::load(v); }
 template <class S> inline S store_value(ComputeOf<S> v) { return Storage<S>::store(v); }
 
+// Whether S is a half type, stored apart from its compute type float.
+template <class S> constexpr bool kWidened = !std::is_same_v<S, ComputeOf<S>>;
+
+// The contiguous loops over half-precision data run the float32 loops on
+// blocks of kHalfBlock elements widened into float buffers (F16C where the
+// ISA has it) and narrow their results once: the float32 code, vectorized
+// as for float32 data, on the same values.
+// compute(out, in, b, n) writes the n float results of block [b, b + n)
+// to out from in[k], the block of inputs[k] widened; they are narrowed into
+// dst + b.
+template <int K, class S, class Compute>
+inline void in_widened_blocks(S* dst, int64_t len, const S* const (&inputs)[K],
+                              const Compute& compute) {
+  alignas(64) float in[K][kHalfBlock];
+  alignas(64) float out[kHalfBlock];
+  for (int64_t b = 0; b < len; b += kHalfBlock) {
+    const int64_t n = std::min(kHalfBlock, len - b);
+    for (int k = 0; k < K; ++k) widen(inputs[k] + b, in[k], n);
+    compute(out, in, b, n);
+    narrow(out, dst + b, n);
+  }
+}
+
 // The channel layout of fusednn/channel_layout.h plus the array's data.
 struct ChannelView : ChannelLayout {
   const char* data;
@@ -98,6 +122,16 @@ bool has_channel_view(const ArrayRef& a, int axis) {
          merge_extent(a.shape, a.strides, item, axis + 1, a.ndim, size, stride);
 }
 
+// Calls fn(S{}) with S the storage type of dtype.
+template <class Fn> void with_storage_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::float64: fn(double{}); return;
+    case DType::float16: fn(Float16{}); return;
+    case DType::bfloat16: fn(BFloat16{}); return;
+    default: fn(float{}); return;
+  }
+}
+
 // A per-channel operand as doubles (fill where it is absent): one typed
 // loop per call, not a dtype test per channel, and a vectorized one for
 // the usual contiguous operand (strided loads and stores one channel at a
@@ -106,22 +140,22 @@ template <class E> void load_typed(const char* p, int64_t stride, int64_t channe
   if (stride == int64_t(sizeof(E))) {
     const E* v = reinterpret_cast<const E*>(p);
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<double>(v[c]);
+    for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<double>(load_value(v[c]));
     return;
   }
   for (int64_t c = 0; c < channels; ++c)
-    out[c] = static_cast<double>(*reinterpret_cast<const E*>(p + c * stride));
+    out[c] = static_cast<double>(load_value(*reinterpret_cast<const E*>(p + c * stride)));
 }
 
 template <class E> void store_typed(char* p, int64_t stride, int64_t channels, const double* values) {
   if (stride == int64_t(sizeof(E))) {
     E* v = reinterpret_cast<E*>(p);
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) v[c] = static_cast<E>(values[c]);
+    for (int64_t c = 0; c < channels; ++c) v[c] = Storage<E>::store_double(values[c]);
     return;
   }
   for (int64_t c = 0; c < channels; ++c)
-    *reinterpret_cast<E*>(p + c * stride) = static_cast<E>(values[c]);
+    *reinterpret_cast<E*>(p + c * stride) = Storage<E>::store_double(values[c]);
 }
 
 void load_channels(const ArrayRef* a, int64_t channels, double fill, double* out) {
@@ -130,20 +164,17 @@ void load_channels(const ArrayRef* a, int64_t channels, double fill, double* out
     return;
   }
   const char* p = static_cast<const char*>(a->data);
-  if (a->dtype == DType::float64) {
-    load_typed<double>(p, a->strides[0], channels, out);
-  } else {
-    load_typed<float>(p, a->strides[0], channels, out);
-  }
+  with_storage_type(a->dtype, [&](auto tag) {
+    load_typed<decltype(tag)>(p, a->strides[0], channels, out);
+  });
 }
 
+// Rounded once to a's dtype.
 void store_channels(const ArrayRef& a, int64_t channels, const double* values) {
   char* p = static_cast<char*>(a.data);
-  if (a.dtype == DType::float64) {
-    store_typed<double>(p, a.strides[0], channels, values);
-  } else {
-    store_typed<float>(p, a.strides[0], channels, values);
-  }
+  with_storage_type(a.dtype, [&](auto tag) {
+    store_typed<decltype(tag)>(p, a.strides[0], channels, values);
+  });
 }
 
 // The fixed split of a reduction into units. inner > 1: a unit is one
@@ -200,6 +231,30 @@ double sum_lanes(double* lanes) {
 template <class Sums, class Grad, class S>
 void accumulate_run(const S* x, const S* g, const S* m, int64_t n, int64_t stride_x,
                     int64_t stride_g, int64_t stride_m, double center, double* s1, double* s2) {
+  if constexpr (kWidened<S>) {
+    // Blocks of kHalfBlock, a multiple of kLanes, so that every element
+    // goes to the lane it would go to in one run.
+    static_assert(kHalfBlock % kLanes == 0, "blocks must keep the lanes");
+    if (stride_x == 1 && stride_g == 1 && stride_m == 1) {
+      alignas(64) float xb[kHalfBlock], gb[kHalfBlock], mb[kHalfBlock];
+      for (int64_t b = 0; b < n; b += kHalfBlock) {
+        const int64_t len = std::min(kHalfBlock, n - b);
+        widen(x + b, xb, len);
+        const float* gp = xb;  // not read unless the sums read the gradient
+        if (Sums::kReadsGradient) {
+          widen(g + b, gb, len);
+          gp = gb;
+        }
+        const float* mp = gp;  // the gradient again unless Grad reads the output
+        if (Grad::kReadsOutput) {
+          widen(m + b, mb, len);
+          mp = mb;
+        }
+        accumulate_run<Sums, Grad>(xb, gp, mp, len, 1, 1, 1, center, s1, s2);
+      }
+      return;
+    }
+  }
   const auto add = [&](int j, int64_t ix, int64_t ig, int64_t im) {
     Sums::add(s1[j], s2[j], load_value(x[ix]), Grad::gradient(load_value(g[ig]), load_value(m[im])),
               center);
@@ -331,11 +386,31 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
             if (Sums::kReadsGradient) prefetch_to_l2(gr + rows_ahead * gv.stride_outer, count);
             if (Grad::kReadsOutput) prefetch_to_l2(mr + rows_ahead * mv.stride_outer, count);
           }
+          const auto add_row = [&](const auto* xs, const auto* gs, const auto* ms) {
 #pragma omp simd
-          for (int64_t k = 0; k < count; ++k)
-            Sums::add_partial(p1[k], p2[k], load_value(xr[k]),
-                              Grad::gradient(load_value(gr[k]), load_value(mr[k])), center_hi[k],
-                              center_lo[k]);
+            for (int64_t k = 0; k < count; ++k)
+              Sums::add_partial(p1[k], p2[k], load_value(xs[k]),
+                                Grad::gradient(load_value(gs[k]), load_value(ms[k])), center_hi[k],
+                                center_lo[k]);
+          };
+          if constexpr (kWidened<S>) {
+            alignas(64) float xb[kChannelBlock], gb[kChannelBlock], mb[kChannelBlock];
+            static_assert(kChannelBlock <= kHalfBlock, "a row is one widened block");
+            widen(xr, xb, count);
+            const float* gp = xb;
+            if (Sums::kReadsGradient) {
+              widen(gr, gb, count);
+              gp = gb;
+            }
+            const float* mp = gp;
+            if (Grad::kReadsOutput) {
+              widen(mr, mb, count);
+              mp = mb;
+            }
+            add_row(xb, gp, mp);
+          } else {
+            add_row(xr, gr, mr);
+          }
         } else {
           for (int64_t k = 0; k < count; ++k)
             Sums::add_partial(p1[k], p2[k], load_value(xr[k * xv.stride_channel]),
@@ -600,11 +675,19 @@ template <class S> struct NormalizeSegment {
             &NormalizeSegment::shift};
   }
   // len outputs of channel c from the run of inputs at src.
-  void row(S* dst, const S* src, int64_t len, int64_t c) const {
+  template <class Out, class In> void row_of(Out* dst, const In* src, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = scale[c], b = shift[c];
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = store_value<S>(activate(normalize(load_value(src[i]), hi, lo, s, b)));
+      dst[i] = store_value<Out>(activate(normalize(load_value(src[i]), hi, lo, s, b)));
+  }
+  void row(S* dst, const S* src, int64_t len, int64_t c) const {
+    if constexpr (kWidened<S>) {
+      in_widened_blocks(dst, len, {src}, [&](float* out, auto in, int64_t,
+                                             int64_t n) { row_of(out, in[0], n, c); });
+    } else {
+      row_of(dst, src, len, c);
+    }
   }
   void broadcast(S* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
   // See stream_lines.
@@ -612,15 +695,27 @@ template <class S> struct NormalizeSegment {
     return activate(normalize(load_line(x + pos), coefficient(mean_hi), coefficient(mean_lo),
                               coefficient(scale), coefficient(shift)));
   }
-  void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
-    const S* src = x + pos;
+  // len outputs from the run of inputs at src, whose coefficients start at
+  // entry j of the coefficient arrays.
+  template <class Out, class In>
+  void across_of(Out* dst, const In* src, int64_t len, int64_t j) const {
     const T* hi = mean_hi + j;
     const T* lo = mean_lo + j;
     const T* s = scale + j;
     const T* b = shift + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = store_value<S>(activate(normalize(load_value(src[i]), hi[i], lo[i], s[i], b[i])));
+      dst[i] = store_value<Out>(activate(normalize(load_value(src[i]), hi[i], lo[i], s[i], b[i])));
+  }
+  void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
+    if constexpr (kWidened<S>) {
+      in_widened_blocks(dst, len, {x + pos},
+                        [&](float* out, auto in, int64_t b, int64_t n) {
+                          across_of(out, in[0], n, j + b);
+                        });
+    } else {
+      across_of(dst, x + pos, len, j);
+    }
   }
 };
 
@@ -683,12 +778,23 @@ template <class S, class Grad> struct InputGradSegment {
   }
   // len outputs of channel c from the runs of dy at g, of x at v and of y
   // at m.
-  void row(S* dst, const S* g, const S* v, const S* m, int64_t len, int64_t c) const {
+  template <class Out, class In>
+  void row_of(Out* dst, const In* g, const In* v, const In* m, int64_t len, int64_t c) const {
     const T hi = mean_hi[c], lo = mean_lo[c], s = invstd[c], ac = a[c], ec = e[c], kc = k[c];
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = store_value<S>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
-                                         load_value(v[i]), hi, lo, s, ac, ec, kc));
+      dst[i] = store_value<Out>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
+                                           load_value(v[i]), hi, lo, s, ac, ec, kc));
+  }
+  void row(S* dst, const S* g, const S* v, const S* m, int64_t len, int64_t c) const {
+    if constexpr (kWidened<S>) {
+      widened(dst, len, g, v, m, [&](float* out, const float* gb, const float* vb,
+                                     const float* mb, int64_t, int64_t n) {
+        row_of(out, gb, vb, mb, n, c);
+      });
+    } else {
+      row_of(dst, g, v, m, len, c);
+    }
   }
   void broadcast(S* dst, int64_t pos, int64_t len, int64_t c) const {
     row(dst, dy + pos, x + pos, y + pos, len, c);
@@ -699,10 +805,34 @@ template <class S, class Grad> struct InputGradSegment {
                       coefficient(mean_hi), coefficient(mean_lo), coefficient(invstd),
                       coefficient(a), coefficient(e), coefficient(k));
   }
+  // The blocks of in_widened_blocks over dy at g, x at v and (read only
+  // when Grad masks dy with it) y at m: compute(out, gb, vb, mb, b, n).
+  template <class Compute>
+  static void widened(S* dst, int64_t len, const S* g, const S* v, const S* m,
+                      const Compute& compute) {
+    if constexpr (Grad::kReadsOutput) {
+      in_widened_blocks(dst, len, {g, v, m},
+                        [&](float* out, auto in, int64_t b, int64_t n) {
+                          compute(out, in[0], in[1], in[2], b, n);
+                        });
+    } else {
+      in_widened_blocks(dst, len, {g, v},
+                        [&](float* out, auto in, int64_t b, int64_t n) {
+                          compute(out, in[0], in[1], in[0], b, n);
+                        });
+    }
+  }
   void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
-    const S* g = dy + pos;
-    const S* v = x + pos;
-    const S* m = y + pos;
+    if constexpr (kWidened<S>) {
+      widened(dst, len, dy + pos, x + pos, y + pos,
+              [&](float* out, const float* gb, const float* vb, const float* mb, int64_t b,
+                  int64_t n) { across_of(out, gb, vb, mb, n, j + b); });
+    } else {
+      across_of(dst, dy + pos, x + pos, y + pos, len, j);
+    }
+  }
+  template <class Out, class In>
+  void across_of(Out* dst, const In* g, const In* v, const In* m, int64_t len, int64_t j) const {
     const T* hi = mean_hi + j;
     const T* lo = mean_lo + j;
     const T* s = invstd + j;
@@ -711,8 +841,9 @@ template <class S, class Grad> struct InputGradSegment {
     const T* kc = k + j;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i)
-      dst[i] = store_value<S>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
-                                         load_value(v[i]), hi[i], lo[i], s[i], ac[i], ec[i], kc[i]));
+      dst[i] = store_value<Out>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
+                                           load_value(v[i]), hi[i], lo[i], s[i], ac[i], ec[i],
+                                           kc[i]));
   }
 };
 
@@ -1306,35 +1437,24 @@ double element(const ArrayRef& a, int64_t r, int64_t c) {
 }  // namespace
 
 void batch_norm_forward(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
-  if (x.dtype == DType::float64) {
-    forward_typed<double>(x, y, args);
-  } else {
-    forward_typed<float>(x, y, args);
-  }
+  with_storage_type(x.dtype, [&](auto tag) { forward_typed<decltype(tag)>(x, y, args); });
 }
 
 void batch_norm_backward(const ArrayRef& grad_output, const ArrayRef& x, const ArrayRef& grad_input,
                          const BatchNormBackwardArgs& args) {
   const ArrayRef* relu = args.relu_output;
-  if (x.dtype == DType::float64) {
+  with_storage_type(x.dtype, [&](auto tag) {
+    using S = decltype(tag);
     if (relu != nullptr) {
-      backward_typed<double, GradientThroughRelu>(grad_output, x, *relu, grad_input, args);
+      backward_typed<S, GradientThroughRelu>(grad_output, x, *relu, grad_input, args);
     } else {
-      backward_typed<double, GradientAsGiven>(grad_output, x, grad_output, grad_input, args);
+      backward_typed<S, GradientAsGiven>(grad_output, x, grad_output, grad_input, args);
     }
-  } else if (relu != nullptr) {
-    backward_typed<float, GradientThroughRelu>(grad_output, x, *relu, grad_input, args);
-  } else {
-    backward_typed<float, GradientAsGiven>(grad_output, x, grad_output, grad_input, args);
-  }
+  });
 }
 
 void batch_norm_stats(const ArrayRef& x, int axis, const ArrayRef& mean, const ArrayRef& m2) {
-  if (x.dtype == DType::float64) {
-    stats_typed<double>(x, axis, mean, m2);
-  } else {
-    stats_typed<float>(x, axis, mean, m2);
-  }
+  with_storage_type(x.dtype, [&](auto tag) { stats_typed<decltype(tag)>(x, axis, mean, m2); });
 }
 
 void batch_norm_combine(const std::vector<double>& counts, const ArrayRef& means,
@@ -1367,29 +1487,20 @@ void batch_norm_finalize(const BatchNormFinalizeArgs& args) {
 }
 
 void batch_norm_apply(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs& args) {
-  if (x.dtype == DType::float64) {
-    apply_typed<double>(x, y, args);
-  } else {
-    apply_typed<float>(x, y, args);
-  }
+  with_storage_type(x.dtype, [&](auto tag) { apply_typed<decltype(tag)>(x, y, args); });
 }
 
 void batch_norm_backward_reduce(const ArrayRef& grad_output, const ArrayRef& x,
                                 const BatchNormReduceArgs& args) {
-  if (x.dtype == DType::float64) {
-    backward_reduce_typed<double>(grad_output, x, args);
-  } else {
-    backward_reduce_typed<float>(grad_output, x, args);
-  }
+  with_storage_type(x.dtype,
+                    [&](auto tag) { backward_reduce_typed<decltype(tag)>(grad_output, x, args); });
 }
 
 void batch_norm_backward_apply(const ArrayRef& grad_output, const ArrayRef& x,
                                const ArrayRef& grad_input, const BatchNormBackwardApplyArgs& args) {
-  if (x.dtype == DType::float64) {
-    backward_apply_typed<double>(grad_output, x, grad_input, args);
-  } else {
-    backward_apply_typed<float>(grad_output, x, grad_input, args);
-  }
+  with_storage_type(x.dtype, [&](auto tag) {
+    backward_apply_typed<decltype(tag)>(grad_output, x, grad_input, args);
+  });
 }
 
 }  // namespace FUSEDNN_ISA

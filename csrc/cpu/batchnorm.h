@@ -3,6 +3,11 @@
 // per-channel arrays are 1-D of length C. The Python layer has validated
 // shapes, dtypes and writability before these are called, and guarantees
 // that x and grad_output merge into a strided (outer, C, inner) view.
+// x may be float32, float64, float16 or bfloat16 (the half types computed
+// in float32); a per-channel array may have any of these dtypes whatever
+// x's (for half x the Python layer passes float32 statistics and
+// gradients, and float32 or x's dtype for gamma and beta): each is read as
+// doubles and written rounded once to its own dtype.
 #pragma once
 
 #include <vector>

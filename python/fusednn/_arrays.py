@@ -43,6 +43,20 @@ from . import _backend, _cpu
 DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2,
                np.dtype(np.uint8): 4}
 
+
+
+def dtype_code(dtype) -> int:
+    """The compiled modules' code of a numpy dtype: DTYPE_CODES, and 3 for
+    ml_dtypes' bfloat16, known by name (ml_dtypes is not imported here: an
+    array of it already was) and remembered."""
+    code = DTYPE_CODES.get(dtype)
+    if code is None:
+        if dtype.name != "bfloat16":
+            raise KeyError(dtype)
+        code = DTYPE_CODES[dtype] = 3
+    return code
+
+
 SUPPORTED_DTYPES = ("float32", "float64")
 SUPPORTED_CUDA_DTYPES = ("float32", "float64", "float16")
 

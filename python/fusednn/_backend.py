@@ -25,7 +25,9 @@ HALF_DTYPES = ("float16", "bfloat16")
 _HALF_CPU_FUNCTIONS = frozenset((
     "sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "mish",
     "hardsigmoid", "hardswish", "hardtanh", "activation", "activation_backward",
-    "dropout", "dropout_backward", "bias_act_dropout", "bias_act_dropout_backward"))
+    "dropout", "dropout_backward", "bias_act_dropout", "bias_act_dropout_backward",
+    "batch_norm", "batch_norm_backward", "batch_norm_stats", "batch_norm_apply",
+    "batch_norm_backward_reduce", "batch_norm_backward_apply"))
 
 
 def is_cupy_array(a) -> bool:

@@ -39,22 +39,24 @@ def _channel_axis(axis, ndim: int, function: str) -> int:
 
 def _weight_dtypes(dtype) -> tuple:
     """The dtypes gamma and beta may have for x of `dtype`: x's own, and
-    float32 too for float16 x (as mixed-precision training keeps them)."""
+    float32 too for float16 and bfloat16 x (as mixed-precision training
+    keeps them)."""
     allowed = _WEIGHT_DTYPES.get(dtype)
     if allowed is None:
         allowed = _WEIGHT_DTYPES[dtype] = (
-            (np.dtype(np.float16), np.dtype(np.float32)) if dtype == np.float16
+            (np.dtype(dtype), np.dtype(np.float32)) if _backend.is_half(dtype)
             else (np.dtype(dtype),))
     return allowed
 
 
 def _statistics_dtype(dtype) -> np.dtype:
     """save_mean, save_invstd, grad_gamma and grad_beta: x's dtype, float32
-    for float16 x (a per-channel sum of float16 values may not fit one)."""
+    for float16 and bfloat16 x (a per-channel sum of half-precision values
+    may not fit one, nor keep their accuracy)."""
     statistics = _STATISTICS_DTYPES.get(dtype)
     if statistics is None:
         statistics = _STATISTICS_DTYPES[dtype] = (
-            np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype))
+            np.dtype(np.float32) if _backend.is_half(dtype) else np.dtype(dtype))
     return statistics
 
 
@@ -191,7 +193,7 @@ def _workspace(place, x, axis: int):
 def _workspace_bytes(backend, shape: tuple, axis: int, dtype) -> int:
     """The backend's answer, remembered: a training loop asks about the
     same few shapes every step, and asking costs more than remembering."""
-    return backend.batch_norm_workspace_bytes(shape, axis, _arrays.DTYPE_CODES[dtype])
+    return backend.batch_norm_workspace_bytes(shape, axis, _arrays.dtype_code(dtype))
 
 
 def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
@@ -204,20 +206,19 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     (``running = (1 - momentum) * running + momentum * batch``, the
     variance with the unbiased ``var * m / (m - 1)``). training=False uses
     the running statistics, which are then required. gamma/beta default to
-    ones/zeros and must have x's dtype; the running statistics may be
-    float32 or float64 whatever x's dtype.
+    ones/zeros and must have x's dtype (or float32 for float16 and bfloat16
+    x); the running statistics may be of any float dtype whatever x's.
 
     Returns ``BatchNormResult(y, save_mean, save_invstd)`` with the mean and
     ``1 / sqrt(var + eps)`` that were used (batch statistics in training,
-    the running ones in inference), in x's dtype (float32 for float16 x).
+    the running ones in inference), in x's dtype (float32 for float16 and
+    bfloat16 x, which are computed in float32 and rounded once to y).
 
     ``activation="relu"`` returns ``relu(y)`` instead of y, written in the
     same pass (fusednn's relu: -0 and NaN pass); its backward is
     ``batch_norm_backward(..., activation="relu", y=<that output>)``.
 
-    CuPy arrays run on the GPU, where float16 x is also accepted (computed
-    in float32; gamma and beta may then be float16 or float32) and the
-    running statistics may be float16, float32 or float64.
+    On the GPU (CuPy, torch CUDA tensors) float16 x is accepted the same way.
     """
     function = "batch_norm"
     place = _arrays.locate(function, ("x", "gamma", "beta", "running_mean", "running_var"), x,
@@ -274,7 +275,7 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     thousands of times its spread). gamma=None means ones. Returns
     ``(grad_input, grad_gamma, grad_beta)`` with ``grad_gamma = sum(dy * xhat)``
     and ``grad_beta = sum(dy)``; grad_gamma and grad_beta are float32 for
-    float16 x (GPU only).
+    float16 and bfloat16 x.
 
     ``training=True`` (the default) is the backward of the training forward,
     whose batch statistics depend on x:

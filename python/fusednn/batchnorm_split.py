@@ -86,7 +86,7 @@ def _count(count, name: str, function: str, *, minimum: int) -> int:
 
 def _workspace(place, x, axis: int):
     return place.workspace(place.backend.batch_norm_workspace_bytes(
-        x.shape, axis, _arrays.DTYPE_CODES[x.dtype]))
+        x.shape, axis, _arrays.dtype_code(x.dtype)))
 
 
 def batch_norm_stats(x, *, axis=1) -> BatchNormStats:
@@ -234,7 +234,8 @@ def _check_separate(place, updated: dict, read: dict, function: str) -> None:
 def batch_norm_apply(x, mean, invstd, gamma=None, beta=None, *, axis=1, out=None):
     """``y = (x - mean) * invstd * gamma + beta`` with given per-channel
     statistics (float32 or float64; the whole batch's in data-parallel
-    training). gamma/beta default to ones/zeros and must have x's dtype.
+    training). gamma/beta default to ones/zeros and must have x's dtype
+    (or float32 for float16 and bfloat16 x).
     ``out``, when given, receives y (it may be x itself)."""
     function = "batch_norm_apply"
     place = _arrays.locate(function, ("x", "mean", "invstd", "gamma", "beta"), x, mean,

@@ -114,6 +114,7 @@ template <class T> struct Storage {
   using Compute = T;
   static FUSEDNN_HD Compute load(T v) { return v; }
   static FUSEDNN_HD T store(Compute v) { return v; }
+  static FUSEDNN_HD T store_double(double v) { return static_cast<T>(v); }
 };
 template <> struct Storage<Float16> {
   using Compute = float;

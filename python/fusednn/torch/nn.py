@@ -7,7 +7,7 @@ load both ways and code that looks for ``torch.nn.BatchNorm2d`` still finds
 one. ``BiasActivationDropout`` is new: the fused epilogue
 ``dropout(act(h + bias))`` after a bias-free ``Linear`` or convolution.
 
-A forward that fusednn has no kernel for (a dtype such as bfloat16, a
+A forward that fusednn has no kernel for (a dtype such as float8_e4m3fn, a
 device fusednn was not built for, an in-place activation) runs torch's own
 forward instead, so a module is never less capable than the one it
 replaces; ``fusednn.torch.patch`` reports such configurations when it can
@@ -41,9 +41,7 @@ __all__ = [
     "Softplus", "SyncBatchNorm", "Tanh", "supports",
 ]
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-# The CPU activation and dropout kernels also take the half types.
-_CPU_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
@@ -52,20 +50,15 @@ _CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
 _CUDA_BUILT = bool(fn.info()["cuda_built"])
 
 
-def supports(dtype: torch.dtype, device: torch.device | str, *,
-             elementwise: bool = False) -> Optional[str]:
+def supports(dtype: torch.dtype, device: torch.device | str) -> Optional[str]:
     """None when fusednn has kernels for tensors of this dtype on this
-    device, else the reason it has not. `elementwise`: for the activation
-    and dropout kernels, which also take float16 and bfloat16 on the
-    CPU."""
+    device, else the reason it has not."""
     device = torch.device(device)
     if device.type == "cpu":
-        if dtype in _CPU_DTYPES or (elementwise and dtype in _CPU_HALF_DTYPES):
+        if dtype in _CPU_DTYPES:
             return None
-        if elementwise:
-            return (f"dtype {dtype}: fusednn's CPU activation and dropout kernels take "
-                    "float32, float64, float16 and bfloat16")
-        return f"dtype {dtype}: fusednn's CPU kernels take float32 and float64"
+        return (f"dtype {dtype}: fusednn's CPU kernels take float32, float64, float16 and "
+                "bfloat16")
     if device.type == "cuda":
         if not _CUDA_BUILT:
             return "CUDA tensors: this fusednn build has no CUDA module"
@@ -169,7 +162,7 @@ class _Activation:
 
     def forward(self, input: Tensor) -> Tensor:
         if getattr(self, "inplace", False) or \
-                supports(input.dtype, input.device, elementwise=True) is not None:
+                supports(input.dtype, input.device) is not None:
             return super().forward(input)
         params = {key: getattr(self, key) for key, _, _ in ops.ACTIVATION_PARAMETERS[self._name]}
         return ops.activation(self._name, input, **params)
@@ -247,7 +240,7 @@ class Dropout(torch.nn.Dropout):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return input
-        if self.inplace or supports(input.dtype, input.device, elementwise=True) is not None:
+        if self.inplace or supports(input.dtype, input.device) is not None:
             return super().forward(input)
         rng = ops.draw_rng(getattr(self, "generator", None))
         return ops.dropout(input, self.p,

@@ -215,7 +215,9 @@ def activation_backward(name: str, grad_output: Tensor, x: Tensor, **params) -> 
 
 
 def _statistics_dtype(x: Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype == torch.float16 else x.dtype
+    """save_mean, save_invstd, grad_weight and grad_bias: float32 for the
+    half types, else x's dtype."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 def _batch_norm_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -334,7 +336,7 @@ class _BatchNorm(torch.autograd.Function):
         grad_x, grad_weight, grad_bias = run(grad_y, x, weight, save_mean, save_invstd,
                                              ctx.training, ctx.axis, relu_output)
         if weight is not None and grad_weight.dtype != weight.dtype:
-            # float16 x with float32 weights (CUDA)
+            # half-precision weights: their gradients come as float32
             grad_weight, grad_bias = grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
         if weight is None:
             grad_weight = None

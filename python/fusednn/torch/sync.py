@@ -78,7 +78,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.modules.batchnorm._BatchNorm):
 
     It is not a subclass of ``torch.nn.SyncBatchNorm``: DistributedDataParallel
     refuses modules holding that class on the CPU. A tensor fusednn has no
-    kernel for (e.g. bfloat16) goes to torch's SyncBatchNorm forward."""
+    kernel for (e.g. float8_e4m3fn) goes to torch's SyncBatchNorm forward."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
