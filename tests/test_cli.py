@@ -205,16 +205,20 @@ def test_a_torch_peer_without_out_overload_is_marked(monkeypatch, capsys):
 # ---- bench: batch norm -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dtype", "item"), [("float32", 4), ("float64", 8)])
+@pytest.mark.parametrize(("dtype", "item"), [("float32", 4), ("float64", 8), ("float16", 2),
+                                             ("bfloat16", 2)])
 def test_bench_batchnorm_rows_count_its_traffic(dtype, item, tmp_path, capsys, no_peers):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
     path = tmp_path / "bench.json"
     assert main(TINY + ["--dtype", dtype, "--kernels", "batchnorm", "--json", str(path)]) == 0
     captured = capsys.readouterr()
     assert "checking 4 kernels against fusednn.reference" in captured.err
     out = captured.out
     # --size 4096 gives 32x128xHxW with H = W = sqrt(4096 / (32 * 128)) = 1.
+    parameters = ", gamma, beta and running statistics float32" if item == 2 else ""
     assert (f"batch_norm x 32x128x1x1 (NCHW, axis=1) and 32x1x1x128 (NHWC, axis=-1), "
-            f"4096 {dtype} elements; median of 1 repeat") in prose(out)
+            f"4096 {dtype} elements{parameters}; median of 1 repeat") in prose(out)
     assert "check: all 4 agree with fusednn.reference within per-value bounds" in prose(out)
     assert "x numpy-ref: fusednn.reference (float64) timed on the whole batch" in prose(out)
 
@@ -464,8 +468,6 @@ def test_kernel_selection():
     (["--size", "0"], "argument --size: must be at least 1"),
     (["--size", "many"], "argument --size: expected an integer or 2^k"),
     (["--dtype", "int8"], "argument --dtype: invalid choice"),
-    (["--dtype", "bfloat16", "--kernels", "batchnorm"],
-     "kernels exist for activations, dropout only"),
     (["--threads", "0"], "argument --threads: must be at least 1"),
     (["--repeat", "two"], "argument --repeat: expected an integer"),
     (["--device", "tpu"], "argument --device: invalid choice"),

@@ -5,6 +5,9 @@ a channel whose mean is 1e4 times its spread, a constant channel and a NaN;
 and the peers: PyTorch's native_batch_norm (NHWC as channels_last views of
 the same memory), the same through torch.compile, and the two-pass
 statistics and the backward formula written in jax.numpy under jax.jit.
+float16 and bfloat16 x run with float32 gamma, beta and running
+statistics, as mixed-precision training keeps them (PyTorch's CPU kernel
+takes the same mix).
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import numpy as np
 from .. import reference
 from ..batchnorm import batch_norm, batch_norm_backward
 from .cases import Case, FamilyText, Plan, Runners, on_device, shape_text
-from .checks import CheckResult, compare_bounded
-from .peers import jax_peer, torch_check_tensors, torch_peers
+from .checks import CheckResult, compare_bounded, finfo, standard_normal
+from .peers import jax_peer, torch_check_tensors, torch_peers, torch_view
 
 # (N, C, H, W) of the timed cases: the shape of the design's numbers, and
 # with --quick 2^22 elements (as many as the activations' QUICK_SIZE).
@@ -44,8 +47,35 @@ SPECIAL_CHANNELS = 3
 # merged over the reduction's units, so at mean/std = 1e4 (ulp 1.8e-12) y
 # is off by about 1e-12; 1e-11 allows for that and still rejects any wrong
 # formula.
-BATCH_NORM_TOLERANCE = {"float32": 1e-5, "float64": 1e-11}
-RUNNING_STATISTICS_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
+# float16 and bfloat16 are computed in float32 and rounded once: the
+# float32 bounds, plus half a unit in the last place of the storage type
+# on y and grad_input (half_ulp); their statistics are float32.
+BATCH_NORM_TOLERANCE = {"float32": 1e-5, "float64": 1e-11, "float16": 1e-5, "bfloat16": 1e-5}
+RUNNING_STATISTICS_TOLERANCE = {"float32": 1e-6, "float64": 1e-12, "float16": 1e-6,
+                                "bfloat16": 1e-6}
+
+
+def _is_half(dtype: np.dtype) -> bool:
+    return dtype.itemsize == 2
+
+
+def _parameter_dtype(dtype: np.dtype) -> np.dtype:
+    """gamma, beta, the running and the saved statistics: float32 for the
+    half types, else x's dtype."""
+    return np.dtype(np.float32) if _is_half(dtype) else dtype
+
+
+def half_ulp(values: np.ndarray, dtype: np.dtype) -> np.ndarray | float:
+    """Half the spacing of the storage type around |values| (the larger one
+    at a power of two): what rounding a float32 result to it may add. 0 for
+    float32 and float64, whose bounds include their own rounding."""
+    if not _is_half(dtype):
+        return 0.0
+    info = finfo(dtype)
+    with np.errstate(all="ignore"):
+        exponent = np.floor(np.log2(np.abs(values)))
+    exponent = np.where(np.isfinite(exponent), exponent, info.minexp)
+    return 0.5 * np.exp2(np.maximum(exponent, info.minexp) - info.nmant)
 
 
 def batch_norm_shape(plan: Plan) -> tuple:
@@ -106,7 +136,7 @@ def _batch_norm_check_inputs(dtype: np.dtype):
                    "running_mean": rng.standard_normal(channels),
                    "running_var": rng.uniform(0.5, 2.0, channels)}
     return (x.astype(dtype), grad.astype(dtype),
-            {name: a.astype(dtype) for name, a in per_channel.items()})
+            {name: a.astype(_parameter_dtype(dtype)) for name, a in per_channel.items()})
 
 
 @dataclass
@@ -122,7 +152,7 @@ class BatchNormCheck:
     gamma: np.ndarray
     beta: np.ndarray
     running: tuple            # (running_mean, running_var) before the step
-    saved: tuple              # (save_mean, save_invstd), x's dtype, for the backward
+    saved: tuple              # (save_mean, save_invstd) as batch_norm returns them
     judge: Callable[[tuple], CheckResult]
 
 
@@ -134,11 +164,12 @@ def _batch_norm_check_data(layout: str, direction: str, dtype) -> BatchNormCheck
     t * max(|mean|, std); save_invstd within t relative; the running
     statistics within RUNNING_STATISTICS_TOLERANCE of the sum of their
     terms' magnitudes. The backward takes the reference's statistics rounded
-    to x's dtype (as the forward returns them), grad_input within t times
+    to the dtype the forward returns them in, grad_input within t times
     its channel's gain gamma * invstd (grad_output is of order one),
     grad_gamma and grad_beta within t of the sum of |grad_output * xhat| and
     |grad_output| they add up. Errors are reported at (n, c, h, w) indices
-    whatever the layout."""
+    whatever the layout. Half-precision y and grad_input may be off by
+    half_ulp more."""
     dtype = np.dtype(dtype)
     order = BATCH_NORM_LAYOUTS[layout][1]
     x, grad, p = _batch_norm_check_inputs(dtype)
@@ -151,13 +182,13 @@ def _batch_norm_check_data(layout: str, direction: str, dtype) -> BatchNormCheck
     expected = reference.batch_norm(x, p["gamma"], p["beta"], running_mean, running_var,
                                     **settings)
     mean, invstd = expected.save_mean, expected.save_invstd
-    save_mean, save_invstd = mean.astype(dtype), invstd.astype(dtype)
+    save_mean, save_invstd = (a.astype(_parameter_dtype(dtype)) for a in (mean, invstd))
     dims = {4: "nchw", 1: "c"}
     if direction == "forward":
         running = RUNNING_STATISTICS_TOLERANCE[dtype.name]
         momentum = BATCH_NORM_MOMENTUM
         bounds = {
-            "y": (expected.y, tolerance),
+            "y": (expected.y, tolerance + half_ulp(expected.y, dtype)),
             "save_mean": (mean, tolerance * np.maximum(np.abs(mean), 1 / invstd)),
             "save_invstd": (invstd, tolerance * invstd),
             "running_mean": (running_mean, running * (
@@ -173,7 +204,8 @@ def _batch_norm_check_data(layout: str, direction: str, dtype) -> BatchNormCheck
         gain = np.abs(p["gamma"].astype(np.float64) * save_invstd.astype(np.float64))
         with np.errstate(invalid="ignore"):
             bounds = {
-                "grad_input": (want[0], tolerance * gain.reshape(per_channel_shape)),
+                "grad_input": (want[0], tolerance * gain.reshape(per_channel_shape)
+                               + half_ulp(want[0], dtype)),
                 "grad_gamma": (want[1], tolerance * np.abs(grad64 * xhat).sum(axis=reduced)),
                 "grad_beta": (want[2], tolerance * np.abs(grad64).sum(axis=reduced)),
             }
@@ -211,20 +243,22 @@ class BatchNormArrays:
     """The arrays the batch-norm cases share, made once per run: x and
     grad_output (standard normal) and out, one buffer each that either
     layout views in its own shape; gamma, beta; running statistics for each
-    caller, which every training forward updates in place. All on the
-    plan's device (numpy or CuPy) but the reference's, which stay on the
-    host; to_host copies device arrays back for the reference."""
+    caller, which every training forward updates in place (per-channel
+    arrays float32 for half-precision x). All on the plan's device (numpy
+    or CuPy) but the reference's, which stay on the host; to_host copies
+    device arrays back for the reference."""
 
     def __init__(self, nchw: tuple, dtype: np.dtype, device: str = "cpu"):
         rng = np.random.default_rng(0)
         put, self.to_host = on_device(device)
         size, channels = math.prod(nchw), nchw[1]
-        self.x = put(rng.standard_normal(size, dtype=dtype))
-        self.grad = put(rng.standard_normal(size, dtype=dtype))
+        parameters = _parameter_dtype(dtype)
+        self.x = put(standard_normal(rng, size, dtype))
+        self.grad = put(standard_normal(rng, size, dtype))
         self.out = put(np.empty(size, dtype=dtype))
-        self.gamma = put(rng.uniform(0.5, 1.5, channels).astype(dtype))
-        self.beta = put(rng.uniform(-1.0, 1.0, channels).astype(dtype))
-        self.running = {caller: (np.zeros(channels, dtype), np.ones(channels, dtype))
+        self.gamma = put(rng.uniform(0.5, 1.5, channels).astype(parameters))
+        self.beta = put(rng.uniform(-1.0, 1.0, channels).astype(parameters))
+        self.running = {caller: (np.zeros(channels, parameters), np.ones(channels, parameters))
                         for caller in ("ours", "reference", "torch")}
         for caller in ("ours", "torch"):
             self.running[caller] = tuple(put(a) for a in self.running[caller])
@@ -382,7 +416,7 @@ def _batch_norm_runners(layout: str, direction: str, plan: Plan, nchw: tuple,
             reference_elements=x_few.size)
     if plan.torch is not None:
         # On the GPU the tensors share CuPy's memory through DLPack.
-        view = plan.torch.from_numpy if plan.device == "cpu" else plan.torch.from_dlpack
+        view = torch_view(plan)
         to_nchw = _to_nchw(layout)
         tensors = {name: view(a).permute(to_nchw) for name, a in (("x", x), ("grad", grad),
                                                                   ("out", out))}
@@ -438,12 +472,17 @@ def describe_batch_norm(plan: Plan, checks: dict) -> FamilyText:
                           f"({samples * math.prod(nchw[1:])} elements) and scaled linearly")
     else:
         reference_text = "timed on the whole batch"
+    rounding = f" + half an ulp of {plan.dtype.name}" if _is_half(plan.dtype) else ""
+    parameters = (", gamma, beta and running statistics float32" if _is_half(plan.dtype)
+                  else "")
     return FamilyText(
-        arrays=f"batch_norm x {layouts}, {math.prod(nchw)} {plan.dtype.name} elements",
+        arrays=f"batch_norm x {layouts}, {math.prod(nchw)} {plan.dtype.name} elements"
+               f"{parameters}",
         check=(f"within per-value bounds (largest error {largest:.2g} of its bound) on x of "
                f"{shape_text(BATCH_NORM_CHECK_SHAPE)} (NCHW) in each kernel's layout, with a "
                "channel at mean/std = 1e4, a constant one and one holding a NaN"),
-        check_notes=[f"bounds: y {tolerance:g}; grad_input {tolerance:g} * gamma * invstd; "
+        check_notes=[f"bounds: y {tolerance:g}{rounding}; grad_input {tolerance:g} * gamma * "
+                     f"invstd{rounding}; "
                      f"save_mean {tolerance:g} * max(|mean|, std); save_invstd {tolerance:g} "
                      f"relative; grad_gamma, grad_beta {tolerance:g} * the sum of their terms' "
                      f"magnitudes; running statistics {running:g} * the same"],

@@ -163,10 +163,6 @@ def check_device(device: str, selection: dict) -> None:
                          f"{', '.join(missing)}; run with --device cpu")
 
 
-# Families with float16 and bfloat16 kernels on the CPU.
-HALF_FAMILIES = ("activations", "dropout")
-
-
 def resolve_dtype(name: str) -> np.dtype:
     """The numpy dtype of --dtype; bfloat16 is ml_dtypes' (imported here,
     where it is asked for)."""
@@ -179,23 +175,12 @@ def resolve_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def half_selection(args: argparse.Namespace, selection: dict) -> dict:
-    """The families of `selection` that have kernels for --dtype: all for
-    float32 and float64; for the half types, HALF_FAMILIES (a UsageError
-    when none of those is selected)."""
-    if args.dtype in ("float32", "float64"):
-        return selection
+def check_half_device(args: argparse.Namespace) -> None:
+    """Every family has float16 and bfloat16 kernels on the CPU; the GPU
+    bench runs on CuPy, which has no bfloat16 (a UsageError)."""
     if args.device == "cuda" and args.dtype == "bfloat16":
         raise UsageError("--dtype bfloat16 --device cuda: CuPy, which the GPU bench runs on, "
                          "has no bfloat16; use float16 on the GPU")
-    kept = {family: wanted for family, wanted in selection.items() if family in HALF_FAMILIES}
-    if not kept:
-        raise UsageError(f"--dtype {args.dtype}: kernels exist for {', '.join(HALF_FAMILIES)} "
-                         "only")
-    skipped = sorted(set(selection) - set(kept))
-    if skipped:
-        progress(f"--dtype {args.dtype}: skipping {', '.join(skipped)} (no {args.dtype} kernels)")
-    return kept
 
 
 def build_cases(plan: Plan, selection: dict) -> list[Case]:
@@ -314,7 +299,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
                         default="float32",
                         help="float16 and bfloat16 (ml_dtypes arrays, torch bfloat16 peers): "
-                             "the activations and dropout families, bfloat16 on the CPU only")
+                             "the activations, dropout and batchnorm families (batch norm "
+                             "with float32 gamma, beta and running statistics, as mixed-"
+                             "precision training keeps them), bfloat16 on the CPU only")
     parser.add_argument("--threads", type=_threads, metavar="N",
                         help="CPU threads for fusednn and torch (default: fusednn's current "
                              "setting)")
@@ -357,7 +344,8 @@ class Options:
 def validate(args: argparse.Namespace) -> Options:
     """Every check of the options' values that argparse's types cannot make
     alone; raises UsageError before any work starts."""
-    selection = half_selection(args, parse_selection(args.kernels))
+    check_half_device(args)
+    selection = parse_selection(args.kernels)
     wanted = parse_peers(args.peers)
     if args.fail_on_regression is not None and args.compare is None:
         raise UsageError("--fail-on-regression needs --compare OLD.json")
