@@ -284,6 +284,20 @@ def test_initializers_round_float64_once(dtype_name):
         round_once(dtype_name, fn.init.uniform((1 << 16,), -1e-38, 1e-38, seed=2, dtype="float64")))
 
 
+def test_bfloat16_device_descriptors():
+    """torch CUDA bfloat16 tensors are described by ml_dtypes' bfloat16 and
+    dtype code 3 (the GPU itself is tested in tests/gpu)."""
+    torch = pytest.importorskip("torch")
+    from fusednn import _arrays
+    assert _arrays._torch_dtype(torch.bfloat16, "x", "relu") == DTYPES["bfloat16"]
+    assert _arrays.dtype_code(DTYPES["bfloat16"]) == 3
+    assert "bfloat16" in _arrays.SUPPORTED_CUDA_DTYPES
+    with pytest.raises(TypeError, match="float32, float64, float16, bfloat16"):
+        _arrays._torch_dtype(torch.int32, "x", "relu")
+    with pytest.raises(KeyError):
+        _arrays.dtype_code(np.dtype(np.int16))
+
+
 def test_bfloat16_initializers_are_not_on_cupy():
     with pytest.raises(TypeError, match="CuPy has no bfloat16"):
         fn.init.glorot_uniform((3, 3), dtype="bfloat16", device="cuda")

@@ -58,7 +58,7 @@ def dtype_code(dtype) -> int:
 
 
 SUPPORTED_DTYPES = ("float32", "float64")
-SUPPORTED_CUDA_DTYPES = ("float32", "float64", "float16")
+SUPPORTED_CUDA_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 # DLPack device types (dlpack.h): CPU, CUDA, CUDA host memory.
 _DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST = 1, 2, 3
@@ -410,7 +410,7 @@ def _ml_dtypes():
     try:
         import ml_dtypes
     except ImportError:
-        raise TypeError("fusednn: bfloat16 arrays on the CPU need ml_dtypes "
+        raise TypeError("fusednn: bfloat16 arrays need ml_dtypes "
                         "(pip install ml_dtypes)") from None
     return ml_dtypes
 
@@ -508,15 +508,14 @@ class DevicePlace(Place):
         return f"on GPU {self.device} ({self.library})"
 
     def wrap(self, obj, ptr: int, dtype, shape, strides) -> Array:
-        return Array((ptr, DTYPE_CODES[dtype], shape, strides, self.device, self.stream, obj,
+        return Array((ptr, dtype_code(dtype), shape, strides, self.device, self.stream, obj,
                       dtype))
 
     def view(self, a, name: str, function: str, *, writable: bool = False, dtypes=None) -> Array:
         x = self.array_view(a, name, function)
         if dtypes is None:
-            if x.dtype not in _CUDA_DTYPES:
-                raise _unsupported_dtype(x.dtype, name, function, self.supported,
-                                         " (float16 on the GPU only)")
+            if x.dtype not in _CUDA_DTYPES and x.dtype.name != "bfloat16":
+                raise _unsupported_dtype(x.dtype, name, function, self.supported)
         elif x.dtype not in dtypes:
             raise TypeError(f"fusednn.{function}: {name} must have dtype "
                             f"{' or '.join(d.name for d in dtypes)}, got {x.dtype}")
@@ -535,8 +534,7 @@ class DevicePlace(Place):
     def out_view(self, out, function: str) -> Array:
         if _identify(out) != self.key:
             raise self.foreign_out(out, function)
-        view = self.view(out, "out", function, writable=True, dtypes=_CUDA_DTYPES)
-        return view
+        return self.view(out, "out", function, writable=True)
 
     @staticmethod
     def addresses(a: Array) -> np.ndarray:
@@ -548,7 +546,8 @@ class DevicePlace(Place):
         return view.obj if given is None else given
 
 
-_CUDA_DTYPES = tuple(np.dtype(d) for d in SUPPORTED_CUDA_DTYPES)
+# bfloat16 is ml_dtypes' numpy dtype, known by name (see dtype_code).
+_CUDA_DTYPES = tuple(np.dtype(d) for d in SUPPORTED_CUDA_DTYPES if d != "bfloat16")
 
 
 class _Addresses:
@@ -574,7 +573,10 @@ def _cupy(function: str):
 
 class CupyPlace(DevicePlace):
     """CuPy arrays, and JAX GPU and other DLPack CUDA arrays viewed as CuPy
-    arrays; CuPy's current device and stream."""
+    arrays; CuPy's current device and stream. CuPy has no bfloat16: JAX's
+    bfloat16 arrays are read at their buffer's address, and bfloat16 results
+    are allocated as CuPy uint16 arrays of the same bits, handed to JAX
+    through DLPack and bitcast back to bfloat16 there."""
 
     def __init__(self, library: str, function: str, device=None):
         cupy = _cupy(function)
@@ -588,14 +590,29 @@ class CupyPlace(DevicePlace):
         cupy = self.cupy
         if self.library == "JAX":
             a.block_until_ready()
+            if str(a.dtype) == "bfloat16":
+                # A JAX array on one GPU is dense and in C order; its dtype is
+                # ml_dtypes' bfloat16 numpy dtype.
+                dtype = np.dtype(a.dtype)
+                strides, step = [], dtype.itemsize
+                for n in reversed(a.shape):
+                    strides.append(step)
+                    step *= max(n, 1)
+                device = int(a.__dlpack_device__()[1])
+                view = self.wrap(a, a.unsafe_buffer_pointer(), dtype, tuple(a.shape),
+                                 tuple(reversed(strides)))
+                return view if device == self.device else Array(view[:4] + (device,) + view[5:])
         if not isinstance(a, cupy.ndarray):
             a = cupy.from_dlpack(a)
         return self.wrap(a, a.data.ptr, a.dtype, a.shape, a.strides)
 
     def empty(self, shape, dtype) -> Array:
+        dtype = np.dtype(dtype)
+        # bfloat16: its bits in a uint16 array (see the class docstring).
+        storage = np.uint16 if dtype.name == "bfloat16" else dtype
         with self.cupy.cuda.Device(self.device):
-            a = self.cupy.empty(shape, dtype=dtype)
-        return self.wrap(a, a.data.ptr, a.dtype, a.shape, a.strides)
+            a = self.cupy.empty(shape, dtype=storage)
+        return self.wrap(a, a.data.ptr, dtype, a.shape, a.strides)
 
     def from_host(self, values: np.ndarray):
         with self.cupy.cuda.Device(self.device):
@@ -616,7 +633,10 @@ class CupyPlace(DevicePlace):
             return given
         if self.library == "JAX":
             import jax
-            return jax.dlpack.from_dlpack(view.obj)
+            result = jax.dlpack.from_dlpack(view.obj)
+            if view.dtype.name == "bfloat16":
+                result = jax.lax.bitcast_convert_type(result, jax.numpy.bfloat16)
+            return result
         return view.obj
 
 
@@ -634,8 +654,11 @@ def _torch_dtype(dtype, name: str, function: str):
     try:
         return _TORCH_DTYPES[dtype]
     except KeyError:
-        raise _unsupported_dtype(dtype, name, function, SUPPORTED_CUDA_DTYPES,
-                                 " (float16 on the GPU only)") from None
+        if str(dtype) == "torch.bfloat16":
+            # Described by ml_dtypes' bfloat16, imported now that one arrived.
+            _TORCH_DTYPES[dtype] = np.dtype(_ml_dtypes().bfloat16)
+            return _TORCH_DTYPES[dtype]
+        raise _unsupported_dtype(dtype, name, function, SUPPORTED_CUDA_DTYPES) from None
 
 
 class TorchCudaPlace(DevicePlace):
@@ -672,8 +695,9 @@ class TorchCudaPlace(DevicePlace):
         return view if index == self.device else Array(view[:4] + (index,) + view[5:])
 
     def empty(self, shape, dtype) -> Array:
-        t = self.torch.empty(shape, dtype=self.torch_dtypes[np.dtype(dtype)],
-                             device=f"cuda:{self.device}")
+        dtype = np.dtype(dtype)
+        torch_dtype = self.torch.bfloat16 if dtype.name == "bfloat16" else self.torch_dtypes[dtype]
+        t = self.torch.empty(shape, dtype=torch_dtype, device=f"cuda:{self.device}")
         return self._wrap_tensor(t)
 
     def copy_of(self, a: Array) -> Array:

@@ -4,7 +4,7 @@ from typing import Any, Protocol, TypeVar
 
 class Array(Protocol):
     """An array fusednn accepts: numpy, CuPy, a torch tensor, a JAX array or
-    any DLPack exporter (float32, float64; float16 on the GPU). Anything
+    any DLPack exporter (float32, float64, float16, bfloat16). Anything
     with a shape and a dtype matches the type; the functions check the rest
     at run time."""
     @property

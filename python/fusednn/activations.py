@@ -2,8 +2,8 @@
 the array layer takes (numpy, CuPy, torch, JAX, DLPack; see _arrays).
 
 Every function takes an array of any shape (0-d, empty and strided views
-included) in float32 or float64, or float16 and bfloat16 (ml_dtypes, torch
-and JAX arrays on the CPU; float16 on the GPU) computed in float32 and
+included) in float32 or float64, or float16 and bfloat16 (ml_dtypes arrays,
+torch and JAX arrays; on the GPU bfloat16 from torch or JAX) computed in float32 and
 rounded once, and returns a new array of the same library and device, or
 writes ``out`` when given (``out=x`` works in place). Parameters and edge cases follow PyTorch; see docs/activations.md
 for each formula, the derivative's input and the measured accuracy, and

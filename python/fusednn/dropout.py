@@ -1,7 +1,7 @@
 """Inverted dropout and the fused bias + activation + dropout epilogue, on
 arrays of any library the array layer takes (numpy, CuPy, torch, JAX,
-DLPack; see _arrays). float16 and bfloat16 (bfloat16 on the CPU only) are
-computed in float32 and rounded once.
+DLPack; see _arrays). float16 and bfloat16 (on the GPU bfloat16 from torch
+or JAX, CuPy having none) are computed in float32 and rounded once.
 
 ``p`` is the drop probability; kept elements are scaled by ``1 / (1 - p)``.
 The mask is a pure function of (seed, offset, start, p, n): element ``i``

@@ -1,6 +1,6 @@
 """bfloat16 on the GPU: the CUDA kernels' __nv_bfloat16 paths, called
-through the private CUDA module with torch CUDA tensors (CuPy, which the
-public functions use on the GPU, has no bfloat16). Activations over every
+through the private CUDA module with torch CUDA tensors (the public
+functions are tested in test_bfloat16_public_gpu.py). Activations over every
 bfloat16 input within 1 ulp of the float64 reference, dropout masks and
 values bit for bit the CPU kernel's, the fused epilogue as the float32
 kernel rounded once, and batch norm's float32 statistics.

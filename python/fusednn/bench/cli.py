@@ -301,7 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float16 and bfloat16 (ml_dtypes arrays, torch bfloat16 peers): "
                              "the activations, dropout and batchnorm families (batch norm "
                              "with float32 gamma, beta and running statistics, as mixed-"
-                             "precision training keeps them), bfloat16 on the CPU only")
+                             "precision training keeps them); bfloat16 on the CPU only (the GPU "
+                             "bench runs on CuPy, which has none)")
     parser.add_argument("--threads", type=_threads, metavar="N",
                         help="CPU threads for fusednn and torch (default: fusednn's current "
                              "setting)")

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # Read once: forward consults it under torch.compile, which would not
@@ -64,7 +64,8 @@ def supports(dtype: torch.dtype, device: torch.device | str) -> Optional[str]:
             return "CUDA tensors: this fusednn build has no CUDA module"
         if dtype in _CUDA_DTYPES:
             return None
-        return f"dtype {dtype}: fusednn's CUDA kernels take float16, float32 and float64"
+        return (f"dtype {dtype}: fusednn's CUDA kernels take float32, float64, float16 and "
+                "bfloat16")
     return f"device {device}: fusednn runs on the CPU and on CUDA GPUs"
 
 
