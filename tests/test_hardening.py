@@ -234,6 +234,29 @@ def test_byte_extents_match_the_array_interface():
         _cpu.byte_extents([1.0])
 
 
+def test_meeting_extents_mark_the_pairs_whose_extents_meet():
+    """The compiled masks equal the pairwise extents_meet test on views of
+    one buffer (meeting, apart, empty) and None, and the extents equal
+    byte_extents'."""
+    rng = np.random.default_rng(9)
+    buffer = np.zeros(64, np.float32)
+    views = list(random_views(rng, buffer, 300)) + [np.zeros(3, np.float32)]
+    for _ in range(200):
+        picked = [views[int(i)] for i in rng.integers(0, len(views), int(rng.integers(1, 8)))]
+        if rng.random() < 0.3:
+            picked.insert(int(rng.integers(0, len(picked) + 1)), None)
+        extents, meets = _cpu.meeting_extents(*picked)
+        assert extents == _cpu.byte_extents(*picked)
+        assert meets == _arrays.meeting_masks(extents)
+        for i, a in enumerate(extents):
+            for j, b in enumerate(extents):
+                assert bool(meets[i] >> j & 1) == (i != j and _arrays.extents_meet(a, b))
+    a = np.zeros(8)
+    assert _cpu.meeting_extents(a, a[4:], None, np.zeros(2))[1] == (0b10, 0b1, 0, 0)
+    with pytest.raises(TypeError):
+        _cpu.meeting_extents([1.0])
+
+
 def test_overlap_agrees_with_numpys_exact_test():
     """Extents that do not meet decide at once; where they meet (shifted,
     interleaved, reversed views) the answer is numpy's exact one."""

@@ -77,29 +77,59 @@ PYBIND11_MODULE(_cpu, m) {
   // arrays span none), in one call: the Python layer's overlap checks
   // compare these before any exact test, and reading an array's address
   // from Python (__array_interface__, ctypes) costs more than this call.
-  m.def("byte_extents", [](const py::args& arrays) {
-    py::tuple extents(arrays.size());
-    for (size_t i = 0; i < arrays.size(); ++i) {
-      const py::handle item = arrays[i];
-      if (item.is_none()) {
-        extents[i] = py::none();
-        continue;
+  // With `meets`, also which extents meet: entry i has bit j set when
+  // arrays i and j (j != i) have a byte of their extents in common, so that
+  // a call whose operands are all apart (the usual case) tests one integer
+  // per operand in Python instead of comparing every pair.
+  struct Extent {
+    std::int64_t low = 0, high = 0;
+    bool present = false;
+  };
+  const auto extent_of = [](const py::handle item) {
+    Extent e;
+    if (item.is_none()) return e;
+    if (!py::isinstance<py::array>(item))
+      throw py::type_error("byte_extents: expected numpy arrays or None");
+    const auto a = py::reinterpret_borrow<py::array>(item);
+    e.present = true;
+    e.low = e.high = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(a.data()));
+    if (a.size() > 0) {
+      for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+        const std::int64_t reach = static_cast<std::int64_t>(a.strides(d)) * (a.shape(d) - 1);
+        (reach < 0 ? e.low : e.high) += reach;
       }
-      if (!py::isinstance<py::array>(item))
-        throw py::type_error("byte_extents: expected numpy arrays or None");
-      const auto a = py::reinterpret_borrow<py::array>(item);
-      auto low = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(a.data()));
-      auto high = low;
-      if (a.size() > 0) {
-        for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-          const std::int64_t reach = static_cast<std::int64_t>(a.strides(d)) * (a.shape(d) - 1);
-          (reach < 0 ? low : high) += reach;
-        }
-        high += a.itemsize();
-      }
-      extents[i] = py::make_tuple(low, high);
+      e.high += a.itemsize();
     }
-    return extents;
+    return e;
+  };
+  const auto as_tuple = [](const std::vector<Extent>& extents) {
+    py::tuple out(extents.size());
+    for (size_t i = 0; i < extents.size(); ++i)
+      out[i] = extents[i].present ? py::object(py::make_tuple(extents[i].low, extents[i].high))
+                                  : py::object(py::none());
+    return out;
+  };
+  m.def("byte_extents", [extent_of, as_tuple](const py::args& arrays) {
+    std::vector<Extent> extents;
+    for (const py::handle item : arrays) extents.push_back(extent_of(item));
+    return as_tuple(extents);
+  });
+  m.def("meeting_extents", [extent_of, as_tuple](const py::args& arrays) {
+    if (arrays.size() > 63) throw py::value_error("meeting_extents: at most 63 arrays");
+    std::vector<Extent> extents;
+    for (const py::handle item : arrays) extents.push_back(extent_of(item));
+    py::tuple meets(extents.size());
+    for (size_t i = 0; i < extents.size(); ++i) {
+      std::uint64_t bits = 0;
+      const Extent& a = extents[i];
+      for (size_t j = 0; j < extents.size(); ++j) {
+        const Extent& b = extents[j];
+        if (j != i && a.present && b.present && a.low < b.high && b.low < a.high)
+          bits |= std::uint64_t(1) << j;
+      }
+      meets[i] = py::int_(bits);
+    }
+    return py::make_tuple(as_tuple(extents), meets);
   });
   m.def(
       "copy",

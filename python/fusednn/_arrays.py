@@ -123,6 +123,13 @@ def extents_meet(a, b) -> bool:
     return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
 
 
+def meeting_masks(extents) -> tuple:
+    """For each extent, the bit mask of the others it meets (bit j: extent
+    j), as _cpu.meeting_extents computes them."""
+    return tuple(sum(1 << j for j, other in enumerate(extents) if j != i and extents_meet(e, other))
+                 for i, e in enumerate(extents))
+
+
 # The work numpy's exact overlap solver may spend on one pair of views
 # (np.shares_memory's max_work); views it cannot decide within that count
 # as sharing memory.
@@ -257,6 +264,12 @@ class Place:
         return tuple(None if a is None else byte_span(a.ptr, a.shape, a.strides, a.dtype.itemsize)
                      for a in arrays)
 
+    def meeting_extents(self, *arrays) -> tuple:
+        """(extents, meets): the arrays' extents, and for each the bit mask
+        of the others whose extents meet it (meeting_masks)."""
+        extents = self.extents(*arrays)
+        return extents, meeting_masks(extents)
+
     def may_share_memory(self, a, b, extents=None) -> bool:
         """Whether two descriptors have a byte in common: their extents
         (`extents`, when the caller has them) decide when they are apart,
@@ -295,6 +308,10 @@ class Place:
                             "only in x64 mode: call jax.config.update('jax_enable_x64', True) "
                             "first (or pass numpy arrays)")
 
+    # Whether the backend's kernels take scratch memory from the caller (the
+    # CUDA ones; the CPU kernels keep their own).
+    has_workspaces = True
+
     def workspace(self, nbytes: int):
         """Scratch device memory of nbytes for one call, or None for 0."""
         return self.empty((nbytes,), np.dtype(np.uint8)) if nbytes else None
@@ -305,6 +322,7 @@ class HostPlace(Place):
 
     kind = "cpu"
     backend = _cpu
+    has_workspaces = False
 
     def numpy_view(self, a, name: str, function: str) -> np.ndarray:
         raise NotImplementedError
@@ -379,6 +397,7 @@ class HostPlace(Place):
     # One compiled call for all the arrays: a numpy array's address costs
     # more to read from Python than that call.
     extents = staticmethod(_cpu.byte_extents)
+    meeting_extents = staticmethod(_cpu.meeting_extents)
 
     @staticmethod
     def addresses(a: np.ndarray) -> np.ndarray:

@@ -150,34 +150,34 @@ _OPERAND_NAMES = ("out", "x", "gamma", "beta", "running_mean", "running_var")
 
 
 def _check_running_statistics(place, training: bool, x, out, gamma, beta, running_mean,
-                              running_var, function: str, extents=None) -> None:
+                              running_var, function: str, meeting=None) -> None:
     """Training writes the running statistics in place after it has read
     x, gamma and beta and written out, so they must be separate from all of
     those and from each other, with no two of their own elements sharing
-    memory: a ValueError otherwise. `extents`, when the caller has them,
-    are place.extents of (out, x, gamma, beta, running_mean, running_var)."""
+    memory: a ValueError otherwise. `meeting`, when the caller has it, is
+    place.meeting_extents of (out, x, gamma, beta, running_mean,
+    running_var)."""
     if not training or (running_mean is None and running_var is None):
         return
     operands = (out, x, gamma, beta, running_mean, running_var)
-    if extents is None:
-        extents = place.extents(*operands)
+    extents, meets = meeting or place.meeting_extents(*operands)
     for index in (4, 5):
         statistic = operands[index]
         if statistic is None:
             continue
-        name = _OPERAND_NAMES[index]
-        _arrays.check_no_internal_overlap(statistic, name, function)
-        extent = low, high = extents[index]
-        for other_index, other_extent in enumerate(extents):
-            # Extents that do not meet settle it here, inline: this loop runs
-            # on every training call.
-            if (other_extent is not None and other_index != index and other_extent[0] < high
-                    and low < other_extent[1]
-                    and place.may_share_memory(statistic, operands[other_index],
-                                               (extent, other_extent))):
-                raise ValueError(f"fusednn.{function}: {name} is updated in place but "
-                                 f"shares memory with {_OPERAND_NAMES[other_index]}; pass "
-                                 "separate arrays")
+        # (channels,) arrays: the 1-d test of check_no_internal_overlap,
+        # inline (this runs on every training call).
+        stride, itemsize = statistic.strides[0], statistic.dtype.itemsize
+        if statistic.shape[0] > 1 and -itemsize < stride < itemsize:
+            _arrays.check_no_internal_overlap(statistic, _OPERAND_NAMES[index], function)
+        if not meets[index]:  # apart from every other operand: the usual case
+            continue
+        for other_index in range(6):
+            if meets[index] >> other_index & 1 and place.may_share_memory(
+                    statistic, operands[other_index], (extents[index], extents[other_index])):
+                raise ValueError(f"fusednn.{function}: {_OPERAND_NAMES[index]} is updated in "
+                                 f"place but shares memory with {_OPERAND_NAMES[other_index]}; "
+                                 "pass separate arrays")
 
 
 # ---- public functions -----------------------------------------------------------
@@ -185,7 +185,9 @@ def _check_running_statistics(place, training: bool, x, out, gamma, beta, runnin
 
 def _workspace(place, x, axis: int):
     """The backend's scratch buffer for a batch-norm call on x (the CPU
-    needs none)."""
+    needs none: its places have no workspaces)."""
+    if not place.has_workspaces:
+        return None
     return place.workspace(_workspace_bytes(place.backend, x.shape, axis, x.dtype))
 
 
@@ -236,7 +238,7 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                                 writable=training)
     running_var = _per_channel(place, running_var, "running_var", channels, function,
                                writable=training)
-    if training and _values_per_channel(x.shape, ax) < 2:
+    if training and (x.size // channels if channels else _values_per_channel(x.shape, ax)) < 2:
         raise ValueError(f"fusednn.{function}: training needs more than one value per channel, "
                          f"got input shape {x.shape} with channel axis {ax}")
     if not training and (running_mean is None or running_var is None):
@@ -244,18 +246,21 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
                          "and running_var; pass both")
     y = place.output(out, x, function)
     # One look at every operand's bytes serves the checks and the copies.
-    extents = place.extents(y, x, gamma, beta, running_mean, running_var)
+    meeting = extents, meets = place.meeting_extents(y, x, gamma, beta, running_mean,
+                                                     running_var)
     _check_running_statistics(place, training, x, y, gamma, beta, running_mean, running_var,
-                              function, extents)
-    y_extent = extents[0]
-    x = _channel_viewable(place, place.detach(x, y, extents=(extents[1], y_extent)), ax)
-    gamma = place.detach(gamma, y, elementwise=False, extents=(extents[2], y_extent))
-    beta = place.detach(beta, y, elementwise=False, extents=(extents[3], y_extent))
-    if not training:
-        running_mean = place.detach(running_mean, y, elementwise=False,
-                                    extents=(extents[4], y_extent))
-        running_var = place.detach(running_var, y, elementwise=False,
-                                   extents=(extents[5], y_extent))
+                              function, meeting)
+    if meets[0]:  # some operand's bytes reach into y's: copy those that share memory with it
+        y_extent = extents[0]
+        x = place.detach(x, y, extents=(extents[1], y_extent))
+        gamma = place.detach(gamma, y, elementwise=False, extents=(extents[2], y_extent))
+        beta = place.detach(beta, y, elementwise=False, extents=(extents[3], y_extent))
+        if not training:
+            running_mean = place.detach(running_mean, y, elementwise=False,
+                                        extents=(extents[4], y_extent))
+            running_var = place.detach(running_var, y, elementwise=False,
+                                       extents=(extents[5], y_extent))
+    x = _channel_viewable(place, x, ax)
     statistics = _statistics_dtype(x.dtype)
     save_mean = place.empty((channels,), statistics)
     save_invstd = place.empty((channels,), statistics)
@@ -332,18 +337,21 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     save_mean = _per_channel(place, save_mean, "save_mean", channels, function)
     save_invstd = _per_channel(place, save_invstd, "save_invstd", channels, function)
     grad_input = place.output(out, x, function)
-    extents = place.extents(grad_input, grad_output, x, y, gamma, save_mean, save_invstd)
-    out_extent = extents[0]
-    grad_output = _channel_viewable(
-        place, place.detach(grad_output, grad_input, extents=(extents[1], out_extent)), ax)
-    x = _channel_viewable(place, place.detach(x, grad_input, extents=(extents[2], out_extent)),
-                          ax)
+    extents, meets = place.meeting_extents(grad_input, grad_output, x, y, gamma, save_mean,
+                                           save_invstd)
+    if meets[0]:  # some operand's bytes reach into grad_input's: copy those that share it
+        out_extent = extents[0]
+        grad_output = place.detach(grad_output, grad_input, extents=(extents[1], out_extent))
+        x = place.detach(x, grad_input, extents=(extents[2], out_extent))
+        if relu:
+            y = place.detach(y, grad_input, extents=(extents[3], out_extent))
+        gamma, save_mean, save_invstd = (
+            place.detach(a, grad_input, elementwise=False, extents=(extent, out_extent))
+            for a, extent in zip((gamma, save_mean, save_invstd), extents[4:]))
+    grad_output = _channel_viewable(place, grad_output, ax)
+    x = _channel_viewable(place, x, ax)
     if relu:
-        y = _channel_viewable(place, place.detach(y, grad_input, extents=(extents[3], out_extent)),
-                              ax)
-    gamma, save_mean, save_invstd = (
-        place.detach(a, grad_input, elementwise=False, extents=(extent, out_extent))
-        for a, extent in zip((gamma, save_mean, save_invstd), extents[4:]))
+        y = _channel_viewable(place, y, ax)
     statistics = _statistics_dtype(x.dtype)
     grad_gamma = place.empty((channels,), statistics)
     grad_beta = place.empty((channels,), statistics)
