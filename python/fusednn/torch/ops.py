@@ -1,15 +1,28 @@
 """fusednn's kernels as PyTorch operators: ``torch.ops.fusednn.*``.
 
-Each kernel is registered with ``torch.library.custom_op`` under the
-namespace ``fusednn``, with a fake (meta) implementation that propagates
-shape, dtype, strides and device, so that ``torch.compile(fullgraph=True)``
-and ``torch.export`` trace through it, and an autograd formula whose
-backward is fusednn's own backward kernel, itself an operator here. The
-implementations call fusednn's public functions on the tensors (CPU tensors
-are viewed as numpy arrays, CUDA tensors as CuPy arrays, without copies),
-writing into outputs allocated here by torch, so that results keep the
-input's memory format (channels_last stays channels_last) and CUDA memory
-comes from torch's caching allocator.
+Each kernel is an operator of the ``fusednn`` namespace, defined with its
+schema on a ``torch.library.Library`` and implemented for the CPU and CUDA
+dispatch keys by a plain Python function, with a fake (meta)
+implementation that propagates shape, dtype, strides and device, so that
+``torch.compile(fullgraph=True)`` and ``torch.export`` trace through it,
+and an autograd formula whose backward is fusednn's own backward kernel,
+itself an operator here. The implementations call fusednn's public
+functions on the tensors (CPU tensors are viewed as numpy arrays, CUDA
+tensors as CuPy arrays, without copies), writing into outputs allocated
+here by torch, so that results keep the input's memory format
+(channels_last stays channels_last) and CUDA memory comes from torch's
+caching allocator.
+
+Why not ``torch.library.custom_op``: it wraps every call in layers of
+Python (its own autograd and ADInplaceOrView kernels, a backend wrapper,
+argument defaults, a dynamo-disable wrapper) that cost a batch-norm call
+about 70 us on top of the kernel's 30 us, and a compiled graph calls the
+operators through all of them. A kernel registered per dispatch key is
+one Python call behind the C++ dispatcher. Batch norm, its backward and
+the activations carry the ``flexible_layout`` tag: they take any strides
+(channels_last included) and their outputs follow the input's, so that
+inductor, which keeps convolution outputs channels_last on the CPU, does
+not copy them to NCHW and back around each operator.
 
 Dropout takes its random stream as ``rng``, a CPU int64 tensor
 ``[seed, offset]`` (read modulo 2**64), rather than Python integers: a
@@ -31,6 +44,14 @@ and ``fusednn::batch_norm_backward`` masks grad_output with it
 backward is linear in the gradient and constant in the saved tensor, so
 that it is its own derivative: dropout (both forms) and the
 piecewise-linear activations relu, leaky_relu and hardtanh.
+
+The differentiable functions here (``activation``, ``batch_norm``,
+``dropout``, ``dropout_with_mask``) are ``autograd.Function``s that, in
+plain eager mode, call the kernel functions themselves rather than the
+operators: the dispatcher adds nothing inside a Function that already does
+autograd, and an operator's registered autograd binds its arguments with
+``inspect`` on every call. Under tracing they call the operators, so that a
+graph holds them as single nodes.
 """
 from __future__ import annotations
 
@@ -115,7 +136,11 @@ def _parameter_schema(name: str) -> str:
 
 
 def _keywords(name: str, values) -> dict:
-    return {key: value for (key, _, _), value in zip(ACTIVATION_PARAMETERS[name], values)}
+    """The activation's parameters by name from their values in schema
+    order; the dispatcher leaves out trailing arguments that equal their
+    defaults, which come from ACTIVATION_PARAMETERS."""
+    return {key: values[i] if i < len(values) else default
+            for i, (key, _, default) in enumerate(ACTIVATION_PARAMETERS[name])}
 
 
 def _saves_output(name: str, params: dict) -> bool:
@@ -125,90 +150,183 @@ def _saves_output(name: str, params: dict) -> bool:
     return condition is None or params[condition] >= 0
 
 
+# ---- operator definitions ------------------------------------------------------------
+
+_LIBRARY = torch.library.Library("fusednn", "DEF")
+# The tags of operators that take inputs of any strides and lay their
+# outputs out like their inputs (see the module docstring).
+_FLEXIBLE = (torch.Tag.pt2_compliant_tag, torch.Tag.flexible_layout)
+_FIXED = (torch.Tag.pt2_compliant_tag,)
+
+
+def _define(name: str, schema: str, kernel, fake, *, tags=_FIXED):
+    """Defines fusednn::<name><schema>, implemented by `kernel` on the CPU
+    and CUDA dispatch keys (the dispatcher fills in defaults and passes
+    every argument positionally) and by `fake` for fake tensors; returns
+    the operator overload."""
+    _LIBRARY.define(f"{name}{schema}", tags=tags)
+    for key in ("CPU", "CUDA"):
+        _LIBRARY.impl(name, kernel, key)
+    torch.library.register_fake(f"fusednn::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.fusednn, name).default
+
+
+def _register_autograd(op, backward, setup_context) -> None:
+    torch.library.register_autograd(op, backward, setup_context=setup_context, lib=_LIBRARY)
+
+
+def _eager(x: Tensor) -> bool:
+    """Whether a call on x runs in plain eager mode: a plain tensor, no
+    compilation or export tracing it, no dispatch mode (fake tensors,
+    make_fx) active. There the autograd.Functions below call the kernel
+    functions themselves (see the module docstring); traced code keeps the
+    operators as single nodes."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and _len_torch_dispatch_stack() == 0)
+
+
+def _eager_backward(grad: Tensor) -> bool:
+    """_eager for a Function's backward, which must also build a graph
+    (through the operators' own autograd) when it runs with
+    create_graph=True."""
+    return not torch.is_grad_enabled() and _eager(grad)
+
+
 # ---- activations ------------------------------------------------------------------
 
 
-def _make_activation(name: str):
-    """Registers fusednn::<name> and fusednn::<name>_backward with their
-    fake implementations and autograd."""
+class _Activation:
+    """One activation: its two operators and the kernels behind them."""
 
-    def forward(x, *values):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        params = _parameter_schema(name)
+        self.forward_op = _define(name, f"(Tensor x{params}) -> Tensor", self.forward,
+                                  self.forward_fake, tags=_FLEXIBLE)
+        self.backward_op = _define(
+            f"{name}_backward",
+            f"(Tensor grad_output, Tensor saved, bool saved_is_output{params}) -> Tensor",
+            self.backward, self.backward_fake, tags=_FLEXIBLE)
+        _register_autograd(self.forward_op, self.op_backward, self.op_setup_context)
+        if name in _PIECEWISE_LINEAR:
+            _register_autograd(self.backward_op, self.double_backward,
+                               self.backward_setup_context)
+
+    def forward(self, x, *values):
+        params = _keywords(self.name, values)
+        if x.is_cpu and x.is_contiguous():
+            # fusednn allocates the C-contiguous result itself, which its
+            # out= checks would cost as much again as this call on small
+            # tensors. On CUDA, out= keeps the memory in torch's allocator.
+            return fn.activation(self.name, x, **params)
         out = torch.empty_like(x)
         x_view, out_view = _in_memory_order(x, x, out)
-        fn.activation(name, x_view, out=out_view, **_keywords(name, values))
+        fn.activation(self.name, x_view, out=out_view, **params)
         return out
 
-    def backward_kernel(grad_output, saved, saved_is_output, *values):
-        layout = _memory_format(saved)
-        grad_output = grad_output.contiguous(memory_format=layout)
-        out = torch.empty_like(grad_output, memory_format=layout)
-        which = "y" if saved_is_output else "x"
-        grad_view, saved_view, out_view = _in_memory_order(saved, grad_output, saved, out)
-        fn.activation_backward(name, grad_view, out=out_view, **{which: saved_view},
-                               **_keywords(name, values))
-        return out
-
-    params = _parameter_schema(name)
-    forward_op = torch.library.custom_op(
-        f"fusednn::{name}", forward, mutates_args=(),
-        schema=f"(Tensor x{params}) -> Tensor")
-    backward_op = torch.library.custom_op(
-        f"fusednn::{name}_backward", backward_kernel, mutates_args=(),
-        schema=f"(Tensor grad_output, Tensor saved, bool saved_is_output{params}) -> Tensor")
-
-    @forward_op.register_fake
-    def _(x, *values):
+    @staticmethod
+    def forward_fake(x, *values):
         return torch.empty_like(x)
 
-    @backward_op.register_fake
-    def _(grad_output, saved, saved_is_output, *values):
+    def backward(self, grad_output, saved, saved_is_output, *values):
+        params = _keywords(self.name, values)
+        which = "y" if saved_is_output else "x"
+        layout = _memory_format(saved)
+        grad_output = grad_output.contiguous(memory_format=layout)
+        if layout == torch.contiguous_format and saved.is_cpu and saved.is_contiguous():
+            return fn.activation_backward(self.name, grad_output, **{which: saved}, **params)
+        out = torch.empty_like(grad_output, memory_format=layout)
+        grad_view, saved_view, out_view = _in_memory_order(saved, grad_output, saved, out)
+        fn.activation_backward(self.name, grad_view, out=out_view, **{which: saved_view},
+                               **params)
+        return out
+
+    @staticmethod
+    def backward_fake(grad_output, saved, saved_is_output, *values):
         return torch.empty_like(grad_output, memory_format=_memory_format(saved))
 
-    def setup_context(ctx, inputs, output):
+    def saves_output(self, values) -> bool:
+        return _saves_output(self.name, _keywords(self.name, values))
+
+    # The operators' own autograd, for callers of torch.ops.fusednn.<name>.
+
+    def op_setup_context(self, ctx, inputs, output):
         x, *values = inputs
         ctx.values = values
-        ctx.saved_is_output = _saves_output(name, _keywords(name, values))
+        ctx.saved_is_output = self.saves_output(values)
         ctx.save_for_backward(output if ctx.saved_is_output else x)
 
-    def backward(ctx, grad_output):
+    def op_backward(self, ctx, grad_output):
         (saved,) = ctx.saved_tensors
-        grad = backward_op(grad_output, saved, ctx.saved_is_output, *ctx.values)
+        grad = self.backward_op(grad_output, saved, ctx.saved_is_output, *ctx.values)
         return (grad,) + (None,) * len(ctx.values)
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
+    @staticmethod
+    def backward_setup_context(ctx, inputs, output):
+        _, saved, saved_is_output, *values = inputs
+        ctx.values = (saved_is_output, *values)
+        ctx.save_for_backward(saved)
 
-    if name in _PIECEWISE_LINEAR:
-        def setup_backward_context(ctx, inputs, output):
-            _, saved, saved_is_output, *values = inputs
-            ctx.values = (saved_is_output, *values)
-            ctx.save_for_backward(saved)
-
-        def double_backward(ctx, grad_grad):
-            (saved,) = ctx.saved_tensors
-            return (backward_op(grad_grad, saved, *ctx.values), None) + \
-                (None,) * len(ctx.values)
-
-        backward_op.register_autograd(double_backward, setup_context=setup_backward_context)
-    return forward_op, backward_op
+    def double_backward(self, ctx, grad_grad):
+        (saved,) = ctx.saved_tensors
+        return (self.backward_op(grad_grad, saved, *ctx.values), None) + \
+            (None,) * len(ctx.values)
 
 
-_ACTIVATION_OPS = {name: _make_activation(name) for name in ACTIVATION_PARAMETERS}
+_ACTIVATIONS = {name: _Activation(name) for name in ACTIVATION_PARAMETERS}
+
+
+class _ActivationFunction(torch.autograd.Function):
+    """activation() below: the operators' autograd without their dispatch
+    in eager mode (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, name, values):
+        activation = _ACTIVATIONS[name]
+        y = (activation.forward if _eager(x) else activation.forward_op)(x, *values)
+        ctx.name, ctx.values = name, values
+        ctx.saved_is_output = activation.saves_output(values)
+        ctx.save_for_backward(y if ctx.saved_is_output else x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (saved,) = ctx.saved_tensors
+        activation = _ACTIVATIONS[ctx.name]
+        run = activation.backward if _eager_backward(grad_output) else activation.backward_op
+        return run(grad_output, saved, ctx.saved_is_output, *ctx.values), None, None
+
+
+def _activation(name: str) -> _Activation:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"fusednn.torch: unknown activation {name!r}; "
+                         f"choose one of {', '.join(ACTIVATION_PARAMETERS)}")
+    return _ACTIVATIONS[name]
+
+
+def _values(name: str, params: dict) -> tuple:
+    """params as the positional values of the schema's parameters, with
+    PyTorch's defaults for those not given."""
+    unknown = set(params) - {key for key, _, _ in ACTIVATION_PARAMETERS[name]}
+    if unknown:
+        raise TypeError(f"fusednn.torch: {name} takes "
+                        f"{', '.join(k for k, _, _ in ACTIVATION_PARAMETERS[name]) or 'no parameters'}"
+                        f", not {', '.join(sorted(unknown))}")
+    return tuple(params.get(key, default) for key, _, default in ACTIVATION_PARAMETERS[name])
 
 
 def activation(name: str, x: Tensor, **params) -> Tensor:
-    """``torch.ops.fusednn.<name>(x, **params)``: the differentiable
-    activation ``name`` (one of ``fusednn.ACTIVATIONS``) with PyTorch's
-    parameter names and defaults."""
-    if name not in _ACTIVATION_OPS:
-        raise ValueError(f"fusednn.torch: unknown activation {name!r}; "
-                         f"choose one of {', '.join(ACTIVATION_PARAMETERS)}")
-    return _ACTIVATION_OPS[name][0](x, **params)
+    """The differentiable activation ``name`` (one of
+    ``fusednn.ACTIVATIONS``) with PyTorch's parameter names and defaults:
+    ``torch.ops.fusednn.<name>(x, **params)``, whose autograd it shares."""
+    _activation(name)
+    return _ActivationFunction.apply(x, name, _values(name, params))
 
 
 def activation_backward(name: str, grad_output: Tensor, x: Tensor, **params) -> Tensor:
     """The gradient of ``activation(name, x, **params)`` for
     ``grad_output``, from the forward input x."""
-    return _ACTIVATION_OPS[name][1](grad_output, x, False, **params)
+    return _activation(name).backward_op(grad_output, x, False, *_values(name, params))
 
 
 # ---- batch normalization ----------------------------------------------------------
@@ -233,11 +351,11 @@ def _batch_norm_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     result = fn.batch_norm(x_view, weight, bias, running_mean, running_var, training=training,
                            momentum=momentum, eps=eps, axis=axis,
                            activation="relu" if relu else None, out=out_view)
+    if training and running_mean is not None:
+        # The kernel wrote them through their memory, which autograd's
+        # version counters do not see.
+        torch.autograd.graph.increment_version((running_mean, running_var))
     return out, result.save_mean, result.save_invstd
-
-
-_batch_norm_op = torch.library.custom_op(
-    "fusednn::batch_norm", _batch_norm_kernel, mutates_args=("running_mean", "running_var"))
 
 
 def _channel_last_views(x: Tensor, other: Tensor, axis: int):
@@ -249,12 +367,20 @@ def _channel_last_views(x: Tensor, other: Tensor, axis: int):
     return x, other, axis
 
 
-@_batch_norm_op.register_fake
-def _(x, weight, bias, running_mean, running_var, training, momentum, eps, axis, relu=False):
+def _batch_norm_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                     relu=False):
     channels = x.shape[axis]
     dtype = _statistics_dtype(x)
     return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
             x.new_empty(channels, dtype=dtype))
+
+
+_batch_norm_op = _define(
+    "batch_norm",
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, bool training, float momentum, float eps, SymInt axis, "
+    "bool relu=False) -> (Tensor, Tensor, Tensor)",
+    _batch_norm_kernel, _batch_norm_fake, tags=_FLEXIBLE)
 
 
 def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -281,29 +407,19 @@ def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional
     return out, grad_weight, grad_bias
 
 
-batch_norm_backward = torch.library.custom_op("fusednn::batch_norm_backward",
-                                              _batch_norm_backward_kernel, mutates_args=())
-
-
-@batch_norm_backward.register_fake
-def _(grad_output, x, weight, save_mean, save_invstd, training, axis, relu_output=None):
+def _batch_norm_backward_fake(grad_output, x, weight, save_mean, save_invstd, training, axis,
+                              relu_output=None):
     channels = x.shape[axis]
     dtype = _statistics_dtype(x)
     return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
             x.new_empty(channels, dtype=dtype))
 
 
-def _eager(x: Tensor) -> bool:
-    """Whether a call on x runs in plain eager mode: a plain tensor, no
-    compilation or export tracing it, no dispatch mode (fake tensors,
-    make_fx) active. There the autograd.Function below calls the kernel
-    functions themselves: the operator's dispatch layers in Python
-    (autograd, ADInplaceOrView, the backend wrapper, argument defaults)
-    took about 170 us per batch-norm call and add nothing inside a
-    Function that already does autograd. Traced code keeps the operators
-    as single nodes."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and _len_torch_dispatch_stack() == 0)
+batch_norm_backward = _define(
+    "batch_norm_backward",
+    "(Tensor grad_output, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+    "bool training, SymInt axis, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
+    _batch_norm_backward_kernel, _batch_norm_backward_fake, tags=_FLEXIBLE)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -332,7 +448,7 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, save_mean, save_invstd, relu_output = ctx.saved_tensors
-        run = _batch_norm_backward_kernel if _eager(grad_y) else batch_norm_backward
+        run = _batch_norm_backward_kernel if _eager_backward(grad_y) else batch_norm_backward
         grad_x, grad_weight, grad_bias = run(grad_y, x, weight, save_mean, save_invstd,
                                              ctx.training, ctx.axis, relu_output)
         if weight is not None and grad_weight.dtype != weight.dtype:
@@ -379,39 +495,35 @@ def draw_rng(generator: Optional[torch.Generator] = None) -> Tensor:
                          generator=generator)
 
 
-def _fake_like_first(op) -> None:
-    """Registers the fake implementation of an operator whose one result
-    has the shape, dtype and layout of its first argument."""
-    op.register_fake(lambda first, *args, **kwargs: torch.empty_like(first))
+def _like_first(first, *args):
+    """The fake result of an operator whose one result has the shape,
+    dtype and layout of its first argument."""
+    return torch.empty_like(first)
 
 
 def _mask_bytes(x: Tensor) -> int:
     return (x.numel() + 7) // 8
 
 
-@torch.library.custom_op("fusednn::dropout", mutates_args=())
-def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
-    """Inverted dropout ``x * mask / (1 - p)`` with the mask of ``rng =
-    [seed, offset]``; backward regenerates the mask."""
+def _dropout_kernel(x: Tensor, p: float, rng: Tensor) -> Tensor:
     seed, offset, start = _stream(rng)
     out = torch.empty_like(x)
     fn.dropout(x, p, seed=seed, offset=offset, start=start, out=out)
     return out
 
 
-_fake_like_first(dropout)
-
-
-@torch.library.custom_op("fusednn::dropout_backward", mutates_args=())
-def dropout_backward(grad_output: Tensor, p: float, rng: Tensor) -> Tensor:
-    """``grad_output * mask / (1 - p)``, the mask regenerated from rng."""
+def _dropout_backward_kernel(grad_output: Tensor, p: float, rng: Tensor) -> Tensor:
     seed, offset, start = _stream(rng)
     out = torch.empty_like(grad_output)
     fn.dropout_backward(grad_output, p, seed=seed, offset=offset, start=start, out=out)
     return out
 
 
-_fake_like_first(dropout_backward)
+_dropout_op = _define("dropout", "(Tensor x, float p, Tensor rng) -> Tensor", _dropout_kernel,
+                      _like_first)
+# ``grad_output * mask / (1 - p)``, the mask regenerated from rng.
+dropout_backward = _define("dropout_backward", "(Tensor grad_output, float p, Tensor rng) -> Tensor",
+                           _dropout_backward_kernel, _like_first)
 
 
 def _dropout_setup_context(ctx, inputs, output):
@@ -426,15 +538,36 @@ def _dropout_gradient(ctx, grad):
     return dropout_backward(grad, ctx.p, rng), None, None
 
 
-dropout.register_autograd(_dropout_gradient, setup_context=_dropout_setup_context)
-dropout_backward.register_autograd(_dropout_gradient, setup_context=_dropout_setup_context)
+_register_autograd(_dropout_op, _dropout_gradient, _dropout_setup_context)
+_register_autograd(dropout_backward, _dropout_gradient, _dropout_setup_context)
 
 
-@torch.library.custom_op("fusednn::dropout_with_mask", mutates_args=())
-def dropout_with_mask(x: Tensor, p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
-    """``dropout`` that also returns the bit-packed uint8 mask
-    (``(x.numel() + 7) // 8`` bytes), which backward reads instead of
-    regenerating it."""
+class _Dropout(torch.autograd.Function):
+    """dropout() below: fusednn::dropout's autograd without the dispatch
+    in eager mode (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, p, rng):
+        y = (_dropout_kernel if _eager(x) else _dropout_op)(x, p, rng)
+        ctx.p = p
+        ctx.save_for_backward(rng)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rng,) = ctx.saved_tensors
+        run = _dropout_backward_kernel if _eager_backward(grad) else dropout_backward
+        return run(grad, ctx.p, rng), None, None
+
+
+def dropout(x: Tensor, p: float, rng: Tensor) -> Tensor:
+    """Inverted dropout ``x * mask / (1 - p)`` with the mask of ``rng =
+    [seed, offset]`` (``torch.ops.fusednn.dropout``); backward regenerates
+    the mask."""
+    return _Dropout.apply(x, p, rng)
+
+
+def _dropout_with_mask_kernel(x: Tensor, p: float, rng: Tensor) -> tuple[Tensor, Tensor]:
     seed, offset, start = _stream(rng)
     out = torch.empty_like(x)
     _, mask = fn.dropout(x, p, seed=seed, offset=offset, start=start, return_mask=True,
@@ -442,20 +575,26 @@ def dropout_with_mask(x: Tensor, p: float, rng: Tensor) -> tuple[Tensor, Tensor]
     return out, mask
 
 
-@dropout_with_mask.register_fake
-def _(x, p, rng):
+def _dropout_with_mask_fake(x, p, rng):
     return torch.empty_like(x), x.new_empty(_mask_bytes(x), dtype=torch.uint8)
 
 
-@torch.library.custom_op("fusednn::dropout_backward_with_mask", mutates_args=())
-def dropout_backward_with_mask(grad_output: Tensor, mask: Tensor, p: float) -> Tensor:
-    """``grad_output * mask / (1 - p)`` with the bit-packed mask."""
+def _dropout_backward_with_mask_kernel(grad_output: Tensor, mask: Tensor, p: float) -> Tensor:
     out = torch.empty_like(grad_output)
     fn.dropout_backward(grad_output, p, mask=mask, out=out)
     return out
 
 
-_fake_like_first(dropout_backward_with_mask)
+# ``dropout`` that also returns the bit-packed uint8 mask
+# (``(x.numel() + 7) // 8`` bytes), which backward reads instead of
+# regenerating it.
+dropout_with_mask = _define("dropout_with_mask",
+                            "(Tensor x, float p, Tensor rng) -> (Tensor, Tensor)",
+                            _dropout_with_mask_kernel, _dropout_with_mask_fake)
+# ``grad_output * mask / (1 - p)`` with the bit-packed mask.
+dropout_backward_with_mask = _define(
+    "dropout_backward_with_mask", "(Tensor grad_output, Tensor mask, float p) -> Tensor",
+    _dropout_backward_with_mask_kernel, _like_first)
 
 
 def _masked_setup_context(ctx, inputs, output):
@@ -480,16 +619,16 @@ def _masked_backward_backward(ctx, grad_grad):
     return dropout_backward_with_mask(grad_grad, mask, ctx.p), None, None
 
 
-dropout_with_mask.register_autograd(_masked_backward, setup_context=_masked_setup_context)
-dropout_backward_with_mask.register_autograd(_masked_backward_backward,
-                                             setup_context=_masked_backward_setup_context)
+_register_autograd(dropout_with_mask, _masked_backward, _masked_setup_context)
+_register_autograd(dropout_backward_with_mask, _masked_backward_backward,
+                   _masked_backward_setup_context)
 
 
 # ---- bias + activation + dropout ------------------------------------------------------
 
 
-def _act_params(act: str, negative_slope, alpha, approximate, beta, threshold, min_val,
-                max_val) -> dict:
+def _act_params(act: str, negative_slope=0.01, alpha=1.0, approximate="none", beta=1.0,
+                threshold=20.0, min_val=-1.0, max_val=1.0) -> dict:
     given = {"negative_slope": negative_slope, "alpha": alpha, "approximate": approximate,
              "beta": beta, "threshold": threshold, "min_val": min_val, "max_val": max_val}
     if act not in ACTIVATION_PARAMETERS:
@@ -498,48 +637,47 @@ def _act_params(act: str, negative_slope, alpha, approximate, beta, threshold, m
     return {key: given[key] for key, _, _ in ACTIVATION_PARAMETERS[act]}
 
 
-@torch.library.custom_op("fusednn::bias_act_dropout", mutates_args=())
-def bias_act_dropout(h: Tensor, bias: Tensor, act: str, p: float, rng: Tensor, axis: int = -1,
-                     negative_slope: float = 0.01, alpha: float = 1.0, approximate: str = "none",
-                     beta: float = 1.0, threshold: float = 20.0, min_val: float = -1.0,
-                     max_val: float = 1.0) -> Tensor:
-    """The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
-    along ``axis``; only the parameters of ``act`` are read."""
+def _bias_act_dropout_kernel(h: Tensor, bias: Tensor, act: str, p: float, rng: Tensor,
+                             axis: int = -1, *values) -> Tensor:
     seed, offset, start = _stream(rng)
-    params = _act_params(act, negative_slope, alpha, approximate, beta, threshold, min_val,
-                         max_val)
     out = torch.empty_like(h)
     fn.bias_act_dropout(h, bias, act, p, seed=seed, offset=offset, start=start, axis=axis,
-                        out=out, **params)
+                        out=out, **_act_params(act, *values))
     return out
 
 
-_fake_like_first(bias_act_dropout)
-
-
-@torch.library.custom_op("fusednn::bias_act_dropout_backward", mutates_args=())
-def bias_act_dropout_backward(grad_output: Tensor, h: Tensor, bias: Tensor, act: str, p: float,
-                              rng: Tensor, axis: int = -1, negative_slope: float = 0.01,
-                              alpha: float = 1.0, approximate: str = "none", beta: float = 1.0,
-                              threshold: float = 20.0, min_val: float = -1.0,
-                              max_val: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(grad_h, grad_bias) of ``bias_act_dropout``, the mask regenerated
-    from rng."""
+def _bias_act_dropout_backward_kernel(grad_output: Tensor, h: Tensor, bias: Tensor, act: str,
+                                      p: float, rng: Tensor, axis: int = -1,
+                                      *values) -> tuple[Tensor, Tensor]:
     seed, offset, start = _stream(rng)
-    params = _act_params(act, negative_slope, alpha, approximate, beta, threshold, min_val,
-                         max_val)
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # C-contiguous: see below
-    # The kernel reduces grad_bias from grad_h as written, which it needs
-    # C-contiguous.
+    # C-contiguous: the kernel reduces grad_bias from grad_h as written,
+    # which it needs C-contiguous.
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     _, grad_bias = fn.bias_act_dropout_backward(grad_output, h, bias, act, p, seed=seed,
                                                 offset=offset, start=start, axis=axis,
-                                                out=grad_h, **params)
+                                                out=grad_h, **_act_params(act, *values))
     return grad_h, grad_bias
 
 
-@bias_act_dropout_backward.register_fake
-def _(grad_output, h, bias, act, p, rng, axis=-1, *params):
+def _bias_act_dropout_backward_fake(grad_output, h, bias, *args):
     return h.new_empty(h.shape), bias.new_empty(bias.shape)
+
+
+_EVERY_ACTIVATION_PARAMETER = (
+    "SymInt axis=-1, float negative_slope=0.01, float alpha=1., str approximate=\"none\", "
+    "float beta=1., float threshold=20., float min_val=-1., float max_val=1.")
+# The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
+# along ``axis``; only the parameters of ``act`` are read.
+bias_act_dropout = _define(
+    "bias_act_dropout",
+    f"(Tensor h, Tensor bias, str act, float p, Tensor rng, {_EVERY_ACTIVATION_PARAMETER}) "
+    "-> Tensor", _bias_act_dropout_kernel, _like_first)
+# (grad_h, grad_bias) of ``bias_act_dropout``, the mask regenerated from rng.
+bias_act_dropout_backward = _define(
+    "bias_act_dropout_backward",
+    f"(Tensor grad_output, Tensor h, Tensor bias, str act, float p, Tensor rng, "
+    f"{_EVERY_ACTIVATION_PARAMETER}) -> (Tensor, Tensor)",
+    _bias_act_dropout_backward_kernel, _bias_act_dropout_backward_fake)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -550,9 +688,8 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, grad_output):
     h, bias = ctx.saved_tensors
-    act, p, rng, *params = ctx.rest
-    grad_h, grad_bias = bias_act_dropout_backward(grad_output, h, bias, act, p, rng, *params)
+    grad_h, grad_bias = bias_act_dropout_backward(grad_output, h, bias, *ctx.rest)
     return (grad_h, grad_bias) + (None,) * len(ctx.rest)
 
 
-bias_act_dropout.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+_register_autograd(bias_act_dropout, _fused_backward, _fused_setup_context)
