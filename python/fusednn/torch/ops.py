@@ -175,6 +175,19 @@ def _register_autograd(op, backward, setup_context) -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context, lib=_LIBRARY)
 
 
+def _refuse_autograd(op, advice: str) -> None:
+    """Registers an autograd kernel for an operator with no derivative
+    formula of its own, which raises when a gradient would be recorded
+    (rather than letting autograd's fallback record a node that cannot
+    backpropagate) and otherwise passes the call on to the kernel."""
+    def kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+            raise RuntimeError(f"{op.name()} has no autograd formula: {advice}")
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+    _LIBRARY.impl(op.name().partition("::")[2], kernel, "Autograd", with_keyset=True)
+
+
 def _eager(x: Tensor) -> bool:
     """Whether a call on x runs in plain eager mode: a plain tensor, no
     compilation or export tracing it, no dispatch mode (fake tensors,
@@ -307,11 +320,11 @@ def _activation(name: str) -> _Activation:
 def _values(name: str, params: dict) -> tuple:
     """params as the positional values of the schema's parameters, with
     PyTorch's defaults for those not given."""
-    unknown = set(params) - {key for key, _, _ in ACTIVATION_PARAMETERS[name]}
+    known = [key for key, _, _ in ACTIVATION_PARAMETERS[name]]
+    unknown = sorted(set(params) - set(known))
     if unknown:
-        raise TypeError(f"fusednn.torch: {name} takes "
-                        f"{', '.join(k for k, _, _ in ACTIVATION_PARAMETERS[name]) or 'no parameters'}"
-                        f", not {', '.join(sorted(unknown))}")
+        raise TypeError(f"fusednn.torch: {name} takes {', '.join(known) or 'no parameters'}, "
+                        f"not {', '.join(unknown)}")
     return tuple(params.get(key, default) for key, _, default in ACTIVATION_PARAMETERS[name])
 
 
@@ -381,6 +394,7 @@ _batch_norm_op = _define(
     "Tensor(b!)? running_var, bool training, float momentum, float eps, SymInt axis, "
     "bool relu=False) -> (Tensor, Tensor, Tensor)",
     _batch_norm_kernel, _batch_norm_fake, tags=_FLEXIBLE)
+_refuse_autograd(_batch_norm_op, "differentiate fusednn.torch.ops.batch_norm, which has one")
 
 
 def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -420,6 +434,7 @@ batch_norm_backward = _define(
     "(Tensor grad_output, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
     "bool training, SymInt axis, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
     _batch_norm_backward_kernel, _batch_norm_backward_fake, tags=_FLEXIBLE)
+_refuse_autograd(batch_norm_backward, "batch norm has no double backward in fusednn.torch")
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -522,7 +537,8 @@ def _dropout_backward_kernel(grad_output: Tensor, p: float, rng: Tensor) -> Tens
 _dropout_op = _define("dropout", "(Tensor x, float p, Tensor rng) -> Tensor", _dropout_kernel,
                       _like_first)
 # ``grad_output * mask / (1 - p)``, the mask regenerated from rng.
-dropout_backward = _define("dropout_backward", "(Tensor grad_output, float p, Tensor rng) -> Tensor",
+dropout_backward = _define("dropout_backward",
+                           "(Tensor grad_output, float p, Tensor rng) -> Tensor",
                            _dropout_backward_kernel, _like_first)
 
 
