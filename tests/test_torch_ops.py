@@ -4,9 +4,14 @@ operator, gradcheck in float64 for every differentiable one and
 gradgradcheck where double backward is registered, the same bits as
 fusednn's functions, dropout's mask as DESIGN section 5 draws it for the
 ``[seed, offset]`` pair, and tracing under ``torch.compile(fullgraph=True)``
-and ``torch.export``. Skips when PyTorch is not installed.
+and ``torch.export``; the eager Functions bypass the dispatcher while
+traces keep the operators, and inductor passes convolution outputs to
+batch norm without layout copies. Skips when PyTorch is not installed.
 """
 from __future__ import annotations
+
+import copy
+import re
 
 import numpy as np
 import pytest
@@ -338,3 +343,123 @@ def test_export_keeps_the_operators():
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert {"fusednn.batch_norm.default", "fusednn.gelu.default", "fusednn.dropout.default",
             "fusednn.bias_act_dropout.default"} <= targets
+
+
+# ---- the eager path and the compiled path -----------------------------------------
+
+
+def fusednn_operators_run(step) -> set:
+    """The fusednn operators the dispatcher saw while step() ran."""
+    with torch.profiler.profile() as profile:
+        step()
+    return {event.name for event in profile.events() if event.name.startswith("fusednn::")}
+
+
+def test_eager_calls_skip_the_dispatcher():
+    # ops.activation, ops.dropout and ops.batch_norm run the kernel
+    # functions themselves in eager mode, forward and backward; the
+    # operators' own autograd still serves direct callers.
+    x = normals(6, 3, 4, requires_grad=True)
+    weight, bias = normals(3, requires_grad=True), normals(3, requires_grad=True)
+
+    def step():
+        y = ops.activation("gelu", x, approximate="tanh")
+        y = ops.dropout(y, 0.3, rng_pair())
+        y = ops.batch_norm(y, weight, bias, None, None, True, 0.1, 1e-5, 1, relu=True)
+        y.sum().backward()
+
+    assert fusednn_operators_run(step) == set()
+    assert fusednn_operators_run(
+        lambda: torch.ops.fusednn.gelu(x).sum().backward()) == {"fusednn::gelu",
+                                                                 "fusednn::gelu_backward"}
+
+
+def test_eager_activation_and_dropout_match_the_operators():
+    x = normals(7, 5, requires_grad=True)
+    g = normals(7, 5)
+    for f, op in ((lambda t: ops.activation("elu", t, alpha=0.7),
+                   lambda t: torch.ops.fusednn.elu(t, alpha=0.7)),
+                  (lambda t: ops.dropout(t, 0.4, rng_pair(3, 4)),
+                   lambda t: torch.ops.fusednn.dropout(t, 0.4, rng_pair(3, 4)))):
+        expected, got = op(x), f(x)
+        assert torch.equal(got, expected)
+        assert torch.equal(torch.autograd.grad(got, x, g)[0],
+                           torch.autograd.grad(expected, x, g)[0])
+
+
+def test_make_fx_records_the_activation_and_dropout_operators():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(x, g):
+        y = ops.dropout(ops.activation("silu", x), 0.2, rng_pair())
+        return torch.autograd.grad(y, x, g)[0]
+
+    graph = make_fx(step)(normals(4, 5, requires_grad=True), normals(4, 5))
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert {"fusednn.silu.default", "fusednn.silu_backward.default", "fusednn.dropout.default",
+            "fusednn.dropout_backward.default"} <= targets
+
+
+def test_batch_norm_operators_refuse_to_record_a_gradient():
+    x, weight = normals(6, 3, requires_grad=True), normals(3)
+    with pytest.raises(RuntimeError, match="fusednn::batch_norm has no autograd formula"):
+        torch.ops.fusednn.batch_norm(x, weight, None, None, None, True, 0.1, 1e-5, 1)
+    with pytest.raises(RuntimeError, match="fusednn::batch_norm_backward has no autograd"):
+        torch.ops.fusednn.batch_norm_backward(normals(6, 3), x, weight, normals(3), normals(3),
+                                              True, 1)
+    with torch.no_grad():  # without a gradient to record, the call goes through
+        y, _, _ = torch.ops.fusednn.batch_norm(x, weight, None, None, None, True, 0.1, 1e-5, 1)
+    assert torch.equal(y, ops.batch_norm(x.detach(), weight, None, None, None, True, 0.1, 1e-5,
+                                         1))
+
+
+def test_batch_norm_bumps_the_running_statistics_versions():
+    mean, var = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    versions = mean._version, var._version
+    ops.batch_norm(normals(6, 3), None, None, mean, var, True, 0.1, 1e-5, 1)
+    assert mean._version > versions[0] and var._version > versions[1]
+    versions = mean._version, var._version
+    ops.batch_norm(normals(6, 3), None, None, mean, var, False, 0.1, 1e-5, 1)
+    assert (mean._version, var._version) == versions  # inference only reads them
+
+
+@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
+# Inductor's own code calls a deprecated torch.jit decorator.
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+def test_inductor_hands_convolution_outputs_to_batch_norm_as_they_are():
+    # On the CPU inductor keeps convolution outputs channels_last; batch
+    # norm's flexible_layout tag lets it pass them on without a copy to the
+    # NCHW strides seen when tracing. Checked on the generated code of a
+    # training step, and the step against eager.
+    from torch._inductor.utils import run_and_get_code
+    import fusednn.torch as ft
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = []
+    for n_in, n_out in ((3, 8), (8, 16), (16, 16)):
+        layers += [torch.nn.Conv2d(n_in, n_out, 3, padding=1, bias=False),
+                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
+    model = ft.patch(torch.nn.Sequential(*layers)).model
+    compiled_model = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+
+    def step(m):
+        out = m(x)
+        out.square().sum().backward()
+        return out
+
+    expected = step(model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    # A cached graph compiled under other tags would hide what is checked.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        got, code = run_and_get_code(lambda: step(compiled))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+    forward = code[0]
+    convolutions = set(re.findall(r"(buf\d+) = extern_kernels\.convolution\(", forward))
+    batch_norm_inputs = re.findall(r"torch\.ops\.fusednn\.batch_norm\.default\((buf\d+),",
+                                   forward)
+    assert len(batch_norm_inputs) == 3 and set(batch_norm_inputs) <= convolutions

@@ -23,8 +23,9 @@ except ImportError as error:
                       "torch==2.13.0 (the version fusednn.torch is tested with)") from error
 
 if not hasattr(torch.library, "register_autograd"):
-    raise ImportError(f"fusednn.torch needs torch.library.custom_op (PyTorch 2.4 or newer), "
-                      f"but PyTorch {torch.__version__} is installed: pip install torch==2.13.0")
+    raise ImportError(f"fusednn.torch needs torch.library.register_autograd (PyTorch 2.4 or "
+                      f"newer), but PyTorch {torch.__version__} is installed: "
+                      "pip install torch==2.13.0")
 
 from . import nn, ops  # noqa: E402  (after the checks above)
 from .patch import PatchResult, patch, unpatch  # noqa: E402
