@@ -499,10 +499,65 @@ def test_mixed_device_model_is_rejected_at_construction():
 
 def test_cuda_layers_without_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    with pytest.raises(RuntimeError, match="CuPy"):
-        nn.BatchNorm(4, device="cuda")
-    with pytest.raises(RuntimeError, match="CuPy"):
-        nn.Dense(4, 2, device="cuda")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(RuntimeError, match="CuPy"):
+            nn.BatchNorm(4, device=device)
+        with pytest.raises(RuntimeError, match="CuPy"):
+            nn.Dense(4, 2, device=device)
+
+
+def _cpu_devices():
+    """Every CPU spelling of device= the initializers take, by name."""
+    devices = {"numpy array": np.zeros(3, np.float32)}
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        devices["torch.device"] = torch.device("cpu")
+        devices["torch tensor"] = torch.zeros(3)
+    try:
+        import jax.numpy as jnp
+    except ImportError:
+        pass
+    else:
+        devices["JAX array"] = jnp.zeros(3)
+    return devices
+
+
+@pytest.mark.parametrize("name", sorted(_cpu_devices()))
+def test_layers_take_every_cpu_device_spelling(name):
+    """A layer built with a torch.device or beside an array of any library
+    on the CPU holds the numpy arrays of device='cpu', value for value, and
+    trains the same."""
+    device = _cpu_devices()[name]
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    models = [nn.Sequential(nn.Dense(4, 6, init="he_normal", seed=3, device=d),
+                            nn.BatchNorm(6, device=d), nn.Activation("relu"),
+                            nn.Dense(6, 2, seed=4, device=d))
+              for d in ("cpu", device)]
+    for reference, model in zip(*(m.parameters() for m in models)):
+        assert type(model.value) is np.ndarray
+        np.testing.assert_array_equal(model.value, reference.value)
+    outputs = [m(x) for m in models]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    bn = models[1].layers[1]
+    assert type(bn.running_mean) is np.ndarray and type(bn.running_var) is np.ndarray
+
+
+@pytest.mark.parametrize("device,error", [("gpu", ValueError), ("cuda:x", ValueError),
+                                          (0, TypeError), (None, TypeError)])
+def test_layers_refuse_what_the_initializers_refuse(device, error):
+    for build in (lambda: nn.Dense(4, 2, device=device),
+                  lambda: nn.BatchNorm(4, device=device)):
+        with pytest.raises(error, match="device"):
+            build()
+
+
+def test_layers_refuse_a_torch_device_that_is_neither_cpu_nor_cuda():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="torch device meta"):
+        nn.Dense(4, 2, device=torch.device("meta"))
 
 
 # ---- Dense's init options ----------------------------------------------------------------

@@ -38,7 +38,7 @@ import numbers
 
 import numpy as np
 
-from . import _backend
+from . import _arrays, _backend
 from . import init as _init
 from .activations import _check_name, _kernel_params, activation, activation_backward
 from .batchnorm import batch_norm, batch_norm_backward
@@ -129,20 +129,33 @@ def _dtype(dtype, where: str) -> np.dtype:
 
 
 def _device_arg(device, where: str) -> str:
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"{where}: device must be 'cpu' or 'cuda', got {device!r}")
-    return device
+    """Where a layer's arrays live, from any device= that fn.init takes:
+    'cpu', 'cuda', 'cuda:N', a torch.device, or an array to join. Layers
+    hold numpy arrays on the CPU and CuPy arrays on a GPU, so the answer is
+    'cpu' or 'cuda:N' (N resolved: 'cuda' is CuPy's current device); a
+    torch.device or a torch or JAX array chooses the device, not the
+    library."""
+    if isinstance(device, str) and device == "cpu":  # the default, without a look-up
+        return "cpu"
+    place = _arrays.device_place(where.removeprefix("fusednn."), device, kernels=False)
+    return "cpu" if place.kind == "cpu" else f"cuda:{place.device}"
 
 
-def _full(value, shape, dtype, device):
-    if device == "cuda":
-        try:
-            import cupy
-        except ImportError:
-            raise RuntimeError("fusednn.nn: device='cuda' needs CuPy, which is not installed "
-                               f"({_backend.cupy_install_hint()})") from None
+def _on_device(a, device: str) -> bool:
+    """Whether array a lives on `device` ('cpu' or 'cuda:N')."""
+    if device == "cpu":
+        return _device(a) == "cpu"
+    return _device(a) == "cuda" and f"cuda:{a.device.id}" == device
+
+
+def _full(value, shape, dtype, device: str):
+    """An array of `value` on `device` ('cpu' or 'cuda:N', from _device_arg,
+    which has made sure CuPy imports for a GPU)."""
+    if device == "cpu":
+        return np.full(shape, value, dtype=dtype)
+    import cupy
+    with cupy.cuda.Device(int(device[len("cuda:"):])):
         return cupy.full(shape, value, dtype=dtype)
-    return np.full(shape, value, dtype=dtype)
 
 
 # ---- parameters and layers -------------------------------------------------------
@@ -292,7 +305,7 @@ class Dense(Layer):
     def _draw(self, shape, seed, dtype: str, device: str, where: str):
         weight = self._initializer(shape, seed=seed, dtype=dtype, device=device,
                                    **self.init_params)
-        if (_device(weight) != device or tuple(weight.shape) != shape
+        if (not _on_device(weight, device) or tuple(weight.shape) != shape
                 or weight.dtype != np.dtype(dtype)):
             transposed = " (transposed: weights are (out, in))" if (
                 tuple(weight.shape) == shape[::-1] and shape[0] != shape[1]) else ""
@@ -1322,7 +1335,7 @@ def _to_numpy(a):
 def _fit_units(layer: Dense, between, following: Dense, inputs, target, units, rng, mask):
     """Trains new units (with copies of the layers between and a readout) to
     fit the residual; returns (final mean squared error, the small model)."""
-    dtype, device = layer.weight.value.dtype.name, _device(layer.weight.value)
+    dtype, device = layer.weight.value.dtype.name, layer.weight.value
     wide = (layer.out_features + units, layer.in_features)
     dense = Dense(layer.in_features, units, init=_rows_of(layer, wide),
                   bias=layer.bias is not None, seed=rng, dtype=dtype, device=device)
@@ -1583,7 +1596,7 @@ class Autoencoder(Sequential):
             decoder.append(Dense(source.out_features, source.in_features,
                                  init=source._initializer, init_params=source.init_params,
                                  bias=source.bias is not None, seed=rng,
-                                 dtype=value.dtype.name, device=_device(value)))
+                                 dtype=value.dtype.name, device=value))
             act = after.get(id(denses[i - 1])) if i > 0 else None
             if act is not None:
                 decoder.append(Activation(act.name, **act.params))
