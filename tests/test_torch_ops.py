@@ -366,6 +366,7 @@ def test_eager_calls_skip_the_dispatcher():
         y = ops.activation("gelu", x, approximate="tanh")
         y = ops.dropout(y, 0.3, rng_pair())
         y = ops.batch_norm(y, weight, bias, None, None, True, 0.1, 1e-5, 1, relu=True)
+        y = ops.bias_act_dropout(y, bias, "leaky_relu", 0.2, rng_pair(), 1, negative_slope=0.3)
         y.sum().backward()
 
     assert fusednn_operators_run(step) == set()
@@ -374,13 +375,16 @@ def test_eager_calls_skip_the_dispatcher():
                                                                  "fusednn::gelu_backward"}
 
 
-def test_eager_activation_and_dropout_match_the_operators():
+def test_eager_functions_match_the_operators():
     x = normals(7, 5, requires_grad=True)
-    g = normals(7, 5)
+    g, bias = normals(7, 5), normals(5)
     for f, op in ((lambda t: ops.activation("elu", t, alpha=0.7),
                    lambda t: torch.ops.fusednn.elu(t, alpha=0.7)),
                   (lambda t: ops.dropout(t, 0.4, rng_pair(3, 4)),
-                   lambda t: torch.ops.fusednn.dropout(t, 0.4, rng_pair(3, 4)))):
+                   lambda t: torch.ops.fusednn.dropout(t, 0.4, rng_pair(3, 4))),
+                  (lambda t: ops.bias_act_dropout(t, bias, "softplus", 0.3, rng_pair(), beta=2.0),
+                   lambda t: torch.ops.fusednn.bias_act_dropout(t, bias, "softplus", 0.3,
+                                                                rng_pair(), beta=2.0))):
         expected, got = op(x), f(x)
         assert torch.equal(got, expected)
         assert torch.equal(torch.autograd.grad(got, x, g)[0],

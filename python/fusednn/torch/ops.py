@@ -46,7 +46,7 @@ that it is its own derivative: dropout (both forms) and the
 piecewise-linear activations relu, leaky_relu and hardtanh.
 
 The differentiable functions here (``activation``, ``batch_norm``,
-``dropout``, ``dropout_with_mask``) are ``autograd.Function``s that, in
+``dropout``, ``bias_act_dropout``) are ``autograd.Function``s that, in
 plain eager mode, call the kernel functions themselves rather than the
 operators: the dispatcher adds nothing inside a Function that already does
 autograd, and an operator's registered autograd binds its arguments with
@@ -684,7 +684,7 @@ _EVERY_ACTIVATION_PARAMETER = (
     "float beta=1., float threshold=20., float min_val=-1., float max_val=1.")
 # The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
 # along ``axis``; only the parameters of ``act`` are read.
-bias_act_dropout = _define(
+_bias_act_dropout_op = _define(
     "bias_act_dropout",
     f"(Tensor h, Tensor bias, str act, float p, Tensor rng, {_EVERY_ACTIVATION_PARAMETER}) "
     "-> Tensor", _bias_act_dropout_kernel, _like_first)
@@ -708,4 +708,45 @@ def _fused_backward(ctx, grad_output):
     return (grad_h, grad_bias) + (None,) * len(ctx.rest)
 
 
-_register_autograd(bias_act_dropout, _fused_backward, _fused_setup_context)
+_register_autograd(_bias_act_dropout_op, _fused_backward, _fused_setup_context)
+
+# The activation parameters of the schema, in its order, with its defaults.
+_EPILOGUE_DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0, "approximate": "none", "beta": 1.0,
+                      "threshold": 20.0, "min_val": -1.0, "max_val": 1.0}
+
+
+class _BiasActDropout(torch.autograd.Function):
+    """bias_act_dropout() below: the operator's autograd without its
+    dispatch in eager mode (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, h, bias, act, p, rng, axis, values):
+        run = _bias_act_dropout_kernel if _eager(h) else _bias_act_dropout_op
+        out = run(h, bias, act, p, rng, axis, *values)
+        ctx.rest = (act, p, axis, values)
+        ctx.save_for_backward(h, bias, rng)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        h, bias, rng = ctx.saved_tensors
+        act, p, axis, values = ctx.rest
+        run = (_bias_act_dropout_backward_kernel if _eager_backward(grad_output)
+               else bias_act_dropout_backward)
+        grad_h, grad_bias = run(grad_output, h, bias, act, p, rng, axis, *values)
+        return grad_h, grad_bias, None, None, None, None, None
+
+
+def bias_act_dropout(h: Tensor, bias: Tensor, act: str, p: float, rng: Tensor, axis: int = -1,
+                     **params) -> Tensor:
+    """The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
+    along ``axis`` (``torch.ops.fusednn.bias_act_dropout``), with the
+    activation's PyTorch parameters as keywords; backward regenerates the
+    mask."""
+    unknown = sorted(set(params) - set(_EPILOGUE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"fusednn.torch: bias_act_dropout takes the activation parameters "
+                        f"{', '.join(_EPILOGUE_DEFAULTS)}, not {', '.join(unknown)}")
+    _act_params(act)  # an unknown activation raises here, before any work
+    values = tuple(params.get(key, default) for key, default in _EPILOGUE_DEFAULTS.items())
+    return _BiasActDropout.apply(h, bias, act, p, rng, axis, values)
