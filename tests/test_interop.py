@@ -405,3 +405,46 @@ def test_bad_devices_are_named():
     if not fn.info()["cuda_built"]:
         with pytest.raises(RuntimeError, match="built without CUDA"):
             fn.dropout_mask(4, 0.5, seed=1, device="cuda:1")
+
+
+# ---- torch CPU tensors read from their DLPack export -------------------------------------
+
+
+def test_torch_views_are_those_of_tensor_numpy():
+    """_cpu.torch_view gives Tensor.numpy()'s array (same address, shape,
+    strides, dtype, writable) for strided, transposed, reversed, 0-d and
+    requires-grad tensors, and keeps the memory alive after the tensor is
+    gone; it declines (None) what Tensor.numpy()'s path must handle."""
+    torch = pytest.importorskip("torch")
+    from fusednn import _cpu
+    to_dlpack = torch._C._to_dlpack
+    tensors = [torch.randn(4, 5)[:, 1:], torch.randn(3, dtype=torch.float64),
+               torch.randn(2, 3).half().t(), torch.randn(5, requires_grad=True),
+               torch.randn(6).flip(0)[::2], torch.tensor(3.0), torch.randn(2, 3, 4)[:, 1]]
+    for t in tensors:
+        view, expected = _cpu.torch_view(t, to_dlpack), t.detach().numpy()
+        assert view.dtype == expected.dtype and view.shape == expected.shape
+        assert view.strides == expected.strides and view.flags.writeable
+        assert view.__array_interface__["data"][0] == expected.__array_interface__["data"][0]
+        np.testing.assert_array_equal(view, expected)
+    for declined in (torch._neg_view(torch.randn(3)), torch.empty(0, 3),
+                     torch.randn(3).bfloat16(), torch.arange(3)):
+        assert _cpu.torch_view(declined, to_dlpack) is None
+    with pytest.raises(RuntimeError):
+        _cpu.torch_view(torch.randn(3, 3).to_sparse(), to_dlpack)
+    t = torch.arange(8, dtype=torch.float32)
+    view = _cpu.torch_view(t, to_dlpack)
+    del t
+    assert view.sum() == 28.0
+    # A negative view (memory holding the negated values) goes through
+    # Tensor.numpy()'s path, which refuses it, rather than reading the memory.
+    with pytest.raises(RuntimeError, match="negative"):
+        fn.relu(torch._neg_view(torch.randn(3)))
+
+
+def test_torch_out_is_written_through_the_view():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 6)
+    out = torch.empty(6, 4).t()
+    assert fn.relu(x, out=out) is out
+    assert torch.equal(out, torch.relu(x))

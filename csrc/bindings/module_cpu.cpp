@@ -25,6 +25,113 @@ void bind_dropout(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
+namespace {
+
+// DLPack's legacy (unversioned) structures, as torch's _to_dlpack makes
+// them (dlpack.h, ABI stable since v0.2).
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null for a compact row-major tensor
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// A numpy array over a torch CPU tensor's memory, as Tensor.numpy() makes
+// it but from the tensor's DLPack export: arguments (tensor, to_dlpack),
+// to_dlpack being torch._C._to_dlpack. The array's base is the DLPack
+// capsule, whose destructor releases the tensor once the array is gone.
+// Tensor.numpy() parses its arguments and checks more, and was the larger
+// part of what a torch tensor cost a small call over a numpy array; one
+// export is about a third of it. Returns None for a tensor this does not
+// cover (a dtype other than float16/32/64, a negative view, whose memory
+// holds the negated values, memory not on the CPU, no elements), for which
+// the caller takes Tensor.numpy()'s path; raises what the export raises (a
+// sparse tensor). Python's C API directly (METH_FASTCALL, no pybind11 wrappers):
+// this runs once per tensor on every call.
+PyObject* torch_view(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  static PyObject* const is_neg_name = PyUnicode_InternFromString("is_neg");
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "torch_view(tensor, to_dlpack)");
+    return nullptr;
+  }
+  PyObject* const negative = PyObject_CallMethodNoArgs(args[0], is_neg_name);
+  if (negative == nullptr) return nullptr;
+  const int is_negative = PyObject_IsTrue(negative);
+  Py_DECREF(negative);
+  if (is_negative < 0) return nullptr;
+  if (is_negative) Py_RETURN_NONE;
+  PyObject* const capsule = PyObject_CallOneArg(args[1], args[0]);
+  if (capsule == nullptr) return nullptr;
+  auto* const managed =
+      static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+  if (managed == nullptr) {
+    PyErr_Clear();
+    Py_DECREF(capsule);
+    Py_RETURN_NONE;
+  }
+  const DLTensor& t = managed->dl_tensor;
+  int type_num = -1;
+  if (t.dtype.code == 2 && t.dtype.lanes == 1) {
+    if (t.dtype.bits == 32) type_num = py::detail::npy_api::NPY_FLOAT_;
+    if (t.dtype.bits == 64) type_num = py::detail::npy_api::NPY_DOUBLE_;
+    if (t.dtype.bits == 16) type_num = 23;  // NPY_HALF
+  }
+  bool empty = false;
+  for (int d = 0; d < t.ndim && d < 64; ++d) empty = empty || t.shape[d] == 0;
+  // (No elements: numpy would allocate memory of its own for a null data
+  // pointer; Tensor.numpy()'s path takes those.)
+  if (type_num < 0 || t.device.device_type != 1 || t.ndim > 64 || empty) {
+    Py_DECREF(capsule);
+    Py_RETURN_NONE;
+  }
+  const auto& api = py::detail::npy_api::get();
+  PyObject* const descr = api.PyArray_DescrFromType_(type_num);  // a new reference
+  const Py_ssize_t itemsize = t.dtype.bits / 8;
+  Py_ssize_t sizes[64], strides[64];
+  Py_ssize_t step = itemsize;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    sizes[d] = static_cast<Py_ssize_t>(t.shape[d]);
+    strides[d] = t.strides != nullptr ? static_cast<Py_ssize_t>(t.strides[d]) * itemsize : step;
+    step *= sizes[d];
+  }
+  PyObject* const array = api.PyArray_NewFromDescr_(
+      api.PyArray_Type_, descr, t.ndim, sizes, strides,
+      static_cast<char*>(t.data) + t.byte_offset, py::detail::npy_api::NPY_ARRAY_WRITEABLE_,
+      nullptr);
+  if (array == nullptr) {
+    Py_DECREF(capsule);
+    return nullptr;
+  }
+  if (api.PyArray_SetBaseObject_(array, capsule) != 0) {  // steals the capsule
+    Py_DECREF(array);
+    return nullptr;
+  }
+  return array;
+}
+
+PyMethodDef torch_view_method = {"torch_view", reinterpret_cast<PyCFunction>(
+                                     reinterpret_cast<void (*)()>(torch_view)),
+                                 METH_FASTCALL, "A numpy view of a torch CPU tensor, or None."};
+
+}  // namespace
+
 PYBIND11_MODULE(_cpu, m) {
   using namespace fusednn;
   m.doc() = "fusednn CPU kernels (private; use the fusednn package)";
@@ -131,6 +238,8 @@ PYBIND11_MODULE(_cpu, m) {
     }
     return py::make_tuple(as_tuple(extents), meets);
   });
+  m.add_object("torch_view",
+               py::reinterpret_steal<py::object>(PyCFunction_New(&torch_view_method, nullptr)));
   m.def(
       "copy",
       [](const bindings::Operand& src, const bindings::Operand& dst) {
