@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/array.h"
 #include "fusednn/activations.h"
@@ -32,30 +33,66 @@ void activation_backward_op(const ActivationParams& params, double ns_per_elemen
                             bool from_output, const ArrayRef& grad_output, const ArrayRef& saved,
                             const ArrayRef& grad_input);
 
-// The arithmetic of a contiguous run of T (float or double): o[i] =
-// f(x[i]), and o[i] = g[i] f'(.) from x or y values v, for i < n; with
-// stream set, o is 64-byte aligned and its whole lines are written past
-// the cache. The loops below take pointers to an activation's.
+// How a block's operands are stored: as its compute type T, or, for
+// float32 arithmetic, as float16 or bfloat16, which the block widens and
+// rounds itself a kHalfBlock at a time (cpu/half_convert.h).
+enum class BlockStorage : int { compute, float16, bfloat16 };
+template <class S> constexpr BlockStorage block_storage_of() {
+  if constexpr (std::is_same_v<S, Float16>) return BlockStorage::float16;
+  if constexpr (std::is_same_v<S, BFloat16>) return BlockStorage::bfloat16;
+  return BlockStorage::compute;
+}
+// stream: o is 64-byte aligned and its whole lines are written past the
+// cache.
+struct BlockMode {
+  BlockStorage storage;
+  bool stream;
+};
+
+// The arithmetic of a contiguous run of an activation computing in T
+// (float or double), with operands stored as mode.storage says: o[i] =
+// f(x[i]), and o[i] = g[i] f'(.) from x or y values v, for i < n. The
+// loops below take pointers to an activation's.
 template <class T>
-using ForwardBlock = void (*)(T* o, const T* x, int64_t n, ActivationParams q, bool stream);
+using ForwardBlock = void (*)(void* o, const void* x, int64_t n, ActivationParams q,
+                              BlockMode mode);
 template <class T>
-using BackwardBlock = void (*)(T* o, const T* g, const T* v, int64_t n, ActivationParams q,
-                               bool stream);
+using BackwardBlock = void (*)(void* o, const void* g, const void* v, int64_t n,
+                               ActivationParams q, BlockMode mode);
 template <class S> using ComputeOf = typename Storage<S>::Compute;
+
+// The same over a strided run of float64 (strides in elements: x, o; and
+// g, v, o), the arithmetic next to the loads and stores: float64 strided
+// runs measured 10-35% slower when gathered into blocks for ForwardBlock,
+// where float32 and the half types ran faster that way.
+using StridedForwardF64 = void (*)(const double* x, double* o, int64_t n, const int64_t* steps,
+                                   ActivationParams q);
+using StridedBackwardF64 = void (*)(const double* g, const double* v, double* o, int64_t n,
+                                    const int64_t* steps, ActivationParams q);
+
+// An activation's arithmetic for storage type S, as the loops take it:
+// strided is set for float64 only.
+template <class S> struct ForwardArithmetic {
+  ForwardBlock<ComputeOf<S>> block;
+  StridedForwardF64 strided = nullptr;
+};
+template <class S> struct BackwardArithmetic {
+  BackwardBlock<ComputeOf<S>> block;
+  StridedBackwardF64 strided = nullptr;
+};
 
 // The kernels' loops over arrays of any shape and strides, once per
 // storage type S for all activations (activations.cpp): threads,
-// contiguous runs (streamed past the cache when large), strided runs, and
-// for the half types the widening and rounding; `block` is the
-// activation's arithmetic (float32's for the half types), costing
-// ns_per_element per float32 element.
+// contiguous runs (streamed past the cache when large) and strided runs;
+// `fns` is the activation's arithmetic (float32's for the half types),
+// costing ns_per_element per float32 element.
 template <class S>
 void forward_loops(const ActivationParams& params, double ns_per_element, const ArrayRef& x,
-                   const ArrayRef& y, ForwardBlock<ComputeOf<S>> block);
+                   const ArrayRef& y, ForwardArithmetic<S> fns);
 template <class S>
 void backward_loops(const ActivationParams& params, double ns_per_element,
                     const ArrayRef& grad_output, const ArrayRef& saved,
-                    const ArrayRef& grad_input, BackwardBlock<ComputeOf<S>> block);
+                    const ArrayRef& grad_input, BackwardArithmetic<S> fns);
 
 // Calls fn(S{}) with S the storage type of dtype d.
 template <class Fn> void visit_storage(DType d, Fn&& fn) {

@@ -1,8 +1,8 @@
 // Entry points of the CPU activation kernels: the dispatch to each
 // activation's kernels (cpu/activation_kernels.h, compiled in the
 // activations_*.cpp files); the loops that all activations share (threads,
-// contiguous, streamed and strided runs, the half types' widening and
-// rounding), which take an activation's arithmetic as a function pointer;
+// contiguous, streamed and strided runs), which take an activation's
+// arithmetic as function pointers;
 // and the plain copy used as the memory roof, with the conversions between
 // float32 and the half types. Compiled once per ISA into namespace
 // FUSEDNN_ISA.
@@ -17,35 +17,13 @@ namespace fusednn {
 namespace cpu {
 namespace FUSEDNN_ISA {
 
-// noclone: once per storage type, not again for each block function that
-// GCC sees passed to it.
-template <class S, bool kStream>
-__attribute__((noinline, noclone)) void half_forward_run(S* dst, int64_t count, const S* x,
-                                                         ForwardBlock<float> block,
-                                                         ActivationParams q) {
-  const S* const inputs[1] = {x};
-  staged_run<kStream, 1>(dst, count, inputs, [=](float* o, const float* const* ins, int64_t n) {
-    block(o, ins[0], n, q, false);
-  });
-}
-
-template <class S, bool kStream>
-__attribute__((noinline, noclone)) void half_backward_run(S* dst, int64_t count, const S* grad,
-                                                          const S* value,
-                                                          BackwardBlock<float> block,
-                                                          ActivationParams q) {
-  const S* const inputs[2] = {grad, value};
-  staged_run<kStream, 2>(dst, count, inputs, [=](float* o, const float* const* ins, int64_t n) {
-    block(o, ins[0], ins[1], n, q, false);
-  });
-}
-
-// Elements per block of a strided run: its buffers stay in L1, and its
-// gathers and scatters alternate with the arithmetic finely enough to
-// overlap with it (blocks of 256 made a float64 sigmoid over every other
-// element of 2^22 1.6 times slower than 64). The gather and scatter loops
-// are vectorized on request: left scalar, they made up most of a strided
-// run's time.
+// Elements per block of a strided run of float32 or a half type (float64
+// has its own strided loops, ForwardArithmetic): its buffers stay in L1,
+// and its gathers and scatters alternate with the arithmetic finely enough
+// to overlap with it (blocks of 256 made a float64 sigmoid over every
+// other element of 2^22 1.6 times slower than 64). The gather and scatter
+// loops are vectorized on request: left scalar, they made up most of a
+// strided run's time.
 constexpr int64_t kStridedBlock = 64;
 
 template <class S>
@@ -61,7 +39,7 @@ __attribute__((noinline, noclone)) void strided_forward_run(const S* x, S* out, 
     const int64_t n = std::min(kStridedBlock, len - b);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) in[i] = Storage<S>::load(x[(b + i) * x_step]);
-    block(results, in, n, q, false);
+    block(results, in, n, q, {BlockStorage::compute, false});
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[(b + i) * out_step] = Storage<S>::store(results[i]);
   }
@@ -84,7 +62,7 @@ __attribute__((noinline, noclone)) void strided_backward_run(const S* grad, cons
       g[i] = Storage<S>::load(grad[(b + i) * grad_step]);
       v[i] = Storage<S>::load(value[(b + i) * value_step]);
     }
-    block(results, g, v, n, q, false);
+    block(results, g, v, n, q, {BlockStorage::compute, false});
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[(b + i) * out_step] = Storage<S>::store(results[i]);
   }
@@ -98,10 +76,11 @@ template <class S> constexpr double storage_cost(double ns) {
 }
 
 // y = f(x) for storage type S; noclone: once per storage type, not again
-// for each block function GCC sees passed to it.
+// for each activation's functions GCC sees passed to it.
 template <class S>
-__attribute__((noclone)) void forward_loops(const ActivationParams& params, double ns_per_element, const ArrayRef& x,
-                   const ArrayRef& y, ForwardBlock<ComputeOf<S>> block) {
+__attribute__((noclone)) void forward_loops(const ActivationParams& params,
+                                            double ns_per_element, const ArrayRef& x,
+                                            const ArrayRef& y, ForwardArithmetic<S> fns) {
   const int64_t* strides[2] = {x.strides, y.strides};
   const int sizes[2] = {int(sizeof(S)), int(sizeof(S))};
   const StridedLoop<2> loop(x.ndim, x.shape, strides, sizes);
@@ -110,23 +89,20 @@ __attribute__((noclone)) void forward_loops(const ActivationParams& params, doub
   struct Body {
     ActivationParams p;
     bool stream;
-    ForwardBlock<ComputeOf<S>> block;
+    ForwardArithmetic<S> fns;
     void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
       const S* in = reinterpret_cast<const S*>(ptr[0]);
       S* out = reinterpret_cast<S*>(ptr[1]);
       const ActivationParams local = p;
       if (inner[0] == 1 && inner[1] == 1) {
         produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
-          constexpr bool kStream = decltype(streamed)::value;
-          const S* src = in + start;
-          if constexpr (std::is_floating_point_v<S>) {
-            block(dst, src, count, local, kStream);
-          } else {
-            half_forward_run<S, kStream>(dst, count, src, block, local);
-          }
+          fns.block(dst, in + start, count, local,
+                    {block_storage_of<S>(), decltype(streamed)::value});
         });
+      } else if constexpr (std::is_same_v<S, double>) {
+        fns.strided(in, out, len, inner, local);
       } else {
-        strided_forward_run<S>(in, out, len, inner, block, local);
+        strided_forward_run<S>(in, out, len, inner, fns.block, local);
       }
     }
     void finish() {
@@ -134,14 +110,15 @@ __attribute__((noclone)) void forward_loops(const ActivationParams& params, doub
     }
   };
   loop.run(base, sizes, storage_cost<S>(ns_per_element),
-           [&] { return Body{params, stream, block}; });
+           [&] { return Body{params, stream, fns}; });
 }
 
-// grad_input = g * f'(.) for storage type S, from x or y as `block` does.
+// grad_input = g * f'(.) for storage type S, from x or y as `fns` do.
 template <class S>
-__attribute__((noclone)) void backward_loops(const ActivationParams& params, double ns_per_element, const ArrayRef& g,
-                    const ArrayRef& saved, const ArrayRef& gi,
-                    BackwardBlock<ComputeOf<S>> block) {
+__attribute__((noclone)) void backward_loops(const ActivationParams& params,
+                                             double ns_per_element, const ArrayRef& g,
+                                             const ArrayRef& saved, const ArrayRef& gi,
+                                             BackwardArithmetic<S> fns) {
   const int64_t* strides[3] = {g.strides, saved.strides, gi.strides};
   const int sizes[3] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
   const StridedLoop<3> loop(g.ndim, g.shape, strides, sizes);
@@ -151,7 +128,7 @@ __attribute__((noclone)) void backward_loops(const ActivationParams& params, dou
   struct Body {
     ActivationParams p;
     bool stream;
-    BackwardBlock<ComputeOf<S>> block;
+    BackwardArithmetic<S> fns;
     void operator()(char* const* ptr, int64_t len, const int64_t* inner) {
       const S* grad = reinterpret_cast<const S*>(ptr[0]);
       const S* value = reinterpret_cast<const S*>(ptr[1]);
@@ -159,17 +136,13 @@ __attribute__((noclone)) void backward_loops(const ActivationParams& params, dou
       const ActivationParams local = p;
       if (inner[0] == 1 && inner[1] == 1 && inner[2] == 1) {
         produce_lines(out, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
-          constexpr bool kStream = decltype(streamed)::value;
-          const S* gs = grad + start;
-          const S* vs = value + start;
-          if constexpr (std::is_floating_point_v<S>) {
-            block(dst, gs, vs, count, local, kStream);
-          } else {
-            half_backward_run<S, kStream>(dst, count, gs, vs, block, local);
-          }
+          fns.block(dst, grad + start, value + start, count, local,
+                    {block_storage_of<S>(), decltype(streamed)::value});
         });
+      } else if constexpr (std::is_same_v<S, double>) {
+        fns.strided(grad, value, out, len, inner, local);
       } else {
-        strided_backward_run<S>(grad, value, out, len, inner, block, local);
+        strided_backward_run<S>(grad, value, out, len, inner, fns.block, local);
       }
     }
     void finish() {
@@ -177,16 +150,14 @@ __attribute__((noclone)) void backward_loops(const ActivationParams& params, dou
     }
   };
   loop.run(base, sizes, storage_cost<S>(ns_per_element),
-           [&] { return Body{params, stream, block}; });
+           [&] { return Body{params, stream, fns}; });
 }
-
 
 #define FUSEDNN_LOOPS(S)                                                                     \
   template void forward_loops<S>(const ActivationParams&, double, const ArrayRef&,           \
-                                 const ArrayRef&, ForwardBlock<ComputeOf<S>>);               \
+                                 const ArrayRef&, ForwardArithmetic<S>);                     \
   template void backward_loops<S>(const ActivationParams&, double, const ArrayRef&,          \
-                                  const ArrayRef&, const ArrayRef&,                          \
-                                  BackwardBlock<ComputeOf<S>>);
+                                  const ArrayRef&, const ArrayRef&, BackwardArithmetic<S>);
 FUSEDNN_LOOPS(float)
 FUSEDNN_LOOPS(double)
 FUSEDNN_LOOPS(Float16)

@@ -1,9 +1,9 @@
 // Conversions between the half-precision storage types and float32 over
-// contiguous runs, and the staged loop that the half-precision elementwise
-// kernels share: widen a block of inputs to float32, run the float32 loop
-// on it, narrow the results once. The float32 loops are the very code the
-// float32 kernels run, so a half-precision result is the float32 kernel's
-// result rounded once to the storage type. Compiled once per ISA, like
+// contiguous runs, for the half-precision elementwise kernels, which widen
+// a block of inputs to float32, run the float32 loop on it and narrow the
+// results once. The float32 loops are the very code the float32 kernels
+// run, so a half-precision result is the float32 kernel's result rounded
+// once to the storage type. Compiled once per ISA, like
 // elementwise.h: float16 uses the F16C instructions where the ISA has them
 // (bit for bit the scalar conversions of fusednn/half.h, NaN payloads
 // included); bfloat16 is integer arithmetic that the compiler vectorizes.
@@ -30,34 +30,115 @@ namespace FUSEDNN_ISA {
 // Elements per staged block: two float32 blocks of this size stay in L1.
 constexpr int64_t kHalfBlock = 256;
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// AVX-512: whole vectors, then one masked vector for the rest, so that a
+// conversion is a few instructions wherever it is inlined (compiled from
+// the scalar formulas, each loop came with vectorized and scalar ends of
+// its own, most of the code of every loop that converts). bfloat16 is the
+// integer arithmetic of float_to_bfloat16 on 16 lanes, narrowed by
+// vpmovdw.
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+
 inline void widen(const Float16* src, float* dst, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(
                                   reinterpret_cast<const __m256i*>(src + i))));
-#elif defined(__F16C__)
+  if (i < n) {
+    const __mmask16 k = first_lanes(n - i);
+    _mm512_mask_storeu_ps(dst + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, src + i)));
+  }
+}
+
+inline void narrow(const float* src, Float16* dst, int64_t n) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), kRound));
+  if (i < n) {
+    const __mmask16 k = first_lanes(n - i);
+    _mm256_mask_storeu_epi16(dst + i, k, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(k, src + i), kRound));
+  }
+}
+
+inline __m512 bfloat16_lanes_to_float(__m256i b) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+inline void widen(const BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, bfloat16_lanes_to_float(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + i))));
+  if (i < n) {
+    const __mmask16 k = first_lanes(n - i);
+    _mm512_mask_storeu_ps(dst + i, k, bfloat16_lanes_to_float(_mm256_maskz_loadu_epi16(k, src + i)));
+  }
+}
+
+// float_to_bfloat16 of 16 floats, in the low halves of 32-bit lanes.
+inline __m512i float_lanes_to_bfloat16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i high = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __m512i nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+  const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_blend_epi32(is_nan, rounded, nan);
+}
+
+inline void narrow(const float* src, BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(float_lanes_to_bfloat16(_mm512_loadu_ps(src + i))));
+  if (i < n) {
+    const __mmask16 k = first_lanes(n - i);
+    _mm512_mask_cvtepi32_storeu_epi16(dst + i, k,
+                                      float_lanes_to_bfloat16(_mm512_maskz_loadu_ps(k, src + i)));
+  }
+}
+#else
+#if defined(__F16C__)
+// The scalar ends of the vector loops below, fewer than a vector's
+// elements: out of line and left scalar, since inlined and vectorized on
+// their own they were most of the code of every loop that converts.
+__attribute__((noinline, optimize("no-tree-vectorize"))) inline void widen_tail(
+    const Float16* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i].bits);
+}
+__attribute__((noinline, optimize("no-tree-vectorize"))) inline void narrow_tail(
+    const float* src, Float16* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i].bits = float_to_half(src[i]);
+}
+#endif
+
+inline void widen(const Float16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i,
                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
+  if (i < n) widen_tail(src + i, dst + i, n - i);
+#else
   for (; i < n; ++i) dst[i] = half_to_float(src[i].bits);
+#endif
 }
 
 inline void narrow(const float* src, Float16* dst, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif defined(__F16C__)
+#if defined(__F16C__)
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
+  if (i < n) narrow_tail(src + i, dst + i, n - i);
+#else
   for (; i < n; ++i) dst[i].bits = float_to_half(src[i]);
+#endif
 }
 
 inline void widen(const BFloat16* src, float* dst, int64_t n) {
@@ -69,6 +150,7 @@ inline void narrow(const float* src, BFloat16* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i].bits = float_to_bfloat16(src[i]);
 }
+#endif
 
 // For T = float, the same calls as plain copies, so that loops written for
 // any storage type need no special case.
@@ -88,31 +170,6 @@ template <class S> inline void narrow_streamed(const float* src, S* dst, int64_t
     stream_line(d, load_line(reinterpret_cast<const uint16_t*>(line)));
   }
   narrow(src + i, dst + i, n - i);
-}
-
-// Produces count half-precision outputs at dst from K half-precision input
-// runs: each block of kHalfBlock elements of every input is widened into a
-// float32 buffer, compute(out, ins, n) writes n float32 results from those
-// buffers, and the results are narrowed into dst, streamed with kStream
-// (dst then 64-byte aligned; blocks keep the alignment).
-template <bool kStream, int K, class S, class Compute>
-inline void staged_run(S* dst, int64_t count, const S* const (&inputs)[K], Compute&& compute) {
-  alignas(64) float in[K][kHalfBlock];
-  alignas(64) float out[kHalfBlock];
-  for (int64_t b = 0; b < count; b += kHalfBlock) {
-    const int64_t n = std::min(kHalfBlock, count - b);
-    const float* ins[K];
-    for (int k = 0; k < K; ++k) {
-      widen(inputs[k] + b, in[k], n);
-      ins[k] = in[k];
-    }
-    compute(out, ins, n);
-    if constexpr (kStream) {
-      narrow_streamed(out, dst + b, n);
-    } else {
-      narrow(out, dst + b, n);
-    }
-  }
 }
 
 }  // namespace FUSEDNN_ISA
