@@ -20,29 +20,42 @@ namespace cpu {
 namespace FUSEDNN_ISA {
 
 // n values of storage s (float16 or bfloat16) from src + at to float32,
-// and back to dst + at, streamed where `stream` is set.
-__attribute__((always_inline)) inline void widen_stored(BlockStorage s, const void* src, int64_t at, float* dst, int64_t n) {
+// and back to dst + at, streamed where `stream` is set. Inlined where the
+// ISA converts in a few instructions (AVX-512), so that the arithmetic
+// beside them keeps its constants in registers; elsewhere the conversions
+// are loops of integer arithmetic that, inlined, more than doubled each
+// block function's code, and a call per kHalfBlock costs little beside
+// them.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FUSEDNN_CONVERT_INLINE __attribute__((always_inline)) inline
+#else
+#define FUSEDNN_CONVERT_INLINE __attribute__((noinline)) inline
+#endif
+FUSEDNN_CONVERT_INLINE void widen_stored(BlockStorage s, const void* src, int64_t at, float* dst,
+                                         int64_t n) {
   if (s == BlockStorage::float16) {
     widen(static_cast<const Float16*>(src) + at, dst, n);
   } else {
     widen(static_cast<const BFloat16*>(src) + at, dst, n);
   }
 }
-template <class S> __attribute__((always_inline)) inline void narrow_to(const float* src, S* dst, int64_t n, bool stream) {
+template <class S> __attribute__((always_inline)) inline void narrow_to(const float* src, S* dst,
+                                                                         int64_t n, bool stream) {
   if (stream) {
     narrow_streamed(src, dst, n);
   } else {
     narrow(src, dst, n);
   }
 }
-__attribute__((always_inline)) inline void narrow_stored(BlockStorage s, const float* src, void* dst, int64_t at, int64_t n,
-                          bool stream) {
+FUSEDNN_CONVERT_INLINE void narrow_stored(BlockStorage s, const float* src, void* dst, int64_t at,
+                                          int64_t n, bool stream) {
   if (s == BlockStorage::float16) {
     narrow_to(src, static_cast<Float16*>(dst) + at, n, stream);
   } else {
     narrow_to(src, static_cast<BFloat16*>(dst) + at, n, stream);
   }
 }
+#undef FUSEDNN_CONVERT_INLINE
 
 // Calls run(o, ins, m, stream) over a block's n elements, operands stored
 // as mode.storage: once on the operands themselves where they are stored
