@@ -85,10 +85,16 @@ template <class S> CallCost call_cost(int64_t n, double ns_per_element) {
 // pool: as many slices as `cost` pays for, so that a small batch's few
 // units do not wake a worker for less work than the hand-off costs. The
 // tasks are the same whoever runs them, so results do not change.
+// With every thread paid for, the tasks go to the pool one by one as
+// before, so that a thread that falls behind (a shared machine) takes fewer.
 template <class Task> void run_tasks(int64_t tasks, const CallCost& cost, const Task& task) {
   const int64_t slices = std::min(tasks, cost.slices());
   if (slices <= 1) {
     for (int64_t t = 0; t < tasks; ++t) task(t);
+    return;
+  }
+  if (slices >= num_threads()) {
+    parallel_for(tasks, task);
     return;
   }
   parallel_for(slices, [&](int64_t s) {
