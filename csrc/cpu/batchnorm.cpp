@@ -217,6 +217,13 @@ void load_channels(const ArrayRef* a, int64_t channels, double fill, double* out
   });
 }
 
+// A per-channel operand read into the scope's scratch as doubles.
+double* loaded_channels(ScratchScope& scratch, const ArrayRef* a, int64_t channels, double fill) {
+  double* values = scratch.take<double>(static_cast<size_t>(channels));
+  load_channels(a, channels, fill, values);
+  return values;
+}
+
 // Rounded once to a's dtype.
 void store_channels(const ArrayRef& a, int64_t channels, const double* values) {
   char* p = static_cast<char*>(a.data);
@@ -1235,11 +1242,9 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   double* var = scratch.take<double>(nc);
   double* m2 = scratch.take<double>(nc);
   double* invstd = scratch.take<double>(nc);
-  double* gamma = scratch.take<double>(nc);
-  double* beta = scratch.take<double>(nc);
+  const double* gamma = loaded_channels(scratch, args.gamma, channels, 1.0);
+  const double* beta = loaded_channels(scratch, args.beta, channels, 0.0);
   NormalizeTables<S> tables(scratch, channels, xv.inner == 1);
-  load_channels(args.gamma, channels, 1.0, gamma);
-  load_channels(args.beta, channels, 0.0, beta);
   auto set_coefficients = [&](int64_t c0, int64_t c1) {
     fill_inverse_std(c0, c1, var, args.eps, invstd);
     tables.fill(c0, c1, mean, invstd, gamma, beta);
@@ -1311,14 +1316,11 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   const int64_t count = xv.outer * xv.inner;
   const size_t nc = static_cast<size_t>(channels);
   ScratchScope scratch;
-  double* mean = scratch.take<double>(nc);
-  double* invstd = scratch.take<double>(nc);
-  double* gamma = scratch.take<double>(nc);
+  const double* mean = loaded_channels(scratch, args.save_mean, channels, 0.0);
+  const double* invstd = loaded_channels(scratch, args.save_invstd, channels, 0.0);
+  const double* gamma = loaded_channels(scratch, args.gamma, channels, 1.0);
   double* sum_dy = scratch.take<double>(nc);
   double* sum_dy_xhat = scratch.take<double>(nc);
-  load_channels(args.save_mean, channels, 0.0, mean);
-  load_channels(args.save_invstd, channels, 0.0, invstd);
-  load_channels(args.gamma, channels, 1.0, gamma);
   InputGradTables<S> tables(scratch, channels, xv.inner == 1);
   // grad_gamma = sum(dy * xhat) and grad_beta = sum(dy).
   auto store_parameter_grads = [&] {
@@ -1423,14 +1425,10 @@ void apply_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs&
   const int64_t channels = xv.channels;
   const size_t nc = static_cast<size_t>(channels);
   ScratchScope scratch;
-  double* mean = scratch.take<double>(nc);
-  double* invstd = scratch.take<double>(nc);
-  double* gamma = scratch.take<double>(nc);
-  double* beta = scratch.take<double>(nc);
-  load_channels(args.mean, channels, 0.0, mean);
-  load_channels(args.invstd, channels, 0.0, invstd);
-  load_channels(args.gamma, channels, 1.0, gamma);
-  load_channels(args.beta, channels, 0.0, beta);
+  const double* mean = loaded_channels(scratch, args.mean, channels, 0.0);
+  const double* invstd = loaded_channels(scratch, args.invstd, channels, 0.0);
+  const double* gamma = loaded_channels(scratch, args.gamma, channels, 1.0);
+  const double* beta = loaded_channels(scratch, args.beta, channels, 0.0);
   NormalizeTables<S> tables(scratch, channels, xv.inner == 1);
   tables.fill(0, channels, mean, invstd, gamma, beta);
   if (xv.outer * xv.inner > 0 && channels > 0) tables.apply(x, y, args.axis, mean);
@@ -1442,12 +1440,10 @@ void backward_reduce_typed(const ArrayRef& dy, const ArrayRef& x, const BatchNor
   const ChannelView gv = channel_view(dy, args.axis);
   const size_t nc = static_cast<size_t>(xv.channels);
   ScratchScope scratch;
-  double* mean = scratch.take<double>(nc);
-  double* invstd = scratch.take<double>(nc);
+  const double* mean = loaded_channels(scratch, args.mean, xv.channels, 0.0);
+  const double* invstd = loaded_channels(scratch, args.invstd, xv.channels, 0.0);
   double* sum_dy = scratch.take<double>(nc);
   double* sum_dy_xhat = scratch.take<double>(nc);
-  load_channels(args.mean, xv.channels, 0.0, mean);
-  load_channels(args.invstd, xv.channels, 0.0, invstd);
   if (xv.outer * xv.inner > 0) {
     gradient_sums<S>(xv, gv, gv, mean, invstd, sum_dy, sum_dy_xhat);
   } else {
@@ -1466,16 +1462,11 @@ void backward_apply_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef&
   if (xv.outer * xv.inner == 0 || channels == 0) return;
   const size_t nc = static_cast<size_t>(channels);
   ScratchScope scratch;
-  double* mean = scratch.take<double>(nc);
-  double* invstd = scratch.take<double>(nc);
-  double* gamma = scratch.take<double>(nc);
-  double* sum_dy = scratch.take<double>(nc);
-  double* sum_dy_xhat = scratch.take<double>(nc);
-  load_channels(args.mean, channels, 0.0, mean);
-  load_channels(args.invstd, channels, 0.0, invstd);
-  load_channels(args.gamma, channels, 1.0, gamma);
-  load_channels(args.sum_dy, channels, 0.0, sum_dy);
-  load_channels(args.sum_dy_xhat, channels, 0.0, sum_dy_xhat);
+  const double* mean = loaded_channels(scratch, args.mean, channels, 0.0);
+  const double* invstd = loaded_channels(scratch, args.invstd, channels, 0.0);
+  const double* gamma = loaded_channels(scratch, args.gamma, channels, 1.0);
+  const double* sum_dy = loaded_channels(scratch, args.sum_dy, channels, 0.0);
+  const double* sum_dy_xhat = loaded_channels(scratch, args.sum_dy_xhat, channels, 0.0);
   InputGradTables<S> tables(scratch, channels, xv.inner == 1);
   tables.fill(0, channels, args.count, mean, invstd, gamma, sum_dy, sum_dy_xhat);
   tables.repeat();
