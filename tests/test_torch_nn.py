@@ -126,6 +126,8 @@ def test_batch_norm_errors_as_torch():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("weights", ["half", "float32"])
 def test_batch_norm_runs_half_tensors_on_fusednn(dtype, weights, monkeypatch):
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
     """float16 and bfloat16 input with weights of its dtype (module.to(dtype))
     or float32 ones (mixed precision): fusednn's kernel, whose results are
     the float32 kernel's rounded once, within torch's own half-precision
@@ -423,3 +425,9 @@ def test_readme_example_runs():
     assert namespace["result"].replaced == {"BatchNorm1d": 1, "GELU": 1, "Dropout": 1}
     assert type(namespace["model"][1]) is torch.nn.BatchNorm1d  # unpatched at the end
     assert torch.isfinite(namespace["loss"])
+
+
+def test_bfloat16_needs_ml_dtypes_and_says_so(monkeypatch):
+    monkeypatch.setattr(fnn, "_bfloat16_readable", lambda: False)
+    assert "pip install ml_dtypes" in fnn.supports(torch.bfloat16, "cpu")
+    assert fnn.supports(torch.float16, "cpu") is None

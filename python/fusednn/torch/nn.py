@@ -26,6 +26,8 @@ holds no random state.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Optional
 
 import torch
@@ -50,10 +52,19 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CUDA_BUILT = bool(fn.info()["cuda_built"])
 
 
+@functools.cache
+def _bfloat16_readable() -> bool:
+    """Whether ml_dtypes, which describes bfloat16 buffers to fusednn, is
+    installed (looked up without importing it)."""
+    return importlib.util.find_spec("ml_dtypes") is not None
+
+
 def supports(dtype: torch.dtype, device: torch.device | str) -> Optional[str]:
     """None when fusednn has kernels for tensors of this dtype on this
     device, else the reason it has not."""
     device = torch.device(device)
+    if dtype == torch.bfloat16 and not _bfloat16_readable():
+        return f"dtype {dtype}: fusednn reads bfloat16 tensors through ml_dtypes (pip install ml_dtypes)"
     if device.type == "cpu":
         if dtype in _CPU_DTYPES:
             return None
