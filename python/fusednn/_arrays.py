@@ -44,7 +44,6 @@ DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.flo
                np.dtype(np.uint8): 4}
 
 
-
 def dtype_code(dtype) -> int:
     """The compiled modules' code of a numpy dtype: DTYPE_CODES, and 3 for
     ml_dtypes' bfloat16, known by name (ml_dtypes is not imported here: an

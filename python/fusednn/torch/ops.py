@@ -643,13 +643,19 @@ _register_autograd(dropout_backward_with_mask, _masked_backward_backward,
 # ---- bias + activation + dropout ------------------------------------------------------
 
 
-def _act_params(act: str, negative_slope=0.01, alpha=1.0, approximate="none", beta=1.0,
-                threshold=20.0, min_val=-1.0, max_val=1.0) -> dict:
-    given = {"negative_slope": negative_slope, "alpha": alpha, "approximate": approximate,
-             "beta": beta, "threshold": threshold, "min_val": min_val, "max_val": max_val}
+# The activation parameters of the epilogue's schema, in its order, with
+# their defaults (those of the activations' PyTorch modules).
+_EPILOGUE_DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0, "approximate": "none", "beta": 1.0,
+                      "threshold": 20.0, "min_val": -1.0, "max_val": 1.0}
+
+
+def _act_params(act: str, *values) -> dict:
+    """act's parameters by name from the epilogue's values in schema order
+    (the dispatcher leaves out trailing ones that equal their defaults)."""
     if act not in ACTIVATION_PARAMETERS:
         raise ValueError(f"fusednn.torch: unknown activation {act!r}; "
                          f"choose one of {', '.join(ACTIVATION_PARAMETERS)}")
+    given = {**_EPILOGUE_DEFAULTS, **dict(zip(_EPILOGUE_DEFAULTS, values))}
     return {key: given[key] for key, _, _ in ACTIVATION_PARAMETERS[act]}
 
 
@@ -679,9 +685,9 @@ def _bias_act_dropout_backward_fake(grad_output, h, bias, *args):
     return h.new_empty(h.shape), bias.new_empty(bias.shape)
 
 
-_EVERY_ACTIVATION_PARAMETER = (
-    "SymInt axis=-1, float negative_slope=0.01, float alpha=1., str approximate=\"none\", "
-    "float beta=1., float threshold=20., float min_val=-1., float max_val=1.")
+_EVERY_ACTIVATION_PARAMETER = "SymInt axis=-1" + "".join(
+    f", {'str' if isinstance(default, str) else 'float'} {key}={_schema_default(default)}"
+    for key, default in _EPILOGUE_DEFAULTS.items())
 # The fused epilogue ``mask * act(h + bias) / (1 - p)``, bias broadcast
 # along ``axis``; only the parameters of ``act`` are read.
 _bias_act_dropout_op = _define(
@@ -709,11 +715,6 @@ def _fused_backward(ctx, grad_output):
 
 
 _register_autograd(_bias_act_dropout_op, _fused_backward, _fused_setup_context)
-
-# The activation parameters of the schema, in its order, with its defaults.
-_EPILOGUE_DEFAULTS = {"negative_slope": 0.01, "alpha": 1.0, "approximate": "none", "beta": 1.0,
-                      "threshold": 20.0, "min_val": -1.0, "max_val": 1.0}
-
 
 class _BiasActDropout(torch.autograd.Function):
     """bias_act_dropout() below: the operator's autograd without its
