@@ -94,16 +94,6 @@ void backward_loops(const ActivationParams& params, double ns_per_element,
                     const ArrayRef& grad_output, const ArrayRef& saved,
                     const ArrayRef& grad_input, BackwardArithmetic<S> fns);
 
-// Calls fn(S{}) with S the storage type of dtype d.
-template <class Fn> void visit_storage(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::float64: fn(double{}); return;
-    case DType::float16: fn(Float16{}); return;
-    case DType::bfloat16: fn(BFloat16{}); return;
-    default: fn(float{}); return;
-  }
-}
-
 }  // namespace FUSEDNN_ISA
 }  // namespace cpu
 }  // namespace fusednn

@@ -170,16 +170,6 @@ bool has_channel_view(const ArrayRef& a, int axis) {
          merge_extent(a.shape, a.strides, item, axis + 1, a.ndim, size, stride);
 }
 
-// Calls fn(S{}) with S the storage type of dtype.
-template <class Fn> void with_storage_type(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::float64: fn(double{}); return;
-    case DType::float16: fn(Float16{}); return;
-    case DType::bfloat16: fn(BFloat16{}); return;
-    default: fn(float{}); return;
-  }
-}
-
 // A per-channel operand as doubles (fill where it is absent): one typed
 // loop per call, not a dtype test per channel, and a vectorized one for
 // the usual contiguous operand (strided loads and stores one channel at a
@@ -212,7 +202,7 @@ void load_channels(const ArrayRef* a, int64_t channels, double fill, double* out
     return;
   }
   const char* p = static_cast<const char*>(a->data);
-  with_storage_type(a->dtype, [&](auto tag) {
+  visit_storage(a->dtype, [&](auto tag) {
     load_typed<decltype(tag)>(p, a->strides[0], channels, out);
   });
 }
@@ -227,7 +217,7 @@ double* loaded_channels(ScratchScope& scratch, const ArrayRef* a, int64_t channe
 // Rounded once to a's dtype.
 void store_channels(const ArrayRef& a, int64_t channels, const double* values) {
   char* p = static_cast<char*>(a.data);
-  with_storage_type(a.dtype, [&](auto tag) {
+  visit_storage(a.dtype, [&](auto tag) {
     store_typed<decltype(tag)>(p, a.strides[0], channels, values);
   });
 }
@@ -1484,13 +1474,13 @@ double element(const ArrayRef& a, int64_t r, int64_t c) {
 }  // namespace
 
 void batch_norm_forward(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardArgs& args) {
-  with_storage_type(x.dtype, [&](auto tag) { forward_typed<decltype(tag)>(x, y, args); });
+  visit_storage(x.dtype, [&](auto tag) { forward_typed<decltype(tag)>(x, y, args); });
 }
 
 void batch_norm_backward(const ArrayRef& grad_output, const ArrayRef& x, const ArrayRef& grad_input,
                          const BatchNormBackwardArgs& args) {
   const ArrayRef* relu = args.relu_output;
-  with_storage_type(x.dtype, [&](auto tag) {
+  visit_storage(x.dtype, [&](auto tag) {
     using S = decltype(tag);
     if (relu != nullptr) {
       backward_typed<S, GradientThroughRelu>(grad_output, x, *relu, grad_input, args);
@@ -1501,7 +1491,7 @@ void batch_norm_backward(const ArrayRef& grad_output, const ArrayRef& x, const A
 }
 
 void batch_norm_stats(const ArrayRef& x, int axis, const ArrayRef& mean, const ArrayRef& m2) {
-  with_storage_type(x.dtype, [&](auto tag) { stats_typed<decltype(tag)>(x, axis, mean, m2); });
+  visit_storage(x.dtype, [&](auto tag) { stats_typed<decltype(tag)>(x, axis, mean, m2); });
 }
 
 void batch_norm_combine(const std::vector<double>& counts, const ArrayRef& means,
@@ -1534,18 +1524,18 @@ void batch_norm_finalize(const BatchNormFinalizeArgs& args) {
 }
 
 void batch_norm_apply(const ArrayRef& x, const ArrayRef& y, const BatchNormApplyArgs& args) {
-  with_storage_type(x.dtype, [&](auto tag) { apply_typed<decltype(tag)>(x, y, args); });
+  visit_storage(x.dtype, [&](auto tag) { apply_typed<decltype(tag)>(x, y, args); });
 }
 
 void batch_norm_backward_reduce(const ArrayRef& grad_output, const ArrayRef& x,
                                 const BatchNormReduceArgs& args) {
-  with_storage_type(x.dtype,
+  visit_storage(x.dtype,
                     [&](auto tag) { backward_reduce_typed<decltype(tag)>(grad_output, x, args); });
 }
 
 void batch_norm_backward_apply(const ArrayRef& grad_output, const ArrayRef& x,
                                const ArrayRef& grad_input, const BatchNormBackwardApplyArgs& args) {
-  with_storage_type(x.dtype, [&](auto tag) {
+  visit_storage(x.dtype, [&](auto tag) {
     backward_apply_typed<decltype(tag)>(grad_output, x, grad_input, args);
   });
 }

@@ -1173,16 +1173,6 @@ void bias_act_backward_half(const ActivationParams& params, double activation_ns
       {&bias_act_backward_piece<Op, float>, &bias_act_backward_strided_half<Op, S>});
 }
 
-// Calls fn(T{}) with T the storage type of dtype d.
-template <class Fn> void visit_storage(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::float64: fn(double{}); return;
-    case DType::float16: fn(Float16{}); return;
-    case DType::bfloat16: fn(BFloat16{}); return;
-    default: fn(float{}); return;
-  }
-}
-
 }  // namespace
 
 void dropout_apply(const DropoutSpec& spec, const ArrayRef& x, const ArrayRef& y) {

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/array.h"
 #include "cpu/elementwise.h"
 #include "fusednn/half.h"
 
@@ -26,6 +27,17 @@
 namespace fusednn {
 namespace cpu {
 namespace FUSEDNN_ISA {
+
+// Calls fn(S{}) with S the storage type of dtype d: the kernels of every
+// family pick their storage type this way.
+template <class Fn> void visit_storage(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::float64: fn(double{}); return;
+    case DType::float16: fn(Float16{}); return;
+    case DType::bfloat16: fn(BFloat16{}); return;
+    default: fn(float{}); return;
+  }
+}
 
 // Elements per staged block: two float32 blocks of this size stay in L1.
 constexpr int64_t kHalfBlock = 256;
