@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bindings/backend.h"
+#include "bindings/dlpack_host.h"
 #include "cpu/isa.h"
 #include "cpu/threadpool.h"
 
@@ -22,36 +23,13 @@ namespace bindings {
 void bind_activations(py::module_& m);
 void bind_batchnorm(py::module_& m);
 void bind_dropout(py::module_& m);
+void bind_quick(py::module_& m);
 }  // namespace bindings
 }  // namespace fusednn
 
 namespace {
 
-// DLPack's legacy (unversioned) structures, as torch's _to_dlpack makes
-// them (dlpack.h, ABI stable since v0.2).
-struct DLDevice {
-  int32_t device_type;
-  int32_t device_id;
-};
-struct DLDataType {
-  uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat
-  uint8_t bits;
-  uint16_t lanes;
-};
-struct DLTensor {
-  void* data;
-  DLDevice device;
-  int32_t ndim;
-  DLDataType dtype;
-  int64_t* shape;
-  int64_t* strides;  // in elements; null for a compact row-major tensor
-  uint64_t byte_offset;
-};
-struct DLManagedTensor {
-  DLTensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensor*);
-};
+namespace dlpack = fusednn::bindings::dlpack;
 
 // A numpy array over a torch CPU tensor's memory, as Tensor.numpy() makes
 // it but from the tensor's DLPack export: arguments (tensor, to_dlpack),
@@ -80,13 +58,13 @@ PyObject* torch_view(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* const capsule = PyObject_CallOneArg(args[1], args[0]);
   if (capsule == nullptr) return nullptr;
   auto* const managed =
-      static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+      static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
   if (managed == nullptr) {
     PyErr_Clear();
     Py_DECREF(capsule);
     Py_RETURN_NONE;
   }
-  const DLTensor& t = managed->dl_tensor;
+  const dlpack::Tensor& t = managed->dl_tensor;
   int type_num = -1;
   if (t.dtype.code == 2 && t.dtype.lanes == 1) {
     if (t.dtype.bits == 32) type_num = py::detail::npy_api::NPY_FLOAT_;
@@ -265,4 +243,5 @@ PYBIND11_MODULE(_cpu, m) {
   bindings::bind_activations(m);
   bindings::bind_batchnorm(m);
   bindings::bind_dropout(m);
+  bindings::bind_quick(m);
 }

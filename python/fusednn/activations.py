@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _arrays, _backend
+from . import _arrays, _backend, _cpu
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "silu",
                "softplus", "mish", "hardsigmoid", "hardswish", "hardtanh")
@@ -104,9 +104,18 @@ def activation(name: str, x, *, out=None, **params):
     return _forward(name, x, out, _kernel_params(name, params, name))
 
 
+_activation_quick = _cpu.activation_quick
+
+
 def _forward(name: str, x, out, kernel_params):
     """The one path of every forward activation: `name` is checked,
     kernel_params are its (a, b, tanh_approximation)."""
+    # Ordinary calls (numpy arrays or torch CPU tensors of float32/float64;
+    # out C-contiguous, x itself or apart from it) in one compiled call,
+    # which declines the rest, errors included, with nothing written.
+    result = _activation_quick(_IDS[name], x, out, kernel_params)
+    if result is not None:
+        return result
     place = _arrays.locate(name, ("x",), x)
     x = place.view(x, "x", name)
     result = place.output(out, x, name)

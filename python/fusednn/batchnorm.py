@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from . import _arrays, _backend
+from . import _arrays, _backend, _cpu
 from .reference import BatchNormResult
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward"]
@@ -182,6 +182,12 @@ def _check_running_statistics(place, training: bool, x, out, gamma, beta, runnin
 
 # ---- public functions -----------------------------------------------------------
 
+# The compiled quick paths (csrc/bindings/quick_cpu.cpp), which return the
+# same BatchNormResult as the general path.
+_batch_norm_quick = _cpu.batch_norm_quick
+_batch_norm_backward_quick = _cpu.batch_norm_backward_quick
+_cpu.register_batch_norm_result(BatchNormResult)
+
 
 def _workspace(place, x, axis: int):
     """The backend's scratch buffer for a batch-norm call on x (the CPU
@@ -222,6 +228,14 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
 
     On the GPU (CuPy, torch CUDA tensors) float16 x is accepted the same way.
     """
+    # Ordinary calls (numpy arrays or torch CPU tensors of float32/float64
+    # in the usual layouts, valid scalars) are checked and run in one
+    # compiled call, which declines everything else, errors included, with
+    # nothing written: those take the path below.
+    result = _batch_norm_quick(x, gamma, beta, running_mean, running_var, out, training,
+                               momentum, eps, axis, activation)
+    if result is not None:
+        return result
     function = "batch_norm"
     place = _arrays.locate(function, ("x", "gamma", "beta", "running_mean", "running_var"), x,
                            gamma, beta, running_mean, running_var)
@@ -301,6 +315,11 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     grad_output or x itself), so that a training loop can reuse one buffer
     instead of allocating, and touching fresh pages for, every call.
     """
+    # Ordinary calls in one compiled call, as in batch_norm.
+    result = _batch_norm_backward_quick(grad_output, x, gamma, save_mean, save_invstd, axis,
+                                        training, activation, y, out)
+    if result is not None:
+        return result
     function = "batch_norm_backward"
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"fusednn.{function}: training must be a bool, "
