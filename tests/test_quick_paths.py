@@ -101,7 +101,7 @@ def test_batch_norm_forward_has_the_general_paths_bits(layout, dtype, training, 
             with monkeypatch.context() as patch:
                 if quick:
                     taken = batchnorm._batch_norm_quick(
-                        args[0], *args[1:], out, training, 0.1, 1e-5, axis, relu)
+                        args[0], *args[1:], out, training, 0.1, 1e-5, axis, relu, False)
                     assert taken is not None, "an ordinary call was declined"
                     result = taken
                 else:
@@ -142,7 +142,7 @@ def test_batch_norm_backward_has_the_general_paths_bits(layout, dtype, training,
             with monkeypatch.context() as patch:
                 if quick:
                     result = batchnorm._batch_norm_backward_quick(
-                        *args, axis, training, relu, relu_output, out)
+                        *args, axis, training, relu, relu_output, out, False)
                     assert result is not None, "an ordinary call was declined"
                 else:
                     _general(patch)
@@ -203,7 +203,7 @@ def test_declined_calls():
     out = np.empty_like(x)
     ordinary = dict(x=x, gamma=gamma, beta=beta, running_mean=running[0],
                     running_var=running[1], out=out, training=True, momentum=0.1, eps=1e-5,
-                    axis=1, activation=None)
+                    axis=1, activation=None, channels_last=False)
 
     def quick(**changes):
         call = {**ordinary, **changes}

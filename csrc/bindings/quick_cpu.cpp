@@ -215,6 +215,43 @@ bool channel_viewable(const HostArray& a, int axis) {
   return c_contiguous(a) || (merges(a, 0, axis) && merges(a, axis + 1, a.ndim));
 }
 
+// Rotates dimensions [axis, ndim) of a's view by one, the channel axis
+// going last (towards: true) or back from last (false): the same memory,
+// as torch's movedim(axis, -1) and its inverse view it.
+void rotate(HostArray& a, int axis, bool towards) {
+  const int last = a.ndim - 1;
+  const int64_t shape = towards ? a.shape[axis] : a.shape[last];
+  const int64_t stride = towards ? a.strides[axis] : a.strides[last];
+  if (towards) {
+    for (int d = axis; d < last; ++d) {
+      a.shape[d] = a.shape[d + 1];
+      a.strides[d] = a.strides[d + 1];
+    }
+    a.shape[last] = shape;
+    a.strides[last] = stride;
+  } else {
+    for (int d = last; d > axis; --d) {
+      a.shape[d] = a.shape[d - 1];
+      a.strides[d] = a.strides[d - 1];
+    }
+    a.shape[axis] = shape;
+    a.strides[axis] = stride;
+  }
+}
+
+// For fusednn.torch's operators, given x of a channels_last layout (its
+// channel axis 1 innermost in memory, the rest in C order): x read with
+// the channel axis moved last, which the kernels stream through as
+// channels-last (NC layout) instead of striding across it; the operators'
+// other tensors follow with move_like. True when moved.
+bool move_channels_last(HostArray& x, int axis) {
+  if (axis != 1 || x.ndim < 3 || c_contiguous(x)) return false;
+  rotate(x, axis, true);
+  if (c_contiguous(x)) return true;
+  rotate(x, axis, false);
+  return false;
+}
+
 bool same_shape(const HostArray& a, const HostArray& b) {
   if (a.ndim != b.ndim) return false;
   for (int d = 0; d < a.ndim; ++d)
@@ -322,11 +359,13 @@ int fused_relu(PyObject* o) {
 }
 
 // batch_norm_quick(x, gamma, beta, running_mean, running_var, out,
-// training, momentum, eps, axis, activation): fusednn.batch_norm's
-// BatchNormResult, or None.
+// training, momentum, eps, axis, activation, channels_last):
+// fusednn.batch_norm's BatchNormResult, or None. channels_last (True from
+// fusednn.torch's operators only): see move_channels_last; out must then be
+// laid out like x.
 PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 11) {
-    PyErr_SetString(PyExc_TypeError, "batch_norm_quick takes 11 arguments");
+  if (nargs != 12) {
+    PyErr_SetString(PyExc_TypeError, "batch_norm_quick takes 12 arguments");
     return nullptr;
   }
   PyObject* const training_arg = args[6];
@@ -345,8 +384,12 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HostArray x, gamma, beta, running_mean, running_var, out;
   const HostArray *g = nullptr, *b = nullptr, *rm = nullptr, *rv = nullptr, *o = nullptr;
   if (!read(args[0], library, x) || x.ndim == 0) Py_RETURN_NONE;
-  const int axis = channel_axis(args[9], x.ndim);
-  if (axis < 0 || !channel_viewable(x, axis)) Py_RETURN_NONE;
+  int axis = channel_axis(args[9], x.ndim);
+  if (axis < 0) Py_RETURN_NONE;
+  const int moved_from = axis;
+  const bool moved = args[11] == Py_True && move_channels_last(x, axis);
+  if (moved) axis = x.ndim - 1;
+  if (!channel_viewable(x, axis)) Py_RETURN_NONE;
   const int64_t channels = x.shape[axis];
   if (training && x.size / channels < 2) Py_RETURN_NONE;
   if (!read_optional(args[1], library, gamma, g) || !read_optional(args[2], library, beta, b) ||
@@ -354,6 +397,10 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !read_optional(args[4], library, running_var, rv) ||
       !read_optional(args[5], library, out, o))
     Py_RETURN_NONE;
+  if (moved) {
+    if (o == nullptr) Py_RETURN_NONE;  // a new y would have the moved shape
+    rotate(out, moved_from, true);
+  }
   for (const HostArray* weight : {g, b})
     if (weight != nullptr && (weight->type_num != x.type_num || !per_channel(*weight, channels)))
       Py_RETURN_NONE;
@@ -412,11 +459,13 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // batch_norm_backward_quick(grad_output, x, gamma, save_mean, save_invstd,
-// axis, training, activation, y, out): fusednn.batch_norm_backward's
-// (grad_input, grad_gamma, grad_beta), or None.
+// axis, training, activation, y, out, channels_last):
+// fusednn.batch_norm_backward's (grad_input, grad_gamma, grad_beta), or
+// None. channels_last as in batch_norm_quick: grad_output, y and out are
+// read with x's move.
 PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 10) {
-    PyErr_SetString(PyExc_TypeError, "batch_norm_backward_quick takes 10 arguments");
+  if (nargs != 11) {
+    PyErr_SetString(PyExc_TypeError, "batch_norm_backward_quick takes 11 arguments");
     return nullptr;
   }
   PyObject* const training_arg = args[6];
@@ -430,14 +479,25 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
   if (!read(args[0], library, grad_output) || !read(args[1], library, x) || x.ndim == 0 ||
       !same_shape(grad_output, x) || grad_output.type_num != x.type_num)
     Py_RETURN_NONE;
-  const int axis = channel_axis(args[5], x.ndim);
-  if (axis < 0 || !channel_viewable(x, axis) || !channel_viewable(grad_output, axis))
-    Py_RETURN_NONE;
+  int axis = channel_axis(args[5], x.ndim);
+  if (axis < 0) Py_RETURN_NONE;
+  const int moved_from = axis;
+  const bool moved = args[10] == Py_True && move_channels_last(x, axis);
+  if (moved) {
+    axis = x.ndim - 1;
+    rotate(grad_output, moved_from, true);
+  }
+  if (!channel_viewable(x, axis) || !channel_viewable(grad_output, axis)) Py_RETURN_NONE;
   const int64_t channels = x.shape[axis];
   if (!read_optional(args[2], library, gamma, g) || !read(args[3], library, save_mean) ||
       !read(args[4], library, save_invstd) || !read_optional(args[8], library, relu_output, ro) ||
       !read_optional(args[9], library, out, o))
     Py_RETURN_NONE;
+  if (moved) {
+    if (o == nullptr) Py_RETURN_NONE;  // a new grad_input would have the moved shape
+    if (ro != nullptr) rotate(relu_output, moved_from, true);
+    rotate(out, moved_from, true);
+  }
   if ((g != nullptr && (g->type_num != x.type_num || !per_channel(*g, channels))) ||
       !per_channel(save_mean, channels) || !per_channel(save_invstd, channels))
     Py_RETURN_NONE;

@@ -233,7 +233,7 @@ def batch_norm(x, gamma=None, beta=None, running_mean=None, running_var=None, *,
     # compiled call, which declines everything else, errors included, with
     # nothing written: those take the path below.
     result = _batch_norm_quick(x, gamma, beta, running_mean, running_var, out, training,
-                               momentum, eps, axis, activation)
+                               momentum, eps, axis, activation, False)
     if result is not None:
         return result
     function = "batch_norm"
@@ -317,7 +317,7 @@ def batch_norm_backward(grad_output, x, gamma, save_mean, save_invstd, *, axis=1
     """
     # Ordinary calls in one compiled call, as in batch_norm.
     result = _batch_norm_backward_quick(grad_output, x, gamma, save_mean, save_invstd, axis,
-                                        training, activation, y, out)
+                                        training, activation, y, out, False)
     if result is not None:
         return result
     function = "batch_norm_backward"

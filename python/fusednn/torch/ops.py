@@ -62,6 +62,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _len_torch_dispatch_stack
 
 import fusednn as fn
+from fusednn import _arrays, _cpu
 
 __all__ = [
     "ACTIVATION_PARAMETERS", "activation", "activation_backward", "batch_norm",
@@ -175,17 +176,18 @@ def _register_autograd(op, backward, setup_context) -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context, lib=_LIBRARY)
 
 
-def _refuse_autograd(op, advice: str) -> None:
-    """Registers an autograd kernel for an operator with no derivative
-    formula of its own, which raises when a gradient would be recorded
-    (rather than letting autograd's fallback record a node that cannot
-    backpropagate) and otherwise passes the call on to the kernel."""
-    def kernel(keyset, *args, **kwargs):
-        if torch.is_grad_enabled() and any(
-                isinstance(a, Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
-            raise RuntimeError(f"{op.name()} has no autograd formula: {advice}")
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
-    _LIBRARY.impl(op.name().partition("::")[2], kernel, "Autograd", with_keyset=True)
+def _refuse_gradient(name: str, advice: str, *tensors) -> None:
+    """Raises, before any work, when an operator with no derivative formula
+    of its own is called directly where a gradient would be recorded
+    (grad mode on, an input that requires grad), rather than letting
+    autograd's fallback record a node that cannot backpropagate. Checked in
+    the operator's kernel, which the fallback (C++, no Python) runs with
+    grad mode as the caller had it: a Python kernel on the Autograd key
+    would cost every call a second pass through the dispatcher."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"fusednn::{name} has no autograd formula: {advice}")
 
 
 def _eager(x: Tensor) -> bool:
@@ -351,6 +353,22 @@ def _statistics_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+# The compiled quick paths of fusednn.batch_norm and batch_norm_backward,
+# called here with channels_last=True: they run an ordinary call (plain CPU
+# tensors of float32/float64, valid arguments) in one compiled call,
+# reading a channels_last x, and out laid out like it, with the channels
+# last as _channel_last_views does, and decline everything else (CUDA
+# tensors, other dtypes, layouts that need a copy, errors) with nothing
+# written, which then takes the public functions' path. The operators'
+# kernels call them directly: under torch.compile the schema and fake
+# implementation have fixed the arguments, and the checks these make are
+# what keeps a direct call to torch.ops.fusednn.* safe.
+_batch_norm_quick = _cpu.batch_norm_quick
+_batch_norm_backward_quick = _cpu.batch_norm_backward_quick
+# They take torch tensors once registered, which viewing one does.
+_arrays.TORCH_CPU.numpy_view(torch.ones(1), "x", "batch_norm")
+
+
 def _batch_norm_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
                        training: bool, momentum: float, eps: float,
@@ -359,11 +377,16 @@ def _batch_norm_kernel(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     save_mean, save_invstd); training updates the running statistics in
     place (when given), inference normalizes with them. relu: y is
     relu(batch_norm(x)), written in the same pass."""
+    _refuse_gradient("batch_norm", "differentiate fusednn.torch.ops.batch_norm, which has one",
+                     x, weight, bias, running_mean, running_var)
     out = torch.empty_like(x)
-    x_view, out_view, axis = _channel_last_views(x, out, axis)
-    result = fn.batch_norm(x_view, weight, bias, running_mean, running_var, training=training,
-                           momentum=momentum, eps=eps, axis=axis,
-                           activation="relu" if relu else None, out=out_view)
+    result = _batch_norm_quick(x, weight, bias, running_mean, running_var, out, training,
+                               momentum, eps, axis, "relu" if relu else None, True)
+    if result is None:
+        x_view, out_view, view_axis = _channel_last_views(x, out, axis)
+        result = fn.batch_norm(x_view, weight, bias, running_mean, running_var,
+                               training=training, momentum=momentum, eps=eps, axis=view_axis,
+                               activation="relu" if relu else None, out=out_view)
     if training and running_mean is not None:
         # The kernel wrote them through their memory, which autograd's
         # version counters do not see.
@@ -394,7 +417,6 @@ _batch_norm_op = _define(
     "Tensor(b!)? running_var, bool training, float momentum, float eps, SymInt axis, "
     "bool relu=False) -> (Tensor, Tensor, Tensor)",
     _batch_norm_kernel, _batch_norm_fake, tags=_FLEXIBLE)
-_refuse_autograd(_batch_norm_op, "differentiate fusednn.torch.ops.batch_norm, which has one")
 
 
 def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -405,7 +427,14 @@ def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional
     grad_bias); training=False is the backward of the inference forward.
     relu_output: the output of a forward with relu=True, whose mask
     (relu_output > 0) applies to grad_output."""
+    _refuse_gradient("batch_norm_backward", "batch norm has no double backward in fusednn.torch",
+                     grad_output, x, weight, save_mean, save_invstd, relu_output)
     out = torch.empty_like(x)
+    result = _batch_norm_backward_quick(grad_output, x, weight, save_mean, save_invstd, axis,
+                                        training, None if relu_output is None else "relu",
+                                        relu_output, out, True)
+    if result is not None:
+        return result
     layout = _memory_format(x)
     grad_output = grad_output.contiguous(memory_format=layout)
     x_view, out_view, view_axis = _channel_last_views(x, out, axis)
@@ -434,7 +463,6 @@ batch_norm_backward = _define(
     "(Tensor grad_output, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
     "bool training, SymInt axis, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
     _batch_norm_backward_kernel, _batch_norm_backward_fake, tags=_FLEXIBLE)
-_refuse_autograd(batch_norm_backward, "batch norm has no double backward in fusednn.torch")
 
 
 class _BatchNorm(torch.autograd.Function):
