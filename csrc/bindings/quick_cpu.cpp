@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <new>
 
@@ -45,12 +46,12 @@ constexpr int kMaxDims = 32;
 // torch's side, handed over by register_torch once a torch tensor has
 // arrived (torch is never imported here): the exact types taken (subclasses
 // such as fake or functional tensors are declined), torch._C._to_dlpack
-// and torch.from_numpy.
+// and torch._C._from_dlpack.
 struct TorchApi {
   PyObject* tensor = nullptr;
   PyObject* parameter = nullptr;
   PyObject* to_dlpack = nullptr;
-  PyObject* from_numpy = nullptr;
+  PyObject* from_dlpack = nullptr;
 } torch_api;
 
 // fusednn.BatchNormResult (a named tuple), handed over by
@@ -289,7 +290,7 @@ bool read_optional(PyObject* o, Library& library, HostArray& a, const HostArray*
 
 // A new C-contiguous numpy array, read into `view`; null with a Python
 // error set when numpy cannot allocate it.
-PyObject* new_array(int ndim, const int64_t* shape, int type_num, HostArray& view) {
+PyObject* new_numpy(int ndim, const int64_t* shape, int type_num, HostArray& view) {
   const auto& api = npy::get();
   Py_intptr_t dims[kMaxDims];
   for (int d = 0; d < ndim; ++d) dims[d] = static_cast<Py_intptr_t>(shape[d]);
@@ -300,13 +301,87 @@ PyObject* new_array(int ndim, const int64_t* shape, int type_num, HostArray& vie
   return array;
 }
 
-// A new array (stolen) as the caller's library has it: itself for numpy,
-// torch.from_numpy's tensor over it for torch. Null with an error set.
-PyObject* in_library(Library library, PyObject* array) {
-  if (array == nullptr || library == Library::numpy) return array;
-  PyObject* const tensor = PyObject_CallOneArg(torch_api.from_numpy, array);
-  Py_DECREF(array);
+// A torch tensor's memory made here and handed to torch through DLPack:
+// cheaper than a numpy array and torch.from_numpy over it (no numpy object
+// to make and release, fewer arguments to parse). Torch frees it with the
+// tensor, through the deleter, from whichever thread releases it last.
+struct TensorBuffer {
+  dlpack::ManagedTensor managed;
+  int64_t shape[kMaxDims];
+  int64_t strides[kMaxDims];  // elements
+};
+
+void free_tensor_buffer(dlpack::ManagedTensor* managed) {
+  std::free(managed->dl_tensor.data);
+  delete static_cast<TensorBuffer*>(managed->manager_ctx);
+}
+
+// A capsule torch did not take still owns its buffer.
+void release_capsule(PyObject* capsule) {
+  if (!PyCapsule_IsValid(capsule, "dltensor")) return;  // "used_dltensor": torch's now
+  auto* const managed =
+      static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+  managed->deleter(managed);
+}
+
+// Allocation alignment: torch's CPU allocator's.
+constexpr size_t kTensorAlignment = 64;
+
+PyObject* new_tensor(int ndim, const int64_t* shape, int type_num, HostArray& view) {
+  const int64_t itemsize = type_num == npy::NPY_DOUBLE_ ? 8 : 4;
+  int64_t elements = 1;
+  for (int d = 0; d < ndim; ++d) elements *= shape[d];
+  const size_t bytes = static_cast<size_t>(elements * itemsize);
+  const size_t rounded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+  void* const data = std::aligned_alloc(kTensorAlignment, rounded > 0 ? rounded : kTensorAlignment);
+  auto* const buffer = data != nullptr ? new (std::nothrow) TensorBuffer : nullptr;
+  if (buffer == nullptr) {
+    std::free(data);
+    return PyErr_NoMemory();
+  }
+  int64_t step = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    buffer->shape[d] = shape[d];
+    buffer->strides[d] = step;
+    step *= shape[d];
+  }
+  dlpack::Tensor& t = buffer->managed.dl_tensor;
+  t.data = data;
+  t.device = {dlpack::kCpu, 0};
+  t.ndim = ndim;
+  t.dtype = {dlpack::kFloat, static_cast<uint8_t>(itemsize * 8), 1};
+  t.shape = buffer->shape;
+  t.strides = buffer->strides;
+  t.byte_offset = 0;
+  buffer->managed.manager_ctx = buffer;
+  buffer->managed.deleter = free_tensor_buffer;
+  PyObject* const capsule = PyCapsule_New(&buffer->managed, "dltensor", release_capsule);
+  if (capsule == nullptr) {
+    free_tensor_buffer(&buffer->managed);
+    return nullptr;
+  }
+  PyObject* const tensor = PyObject_CallOneArg(torch_api.from_dlpack, capsule);
+  Py_DECREF(capsule);  // frees the buffer unless torch took it
+  if (tensor == nullptr) return nullptr;
+  view.data = static_cast<char*>(data);
+  view.ndim = ndim;
+  view.type_num = type_num;
+  view.itemsize = itemsize;
+  view.writable = true;
+  for (int d = 0; d < ndim; ++d) {
+    view.shape[d] = shape[d];
+    view.strides[d] = buffer->strides[d] * itemsize;
+  }
+  finish(view);
   return tensor;
+}
+
+// A new C-contiguous array of the caller's library (a numpy array, or a
+// torch tensor), read into `view`; null with a Python error set.
+PyObject* new_array(Library library, int ndim, const int64_t* shape, int type_num,
+                    HostArray& view) {
+  return library == Library::torch ? new_tensor(ndim, shape, type_num, view)
+                                   : new_numpy(ndim, shape, type_num, view);
 }
 
 // Runs a kernel without the GIL; false with a Python error set when it
@@ -425,12 +500,12 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HostArray y_new, mean_view, invstd_view;
   PyObject* y_array = nullptr;
   if (o == nullptr) {
-    y_array = new_array(x.ndim, x.shape, x.type_num, y_new);
+    y_array = new_array(library, x.ndim, x.shape, x.type_num, y_new);
     if (y_array == nullptr) return nullptr;
   }
-  PyObject* const mean = new_array(1, &channels, x.type_num, mean_view);
+  PyObject* const mean = new_array(library, 1, &channels, x.type_num, mean_view);
   PyObject* const invstd =
-      mean != nullptr ? new_array(1, &channels, x.type_num, invstd_view) : nullptr;
+      mean != nullptr ? new_array(library, 1, &channels, x.type_num, invstd_view) : nullptr;
   const HostArray& y = o != nullptr ? *o : y_new;
   const cpu::ArrayRef xr = x.ref(), yr = y.ref(), mr = mean_view.ref(), ir = invstd_view.ref();
   const cpu::ArrayRef gr = gamma.ref(), br = beta.ref();
@@ -453,9 +528,8 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_XDECREF(invstd);
     return nullptr;
   }
-  PyObject* y_result = o != nullptr ? (Py_INCREF(args[5]), args[5]) : in_library(library, y_array);
-  return triple(batch_norm_result, y_result, in_library(library, mean),
-                in_library(library, invstd));
+  PyObject* const y_result = o != nullptr ? (Py_INCREF(args[5]), args[5]) : y_array;
+  return triple(batch_norm_result, y_result, mean, invstd);
 }
 
 // batch_norm_backward_quick(grad_output, x, gamma, save_mean, save_invstd,
@@ -514,12 +588,12 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
   HostArray input_new, gamma_view, beta_view;
   PyObject* grad_input = nullptr;
   if (o == nullptr) {
-    grad_input = new_array(x.ndim, x.shape, x.type_num, input_new);
+    grad_input = new_array(library, x.ndim, x.shape, x.type_num, input_new);
     if (grad_input == nullptr) return nullptr;
   }
-  PyObject* const grad_gamma = new_array(1, &channels, x.type_num, gamma_view);
+  PyObject* const grad_gamma = new_array(library, 1, &channels, x.type_num, gamma_view);
   PyObject* const grad_beta =
-      grad_gamma != nullptr ? new_array(1, &channels, x.type_num, beta_view) : nullptr;
+      grad_gamma != nullptr ? new_array(library, 1, &channels, x.type_num, beta_view) : nullptr;
   const HostArray& gi = o != nullptr ? *o : input_new;
   const cpu::ArrayRef dyr = grad_output.ref(), xr = x.ref(), gir = gi.ref();
   const cpu::ArrayRef wr = gamma.ref(), smr = save_mean.ref(), sir = save_invstd.ref();
@@ -535,10 +609,8 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
     Py_XDECREF(grad_beta);
     return nullptr;
   }
-  PyObject* input_result =
-      o != nullptr ? (Py_INCREF(args[9]), args[9]) : in_library(library, grad_input);
-  return triple(&PyTuple_Type, input_result, in_library(library, grad_gamma),
-                in_library(library, grad_beta));
+  PyObject* const input_result = o != nullptr ? (Py_INCREF(args[9]), args[9]) : grad_input;
+  return triple(&PyTuple_Type, input_result, grad_gamma, grad_beta);
 }
 
 // activation_quick(activation id, x, out, (a, b, tanh_approximation)): the
@@ -575,7 +647,7 @@ PyObject* activation_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HostArray y_new;
   PyObject* y_array = nullptr;
   if (o == nullptr) {
-    y_array = new_array(x.ndim, x.shape, x.type_num, y_new);
+    y_array = new_array(library, x.ndim, x.shape, x.type_num, y_new);
     if (y_array == nullptr) return nullptr;
   }
   const HostArray& y = o != nullptr ? *o : y_new;
@@ -591,7 +663,7 @@ PyObject* activation_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_INCREF(args[2]);
     return args[2];
   }
-  return in_library(library, y_array);
+  return y_array;
 }
 
 PyMethodDef quick_methods[] = {
@@ -625,14 +697,14 @@ void bind_quick(py::module_& m) {
   m.def(
       "register_torch",
       [](const py::type& tensor, const py::type& parameter, const py::object& to_dlpack,
-         const py::object& from_numpy) {
+         const py::object& from_dlpack) {
         if (torch_api.tensor != nullptr) return;  // once: torch cannot be imported twice
         torch_api = {tensor.inc_ref().ptr(), parameter.inc_ref().ptr(),
-                     to_dlpack.inc_ref().ptr(), from_numpy.inc_ref().ptr()};
+                     to_dlpack.inc_ref().ptr(), from_dlpack.inc_ref().ptr()};
       },
       "Lets the quick paths take torch CPU tensors: torch.Tensor, torch.nn.Parameter, "
-      "torch._C._to_dlpack and torch.from_numpy.",
-      py::arg("tensor"), py::arg("parameter"), py::arg("to_dlpack"), py::arg("from_numpy"));
+      "torch._C._to_dlpack and torch._C._from_dlpack.",
+      py::arg("tensor"), py::arg("parameter"), py::arg("to_dlpack"), py::arg("from_dlpack"));
 }
 
 }  // namespace bindings

@@ -486,7 +486,7 @@ def _torch_to_dlpack():
     import torch
     to_dlpack = torch._C._to_dlpack
     # The compiled quick paths take torch CPU tensors from now on.
-    _cpu.register_torch(torch.Tensor, torch.nn.Parameter, to_dlpack, torch.from_numpy)
+    _cpu.register_torch(torch.Tensor, torch.nn.Parameter, to_dlpack, torch._C._from_dlpack)
     _torch_to_dlpack = lambda: to_dlpack  # noqa: E731
     return to_dlpack
 
