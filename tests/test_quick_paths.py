@@ -288,3 +288,44 @@ def test_torch_results_are_tensors_over_fresh_memory():
     torch.testing.assert_close(y, torch.relu(x), rtol=0, atol=0)
     assert _cpu.activation_quick(activations._IDS["relu"], x, None,
                                  activations._DEFAULT_KERNEL_PARAMS["relu"]) is not None
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (2, 5, 3, 4, 2)])
+def test_operators_read_channels_last_tensors_as_the_moved_views(shape, relu, monkeypatch):
+    """fusednn.torch's batch-norm kernels hand a channels_last x to the
+    quick paths, which read it with the channels last: the bits of the
+    general path's movedim views, and the quick paths are taken."""
+    from fusednn.torch import ops
+
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=generator).contiguous(memory_format=layout)
+    grad = torch.randn(shape, generator=generator).contiguous(memory_format=layout)
+    channels = shape[1]
+    weight, bias = torch.rand(channels, generator=generator) + 0.5, torch.randn(channels)
+    results = []
+    for quick in (True, False):
+        running = [torch.zeros(channels), torch.ones(channels)]
+        with monkeypatch.context() as patch:
+            if quick:
+                taken = []
+                for name in ("_batch_norm_quick", "_batch_norm_backward_quick"):
+                    def record(*args, _run=getattr(ops, name)):
+                        result = _run(*args)
+                        taken.append(result is not None)
+                        return result
+                    patch.setattr(ops, name, record)
+            else:
+                patch.setattr(ops, "_batch_norm_quick", lambda *args: None)
+                patch.setattr(ops, "_batch_norm_backward_quick", lambda *args: None)
+            y, mean, invstd = ops._batch_norm_kernel(x, weight, bias, *running, True, 0.1, 1e-5,
+                                                     1, relu)
+            grads = ops._batch_norm_backward_kernel(grad, x, weight, mean, invstd, True, 1,
+                                                    y if relu else None)
+        if quick:
+            assert taken == [True, True]
+        assert y.is_contiguous(memory_format=layout) and grads[0].shape == x.shape
+        results.append((y, mean, invstd, *running, *grads))
+    for a, b in zip(*results):
+        _same(a, b)
