@@ -249,6 +249,66 @@ def test_cached_and_two_pass_loops_give_the_same_bits(shape, dtype, restore_sett
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
+# Channels-last training batches that fit the threads' caches split into one
+# band of rows per thread: each thread sums its band, the coefficients are
+# made once from every band's sums, and each thread writes its band. The
+# bands sum the two-pass loop's units in its order: same bits for any thread
+# count, and for callers the pool runs one task after another (a second
+# caller while the pool is busy). 37 channels leave a remainder past the
+# vector blocks; 300 span two channel blocks.
+BANDED = [(16, 32, 32, 32), (4000, 37), (2000, 300)]
+
+
+def _relu_outputs(x, dy, gamma, beta):
+    result = fn.batch_norm(x, gamma, beta, axis=-1, activation="relu")
+    grads = fn.batch_norm_backward(dy, x, gamma, result.save_mean, result.save_invstd, axis=-1,
+                                   activation="relu", y=result.y)
+    return [*result, *grads]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BANDED)
+def test_banded_channels_last_gives_the_bits_of_one_thread(shape, dtype, restore_settings):
+    x, gamma, beta = _data(shape, -1, dtype)
+    dy = np.random.default_rng(9).standard_normal(shape).astype(dtype)
+    fn.set_num_threads(1)
+    baseline = _relu_outputs(x, dy, gamma, beta) + _all_outputs(x, dy, -1)
+    strided = np.empty((*shape[:-1], 2 * shape[-1]), dtype)[..., ::2]
+    strided[...] = x
+    for threads in (2, 3):
+        fn.set_num_threads(threads)
+        got = _relu_outputs(x, dy, gamma, beta) + _all_outputs(x, dy, -1)
+        for g, w in zip(got, baseline):
+            np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
+    # Channels apart (a strided view) take the two-pass loops.
+    for g, w in zip(_all_outputs(strided, dy, -1), baseline[6:]):
+        np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
+
+
+def test_banded_channels_last_with_concurrent_callers(restore_settings):
+    import threading
+    shape = BANDED[0]
+    x, gamma, beta = _data(shape, -1, np.float32)
+    dy = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
+    fn.set_num_threads(2)
+    baseline = _relu_outputs(x, dy, gamma, beta)
+    failures = []
+
+    def work():
+        for _ in range(5):
+            got = _relu_outputs(x, dy, gamma, beta)
+            if any(g.tobytes() != w.tobytes() for g, w in zip(got, baseline)):
+                failures.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures
+
+
 # Outputs of 16 MiB and more are streamed a 64-byte line at a time from
 # registers; rows of 45 x 45 make lines cross channel boundaries, and 24
 # channels make channels-last lines run past the end of the repeated

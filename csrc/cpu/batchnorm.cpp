@@ -11,8 +11,9 @@
 // When one channel's samples fit in a core's cache (inner > 1, contiguous
 // rows), one task reduces a channel and then writes its outputs while the
 // samples are still cached, so the inputs come from memory once instead of
-// twice. The units and their merge order are those of the two-pass loop,
-// so both give the same bits.
+// twice. Channels-last training batches do the same in bands of rows, one
+// per thread (run_bands). The units and their merge order are those of the
+// two-pass loop, so every path gives the same bits.
 //
 // Determinism: the reductions are split into units that depend on the
 // shape alone, each unit sums its elements in a fixed lane order in double
@@ -33,9 +34,11 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <initializer_list>
 #include <stdexcept>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -102,6 +105,8 @@ template <class Task> void run_tasks(int64_t tasks, const CallCost& cost, const 
     for (int64_t t = tasks * s / slices; t < end; ++t) task(t);
   });
 }
+// Elements per task of the elementwise passes (a multiple of 64).
+constexpr int64_t kPassChunk = int64_t(1) << 15;
 // Channels per channels-last unit: their accumulators stay in L1.
 constexpr int64_t kChannelBlock = 256;
 // Rows a channels-last unit sums in the data type before adding the
@@ -356,6 +361,171 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
   for (int64_t i = 0; i < size; i += 64) __builtin_prefetch(bytes + i, 0, 2);
 }
 
+// The sums of unit `unit` of channel block `block` when inner == 1 (a block
+// of channels over a block of outer rows), into partials[c * units + unit]
+// for its channels c. centers: one per channel, or null to center each
+// channel of the unit on the median of three of its samples.
+template <class Sums, class Grad, class S>
+void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                             const Partition& part, const double* centers, int64_t block,
+                             int64_t unit, Partial* partials) {
+  using T = ComputeOf<S>;
+  const int64_t units = part.units_per_channel();
+  const S* x = reinterpret_cast<const S*>(xv.data);
+  const S* g = reinterpret_cast<const S*>(gv.data);
+  const S* m = reinterpret_cast<const S*>(mv.data);
+  const int64_t o0 = unit * part.outer_block;
+  const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
+  const int64_t c0 = block * part.channel_block;
+  const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
+  const S* xc = x + c0 * xv.stride_channel;
+  const S* gc = g + c0 * gv.stride_channel;
+  const S* mc = m + c0 * mv.stride_channel;
+  alignas(64) double center[kChannelBlock];
+  alignas(64) T center_hi[kChannelBlock];
+  alignas(64) T center_lo[kChannelBlock];
+  alignas(64) double s1[kChannelBlock] = {};
+  alignas(64) double s2[kChannelBlock] = {};
+  if (centers != nullptr) {
+    std::copy_n(centers + c0, count, center);
+  } else if (xv.stride_channel == 1) {
+    // The three rows' channels side by side: one vectorized loop.
+    const S* first = xc + o0 * xv.stride_outer;
+    const S* middle = xc + (o0 + o1 - 1) / 2 * xv.stride_outer;
+    const S* last = xc + (o1 - 1) * xv.stride_outer;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k)
+      center[k] = median_of_three(first + k, middle + k, last + k);
+  } else {
+    for (int64_t k = 0; k < count; ++k) {
+      const S* xk = xc + k * xv.stride_channel;
+      center[k] = median_of_three(xk + o0 * xv.stride_outer,
+                                  xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
+                                  xk + (o1 - 1) * xv.stride_outer);
+    }
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < count; ++k) {
+    center_hi[k] = static_cast<T>(center[k]);
+    center_lo[k] = static_cast<T>(center[k] - static_cast<double>(center_hi[k]));
+  }
+  const bool contiguous =
+      xv.stride_channel == 1 && gv.stride_channel == 1 && mv.stride_channel == 1;
+  const int64_t rows_ahead =
+      std::max<int64_t>(1, kRowPrefetchBytes / (count * int64_t(sizeof(S))));
+  for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
+    const int64_t row_end = std::min(o1, row_block + kPartialRows);
+    if (contiguous) {
+      // Each channel's partials in a register over the block's rows, the
+      // channels across the vector: the same operations per channel as
+      // the row-by-row loop below, without its loads and stores of the
+      // partials per row (the channels-last statistics of 32 channels
+      // took twice a copy's time with them).
+      const int64_t rows = row_end - row_block;
+      // Asks for row row_block + r + rows_ahead, one row at a time between
+      // the sums: a block's worth at once made the backward slower.
+      const auto prefetch_row = [&](int64_t r) {
+        const int64_t o = row_block + r + rows_ahead;
+        if (o >= part.outer) return;
+        prefetch_to_l2(xc + o * xv.stride_outer, count);
+        if (Sums::kReadsGradient) prefetch_to_l2(gc + o * gv.stride_outer, count);
+        if (Grad::kReadsOutput) prefetch_to_l2(mc + o * mv.stride_outer, count);
+      };
+      // The block's rows at xb, gb, mb, xs, gs, ms elements apart.
+      const auto sum_block = [&](const auto* xb, int64_t xs, const auto* gb, int64_t gs,
+                                 const auto* mb, int64_t ms) {
+        // Channels [k0, k0 + width): fixed-size partials, which the
+        // compiler keeps in vector registers.
+        const auto add_rows = [&](int64_t k0, auto width) {
+          constexpr int64_t kWidth = decltype(width)::value;
+          T a1[kWidth] = {}, a2[kWidth] = {};
+          for (int64_t r = 0; r < rows; ++r) {
+            if (k0 == 0) prefetch_row(r);
+            const auto* xr = xb + r * xs + k0;
+            const auto* gr = gb + r * gs + k0;
+            const auto* mr = mb + r * ms + k0;
+#pragma omp simd
+            for (int64_t j = 0; j < kWidth; ++j)
+              Sums::add_partial(a1[j], a2[j], T(xr[j]), Grad::gradient(T(gr[j]), T(mr[j])),
+                                center_hi[k0 + j], center_lo[k0 + j]);
+          }
+#pragma omp simd
+          for (int64_t j = 0; j < kWidth; ++j) {
+            s1[k0 + j] += static_cast<double>(a1[j]);
+            s2[k0 + j] += static_cast<double>(a2[j]);
+          }
+        };
+        constexpr int64_t kWide = 128 / int64_t(sizeof(T));  // two 64-byte lines
+        int64_t k = 0;
+        for (; k + kWide <= count; k += kWide)
+          add_rows(k, std::integral_constant<int64_t, kWide>{});
+        for (; k < count; ++k) add_rows(k, std::integral_constant<int64_t, 1>{});
+      };
+      const S* xb = xc + row_block * xv.stride_outer;
+      const S* gb = gc + row_block * gv.stride_outer;
+      const S* mb = mc + row_block * mv.stride_outer;
+      if constexpr (kWidened<S>) {
+        // The block's rows widened side by side, count floats apart.
+        static_assert(kChannelBlock <= kHalfBlock, "a row is one widened block");
+        alignas(64) float xw[kPartialRows * kChannelBlock];
+        alignas(64) float gw[Sums::kReadsGradient ? kPartialRows * kChannelBlock : 1];
+        alignas(64) float mw[Grad::kReadsOutput ? kPartialRows * kChannelBlock : 1];
+        for (int64_t r = 0; r < rows; ++r) {
+          widen(xb + r * xv.stride_outer, xw + r * count, count);
+          if (Sums::kReadsGradient) widen(gb + r * gv.stride_outer, gw + r * count, count);
+          if (Grad::kReadsOutput) widen(mb + r * mv.stride_outer, mw + r * count, count);
+        }
+        const float* gp = Sums::kReadsGradient ? gw : xw;  // as the strided loop: unread
+        const float* mp = Grad::kReadsOutput ? mw : gp;    // dy again unless masked by y
+        sum_block(xw, count, gp, count, mp, count);
+      } else {
+        sum_block(xb, xv.stride_outer, gb, gv.stride_outer, mb, mv.stride_outer);
+      }
+      continue;
+    }
+    // Channels apart in some operand: row by row, the partials per row in
+    // memory.
+    alignas(64) T p1[kChannelBlock];
+    alignas(64) T p2[kChannelBlock];
+    std::fill_n(p1, count, T(0));
+    std::fill_n(p2, count, T(0));
+    for (int64_t o = row_block; o < row_end; ++o) {
+      const S* xr = xc + o * xv.stride_outer;
+      const S* gr = gc + o * gv.stride_outer;
+      const S* mr = mc + o * mv.stride_outer;
+      for (int64_t k = 0; k < count; ++k)
+        Sums::add_partial(p1[k], p2[k], load_value(xr[k * xv.stride_channel]),
+                          Grad::gradient(load_value(gr[k * gv.stride_channel]),
+                                         load_value(mr[k * mv.stride_channel])),
+                          center_hi[k], center_lo[k]);
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      s1[k] += static_cast<double>(p1[k]);
+      s2[k] += static_cast<double>(p2[k]);
+    }
+  }
+  // A data-type partial overflows where the inputs' spread does (float32
+  // squares above about 1e19); those channels' sums are taken again in
+  // double, which cannot overflow for finite float inputs. NaN inputs
+  // land here too and stay NaN.
+  for (int64_t k = 0; k < count; ++k) {
+    if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
+    s1[k] = s2[k] = 0.0;
+    const S* xk = xc + k * xv.stride_channel;
+    const S* gk = gc + k * gv.stride_channel;
+    const S* mk = mc + k * mv.stride_channel;
+    for (int64_t o = o0; o < o1; ++o)
+      Sums::add(s1[k], s2[k], load_value(xk[o * xv.stride_outer]),
+                Grad::gradient(load_value(gk[o * gv.stride_outer]),
+                               load_value(mk[o * mv.stride_outer])),
+                center[k]);
+  }
+  for (int64_t k = 0; k < count; ++k)
+    partials[(c0 + k) * units + unit] =
+        Partial{static_cast<double>(o1 - o0), center[k], s1[k], s2[k]};
+}
+
 // Fills partials[c * units_per_channel + u] for every channel c and unit u
 // (channels * units_per_channel entries, all written).
 // centers: one per channel, or null to center each unit on the median of
@@ -363,11 +533,7 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
 template <class Sums, class Grad, class S>
 void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
                   const Partition& part, const double* centers, Partial* partials) {
-  using T = ComputeOf<S>;
   const int64_t units = part.units_per_channel();
-  const S* x = reinterpret_cast<const S*>(xv.data);
-  const S* g = reinterpret_cast<const S*>(gv.data);
-  const S* m = reinterpret_cast<const S*>(mv.data);
   const int64_t elements = part.outer * part.channels * part.inner;
   run_tasks(part.tasks(), call_cost<S>(elements, kReduceNanoseconds), [&](int64_t task) {
     const int64_t block = task / units;
@@ -377,119 +543,123 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
           xv, gv, mv, part, block, unit, centers != nullptr ? centers + block : nullptr);
       return;
     }
-    const int64_t o0 = unit * part.outer_block;
-    const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
-    const int64_t c0 = block * part.channel_block;
-    const int64_t count = std::min(part.channels, c0 + part.channel_block) - c0;
-    const S* xc = x + c0 * xv.stride_channel;
-    const S* gc = g + c0 * gv.stride_channel;
-    const S* mc = m + c0 * mv.stride_channel;
-    alignas(64) double center[kChannelBlock];
-    alignas(64) T center_hi[kChannelBlock];
-    alignas(64) T center_lo[kChannelBlock];
-    alignas(64) double s1[kChannelBlock] = {};
-    alignas(64) double s2[kChannelBlock] = {};
-    if (centers != nullptr) {
-      std::copy_n(centers + c0, count, center);
-    } else if (xv.stride_channel == 1) {
-      // The three rows' channels side by side: one vectorized loop.
-      const S* first = xc + o0 * xv.stride_outer;
-      const S* middle = xc + (o0 + o1 - 1) / 2 * xv.stride_outer;
-      const S* last = xc + (o1 - 1) * xv.stride_outer;
-#pragma omp simd
-      for (int64_t k = 0; k < count; ++k)
-        center[k] = median_of_three(first + k, middle + k, last + k);
+    channels_last_unit_sums<Sums, Grad, S>(xv, gv, mv, part, centers, block, unit, partials);
+  });
+}
+
+// ---- channels-last training batches in bands of rows ------------------------
+//
+// A channels-last batch whose inputs, split into one band of rows per
+// thread, fit in the threads' own caches is reduced and written in one
+// parallel region: each thread sums its band's units, the channels'
+// coefficients are made once from every unit, and each thread then writes
+// its band while the band's inputs are still in its cache, so that they
+// come from the shared cache or memory once instead of twice (a
+// 16x32x32x32 channels-last forward on two threads: the two-pass loops
+// read 2 MB twice from the shared L3, the bands 1 MB once per core). The
+// units and their merge order are those of the two-pass loops: same bits.
+
+// The most bands of one call: one per thread, held in fixed arrays.
+constexpr int64_t kMaxBands = 64;
+// Bytes of input per band: a core's L2 (2 MiB here) and half again, since
+// the second step reads the band backwards and finds the last 2 MiB the
+// first step read still there. 16x32x32x32 and 16x64x16x16 channels-last
+// backwards with the ReLU mask (3 MB and 1.5 MB a band on two threads)
+// took 0.89 and 0.64 of the two-pass loops' time with this bound, 1.0
+// with 1 MiB (medians of 5 alternating runs).
+constexpr int64_t kBandBytes = int64_t(3) << 20;
+
+// How many bands a channels-last call of `reads` operands splits into, or
+// 0 where the two-pass loops serve: at least two, each of whole units, as
+// many as the work pays threads for (ns_per_element, see run_tasks), and
+// each band's inputs at most kBandBytes.
+template <class S>
+int64_t band_count(const Partition& part, int reads, double ns_per_element) {
+  if (part.inner != 1) return 0;
+  const int64_t size = part.outer * part.channels;
+  const int64_t bands =
+      std::min({part.outer_blocks, call_cost<S>(size, ns_per_element).slices(), kMaxBands});
+  if (bands < 2 || size * int64_t(sizeof(S)) * reads > bands * kBandBytes) return 0;
+  return bands;
+}
+
+// The join between the two steps of a banded region, without a barrier
+// (which would never open when the pool runs the region's tasks one after
+// another on one thread, as it does inside another region or while
+// another caller holds it): each band's first step is claimed by the
+// first thread to reach it, and a task claims its own band's and then any
+// unclaimed band's before it waits, so it waits only for first steps
+// running on other threads. join() runs once, on the first thread past
+// the wait; the others wait for it. Nothing in the steps may throw.
+class BandJoin {
+ public:
+  explicit BandJoin(int64_t bands) : bands_(bands) {}
+
+  template <class First, class Join>
+  void first_steps(int64_t band, const First& first, const Join& join) {
+    claim(band, first);
+    for (int64_t b = 0; b < bands_; ++b) claim(b, first);
+    wait_until([this] { return done_.load(std::memory_order_acquire) == bands_; });
+    int idle = 0;
+    if (join_state_.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+      join();
+      join_state_.store(2, std::memory_order_release);
     } else {
-      for (int64_t k = 0; k < count; ++k) {
-        const S* xk = xc + k * xv.stride_channel;
-        center[k] = median_of_three(xk + o0 * xv.stride_outer,
-                                    xk + (o0 + o1 - 1) / 2 * xv.stride_outer,
-                                    xk + (o1 - 1) * xv.stride_outer);
-      }
+      wait_until([this] { return join_state_.load(std::memory_order_acquire) == 2; });
     }
-#pragma omp simd
-    for (int64_t k = 0; k < count; ++k) {
-      center_hi[k] = static_cast<T>(center[k]);
-      center_lo[k] = static_cast<T>(center[k] - static_cast<double>(center_hi[k]));
+  }
+
+ private:
+  template <class First> void claim(int64_t band, const First& first) {
+    if (claimed_[band].exchange(true, std::memory_order_acq_rel)) return;
+    first(band);
+    done_.fetch_add(1, std::memory_order_acq_rel);
+  }
+
+  // Spins, yielding now and then: the thread waited for may share a core.
+  template <class Ready> static void wait_until(const Ready& ready) {
+    for (unsigned i = 1; !ready(); ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (i % 256 == 0) std::this_thread::yield();
     }
-    const bool contiguous =
-        xv.stride_channel == 1 && gv.stride_channel == 1 && mv.stride_channel == 1;
-    const int64_t rows_ahead =
-        std::max<int64_t>(1, kRowPrefetchBytes / (count * int64_t(sizeof(S))));
-    for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
-      const int64_t row_end = std::min(o1, row_block + kPartialRows);
-      alignas(64) T p1[kChannelBlock];
-      alignas(64) T p2[kChannelBlock];
-      std::fill_n(p1, count, T(0));
-      std::fill_n(p2, count, T(0));
-      for (int64_t o = row_block; o < row_end; ++o) {
-        const S* xr = xc + o * xv.stride_outer;
-        const S* gr = gc + o * gv.stride_outer;
-        const S* mr = mc + o * mv.stride_outer;
-        if (contiguous) {
-          if (o + rows_ahead < part.outer) {
-            prefetch_to_l2(xr + rows_ahead * xv.stride_outer, count);
-            if (Sums::kReadsGradient) prefetch_to_l2(gr + rows_ahead * gv.stride_outer, count);
-            if (Grad::kReadsOutput) prefetch_to_l2(mr + rows_ahead * mv.stride_outer, count);
-          }
-          const auto add_row = [&](const auto* xs, const auto* gs, const auto* ms) {
-#pragma omp simd
-            for (int64_t k = 0; k < count; ++k)
-              Sums::add_partial(p1[k], p2[k], load_value(xs[k]),
-                                Grad::gradient(load_value(gs[k]), load_value(ms[k])), center_hi[k],
-                                center_lo[k]);
-          };
-          if constexpr (kWidened<S>) {
-            alignas(64) float xb[kChannelBlock], gb[kChannelBlock], mb[kChannelBlock];
-            static_assert(kChannelBlock <= kHalfBlock, "a row is one widened block");
-            widen(xr, xb, count);
-            const float* gp = xb;
-            if (Sums::kReadsGradient) {
-              widen(gr, gb, count);
-              gp = gb;
-            }
-            const float* mp = gp;
-            if (Grad::kReadsOutput) {
-              widen(mr, mb, count);
-              mp = mb;
-            }
-            add_row(xb, gp, mp);
-          } else {
-            add_row(xr, gr, mr);
-          }
-        } else {
-          for (int64_t k = 0; k < count; ++k)
-            Sums::add_partial(p1[k], p2[k], load_value(xr[k * xv.stride_channel]),
-                              Grad::gradient(load_value(gr[k * gv.stride_channel]),
-                                             load_value(mr[k * mv.stride_channel])),
-                              center_hi[k], center_lo[k]);
-        }
-      }
-#pragma omp simd
-      for (int64_t k = 0; k < count; ++k) {
-        s1[k] += static_cast<double>(p1[k]);
-        s2[k] += static_cast<double>(p2[k]);
-      }
+  }
+
+  int64_t bands_;
+  std::atomic<bool> claimed_[kMaxBands] = {};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> join_state_{0};
+};
+
+// Runs a banded region: first(block, unit) for every unit of each band's
+// outer blocks (every channel block), join() once all have run, then
+// second(begin, end) over each band's flat elements, a range at a time.
+template <class First, class Join, class Second>
+void run_bands(const Partition& part, int64_t bands, const First& first, const Join& join,
+               const Second& second) {
+  BandJoin barrier(bands);
+  const auto blocks = [&](int64_t band) {
+    return std::make_pair(part.outer_blocks * band / bands, part.outer_blocks * (band + 1) / bands);
+  };
+  const auto sums = [&](int64_t band) {
+    const auto [u0, u1] = blocks(band);
+    for (int64_t block = 0; block < part.channel_blocks; ++block)
+      for (int64_t unit = u0; unit < u1; ++unit) first(block, unit);
+  };
+  parallel_for(bands, [&](int64_t band) {
+    barrier.first_steps(band, sums, join);
+    // The band's elements in chunks from its end backwards: the first
+    // step read the end last, so where the band is larger than the cache
+    // its end is still there.
+    const auto [u0, u1] = blocks(band);
+    const int64_t begin = u0 * part.outer_block * part.channels;
+    int64_t end = std::min(part.outer, u1 * part.outer_block) * part.channels;
+    while (end > begin) {
+      const int64_t start = std::max(begin, end - kPassChunk);
+      second(start, end);
+      end = start;
     }
-    // A data-type partial overflows where the inputs' spread does (float32
-    // squares above about 1e19); those channels' sums are taken again in
-    // double, which cannot overflow for finite float inputs. NaN inputs
-    // land here too and stay NaN.
-    for (int64_t k = 0; k < count; ++k) {
-      if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
-      s1[k] = s2[k] = 0.0;
-      const S* xk = xc + k * xv.stride_channel;
-      const S* gk = gc + k * gv.stride_channel;
-      const S* mk = mc + k * mv.stride_channel;
-      for (int64_t o = o0; o < o1; ++o)
-        Sums::add(s1[k], s2[k], load_value(xk[o * xv.stride_outer]),
-                  Grad::gradient(load_value(gk[o * gv.stride_outer]),
-                                 load_value(mk[o * mv.stride_outer])),
-                  center[k]);
-    }
-    for (int64_t k = 0; k < count; ++k)
-      partials[(c0 + k) * units + unit] =
-          Partial{static_cast<double>(o1 - o0), center[k], s1[k], s2[k]};
   });
 }
 
@@ -566,8 +736,6 @@ template <class T> void repeat_channels(T* v, int64_t channels, int64_t length) 
 // Per-element cost of the scalar passes over strided arrays (slice_count).
 constexpr double kStridedPassNanoseconds = 1.0;
 
-// Elements per task of the elementwise passes (a multiple of 64).
-constexpr int64_t kPassChunk = int64_t(1) << 15;
 
 // Streams outputs [begin, end) of map_contiguous a line at a time from
 // registers: segment.line(pos, coefficient) gives the line of outputs at
@@ -612,6 +780,47 @@ inline void stream_lines(T* out, int64_t begin, int64_t end, int64_t channels, i
   write(out + pos, pos - begin, end - pos);
 }
 
+// Outputs [begin, end) of map_contiguous, on the calling thread; `stream`
+// as map_contiguous decided for the whole array.
+template <class S, class Segment>
+void map_range(S* out, int64_t begin, int64_t end, int64_t channels, int64_t inner,
+               int64_t period, bool stream, const Segment& segment) {
+  const Segment local = segment;
+  // Runs end at multiples of `run`: rows of one channel, or whole
+  // periods of the coefficient arrays.
+  const int64_t run = inner > 1 ? inner : period;
+  const auto write = [&](S* dst, int64_t start, int64_t count) {
+    int64_t pos = begin + start;
+    const int64_t stop = pos + count;
+    const int64_t first_run = pos / run;
+    int64_t offset = pos - first_run * run;
+    int64_t c = first_run % channels;
+    while (pos < stop) {
+      const int64_t len = std::min(run - offset, stop - pos);
+      if (inner > 1) {
+        local.broadcast(dst, pos, len, c);
+      } else {
+        local.across(dst, pos, len, offset);
+      }
+      pos += len;
+      dst += len;
+      offset = 0;
+      if (++c == channels) c = 0;
+    }
+  };
+  // Lines straight from registers where the storage is the compute type;
+  // the half types go through produce's staging buffer.
+  bool lines = false;
+  if constexpr (std::is_same_v<S, ComputeOf<S>>)
+    lines = stream && (inner == 1 || inner >= kLineElems<S>);
+  if (lines) {
+    if constexpr (std::is_same_v<S, ComputeOf<S>>)
+      stream_lines(out, begin, end, channels, inner, period, local, write);
+  } else {
+    produce<kWideStageBytes>(out + begin, end - begin, stream, write);
+  }
+}
+
 // Produces the contiguous output `out` (size elements, laid out like the
 // contiguous input) in chunks handed out from the end of the array
 // backwards: the reduction before the pass read the end last, so the first
@@ -628,40 +837,7 @@ void map_contiguous(S* out, int64_t size, int64_t channels, int64_t inner, int64
   run_tasks(chunks, call_cost<S>(size, kPassNanoseconds), [&](int64_t task) {
     const int64_t begin = (chunks - 1 - task) * kPassChunk;
     const int64_t end = std::min(size, begin + kPassChunk);
-    const Segment local = segment;
-    // Runs end at multiples of `run`: rows of one channel, or whole
-    // periods of the coefficient arrays.
-    const int64_t run = inner > 1 ? inner : period;
-    const auto write = [&](S* dst, int64_t start, int64_t count) {
-      int64_t pos = begin + start;
-      const int64_t stop = pos + count;
-      const int64_t first_run = pos / run;
-      int64_t offset = pos - first_run * run;
-      int64_t c = first_run % channels;
-      while (pos < stop) {
-        const int64_t len = std::min(run - offset, stop - pos);
-        if (inner > 1) {
-          local.broadcast(dst, pos, len, c);
-        } else {
-          local.across(dst, pos, len, offset);
-        }
-        pos += len;
-        dst += len;
-        offset = 0;
-        if (++c == channels) c = 0;
-      }
-    };
-    // Lines straight from registers where the storage is the compute type;
-    // the half types go through produce's staging buffer.
-    bool lines = false;
-    if constexpr (std::is_same_v<S, ComputeOf<S>>)
-      lines = stream && (inner == 1 || inner >= kLineElems<S>);
-    if (lines) {
-      if constexpr (std::is_same_v<S, ComputeOf<S>>)
-        stream_lines(out, begin, end, channels, inner, period, local, write);
-    } else {
-      produce<kWideStageBytes>(out + begin, end - begin, stream, write);
-    }
+    map_range(out, begin, end, channels, inner, period, stream, segment);
     if (stream) store_fence();
   });
 }
@@ -1059,11 +1235,15 @@ template <class S> struct NormalizeTables {
       normalize_wide_pass<S>(x, y, axis, mean, scale_wide, shift_wide, relu);
       return;
     }
-    if (repeated) {
-      const int64_t length = repeated_length<T>(channels);
-      for (T* table : {mean_hi, mean_lo, scale, shift}) repeat_channels(table, channels, length);
-    }
+    repeat();
     normalize_pass<S>(x, y, axis, segment(static_cast<const S*>(x.data), relu));
+  }
+
+  // Once every channel is filled, before a channels-last pass.
+  void repeat() {
+    if (!repeated) return;
+    const int64_t length = repeated_length<T>(channels);
+    for (T* table : {mean_hi, mean_lo, scale, shift}) repeat_channels(table, channels, length);
   }
 };
 
@@ -1239,8 +1419,40 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
     fill_inverse_std(c0, c1, var, args.eps, invstd);
     tables.fill(c0, c1, mean, invstd, gamma, beta);
   };
-  if (args.training && count > 0 && y_has_view && channel_resident(xv, sizeof(S), 1, {&xv, &yv})) {
-    const Partition part(xv);
+  const Partition part(xv);
+  const int64_t bands = args.training && count > 0 && is_contiguous(x) && is_contiguous(y)
+                            ? band_count<S>(part, 1, kReduceNanoseconds + kPassNanoseconds)
+                            : 0;
+  if (bands > 0) {
+    const int64_t units = part.units_per_channel();
+    Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
+    const NormalizeSegment<S> segment = tables.segment(static_cast<const S*>(x.data), args.relu);
+    const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
+    run_bands(
+        part, bands,
+        [&](int64_t block, int64_t unit) {
+          channels_last_unit_sums<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, nullptr,
+                                                                      block, unit, partials);
+        },
+        [&] {  // as channel_moments and the two-pass branch below
+          for (int64_t c = 0; c < channels; ++c) {
+            const Moments m = merge_units(partials + c * units, units);
+            mean[c] = m.mean;
+            m2[c] = m.m2;
+          }
+          for (size_t i = 0; i < nc; ++i) var[i] = m2[i] / static_cast<double>(count);
+          set_coefficients(0, channels);
+          tables.repeat();
+        },
+        [&](int64_t begin, int64_t end) {
+          if (tables.any_wide) return;  // the whole array below, in double
+          map_range(static_cast<S*>(y.data), begin, end, channels, 1,
+                    coefficient_period(channels), stream, segment);
+          if (stream) store_fence();
+        });
+    if (tables.any_wide) tables.apply(x, y, args.axis, mean, args.relu);
+  } else if (args.training && count > 0 && y_has_view &&
+             channel_resident(xv, sizeof(S), 1, {&xv, &yv})) {
     const int64_t units = part.units_per_channel();
     const NormalizeSegment<S> segment = tables.segment(static_cast<const S*>(x.data), args.relu);
     const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
@@ -1328,9 +1540,39 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   const S* x_data = static_cast<const S*>(x.data);
   const S* m_data = static_cast<const S*>(m.data);
   const int reads = Grad::kReadsOutput ? 3 : 2;
+  const Partition part(xv);
+  const int64_t bands =
+      args.training && is_contiguous(dy) && is_contiguous(x) && is_contiguous(m) &&
+              is_contiguous(dx)
+          ? band_count<S>(part, reads, kReduceNanoseconds + kPassNanoseconds)
+          : 0;
+  if (bands > 0) {
+    const int64_t units = part.units_per_channel();
+    Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
+    const InputGradSegment<S, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
+    const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
+    run_bands(
+        part, bands,
+        [&](int64_t block, int64_t unit) {
+          channels_last_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, mean, block, unit,
+                                                         partials);
+        },
+        [&] {  // as gradient_sums and the two-pass branch below
+          for (int64_t c = 0; c < channels; ++c)
+            sum_units(partials + c * units, units, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+          tables.fill(0, channels, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
+          tables.repeat();
+        },
+        [&](int64_t begin, int64_t end) {
+          map_range(static_cast<S*>(dx.data), begin, end, channels, 1,
+                    coefficient_period(channels), stream, segment);
+          if (stream) store_fence();
+        });
+    store_parameter_grads();
+    return;
+  }
   if (args.training && dx_has_view &&
       channel_resident(xv, sizeof(S), reads, {&xv, &gv, &mv, &dv})) {
-    const Partition part(xv);
     const int64_t units = part.units_per_channel();
     const InputGradSegment<S, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
     const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
