@@ -81,6 +81,40 @@ template <class S> struct BackwardArithmetic {
   StridedBackwardF64 strided = nullptr;
 };
 
+// An activation's part of the fused bias + activation + dropout kernels
+// (dropout.cpp), computing in T over a contiguous piece of n elements:
+// out[k] = act(h[k] + b[k]) * (keep[k] ? s : 0), and out[k] = dy[k]
+// act'(h[k] + b[k]) with dy[k] = g[k] * (keep[k] ? s : 0), keep[k] 0 or 1.
+// The bias add and the keep multiply are operands of the activation's
+// vectorized loop, so that the fused loops make no extra pass over h, b
+// or the results, while everything else in them (keep bits, bias layouts, strides,
+// threads, grad_bias) is compiled once per dtype rather than once per
+// activation and dtype. fused_blocks_op is compiled with each activation's
+// kernels, fused_blocks (activations.cpp) picks the activation's.
+template <class T>
+using FusedForwardBlock = void (*)(T* out, int64_t n, const T* h, const T* b, const uint8_t* keep,
+                                   T s, ActivationParams q);
+template <class T>
+using FusedBackwardBlock = void (*)(T* out, int64_t n, const T* g, const T* h, const T* b,
+                                    const uint8_t* keep, T s, ActivationParams q);
+// The fused forward's rows loop (dropout.cpp, AVX-512) applies the keep
+// bits itself, as vector masks, to a stage of out[k] = act(h[k] + b[k]):
+// biased, compiled for that ISA only.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FUSEDNN_FUSED_ROWS 1
+template <class T>
+using BiasedForwardBlock = void (*)(T* out, int64_t n, const T* h, const T* b, ActivationParams q);
+#endif
+template <class T> struct FusedBlocks {
+  FusedForwardBlock<T> forward;
+  FusedBackwardBlock<T> backward;
+#if defined(FUSEDNN_FUSED_ROWS)
+  BiasedForwardBlock<T> biased;
+#endif
+};
+template <class Op, class T> FusedBlocks<T> fused_blocks_op();
+template <class T> FusedBlocks<T> fused_blocks(Activation act, const ActivationParams& p);
+
 // The kernels' loops over arrays of any shape and strides, once per
 // storage type S for all activations (activations.cpp): threads,
 // contiguous runs (streamed past the cache when large) and strided runs;

@@ -242,6 +242,14 @@ void activation_backward(Activation act, const ActivationParams& p, bool from_ou
   });
 }
 
+template <class T> FusedBlocks<T> fused_blocks(Activation act, const ActivationParams& p) {
+  FusedBlocks<T> blocks{};
+  visit_activation(act, p, [&](auto op) { blocks = fused_blocks_op<decltype(op), T>(); });
+  return blocks;
+}
+template FusedBlocks<float> fused_blocks<float>(Activation, const ActivationParams&);
+template FusedBlocks<double> fused_blocks<double>(Activation, const ActivationParams&);
+
 void copy(const ArrayRef& src, const ArrayRef& dst) {
   if (src.dtype != dst.dtype) {
     if (src.dtype != DType::float32 && dst.dtype != DType::float32)

@@ -7,8 +7,10 @@
 // words, and the bits are the same for any thread count or SIMD width.
 // float16 and bfloat16 widen each piece to float32 and round each result
 // once: plain dropout rounds the exact x * scale (multiply_to_odd), the
-// fused loops the float32 kernels' results.
-// Compiled once per ISA into namespace FUSEDNN_ISA.
+// fused loops the float32 kernels' results. The fused loops take the
+// activation's arithmetic from the activation kernels as function
+// pointers (cpu/activation_kernels.h), so nothing here is compiled per
+// activation. Compiled once per ISA into namespace FUSEDNN_ISA.
 #include "cpu/dropout.h"
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #define FUSEDNN_DROPOUT_AVX512 1
 #endif
 
+#include "cpu/activation_kernels.h"
 #include "cpu/activation_runs.h"
 #include "cpu/elementwise.h"
 #include "cpu/half_convert.h"
@@ -506,78 +509,59 @@ template <class T> struct DropoutBody {
   }
 };
 
-// The fused loops' arithmetic over one contiguous piece: out[k] = act(h[k]
-// + b[k]) * (keep[k] ? scale : 0), and out[k] = dy[k] act'(h[k] + b[k])
-// with dy[k] = g[k] * (keep[k] ? scale : 0). Kept out of line because the
-// loop drivers reach a piece from several places (produce's staged and
-// direct branches, the walks of run_slices and of the grad_bias row
-// groups): inlined at each, every activation's vectorized loops were copied
-// into each of them, which made this file 13 of the CPU module's 16 MB of
-// code and most of its compile time. One call per piece of up to a stage
-// costs nothing measurable.
-template <class Op, class T>
-__attribute__((noinline)) void bias_act_forward_piece(T* out, int64_t m, const T* hs, const T* bs,
-                                                      const uint8_t* keep, const T s,
-                                                      const ActivationParams q) {
-  const auto kept = [=](int64_t k, T y) FUSEDNN_INLINE_LAMBDA { return y * (keep[k] ? s : T(0)); };
-  const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
-  activation_run<Op>(out, m, q, z, kept);
-}
+// Elements per L1 stage of the fused loops' strided runs below.
+constexpr int64_t kFusedStage = 256;
 
-template <class Op, class T>
-__attribute__((noinline)) void bias_act_backward_piece(T* out, int64_t m, const T* gs,
-                                                       const T* hs, const T* bs,
-                                                       const uint8_t* keep, const T s,
-                                                       const ActivationParams q) {
-  const auto dy = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return gs[k] * (keep[k] ? s : T(0)); };
-  const auto z = [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return hs[k] + bs[k]; };
-  activation_backward_run<Op>(out, m, q, z, dy);
-}
-
-// The same for elements done + k, k < m, of a run with other strides
-// (inner, in elements: h, b, out), one element at a time. The vectorizer
-// is kept off: on its own it adds a copy of the loop for unit strides (the
-// case the pieces above take), several KB per activation and dtype.
-template <class Op, class T>
-__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_forward_strided(
-    T* o, const T* h, const T* b, const int64_t* inner, int64_t done, int64_t m,
-    const uint8_t* keep, const T scale, const ActivationParams& params) {
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t i = done + k;
-    const T z = h[i * inner[0]] + b[i * inner[1]];
-    o[i * inner[2]] = Op::template forward<T>(z, params) * (keep[k] ? scale : T(0));
+// The fused loops' arithmetic over elements done + k, k < m, of a run
+// with other strides than one (inner, in elements: h, b, out): gathered
+// into L1 stages for the activation's fused block (FusedForwardBlock,
+// cpu/activation_kernels.h) and scattered from them, so that these runs
+// too take the vectorized arithmetic; S stores, float32 computes for the
+// half types.
+template <class S>
+__attribute__((noinline)) void bias_act_forward_strided(
+    S* o, const S* h, const S* b, const int64_t* inner, int64_t done, int64_t m,
+    const uint8_t* keep, const ComputeOf<S> scale, const ActivationParams q,
+    FusedForwardBlock<ComputeOf<S>> act) {
+  using C = ComputeOf<S>;
+  alignas(64) C hs[kFusedStage];
+  alignas(64) C bs[kFusedStage];
+  alignas(64) C results[kFusedStage];
+  for (int64_t p = 0; p < m; p += kFusedStage) {
+    const int64_t n = std::min(kFusedStage, m - p);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = done + p + k;
+      hs[k] = Storage<S>::load(h[i * inner[0]]);
+      bs[k] = Storage<S>::load(b[i * inner[1]]);
+    }
+    act(results, n, hs, bs, keep + p, scale, q);
+    for (int64_t k = 0; k < n; ++k) o[(done + p + k) * inner[2]] = Storage<S>::store(results[k]);
   }
 }
 
 // inner: g, h, b, out.
-template <class Op, class T>
-__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_backward_strided(
-    T* gh, const T* g, const T* h, const T* b, const int64_t* inner, int64_t done, int64_t m,
-    const uint8_t* keep, const T scale, const ActivationParams& params) {
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t i = done + k;
-    const T dy = g[i * inner[0]] * (keep[k] ? scale : T(0));
-    gh[i * inner[3]] = Op::template backward_x<T>(dy, h[i * inner[1]] + b[i * inner[2]], params);
+template <class S>
+__attribute__((noinline)) void bias_act_backward_strided(
+    S* gh, const S* g, const S* h, const S* b, const int64_t* inner, int64_t done, int64_t m,
+    const uint8_t* keep, const ComputeOf<S> scale, const ActivationParams q,
+    FusedBackwardBlock<ComputeOf<S>> act) {
+  using C = ComputeOf<S>;
+  alignas(64) C gs[kFusedStage];
+  alignas(64) C hs[kFusedStage];
+  alignas(64) C bs[kFusedStage];
+  alignas(64) C results[kFusedStage];
+  for (int64_t p = 0; p < m; p += kFusedStage) {
+    const int64_t n = std::min(kFusedStage, m - p);
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = done + p + k;
+      gs[k] = Storage<S>::load(g[i * inner[0]]);
+      hs[k] = Storage<S>::load(h[i * inner[1]]);
+      bs[k] = Storage<S>::load(b[i * inner[2]]);
+    }
+    act(results, n, gs, hs, bs, keep + p, scale, q);
+    for (int64_t k = 0; k < n; ++k) gh[(done + p + k) * inner[3]] = Storage<S>::store(results[k]);
   }
 }
-
-// An activation's fused arithmetic, as the functions above: what the loop
-// drivers below need of the activation. The drivers (chunked keep bits,
-// staging, bias layouts, threads, the grad_bias sums) depend on the dtype
-// only and take these by pointer, so that each is compiled once per dtype
-// rather than once per activation and dtype; the pieces were calls already,
-// now indirect ones. T computes, S stores (float16 and bfloat16 compute in
-// float32).
-template <class T, class S = T> struct BiasActForwardFns {
-  void (*piece)(T*, int64_t, const T*, const T*, const uint8_t*, T, ActivationParams);
-  void (*strided)(S*, const S*, const S*, const int64_t*, int64_t, int64_t, const uint8_t*, T,
-                  const ActivationParams&);
-};
-template <class T, class S = T> struct BiasActBackwardFns {
-  void (*piece)(T*, int64_t, const T*, const T*, const T*, const uint8_t*, T, ActivationParams);
-  void (*strided)(S*, const S*, const S*, const S*, const int64_t*, int64_t, int64_t,
-                  const uint8_t*, T, const ActivationParams&);
-};
 
 // The bias along one contiguous run of a fused loop: the bias array where
 // it varies along the run, or, where it is broadcast (one channel's value
@@ -618,7 +602,7 @@ template <class T> struct BiasActForwardBody {
   T scale;
   bool stream;
   ActivationParams params;
-  BiasActForwardFns<T> fns;
+  FusedForwardBlock<T> act;
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -632,13 +616,13 @@ template <class T> struct BiasActForwardBody {
       produce<kWideStageBytes>(o, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           bias.pieces(start + done, m, [&](const T* bs, int64_t k, int64_t n) {
-            fns.piece(dst + done + k, n, h + start + done + k, bs, keep + k, scale, params);
+            act(dst + done + k, n, h + start + done + k, bs, keep + k, scale, params);
           });
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        fns.strided(o, h, b, inner, done, m, keep, scale, params);
+        bias_act_forward_strided<T>(o, h, b, inner, done, m, keep, scale, params, act);
       });
     }
   }
@@ -683,7 +667,7 @@ template <class T> struct BiasActBackwardBody {
   T scale;
   bool stream;
   ActivationParams params;
-  BiasActBackwardFns<T> fns;
+  FusedBackwardBlock<T> act;
   // With bias_sums set (grad_h C-contiguous, bias along its last axis),
   // each grad_h value is also added to bias_sums[flat index % channels] as
   // it is produced, in increasing flat order.
@@ -704,15 +688,15 @@ template <class T> struct BiasActBackwardBody {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           T* out = dst + done;
           bias.pieces(start + done, m, [&](const T* bs, int64_t k, int64_t n) {
-            fns.piece(out + k, n, g + start + done + k, h + start + done + k, bs, keep + k, scale,
-                      params);
+            act(out + k, n, g + start + done + k, h + start + done + k, bs, keep + k, scale,
+                params);
           });
           if (bias_sums != nullptr) add_to_channels(bias_sums, out, m, at + start + done, channels);
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        fns.strided(gh, g, h, b, inner, done, m, keep, scale, params);
+        bias_act_backward_strided<T>(gh, g, h, b, inner, done, m, keep, scale, params, act);
       });
     }
   }
@@ -733,17 +717,23 @@ template <class T> void dropout_typed(const DropoutSpec& spec, const ArrayRef& x
 }
 
 #if defined(FUSEDNN_DROPOUT_AVX512)
+// Elements of T that the fused forward's rows loop evaluates per call of
+// the activation's block: an L1 stage, so that a call (with its vector
+// loops' setup and ends) serves many pieces of drawn_bit_pieces.
+template <class T> constexpr int64_t kRowsStage = kWideStageBytes / int64_t(sizeof(T));
+
 // The fused forward where h and out are C-contiguous and the bias runs
 // along the last axis (at least kOverlapPiece long): each thread walks its
 // slice as one run, as plain dropout does, so that the next chunk's keep
-// bits are drawn between its pieces (drawn_bit_pieces). A piece is
-// evaluated into an L1 stage, split where rows end, and apply_bits
-// multiplies it by the keep bits and streams it out. Returns false, having
-// written nothing, for the layouts it does not take.
-template <class Op, class T>
+// bits are drawn between its pieces (drawn_bit_pieces). The activation's
+// biased block evaluates a stage at a time, split where rows end (a call
+// per piece of 128 cost light activations up to 1.5x), and apply_bits
+// multiplies each piece of the stage by its keep bits and streams it out.
+// Returns false, having written nothing, for the layouts it does not take.
+template <class T>
 bool bias_act_forward_rows(const ActivationParams& params, double ns_per_element,
                            const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
-                           const ArrayRef& out) {
+                           const ArrayRef& out, BiasedForwardBlock<T> act) {
   if (h.ndim == 0 || spec.mask_in != nullptr || !is_contiguous(h) || !is_contiguous(out))
     return false;
   const int last = h.ndim - 1;
@@ -758,38 +748,49 @@ bool bias_act_forward_rows(const ActivationParams& params, double ns_per_element
   const T* bp = static_cast<const T*>(bias.data);
   T* op = static_cast<T*>(out.data);
   const bool stream = streams<T>(size);
+  constexpr int64_t kStage = kRowsStage<T>;
   for_each_slice(size, ns_per_element, [&](int64_t begin, int64_t end) {
     KeepCursor cursor(spec, begin, end);
     const T scale = T(spec.scale);
-    const auto piece = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
-      alignas(64) T stage[kOverlapPiece];
-      const int64_t at = begin + done;
-      for (int64_t k = 0; k < m;) {
-        const int64_t channel = (at + k) % channels;
-        const int64_t n = std::min(m - k, channels - channel);
-        const T* hs = hp + at + k;
-        const T* bs = bp + channel;
-        const ActivationParams q = params;  // by value: the vectorizer needs it in registers
-        const auto z = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return hs[i] + bs[i]; };
-        const auto as_is = [](int64_t, T y) FUSEDNN_INLINE_LAMBDA { return y; };
-        activation_run<Op>(stage + k, n, q, z, as_is);
+    const int64_t len = end - begin;
+    const int64_t phase = elements_to_line(op + begin, len);
+    alignas(64) T stage[kStage];
+    // The stage holds slice elements [stage_begin, stage_end).
+    int64_t stage_begin = 0, stage_end = 0;
+    const auto fill = [&](int64_t from) {
+      // The stage ends where a piece ends (drawn_bit_pieces cuts at chunk
+      // ends and at phase + multiples of kOverlapPiece), so that no piece
+      // straddles two stages.
+      int64_t to = std::min({len, from + kStage, (from / kChunk + 1) * kChunk});
+      if (to < len && to % kChunk != 0)
+        to = std::max(phase + (to - phase) / kOverlapPiece * kOverlapPiece, from + 1);
+      for (int64_t k = from; k < to;) {
+        const int64_t channel = (begin + k) % channels;
+        const int64_t n = std::min(to - k, channels - channel);
+        act(stage + (k - from), n, hp + begin + k, bp + channel, params);
         k += n;
       }
-      apply_bits(stage, op + at, m, bits, first_bit, scale, stream);
+      stage_begin = from;
+      stage_end = to;
     };
-    cursor.drawn_bit_pieces(elements_to_line(op + begin, end - begin), piece);
+    const auto piece = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
+      if (done < stage_begin || done + m > stage_end) fill(done);
+      apply_bits(stage + (done - stage_begin), op + begin + done, m, bits, first_bit, scale,
+                 stream);
+    };
+    cursor.drawn_bit_pieces(phase, piece);
     if (stream) store_fence();
   });
   return true;
 }
 #endif
 
-// The fused forward's walk over any layout, once per dtype (noclone: a
-// copy specialized for each activation's fns is what it avoids).
+// The fused forward's walk over any layout, once per dtype for all
+// activations.
 template <class T>
-__attribute__((noinline, noclone)) void bias_act_forward_walk(
+__attribute__((noinline)) void bias_act_forward_walk(
     const ActivationParams& params, double ns_per_element, const DropoutSpec& spec,
-    const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out, BiasActForwardFns<T> fns) {
+    const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out, FusedForwardBlock<T> act) {
   const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
   const int sizes[3] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
   const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
@@ -798,20 +799,19 @@ __attribute__((noinline, noclone)) void bias_act_forward_walk(
   const bool stream = streams<T>(loop.size);
   run_slices(loop, base, sizes, ns_per_element, [&](int64_t begin, int64_t end) {
     return BiasActForwardBody<T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
-                                 params, fns};
+                                 params, act};
   });
 }
 
-template <class Op, class T>
+template <class T>
 void bias_act_forward_typed(const ActivationParams& params, double activation_ns,
                             const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
-                            const ArrayRef& out) {
+                            const ArrayRef& out, const FusedBlocks<T>& blocks) {
   const double ns_per_element = cost_of<T>(activation_ns + kDropoutNanoseconds);
 #if defined(FUSEDNN_DROPOUT_AVX512)
-  if (bias_act_forward_rows<Op, T>(params, ns_per_element, spec, h, bias, out)) return;
+  if (bias_act_forward_rows<T>(params, ns_per_element, spec, h, bias, out, blocks.biased)) return;
 #endif
-  bias_act_forward_walk<T>(params, ns_per_element, spec, h, bias, out,
-                           {&bias_act_forward_piece<Op, T>, &bias_act_forward_strided<Op, T>});
+  bias_act_forward_walk<T>(params, ns_per_element, spec, h, bias, out, blocks.forward);
 }
 
 // A stored value as a double, and a double sum rounded once to storage.
@@ -840,8 +840,8 @@ template <class T> double lane_sum(const T* x, int64_t n) {
 
 // grad_bias[c] = the groups' sums of channel c added in group order, rounded
 // once to T. partial holds `groups` rows of `channels` sums.
-// This and bias_grad_typed depend on T only: out of line, they are not
-// copied into the kernel of every activation.
+// This and bias_grad_typed depend on T only and are reached from both
+// backward walks: out of line.
 template <class T>
 __attribute__((noinline)) void store_channel_sums(std::vector<double>& partial, int64_t groups,
                                                   int64_t channels, const ArrayRef& grad_bias) {
@@ -890,10 +890,10 @@ __attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
 
 // The fused backward, once per dtype like bias_act_forward_walk.
 template <class T>
-__attribute__((noinline, noclone)) void bias_act_backward_walk(
+__attribute__((noinline)) void bias_act_backward_walk(
     const ActivationParams& params, double activation_ns, const DropoutSpec& spec,
     const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias, const ArrayRef& gh, int axis,
-    const ArrayRef& grad_bias, BiasActBackwardFns<T> fns) {
+    const ArrayRef& grad_bias, FusedBackwardBlock<T> act) {
   const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
   const int sizes[4] = {int(sizeof(T)), int(sizeof(T)), int(sizeof(T)), int(sizeof(T))};
   const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
@@ -915,7 +915,7 @@ __attribute__((noinline, noclone)) void bias_act_backward_walk(
     run_slices(loop, base, sizes, cost_of<T>(activation_ns + kDropoutNanoseconds),
                [&](int64_t begin, int64_t end) {
       return BiasActBackwardBody<T>{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
-                                    params, fns};
+                                    params, act};
     });
     bias_grad_typed<T>(gh, axis, grad_bias);
     return;
@@ -928,20 +928,11 @@ __attribute__((noinline, noclone)) void bias_act_backward_walk(
     const int64_t end = bias_group_row(outer, channels, 1, group + 1, groups) * channels;
     if (begin == end) return;
     BiasActBackwardBody<T> body{KeepCursor(spec, begin, end), begin, T(spec.scale), stream,
-                                params, fns, partial.data() + group * channels, channels};
+                                params, act, partial.data() + group * channels, channels};
     loop.walk(base, sizes, begin, end, body);
     body.finish();
   });
   store_channel_sums<T>(partial, groups, channels, grad_bias);
-}
-
-template <class Op, class T>
-void bias_act_backward_typed(const ActivationParams& params, double activation_ns,
-                             const DropoutSpec& spec,
-                             const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias,
-                             const ArrayRef& gh, int axis, const ArrayRef& grad_bias) {
-  bias_act_backward_walk<T>(params, activation_ns, spec, g, h, bias, gh, axis, grad_bias,
-                            {&bias_act_backward_piece<Op, T>, &bias_act_backward_strided<Op, T>});
 }
 
 // ---- float16 and bfloat16 -------------------------------------------------------
@@ -1007,38 +998,13 @@ inline void bias_block(const S* b, bool broadcast, int64_t k, int64_t n, float* 
   }
 }
 
-// The half fused loops' strided runs, as bias_act_*_strided.
-template <class Op, class S>
-__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_forward_strided_half(
-    S* o, const S* h, const S* b, const int64_t* inner, int64_t done, int64_t m,
-    const uint8_t* keep, const float scale, const ActivationParams& params) {
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t i = done + k;
-    const float z = Storage<S>::load(h[i * inner[0]]) + Storage<S>::load(b[i * inner[1]]);
-    o[i * inner[2]] =
-        Storage<S>::store(Op::template forward<float>(z, params) * (keep[k] ? scale : 0.0f));
-  }
-}
-
-template <class Op, class S>
-__attribute__((noinline, optimize("no-tree-loop-vectorize"))) void bias_act_backward_strided_half(
-    S* gh, const S* g, const S* h, const S* b, const int64_t* inner, int64_t done, int64_t m,
-    const uint8_t* keep, const float scale, const ActivationParams& params) {
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t i = done + k;
-    const float dy = Storage<S>::load(g[i * inner[0]]) * (keep[k] ? scale : 0.0f);
-    const float z = Storage<S>::load(h[i * inner[1]]) + Storage<S>::load(b[i * inner[2]]);
-    gh[i * inner[3]] = Storage<S>::store(Op::template backward_x<float>(dy, z, params));
-  }
-}
-
 template <class S> struct BiasActForwardHalfBody {
   KeepCursor cursor;
   int64_t pos;
   float scale;
   bool stream;
   ActivationParams params;
-  BiasActForwardFns<float, S> fns;
+  FusedForwardBlock<float> act;
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -1056,14 +1022,14 @@ template <class S> struct BiasActForwardHalfBody {
             alignas(64) float hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
             widen(h + start + done + k, hs, n);
             bias_block(b, broadcast, start + done + k, n, bs);
-            fns.piece(out, n, hs, bs, keep + k, scale, params);
+            act(out, n, hs, bs, keep + k, scale, params);
             narrow(out, dst + done + k, n);
           }
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        fns.strided(o, h, b, inner, done, m, keep, scale, params);
+        bias_act_forward_strided<S>(o, h, b, inner, done, m, keep, scale, params, act);
       });
     }
   }
@@ -1078,7 +1044,7 @@ template <class S> struct BiasActBackwardHalfBody {
   float scale;
   bool stream;
   ActivationParams params;
-  BiasActBackwardFns<float, S> fns;
+  FusedBackwardBlock<float> act;
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -1098,14 +1064,14 @@ template <class S> struct BiasActBackwardHalfBody {
             widen(g + start + done + k, gs, n);
             widen(h + start + done + k, hs, n);
             bias_block(b, broadcast, start + done + k, n, bs);
-            fns.piece(out, n, gs, hs, bs, keep + k, scale, params);
+            act(out, n, gs, hs, bs, keep + k, scale, params);
             narrow(out, dst + done + k, n);
           }
         });
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
-        fns.strided(gh, g, h, b, inner, done, m, keep, scale, params);
+        bias_act_backward_strided<S>(gh, g, h, b, inner, done, m, keep, scale, params, act);
       });
     }
   }
@@ -1117,9 +1083,9 @@ template <class S> struct BiasActBackwardHalfBody {
 // The half loops' per-element costs are float32's (the same arithmetic).
 // Once per storage type, like bias_act_forward_walk.
 template <class S>
-__attribute__((noinline, noclone)) void bias_act_forward_half_walk(
+__attribute__((noinline)) void bias_act_forward_half_walk(
     const ActivationParams& params, double activation_ns, const DropoutSpec& spec,
-    const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out, BiasActForwardFns<float, S> fns) {
+    const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out, FusedForwardBlock<float> act) {
   const int64_t* strides[3] = {h.strides, bias.strides, out.strides};
   const int sizes[3] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
   const StridedLoop<3> loop(h.ndim, h.shape, strides, sizes);
@@ -1129,26 +1095,17 @@ __attribute__((noinline, noclone)) void bias_act_forward_half_walk(
   run_slices(loop, base, sizes, activation_ns + kDropoutNanoseconds,
              [&](int64_t begin, int64_t end) {
     return BiasActForwardHalfBody<S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
-                                     stream, params, fns};
+                                     stream, params, act};
   });
-}
-
-template <class Op, class S>
-void bias_act_forward_half(const ActivationParams& params, double activation_ns,
-                           const DropoutSpec& spec, const ArrayRef& h, const ArrayRef& bias,
-                           const ArrayRef& out) {
-  bias_act_forward_half_walk<S>(
-      params, activation_ns, spec, h, bias, out,
-      {&bias_act_forward_piece<Op, float>, &bias_act_forward_strided_half<Op, S>});
 }
 
 // grad_bias is the sum of the stored (rounded) grad_h, as for the other
 // dtypes, accumulated in double and rounded once to the bias's dtype.
 template <class S>
-__attribute__((noinline, noclone)) void bias_act_backward_half_walk(
+__attribute__((noinline)) void bias_act_backward_half_walk(
     const ActivationParams& params, double activation_ns, const DropoutSpec& spec,
     const ArrayRef& g, const ArrayRef& h, const ArrayRef& bias, const ArrayRef& gh, int axis,
-    const ArrayRef& grad_bias, BiasActBackwardFns<float, S> fns) {
+    const ArrayRef& grad_bias, FusedBackwardBlock<float> act) {
   const int64_t* strides[4] = {g.strides, h.strides, bias.strides, gh.strides};
   const int sizes[4] = {int(sizeof(S)), int(sizeof(S)), int(sizeof(S)), int(sizeof(S))};
   const StridedLoop<4> loop(g.ndim, g.shape, strides, sizes);
@@ -1158,19 +1115,9 @@ __attribute__((noinline, noclone)) void bias_act_backward_half_walk(
   run_slices(loop, base, sizes, activation_ns + kDropoutNanoseconds,
              [&](int64_t begin, int64_t end) {
     return BiasActBackwardHalfBody<S>{KeepCursor(spec, begin, end), begin, float(spec.scale),
-                                      stream, params, fns};
+                                      stream, params, act};
   });
   bias_grad_typed<S>(gh, axis, grad_bias);
-}
-
-template <class Op, class S>
-void bias_act_backward_half(const ActivationParams& params, double activation_ns,
-                            const DropoutSpec& spec, const ArrayRef& g, const ArrayRef& h,
-                            const ArrayRef& bias, const ArrayRef& gh, int axis,
-                            const ArrayRef& grad_bias) {
-  bias_act_backward_half_walk<S>(
-      params, activation_ns, spec, g, h, bias, gh, axis, grad_bias,
-      {&bias_act_backward_piece<Op, float>, &bias_act_backward_strided_half<Op, S>});
 }
 
 }  // namespace
@@ -1196,16 +1143,14 @@ void dropout_mask(const DropoutSpec& spec, int64_t n) {
 void bias_act_dropout_forward(Activation act, const ActivationParams& p, const DropoutSpec& spec,
                               const ArrayRef& h, const ArrayRef& bias, const ArrayRef& out) {
   const double ns = activation_cost(act).forward;
-  visit_activation(act, p, [&](auto op) {
-    using Op = decltype(op);
-    visit_storage(h.dtype, [&](auto stored) {
-      using T = decltype(stored);
-      if constexpr (std::is_floating_point_v<T>) {
-        bias_act_forward_typed<Op, T>(p, ns, spec, h, bias, out);
-      } else {
-        bias_act_forward_half<Op, T>(p, ns, spec, h, bias, out);
-      }
-    });
+  visit_storage(h.dtype, [&](auto stored) {
+    using S = decltype(stored);
+    const FusedBlocks<ComputeOf<S>> blocks = fused_blocks<ComputeOf<S>>(act, p);
+    if constexpr (std::is_floating_point_v<S>) {
+      bias_act_forward_typed<S>(p, ns, spec, h, bias, out, blocks);
+    } else {
+      bias_act_forward_half_walk<S>(p, ns, spec, h, bias, out, blocks.forward);
+    }
   });
 }
 
@@ -1214,18 +1159,15 @@ void bias_act_dropout_backward(Activation act, const ActivationParams& p, const 
                                const ArrayRef& bias, const ArrayRef& grad_h, int axis,
                                const ArrayRef& grad_bias) {
   const double ns = activation_cost(act).backward;
-  visit_activation(act, p, [&](auto op) {
-    using Op = decltype(op);
-    visit_storage(h.dtype, [&](auto stored) {
-      using T = decltype(stored);
-      if constexpr (std::is_floating_point_v<T>) {
-        bias_act_backward_typed<Op, T>(p, ns, spec, grad_output, h, bias, grad_h, axis,
-                                         grad_bias);
-      } else {
-        bias_act_backward_half<Op, T>(p, ns, spec, grad_output, h, bias, grad_h, axis,
-                                        grad_bias);
-      }
-    });
+  visit_storage(h.dtype, [&](auto stored) {
+    using S = decltype(stored);
+    const FusedBackwardBlock<ComputeOf<S>> block = fused_blocks<ComputeOf<S>>(act, p).backward;
+    if constexpr (std::is_floating_point_v<S>) {
+      bias_act_backward_walk<S>(p, ns, spec, grad_output, h, bias, grad_h, axis, grad_bias, block);
+    } else {
+      bias_act_backward_half_walk<S>(p, ns, spec, grad_output, h, bias, grad_h, axis, grad_bias,
+                                     block);
+    }
   });
 }
 
