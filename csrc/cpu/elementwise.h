@@ -319,8 +319,12 @@ inline void write_lines(T* out, int64_t count, bool stream, Value value) {
     }
   }
   const int64_t done = k;
+  // Fewer than a line remain; said so in the bound, since GCC otherwise
+  // finds paths (a block of a constant count, inlined) on which it reports
+  // the loop as running 2^62 times (-Waggressive-loop-optimizations).
+  const int64_t rest = std::min(count - done, kLine - 1);
 #pragma omp simd
-  for (int64_t j = done; j < count; ++j) out[j] = value(j);
+  for (int64_t j = 0; j < rest; ++j) out[done + j] = value(done + j);
 }
 
 // out[k] = value(k) for k in [0, count): with kStream, write_lines
