@@ -6,15 +6,26 @@ and falls like 1 / (t sqrt(2 pi)). M is written as w * K(v) with
 w = 8 / (t + 4) and v = 1 - w, so that M's relative error is that of w
 (which the kernel carries to twice float precision) and K is a gentle
 function of v. K is fitted on t in [0, 16]; beyond 16 every float32 GELU
-tail term underflows. The kernels' core range, |x| <= 4, where most inputs
-lie, has a K of its own of lower degree.
+tail term underflows.
+
+The kernels' core range, |x| <= 4, where most inputs lie, takes no
+division: Phi(-t) = e^(c - (t^2 + t) / 2) / 2 and Phi(-t) - t phi(t) =
+(t0 - t) e^(c - t^2 / 2) / 2, t0 the root of gelu' at -t0, each with a
+polynomial c in s = t - 2 inside the exponential: c = log M + ln 2 + t / 2
+and c = log(2 G), G = (M(t) - t / sqrt(2 pi)) / (t0 - t). Both are fitted
+for least maximum absolute error (an absolute error in the exponent is
+the same relative error in the result) on the float32 values of s, with
+a quadratic estimate of each (from which the kernels pick the exponential's
+reduction before c is ready). The exponential's polynomial, e^(u/2) - 1 =
+u q(u), is fitted for least relative error on |u| <= 0.75, the reduced
+range that the estimates leave.
 
 The tanh form, below |x| = 0.75, is x / 2 + x^2 P(x^2) with derivative
 1/2 + x R(x^2), where P = tanh(u) / (2x) and R = (tanh(u) / 2 +
 x u' sech^2(u) / 2) / x, u = sqrt(2/pi) (x + 0.044715 x^3).
 
-Every fit is for least maximum relative error, with coefficients that are
-float32 values: each is rounded in turn, lowest degree first, and the
+Every other fit is for least maximum relative error, with coefficients
+that are float32 values: each is rounded in turn, lowest degree first, and the
 higher ones refitted around it. Prints the coefficients (highest degree
 first, the order of the kernels' Horner schemes) and each fit's maximum
 relative error with the rounded coefficients.
@@ -29,8 +40,14 @@ mpmath.mp.dps = 30  # in double, erfc, exp and tanh lose the last bits that
 MILLS_DEGREE = 9
 SHIFT = 4.0  # w = 2 SHIFT / (t + SHIFT); a power of two keeps w = 8 / d exact
 T_MAX = 16.0
-CORE_DEGREE = 6
 CORE_T_MAX = 4.0
+CORE_CENTER = 2.0  # s = t - 2 is exact for t >= 1
+MILLS_EXPONENT_DEGREE = 10
+SLOPE_EXPONENT_DEGREE = 11
+CORE_REWEIGHTING_ROUNDS = 14
+ESTIMATE_REWEIGHTING_ROUNDS = 30
+EXP_DEGREE = 5
+EXP_REDUCED = 0.75
 
 TANH_DEGREE = 6
 CENTRAL = 0.75
@@ -56,30 +73,71 @@ def tanh_slope_ratio(x):
     return float((mpmath.tanh(u) / 2 + x * du / (2 * mpmath.cosh(u) ** 2)) / x)
 
 
-def minimax_relative(basis, rest, target):
+def minimax_relative(basis, rest, target, rounds=REWEIGHTING_ROUNDS):
     """Coefficients c minimizing max |(basis @ c - rest) / target|
     approximately: least squares reweighted by the error (Lawson's
     iteration)."""
     a = basis / target[:, None]
     b = rest / target
     weight = np.ones_like(target)
-    for _ in range(REWEIGHTING_ROUNDS):
+    for _ in range(rounds):
         coefficients, *_ = np.linalg.lstsq(a * weight[:, None], b * weight, rcond=None)
         weight = weight * np.sqrt(np.abs(a @ coefficients - b)) + 1e-300  # keeps weights positive
         weight /= weight.mean()
     return coefficients
 
 
-def fit_float32(variable, target, degree):
+def fit_float32(variable, target, degree, rounds=REWEIGHTING_ROUNDS, absolute=False):
     """Polynomial coefficients in `variable`, lowest degree first, each a
-    float32 value."""
+    float32 value; for least absolute error where `absolute` is set."""
     powers = np.vander(variable, degree + 1, increasing=True)
     coefficients = np.zeros(degree + 1)
+    scale = np.ones_like(target) if absolute else target
     for fixed in range(degree + 1):
         rest = target - powers[:, :fixed] @ coefficients[:fixed]
-        coefficients[fixed:] = minimax_relative(powers[:, fixed:], rest, target)
+        coefficients[fixed:] = minimax_relative(powers[:, fixed:], rest, scale, rounds)
         coefficients[fixed] = float(np.float32(coefficients[fixed]))
-    return coefficients, np.max(np.abs(powers @ coefficients / target - 1.0))
+    return coefficients, np.max(np.abs((powers @ coefficients - target) / scale))
+
+
+def estimate(variable, target, degree):
+    """Least maximum absolute error, float64 coefficients (lowest degree
+    first), and that error."""
+    powers = np.vander(variable, degree + 1, increasing=True)
+    weight = np.ones_like(target)
+    for _ in range(ESTIMATE_REWEIGHTING_ROUNDS):
+        coefficients, *_ = np.linalg.lstsq(powers * weight[:, None], target * weight, rcond=None)
+        weight = weight * np.sqrt(np.abs(powers @ coefficients - target)) + 1e-30
+        weight /= weight.mean()
+    return coefficients, np.max(np.abs(powers @ coefficients - target))
+
+
+def gelu_slope_root():
+    """t0 > 0 with Phi(-t0) = t0 phi(t0): gelu'(-t0) = 0."""
+    return mpmath.findroot(lambda s: mills_mp(s) - s / mpmath.sqrt(2 * mpmath.pi), 0.75)
+
+
+def mills_mp(t):
+    t = mpmath.mpf(float(t)) if not isinstance(t, mpmath.mpf) else t
+    return mpmath.ncdf(-t) * mpmath.exp(t * t / 2)
+
+
+def mills_exponent(t):
+    """log M(t) + ln 2 + t / 2."""
+    return np.array([float(mpmath.log(mills_mp(ti)) + mpmath.log(2) + mpmath.mpf(float(ti)) / 2)
+                     for ti in t])
+
+
+def slope_exponent(t, root):
+    """log(2 G(t)), G = (M(t) - t / sqrt(2 pi)) / (t0 - t) (its limit at t0)."""
+    def difference(s):
+        return mills_mp(s) - s / mpmath.sqrt(2 * mpmath.pi)
+    out = []
+    for ti in t:
+        ti = mpmath.mpf(float(ti))
+        g = difference(ti) / (root - ti) if abs(ti - root) > 1e-10 else -mpmath.diff(difference, root)
+        out.append(float(mpmath.log(2 * g)))
+    return np.array(out)
 
 
 def report(name, coefficients, err):
@@ -92,9 +150,27 @@ def main():
     t = np.concatenate([np.linspace(0.0, T_MAX, 20000), np.linspace(0.0, 2.0, 2000)])
     w = 2.0 * SHIFT / (t + SHIFT)
     report("K(v), normal tail", *fit_float32(1.0 - w, mills(t) / w, MILLS_DEGREE))
-    t = np.concatenate([np.linspace(0.0, CORE_T_MAX, 8000), np.linspace(0.0, 0.5, 1000)])
-    w = 2.0 * SHIFT / (t + SHIFT)
-    report("K(v), core range", *fit_float32(1.0 - w, mills(t) / w, CORE_DEGREE))
+    root = gelu_slope_root()
+    root_hi = np.float32(float(root))
+    print(f"// t0 = {str(root_hi)}f + {str(np.float32(float(root - mpmath.mpf(float(root_hi)))))}f")
+    t = np.concatenate([np.linspace(0.0, CORE_T_MAX, 4000), np.linspace(0.0, 0.6, 400)])
+    t = t.astype(np.float32).astype(np.float64)
+    s = (t.astype(np.float32) - np.float32(CORE_CENTER)).astype(np.float64)  # as the kernels round it
+    for name, target, degree in (("mills_exponent", mills_exponent(t), MILLS_EXPONENT_DEGREE),
+                                 ("slope_exponent", slope_exponent(t, root), SLOPE_EXPONENT_DEGREE)):
+        coefficients, err = fit_float32(s, target, degree, CORE_REWEIGHTING_ROUNDS, absolute=True)
+        print(f"// {name}(s): max absolute error of the fit {err:.2e}")
+        for c in coefficients[::-1]:
+            print(f"    {str(np.float32(c))}f,")
+        grid = np.linspace(0.0, CORE_T_MAX, 2001)
+        fn = mills_exponent(grid) if name == "mills_exponent" else slope_exponent(grid, root)
+        rough, rough_err = estimate(grid - CORE_CENTER, fn, 2)
+        print(f"// its quadratic estimate, max absolute error {rough_err:.3f}:")
+        print("    " + ", ".join(f"{str(np.float32(c))}f" for c in rough[::-1]))
+    u = np.linspace(-EXP_REDUCED, EXP_REDUCED, 20001)
+    u = u[np.abs(u) > 1e-6]
+    ratio = np.array([float(mpmath.expm1(mpmath.mpf(v) / 2) / mpmath.mpf(v)) for v in u])
+    report("q(u), e^(u/2) - 1 = u q(u)", *fit_float32(u, ratio, EXP_DEGREE, CORE_REWEIGHTING_ROUNDS))
     x = np.linspace(1e-4, CENTRAL, 3000)
     report("P(x^2), gelu tanh", *fit_float32(x * x, np.array([tanh_ratio(v) for v in x]), TANH_DEGREE))
     report("R(x^2), gelu tanh derivative",

@@ -251,69 +251,73 @@ struct GeluErf {
   static constexpr float kInvSqrt2PiLo = -1.133517e-08f;
 
   // The core range |x| <= 4 holds nearly every input in practice; there
-  // the float32 forms below need no clamps, no 2^64 offset and a Mills
-  // ratio of lower degree, at about half the arithmetic of the full range.
+  // Phi(-t) and the derivative's Phi(-t) - t phi(t) are each one
+  // exponential, e^(c(t) - p / 2) / 2 (math::half_exp_pair_plus_core),
+  // with the logarithm of their smooth factor folded into the exponent as
+  // a polynomial c: no division, no clamps, no 2^64 offset.
   static constexpr float kForwardCoreBound = 4.0f;
   static constexpr float kBackwardCoreBound = 4.0f;
 
-  // K(v) - 1/8 for the core's Mills ratio (core_terms), K fitted on t in [0, 4]
-  // (scripts/fit_normal_tail.py, relative error 3.5e-8). The forward adds
-  // w / 8, an exact product, in its last fused multiply-add, so K's own
-  // rounding is scaled down by |K - 1/8| / K.
-  static constexpr float kEighth = 0.125f;
-  FUSEDNN_HD static float k_core_minus_eighth(float v) {
-    float k = -0.00074944f;
-    k = fmadd(k, v, -0.0011489496f);
-    k = fmadd(k, v, 0.0074912705f);
-    k = fmadd(k, v, -0.023318006f);
-    k = fmadd(k, v, 0.048393656f);
-    k = fmadd(k, v, -0.07598691f);
-    return fmadd(k, v, 0.09441064f - kEighth);  // exact difference
+  // The polynomials c(t) of the core exponents, in s = t - 2 (exact for
+  // t >= 1; below, its rounding moves c by at most 2e-8), fitted by
+  // scripts/fit_normal_tail.py for least absolute error on [0, 4]. Both
+  // stay below 0.34 in magnitude, so their own rounding is below 2^-26.
+  // They are evaluated in Estrin's scheme (pairs of terms joined by s^2 and
+  // s^4): with a Horner chain of dependent FMAs before the exponential, the
+  // loops waited on latency, and a quadratic estimate of each lets the
+  // exponential's reduction start before them.
+  // log M(t) + ln 2 + t / 2, M(t) = Phi(-t) e^(t^2/2) the Mills-type ratio:
+  // Phi(-t) = e^(c - (t^2 + t) / 2) / 2 (fit error 1.7e-8).
+  FUSEDNN_HD static float mills_exponent(float s) {
+    const float s2 = s * s;
+    const float s4 = s2 * s2;
+    const float low = fmadd(fmadd(-0.0098928735f, s, 0.05713944f), s2,
+                            fmadd(0.12678452f, s, -0.090037145f));
+    const float middle = fmadd(fmadd(-1.9404722e-06f, s, 2.8452685e-05f), s2,
+                               fmadd(-0.0002421843f, s, 0.0016427955f));
+    const float high = fmadd(-3.6990343e-08f, s2, fmadd(1.8568207e-07f, s, -2.5625855e-07f));
+    return fmadd(fmadd(high, s4, middle), s4, low);
   }
-  // What the core forward and derivative share: t = |x|, t^2 and
-  // e^(-t^2/2) = scale (1 + m1) from t^2 as an exact pair, and the Mills
-  // ratio M(t) = Phi(-t) e^(t^2/2) = w K(v) (1 + mills_m1) for t in [0, 4],
-  // as math::normal_tail_f32 forms it (w = 8 / (t + 4) carried to twice
-  // float precision, v = 1 - w); t + 4 = d + d_lo exactly, as d - 4 is
-  // exact.
-  struct CoreTerms {
-    float t;
-    float sq;
-    math::ExpParts gauss;
-    float inv_d;
-    float w;
-    float k;
-    float k_minus_eighth;
-    float mills_m1;
-  };
-  FUSEDNN_HD static CoreTerms core_terms(float x) {
-    CoreTerms c;
-    c.t = math::magnitude(x);
-    c.sq = c.t * c.t;
-    c.gauss = math::exp_neg_half_square_core(c.sq, fmadd(c.t, c.t, -c.sq));
-    const float d = c.t + 4.0f;
-    const float d_lo = c.t - (d - 4.0f);
-    c.inv_d = 1.0f / d;
-    c.mills_m1 = fmadd(-c.inv_d, d_lo, fmadd(-c.inv_d, d, 1.0f));
-    c.w = 8.0f * c.inv_d;
-    c.k_minus_eighth = k_core_minus_eighth(fmadd(-c.w, c.mills_m1, 1.0f - c.w));
-    c.k = kEighth + c.k_minus_eighth;
-    return c;
+  FUSEDNN_HD static float mills_exponent_estimate(float s) {  // within 0.023
+    return fmadd(fmadd(0.06594274f, s, 0.09479256f), s, -0.09724138f);
   }
+  // Phi(-t) - t phi(t) = (t0 - t) e^(c - t^2 / 2) / 2, t0 = 0.75179... the
+  // root of gelu' at -t0: c = log(2 G(t)), G = (Phi(-t) e^(t^2/2) -
+  // t / sqrt(2 pi)) / (t0 - t) > 0 (fit error 1.7e-8).
+  FUSEDNN_HD static float slope_exponent(float s) {
+    const float s2 = s * s;
+    const float s4 = s2 * s2;
+    const float low = fmadd(fmadd(-0.004628193f, s, 0.018375084f), s2,
+                            fmadd(-0.06806899f, s, 0.009057222f));
+    const float middle = fmadd(fmadd(-8.340804e-06f, s, 4.7358582e-05f), s2,
+                               fmadd(-0.00023783484f, s, 0.001087651f));
+    const float high = fmadd(fmadd(1.6722474e-08f, s, -2.403427e-08f), s2,
+                             fmadd(-2.6079968e-07f, s, 1.5186365e-06f));
+    return fmadd(fmadd(high, s4, middle), s4, low);
+  }
+  FUSEDNN_HD static float slope_exponent_estimate(float s) {  // within 0.013
+    return fmadd(fmadd(0.024987746f, s, -0.08455882f), s, 0.0034100995f);
+  }
+  // t0 as a float pair: t0_hi - t is exact for t in [t0 / 2, 2 t0].
+  static constexpr float kRootHi = 0.75179154f;
+  static constexpr float kRootLo = -1.211445e-08f;
 
-  // x Phi(x) for |x| <= 4: x Phi(-t) below zero, x - x Phi(-t) above, with
-  // Phi(-t) = e^(-t^2/2) M(t) = scale (1 + m1) w K: the product
-  // w K (1 + m1) = w / 8 + w (K - 1/8 + K m1) rounds once, in the last
-  // fused multiply-add, and K's rounding is scaled down (see
-  // k_core_minus_eighth).
+  // x Phi(x) for |x| <= 4: x Phi(-t) below zero, x - x Phi(-t) above, as
+  // -|x| Phi(-t) + (x or -0): the zeros keep their sign, since -0 + -0 is
+  // -0 and -0 + +0 is +0. t^2 + t = t v, v = t + 1, is the exact pair
+  // p + p_lo: v - 1 and t - (v - 1), v's rounding error, are exact for
+  // every v in [1, 5].
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
-    const CoreTerms c = core_terms(x);
-    const float m1 = fmadd(c.gauss.m1, c.mills_m1, c.gauss.m1 + c.mills_m1);
-    const float w_part = fmadd(c.k, m1, c.k_minus_eighth);
-    const float tail = c.gauss.scale * fmadd(c.w, w_part, c.inv_d);  // w / 8 = 1 / d
-    // x tail below zero, x - x tail above, as -|x| tail + (x or -0): the
-    // zeros keep their sign, since -0 + -0 is -0 and -0 + +0 is +0.
-    return fmadd(-c.t, tail, x >= 0.0f ? x : -0.0f);
+    const float t = math::magnitude(x);
+    const float v = t + 1.0f;
+    const float v_lo = t - (v - 1.0f);
+    const float p = t * v;
+    const float p_lo = fmadd(t, v_lo, fmadd(t, v, -p));
+    const float s = t - 2.0f;
+    const math::ExpParts e =
+        math::half_exp_pair_plus_core(p, p_lo, mills_exponent(s), mills_exponent_estimate(s));
+    const float tail = fmadd(e.scale, e.m1, e.scale);  // Phi(-t)
+    return fmadd(-t, tail, x >= 0.0f ? x : -0.0f);
   }
   // Beyond the core: the tail, where Phi(-t) reaches the subnormals, and
   // the special values.
@@ -332,34 +336,19 @@ struct GeluErf {
     return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : forward_outer_f32(x);
   }
 
-  // Below |x| = 0.75, Phi + x phi = 1/2 + x R(x^2) from its Taylor series
-  // (truncation error below 2e-9 relative). There the exponential form's
-  // difference cancels by up to a factor 2 against M's roundings.
-  static constexpr float kCentral = 0.75f;
-  FUSEDNN_HD static float central_slope_odd(float sq) {
-    float r = -6.596268e-07f;
-    r = fmadd(r, sq, 9.323571e-06f);
-    r = fmadd(r, sq, -0.000113335875f);
-    r = fmadd(r, sq, 0.0011543469f);
-    r = fmadd(r, sq, -0.009498626f);
-    r = fmadd(r, sq, 0.059841342f);
-    r = fmadd(r, sq, -0.26596153f);
-    return fmadd(r, sq, 0.7978846f);
-  }
-
-  // Phi(x) + x phi(x) = e^(-t^2/2) (M - t / sqrt(2 pi)) below zero and
-  // 1 - e^(-t^2/2) (M - t / sqrt(2 pi)) above: one shared difference, whose
-  // terms cancel around the root near x = -0.75; t / sqrt(2 pi) is an exact
-  // product there, so the difference rounds once.
+  // Phi(x) + x phi(x) for |x| <= 4: S = Phi(-t) - t phi(t) below zero
+  // and 1 - S above, S = (t0 - t) e^(c - t^2/2) / 2 with t^2 as an exact
+  // pair. The factor t0 - t keeps S's relative accuracy through the root,
+  // where Phi(-t) and t phi(t) cancel (no central series is needed).
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
-    const CoreTerms c = core_terms(x);
-    const float minus_mills = fmadd(-c.w, fmadd(c.k, c.mills_m1, c.k), c.t * kInvSqrt2PiLo);
-    const float diff = fmadd(c.t, kInvSqrt2PiHi, minus_mills);
-    const float gauss_diff = c.gauss.scale * fmadd(c.gauss.m1, diff, diff);
-    const float central = g * fmadd(x, central_slope_odd(c.sq), 0.5f);
-    // g (1 + ...) in one rounding; an infinite g would give inf - inf.
-    const float tail = x < 0.0f ? g * -gauss_diff : math::mul_one_plus(g, gauss_diff);
-    return c.t < kCentral ? central : tail;
+    const float t = math::magnitude(x);
+    const float sq = t * t;
+    const float s = t - 2.0f;
+    const math::ExpParts e = math::half_exp_pair_plus_core(sq, fmadd(t, t, -sq), slope_exponent(s),
+                                                           slope_exponent_estimate(s));
+    const float gap = (kRootHi - t) + kRootLo;
+    const float slope = e.scale * fmadd(e.m1, gap, gap);
+    return g * (x < 0.0f ? slope : 1.0f - slope);
   }
   FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));

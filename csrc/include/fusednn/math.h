@@ -242,26 +242,36 @@ FUSEDNN_HD float expm1_core(float x) {
   return x == 0.0f ? x : y;
 }
 
-// e^-(sq + sq_lo) / 2 for an exact square sq + sq_lo = t^2, t <= 8, as
-// scale * (1 + m1), left unrounded. The reduced argument is carried
-// doubled, u = 2r = -(sq + sq_lo) - 2k ln2, with e^r - 1 = u P(u),
-// P's coefficients 1 / (2^n n!). -sq - 2k ln2_hi is exact (once k != 0,
-// sq >= 0.69 and both terms are multiples of 2^-24, and the sum is below 1
-// in magnitude), so the only roundings of u are those of the two small
-// corrections.
-FUSEDNN_HD ExpParts exp_neg_half_square_core(float sq, float sq_lo) {
+// e^(c - (p + p_lo) / 2) / 2 as scale * (1 + m1), left unrounded, for an
+// exact pair p + p_lo in [0, 20] (p_lo a rounding error of p), |c| <= 0.34
+// and an estimate of c within 0.025: the GELU core evaluations' single
+// exponential, in which a polynomial c joins the exponent instead of
+// multiplying the result. k is picked from the estimate, so that the
+// reduction runs beside the polynomial c rather than after it, and the
+// reduced argument, carried doubled as u = 2r = 2c - (p + p_lo) - 2k ln2,
+// stays within |u| <= 0.75, where e^(u/2) - 1 = u q(u), q of degree 5
+// (scripts/fit_normal_tail.py, relative error 2.2e-8). -p - 2k ln2_hi is
+// exact wherever k = 0 or p >= 1: 2 ln2_hi has 21 significant bits, its
+// last at 2^-20, so the sum is a multiple of 2^-23, and it is below 2 in
+// magnitude (|u| + 2 |c|). Elsewhere (k = -1, p < 1) it rounds by at most
+// 2^-24. So u's roundings are those of 2c + that sum and of the small
+// corrections, at |u| <= 0.75. The shifter 1.5 * 2^23 + 126 leaves k + 126
+// in the low bits of the rounded sum, which shifted into the exponent field
+// is 2^(k - 1).
+FUSEDNN_HD ExpParts half_exp_pair_plus_core(float p, float p_lo, float c, float c_estimate) {
   using Tr = Traits<float>;
-  float kf;
-  const int32_t k = unshift(fmadd(sq, -0.7213475204444817f, Tr::kRoundShifter), kf);
-  const float u = fmadd(kf, -2.0f * Tr::kLn2Lo, fmadd(kf, -2.0f * Tr::kLn2Hi, -sq)) - sq_lo;
-  float p = 1.0f / 645120;
-  p = fmadd(p, u, 1.0f / 46080);
-  p = fmadd(p, u, 1.0f / 3840);
-  p = fmadd(p, u, 1.0f / 384);
-  p = fmadd(p, u, 1.0f / 48);
-  p = fmadd(p, u, 0.125f);
-  p = fmadd(p, u, 0.5f);
-  return {pow2i<float>(k), p * u};
+  constexpr float kShifter = 12583038.0f;  // 1.5 * 2^23 + 126
+  const float shifted = fmadd(fmadd(c_estimate, 2.0f, -p), 0.7213475204444817f, kShifter);
+  const float kf = shifted - kShifter;
+  const float exact = fmadd(kf, -2.0f * Tr::kLn2Hi, -p);
+  const float u = fmadd(c, 2.0f, exact) - fmadd(kf, 2.0f * Tr::kLn2Lo, p_lo);
+  float q = 2.1688616e-05f;
+  q = fmadd(q, u, 0.00026162813f);
+  q = fmadd(q, u, 0.0026042128f);
+  q = fmadd(q, u, 0.020833123f);
+  q = fmadd(q, u, 0.12499999f);
+  q = fmadd(q, u, 0.5f);
+  return {float_from_bits(bits_of(shifted) << 23), q * u};
 }
 
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
