@@ -30,7 +30,7 @@ inline ActivationCost activation_cost(Activation act) {
       {0.20, 0.48},  // leaky_relu
       {0.42, 0.62},  // elu
       {0.42, 0.54},  // selu
-      {0.86, 1.51},  // gelu
+      {0.75, 1.10},  // gelu
       {0.49, 0.97},  // silu
       {0.79, 0.76},  // softplus
       {0.91, 1.45},  // mish

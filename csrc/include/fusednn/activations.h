@@ -348,7 +348,8 @@ struct GeluErf {
                                                            slope_exponent_estimate(s));
     const float gap = (kRootHi - t) + kRootLo;
     const float slope = e.scale * fmadd(e.m1, gap, gap);
-    return g * (x < 0.0f ? slope : 1.0f - slope);
+    // g (1 - S) in one rounding (an infinite g would give inf - inf).
+    return x < 0.0f ? g * slope : math::mul_one_plus(g, -slope);
   }
   FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
