@@ -365,8 +365,9 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
 // of channels over a block of outer rows), into partials[c * units + unit]
 // for its channels c. centers: one per channel, or null to center each
 // channel of the unit on the median of three of its samples.
+// Out of line: the bands and reduce_units share one copy.
 template <class Sums, class Grad, class S>
-void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+__attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
                              const Partition& part, const double* centers, int64_t block,
                              int64_t unit, Partial* partials) {
   using T = ComputeOf<S>;
@@ -411,11 +412,20 @@ void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const
   }
   const bool contiguous =
       xv.stride_channel == 1 && gv.stride_channel == 1 && mv.stride_channel == 1;
+  // Channels [0, wide_end) of contiguous rows are summed a vector block of
+  // kWide at a time (two 64-byte lines; one where the ISA has no FMA
+  // instruction and calls a function per element), the rest row by row.
+#if defined(__FMA__)
+  constexpr int64_t kWide = 128 / int64_t(sizeof(T));
+#else
+  constexpr int64_t kWide = 64 / int64_t(sizeof(T));
+#endif
+  const int64_t wide_end = contiguous ? count / kWide * kWide : 0;
   const int64_t rows_ahead =
       std::max<int64_t>(1, kRowPrefetchBytes / (count * int64_t(sizeof(S))));
   for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
     const int64_t row_end = std::min(o1, row_block + kPartialRows);
-    if (contiguous) {
+    if (wide_end > 0) {
       // Each channel's partials in a register over the block's rows, the
       // channels across the vector: the same operations per channel as
       // the row-by-row loop below, without its loads and stores of the
@@ -455,11 +465,8 @@ void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const
             s2[k0 + j] += static_cast<double>(a2[j]);
           }
         };
-        constexpr int64_t kWide = 128 / int64_t(sizeof(T));  // two 64-byte lines
-        int64_t k = 0;
-        for (; k + kWide <= count; k += kWide)
+        for (int64_t k = 0; k < wide_end; k += kWide)
           add_rows(k, std::integral_constant<int64_t, kWide>{});
-        for (; k < count; ++k) add_rows(k, std::integral_constant<int64_t, 1>{});
       };
       const S* xb = xc + row_block * xv.stride_outer;
       const S* gb = gc + row_block * gv.stride_outer;
@@ -471,20 +478,20 @@ void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const
         alignas(64) float gw[Sums::kReadsGradient ? kPartialRows * kChannelBlock : 1];
         alignas(64) float mw[Grad::kReadsOutput ? kPartialRows * kChannelBlock : 1];
         for (int64_t r = 0; r < rows; ++r) {
-          widen(xb + r * xv.stride_outer, xw + r * count, count);
-          if (Sums::kReadsGradient) widen(gb + r * gv.stride_outer, gw + r * count, count);
-          if (Grad::kReadsOutput) widen(mb + r * mv.stride_outer, mw + r * count, count);
+          widen(xb + r * xv.stride_outer, xw + r * wide_end, wide_end);
+          if (Sums::kReadsGradient) widen(gb + r * gv.stride_outer, gw + r * wide_end, wide_end);
+          if (Grad::kReadsOutput) widen(mb + r * mv.stride_outer, mw + r * wide_end, wide_end);
         }
         const float* gp = Sums::kReadsGradient ? gw : xw;  // as the strided loop: unread
         const float* mp = Grad::kReadsOutput ? mw : gp;    // dy again unless masked by y
-        sum_block(xw, count, gp, count, mp, count);
+        sum_block(xw, wide_end, gp, wide_end, mp, wide_end);
       } else {
         sum_block(xb, xv.stride_outer, gb, gv.stride_outer, mb, mv.stride_outer);
       }
-      continue;
+      if (wide_end == count) continue;
     }
-    // Channels apart in some operand: row by row, the partials per row in
-    // memory.
+    // The channels past the vector blocks, and every channel where they lie
+    // apart in some operand: row by row, the partials per row in memory.
     alignas(64) T p1[kChannelBlock];
     alignas(64) T p2[kChannelBlock];
     std::fill_n(p1, count, T(0));
@@ -493,14 +500,19 @@ void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv, const
       const S* xr = xc + o * xv.stride_outer;
       const S* gr = gc + o * gv.stride_outer;
       const S* mr = mc + o * mv.stride_outer;
-      for (int64_t k = 0; k < count; ++k)
+      if (contiguous && wide_end == 0 && o + rows_ahead < part.outer) {
+        prefetch_to_l2(xr + rows_ahead * xv.stride_outer, count);
+        if (Sums::kReadsGradient) prefetch_to_l2(gr + rows_ahead * gv.stride_outer, count);
+        if (Grad::kReadsOutput) prefetch_to_l2(mr + rows_ahead * mv.stride_outer, count);
+      }
+      for (int64_t k = wide_end; k < count; ++k)
         Sums::add_partial(p1[k], p2[k], load_value(xr[k * xv.stride_channel]),
                           Grad::gradient(load_value(gr[k * gv.stride_channel]),
                                          load_value(mr[k * mv.stride_channel])),
                           center_hi[k], center_lo[k]);
     }
 #pragma omp simd
-    for (int64_t k = 0; k < count; ++k) {
+    for (int64_t k = wide_end; k < count; ++k) {
       s1[k] += static_cast<double>(p1[k]);
       s2[k] += static_cast<double>(p2[k]);
     }
@@ -781,9 +793,10 @@ inline void stream_lines(T* out, int64_t begin, int64_t end, int64_t channels, i
 }
 
 // Outputs [begin, end) of map_contiguous, on the calling thread; `stream`
-// as map_contiguous decided for the whole array.
+// as map_contiguous decided for the whole array. Out of line: map_contiguous
+// and the bands share one copy of the segment's loops.
 template <class S, class Segment>
-void map_range(S* out, int64_t begin, int64_t end, int64_t channels, int64_t inner,
+__attribute__((noinline)) void map_range(S* out, int64_t begin, int64_t end, int64_t channels, int64_t inner,
                int64_t period, bool stream, const Segment& segment) {
   const Segment local = segment;
   // Runs end at multiples of `run`: rows of one channel, or whole
@@ -1415,7 +1428,9 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
   const double* gamma = loaded_channels(scratch, args.gamma, channels, 1.0);
   const double* beta = loaded_channels(scratch, args.beta, channels, 0.0);
   NormalizeTables<S> tables(scratch, channels, xv.inner == 1);
-  auto set_coefficients = [&](int64_t c0, int64_t c1) {
+  // Out of line: the bands, the resident channels and the two-pass loops
+  // share one copy.
+  auto set_coefficients = [&](int64_t c0, int64_t c1) __attribute__((noinline)) {
     fill_inverse_std(c0, c1, var, args.eps, invstd);
     tables.fill(c0, c1, mean, invstd, gamma, beta);
   };
@@ -1539,6 +1554,12 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   const S* dy_data = static_cast<const S*>(dy.data);
   const S* x_data = static_cast<const S*>(x.data);
   const S* m_data = static_cast<const S*>(m.data);
+  // Every channel's coefficients once the sums are in; out of line, the
+  // bands and the two-pass loops share one copy.
+  const auto fill_tables = [&]() __attribute__((noinline)) {
+    tables.fill(0, channels, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
+    tables.repeat();
+  };
   const int reads = Grad::kReadsOutput ? 3 : 2;
   const Partition part(xv);
   const int64_t bands =
@@ -1560,8 +1581,7 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
         [&] {  // as gradient_sums and the two-pass branch below
           for (int64_t c = 0; c < channels; ++c)
             sum_units(partials + c * units, units, invstd[c], sum_dy[c], sum_dy_xhat[c]);
-          tables.fill(0, channels, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
-          tables.repeat();
+          fill_tables();
         },
         [&](int64_t begin, int64_t end) {
           map_range(static_cast<S*>(dx.data), begin, end, channels, 1,
@@ -1606,8 +1626,7 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   gradient_sums<S, Grad>(xv, gv, mv, mean, invstd, sum_dy, sum_dy_xhat);
   store_parameter_grads();
   if (args.training) {
-    tables.fill(0, channels, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
-    tables.repeat();
+    fill_tables();
     input_grad_pass<S>(dy, x, m, dx, args.axis,
                        tables.template segment<Grad>(dy_data, x_data, m_data));
     return;
