@@ -5,7 +5,10 @@ NCL, NCHW, NCDHW with axis=1; channels-last with axis=-1).
 
 Everything is validated here, once and the same way for every device,
 before a kernel runs, so bad input raises without touching ``out`` or the
-running statistics. See docs/batchnorm.md for the conventions (which follow
+running statistics. An ordinary call on numpy arrays or torch CPU tensors
+is first offered to the CPU module's quick path (csrc/bindings/
+quick_cpu.cpp), which checks, runs and returns it in one compiled call or
+declines it, writing nothing, to the path here; see docs/arrays.md. See docs/batchnorm.md for the conventions (which follow
 PyTorch) and the numerics, and docs/cuda.md for the GPU.
 
 ``activation="relu"`` fuses a ReLU after the normalization: the forward

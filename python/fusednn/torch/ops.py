@@ -11,7 +11,8 @@ functions on the tensors (CPU tensors are viewed as numpy arrays, CUDA
 tensors as CuPy arrays, without copies), writing into outputs allocated
 here by torch, so that results keep the input's memory format
 (channels_last stays channels_last) and CUDA memory comes from torch's
-caching allocator.
+caching allocator; the batch-norm kernels first try the CPU module's
+quick paths, one compiled call for an ordinary call on CPU tensors.
 
 Why not ``torch.library.custom_op``: it wraps every call in layers of
 Python (its own autograd and ADInplaceOrView kernels, a backend wrapper,
