@@ -329,3 +329,60 @@ def test_operators_read_channels_last_tensors_as_the_moved_views(shape, relu, mo
         results.append((y, mean, invstd, *running, *grads))
     for a, b in zip(*results):
         _same(a, b)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("name,which", [("relu", "y"), ("gelu", "x"), ("elu", "y"),
+                                        ("softplus", "x"), ("tanh", "y")])
+def test_activation_backward_has_the_general_paths_bits(name, which, library, monkeypatch):
+    rng = np.random.default_rng(11)
+    make = (lambda a: a) if library == "numpy" else torch.from_numpy
+    params = {"elu": {"alpha": 0.5}, "softplus": {"threshold": 2.0}}.get(name, {})
+    kernel_params = activations._kernel_params(name, params, name)
+    for dtype in (np.float32, np.float64):
+        base_x = rng.standard_normal((6, 10)).astype(dtype) * 3
+        base_g = rng.standard_normal((6, 10)).astype(dtype)
+        saved = base_x if which == "x" else fn.activation(name, base_x, **params)
+        for form in ("new", "out", "out is grad", "out is saved", "strided grad"):
+            results = []
+            for quick in (True, False):
+                g = make(base_g.copy()[:, ::2] if form == "strided grad" else base_g.copy())
+                s = make(saved.copy()[:, ::2] if form == "strided grad" else saved.copy())
+                out = {"out": make(np.empty(np.shape(g), dtype)), "out is grad": g,
+                       "out is saved": s}.get(form)
+                with monkeypatch.context() as patch:
+                    if quick:
+                        result = activations._activation_backward_quick(
+                            activations._IDS[name], which == "y", g, s, out, kernel_params)
+                        assert result is not None, "an ordinary call was declined"
+                    else:
+                        _general(patch)
+                        result = fn.activation_backward(name, g, out=out, **{which: s},
+                                                        **params)
+                if out is not None:
+                    assert result is out
+                results.append(result)
+            _same(*results)
+
+
+def test_activation_backward_declines():
+    rng = np.random.default_rng(12)
+    g, x = (rng.standard_normal((8, 4)).astype(np.float32) for _ in range(2))
+    f = activations._activation_backward_quick
+    relu = activations._IDS["relu"]
+    params = activations._DEFAULT_KERNEL_PARAMS["relu"]
+    wide = np.zeros((8, 8), np.float32)
+    assert f(relu, True, g, x, None, params) is not None
+    for args in ((relu, 1, g, x, None, params),                   # from_output not a bool
+                 (relu, True, g, x[:4], None, params),             # shapes differ
+                 (relu, True, g, x.astype(np.float64), None, params),
+                 (relu, True, g, torch.from_numpy(x), None, params),  # mixed libraries
+                 (relu, True, g, x, g[::-1], params),              # out overlaps g
+                 (relu, True, g, x, wide[:, ::2], params),         # out strided
+                 (relu, True, g, x, np.empty((8, 4), np.float64), params),
+                 (relu, True, g.astype(np.float16), x.astype(np.float16), None, params)):
+        assert f(*args) is None
+    out = np.full_like(g, 7.0)
+    with pytest.raises(ValueError, match="same shape"):
+        fn.activation_backward("relu", g, y=x[:4], out=out)
+    assert (out == 7.0).all()

@@ -1,6 +1,7 @@
-// The CPU module's quick paths: batch_norm, batch_norm_backward and the
-// forward activations for calls of the ordinary kind, checked, allocated,
-// run and wrapped back in one call from Python. The public functions try
+// The CPU module's quick paths: batch_norm, batch_norm_backward, the
+// forward activations and activation_backward for calls of the ordinary
+// kind, checked, allocated, run and wrapped back in one call from Python.
+// The public functions try
 // them first. A call is ordinary when every array is a numpy array or a
 // torch CPU tensor (all of one library) of float32 or float64, aligned and
 // in native byte order, with elements; per-channel arrays have the right
@@ -613,6 +614,48 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
   return triple(&PyTuple_Type, input_result, grad_gamma, grad_beta);
 }
 
+// The activation and its parameters from an id (fn.ACTIVATIONS order) and
+// the tuple (a, b, tanh_approximation) of plain floats and a bool; false
+// when declined.
+bool activation_of(PyObject* id_arg, PyObject* params, Activation& act, ActivationParams& p) {
+  if (!PyLong_CheckExact(id_arg) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 3)
+    return false;
+  PyObject* const a = PyTuple_GET_ITEM(params, 0);
+  PyObject* const b = PyTuple_GET_ITEM(params, 1);
+  PyObject* const tanh_approximation = PyTuple_GET_ITEM(params, 2);
+  const long id = PyLong_AsLong(id_arg);
+  if (id < 0 || id >= static_cast<long>(Activation::count) || !PyFloat_CheckExact(a) ||
+      !PyFloat_CheckExact(b) || (tanh_approximation != Py_True && tanh_approximation != Py_False)) {
+    PyErr_Clear();
+    return false;
+  }
+  act = static_cast<Activation>(id);
+  p = make_activation_params(PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b),
+                             tanh_approximation == Py_True);
+  return true;
+}
+
+// The same elements at the same addresses.
+bool same_view(const HostArray& a, const HostArray& b) {
+  if (a.data != b.data || !same_shape(a, b)) return false;
+  for (int d = 0; d < a.ndim; ++d)
+    if (a.strides[d] != b.strides[d]) return false;
+  return true;
+}
+
+// An elementwise kernel's out: like `like`, writable, C-contiguous, and
+// each input either the very same view (in place) or apart from it.
+template <size_t N>
+bool elementwise_out(const HostArray& out, const HostArray& like,
+                     const HostArray* const (&inputs)[N]) {
+  if (!same_shape(out, like) || out.type_num != like.type_num || !out.writable ||
+      !c_contiguous(out))
+    return false;
+  for (const HostArray* input : inputs)
+    if (!same_view(out, *input) && meet(out, *input)) return false;
+  return true;
+}
+
 // activation_quick(activation id, x, out, (a, b, tanh_approximation)): the
 // forward activation's result (out itself when given), or None. out may be
 // x itself (the same view) or apart from it.
@@ -621,29 +664,15 @@ PyObject* activation_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "activation_quick takes 4 arguments");
     return nullptr;
   }
-  PyObject* const params = args[3];
-  if (!PyLong_CheckExact(args[0]) || !PyTuple_CheckExact(params) || PyTuple_GET_SIZE(params) != 3)
-    Py_RETURN_NONE;
-  PyObject* const a = PyTuple_GET_ITEM(params, 0);
-  PyObject* const b = PyTuple_GET_ITEM(params, 1);
-  PyObject* const tanh_approximation = PyTuple_GET_ITEM(params, 2);
-  const long id = PyLong_AsLong(args[0]);
-  if (id < 0 || id >= static_cast<long>(Activation::count) || !PyFloat_CheckExact(a) ||
-      !PyFloat_CheckExact(b) || (tanh_approximation != Py_True && tanh_approximation != Py_False)) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
+  Activation act;
+  ActivationParams p;
+  if (!activation_of(args[0], args[3], act, p)) Py_RETURN_NONE;
   Library library = Library::none;
   HostArray x, out;
   const HostArray* o = nullptr;
   if (!read(args[1], library, x) || !read_optional(args[2], library, out, o)) Py_RETURN_NONE;
-  if (o != nullptr) {
-    bool same_view = o->data == x.data && same_shape(*o, x);
-    for (int d = 0; same_view && d < x.ndim; ++d) same_view = o->strides[d] == x.strides[d];
-    if (!same_shape(*o, x) || o->type_num != x.type_num || !o->writable || !c_contiguous(*o) ||
-        (!same_view && meet(*o, x)))
-      Py_RETURN_NONE;
-  }
+  const HostArray* const inputs[] = {&x};
+  if (o != nullptr && !elementwise_out(*o, x, inputs)) Py_RETURN_NONE;
   HostArray y_new;
   PyObject* y_array = nullptr;
   if (o == nullptr) {
@@ -652,9 +681,6 @@ PyObject* activation_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const HostArray& y = o != nullptr ? *o : y_new;
   const cpu::ArrayRef xr = x.ref(), yr = y.ref();
-  const ActivationParams p = make_activation_params(
-      PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b), tanh_approximation == Py_True);
-  const auto act = static_cast<Activation>(id);
   if (!run([&] { FUSEDNN_ISA_SELECT(activation_forward)(act, p, xr, yr); })) {
     Py_XDECREF(y_array);
     return nullptr;
@@ -664,6 +690,53 @@ PyObject* activation_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return args[2];
   }
   return y_array;
+}
+
+// activation_backward_quick(activation id, from_output, grad_output, saved,
+// out, (a, b, tanh_approximation)): fusednn.activation_backward's result
+// for the derivative from `saved` (the forward's output when from_output,
+// else its input), or None. out may be grad_output or saved itself.
+PyObject* activation_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "activation_backward_quick takes 6 arguments");
+    return nullptr;
+  }
+  Activation act;
+  ActivationParams p;
+  PyObject* const from_output = args[1];
+  if ((from_output != Py_True && from_output != Py_False) ||
+      !activation_of(args[0], args[5], act, p))
+    Py_RETURN_NONE;
+  Library library = Library::none;
+  HostArray grad_output, saved, out;
+  const HostArray* o = nullptr;
+  if (!read(args[2], library, grad_output) || !read(args[3], library, saved) ||
+      !same_shape(grad_output, saved) || grad_output.type_num != saved.type_num ||
+      !read_optional(args[4], library, out, o))
+    Py_RETURN_NONE;
+  const HostArray* const inputs[] = {&grad_output, &saved};
+  if (o != nullptr && !elementwise_out(*o, grad_output, inputs)) Py_RETURN_NONE;
+  HostArray result_new;
+  PyObject* result = nullptr;
+  if (o == nullptr) {
+    result = new_array(library, grad_output.ndim, grad_output.shape, grad_output.type_num,
+                       result_new);
+    if (result == nullptr) return nullptr;
+  }
+  const HostArray& r = o != nullptr ? *o : result_new;
+  const cpu::ArrayRef gr = grad_output.ref(), sr = saved.ref(), rr = r.ref();
+  const bool use_output = from_output == Py_True;
+  if (!run([&] {
+        FUSEDNN_ISA_SELECT(activation_backward)(act, p, use_output, gr, sr, rr);
+      })) {
+    Py_XDECREF(result);
+    return nullptr;
+  }
+  if (o != nullptr) {
+    Py_INCREF(args[4]);
+    return args[4];
+  }
+  return result;
 }
 
 PyMethodDef quick_methods[] = {
@@ -677,6 +750,10 @@ PyMethodDef quick_methods[] = {
     {"activation_quick", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
                              activation_quick)),
      METH_FASTCALL, "A forward activation for an ordinary call, or None (see quick_cpu.cpp)."},
+    {"activation_backward_quick", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+                                      activation_backward_quick)),
+     METH_FASTCALL,
+     "fusednn.activation_backward for an ordinary call, or None (see quick_cpu.cpp)."},
 };
 
 }  // namespace

@@ -105,6 +105,7 @@ def activation(name: str, x, *, out=None, **params):
 
 
 _activation_quick = _cpu.activation_quick
+_activation_backward_quick = _cpu.activation_backward_quick
 
 
 def _forward(name: str, x, out, kernel_params):
@@ -136,7 +137,8 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
     """
     function = "activation_backward"
     _check_name(name, function)
-    a, b, tanh_approx = _kernel_params(name, params, function)
+    kernel_params = _kernel_params(name, params, function)
+    a, b, tanh_approx = kernel_params
     if x is None and y is None:
         raise ValueError(f"fusednn.{function}: give x (the forward input) or y "
                          "(the forward output)")
@@ -148,6 +150,11 @@ def activation_backward(name: str, grad_output, *, x=None, y=None, out=None, **p
                          "parameters needs x, the forward input; y is not enough")
     saved_name = "y" if use_y else "x"
     saved = y if use_y else x
+    # Ordinary calls in one compiled call, as in the forward.
+    result = _activation_backward_quick(_IDS[name], use_y, grad_output, saved, out,
+                                        kernel_params)
+    if result is not None:
+        return result
     place = _arrays.locate(function, ("grad_output", saved_name), grad_output, saved)
     grad_output = place.view(grad_output, "grad_output", function)
     saved = place.view(saved, saved_name, function)
