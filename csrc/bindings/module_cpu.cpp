@@ -44,29 +44,19 @@ namespace dlpack = fusednn::bindings::dlpack;
 // sparse tensor). Python's C API directly (METH_FASTCALL, no pybind11 wrappers):
 // this runs once per tensor on every call.
 PyObject* torch_view(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  static PyObject* const is_neg_name = PyUnicode_InternFromString("is_neg");
   if (nargs != 2) {
     PyErr_SetString(PyExc_TypeError, "torch_view(tensor, to_dlpack)");
     return nullptr;
   }
-  PyObject* const negative = PyObject_CallMethodNoArgs(args[0], is_neg_name);
-  if (negative == nullptr) return nullptr;
-  const int is_negative = PyObject_IsTrue(negative);
-  Py_DECREF(negative);
-  if (is_negative < 0) return nullptr;
-  if (is_negative) Py_RETURN_NONE;
-  PyObject* const capsule = PyObject_CallOneArg(args[1], args[0]);
-  if (capsule == nullptr) return nullptr;
-  auto* const managed =
-      static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
-  if (managed == nullptr) {
-    PyErr_Clear();
-    Py_DECREF(capsule);
+  dlpack::ManagedTensor* managed = nullptr;
+  PyObject* const capsule = dlpack::export_tensor(args[0], args[1], managed);
+  if (capsule == nullptr) {
+    if (PyErr_Occurred() != nullptr) return nullptr;
     Py_RETURN_NONE;
   }
   const dlpack::Tensor& t = managed->dl_tensor;
   int type_num = -1;
-  if (t.dtype.code == 2 && t.dtype.lanes == 1) {
+  if (t.dtype.code == dlpack::kFloat && t.dtype.lanes == 1) {
     if (t.dtype.bits == 32) type_num = py::detail::npy_api::NPY_FLOAT_;
     if (t.dtype.bits == 64) type_num = py::detail::npy_api::NPY_DOUBLE_;
     if (t.dtype.bits == 16) type_num = 23;  // NPY_HALF
@@ -75,7 +65,7 @@ PyObject* torch_view(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (int d = 0; d < t.ndim && d < 64; ++d) empty = empty || t.shape[d] == 0;
   // (No elements: numpy would allocate memory of its own for a null data
   // pointer; Tensor.numpy()'s path takes those.)
-  if (type_num < 0 || t.device.device_type != 1 || t.ndim > 64 || empty) {
+  if (type_num < 0 || t.device.device_type != dlpack::kCpu || t.ndim > 64 || empty) {
     Py_DECREF(capsule);
     Py_RETURN_NONE;
   }
@@ -83,12 +73,8 @@ PyObject* torch_view(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* const descr = api.PyArray_DescrFromType_(type_num);  // a new reference
   const Py_ssize_t itemsize = t.dtype.bits / 8;
   Py_ssize_t sizes[64], strides[64];
-  Py_ssize_t step = itemsize;
-  for (int d = t.ndim - 1; d >= 0; --d) {
-    sizes[d] = static_cast<Py_ssize_t>(t.shape[d]);
-    strides[d] = t.strides != nullptr ? static_cast<Py_ssize_t>(t.strides[d]) * itemsize : step;
-    step *= sizes[d];
-  }
+  for (int d = 0; d < t.ndim; ++d) sizes[d] = static_cast<Py_ssize_t>(t.shape[d]);
+  dlpack::byte_strides(t, itemsize, strides);
   PyObject* const array = api.PyArray_NewFromDescr_(
       api.PyArray_Type_, descr, t.ndim, sizes, strides,
       static_cast<char*>(t.data) + t.byte_offset, py::detail::npy_api::NPY_ARRAY_WRITEABLE_,

@@ -132,23 +132,9 @@ bool read_numpy(PyObject* o, HostArray& a) {
 // module_cpu.cpp for why not Tensor.numpy()). Negative views are declined:
 // their memory holds the negated values.
 bool read_torch(PyObject* o, HostArray& a) {
-  static PyObject* const is_neg_name = PyUnicode_InternFromString("is_neg");
-  PyObject* const negative = PyObject_CallMethodNoArgs(o, is_neg_name);
-  if (negative == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  const bool is_negative = negative != Py_False;
-  Py_DECREF(negative);
-  if (is_negative) return false;
-  a.capsule = PyObject_CallOneArg(torch_api.to_dlpack, o);
+  dlpack::ManagedTensor* managed = nullptr;
+  a.capsule = dlpack::export_tensor(o, torch_api.to_dlpack, managed);
   if (a.capsule == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  auto* const managed =
-      static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(a.capsule, "dltensor"));
-  if (managed == nullptr) {
     PyErr_Clear();
     return false;
   }
@@ -162,12 +148,8 @@ bool read_torch(PyObject* o, HostArray& a) {
   a.writable = true;
   a.data = static_cast<char*>(t.data) + t.byte_offset;
   a.ndim = t.ndim;
-  int64_t step = a.itemsize;
-  for (int d = a.ndim - 1; d >= 0; --d) {
-    a.shape[d] = t.shape[d];
-    a.strides[d] = t.strides != nullptr ? t.strides[d] * a.itemsize : step;
-    step *= a.shape[d];
-  }
+  for (int d = 0; d < a.ndim; ++d) a.shape[d] = t.shape[d];
+  dlpack::byte_strides(t, a.itemsize, a.strides);
   if (t.data == nullptr || reinterpret_cast<std::uintptr_t>(a.data) % a.itemsize != 0)
     return false;
   return finish(a);
