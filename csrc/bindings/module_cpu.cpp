@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "bindings/backend.h"
+#include "bindings/byte_extent.h"
 #include "bindings/dlpack_host.h"
 #include "cpu/isa.h"
 #include "cpu/threadpool.h"
@@ -163,13 +164,13 @@ PYBIND11_MODULE(_cpu, m) {
       throw py::type_error("byte_extents: expected numpy arrays or None");
     const auto a = py::reinterpret_borrow<py::array>(item);
     e.present = true;
-    e.low = e.high = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(a.data()));
     if (a.size() > 0) {
-      for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-        const std::int64_t reach = static_cast<std::int64_t>(a.strides(d)) * (a.shape(d) - 1);
-        (reach < 0 ? e.low : e.high) += reach;
-      }
-      e.high += a.itemsize();
+      const bindings::ByteExtent span = bindings::byte_extent(
+          a.data(), static_cast<int>(a.ndim()), a.shape(), a.strides(), a.itemsize());
+      e.low = span.low;
+      e.high = span.high;
+    } else {
+      e.low = e.high = static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(a.data()));
     }
     return e;
   };

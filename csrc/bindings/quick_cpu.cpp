@@ -25,6 +25,7 @@
 #include <exception>
 #include <new>
 
+#include "bindings/byte_extent.h"
 #include "bindings/dlpack_host.h"
 #include "bindings/without_gil.h"
 #include "cpu/activations.h"
@@ -92,16 +93,13 @@ struct HostArray {
 
 // Size and extent; arrays without elements are declined.
 bool finish(HostArray& a) {
-  const int64_t start = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(a.data));
-  a.low = a.high = start;
   a.size = 1;
-  for (int d = 0; d < a.ndim; ++d) {
-    a.size *= a.shape[d];
-    const int64_t reach = a.strides[d] * (a.shape[d] - 1);
-    (reach < 0 ? a.low : a.high) += reach;
-  }
-  a.high += a.itemsize;
-  return a.size > 0;
+  for (int d = 0; d < a.ndim; ++d) a.size *= a.shape[d];
+  if (a.size == 0) return false;
+  const ByteExtent extent = byte_extent(a.data, a.ndim, a.shape, a.strides, a.itemsize);
+  a.low = extent.low;
+  a.high = extent.high;
+  return true;
 }
 
 bool read_numpy(PyObject* o, HostArray& a) {
