@@ -235,6 +235,32 @@ def test_strided_and_channels_last_views(dtype_name):
         assert_same_bits(out, result.y)
 
 
+# Outputs of at least 16 MiB, which the kernels stream past the cache a
+# 64-byte line at a time from registers: rows that start and end inside a
+# line (odd inner extents), channels cached between their sums and their
+# outputs (NCHW, under 1 MiB a channel) or not, and channels-last rows.
+STREAMED_LAYOUTS = [((2, 41, 104729), 1), ((4, 3, 700001), 1), ((65601, 128), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", STREAMED_LAYOUTS)
+@pytest.mark.parametrize("dtype_name", HALF)
+def test_streamed_outputs(dtype_name, shape, axis):
+    dtype = HALF[dtype_name]
+    x, gamma, beta = data(shape, axis, dtype, seed=13)
+    assert x.nbytes >= 16 << 20
+    x32 = x.astype(np.float32)
+    result = fn.batch_norm(x, gamma, beta, axis=axis, activation="relu")
+    result32 = fn.batch_norm(x32, gamma, beta, axis=axis, activation="relu")
+    assert_same_bits(result.y, rounded(result32.y, dtype))
+    dy = np.random.default_rng(14).standard_normal(shape).astype(dtype)
+    grads = fn.batch_norm_backward(dy, x, gamma, result.save_mean, result.save_invstd, axis=axis)
+    grads32 = fn.batch_norm_backward(dy.astype(np.float32), x32, gamma, result32.save_mean,
+                                     result32.save_invstd, axis=axis)
+    assert_same_bits(grads[0], rounded(grads32[0], dtype))
+    for got, want in zip(grads[1:], grads32[1:]):
+        assert_same_bits(got, want)
+
+
 @pytest.mark.parametrize("dtype_name", HALF)
 def test_channel_whose_mean_is_far_above_its_spread(dtype_name):
     """x - mean stays accurate where the mean is hundreds of times the

@@ -36,6 +36,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <stdexcept>
 #include <thread>
@@ -135,10 +136,14 @@ template <class S> inline S store_value(ComputeOf<S> v) { return Storage<S>::sto
 // Whether S is a half type, stored apart from its compute type float.
 template <class S> constexpr bool kWidened = !std::is_same_v<S, ComputeOf<S>>;
 
-// The contiguous loops over half-precision data run the float32 loops on
-// blocks of kHalfBlock elements widened into float buffers (F16C where the
-// ISA has it) and narrow their results once: the float32 code, vectorized
-// as for float32 data, on the same values.
+// The contiguous loops over half-precision data widen 16 inputs at a time
+// into a line of floats in registers, run the float32 arithmetic on it and
+// narrow two such lines into one 64-byte line of outputs
+// (write_half_lines): the float32 code's operations on the same values, so
+// each output is the float32 loop's result rounded once. Where a row does
+// not fill a line (its ends, short rows), in_widened_blocks runs the
+// float32 loops on blocks of kHalfBlock elements widened into float
+// buffers and narrows their results.
 // compute(out, in, b, n) writes the n float results of block [b, b + n)
 // to out from in[k], the block of inputs[k] widened; they are narrowed into
 // dst + b.
@@ -282,26 +287,33 @@ template <class Sums, class Grad, class S>
 void accumulate_run(const S* x, const S* g, const S* m, int64_t n, int64_t stride_x,
                     int64_t stride_g, int64_t stride_m, double center, double* s1, double* s2) {
   if constexpr (kWidened<S>) {
-    // Blocks of kHalfBlock, a multiple of kLanes, so that every element
-    // goes to the lane it would go to in one run.
-    static_assert(kHalfBlock % kLanes == 0, "blocks must keep the lanes");
+    // Contiguous runs a vector of kLanes at a time, widened in registers:
+    // element i still goes to lane i % kLanes, each lane a double of its
+    // own (kLanes / 8 lines of doubles), so the sums are those of the
+    // float32 loop on the widened values.
+    static_assert(kLanes == 16, "one line of floats is the lanes");
     if (stride_x == 1 && stride_g == 1 && stride_m == 1) {
-      alignas(64) float xb[kHalfBlock], gb[kHalfBlock], mb[kHalfBlock];
-      for (int64_t b = 0; b < n; b += kHalfBlock) {
-        const int64_t len = std::min(kHalfBlock, n - b);
-        widen(x + b, xb, len);
-        const float* gp = xb;  // not read unless the sums read the gradient
-        if (Sums::kReadsGradient) {
-          widen(g + b, gb, len);
-          gp = gb;
-        }
-        const float* mp = gp;  // the gradient again unless Grad reads the output
-        if (Grad::kReadsOutput) {
-          widen(m + b, mb, len);
-          mp = mb;
-        }
-        accumulate_run<Sums, Grad>(xb, gp, mp, len, 1, 1, 1, center, s1, s2);
+      Line<double> a1[2], a2[2];
+      std::memcpy(a1, s1, sizeof a1);
+      std::memcpy(a2, s2, sizeof a2);
+      const Line<double> c = broadcast_line(center);
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes) {
+        const Line<float> xf = widen_line(x + i);
+        Line<float> gf = xf;  // unread unless the sums read the gradient
+        if constexpr (Sums::kReadsGradient)
+          gf = Grad::gradient(widen_line(g + i), Grad::kReadsOutput ? widen_line(m + i) : xf);
+        Line<double> xd[2], gd[2];
+        widen_to_double(xf, xd[0], xd[1]);
+        widen_to_double(gf, gd[0], gd[1]);
+        Sums::add_widened(a1[0], a2[0], xd[0], gd[0], c);
+        Sums::add_widened(a1[1], a2[1], xd[1], gd[1], c);
       }
+      std::memcpy(s1, a1, sizeof a1);
+      std::memcpy(s2, a2, sizeof a2);
+      for (int j = 0; i < n; ++i, ++j)
+        Sums::add(s1[j], s2[j], load_value(x[i]),
+                  Grad::gradient(load_value(g[i]), load_value(m[i])), center);
       return;
     }
   }
@@ -720,12 +732,19 @@ bool channel_resident(const ChannelView& v, int64_t item, int reads,
 // Writes out[o, c, :] = row(dst, o, start, count) for every outer row o of
 // channel c, streaming when `stream` is set. row(dst, o, start, count)
 // computes elements [start, start + count) of row o into dst.
+// The half types' rows are handed the output itself (count = inner), and
+// stream their own lines when `stream` is set (NormalizeSegment::row).
 template <class S, class Row>
 void write_channel_rows(const ChannelView& out, int64_t c, bool stream, const Row& row) {
   S* base = const_cast<S*>(reinterpret_cast<const S*>(out.data)) + c * out.stride_channel;
-  for (int64_t o = 0; o < out.outer; ++o)
-    produce<kWideStageBytes>(base + o * out.stride_outer, out.inner, stream,
-            [&](S* dst, int64_t start, int64_t count) { row(dst, o, start, count); });
+  for (int64_t o = 0; o < out.outer; ++o) {
+    if constexpr (kWidened<S>) {
+      row(base + o * out.stride_outer, o, 0, out.inner);
+    } else {
+      produce<kWideStageBytes>(base + o * out.stride_outer, out.inner, stream,
+                               [&](S* dst, int64_t start, int64_t count) { row(dst, o, start, count); });
+    }
+  }
   if (stream) store_fence();
 }
 
@@ -833,7 +852,8 @@ __attribute__((noinline)) void map_range(S* out, int64_t begin, int64_t end, int
   // Runs end at multiples of `run`: rows of one channel, or whole
   // periods of the coefficient arrays.
   const int64_t run = inner > 1 ? inner : period;
-  const auto write = [&](S* dst, int64_t start, int64_t count) {
+  // stream_half: the half types' runs stream their own whole lines.
+  const auto write = [&](S* dst, int64_t start, int64_t count, bool stream_half = false) {
     int64_t pos = begin + start;
     const int64_t stop = pos + count;
     const int64_t first_run = pos / run;
@@ -842,9 +862,9 @@ __attribute__((noinline)) void map_range(S* out, int64_t begin, int64_t end, int
     while (pos < stop) {
       const int64_t len = std::min(run - offset, stop - pos);
       if (inner > 1) {
-        local.broadcast(dst, pos, len, c);
+        local.broadcast(dst, pos, len, c, stream_half);
       } else {
-        local.across(dst, pos, len, offset);
+        local.across(dst, pos, len, offset, stream_half);
       }
       pos += len;
       dst += len;
@@ -852,14 +872,12 @@ __attribute__((noinline)) void map_range(S* out, int64_t begin, int64_t end, int
       if (++c == channels) c = 0;
     }
   };
-  // Lines straight from registers where the storage is the compute type;
-  // the half types go through produce's staging buffer.
-  bool lines = false;
-  if constexpr (std::is_same_v<S, ComputeOf<S>>)
-    lines = stream && (inner == 1 || inner >= kLineElems<S>);
-  if (lines) {
-    if constexpr (std::is_same_v<S, ComputeOf<S>>)
-      stream_lines(out, begin, end, channels, inner, period, local, write);
+  // Lines straight from registers: the half types' runs write their own
+  // (write_half_lines); float and double lines come from stream_lines.
+  if constexpr (kWidened<S>) {
+    write(out + begin, 0, end - begin, stream);
+  } else if (stream && (inner == 1 || inner >= kLineElems<S>)) {
+    stream_lines(out, begin, end, channels, inner, period, local, write);
   } else {
     produce<kWideStageBytes>(out + begin, end - begin, stream, write);
   }
@@ -948,15 +966,31 @@ template <class S> struct NormalizeSegment {
     for (int64_t i = 0; i < len; ++i)
       dst[i] = store_value<Out>(activate(normalize(load_value(src[i]), hi, lo, s, b)));
   }
-  void row(S* dst, const S* src, int64_t len, int64_t c) const {
+  // stream: for the half types, which write dst themselves a line at a
+  // time from registers (write_half_lines), whether those lines go past
+  // the cache; float and double rows are staged by the caller (produce).
+  void row(S* dst, const S* src, int64_t len, int64_t c, bool stream = false) const {
     if constexpr (kWidened<S>) {
-      in_widened_blocks(dst, len, {src}, [&](float* out, auto in, int64_t,
-                                             int64_t n) { row_of(out, in[0], n, c); });
+      const Line<T> hi = broadcast_line(mean_hi[c]), lo = broadcast_line(mean_lo[c]),
+                    s = broadcast_line(scale[c]), b = broadcast_line(shift[c]);
+      write_half_lines(
+          dst, len, stream,
+          [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+            return activate(normalize(widen_line(src + i), hi, lo, s, b));
+          },
+          [&](int64_t start, int64_t n) {
+            in_widened_blocks(dst + start, n, {src + start}, [&](float* out, auto in, int64_t,
+                                                                 int64_t m) {
+              row_of(out, in[0], m, c);
+            });
+          });
     } else {
       row_of(dst, src, len, c);
     }
   }
-  void broadcast(S* dst, int64_t pos, int64_t len, int64_t c) const { row(dst, x + pos, len, c); }
+  void broadcast(S* dst, int64_t pos, int64_t len, int64_t c, bool stream = false) const {
+    row(dst, x + pos, len, c, stream);
+  }
   // See stream_lines.
   template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
     return activate(normalize(load_line(x + pos), coefficient(mean_hi), coefficient(mean_lo),
@@ -974,12 +1008,26 @@ template <class S> struct NormalizeSegment {
     for (int64_t i = 0; i < len; ++i)
       dst[i] = store_value<Out>(activate(normalize(load_value(src[i]), hi[i], lo[i], s[i], b[i])));
   }
-  void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
+  // stream: as in row().
+  void across(S* dst, int64_t pos, int64_t len, int64_t j, bool stream = false) const {
     if constexpr (kWidened<S>) {
-      in_widened_blocks(dst, len, {x + pos},
-                        [&](float* out, auto in, int64_t b, int64_t n) {
-                          across_of(out, in[0], n, j + b);
-                        });
+      const S* src = x + pos;
+      const T* hi = mean_hi + j;
+      const T* lo = mean_lo + j;
+      const T* s = scale + j;
+      const T* b = shift + j;
+      write_half_lines(
+          dst, len, stream,
+          [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+            return activate(normalize(widen_line(src + i), load_line(hi + i), load_line(lo + i),
+                                      load_line(s + i), load_line(b + i)));
+          },
+          [&](int64_t start, int64_t n) {
+            in_widened_blocks(dst + start, n, {src + start},
+                              [&](float* out, auto in, int64_t b0, int64_t m) {
+                                across_of(out, in[0], m, j + start + b0);
+                              });
+          });
     } else {
       across_of(dst, x + pos, len, j);
     }
@@ -1053,18 +1101,36 @@ template <class S, class Grad> struct InputGradSegment {
       dst[i] = store_value<Out>(input_grad(Grad::gradient(load_value(g[i]), load_value(m[i])),
                                            load_value(v[i]), hi, lo, s, ac, ec, kc));
   }
-  void row(S* dst, const S* g, const S* v, const S* m, int64_t len, int64_t c) const {
+  // stream: as in NormalizeSegment::row.
+  void row(S* dst, const S* g, const S* v, const S* m, int64_t len, int64_t c,
+           bool stream = false) const {
     if constexpr (kWidened<S>) {
-      widened(dst, len, g, v, m, [&](float* out, const float* gb, const float* vb,
-                                     const float* mb, int64_t, int64_t n) {
-        row_of(out, gb, vb, mb, n, c);
-      });
+      const Line<T> hi = broadcast_line(mean_hi[c]), lo = broadcast_line(mean_lo[c]),
+                    s = broadcast_line(invstd[c]), ac = broadcast_line(a[c]),
+                    ec = broadcast_line(e[c]), kc = broadcast_line(k[c]);
+      write_half_lines(
+          dst, len, stream,
+          [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+            return input_grad(gradient_line(g + i, m + i), widen_line(v + i), hi, lo, s, ac, ec,
+                              kc);
+          },
+          [&](int64_t start, int64_t n) {
+            widened(dst + start, n, g + start, v + start, m + start,
+                    [&](float* out, const float* gb, const float* vb, const float* mb, int64_t,
+                        int64_t count) { row_of(out, gb, vb, mb, count, c); });
+          });
     } else {
       row_of(dst, g, v, m, len, c);
     }
   }
-  void broadcast(S* dst, int64_t pos, int64_t len, int64_t c) const {
-    row(dst, dy + pos, x + pos, y + pos, len, c);
+  // The gradient of 16 elements widened: dy at g, through Grad with y at m.
+  static Line<float> gradient_line(const S* g, const S* m) {
+    const Line<float> dy = widen_line(g);
+    if constexpr (Grad::kReadsOutput) return Grad::gradient(dy, widen_line(m));
+    return dy;
+  }
+  void broadcast(S* dst, int64_t pos, int64_t len, int64_t c, bool stream = false) const {
+    row(dst, dy + pos, x + pos, y + pos, len, c, stream);
   }
   // See stream_lines.
   template <class Coefficient> Line<T> line(int64_t pos, const Coefficient& coefficient) const {
@@ -1089,11 +1155,30 @@ template <class S, class Grad> struct InputGradSegment {
                         });
     }
   }
-  void across(S* dst, int64_t pos, int64_t len, int64_t j) const {
+  // stream: as in NormalizeSegment::row.
+  void across(S* dst, int64_t pos, int64_t len, int64_t j, bool stream = false) const {
     if constexpr (kWidened<S>) {
-      widened(dst, len, dy + pos, x + pos, y + pos,
-              [&](float* out, const float* gb, const float* vb, const float* mb, int64_t b,
-                  int64_t n) { across_of(out, gb, vb, mb, n, j + b); });
+      const S* g = dy + pos;
+      const S* v = x + pos;
+      const S* m = y + pos;
+      const T* hi = mean_hi + j;
+      const T* lo = mean_lo + j;
+      const T* s = invstd + j;
+      const T* ac = a + j;
+      const T* ec = e + j;
+      const T* kc = k + j;
+      write_half_lines(
+          dst, len, stream,
+          [=](int64_t i) FUSEDNN_INLINE_LAMBDA {
+            return input_grad(gradient_line(g + i, m + i), widen_line(v + i), load_line(hi + i),
+                              load_line(lo + i), load_line(s + i), load_line(ac + i),
+                              load_line(ec + i), load_line(kc + i));
+          },
+          [&](int64_t start, int64_t n) {
+            widened(dst + start, n, g + start, v + start, m + start,
+                    [&](float* out, const float* gb, const float* vb, const float* mb, int64_t b,
+                        int64_t count) { across_of(out, gb, vb, mb, count, j + start + b); });
+          });
     } else {
       across_of(dst, dy + pos, x + pos, y + pos, len, j);
     }
@@ -1525,7 +1610,7 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
             dst[j] = normalize_wide_value(src[j], mean[i], tables.scale_wide[i],
                                           tables.shift_wide[i], args.relu);
         } else {
-          segment.row(dst, src, n, c);
+          segment.row(dst, src, n, c, stream);
         }
       });
     });
@@ -1648,7 +1733,7 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
           prefetch_to_l2(v + xv.stride_channel, len);
           if (Grad::kReadsOutput) prefetch_to_l2(y + mv.stride_channel, len);
         }
-        segment.row(dst, g, v, y, len, c);
+        segment.row(dst, g, v, y, len, c, stream);
       });
     });
     store_parameter_grads();

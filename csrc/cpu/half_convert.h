@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -168,6 +169,106 @@ inline void narrow(const float* src, BFloat16* dst, int64_t n) {
 // any storage type need no special case.
 inline void widen(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void narrow(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+
+// ---- lines in registers ----------------------------------------------------
+//
+// For loops that widen and narrow in registers instead of through float
+// buffers: 16 elements of a half type as one Line<float> (elementwise.h),
+// and two Line<float> as the 32 elements of one 64-byte line of the half
+// type. Bit for bit the conversions of widen and narrow.
+constexpr int64_t kHalfLineElems = 32;
+// The 64 bytes of one line of a half type, as 32 storage words.
+using HalfLine = Line<uint16_t>;
+
+inline Line<float> widen_line(const float* src) { return load_line(src); }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline Line<float> widen_line(const Float16* src) {
+  return reinterpret_cast<Line<float>>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+}
+
+inline Line<float> widen_line(const BFloat16* src) {
+  return reinterpret_cast<Line<float>>(
+      bfloat16_lanes_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+}
+
+inline HalfLine narrow_lines(Line<float> low, Line<float> high, Float16) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m256i a = _mm512_cvtps_ph(reinterpret_cast<__m512>(low), kRound);
+  const __m256i b = _mm512_cvtps_ph(reinterpret_cast<__m512>(high), kRound);
+  return reinterpret_cast<HalfLine>(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+
+// The low halves of both vectors' 32-bit lanes, in order: one vpermt2w
+// where two vpmovdw and an insert were three shuffles.
+inline HalfLine narrow_lines(Line<float> low, Line<float> high, BFloat16) {
+  const __m512i words = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36,
+                                         34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6,
+                                         4, 2, 0);
+  return reinterpret_cast<HalfLine>(
+      _mm512_permutex2var_epi16(float_lanes_to_bfloat16(reinterpret_cast<__m512>(low)), words,
+                                float_lanes_to_bfloat16(reinterpret_cast<__m512>(high))));
+}
+#else
+template <class S> inline Line<float> widen_line(const S* src) {
+  alignas(64) float lanes[16];
+  widen(src, lanes, 16);
+  return load_line(lanes);
+}
+
+template <class S> inline HalfLine narrow_lines(Line<float> low, Line<float> high, S) {
+  alignas(64) float lanes[32];
+  std::memcpy(lanes, &low, sizeof low);
+  std::memcpy(lanes + 16, &high, sizeof high);
+  alignas(64) S line[32];
+  narrow(lanes, line, 32);
+  HalfLine v;
+  std::memcpy(&v, line, sizeof v);
+  return v;
+}
+#endif
+
+// A line of 16 floats as two lines of 8 doubles (lanes 0-7 and 8-15).
+inline void widen_to_double(Line<float> v, Line<double>& low, Line<double>& high) {
+#if defined(__AVX512F__)
+  // GCC lowers __builtin_convertvector of 8 floats through xmm halves and
+  // inserts; one vcvtps2pd per line here.
+  const __m512 lanes = reinterpret_cast<__m512>(v);
+  low = reinterpret_cast<Line<double>>(_mm512_cvtps_pd(_mm512_castps512_ps256(lanes)));
+  high = reinterpret_cast<Line<double>>(
+      _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1))));
+#else
+  low = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                                Line<double>);
+  high = __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15),
+                                 Line<double>);
+#endif
+}
+
+// Writes len outputs of half type S to dst from registers: value(i) is the
+// Line<float> of outputs [i, i + 16), two of which are narrowed into each
+// 64-byte line; with `stream` the lines from dst's first line boundary go
+// past the cache. rest(start, count) writes the outputs that do not fill
+// a line (head and tail, fewer than a line each), which value() must not
+// be asked for since their inputs may end before a whole vector.
+template <class S, class Value, class Rest>
+inline void write_half_lines(S* dst, int64_t len, bool stream, const Value& value,
+                             const Rest& rest) {
+  const int64_t head = stream ? elements_to_line(dst, len) : 0;
+  if (head > 0) rest(0, head);
+  int64_t i = head;
+  for (; i + kHalfLineElems <= len; i += kHalfLineElems) {
+    const HalfLine line = narrow_lines(value(i), value(i + 16), S{});
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst + i);
+    if (stream) {
+      stream_line(out, line);
+    } else {
+      std::memcpy(out, &line, sizeof line);
+    }
+  }
+  if (i < len) rest(i, len - i);
+}
 
 // Narrows n results to dst, 64-byte aligned, streaming whole lines past
 // the cache (each narrowed into a register-sized local first) and storing

@@ -49,7 +49,12 @@ FUSEDNN_HD double median_of_three(double a, double b, double c) {
 struct StatisticsSums {
   static constexpr bool kReadsGradient = false;
   template <class T> FUSEDNN_HD static void add(double& s1, double& s2, T x, T, double center) {
-    const double d = static_cast<double>(x) - center;
+    add_widened(s1, s2, static_cast<double>(x), 0.0, center);
+  }
+  // add() on values already in double, D: double, or a CPU vector of
+  // doubles whose lanes are independent sums.
+  template <class D> FUSEDNN_HD static void add_widened(D& s1, D& s2, D x, D, D center) {
+    const D d = x - center;
     s1 += d;
     s2 += d * d;
   }
@@ -70,9 +75,12 @@ struct StatisticsSums {
 struct GradientSums {
   static constexpr bool kReadsGradient = true;
   template <class T> FUSEDNN_HD static void add(double& s1, double& s2, T x, T dy, double center) {
-    const double g = static_cast<double>(dy);
-    s1 += g;
-    s2 += g * (static_cast<double>(x) - center);
+    add_widened(s1, s2, static_cast<double>(x), static_cast<double>(dy), center);
+  }
+  // See StatisticsSums::add_widened.
+  template <class D> FUSEDNN_HD static void add_widened(D& s1, D& s2, D x, D dy, D center) {
+    s1 += dy;
+    s2 += dy * (x - center);
   }
   // See StatisticsSums::add_partial.
   template <class T>
