@@ -4,13 +4,20 @@
 #
 #   auto (the default)  the compute capabilities of the GPUs nvidia-smi
 #                       lists, for a source build on the machine that will
-#                       run it; the release list when it lists none
+#                       run it; when it lists none, the portable pair below
 #   75;80;86 or 75,80   exactly these SASS architectures
 #
-# The newest architecture also gets PTX, so that GPUs newer than any listed
-# can JIT it.
+# With a list (given or visible) the newest architecture also gets PTX, so
+# that GPUs newer than any listed can JIT it. The portable pair, for a
+# build on a machine without a GPU, costs two compilations instead of one
+# per architecture: SASS for 8.0, which every 8.x GPU runs natively (A100,
+# A10, A40, L4, L40, RTX 30 and 40), and PTX for 7.5, the oldest
+# architecture CUDA 13 supports, which the driver compiles for any other
+# GPU when a kernel is first loaded (and caches). Release wheels list their
+# architectures explicitly (pyproject.toml).
 
-set(FUSEDNN_RELEASE_CUDA_ARCHS 75 80 86 89 90)
+set(FUSEDNN_PORTABLE_CUDA_SASS 80)
+set(FUSEDNN_PORTABLE_CUDA_PTX 75)
 
 # The compute capabilities (e.g. 90 for 9.0) of the GPUs nvidia-smi lists;
 # empty without nvidia-smi, a driver or a GPU.
@@ -32,16 +39,13 @@ function(fusednn_visible_cuda_archs out)
 endfunction()
 
 # requested: the switch's value; visible: what fusednn_visible_cuda_archs
-# found. Sets out_archs to the sorted SASS architectures and
-# out_cmake_archs to CMAKE_CUDA_ARCHITECTURES's form of them.
-function(fusednn_cuda_arch_list requested visible out_archs out_cmake_archs)
+# found. Sets out_sass to the sorted SASS architectures, out_ptx to the
+# PTX one and out_cmake_archs to CMAKE_CUDA_ARCHITECTURES's form of both.
+function(fusednn_cuda_arch_list requested visible out_sass out_ptx out_cmake_archs)
   string(REPLACE "," ";" requested "${requested}")
   string(STRIP "${requested}" requested)
   if(requested STREQUAL "" OR requested STREQUAL "auto")
     set(archs ${visible})
-    if(NOT archs)
-      set(archs ${FUSEDNN_RELEASE_CUDA_ARCHS})
-    endif()
   else()
     set(archs "")
     foreach(arch IN LISTS requested)
@@ -53,14 +57,20 @@ function(fusednn_cuda_arch_list requested visible out_archs out_cmake_archs)
       list(APPEND archs ${arch})
     endforeach()
   endif()
-  list(REMOVE_DUPLICATES archs)
-  list(SORT archs COMPARE NATURAL)
-  list(GET archs -1 newest)
+  if(archs)
+    list(REMOVE_DUPLICATES archs)
+    list(SORT archs COMPARE NATURAL)
+    list(GET archs -1 ptx)
+  else()
+    set(archs ${FUSEDNN_PORTABLE_CUDA_SASS})
+    set(ptx ${FUSEDNN_PORTABLE_CUDA_PTX})
+  endif()
   set(cmake_archs "")
   foreach(arch IN LISTS archs)
     list(APPEND cmake_archs ${arch}-real)
   endforeach()
-  list(APPEND cmake_archs ${newest}-virtual)
-  set(${out_archs} ${archs} PARENT_SCOPE)
+  list(APPEND cmake_archs ${ptx}-virtual)
+  set(${out_sass} ${archs} PARENT_SCOPE)
+  set(${out_ptx} ${ptx} PARENT_SCOPE)
   set(${out_cmake_archs} ${cmake_archs} PARENT_SCOPE)
 endfunction()

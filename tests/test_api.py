@@ -96,6 +96,12 @@ def test_info():
     archs = info["cuda_archs"]
     assert isinstance(archs, list) and all(type(a) is int and a > 0 for a in archs)
     assert bool(archs) == info["cuda_built"]
+    # The PTX architecture: one of the SASS ones (the newest) or older.
+    ptx = info["cuda_ptx"]
+    if info["cuda_built"]:
+        assert type(ptx) is int and 0 < ptx <= max(archs)
+    else:
+        assert ptx is None
     assert isinstance(info["simd"], str) and info["simd"] in _cpu.available_simd()
     assert type(info["threads"]) is int and info["threads"] == fn.get_num_threads() >= 1
 

@@ -102,27 +102,42 @@ def cuda_arch_rule(tmp_path, requested: str, visible: str) -> subprocess.Complet
     script = tmp_path / "archs.cmake"
     script.write_text(textwrap.dedent(f"""\
         include("{(ROOT / 'cmake' / 'fusednn_cuda_archs.cmake').as_posix()}")
-        fusednn_cuda_arch_list("${{REQUESTED}}" "${{VISIBLE}}" archs cmake_archs)
-        message("archs=${{archs}}")
+        fusednn_cuda_arch_list("${{REQUESTED}}" "${{VISIBLE}}" sass ptx cmake_archs)
+        message("sass=${{sass}}")
+        message("ptx=${{ptx}}")
         message("cmake=${{cmake_archs}}")
         """))
     return subprocess.run([cmake, f"-DREQUESTED={requested}", f"-DVISIBLE={visible}", "-P",
                            str(script)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("requested, visible, archs, cmake_archs", [
-    ("auto", "", "75;80;86;89;90", "75-real;80-real;86-real;89-real;90-real;90-virtual"),
-    ("", "", "75;80;86;89;90", "75-real;80-real;86-real;89-real;90-real;90-virtual"),
-    ("auto", "86;86", "86", "86-real;86-virtual"),
-    ("90", "86", "90", "90-real;90-virtual"),
-    ("90,80", "", "80;90", "80-real;90-real;90-virtual"),
-    ("75;90;86", "", "75;86;90", "75-real;86-real;90-real;90-virtual"),
+@pytest.mark.parametrize("requested, visible, sass, ptx, cmake_archs", [
+    # No GPU visible: SASS for the 8.x GPUs and PTX for every other one.
+    ("auto", "", "80", "75", "80-real;75-virtual"),
+    ("", "", "80", "75", "80-real;75-virtual"),
+    ("auto", "86;86", "86", "86", "86-real;86-virtual"),
+    ("auto", "90;80", "80;90", "90", "80-real;90-real;90-virtual"),
+    ("90", "86", "90", "90", "90-real;90-virtual"),
+    ("90,80", "", "80;90", "90", "80-real;90-real;90-virtual"),
+    ("75;90;86", "", "75;86;90", "90", "75-real;86-real;90-real;90-virtual"),
+    ("75,80,86,89,90", "", "75;80;86;89;90", "90",
+     "75-real;80-real;86-real;89-real;90-real;90-virtual"),
 ])
-def test_cuda_arch_rule(tmp_path, requested, visible, archs, cmake_archs):
+def test_cuda_arch_rule(tmp_path, requested, visible, sass, ptx, cmake_archs):
     run = cuda_arch_rule(tmp_path, requested, visible)
     assert run.returncode == 0, run.stderr
-    assert f"archs={archs}\n" in run.stderr
+    assert f"sass={sass}\n" in run.stderr
+    assert f"ptx={ptx}\n" in run.stderr
     assert f"cmake={cmake_archs}\n" in run.stderr
+
+
+def test_release_builds_list_their_cuda_archs(pyproject):
+    # Release wheels and scripts/build_wheel.sh name every architecture,
+    # the same list, instead of a source build's portable default.
+    release = pyproject["tool"]["cibuildwheel"]["linux"]["environment"]["FUSEDNN_CUDA_ARCHS"]
+    assert re.fullmatch(r"\d+(,\d+)+", release), release
+    script = (ROOT / "scripts" / "build_wheel.sh").read_text()
+    assert f'FUSEDNN_CUDA_ARCHS="${{FUSEDNN_CUDA_ARCHS:-{release}}}"' in script
 
 
 def test_cuda_arch_rule_rejects_names(tmp_path):

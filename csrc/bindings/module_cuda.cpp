@@ -34,6 +34,9 @@ PYBIND11_MODULE(_cuda, m) {
     }
     return archs;
   });
+  // The architecture whose PTX is embedded, which the driver compiles for a
+  // GPU no SASS above runs on.
+  m.def("ptx_arch", [] { return FUSEDNN_CUDA_PTX_ARCH; });
   m.def("runtime_version", &fusednn::cuda::runtime_version);
   m.def("driver_version", &fusednn::cuda::driver_version,
         "The installed driver's CUDA version (e.g. 12040), 0 without a driver.");

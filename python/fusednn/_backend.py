@@ -116,11 +116,15 @@ def set_num_threads(n: int) -> None:
 
 
 def info() -> dict:
-    """Build configuration: version, cuda_built, cuda_archs, simd, threads."""
+    """Build configuration: version, cuda_built, cuda_archs (SASS), cuda_ptx,
+    simd, threads."""
     result = {
         "version": _cpu.version,
         "cuda_built": _cuda is not None,
         "cuda_archs": list(_cuda.archs()) if _cuda is not None else [],
+        # The PTX architecture, which the driver compiles for GPUs that none
+        # of cuda_archs runs on; None without the CUDA module.
+        "cuda_ptx": _cuda.ptx_arch() if _cuda is not None else None,
         "simd": _cpu.simd(),
         "simd_available": list(_cpu.available_simd()),
         "threads": _cpu.get_num_threads(),
