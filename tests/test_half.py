@@ -233,9 +233,19 @@ def test_shapes_strides_out_and_in_place(dtype_name, shape):
             "silu", g.astype(np.float32), x=view.astype(np.float32)).astype(dtype))
 
 
-def test_large_arrays_take_the_streaming_path():
-    x = np.random.default_rng(3).standard_normal(9 << 20).astype(ml_dtypes.bfloat16)[1:]
-    assert_same_values(fn.tanh(x), fn.tanh(x.astype(np.float32)).astype(x.dtype))
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_large_arrays_take_the_streaming_path(dtype_name):
+    # Every value, in outputs of over 16 MB (streamed past the cache, a
+    # line at a time) that start off a line.
+    dtype = DTYPES[dtype_name]
+    x = np.tile(every_value(dtype), 129)[1:]
+    g = np.roll(x, 12345)
+    with np.errstate(all="ignore"):
+        x32, g32 = x.astype(np.float32), g.astype(np.float32)
+        assert_same_values(fn.tanh(x), fn.tanh(x32).astype(dtype))
+        assert_same_values(fn.relu(x), fn.relu(x32).astype(dtype))
+        assert_same_values(fn.activation_backward("hardswish", g, x=x),
+                           fn.activation_backward("hardswish", g32, x=x32).astype(dtype))
 
 
 def test_out_must_have_the_inputs_dtype():
@@ -334,11 +344,14 @@ def test_dropout_strided_and_out(dtype_name):
     out = np.empty((3, 14, 5), dtype).transpose(2, 1, 0)
     assert fn.dropout(x, 0.3, seed=2, out=out) is out
     assert_same_values(out, expected)
-    big = np.ones(6 << 20, dtype)[1:]  # the streaming path, unaligned
-    y, mask = fn.dropout(big, 0.25, seed=9, return_mask=True)
-    keep = np.unpackbits(mask, bitorder="little")[:big.size].astype(bool)
-    np.testing.assert_array_equal(y.astype(np.float32), np.where(keep, np.float32(1 / 0.75), 0)
-                                  .astype(dtype).astype(np.float32))
+    big = np.tile(every_value(dtype), 129)[1:]  # the streaming path, unaligned
+    with np.errstate(all="ignore"):
+        y, mask = fn.dropout(big, 0.25, seed=9, return_mask=True)
+        keep = np.unpackbits(mask, bitorder="little")[:big.size].astype(bool)
+        scale = np.float64(np.float32(1 / 0.75))
+        expected = round_once(dtype_name, big.astype(np.float64) * np.where(keep, scale, 0.0))
+        assert_same_values(y, expected.astype(dtype))
+        assert_same_values(fn.dropout_backward(big, 0.25, mask=mask), y)
 
 
 FUSED = [("relu", {}), ("gelu", {}), ("silu", {}), ("leaky_relu", {"negative_slope": 0.2})]

@@ -463,6 +463,69 @@ void apply_bits(const T* x, T* y, int64_t n, const uint8_t* bits, int64_t first_
 }
 #endif
 
+#if defined(FUSEDNN_DROPOUT_AVX512)
+// multiply_to_odd (fusednn/half.h) on 16 lanes: the product's float32
+// bits, moved one step toward the exact product where it is inexact,
+// finite and even.
+inline __m512 multiply_to_odd_lanes(__m512 a, __m512 b) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  const __m512 p = _mm512_mul_ps(a, b);
+  const __m512 error = _mm512_fmsub_ps(a, b, p);  // exact: p + error == a * b
+  const __m512i u = _mm512_castps_si512(p);
+  const __mmask16 moves = _mm512_cmp_ps_mask(error, zero, _CMP_NEQ_UQ) &
+                          _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, exponent), exponent) &
+                          _mm512_testn_epi32_mask(u, one);
+  const __mmask16 up = _mm512_cmp_ps_mask(p, zero, _CMP_EQ_OQ) |
+                       static_cast<__mmask16>(~(_mm512_cmp_ps_mask(error, zero, _CMP_GT_OQ) ^
+                                                _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ)));
+  __m512i r = _mm512_mask_add_epi32(u, moves & up, u, one);
+  r = _mm512_mask_sub_epi32(r, moves & static_cast<__mmask16>(~up), u, one);
+  return _mm512_castsi512_ps(r);
+}
+
+// apply_bits for float16 and bfloat16: y[k] = x[k] * (keep_k ? scale : 0)
+// computed in float32 and rounded once (multiply_to_odd, then the
+// storage type's rounding), 32 elements (one output line) a step, from
+// the same vector masks, so that no keep byte per element is spread.
+template <class S>
+void apply_bits_half(const S* x, S* y, int64_t n, const uint8_t* bits, int64_t first_bit,
+                     float scale, bool stream) {
+  const auto lanes = [&](int64_t k, __mmask16 valid) {
+    uint32_t word;
+    std::memcpy(&word, bits + ((first_bit + k) >> 3), sizeof word);
+    const __mmask16 keep = static_cast<__mmask16>(word >> ((first_bit + k) & 7)) & valid;
+    const __m512 v = widen_lanes(_mm256_maskz_loadu_epi16(valid, x + k), S{});
+    return multiply_to_odd_lanes(v, _mm512_maskz_mov_ps(keep, _mm512_set1_ps(scale)));
+  };
+  // Up to 16 elements with ordinary (masked) stores.
+  const auto part = [&](int64_t k, int64_t m) {
+    const __mmask16 valid = first_lanes(m);
+    _mm256_mask_storeu_epi16(y + k, valid, narrow_lanes(lanes(k, valid), S{}));
+  };
+  const __mmask16 all = static_cast<__mmask16>(0xffff);
+  int64_t k = 0;
+  stream = stream && reinterpret_cast<uintptr_t>(y) % sizeof(S) == 0;
+  if (stream) {
+    const int64_t head = elements_to_line(y, n);
+    for (; k < head; k += 16) part(k, std::min<int64_t>(16, head - k));
+    k = head;
+  }
+  for (; k + 32 <= n; k += 32) {
+    const HalfLine line = narrow_lines(reinterpret_cast<Line<float>>(lanes(k, all)),
+                                       reinterpret_cast<Line<float>>(lanes(k + 16, all)), S{});
+    uint16_t* out = reinterpret_cast<uint16_t*>(y + k);
+    if (stream) {
+      stream_line(out, line);
+    } else {
+      std::memcpy(out, &line, sizeof line);
+    }
+  }
+  for (; k < n; k += 16) part(k, std::min<int64_t>(16, n - k));
+}
+#endif
+
 template <class T> bool streams(int64_t size) { return size * int64_t(sizeof(T)) >= kStreamBytes; }
 
 template <class T> struct DropoutBody {
@@ -950,6 +1013,16 @@ template <class S> struct DropoutHalfBody {
     pos += len;
     const float s = scale;
     if (inner[0] == 1 && inner[1] == 1) {
+#if defined(FUSEDNN_DROPOUT_AVX512)
+      const auto apply = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
+        apply_bits_half(x + done, y + done, m, bits, first_bit, s, stream);
+      };
+      if (cursor.draws_whole_slice(at, len)) {
+        cursor.drawn_bit_pieces(elements_to_line(y, len), apply);
+      } else {
+        cursor.bit_pieces(at, len, apply);
+      }
+#else
       produce<kWideStageBytes>(y, len, stream, [&](S* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           for (int64_t b = 0; b < m; b += kHalfBlock) {
@@ -963,6 +1036,7 @@ template <class S> struct DropoutHalfBody {
           }
         });
       });
+#endif
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
         for (int64_t k = 0; k < m; ++k)
