@@ -18,7 +18,8 @@
 // Determinism: the reductions are split into units that depend on the
 // shape alone, each unit sums its elements in a fixed lane order in double
 // (channels-last units: in the data type over kPartialRows rows at a time,
-// those partial sums then in double),
+// those partial sums then in double; half-precision units likewise, in
+// float32 partials over kPartialVectors vectors),
 // and the units of a channel are merged in index order. The thread count
 // only decides who computes a unit, and every ISA build assigns the same
 // elements to the same lanes, so the statistics have the same bits for any
@@ -113,6 +114,9 @@ constexpr int64_t kChannelBlock = 256;
 // Rows a channels-last unit sums in the data type before adding the
 // partial sums into its double sums (StatisticsSums::add_partial).
 constexpr int64_t kPartialRows = 16;
+// Vectors of kLanes that a half-precision run (inner > 1) sums in float
+// lanes before adding them into its double lanes (accumulate_run).
+constexpr int64_t kPartialVectors = 16;
 // How far ahead a channels-last unit asks for its rows: the hardware
 // prefetcher alone left the statistics pass at about 60% of a bare sum's
 // read rate; 8 KiB ahead made it about 15% faster (NHWC 32x56x56x128
@@ -287,30 +291,72 @@ template <class Sums, class Grad, class S>
 void accumulate_run(const S* x, const S* g, const S* m, int64_t n, int64_t stride_x,
                     int64_t stride_g, int64_t stride_m, double center, double* s1, double* s2) {
   if constexpr (kWidened<S>) {
-    // Contiguous runs a vector of kLanes at a time, widened in registers:
-    // element i still goes to lane i % kLanes, each lane a double of its
-    // own (kLanes / 8 lines of doubles), so the sums are those of the
-    // float32 loop on the widened values.
+    // Contiguous runs a vector of kLanes at a time, widened in registers,
+    // element i to lane i % kLanes as below. Each lane sums in float
+    // (Sums::add_partial: d from the center as a float hi + lo pair, d^2
+    // by one fused multiply-add) over blocks of kPartialVectors vectors,
+    // even and odd vectors apart (8 terms a partial), and those partials
+    // then join the lane's double sum: a third of the arithmetic of
+    // double lanes and no conversion per element, with rounding near
+    // 2^-24 of a partial, as channels-last's partials. (float data keeps
+    // its double lanes, and its bits.)
     static_assert(kLanes == 16, "one line of floats is the lanes");
     if (stride_x == 1 && stride_g == 1 && stride_m == 1) {
-      Line<double> a1[2], a2[2];
-      std::memcpy(a1, s1, sizeof a1);
-      std::memcpy(a2, s2, sizeof a2);
-      const Line<double> c = broadcast_line(center);
+      const float center_hi = static_cast<float>(center);
+      const float center_lo = static_cast<float>(center - static_cast<double>(center_hi));
+      const int64_t whole = n / kLanes * kLanes;
       int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes) {
+      // The vector at i added into the float lanes p1, p2.
+      const auto add_vector = [&](float (&p1)[kLanes], float (&p2)[kLanes], int64_t i) {
+        alignas(64) float xb[kLanes], gb[kLanes];
         const Line<float> xf = widen_line(x + i);
-        Line<float> gf = xf;  // unread unless the sums read the gradient
-        if constexpr (Sums::kReadsGradient)
-          gf = Grad::gradient(widen_line(g + i), Grad::kReadsOutput ? widen_line(m + i) : xf);
-        Line<double> xd[2], gd[2];
-        widen_to_double(xf, xd[0], xd[1]);
-        widen_to_double(gf, gd[0], gd[1]);
-        Sums::add_widened(a1[0], a2[0], xd[0], gd[0], c);
-        Sums::add_widened(a1[1], a2[1], xd[1], gd[1], c);
+        std::memcpy(xb, &xf, sizeof xb);
+        if constexpr (Sums::kReadsGradient) {
+          const Line<float> dy = widen_line(g + i);
+          const Line<float> gf = Grad::kReadsOutput ? Grad::gradient(dy, widen_line(m + i)) : dy;
+          std::memcpy(gb, &gf, sizeof gb);
+        }
+        const float* gp = Sums::kReadsGradient ? gb : xb;  // unread unless the sums read it
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j)
+          Sums::add_partial(p1[j], p2[j], xb[j], gp[j], center_hi, center_lo);
+      };
+      while (i < whole) {
+        const int64_t begin = i;
+        const int64_t stop = std::min(whole, i + kLanes * kPartialVectors);
+        // Even and odd vectors in partials of their own, two chains of
+        // additions instead of one.
+        float a1[kLanes] = {}, a2[kLanes] = {}, b1[kLanes] = {}, b2[kLanes] = {};
+        for (; i + 2 * kLanes <= stop; i += 2 * kLanes) {
+          add_vector(a1, a2, i);
+          add_vector(b1, b2, i + kLanes);
+        }
+        if (i < stop) {
+          add_vector(a1, a2, i);
+          i += kLanes;
+        }
+        int finite = 1;
+#pragma omp simd reduction(& : finite)
+        for (int j = 0; j < kLanes; ++j)
+          finite &= std::isfinite(a1[j]) & std::isfinite(a2[j]) & std::isfinite(b1[j]) &
+                    std::isfinite(b2[j]);
+        if (__builtin_expect(finite != 0, 1)) {
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j) {
+            s1[j] += static_cast<double>(a1[j]);
+            s1[j] += static_cast<double>(b1[j]);
+            s2[j] += static_cast<double>(a2[j]);
+            s2[j] += static_cast<double>(b2[j]);
+          }
+          continue;
+        }
+        // A float partial overflows where the inputs' spread does
+        // (bfloat16 squares above float's range) or meets a NaN: these
+        // vectors again in double, which cannot overflow for finite inputs.
+        for (int64_t k = begin; k < stop; ++k)
+          Sums::add(s1[k % kLanes], s2[k % kLanes], load_value(x[k]),
+                    Grad::gradient(load_value(g[k]), load_value(m[k])), center);
       }
-      std::memcpy(s1, a1, sizeof a1);
-      std::memcpy(s2, a2, sizeof a2);
       for (int j = 0; i < n; ++i, ++j)
         Sums::add(s1[j], s2[j], load_value(x[i]),
                   Grad::gradient(load_value(g[i]), load_value(m[i])), center);
