@@ -389,6 +389,31 @@ def test_fused_epilogue_rounds_the_float32_result_once(dtype_name, act, params, 
     assert_same_values(gh_strided, gh)
 
 
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_fused_epilogue_streamed(dtype_name, axis):
+    # Every finite value as h, in outputs of over 16 MB (streamed a line
+    # at a time) that start off a line: rows with the bias along them, and
+    # runs with a broadcast bias. (A NaN's sign may differ between the
+    # float32 and half loops' grad_h, as between other layouts.)
+    dtype = DTYPES[dtype_name]
+    shape = (8193, 1031) if axis == -1 else (8, 1031, 1024)
+    values = every_value(dtype)
+    values = np.where(np.isfinite(values.astype(np.float32)), values, 0).astype(dtype)
+    h = np.tile(values, 129)[37:37 + int(np.prod(shape))].reshape(shape)
+    bias = np.random.default_rng(5).standard_normal(1031).astype(dtype)
+    g = np.roll(h, 777)
+    h32, bias32, g32 = (a.astype(np.float32) for a in (h, bias, g))
+    with np.errstate(all="ignore"):
+        o, mask = fn.bias_act_dropout(h, bias, "silu", 0.3, seed=6, axis=axis, return_mask=True)
+        o32 = fn.bias_act_dropout(h32, bias32, "silu", 0.3, seed=6, axis=axis)
+        assert_same_values(o, o32.astype(dtype))
+        gh, _ = fn.bias_act_dropout_backward(g, h, bias, "silu", 0.3, mask=mask, axis=axis)
+        gh32, _ = fn.bias_act_dropout_backward(g32, h32, bias32, "silu", 0.3, mask=mask,
+                                               axis=axis)
+        assert_same_values(gh, gh32.astype(dtype))
+
+
 def test_torch_modules_run_half_tensors_on_fusednn():
     torch = pytest.importorskip("torch")
     fnn = pytest.importorskip("fusednn.torch.nn")

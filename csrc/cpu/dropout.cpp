@@ -1072,6 +1072,19 @@ inline void bias_block(const S* b, bool broadcast, int64_t k, int64_t n, float* 
   }
 }
 
+// Narrows a block of the half fused loops' results into their output,
+// streamed (the part of produce_lines past the output's first line) or
+// not: straight from the results, where staging them for produce's
+// streamed copy cost a pass over every output.
+template <class S, class Streamed>
+inline void narrow_results(const float* results, S* dst, int64_t n, Streamed) {
+  if constexpr (Streamed::value) {
+    narrow_streamed(results, dst, n);
+  } else {
+    narrow(results, dst, n);
+  }
+}
+
 template <class S> struct BiasActForwardHalfBody {
   KeepCursor cursor;
   int64_t pos;
@@ -1089,7 +1102,7 @@ template <class S> struct BiasActForwardHalfBody {
     pos += len;
     if (inner[0] == 1 && inner[2] == 1 && (inner[1] == 1 || inner[1] == 0)) {
       const bool broadcast = inner[1] == 0;
-      produce<kWideStageBytes>(o, len, stream, [&](S* dst, int64_t start, int64_t count) {
+      produce_lines(o, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           for (int64_t k = 0; k < m; k += kHalfBlock) {
             const int64_t n = std::min(kHalfBlock, m - k);
@@ -1097,7 +1110,7 @@ template <class S> struct BiasActForwardHalfBody {
             widen(h + start + done + k, hs, n);
             bias_block(b, broadcast, start + done + k, n, bs);
             act(out, n, hs, bs, keep + k, scale, params);
-            narrow(out, dst + done + k, n);
+            narrow_results(out, dst + done + k, n, streamed);
           }
         });
       });
@@ -1130,7 +1143,7 @@ template <class S> struct BiasActBackwardHalfBody {
     pos += len;
     if (inner[0] == 1 && inner[1] == 1 && inner[3] == 1 && (inner[2] == 1 || inner[2] == 0)) {
       const bool broadcast = inner[2] == 0;
-      produce<kWideStageBytes>(gh, len, stream, [&](S* dst, int64_t start, int64_t count) {
+      produce_lines(gh, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
           for (int64_t k = 0; k < m; k += kHalfBlock) {
             const int64_t n = std::min(kHalfBlock, m - k);
@@ -1139,7 +1152,7 @@ template <class S> struct BiasActBackwardHalfBody {
             widen(h + start + done + k, hs, n);
             bias_block(b, broadcast, start + done + k, n, bs);
             act(out, n, gs, hs, bs, keep + k, scale, params);
-            narrow(out, dst + done + k, n);
+            narrow_results(out, dst + done + k, n, streamed);
           }
         });
       });

@@ -266,14 +266,16 @@ inline void write_half_lines(S* dst, int64_t len, bool stream, const Value& valu
   if (i < len) rest(i, len - i);
 }
 
-// Narrows n results to dst, 64-byte aligned, streaming whole lines past
-// the cache (each narrowed in registers: narrowed into memory by two
-// 32-byte stores and read back by one 64-byte load, each streamed line
-// stalled on a failed store-to-load forward, and float16 relu over 2^24
-// elements on 2 threads took 0.19 ns per element where a copy took 0.07)
-// and storing the partial last line.
+// Narrows n results to dst, streaming the whole lines from dst's first
+// line boundary past the cache (each narrowed in registers: narrowed into
+// memory by two 32-byte stores and read back by one 64-byte load, each
+// streamed line stalled on a failed store-to-load forward, and float16
+// relu over 2^24 elements on 2 threads took 0.19 ns per element where a
+// copy took 0.07) and storing the partial lines at either end.
 template <class S> inline void narrow_streamed(const float* src, S* dst, int64_t n) {
-  int64_t i = 0;
+  const int64_t head = elements_to_line(dst, n);
+  narrow(src, dst, head);
+  int64_t i = head;
   for (; i + kHalfLineElems <= n; i += kHalfLineElems)
     stream_line(reinterpret_cast<uint16_t*>(dst + i),
                 narrow_lines(load_line(src + i), load_line(src + i + 16), S{}));
