@@ -257,6 +257,30 @@ def test_core_blocks_give_the_bits_of_single_elements(name, params):
         assert same_bits(whole[::7], alone)
 
 
+@pytest.mark.parametrize(("name", "params"), [(name, params) for name, params, _ in CORE_WINDOWS],
+                         ids=CORE_IDS)
+@pytest.mark.parametrize("outsider", [100.0, np.inf, -np.inf, np.nan])
+def test_an_input_outside_the_core_anywhere_in_a_block_is_seen(name, params, outsider):
+    # The blocks are tested a line at a time: block k has its outsider at
+    # lane k, so that every position of a 64-element block (and each of its
+    # lines) holds one somewhere, and every element must still have the
+    # bits of its own single-element call, the outsiders included.
+    blocks = 64
+    x = random_normals(np.float32, blocks * 64)
+    x = np.clip(x, -3.5, 3.5).astype(np.float32)
+    at = np.arange(blocks) * 64 + np.arange(blocks)
+    x[at] = outsider
+    g = grad_for(x)
+    forward = fn.activation(name, x, **params)
+    backward = fn.activation_backward(name, g, x=x, **params)
+    picks = np.concatenate([at, at + 1 - 2 * (at % 64 == 63)])
+    alone_forward = np.array([fn.activation(name, x[i:i + 1], **params)[0] for i in picks])
+    alone_backward = np.array([fn.activation_backward(name, g[i:i + 1], x=x[i:i + 1],
+                                                      **params)[0] for i in picks])
+    assert same_bits(forward[picks], alone_forward)
+    assert same_bits(backward[picks], alone_backward)
+
+
 @pytest.mark.parametrize(("name", "params"), [
     ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.5}),
     ("gelu", {"approximate": "tanh"}), ("softplus", {"beta": 2.5, "threshold": 15.0}),

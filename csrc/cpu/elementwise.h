@@ -340,6 +340,36 @@ inline void write_run(T* out, int64_t count, Value value) {
   }
 }
 
+// Whether arg(at + j) lies in [-bound, bound] for every j < kCoreBlock
+// (NaN lies outside). With AVX-512, a line at a time: |arg| compared into a
+// lane mask, the masks or-ed and tested once per block. Written as an int
+// reduction, the test compiled to or-ed lane vectors folded across their
+// lanes at the end of each block, about ten more instructions per block:
+// against that, the float32 core loops of silu, sigmoid, tanh and mish (16K
+// elements, one core, data in cache) ran 7-10% faster this way, gelu 2-3%.
+template <class Arg> inline bool core_block_inside(Arg arg, int64_t at, float bound) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<std::decay_t<decltype(arg(at))>, float>) {
+    constexpr int kLine = int(kLineElems<float>);
+    const __m512 limit = _mm512_set1_ps(bound);
+    __mmask16 outside = 0;
+    for (int l = 0; l < kCoreBlock; l += kLine) {
+      alignas(64) float line[kLine];
+#pragma omp simd
+      for (int j = 0; j < kLine; ++j) line[j] = arg(at + l + j);
+      outside |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_load_ps(line)), limit, _CMP_NLE_UQ);
+    }
+    return outside == 0;
+  } else
+#endif
+  {
+    int outside = 0;
+#pragma omp simd reduction(| : outside)
+    for (int j = 0; j < kCoreBlock; ++j) outside |= !(std::fabs(arg(at + j)) <= bound);
+    return outside == 0;
+  }
+}
+
 // out[k] = full(k) for k in [0, count), where blocks of kCoreBlock whose
 // arguments arg(k) all lie in [-bound, bound] (NaN lies outside) take
 // core(k) instead: a cheaper evaluation that equals full(k) there, so the
@@ -362,11 +392,8 @@ inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core co
   };
   int64_t i = 0;
   for (; i + kCoreBlock <= count; i += kCoreBlock) {
-    int outside = 0;
-#pragma omp simd reduction(| : outside)
-    for (int j = 0; j < kCoreBlock; ++j) outside |= !(std::fabs(arg(i + j)) <= bound);
     const int64_t at = i;
-    if (outside == 0) {
+    if (core_block_inside(arg, at, bound)) {
       write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
     } else {
       write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(at + j); });
