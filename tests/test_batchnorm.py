@@ -309,6 +309,66 @@ def test_banded_channels_last_with_concurrent_callers(restore_settings):
     assert not failures
 
 
+# Batches with the channel axis inside (NCHW) whose channels fit a core's
+# cache are reduced and written in bands of channels, each band walked in
+# memory order (an image's rows of the band, then the next image's); rows
+# with a stride take the two-pass loops, one channel at a time. Both sum
+# the same units in the same order: same bits at any thread count, fused
+# ReLU or not, and for concurrent callers. (3, 700, 2) has rows shorter
+# than the lanes; (5, 37, 7, 9) bands of uneven size.
+CHANNEL_BANDS = [(16, 128, 8, 8), (8, 64, 16, 16), (5, 37, 7, 9), (3, 700, 2)]
+
+
+def _channel_band_outputs(x, dy, gamma, beta):
+    result = fn.batch_norm(x, gamma, beta, axis=1, activation="relu")
+    grads = fn.batch_norm_backward(dy, x, gamma, result.save_mean, result.save_invstd, axis=1,
+                                   activation="relu", y=result.y)
+    return [*result, *grads] + _all_outputs(x, dy, 1)
+
+
+def _strided_twin(a):
+    twin = np.empty((*a.shape, 2), a.dtype)[..., 0]
+    twin[...] = a
+    return twin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CHANNEL_BANDS)
+def test_channel_bands_give_the_bits_of_the_two_pass_loops(shape, dtype, restore_settings):
+    x, gamma, beta = _data(shape, 1, dtype)
+    dy = np.random.default_rng(11).standard_normal(shape).astype(dtype)
+    fn.set_num_threads(1)
+    baseline = _channel_band_outputs(_strided_twin(x), _strided_twin(dy), gamma, beta)
+    for threads in (1, 2, 3):
+        fn.set_num_threads(threads)
+        for got, want in zip(_channel_band_outputs(x, dy, gamma, beta), baseline):
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_channel_bands_with_concurrent_callers(restore_settings):
+    import threading
+    shape = CHANNEL_BANDS[0]
+    x, gamma, beta = _data(shape, 1, np.float32)
+    dy = np.random.default_rng(12).standard_normal(shape).astype(np.float32)
+    fn.set_num_threads(2)
+    baseline = _channel_band_outputs(x, dy, gamma, beta)
+    failures = []
+
+    def work():
+        for _ in range(5):
+            got = _channel_band_outputs(x, dy, gamma, beta)
+            if any(g.tobytes() != w.tobytes() for g, w in zip(got, baseline)):
+                failures.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures
+
+
 # Outputs of 16 MiB and more are streamed a 64-byte line at a time from
 # registers; rows of 45 x 45 make lines cross channel boundaries, and 24
 # channels make channels-last lines run past the end of the repeated
