@@ -248,10 +248,18 @@ inline void widen_to_double(Line<float> v, Line<double>& low, Line<double>& high
 // past the cache. rest(start, count) writes the outputs that do not fill
 // a line (head and tail, fewer than a line each), which value() must not
 // be asked for since their inputs may end before a whole vector.
+// A short run that starts inside a line is stored, not streamed: its head
+// and tail through rest() cost more than the stores save (numpy arrays
+// often start 16 bytes past a line, and channels-last runs are 512 long).
+constexpr int64_t kMinUnalignedStreamElems = 2048;
 template <class S, class Value, class Rest>
 inline void write_half_lines(S* dst, int64_t len, bool stream, const Value& value,
                              const Rest& rest) {
-  const int64_t head = stream ? elements_to_line(dst, len) : 0;
+  int64_t head = stream ? elements_to_line(dst, len) : 0;
+  if (head > 0 && len < kMinUnalignedStreamElems) {
+    stream = false;
+    head = 0;
+  }
   if (head > 0) rest(0, head);
   int64_t i = head;
   for (; i + kHalfLineElems <= len; i += kHalfLineElems) {
