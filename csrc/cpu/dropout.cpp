@@ -1075,10 +1075,11 @@ inline void bias_block(const S* b, bool broadcast, int64_t k, int64_t n, float* 
 // Narrows a block of the half fused loops' results into their output,
 // streamed (the part of produce_lines past the output's first line) or
 // not: straight from the results, where staging them for produce's
-// streamed copy cost a pass over every output.
-template <class S, class Streamed>
-inline void narrow_results(const float* results, S* dst, int64_t n, Streamed) {
-  if constexpr (Streamed::value) {
+// streamed copy cost a pass over every output. A run-time choice, so that
+// the loops around it are compiled once for both parts.
+template <class S>
+inline void narrow_results(const float* results, S* dst, int64_t n, bool streamed) {
+  if (streamed) {
     narrow_streamed(results, dst, n);
   } else {
     narrow(results, dst, n);
@@ -1103,16 +1104,8 @@ template <class S> struct BiasActForwardHalfBody {
     if (inner[0] == 1 && inner[2] == 1 && (inner[1] == 1 || inner[1] == 0)) {
       const bool broadcast = inner[1] == 0;
       produce_lines(o, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
-        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
-          for (int64_t k = 0; k < m; k += kHalfBlock) {
-            const int64_t n = std::min(kHalfBlock, m - k);
-            alignas(64) float hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
-            widen(h + start + done + k, hs, n);
-            bias_block(b, broadcast, start + done + k, n, bs);
-            act(out, n, hs, bs, keep + k, scale, params);
-            narrow_results(out, dst + done + k, n, streamed);
-          }
-        });
+        contiguous(dst, h + start, broadcast ? b : b + start, broadcast, at + start, count,
+                   decltype(streamed)::value);
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
@@ -1122,6 +1115,22 @@ template <class S> struct BiasActForwardHalfBody {
   }
   void finish() {
     if (stream) store_fence();
+  }
+
+  // count outputs of a contiguous run from slice position `first`, for
+  // both parts of produce_lines (one copy of the loop).
+  __attribute__((noinline)) void contiguous(S* dst, const S* h, const S* b, bool broadcast,
+                                            int64_t first, int64_t count, bool streamed) {
+    cursor.pieces(first, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+      for (int64_t k = 0; k < m; k += kHalfBlock) {
+        const int64_t n = std::min(kHalfBlock, m - k);
+        alignas(64) float hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
+        widen(h + done + k, hs, n);
+        bias_block(b, broadcast, done + k, n, bs);
+        act(out, n, hs, bs, keep + k, scale, params);
+        narrow_results(out, dst + done + k, n, streamed);
+      }
+    });
   }
 };
 
@@ -1144,17 +1153,8 @@ template <class S> struct BiasActBackwardHalfBody {
     if (inner[0] == 1 && inner[1] == 1 && inner[3] == 1 && (inner[2] == 1 || inner[2] == 0)) {
       const bool broadcast = inner[2] == 0;
       produce_lines(gh, len, stream, [&](S* dst, int64_t start, int64_t count, auto streamed) {
-        cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
-          for (int64_t k = 0; k < m; k += kHalfBlock) {
-            const int64_t n = std::min(kHalfBlock, m - k);
-            alignas(64) float gs[kHalfBlock], hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
-            widen(g + start + done + k, gs, n);
-            widen(h + start + done + k, hs, n);
-            bias_block(b, broadcast, start + done + k, n, bs);
-            act(out, n, gs, hs, bs, keep + k, scale, params);
-            narrow_results(out, dst + done + k, n, streamed);
-          }
-        });
+        contiguous(dst, g + start, h + start, broadcast ? b : b + start, broadcast, at + start,
+                   count, decltype(streamed)::value);
       });
     } else {
       cursor.pieces(at, len, [&](const uint8_t* keep, int64_t done, int64_t m) {
@@ -1164,6 +1164,23 @@ template <class S> struct BiasActBackwardHalfBody {
   }
   void finish() {
     if (stream) store_fence();
+  }
+
+  // As BiasActForwardHalfBody::contiguous.
+  __attribute__((noinline)) void contiguous(S* dst, const S* g, const S* h, const S* b,
+                                            bool broadcast, int64_t first, int64_t count,
+                                            bool streamed) {
+    cursor.pieces(first, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
+      for (int64_t k = 0; k < m; k += kHalfBlock) {
+        const int64_t n = std::min(kHalfBlock, m - k);
+        alignas(64) float gs[kHalfBlock], hs[kHalfBlock], bs[kHalfBlock], out[kHalfBlock];
+        widen(g + done + k, gs, n);
+        widen(h + done + k, hs, n);
+        bias_block(b, broadcast, done + k, n, bs);
+        act(out, n, gs, hs, bs, keep + k, scale, params);
+        narrow_results(out, dst + done + k, n, streamed);
+      }
+    });
   }
 };
 
