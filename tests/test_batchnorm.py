@@ -285,18 +285,16 @@ def test_banded_channels_last_gives_the_bits_of_one_thread(shape, dtype, restore
         np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8))
 
 
-def test_banded_channels_last_with_concurrent_callers(restore_settings):
+def _assert_concurrent_callers_agree(outputs, x, dy, gamma, beta):
+    """Four threads calling at once on 2 pool threads get the bits of one caller alone."""
     import threading
-    shape = BANDED[0]
-    x, gamma, beta = _data(shape, -1, np.float32)
-    dy = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
     fn.set_num_threads(2)
-    baseline = _relu_outputs(x, dy, gamma, beta)
+    baseline = outputs(x, dy, gamma, beta)
     failures = []
 
     def work():
         for _ in range(5):
-            got = _relu_outputs(x, dy, gamma, beta)
+            got = outputs(x, dy, gamma, beta)
             if any(g.tobytes() != w.tobytes() for g, w in zip(got, baseline)):
                 failures.append(1)
 
@@ -307,6 +305,12 @@ def test_banded_channels_last_with_concurrent_callers(restore_settings):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert not failures
+
+
+def test_banded_channels_last_with_concurrent_callers(restore_settings):
+    x, gamma, beta = _data(BANDED[0], -1, np.float32)
+    dy = np.random.default_rng(10).standard_normal(BANDED[0]).astype(np.float32)
+    _assert_concurrent_callers_agree(_relu_outputs, x, dy, gamma, beta)
 
 
 # Batches with the channel axis inside (NCHW) whose channels fit a core's
@@ -346,27 +350,9 @@ def test_channel_bands_give_the_bits_of_the_two_pass_loops(shape, dtype, restore
 
 
 def test_channel_bands_with_concurrent_callers(restore_settings):
-    import threading
-    shape = CHANNEL_BANDS[0]
-    x, gamma, beta = _data(shape, 1, np.float32)
-    dy = np.random.default_rng(12).standard_normal(shape).astype(np.float32)
-    fn.set_num_threads(2)
-    baseline = _channel_band_outputs(x, dy, gamma, beta)
-    failures = []
-
-    def work():
-        for _ in range(5):
-            got = _channel_band_outputs(x, dy, gamma, beta)
-            if any(g.tobytes() != w.tobytes() for g, w in zip(got, baseline)):
-                failures.append(1)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
-    assert not failures
+    x, gamma, beta = _data(CHANNEL_BANDS[0], 1, np.float32)
+    dy = np.random.default_rng(12).standard_normal(CHANNEL_BANDS[0]).astype(np.float32)
+    _assert_concurrent_callers_agree(_channel_band_outputs, x, dy, gamma, beta)
 
 
 # Outputs of 16 MiB and more are streamed a 64-byte line at a time from
