@@ -365,6 +365,44 @@ PyObject* new_array(Library library, int ndim, const int64_t* shape, int type_nu
                                    : new_numpy(ndim, shape, type_num, view);
 }
 
+// A call's array result: the caller's `out` when given (returned with a
+// new reference) or a new array shaped like `like`, released here unless
+// handed out by take().
+class GivenOrMade {
+ public:
+  GivenOrMade() = default;
+  GivenOrMade(const GivenOrMade&) = delete;
+  GivenOrMade& operator=(const GivenOrMade&) = delete;
+  ~GivenOrMade() { Py_XDECREF(made_); }
+
+  // False with a Python error set when the new array cannot be made.
+  bool make(Library library, const HostArray* given, PyObject* given_object,
+            const HostArray& like) {
+    given_ = given;
+    given_object_ = given_object;
+    if (given != nullptr) return true;
+    made_ = new_array(library, like.ndim, like.shape, like.type_num, fresh_);
+    return made_ != nullptr;
+  }
+  const HostArray& array() const { return given_ != nullptr ? *given_ : fresh_; }
+  // A new reference to the result.
+  PyObject* take() {
+    if (given_ != nullptr) {
+      Py_INCREF(given_object_);
+      return given_object_;
+    }
+    PyObject* const made = made_;
+    made_ = nullptr;
+    return made;
+  }
+
+ private:
+  const HostArray* given_ = nullptr;
+  PyObject* given_object_ = nullptr;
+  HostArray fresh_;
+  PyObject* made_ = nullptr;
+};
+
 // Runs a kernel without the GIL; false with a Python error set when it
 // threw.
 template <class Kernel> bool run(Kernel&& kernel) {
@@ -478,17 +516,13 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                     (rv != nullptr && !apart(*rv, operands)))))
     Py_RETURN_NONE;
 
-  HostArray y_new, mean_view, invstd_view;
-  PyObject* y_array = nullptr;
-  if (o == nullptr) {
-    y_array = new_array(library, x.ndim, x.shape, x.type_num, y_new);
-    if (y_array == nullptr) return nullptr;
-  }
+  HostArray mean_view, invstd_view;
+  GivenOrMade y;
+  if (!y.make(library, o, args[5], x)) return nullptr;
   PyObject* const mean = new_array(library, 1, &channels, x.type_num, mean_view);
   PyObject* const invstd =
       mean != nullptr ? new_array(library, 1, &channels, x.type_num, invstd_view) : nullptr;
-  const HostArray& y = o != nullptr ? *o : y_new;
-  const cpu::ArrayRef xr = x.ref(), yr = y.ref(), mr = mean_view.ref(), ir = invstd_view.ref();
+  const cpu::ArrayRef xr = x.ref(), yr = y.array().ref(), mr = mean_view.ref(), ir = invstd_view.ref();
   const cpu::ArrayRef gr = gamma.ref(), br = beta.ref();
   const cpu::ArrayRef rmr = running_mean.ref(), rvr = running_var.ref();
   const cpu::BatchNormForwardArgs kernel_args{axis,
@@ -504,13 +538,11 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                               relu == 1};
   if (mean == nullptr || invstd == nullptr ||
       !run([&] { FUSEDNN_ISA_SELECT(batch_norm_forward)(xr, yr, kernel_args); })) {
-    Py_XDECREF(y_array);
     Py_XDECREF(mean);
     Py_XDECREF(invstd);
     return nullptr;
   }
-  PyObject* const y_result = o != nullptr ? (Py_INCREF(args[5]), args[5]) : y_array;
-  return triple(batch_norm_result, y_result, mean, invstd);
+  return triple(batch_norm_result, y.take(), mean, invstd);
 }
 
 // batch_norm_backward_quick(grad_output, x, gamma, save_mean, save_invstd,
@@ -566,17 +598,13 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
       Py_RETURN_NONE;
   }
 
-  HostArray input_new, gamma_view, beta_view;
-  PyObject* grad_input = nullptr;
-  if (o == nullptr) {
-    grad_input = new_array(library, x.ndim, x.shape, x.type_num, input_new);
-    if (grad_input == nullptr) return nullptr;
-  }
+  HostArray gamma_view, beta_view;
+  GivenOrMade grad_input;
+  if (!grad_input.make(library, o, args[9], x)) return nullptr;
   PyObject* const grad_gamma = new_array(library, 1, &channels, x.type_num, gamma_view);
   PyObject* const grad_beta =
       grad_gamma != nullptr ? new_array(library, 1, &channels, x.type_num, beta_view) : nullptr;
-  const HostArray& gi = o != nullptr ? *o : input_new;
-  const cpu::ArrayRef dyr = grad_output.ref(), xr = x.ref(), gir = gi.ref();
+  const cpu::ArrayRef dyr = grad_output.ref(), xr = x.ref(), gir = grad_input.array().ref();
   const cpu::ArrayRef wr = gamma.ref(), smr = save_mean.ref(), sir = save_invstd.ref();
   const cpu::ArrayRef ggr = gamma_view.ref(), gbr = beta_view.ref(), ror = relu_output.ref();
   const cpu::BatchNormBackwardArgs kernel_args{axis, training_arg == Py_True,
@@ -585,13 +613,11 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
                                                ro != nullptr ? &ror : nullptr};
   if (grad_gamma == nullptr || grad_beta == nullptr ||
       !run([&] { FUSEDNN_ISA_SELECT(batch_norm_backward)(dyr, xr, gir, kernel_args); })) {
-    Py_XDECREF(grad_input);
     Py_XDECREF(grad_gamma);
     Py_XDECREF(grad_beta);
     return nullptr;
   }
-  PyObject* const input_result = o != nullptr ? (Py_INCREF(args[9]), args[9]) : grad_input;
-  return triple(&PyTuple_Type, input_result, grad_gamma, grad_beta);
+  return triple(&PyTuple_Type, grad_input.take(), grad_gamma, grad_beta);
 }
 
 // The activation and its parameters from an id (fn.ACTIVATIONS order) and
@@ -653,23 +679,11 @@ PyObject* activation_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!read(args[1], library, x) || !read_optional(args[2], library, out, o)) Py_RETURN_NONE;
   const HostArray* const inputs[] = {&x};
   if (o != nullptr && !elementwise_out(*o, x, inputs)) Py_RETURN_NONE;
-  HostArray y_new;
-  PyObject* y_array = nullptr;
-  if (o == nullptr) {
-    y_array = new_array(library, x.ndim, x.shape, x.type_num, y_new);
-    if (y_array == nullptr) return nullptr;
-  }
-  const HostArray& y = o != nullptr ? *o : y_new;
-  const cpu::ArrayRef xr = x.ref(), yr = y.ref();
-  if (!run([&] { FUSEDNN_ISA_SELECT(activation_forward)(act, p, xr, yr); })) {
-    Py_XDECREF(y_array);
-    return nullptr;
-  }
-  if (o != nullptr) {
-    Py_INCREF(args[2]);
-    return args[2];
-  }
-  return y_array;
+  GivenOrMade y;
+  if (!y.make(library, o, args[2], x)) return nullptr;
+  const cpu::ArrayRef xr = x.ref(), yr = y.array().ref();
+  if (!run([&] { FUSEDNN_ISA_SELECT(activation_forward)(act, p, xr, yr); })) return nullptr;
+  return y.take();
 }
 
 // activation_backward_quick(activation id, from_output, grad_output, saved,
@@ -696,27 +710,15 @@ PyObject* activation_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
     Py_RETURN_NONE;
   const HostArray* const inputs[] = {&grad_output, &saved};
   if (o != nullptr && !elementwise_out(*o, grad_output, inputs)) Py_RETURN_NONE;
-  HostArray result_new;
-  PyObject* result = nullptr;
-  if (o == nullptr) {
-    result = new_array(library, grad_output.ndim, grad_output.shape, grad_output.type_num,
-                       result_new);
-    if (result == nullptr) return nullptr;
-  }
-  const HostArray& r = o != nullptr ? *o : result_new;
-  const cpu::ArrayRef gr = grad_output.ref(), sr = saved.ref(), rr = r.ref();
+  GivenOrMade result;
+  if (!result.make(library, o, args[4], grad_output)) return nullptr;
+  const cpu::ArrayRef gr = grad_output.ref(), sr = saved.ref(), rr = result.array().ref();
   const bool use_output = from_output == Py_True;
   if (!run([&] {
         FUSEDNN_ISA_SELECT(activation_backward)(act, p, use_output, gr, sr, rr);
-      })) {
-    Py_XDECREF(result);
+      }))
     return nullptr;
-  }
-  if (o != nullptr) {
-    Py_INCREF(args[4]);
-    return args[4];
-  }
-  return result;
+  return result.take();
 }
 
 PyMethodDef quick_methods[] = {

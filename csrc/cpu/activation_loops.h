@@ -40,14 +40,6 @@ FUSEDNN_CONVERT_INLINE void widen_stored(BlockStorage s, const void* src, int64_
     widen(static_cast<const BFloat16*>(src) + at, dst, n);
   }
 }
-template <class S> __attribute__((always_inline)) inline void narrow_to(const float* src, S* dst,
-                                                                         int64_t n, bool stream) {
-  if (stream) {
-    narrow_streamed(src, dst, n);
-  } else {
-    narrow(src, dst, n);
-  }
-}
 FUSEDNN_CONVERT_INLINE void narrow_stored(BlockStorage s, const float* src, void* dst, int64_t at,
                                           int64_t n, bool stream) {
   if (s == BlockStorage::float16) {

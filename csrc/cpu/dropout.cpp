@@ -1072,20 +1072,6 @@ inline void bias_block(const S* b, bool broadcast, int64_t k, int64_t n, float* 
   }
 }
 
-// Narrows a block of the half fused loops' results into their output,
-// streamed (the part of produce_lines past the output's first line) or
-// not: straight from the results, where staging them for produce's
-// streamed copy cost a pass over every output. A run-time choice, so that
-// the loops around it are compiled once for both parts.
-template <class S>
-inline void narrow_results(const float* results, S* dst, int64_t n, bool streamed) {
-  if (streamed) {
-    narrow_streamed(results, dst, n);
-  } else {
-    narrow(results, dst, n);
-  }
-}
-
 template <class S> struct BiasActForwardHalfBody {
   KeepCursor cursor;
   int64_t pos;
@@ -1128,7 +1114,7 @@ template <class S> struct BiasActForwardHalfBody {
         widen(h + done + k, hs, n);
         bias_block(b, broadcast, done + k, n, bs);
         act(out, n, hs, bs, keep + k, scale, params);
-        narrow_results(out, dst + done + k, n, streamed);
+        narrow_to(out, dst + done + k, n, streamed);
       }
     });
   }
@@ -1178,7 +1164,7 @@ template <class S> struct BiasActBackwardHalfBody {
         widen(h + done + k, hs, n);
         bias_block(b, broadcast, done + k, n, bs);
         act(out, n, gs, hs, bs, keep + k, scale, params);
-        narrow_results(out, dst + done + k, n, streamed);
+        narrow_to(out, dst + done + k, n, streamed);
       }
     });
   }

@@ -290,6 +290,18 @@ template <class S> inline void narrow_streamed(const float* src, S* dst, int64_t
   narrow(src + i, dst + i, n - i);
 }
 
+// narrow_streamed or narrow, chosen at run time, so that the loops around
+// it are compiled once for the streamed and the cached parts of an output.
+template <class S>
+__attribute__((always_inline)) inline void narrow_to(const float* src, S* dst, int64_t n,
+                                                     bool stream) {
+  if (stream) {
+    narrow_streamed(src, dst, n);
+  } else {
+    narrow(src, dst, n);
+  }
+}
+
 }  // namespace FUSEDNN_ISA
 }  // namespace cpu
 }  // namespace fusednn
