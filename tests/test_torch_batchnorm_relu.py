@@ -94,6 +94,32 @@ def test_channels_last_output_and_mixed_layout_gradient(memory_format):
     torch.testing.assert_close(gx, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("grad_format, relu_format", [
+    (torch.contiguous_format, torch.contiguous_format),
+    (torch.contiguous_format, torch.channels_last),
+    (torch.channels_last, torch.contiguous_format)])
+def test_backward_with_gradient_and_output_laid_out_unlike_x(grad_format, relu_format, dtype):
+    # What inductor hands the last block's backward: x (a convolution's
+    # output) channels_last, the saved output and the pooling's gradient
+    # in the traced NCHW strides. Same bits as with everything laid out
+    # like x, NaN gradients included, and a result laid out like x.
+    cl = torch.channels_last
+    x = normals(4, 6, 5, 3, dtype=dtype).contiguous(memory_format=cl)
+    weight, bias = normals(6, dtype=dtype), normals(6, dtype=dtype)
+    y, mean, invstd = torch.ops.fusednn.batch_norm(x, weight, bias, None, None, True, 0.1,
+                                                   1e-5, 1, True)
+    grad = normals(4, 6, 5, 3, dtype=dtype).contiguous(memory_format=cl)
+    grad[0, 1, :, 0] = float("nan")  # where y > 0 and where y == 0 alike
+    want = torch.ops.fusednn.batch_norm_backward(grad, x, weight, mean, invstd, True, 1, y)
+    got = torch.ops.fusednn.batch_norm_backward(grad.contiguous(memory_format=grad_format), x,
+                                                weight, mean, invstd, True, 1,
+                                                y.contiguous(memory_format=relu_format))
+    assert got[0].is_contiguous(memory_format=cl)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
 # ---- modules --------------------------------------------------------------------------
 
 

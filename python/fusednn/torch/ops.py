@@ -436,19 +436,47 @@ def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional
                                         relu_output, out, True)
     if result is not None:
         return result
-    layout = _memory_format(x)
-    grad_output = grad_output.contiguous(memory_format=layout)
+    grad_output, relu_output = _laid_out_like(x, grad_output, relu_output)
+    result = _batch_norm_backward_quick(grad_output, x, weight, save_mean, save_invstd, axis,
+                                        training, None if relu_output is None else "relu",
+                                        relu_output, out, True)
+    if result is not None:
+        return result
     x_view, out_view, view_axis = _channel_last_views(x, out, axis)
     if view_axis != axis:
         grad_output = grad_output.movedim(1, -1)
-    if relu_output is not None:
-        relu_output = relu_output.contiguous(memory_format=layout)
-        if view_axis != axis:
+        if relu_output is not None:
             relu_output = relu_output.movedim(1, -1)
     _, grad_weight, grad_bias = fn.batch_norm_backward(
         grad_output, x_view, weight, save_mean, save_invstd, axis=view_axis, training=training,
         activation=None if relu_output is None else "relu", y=relu_output, out=out_view)
     return out, grad_weight, grad_bias
+
+
+def _laid_out_like(x: Tensor, grad_output: Tensor, relu_output: Optional[Tensor]
+                   ) -> tuple[Tensor, Optional[Tensor]]:
+    """grad_output and relu_output in x's memory format, which the kernels
+    need. Under torch.compile they can differ: inductor lays convolution
+    outputs (x) out channels_last, but keeps a saved batch-norm output that
+    no convolution reads (the last block's, before the pooling) in the
+    strides seen when tracing, and makes the pooling's gradient
+    C-contiguous. When relu_output and grad_output share a layout unlike
+    x's, the mask is applied in that layout first (torch's
+    threshold_backward: 0 where relu_output <= 0, the kernels' own mask, so
+    the same bits), and only the masked gradient is copied: one copy that
+    changes the layout instead of two."""
+    layout = _memory_format(x)
+    if (relu_output is not None and not relu_output.is_contiguous(memory_format=layout)
+            and _memory_format(relu_output) == _memory_format(grad_output)
+            and relu_output.is_contiguous(memory_format=_memory_format(relu_output))
+            and grad_output.shape == relu_output.shape == x.shape
+            and grad_output.dtype == relu_output.dtype == x.dtype
+            and grad_output.device == relu_output.device == x.device):
+        masked = torch.ops.aten.threshold_backward(grad_output, relu_output, 0)
+        return masked.contiguous(memory_format=layout), None
+    if relu_output is not None:
+        relu_output = relu_output.contiguous(memory_format=layout)
+    return grad_output.contiguous(memory_format=layout), relu_output
 
 
 def _batch_norm_backward_fake(grad_output, x, weight, save_mean, save_invstd, training, axis,
