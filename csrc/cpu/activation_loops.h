@@ -28,11 +28,11 @@ namespace FUSEDNN_ISA {
 // block function's code, and a call per kHalfBlock costs little beside
 // them.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#define FUSEDNN_CONVERT_INLINE __attribute__((always_inline)) inline
+#define FUSEDNN_HALF_INLINE __attribute__((always_inline)) inline
 #else
-#define FUSEDNN_CONVERT_INLINE __attribute__((noinline)) inline
+#define FUSEDNN_HALF_INLINE __attribute__((noinline)) inline
 #endif
-FUSEDNN_CONVERT_INLINE void widen_stored(BlockStorage s, const void* src, int64_t at, float* dst,
+FUSEDNN_HALF_INLINE void widen_stored(BlockStorage s, const void* src, int64_t at, float* dst,
                                          int64_t n) {
   if (s == BlockStorage::float16) {
     widen(static_cast<const Float16*>(src) + at, dst, n);
@@ -40,7 +40,7 @@ FUSEDNN_CONVERT_INLINE void widen_stored(BlockStorage s, const void* src, int64_
     widen(static_cast<const BFloat16*>(src) + at, dst, n);
   }
 }
-FUSEDNN_CONVERT_INLINE void narrow_stored(BlockStorage s, const float* src, void* dst, int64_t at,
+FUSEDNN_HALF_INLINE void narrow_stored(BlockStorage s, const float* src, void* dst, int64_t at,
                                           int64_t n, bool stream) {
   if (s == BlockStorage::float16) {
     narrow_to(src, static_cast<Float16*>(dst) + at, n, stream);
@@ -48,24 +48,99 @@ FUSEDNN_CONVERT_INLINE void narrow_stored(BlockStorage s, const float* src, void
     narrow_to(src, static_cast<BFloat16*>(dst) + at, n, stream);
   }
 }
-#undef FUSEDNN_CONVERT_INLINE
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Elements per chunk of the half types' light blocks below
+// (stored_blocks): one kCoreBlock, four float32 vectors, widened from two
+// 64-byte lines of the storage type and narrowed back into two from
+// registers, the arithmetic's loops on a constant count between them.
+constexpr int64_t kHalfChunk = kCoreBlock;
+#else
+// Without AVX-512 a conversion is a loop of integer arithmetic (or F16C
+// on 8 lanes) whose call costs little beside a block of kHalfBlock.
+constexpr int64_t kHalfChunk = kHalfBlock;
+#endif
+
+// Widens the m <= kHalfChunk stored values at src + at into dst, and
+// zeroes the rest of the chunk, so that the arithmetic always runs on a
+// whole chunk (a constant count, one copy of its loops).
+FUSEDNN_HALF_INLINE void widen_chunk(BlockStorage s, const void* src, int64_t at, float* dst,
+                                     int64_t m) {
+  if (m == kHalfChunk) {
+    widen_stored(s, src, at, dst, kHalfChunk);
+  } else {
+    widen_stored(s, src, at, dst, m);
+    std::fill(dst + m, dst + kHalfChunk, 0.0f);
+  }
+}
+
+// Narrows the first m <= kHalfChunk results of a chunk to dst + at,
+// streaming a whole chunk where `stream` is set (dst + at then 64-byte
+// aligned).
+FUSEDNN_HALF_INLINE void narrow_chunk(BlockStorage s, const float* src, void* dst, int64_t at,
+                                      int64_t m, bool stream) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (m == kHalfChunk) {
+    const auto lines = [&](auto stored) FUSEDNN_INLINE_LAMBDA {
+      using S = decltype(stored);
+      uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<S*>(dst) + at);
+      for (int64_t j = 0; j < kHalfChunk; j += kHalfLineElems) {
+        const HalfLine line = narrow_lines(load_line(src + j), load_line(src + j + 16), S{});
+        if (stream) {
+          stream_line(out + j, line);
+        } else {
+          std::memcpy(out + j, &line, sizeof line);
+        }
+      }
+    };
+    if (s == BlockStorage::float16) {
+      lines(Float16{});
+    } else {
+      lines(BFloat16{});
+    }
+    return;
+  }
+  stream = false;
+#endif
+  narrow_stored(s, src, dst, at, m, stream);
+}
+#undef FUSEDNN_HALF_INLINE
 
 // Calls run(o, ins, m, stream) over a block's n elements, operands stored
 // as mode.storage: once on the operands themselves where they are stored
-// as T; for float16 and bfloat16 (T = float), a kHalfBlock at a time on L1
-// buffers they are widened into, the results narrowed after (streamed
-// with mode.stream). One call of run, so that the activation's
-// arithmetic inlined into it is compiled once for all three storages, and
-// the conversions inline beside it: as a separate loop driver calling the
-// arithmetic through a pointer per kHalfBlock, the call cost the float16
-// and bfloat16 kernels 4-6% (the light activations up to 12%).
-template <class T, int K, class Run>
+// as T. For float16 and bfloat16 (T = float), on L1 buffers they are
+// widened into, the results narrowed after (streamed with mode.stream):
+// with kChunked a kHalfChunk at a time, run always on a whole chunk (a
+// constant count; the widened tail padded with zeros), otherwise a
+// kHalfBlock at a time. Chunks suit the light arithmetic (no core range),
+// whose time is the widening, narrowing and stores: bfloat16 relu over
+// 2^24 elements on 2 threads took 0.87x the time in chunks of 64. An
+// exponential's chunk in registers exposed its latency instead (elu,
+// sigmoid and silu 1.05-1.24x the time), so those keep blocks of 256.
+template <class T, bool kChunked, int K, class Run>
 inline void stored_blocks(void* out, const void* const (&in)[K], int64_t n, BlockMode mode,
                           Run run) {
   if constexpr (!std::is_same_v<T, float>) {
     const T* ins[K];
     for (int k = 0; k < K; ++k) ins[k] = static_cast<const T*>(in[k]);
     run(static_cast<T*>(out), ins, n, mode.stream);
+  } else if constexpr (kChunked) {
+    if (mode.storage == BlockStorage::compute) {
+      const float* ins[K];
+      for (int k = 0; k < K; ++k) ins[k] = static_cast<const float*>(in[k]);
+      run(static_cast<float*>(out), ins, n, mode.stream);
+      return;
+    }
+    alignas(64) float widened[K][kHalfChunk];
+    alignas(64) float results[kHalfChunk];
+    const float* ins[K];
+    for (int k = 0; k < K; ++k) ins[k] = widened[k];
+    for (int64_t b = 0; b < n; b += kHalfChunk) {
+      const int64_t m = std::min(kHalfChunk, n - b);
+      for (int k = 0; k < K; ++k) widen_chunk(mode.storage, in[k], b, widened[k], m);
+      run(results, ins, kHalfChunk, false);
+      narrow_chunk(mode.storage, results, out, b, m, mode.stream);
+    }
   } else {
     const bool staged = mode.storage != BlockStorage::compute;
     const int64_t step = staged ? kHalfBlock : std::max<int64_t>(n, 1);
@@ -103,8 +178,8 @@ template <class Op, class T>
 __attribute__((noinline)) void forward_block(void* o, const void* x, int64_t n,
                                              const ActivationParams q, BlockMode mode) {
   const void* const ins[1] = {x};
-  stored_blocks<T>(o, ins, n, mode,
-                   [q](T* out, const T* const* src, int64_t m, bool stream) FUSEDNN_INLINE_LAMBDA {
+  stored_blocks<T, !HasForwardCore<Op>::value>(
+      o, ins, n, mode, [q](T* out, const T* const* src, int64_t m, bool stream) FUSEDNN_INLINE_LAMBDA {
     const T* xs = src[0];
     const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return xs[i]; };
     const auto as_is = [](int64_t, T v) FUSEDNN_INLINE_LAMBDA { return v; };
@@ -116,8 +191,8 @@ template <class Op, class T, bool kFromOutput>
 __attribute__((noinline)) void backward_block(void* o, const void* g, const void* v, int64_t n,
                                               const ActivationParams q, BlockMode mode) {
   const void* const ins[2] = {g, v};
-  stored_blocks<T>(o, ins, n, mode,
-                   [q](T* out, const T* const* src, int64_t m, bool stream) FUSEDNN_INLINE_LAMBDA {
+  stored_blocks<T, kFromOutput || !HasBackwardCore<Op>::value>(
+      o, ins, n, mode, [q](T* out, const T* const* src, int64_t m, bool stream) FUSEDNN_INLINE_LAMBDA {
     const T* gs = src[0];
     const T* vs = src[1];
     if constexpr (kFromOutput) {
