@@ -24,7 +24,10 @@ DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat
 # (mantissa bits, smallest normal exponent) of each storage type.
 FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
 PARAMS = [(name, {}) for name in fn.ACTIVATIONS] + [
-    ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.5}),
+    # 0.3: float16's products in float round differently for 78 inputs,
+    # so its kernels keep the product in double; bfloat16's round alike.
+    ("leaky_relu", {"negative_slope": 0.2}), ("leaky_relu", {"negative_slope": 0.3}),
+    ("elu", {"alpha": 0.5}),
     ("gelu", {"approximate": "tanh"}), ("softplus", {"beta": 2.5, "threshold": 15.0}),
     ("hardtanh", {"min_val": -2.0, "max_val": 0.5})]
 EXACT = {"relu", "leaky_relu", "hardtanh"}

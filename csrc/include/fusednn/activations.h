@@ -170,6 +170,26 @@ struct LeakyRelu {
   }
 };
 
+// leaky_relu with the slope's product in float: the slope rounded to
+// float once, x times it rounded once. Not LeakyRelu's bits in general;
+// the CPU kernels take it for float16 and bfloat16 storage only where they
+// have checked, over every value of the storage type, that both round to
+// the same stored results for the slope at hand (as they do for 0.01 and
+// 0.2), since the double product's conversions were most of the half
+// kernels' arithmetic.
+struct LeakyReluFloatSlope {
+  static constexpr bool kBackwardFromY = true;  // for negative_slope >= 0
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    return x > T(0) ? x : x * T(p.a);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    return x > T(0) ? g : g * T(p.a);
+  }
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
+    return backward_x(g, y, p);
+  }
+};
+
 // elu and selu: within their core range |x| <= 80 e^x and e^x - 1 need no
 // clamps (math::exp_core, math::expm1_core); they are evaluated for
 // positive x too, where they stay finite and go unused.
