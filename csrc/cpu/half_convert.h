@@ -77,10 +77,30 @@ inline __m512i float_lanes_to_bfloat16(__m512 f) {
   return _mm512_srli_epi32(bfloat16_in_high_halves(f), 16);
 }
 
+// Whether the CPU has AVX-512 BF16, whose vcvtneps2bf16 and
+// vcvtne2ps2bf16 round as float_to_bfloat16 does (to nearest even, NaN
+// quieted the same way) except that they take subnormal inputs as zero.
+// They are used where no lane is subnormal, through inline assembly, so
+// that the ISA build needs no -mavx512bf16 (which would make the CPU
+// dispatch demand it): one instruction per 16 or 32 values where the
+// integer rounding takes five per 16 on the two vector ports that 512-bit
+// code has, which bounded bfloat16 relu at 2^24 elements to ~65% of a
+// copy where float16 (vcvtps2ph) reached ~80%.
+inline const bool kHasBFloat16Conversions = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") != 0;
+}();
+constexpr int kSubnormalClass = 0x20;
+
 inline __m256i narrow_lanes(__m512 f, Float16) {
   return _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline __m256i narrow_lanes(__m512 f, BFloat16) {
+  if (kHasBFloat16Conversions && _mm512_fpclass_ps_mask(f, kSubnormalClass) == 0) {
+    __m256i rounded;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(rounded) : "v"(f));
+    return rounded;
+  }
   return _mm512_cvtepi32_epi16(float_lanes_to_bfloat16(f));
 }
 
@@ -199,6 +219,15 @@ inline HalfLine narrow_lines(Line<float> low, Line<float> high, Float16) {
 // halves of the 32-bit lanes in order, one vpermt2w for the 32 values
 // (where two vpmovdw and an insert were three shuffles).
 inline HalfLine narrow_lines(Line<float> low, Line<float> high, BFloat16) {
+  if (kHasBFloat16Conversions) {
+    const __m512 a = reinterpret_cast<__m512>(low), b = reinterpret_cast<__m512>(high);
+    if ((_mm512_fpclass_ps_mask(a, kSubnormalClass) | _mm512_fpclass_ps_mask(b, kSubnormalClass)) ==
+        0) {
+      __m512i rounded;  // words 0-15 from low, 16-31 from high
+      asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(rounded) : "v"(b), "v"(a));
+      return reinterpret_cast<HalfLine>(rounded);
+    }
+  }
   const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39,
                                              37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13,
                                              11, 9, 7, 5, 3, 1);
