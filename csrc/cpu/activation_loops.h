@@ -354,8 +354,8 @@ template <class S> bool float_slope_rounds_alike(const ActivationParams& p) {
 }
 
 // The arithmetic of Op's kernels for storage type S: leaky_relu on half
-// types multiplies in float where that rounds alike (bfloat16 leaky_relu
-// over 2^24 elements on 2 threads: ... the time of the double product).
+// types multiplies in float where that rounds alike (over 2^24 elements
+// on 2 threads, 0.51-0.65x the time of the double product).
 template <class Op, class S> ForwardArithmetic<S> forward_arithmetic(const ActivationParams& p) {
   if constexpr (std::is_same_v<Op, act::LeakyRelu> && sizeof(S) == sizeof(uint16_t)) {
     if (float_slope_rounds_alike<S>(p))
