@@ -190,6 +190,23 @@ def test_every_input_within_one_ulp_of_float64(name, params, dtype_name):
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name", ["hardsigmoid", "leaky_relu"])
+def test_every_gradient_rounds_the_float32_result_once(name, dtype_name):
+    """The half kernels multiply hardsigmoid's g by the float nearest 1/6
+    (and leaky_relu's by the slope in float where that rounds alike): the
+    same stored results as the float32 kernel's g / 6 for every g."""
+    dtype = DTYPES[dtype_name]
+    grad = every_value(dtype)
+    for x_value in (-1.0, 0.5):
+        x = np.full(grad.shape, x_value, dtype)
+        with np.errstate(all="ignore"):
+            gi = fn.activation_backward(name, grad, x=x)
+            expected = fn.activation_backward(name, grad.astype(np.float32),
+                                              x=x.astype(np.float32)).astype(dtype)
+        assert_same_values(gi, expected)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
 def test_every_simd_path_gives_the_same_bits(dtype_name, restore_simd):
     x = every_value(DTYPES[dtype_name])
     grad = x[::-1].copy()

@@ -375,13 +375,32 @@ template <class S> bool float_slope_rounds_alike(const ActivationParams& p) {
   return alike;
 }
 
-// The arithmetic of Op's kernels for storage type S: leaky_relu on half
-// types multiplies in float where that rounds alike (over 2^24 elements
-// on 2 threads, 0.51-0.65x the time of the double product).
+// The forms of an activation that the half types' kernels take where they
+// round to the same stored results as Op's (activations.h).
+template <class Op> struct HalfForm {
+  using Forward = Op;
+  using Backward = Op;
+};
+template <> struct HalfForm<act::Hardsigmoid> {
+  using Forward = act::HardsigmoidHalf;
+  using Backward = act::HardsigmoidHalf;
+};
+template <> struct HalfForm<act::Hardswish> {
+  using Forward = act::HardswishHalf;
+  using Backward = act::Hardswish;
+};
+
+// The arithmetic of Op's kernels for storage type S: on the half types,
+// HalfForm's, and leaky_relu multiplies in float where that rounds alike
+// (over 2^24 elements on 2 threads, 0.51-0.65x the time of the double
+// product).
 template <class Op, class S> ForwardArithmetic<S> forward_arithmetic(const ActivationParams& p) {
-  if constexpr (std::is_same_v<Op, act::LeakyRelu> && sizeof(S) == sizeof(uint16_t)) {
-    if (float_slope_rounds_alike<S>(p))
-      return {&forward_block<act::LeakyReluFloatSlope, float>};
+  if constexpr (sizeof(S) == sizeof(uint16_t)) {
+    if constexpr (std::is_same_v<Op, act::LeakyRelu>) {
+      if (float_slope_rounds_alike<S>(p))
+        return {&forward_block<act::LeakyReluFloatSlope, float>};
+    }
+    return {&forward_block<typename HalfForm<Op>::Forward, float>};
   }
   ForwardArithmetic<S> fns{&forward_block<Op, ComputeOf<S>>};
   if constexpr (std::is_same_v<S, double>) fns.strided = &forward_strided_f64<Op>;
@@ -389,9 +408,12 @@ template <class Op, class S> ForwardArithmetic<S> forward_arithmetic(const Activ
 }
 template <class Op, class S, bool kFromOutput>
 BackwardArithmetic<S> backward_arithmetic(const ActivationParams& p) {
-  if constexpr (std::is_same_v<Op, act::LeakyRelu> && sizeof(S) == sizeof(uint16_t)) {
-    if (float_slope_rounds_alike<S>(p))
-      return {&backward_block<act::LeakyReluFloatSlope, float, kFromOutput>};
+  if constexpr (sizeof(S) == sizeof(uint16_t)) {
+    if constexpr (std::is_same_v<Op, act::LeakyRelu>) {
+      if (float_slope_rounds_alike<S>(p))
+        return {&backward_block<act::LeakyReluFloatSlope, float, kFromOutput>};
+    }
+    return {&backward_block<typename HalfForm<Op>::Backward, float, kFromOutput>};
   }
   BackwardArithmetic<S> fns{&backward_block<Op, ComputeOf<S>, kFromOutput>};
   if constexpr (std::is_same_v<S, double>) fns.strided = &backward_strided_f64<Op, kFromOutput>;

@@ -1002,6 +1002,31 @@ struct Hardswish {
   }
 };
 
+// hardsigmoid, and hardswish's forward, with the division by 6 as a
+// product with the float nearest 1/6, for float16 and bfloat16 storage:
+// not the float32 bits of Hardsigmoid and Hardswish, but the same results
+// once rounded to the storage type, for every input of each type (and for
+// every gradient in hardsigmoid's g / 6; the half tests check all 65,536
+// of each). The float32 division (vdivps) was most of their half kernels'
+// arithmetic. Hardswish's backward slope (2x + 3) / 6 keeps the division:
+// its products with g differ for some of the 2^32 pairs of inputs.
+struct HardsigmoidHalf {
+  static constexpr bool kBackwardFromY = false;
+  static constexpr float kSixth = 1.0f / 6.0f;
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    return x <= T(-3) ? T(0) : (x >= T(3) ? T(1) : (x + T(3)) * T(kSixth));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    return (x > T(-3) && x < T(3)) ? g * T(kSixth) : T(0);
+  }
+};
+struct HardswishHalf : Hardswish {
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
+    const T r = x + T(3) < T(0) ? T(0) : x + T(3);
+    return x >= T(3) ? x : x * r * T(HardsigmoidHalf::kSixth);
+  }
+};
+
 // As PyTorch: the bounds are first rounded to x's type (a = min_val,
 // b = max_val), and the slope is 1 strictly between the rounded bounds. So
 // forward, backward from x and backward from y agree: y is a rounded bound
