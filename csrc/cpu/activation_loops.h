@@ -63,6 +63,19 @@ constexpr int64_t kHalfChunk = kCoreBlock;
 constexpr int64_t kHalfChunk = kHalfBlock;
 #endif
 
+// Asks for the two 64-byte lines of the half-type chunk at src + at (2
+// bytes a value), 16 chunks (2 KiB) ahead of its widening. A chunk is tens
+// of instructions per two input lines where a copy is a few, so fewer of
+// its loads are in flight at once: with the inputs out of the cache,
+// bfloat16 relu over 2^24 elements (2 threads) ran at 63-66% of a copy,
+// with the prefetches at 93% (4 chunks ahead: 70%).
+constexpr int64_t kHalfPrefetchAhead = 16 * kHalfChunk;
+inline void prefetch_chunk(const void* src, int64_t at) {
+  const char* p = static_cast<const char*>(src) + 2 * at;
+  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p + 64, 0, 3);
+}
+
 // Widens the m <= kHalfChunk stored values at src + at into dst, and
 // zeroes the rest of the chunk, so that the arithmetic always runs on a
 // whole chunk (a constant count, one copy of its loops).
@@ -139,7 +152,10 @@ inline void stored_blocks(void* out, const void* const (&in)[K], int64_t n, Bloc
     for (int k = 0; k < K; ++k) ins[k] = widened[k];
     for (int64_t b = 0; b < n; b += kHalfChunk) {
       const int64_t m = std::min(kHalfChunk, n - b);
-      for (int k = 0; k < K; ++k) widen_chunk(mode.storage, in[k], b, widened[k], m);
+      for (int k = 0; k < K; ++k) {
+        prefetch_chunk(in[k], b + kHalfPrefetchAhead);
+        widen_chunk(mode.storage, in[k], b, widened[k], m);
+      }
       run(results, ins, kHalfChunk, false);
       narrow_chunk(mode.storage, results, out, b, m, mode.stream);
     }
