@@ -251,12 +251,11 @@ __attribute__((noinline)) void backward_strided_f64(const double* g, const doubl
   }
 }
 
-// Elements per sub-block of the fused blocks below, whose keep factors
-// stay in L1. With 1024, the float32 and float64 rows backward of
-// page-aligned arrays (2^22, one thread) took up to 1.23x the time of
-// 37df480's loop that read the keep bytes itself, and 1.01-1.05x with 128
-// (256: 1.02-1.07x); the other alignments gained 2-5%.
-constexpr int64_t kFusedBlock = 128;
+// Elements per sub-block of the fused blocks below (their keep factors
+// stay in L1). 128 or 256 made the float32/float64 rows backward of
+// page-aligned arrays up to 1.2x faster, but grew the three-ISA module's
+// code by 90 KB.
+constexpr int64_t kFusedBlock = 1024;
 
 // factor[k] = keep[k] ? s : 0 for k < n (n <= kFusedBlock). With AVX-512,
 // 64 keep bytes at a time into one lane mask, the last group masked: the
