@@ -137,6 +137,16 @@ def test_bench_sweep_times_pytorch_beside_fusednn(tiny_sweep, capsys, restore_th
     assert len(cells) == 5 and all(cells)
 
 
+@pytest.mark.parametrize("kernels", ["batchnorm", "training", "relu:forward"])
+def test_bench_sweep_refuses_a_kernel_selection(kernels, capsys):
+    # The sweep's kernels are fixed: a selection would otherwise be ignored
+    # (or, for training, run instead of the sweep).
+    with pytest.raises(SystemExit) as usage_error:
+        main(["bench", "--sweep", "--kernels", kernels])
+    assert usage_error.value.code == 2
+    assert "--sweep measures its own set" in capsys.readouterr().err
+
+
 def test_bench_sweep_is_for_the_cpu(capsys):
     assert main(["bench", "--sweep", "--device", "cuda"]) == 1
     assert "--sweep measures the CPU kernels" in capsys.readouterr().err

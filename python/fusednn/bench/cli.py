@@ -380,6 +380,9 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; returns the exit status (1 when a check fails or,
     with --fail-on-regression, a row regressed). Raises UsageError for bad
     option values and BenchError when the benchmark cannot run here."""
+    if args.sweep and args.kernels != "all":
+        raise UsageError("--sweep measures its own set (one kernel per family, batch norm at "
+                         "layer shapes, the pool) and takes no --kernels")
     training_rows = training.selected(args.kernels)
     if training_rows is not None:
         return training.run(args, training_rows)
