@@ -174,11 +174,6 @@ class KeepCursor {
   }
 
 #if defined(FUSEDNN_DROPOUT_AVX512)
-  // Whether [pos, pos + count) is the whole slice and its bits are drawn:
-  // the case of drawn_bit_pieces.
-  bool draws_whole_slice(int64_t pos, int64_t count) const {
-    return spec_.mask_in == nullptr && pos == begin_ && pos + count == end_;
-  }
   // bit_pieces over the whole slice when its keep bits are drawn (no
   // mask_in), with the next chunk's draw spread among the pieces of the
   // current one: fn gets pieces of at most kOverlapPiece elements, and
@@ -218,6 +213,16 @@ class KeepCursor {
       std::swap(current, next);
       chunk_begin = chunk_end;
       count = next_count;
+    }
+  }
+  // bit_pieces (below) over [pos, pos + count), through drawn_bit_pieces
+  // where that is the whole slice and its bits are drawn (no mask_in);
+  // phase as for drawn_bit_pieces.
+  template <class Fn> void slice_bit_pieces(int64_t pos, int64_t count, int64_t phase, Fn&& fn) {
+    if (spec_.mask_in == nullptr && pos == begin_ && pos + count == end_) {
+      drawn_bit_pieces(phase, fn);
+    } else {
+      bit_pieces(pos, count, fn);
     }
   }
 #endif
@@ -563,11 +568,7 @@ template <class T> struct DropoutBody {
       const auto apply = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
         apply_bits(x + done, y + done, m, bits, first_bit, scale, stream);
       };
-      if (cursor.draws_whole_slice(at, len)) {
-        cursor.drawn_bit_pieces(elements_to_line(y, len), apply);
-      } else {
-        cursor.bit_pieces(at, len, apply);
-      }
+      cursor.slice_bit_pieces(at, len, elements_to_line(y, len), apply);
 #else
       produce<kWideStageBytes>(y, len, stream, [&](T* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
@@ -815,6 +816,7 @@ template <class T> struct BiasActBackwardBody {
   double* bias_sums = nullptr;
   int64_t channels = 1;
   int64_t run_length = 0;
+  RunLanes run_lanes = {};  // the current run's sums, with run_length set
 
   __attribute__((noinline)) void operator()(char* const* ptr, int64_t len,
                                             const int64_t* inner) {
@@ -849,7 +851,6 @@ template <class T> struct BiasActBackwardBody {
       });
     }
   }
-  RunLanes run_lanes = {};
 
   void finish() {
     if (stream) store_fence();
@@ -1155,11 +1156,7 @@ template <class S> struct DropoutHalfBody {
       const auto apply = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
         apply_bits_half(x + done, y + done, m, bits, first_bit, s, stream);
       };
-      if (cursor.draws_whole_slice(at, len)) {
-        cursor.drawn_bit_pieces(elements_to_line(y, len), apply);
-      } else {
-        cursor.bit_pieces(at, len, apply);
-      }
+      cursor.slice_bit_pieces(at, len, elements_to_line(y, len), apply);
 #else
       produce<kWideStageBytes>(y, len, stream, [&](S* dst, int64_t start, int64_t count) {
         cursor.pieces(at + start, count, [&](const uint8_t* keep, int64_t done, int64_t m) {
