@@ -252,19 +252,36 @@ __attribute__((noinline)) void backward_strided_f64(const double* g, const doubl
 }
 
 // Elements per sub-block of the fused blocks below (their keep factors
-// stay in L1). 128 or 256 made the float32/float64 rows backward of
-// page-aligned arrays up to 1.2x faster, but grew the three-ISA module's
-// code by 90 KB.
-constexpr int64_t kFusedBlock = 1024;
+// stay in L1). With 1024, the float32/float64 rows backward of page-aligned
+// arrays took up to 1.2x the time they take with 128.
+constexpr int64_t kFusedBlock = 128;
+
+// kFusedBlock as a value the compiler cannot see through. Knowing that a
+// sub-block holds at most 128 elements (two kCoreBlocks), GCC unrolled and
+// peeled every activation's loops inside it: 90 KB more code over the
+// three ISAs than with 1024, for the same loops.
+inline int64_t fused_block_elements() {
+  int64_t elements = kFusedBlock;
+  asm("" : "+r"(elements));
+  return elements;
+}
 
 // factor[k] = keep[k] ? s : 0 for k < n (n <= kFusedBlock). With AVX-512,
 // 64 keep bytes at a time into one lane mask, the last group masked: the
 // vectorized loop took 64 a step too and left each piece's last n % 64
 // to scalar code (NCHW runs of 512 start 12 elements before a line, so
 // every run had a scalar tail), which cost the light activations' fused
-// float32 and float64 loops 3-10%.
+// float32 and float64 loops 3-10%. Without AVX-512 the loop is the
+// vectorizer's, with its prologue and epilogue: out of line there, once
+// per dtype rather than in both fused blocks of every activation (85 KB
+// of the generic and AVX2 builds' code), for a call per kFusedBlock.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FUSEDNN_KEEP_FACTORS_INLINE inline
+#else
+#define FUSEDNN_KEEP_FACTORS_INLINE __attribute__((noinline)) inline
+#endif
 template <class T>
-inline void keep_factors(const uint8_t* keep, int64_t n, T s, T* factor) {
+FUSEDNN_KEEP_FACTORS_INLINE void keep_factors(const uint8_t* keep, int64_t n, T s, T* factor) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   constexpr int64_t kLanes = 64 / int64_t(sizeof(T));
   for (int64_t k = 0; k < n; k += 64) {
@@ -285,6 +302,7 @@ inline void keep_factors(const uint8_t* keep, int64_t n, T s, T* factor) {
   for (int64_t k = 0; k < n; ++k) factor[k] = keep[k] ? s : T(0);
 #endif
 }
+#undef FUSEDNN_KEEP_FACTORS_INLINE
 
 // The fused blocks (FusedForwardBlock): the activation's vectorized loops
 // with h + b as their input and the keep factor in the forward's finish
@@ -298,8 +316,9 @@ template <class Op, class T>
 __attribute__((noinline)) void fused_forward_block(T* out, int64_t n, const T* h, const T* b,
                                                    const uint8_t* keep, const T s,
                                                    const ActivationParams q) {
-  for (int64_t i = 0; i < n; i += kFusedBlock) {
-    const int64_t m = std::min(kFusedBlock, n - i);
+  const int64_t block = fused_block_elements();
+  for (int64_t i = 0; i < n; i += block) {
+    const int64_t m = std::min(block, n - i);
     alignas(64) T factor[kFusedBlock];
     keep_factors(keep + i, m, s, factor);
     const T* hs = h + i;
@@ -315,8 +334,9 @@ template <class Op, class T>
 __attribute__((noinline)) void fused_backward_block(T* out, int64_t n, const T* g, const T* h,
                                                     const T* b, const uint8_t* keep, const T s,
                                                     const ActivationParams q) {
-  for (int64_t i = 0; i < n; i += kFusedBlock) {
-    const int64_t m = std::min(kFusedBlock, n - i);
+  const int64_t block = fused_block_elements();
+  for (int64_t i = 0; i < n; i += block) {
+    const int64_t m = std::min(block, n - i);
     alignas(64) T factor[kFusedBlock];
     keep_factors(keep + i, m, s, factor);
     const T* gs = g + i;

@@ -100,7 +100,7 @@ class Pool {
     spin_.store(spin_time(threads));
   }
 
-  void run(int64_t ntasks, const std::function<void(int64_t)>& task) {
+  void run(int64_t ntasks, const TaskRef& task) {
     if (ntasks <= 0) return;
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
     if (ntasks == 1 || threads_ <= 1 || t_inside_task || !run_lock.owns_lock()) {
@@ -138,7 +138,7 @@ class Pool {
   // counters change under mutex_ but are read here without it, to spin.
   bool finished() const { return remaining_.load() == 0 && busy_.load() == 0; }
 
-  static void run_serially(int64_t ntasks, const std::function<void(int64_t)>& task) {
+  static void run_serially(int64_t ntasks, const TaskRef& task) {
     const bool was_inside = t_inside_task;
     t_inside_task = true;
     try {
@@ -218,7 +218,7 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_;
-  const std::function<void(int64_t)>* task_ = nullptr;
+  const TaskRef* task_ = nullptr;
   int64_t ntasks_ = 0;
   std::atomic<int64_t> next_{0};
   std::atomic<int64_t> remaining_{0};
@@ -252,7 +252,7 @@ int num_threads() { return pool().threads(); }
 
 void set_num_threads(int n) { pool().resize(std::max(1, std::min(n, kMaxThreads))); }
 
-void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& task) {
+void parallel_for(int64_t ntasks, TaskRef task) {
   pool().run(ntasks, task);
 }
 

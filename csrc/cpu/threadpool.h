@@ -4,7 +4,7 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
+#include <type_traits>
 
 namespace fusednn {
 namespace cpu {
@@ -18,11 +18,29 @@ constexpr int kMaxThreads = 1024;
 int num_threads();
 void set_num_threads(int n);
 
+// A task callable as task(i), referred to, not owned: it must outlive the
+// parallel_for it is passed to (a lambda written in the call does). A
+// std::function copied each kernel's lambda (to the heap where its
+// captures pass 16 bytes) and compiled a manager function (copy, destroy,
+// type query) for every lambda type in every ISA build: about 135 KB of
+// the module's code, none of which the pool needs.
+class TaskRef {
+ public:
+  template <class Task, class = std::enable_if_t<!std::is_same_v<std::decay_t<Task>, TaskRef>>>
+  TaskRef(const Task& task)
+      : task_(&task), call_([](const void* t, int64_t i) { (*static_cast<const Task*>(t))(i); }) {}
+  void operator()(int64_t i) const { call_(task_, i); }
+
+ private:
+  const void* task_;
+  void (*call_)(const void*, int64_t);
+};
+
 // Runs task(i) for i in [0, ntasks) on the pool and the calling thread and
 // returns when all are done. The first exception thrown by a task is
 // rethrown here. Calls made from inside a task, or while another caller is
 // using the pool, run serially on the calling thread.
-void parallel_for(int64_t ntasks, const std::function<void(int64_t)>& task);
+void parallel_for(int64_t ntasks, TaskRef task);
 
 }  // namespace cpu
 }  // namespace fusednn
