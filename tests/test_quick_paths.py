@@ -155,6 +155,46 @@ def test_batch_norm_backward_has_the_general_paths_bits(layout, dtype, training,
             _same(a, b)
 
 
+@pytest.mark.parametrize("layout,dtype,training,library", CASES)
+def test_batch_norm_backward_over_grad_output(layout, dtype, training, library, monkeypatch):
+    """out=grad_output (the very same view) is taken, writes over the
+    gradient the bits the general path writes into a new array, and returns
+    it; an out that overlaps the gradient otherwise is declined with nothing
+    written."""
+    shape, axis, kind = layout
+    rng = np.random.default_rng(hash((shape, kind, training, 2)) % 2**32)
+    make = (lambda a: a) if library == "numpy" else torch.from_numpy
+    x = _make_x(rng, shape, kind, dtype)
+    channels = x.shape[axis]
+    gamma = rng.standard_normal(channels).astype(dtype)
+    mean = rng.standard_normal(channels).astype(dtype)
+    invstd = (rng.random(channels) + 0.5).astype(dtype)
+    for relu in (None, "relu"):
+        grad = rng.standard_normal(shape).astype(dtype)
+        y = None if relu is None else np.maximum(x, 0)
+        with monkeypatch.context() as patch:
+            _general(patch)
+            expected = fn.batch_norm_backward(make(grad.copy()), make(x), make(gamma), make(mean),
+                                              make(invstd), axis=axis, training=training,
+                                              activation=relu, y=None if y is None else make(y))
+        written = make(grad.copy())
+        result = batchnorm._batch_norm_backward_quick(
+            written, make(x), make(gamma), make(mean), make(invstd), axis, training, relu,
+            None if y is None else make(y), written, False)
+        assert result is not None, "the in-place call was declined"
+        assert result[0] is written
+        for a, b in zip(result, expected):
+            _same(a, b)
+        # Overlapping, both C-contiguous, one element apart: declined.
+        base = make(np.concatenate([grad.reshape(-1), np.zeros(1, dtype)]))
+        before = _numpy(base).copy()
+        shifted_in, shifted_out = base[:-1].reshape(shape), base[1:].reshape(shape)
+        assert batchnorm._batch_norm_backward_quick(
+            shifted_in, make(x), make(gamma), make(mean), make(invstd), axis, training, relu,
+            None if y is None else make(y), shifted_out, False) is None
+        _same(base, make(before))
+
+
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 @pytest.mark.parametrize("name", ["relu", "gelu", "silu", "leaky_relu", "softplus"])
 def test_activation_has_the_general_paths_bits(name, library, monkeypatch):

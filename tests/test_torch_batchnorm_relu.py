@@ -8,6 +8,9 @@ without graph breaks. Skips when PyTorch is not installed.
 """
 from __future__ import annotations
 
+import copy
+import re
+
 import numpy as np
 import pytest
 
@@ -118,6 +121,81 @@ def test_backward_with_gradient_and_output_laid_out_unlike_x(grad_format, relu_f
     assert got[0].is_contiguous(memory_format=cl)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("x_format, grad_format", [
+    (torch.contiguous_format, torch.contiguous_format),
+    (torch.channels_last, torch.channels_last),
+    (torch.channels_last, torch.contiguous_format)])
+def test_in_place_backward_writes_the_gradients_bits_over_it(x_format, grad_format, relu,
+                                                             dtype):
+    # batch_norm_backward_in_place: grad_input over grad_output, the same
+    # bits as batch_norm_backward's new tensor (NaN gradients included),
+    # in place on the quick path (grad_output laid out like x) and through
+    # a copy back otherwise; opcheck checks the declared mutation.
+    x = normals(4, 6, 5, 3, dtype=dtype).contiguous(memory_format=x_format)
+    weight, bias = normals(6, dtype=dtype), normals(6, dtype=dtype)
+    y, mean, invstd = torch.ops.fusednn.batch_norm(x, weight, bias, None, None, True, 0.1,
+                                                   1e-5, 1, relu)
+    relu_output = y if relu else None
+    grad = normals(4, 6, 5, 3, dtype=dtype).contiguous(memory_format=grad_format)
+    torch.library.opcheck(torch.ops.fusednn.batch_norm_backward_in_place.default,
+                          (grad.clone(), x, weight, mean, invstd, True, 1, relu_output))
+    grad[0, 1, :, 0] = float("nan")
+    want = torch.ops.fusednn.batch_norm_backward(grad, x, weight, mean, invstd, True, 1,
+                                                 relu_output)
+    written = grad.clone()
+    address, version = written.data_ptr(), written._version
+    got = torch.ops.fusednn.batch_norm_backward_in_place(written, x, weight, mean, invstd, True,
+                                                         1, relu_output)
+    assert written.data_ptr() == address and written._version > version
+    for g, w in zip((written, *got), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inductor_writes_convolution_gradients_over_themselves(layout):
+    # Under inductor, a block whose gradient comes straight from a
+    # convolution's backward (and is dead after batch norm's backward)
+    # runs batch_norm_backward_in_place; the last block, whose gradient
+    # comes from the pooling, keeps batch_norm_backward. The step's
+    # gradients match eager's.
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = []
+    for n_in, n_out in ((3, 8), (8, 16), (16, 16)):
+        layers += [torch.nn.Conv2d(n_in, n_out, 3, padding=1, bias=False),
+                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)]
+    model = ft.patch(torch.nn.Sequential(*layers)).model
+    x = normals(4, 3, 6, 6, dtype=F32)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    compiled_model = copy.deepcopy(model)
+
+    def step(m):
+        m(x).square().sum().backward()
+
+    step(model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        _, code = run_and_get_code(lambda: step(compiled))
+    for a, b in zip(model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+    backward = code[1]
+    in_place = re.findall(r"fusednn\.batch_norm_backward_in_place\.default\((buf\d+),", backward)
+    from_convolutions = {out for out, src in re.findall(r"(buf\d+) = (buf\d+)\[0\]", backward)
+                         if f"{src} = torch.ops.aten.convolution_backward" in backward}
+    assert len(in_place) == 2 and set(in_place) <= from_convolutions
+    assert len(re.findall(r"fusednn\.batch_norm_backward\.default\(", backward)) == 1
 
 
 # ---- modules --------------------------------------------------------------------------

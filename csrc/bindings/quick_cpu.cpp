@@ -7,7 +7,8 @@
 // in native byte order, with elements; per-channel arrays have the right
 // shape and dtype; outputs (out=, running statistics in training) are
 // writable, without overlapping elements and apart from every other
-// operand; the scalars are plain bool, float and int of valid values.
+// operand (or the very input they overwrite, where the function allows
+// in place); the scalars are plain bool, float and int of valid values.
 // Anything else, every error included, is declined: None comes back with
 // nothing written, and the function takes its general path, which raises
 // the errors, makes the copies and handles the other libraries and dtypes.
@@ -251,6 +252,14 @@ bool elements_apart(const HostArray& a) {
 }
 
 bool meet(const HostArray& a, const HostArray& b) { return a.low < b.high && b.low < a.high; }
+
+// The same elements at the same addresses.
+bool same_view(const HostArray& a, const HostArray& b) {
+  if (a.data != b.data || !same_shape(a, b)) return false;
+  for (int d = 0; d < a.ndim; ++d)
+    if (a.strides[d] != b.strides[d]) return false;
+  return true;
+}
 
 // Whether `a` is apart from every present array of `others`.
 template <size_t N> bool apart(const HostArray& a, const HostArray* const (&others)[N]) {
@@ -549,7 +558,9 @@ PyObject* batch_norm_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // axis, training, activation, y, out, channels_last):
 // fusednn.batch_norm_backward's (grad_input, grad_gamma, grad_beta), or
 // None. channels_last as in batch_norm_quick: grad_output, y and out are
-// read with x's move.
+// read with x's move. out may be grad_output itself (the same view: the
+// kernel reads each gradient before it writes that element), as in the
+// general path.
 PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 11) {
     PyErr_SetString(PyExc_TypeError, "batch_norm_backward_quick takes 11 arguments");
@@ -592,7 +603,8 @@ PyObject* batch_norm_backward_quick(PyObject*, PyObject* const* args, Py_ssize_t
                         !channel_viewable(*ro, axis)))
     Py_RETURN_NONE;
   if (o != nullptr) {
-    const HostArray* const operands[] = {&grad_output, &x, g, &save_mean, &save_invstd, ro};
+    const HostArray* const operands[] = {same_view(*o, grad_output) ? nullptr : &grad_output,
+                                         &x, g, &save_mean, &save_invstd, ro};
     if (!same_shape(*o, x) || o->type_num != x.type_num || !o->writable || !c_contiguous(*o) ||
         !apart(*o, operands))
       Py_RETURN_NONE;
@@ -638,14 +650,6 @@ bool activation_of(PyObject* id_arg, PyObject* params, Activation& act, Activati
   act = static_cast<Activation>(id);
   p = make_activation_params(PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b),
                              tanh_approximation == Py_True);
-  return true;
-}
-
-// The same elements at the same addresses.
-bool same_view(const HostArray& a, const HostArray& b) {
-  if (a.data != b.data || !same_shape(a, b)) return false;
-  for (int d = 0; d < a.ndim; ++d)
-    if (a.strides[d] != b.strides[d]) return false;
   return true;
 }
 

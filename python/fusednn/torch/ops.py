@@ -41,7 +41,12 @@ around it (``batch_norm`` here), which ``torch.compile`` traces as well.
 ``relu=True`` fuses a ReLU after the normalization: the forward returns
 ``relu(batch_norm(x))`` from the same pass, the autograd saves that output,
 and ``fusednn::batch_norm_backward`` masks grad_output with it
-(``relu_output``) inside its own passes. Double backward is registered where the
+(``relu_output``) inside its own passes. ``fusednn::batch_norm_backward_in_place``
+writes grad_input over grad_output instead of into a new tensor; it is
+offered to inductor's reinplacing pass as batch_norm_backward's in-place
+form, which inductor takes where that gradient is dead afterwards, as its
+own batch-norm backward writes into a dead buffer (see
+``_offer_in_place_backward_to_inductor``). Double backward is registered where the
 backward is linear in the gradient and constant in the saved tensor, so
 that it is its own derivative: dropout (both forms) and the
 piecewise-linear activations relu, leaky_relu and hardtanh.
@@ -56,6 +61,8 @@ graph holds them as single nodes.
 """
 from __future__ import annotations
 
+import operator
+import sys
 from typing import Optional
 
 import torch
@@ -67,7 +74,7 @@ from fusednn import _arrays, _cpu
 
 __all__ = [
     "ACTIVATION_PARAMETERS", "activation", "activation_backward", "batch_norm",
-    "batch_norm_backward", "bias_act_dropout", "bias_act_dropout_backward", "draw_rng", "dropout",
+    "batch_norm_backward", "batch_norm_backward_in_place", "bias_act_dropout", "bias_act_dropout_backward", "draw_rng", "dropout",
     "dropout_backward", "dropout_backward_with_mask", "dropout_with_mask",
 ]
 
@@ -481,6 +488,7 @@ def _laid_out_like(x: Tensor, grad_output: Tensor, relu_output: Optional[Tensor]
 
 def _batch_norm_backward_fake(grad_output, x, weight, save_mean, save_invstd, training, axis,
                               relu_output=None):
+    _offer_in_place_backward_to_inductor()
     channels = x.shape[axis]
     dtype = _statistics_dtype(x)
     return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
@@ -492,6 +500,103 @@ batch_norm_backward = _define(
     "(Tensor grad_output, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
     "bool training, SymInt axis, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
     _batch_norm_backward_kernel, _batch_norm_backward_fake, tags=_FLEXIBLE)
+
+
+def _batch_norm_backward_in_place_kernel(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
+                                         save_mean: Tensor, save_invstd: Tensor, training: bool,
+                                         axis: int, relu_output: Optional[Tensor] = None
+                                         ) -> tuple[Tensor, Tensor]:
+    """``fusednn::batch_norm_backward`` with grad_input written over
+    grad_output; returns (grad_weight, grad_bias)."""
+    _refuse_gradient("batch_norm_backward_in_place",
+                     "batch norm has no double backward in fusednn.torch",
+                     grad_output, x, weight, save_mean, save_invstd, relu_output)
+    result = _batch_norm_backward_quick(grad_output, x, weight, save_mean, save_invstd, axis,
+                                        training, None if relu_output is None else "relu",
+                                        relu_output, grad_output, True)
+    if result is None:
+        # Layouts the quick path does not take in place (grad_output laid
+        # out unlike x): the out-of-place kernel, then one copy back.
+        grad_input, grad_weight, grad_bias = _batch_norm_backward_kernel(
+            grad_output, x, weight, save_mean, save_invstd, training, axis, relu_output)
+        grad_output.copy_(grad_input)
+        return grad_weight, grad_bias
+    # Written through its memory, which autograd's version counter does not see.
+    torch.autograd.graph.increment_version(grad_output)
+    return result[1], result[2]
+
+
+def _batch_norm_backward_in_place_fake(grad_output, x, weight, save_mean, save_invstd, training,
+                                       axis, relu_output=None):
+    return _batch_norm_backward_fake(grad_output, x, weight, save_mean, save_invstd, training,
+                                     axis, relu_output)[1:]
+
+
+# batch_norm_backward's (grad_weight, grad_bias), grad_input written over
+# grad_output. Inductor substitutes it for batch_norm_backward where that
+# gradient is dead afterwards (below).
+batch_norm_backward_in_place = _define(
+    "batch_norm_backward_in_place",
+    "(Tensor(a!) grad_output, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+    "bool training, SymInt axis, Tensor? relu_output=None) -> (Tensor, Tensor)",
+    _batch_norm_backward_in_place_kernel, _batch_norm_backward_in_place_fake, tags=_FLEXIBLE)
+
+
+def _reinplace_batch_norm_backward(node) -> bool:
+    """Inductor's check before it rewrites a batch_norm_backward node into
+    batch_norm_backward_in_place (its reinplacing pass has already found
+    grad_output unused afterwards). Taken for a gradient straight from a
+    convolution's backward, which inductor lays out like the convolution's
+    output, x: the layout the quick path writes in place. A gradient from
+    elsewhere (the pooling after the last block) can be laid out unlike x,
+    and writing over it would cost a copy back. On yes, the node's users
+    are renumbered for the two results of the in-place operator, and those
+    of grad_input read grad_output, which holds it after the call. CPU
+    only: torch's CUDA caching allocator keeps freed memory, and a CUDA
+    call would take the out-of-place kernel and a copy back."""
+    grad_output = node.args[0]
+    if not (isinstance(grad_output, torch.fx.Node) and grad_output.target is operator.getitem
+            and grad_output.args[0].target is torch.ops.aten.convolution_backward.default
+            and getattr(grad_output.meta.get("val"), "is_cpu", False)
+            and all(user.target is operator.getitem for user in node.users)):
+        return False
+    for user in list(node.users):
+        index = user.args[1]
+        if index == 0:
+            user.replace_all_uses_with(grad_output)
+            node.graph.erase_node(user)
+        else:
+            user.args = (node, index - 1)
+    if "val" in node.meta:
+        node.meta["val"] = tuple(node.meta["val"][1:])
+    return True
+
+
+_offered_to_inductor = False
+
+
+def _offer_in_place_backward_to_inductor() -> None:
+    """Registers batch_norm_backward_in_place as the in-place form of
+    batch_norm_backward with inductor's reinplacing pass, the first time a
+    backward is traced once inductor is loaded: the peak memory of a
+    compiled step then matches inductor's own batch norm, whose backward
+    writes into a dead buffer too, instead of holding one gradient more
+    (an 8 MB gradient in the CNN of ``--kernels training``, which glibc
+    returned to the system and faulted in again every step). Done from the
+    fake implementation, which runs while a graph is traced and before
+    inductor's passes, so that ``import fusednn.torch`` does not import
+    inductor (seconds). A torch without that registry (a private one)
+    keeps the out-of-place operator."""
+    global _offered_to_inductor
+    if _offered_to_inductor:
+        return
+    reinplace = sys.modules.get("torch._inductor.fx_passes.reinplace")
+    if reinplace is None:
+        return
+    _offered_to_inductor = True
+    if hasattr(reinplace, "inplaceable_ops") and hasattr(reinplace, "InplaceableOp"):
+        reinplace.inplaceable_ops[batch_norm_backward] = reinplace.InplaceableOp(
+            batch_norm_backward_in_place, 0, extra_check=_reinplace_batch_norm_backward)
 
 
 class _BatchNorm(torch.autograd.Function):
