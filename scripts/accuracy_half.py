@@ -8,8 +8,9 @@ of the storage type at the reference value (its subnormal spacing below
 the smallest normal); a result equal to the correctly rounded reference,
 the same infinity included, counts 0, and NaN must meet NaN. "misrounded"
 counts the results (forward / backward from x, of 65,536) that differ
-from the correctly rounded reference: the float32 result sat too close to
-a rounding boundary of the storage type. Run after building:  python scripts/accuracy_half.py
+from the correctly rounded reference: the float32 result (the float32
+kernel's, or that of the half types' own form) sat too close to a rounding
+boundary of the storage type. Run after building:  python scripts/accuracy_half.py
 """
 from __future__ import annotations
 

@@ -1,29 +1,34 @@
-// Times the float32 activation loops on data that stays in L1, one thread,
-// so that no memory traffic enters: what each kernel's arithmetic alone
-// costs per element. Against a streamed copy's cost per element (as
+// Times the activation loops on data that stays in L1, one thread, so
+// that no memory traffic enters: what each kernel's arithmetic alone costs
+// per element. Against a streamed copy's cost per element (as
 // `python -m fusednn bench` measures it), this bounds the share of the copy
 // roof a kernel can reach however well its memory traffic overlaps: with n
 // cores, at most copy_ns / (floor_ns / n), for a forward, and
 // 1.5 copy_ns / (floor_ns / n) for a backward (two reads, one write).
 //
-// It runs the library's own AVX-512 loops (cpu/activation_runs.h), the
-// core-form blocks included, over 4096 normal inputs clipped to |x| < 3.9 so
-// that every block takes its core form. Build and run from the repository
-// root on an AVX-512 machine:
+// It runs the library's own AVX-512 loops over 4096 normal inputs clipped
+// to |x| < 3.9 so that every block takes its core form: with no argument
+// the float32 loops (cpu/activation_runs.h); with `half`, the float16 and
+// bfloat16 kernels' blocks (cpu/activation_loops.h: widening, the half
+// types' forms of the arithmetic, rounding), for every activation the bench
+// times, the backward from y where the bench takes it. Build and run from
+// the repository root on an AVX-512 machine:
 //   g++ -std=c++17 -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math \
-//       -fopenmp-simd -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma \
+//       -fopenmp-simd -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c \
 //       -mprefer-vector-width=512 -Icsrc/include -Icsrc \
 //       scripts/compute_floor.cpp -o /tmp/compute_floor
-//   /tmp/compute_floor
+//   /tmp/compute_floor; /tmp/compute_floor half
 // Medians are noisy on a shared machine: run it twice and read the lower.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #define FUSEDNN_ISA avx512
+#include "cpu/activation_loops.h"
 #include "cpu/activation_runs.h"
 
 namespace {
@@ -85,8 +90,72 @@ template <class Op> void report(const char* name, Data& d, ActivationParams q) {
 
 }  // namespace
 
-int main() {
+// The float16 or bfloat16 kernels' blocks of Op (storage S): forward, and
+// backward from x, or from y where from_y is set, on the stored values.
+template <class Op, class S>
+void report_half(const char* name, const Data& d, ActivationParams q, bool from_y) {
+  using Forward = typename loops::HalfForm<Op>::Forward;
+  using Backward = typename loops::HalfForm<Op>::Backward;
+  const loops::BlockMode mode{loops::block_storage_of<S>(), false};
+  std::vector<S> x(kElements), g(kElements), y(kElements), out(kElements);
+  for (int i = 0; i < kElements; ++i) {
+    x[i] = fusednn::Storage<S>::store(d.x[i]);
+    g[i] = fusednn::Storage<S>::store(d.g[i]);
+  }
+  loops::forward_block<Forward, float>(y.data(), x.data(), kElements, q, mode);
+  const double f = ns_per_element(
+      [&] { loops::forward_block<Forward, float>(out.data(), x.data(), kElements, q, mode); });
+  double b;
+  if constexpr (Op::kBackwardFromY) {
+    if (from_y) {
+      b = ns_per_element([&] {
+        loops::backward_block<Backward, float, true>(out.data(), g.data(), y.data(), kElements,
+                                                     q, mode);
+      });
+    }
+  }
+  if (!from_y) {
+    b = ns_per_element([&] {
+      loops::backward_block<Backward, float, false>(out.data(), g.data(), x.data(), kElements, q,
+                                                    mode);
+    });
+  }
+  std::printf("%-12s %8.3f %9.3f%s\n", name, f, b, from_y ? "  (backward from y)" : "");
+}
+
+template <class S> void report_half_all(const Data& d) {
+  const ActivationParams none = fusednn::make_activation_params(0.0, 0.0, false);
+  report_half<act::Relu, S>("relu", d, none, true);
+  report_half<act::LeakyReluFloatSlope, S>("leaky_relu", d,
+                                           fusednn::make_activation_params(0.01, 0.0, false), true);
+  report_half<act::Hardtanh, S>("hardtanh", d, fusednn::make_activation_params(-1.0, 1.0, false),
+                                true);
+  report_half<act::Hardsigmoid, S>("hardsigmoid", d, none, false);
+  report_half<act::Hardswish, S>("hardswish", d, none, false);
+  report_half<act::Sigmoid, S>("sigmoid", d, none, true);
+  report_half<act::Tanh, S>("tanh", d, none, true);
+  report_half<act::Elu, S>("elu", d, fusednn::make_activation_params(1.0, 0.0, false), true);
+  report_half<act::Selu, S>("selu", d, none, true);
+  report_half<act::GeluErf, S>("gelu", d, none, false);
+  report_half<act::GeluTanh, S>("gelu_tanh", d, fusednn::make_activation_params(0.0, 0.0, true),
+                                false);
+  report_half<act::Silu, S>("silu", d, none, false);
+  report_half<act::SoftplusUnitBeta, S>("softplus", d,
+                                        fusednn::make_activation_params(1.0, 20.0, false), false);
+  report_half<act::Mish, S>("mish", d, none, false);
+}
+
+int main(int argc, char** argv) {
   Data d;
+  if (argc > 1 && std::strcmp(argv[1], "half") == 0) {
+    std::printf("ns per element per core, float16 blocks, data in L1\n");
+    std::printf("%-12s %8s %9s\n", "kernel", "forward", "backward");
+    report_half_all<fusednn::Float16>(d);
+    std::printf("ns per element per core, bfloat16 blocks, data in L1\n");
+    std::printf("%-12s %8s %9s\n", "kernel", "forward", "backward");
+    report_half_all<fusednn::BFloat16>(d);
+    return 0;
+  }
   const ActivationParams none = fusednn::make_activation_params(0.0, 0.0, false);
   std::printf("ns per element per core, float32, data in L1\n");
   std::printf("%-10s %8s %9s\n", "kernel", "forward", "backward");

@@ -24,6 +24,10 @@ The tanh form, below |x| = 0.75, is x / 2 + x^2 P(x^2) with derivative
 1/2 + x R(x^2), where P = tanh(u) / (2x) and R = (tanh(u) / 2 +
 x u' sech^2(u) / 2) / x, u = sqrt(2/pi) (x + 0.044715 x^3).
 
+With --half, the coarser fits of GELU's forward for float16 and bfloat16
+storage instead (GeluErfHalf): log2 Phi(-t) as a polynomial in t, and the
+base-2 exponential's polynomial.
+
 Every other fit is for least maximum relative error, with coefficients
 that are float32 values: each is rounded in turn, lowest degree first, and the
 higher ones refitted around it. Prints the coefficients (highest degree
@@ -48,6 +52,9 @@ CORE_REWEIGHTING_ROUNDS = 14
 ESTIMATE_REWEIGHTING_ROUNDS = 30
 EXP_DEGREE = 5
 EXP_REDUCED = 0.75
+
+HALF_LOG2_TAIL_DEGREE = 6
+HALF_EXP2_DEGREE = 4
 
 TANH_DEGREE = 6
 CENTRAL = 0.75
@@ -177,5 +184,42 @@ def main():
            *fit_float32(x * x, np.array([tanh_slope_ratio(v) for v in x]), TANH_DEGREE))
 
 
+def half_fits():
+    """The coarser fits of GELU's forward for float16 and bfloat16 storage
+    (GeluErfHalf, math::exp2_coarse), whose results need about 2^-12
+    relative accuracy before their final rounding: Q(t) = log2 Phi(-t) on
+    [0, 4] for least absolute error (an absolute error in the exponent is
+    the same relative error, times ln 2, in Phi), and 2^f - 1 = f p(f) on
+    |f| <= 1/2 for least relative error of 2^f."""
+    t = np.linspace(0.0, CORE_T_MAX, 4001).astype(np.float32).astype(np.float64)
+    log2_tail = np.array([float(mpmath.log(mpmath.ncdf(-mpmath.mpf(float(v))), 2)) for v in t])
+    coefficients, err = fit_one_plus(t, log2_tail + 1.0, np.ones_like(t), HALF_LOG2_TAIL_DEGREE)
+    print(f"// log2_tail(t) = -1 + t p(t): max absolute error of the fit {err:.2e}")
+    for c in coefficients[::-1]:
+        print(f"    {str(np.float32(c))}f,")
+    f = np.linspace(-0.5, 0.5, 20001)
+    f = f[np.abs(f) > 1e-6]
+    exp2 = np.array([float(mpmath.power(2, mpmath.mpf(v))) for v in f])
+    report("2^f = 1 + f p(f), exp2_coarse", *fit_one_plus(f, exp2 - 1.0, exp2, HALF_EXP2_DEGREE))
+
+
+def fit_one_plus(variable, target, scale, degree):
+    """target = v p(v), p of degree - 1 with float32 coefficients (lowest
+    degree first), for least maximum error relative to `scale`: the
+    constant term of the approximated function stays exact (-1 for
+    log2 Phi(-t), so that Phi(-t) rounds below 1/2 for every t > 0 that
+    float16 holds, and x Phi(x) falls on the right side of the storage
+    type's ties near zero; 1 for 2^f)."""
+    powers = np.vander(variable, degree, increasing=True) * variable[:, None]  # v, v^2, ...
+    coefficients = np.zeros(degree)
+    for fixed in range(degree):
+        rest = target - powers[:, :fixed] @ coefficients[:fixed]
+        coefficients[fixed:] = minimax_relative(powers[:, fixed:], rest, scale,
+                                                CORE_REWEIGHTING_ROUNDS)
+        coefficients[fixed] = float(np.float32(coefficients[fixed]))
+    return coefficients, np.max(np.abs((powers @ coefficients - target) / scale))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    half_fits() if sys.argv[1:] == ["--half"] else main()

@@ -413,8 +413,13 @@ template <class S> bool float_slope_rounds_alike(const ActivationParams& p) {
   return alike;
 }
 
-// The forms of an activation that the half types' kernels take where they
-// round to the same stored results as Op's (activations.h).
+// The forms of an activation that the half types' kernels take
+// (activations.h): where they round to the same stored results as Op's
+// (hardsigmoid, hardswish's forward, hardtanh), or, where Op's float32
+// bits cost double arithmetic or float32 accuracy that the storage types
+// cannot hold, forms in float arithmetic within one ulp of the storage
+// type (gelu's forward, silu's backward, elu's and selu's backward from y,
+// hardswish's backward).
 template <class Op> struct HalfForm {
   using Forward = Op;
   using Backward = Op;
@@ -425,7 +430,27 @@ template <> struct HalfForm<act::Hardsigmoid> {
 };
 template <> struct HalfForm<act::Hardswish> {
   using Forward = act::HardswishHalf;
-  using Backward = act::Hardswish;
+  using Backward = act::HardswishHalf;
+};
+template <> struct HalfForm<act::Hardtanh> {
+  using Forward = act::HardtanhHalf;
+  using Backward = act::Hardtanh;
+};
+template <> struct HalfForm<act::Silu> {
+  using Forward = act::Silu;
+  using Backward = act::SiluHalf;
+};
+template <> struct HalfForm<act::GeluErf> {
+  using Forward = act::GeluErfHalf;
+  using Backward = act::GeluErf;
+};
+template <> struct HalfForm<act::Elu> {
+  using Forward = act::Elu;
+  using Backward = act::EluHalf;
+};
+template <> struct HalfForm<act::Selu> {
+  using Forward = act::Selu;
+  using Backward = act::SeluHalf;
 };
 
 // The arithmetic of Op's kernels for storage type S: on the half types,

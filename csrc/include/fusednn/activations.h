@@ -255,6 +255,36 @@ struct Selu {
   }
 };
 
+// elu and selu with the backward from y in float arithmetic, for float16
+// and bfloat16 storage: not the float32 bits of Elu and Selu (whose sum
+// y + alpha runs in double), but within one ulp of the storage type. alpha
+// is split into a float pair hi + lo (lo the rounding error of hi, to
+// within 2^-48 alpha): near y = -alpha, where y + alpha cancels, y + hi is
+// exact (Sterbenz: y in [-2 hi, -hi / 2]) and adding lo rounds once, and
+// elsewhere each of the two sums rounds by at most 2^-24 of a result that is
+// no smaller than hi / 2. With g's product, the float result lies within
+// 3 * 2^-24 (relative) of g (y + alpha), far below the 2^-12 of half an
+// ulp of either storage type (results below the types' normal range are
+// still normal floats, or, for bfloat16, float subnormals rounded 2^17
+// times finer than bfloat16's). The sign of the sum is exact: y + hi is 0
+// or at least an ulp of y (2^-11 alpha), and |lo| <= 2^-24 alpha. The
+// double sum and its conversions were most of the half kernels' arithmetic.
+struct EluHalf : Elu {
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
+    const float hi = float(p.a);
+    const float lo = float(p.a - double(hi));
+    return y <= T(0) ? g * math::positive_part((y + T(hi)) + T(lo)) : g;
+  }
+};
+struct SeluHalf : Selu {
+  static constexpr float kAlphaHi = float(kSeluScale * kSeluAlpha);
+  static constexpr float kAlphaLo = float(kSeluScale * kSeluAlpha - double(kAlphaHi));
+  template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
+    return y <= T(0) ? g * math::positive_part((y + T(kAlphaHi)) + T(kAlphaLo))
+                     : g * T(kSeluScale);
+  }
+};
+
 // GELU, exact (x Phi(x)) or with the tanh approximation
 // 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
 // The tails need Phi and sigmoid(2u) with relative accuracy where their
@@ -409,6 +439,44 @@ struct GeluErf {
       const double cdf = math::normal_cdf_scaled(x, pdf, math::normal_tail_series(-x));
       return g * (fmadd(x, pdf, cdf) * math::Traits<double>::kExpUnscale);
     }
+  }
+};
+
+// GELU's exact form for float16 and bfloat16 storage, where a result
+// needs about 2^-12 relative accuracy before its final rounding, not
+// float32's 2^-24: within the core range |x| <= 4 Phi(-t) = 2^Q(t), t =
+// |x|, with Q = log2 Phi(-t) a degree-6 polynomial in t (absolute error
+// 2.3e-6, fitted by scripts/fit_normal_tail.py --half) and the coarse base-2
+// exponential (math::exp2_coarse). Q's constant term is exactly -1, so
+// that for every t > 0 that float16 holds Phi(-t) rounds below 1/2, and
+// x Phi(x) = x / 2 + x^2 phi(0) + ... lands on the right side of the
+// storage type's ties between subnormals (x / 2 for odd multiples of the
+// smallest subnormal): about 19 vector operations where
+// GeluErf's core takes about 40. The result, -t Phi(-t) + (x or -0) as in
+// GeluErf, lies within 6e-6 (relative, rounding included) of x Phi(x),
+// so after its final rounding within 0.52 ulp of either type: not the
+// float32 kernel's bits rounded (the two differ where the float32 values
+// straddle a rounding boundary of the storage type), but within the same
+// one-ulp bound. Beyond the core, GeluErf's float32 evaluation (the tails,
+// where the results reach the subnormals, and the special values).
+struct GeluErfHalf : GeluErf {
+  FUSEDNN_HD static float log2_tail(float t) {
+    float q = 3.5524343e-05f;
+    q = fmadd(q, t, -0.00078557356f);
+    q = fmadd(q, t, 0.008110524f);
+    q = fmadd(q, t, -0.05340435f);
+    q = fmadd(q, t, -0.4588332f);
+    q = fmadd(q, t, -1.1511577f);
+    return fmadd(q, t, -1.0f);
+  }
+  FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
+    const float t = math::magnitude(x);
+    const float tail = math::exp2_coarse(log2_tail(t));  // Phi(-t)
+    return fmadd(-t, tail, x >= 0.0f ? x : -0.0f);
+  }
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    static_assert(sizeof(T) == sizeof(float), "float arithmetic for half storage");
+    return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : forward_outer_f32(x);
   }
 };
 
@@ -704,6 +772,35 @@ struct Silu {
       const double derivative = positive ? d : d * unscale;
       return x < math::Traits<T>::kNegligibleBelow ? g * (x * T(0)) : T(double(g) * derivative);
     }
+  }
+};
+
+// silu's derivative for float16 and bfloat16 storage: within |x| <= 40
+// from E = e^-x itself (no sign split: E stays below e^40 and Q^2 below
+// 2^116), silu'(x) = ((1 + x) E + 1) / Q^2 with Q = 1 + E, about 20
+// vector operations where Silu's core takes about 33 and covers |x| <= 5
+// only. The numerator cancels around the root near -1.28, where 1 + x is
+// exact (x in [-2, -0.5]) and so is a + 1 for a = (1 + x) 2^k, E = 2^k
+// (1 + m1) left unrounded (math::ExpParts): the numerator a m1 + (a + 1)
+// rounds once, and its error is m1's, about 2^-28 of E, as in Silu's
+// (1 + x) + e. Elsewhere nothing cancels, and every operation rounds by
+// 2^-24 of its result: within about 6 * 2^-24 of the derivative, against
+// the 2^-12 of half an ulp of either storage type. Not the float32
+// kernel's bits rounded (they differ where the float32 values straddle a
+// rounding boundary of the storage type), but within one ulp. Beyond the
+// core, Silu's float32 evaluation (the tails and the special values).
+struct SiluHalf : Silu {
+  static constexpr float kBackwardCoreBound = 40.0f;
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
+    const math::ExpParts e = math::exp_neg_core(x);
+    const float q = 1.0f + e.rounded();
+    const float a = (1.0f + x) * e.scale;
+    const float numerator = fmadd(a, e.m1, a + 1.0f);
+    return g * (numerator / (q * q));
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    static_assert(sizeof(T) == sizeof(float), "float arithmetic for half storage");
+    return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_x_f32(g, x, p);
   }
 };
 
@@ -1008,8 +1105,13 @@ struct Hardswish {
 // once rounded to the storage type, for every input of each type (and for
 // every gradient in hardsigmoid's g / 6; the half tests check all 65,536
 // of each). The float32 division (vdivps) was most of their half kernels'
-// arithmetic. Hardswish's backward slope (2x + 3) / 6 keeps the division:
-// its products with g differ for some of the 2^32 pairs of inputs.
+// arithmetic. Hardswish's
+// backward slope is (2x + 3) times the float nearest 1/6: three roundings
+// of 2^-24 (2x + 3 is exact around its root at -1.5), so g times it lies
+// within 2^-22 of g (2x + 3) / 6, and within one ulp of either storage type
+// after its rounding, but not always the float32 kernel's result rounded
+// (the products differ for some of the 2^32 pairs of inputs); the division
+// held it to about 78% of a copy.
 struct HardsigmoidHalf {
   static constexpr bool kBackwardFromY = false;
   static constexpr float kSixth = 1.0f / 6.0f;
@@ -1024,6 +1126,10 @@ struct HardswishHalf : Hardswish {
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams&) {
     const T r = x + T(3) < T(0) ? T(0) : x + T(3);
     return x >= T(3) ? x : x * r * T(HardsigmoidHalf::kSixth);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams&) {
+    const T slope = (x + x + T(3)) * T(HardsigmoidHalf::kSixth);
+    return x <= T(-3) ? T(0) : (x < T(3) ? g * slope : g);
   }
 };
 
@@ -1042,6 +1148,20 @@ struct Hardtanh {
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams& p) {
     return backward_x(g, y, p);
+  }
+};
+
+// hardtanh for float16 and bfloat16 storage: the same results as Hardtanh
+// wherever min_val <= max_val (the Python layer checks it), clamped to the
+// lower bound, then to the upper: each comparison and select is one
+// vmaxps or vminps (NaN passes both), where Hardtanh's nested selects
+// took four comparisons and a mask operation, which held bfloat16 hardtanh
+// forward to 77% of a copy.
+struct HardtanhHalf : Hardtanh {
+  template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
+    const T lo = T(p.a), hi = T(p.b);
+    const T above_lo = x < lo ? lo : x;
+    return above_lo > hi ? hi : above_lo;
   }
 };
 

@@ -274,6 +274,25 @@ FUSEDNN_HD ExpParts half_exp_pair_plus_core(float p, float p_lo, float c, float 
   return {float_from_bits(bits_of(shifted) << 23), q * u};
 }
 
+// 2^q for q in [-126, 1], to a relative error of 2.9e-6 (about 2^-18.4):
+// for results rounded to float16 or bfloat16, whose half ulp is at least
+// 2^-12 of the value, not float32's. q = k + f with k = round(q) and f =
+// q - k exact in [-1/2, 1/2], 2^f a degree-4 polynomial (fitted for least
+// relative error by scripts/fit_normal_tail.py --half), 2^k from the rounded
+// sum's low bits: the shifter 1.5 * 2^23 + 127 leaves k + 127 there, which
+// shifted into the exponent field is 2^k.
+FUSEDNN_HD float exp2_coarse(float q) {
+  constexpr float kShifter = 12583039.0f;  // 1.5 * 2^23 + 127
+  const float shifted = q + kShifter;
+  const float f = q - (shifted - kShifter);
+  float p = 0.009582941f;
+  p = fmadd(p, f, 0.05590498f);
+  p = fmadd(p, f, 0.24024087f);
+  p = fmadd(p, f, 0.69312435f);
+  p = fmadd(p, f, 1.0f);
+  return p * float_from_bits(bits_of(shifted) << 23);
+}
+
 // e^(hi + lo) where |lo| is a rounding error of hi (|lo| <= ulp(hi)): the
 // second factor is 1 + lo to within lo^2.
 template <class T> FUSEDNN_HD T exp_pair(T hi, T lo) {
@@ -338,13 +357,13 @@ template <class T> FUSEDNN_HD T log1p_unit(T u) {
   return fmadd(k, Tr::kLn2Hi, log1p_f + fmadd(k, Tr::kLn2Lo, correction));
 }
 
+// max(v, 0) that keeps NaN (std::fmax would drop it).
+template <class T> FUSEDNN_HD T positive_part(T v) { return v < T(0) ? T(0) : v; }
+
 // a / b correctly rounded in double for a constant b with inv_b = RN(1/b),
 // without a division instruction: the remainder a - q b is exact with an
 // FMA, and one correction step makes q the correctly rounded quotient
 // (Markstein's theorem), so the result has the same bits as a / b.
-// max(v, 0) that keeps NaN (std::fmax would drop it).
-FUSEDNN_HD double positive_part(double v) { return v < 0.0 ? 0.0 : v; }
-
 FUSEDNN_HD double divide_by(double a, double b, double inv_b) {
   const double q = a * inv_b;
   const double corrected = fmadd(fmadd(-q, b, a), inv_b, q);
