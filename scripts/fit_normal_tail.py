@@ -25,8 +25,9 @@ The tanh form, below |x| = 0.75, is x / 2 + x^2 P(x^2) with derivative
 x u' sech^2(u) / 2) / x, u = sqrt(2/pi) (x + 0.044715 x^3).
 
 With --half, the coarser fits of GELU's forward for float16 and bfloat16
-storage instead (GeluErfHalf): log2 Phi(-t) as a polynomial in t, and the
-base-2 exponential's polynomial.
+storage instead (GeluErfHalf): log2 Phi(-t) and the log2 of the
+derivative's S(t) / (t0 - t) as polynomials in t, and the base-2
+exponential's polynomial.
 
 Every other fit is for least maximum relative error, with coefficients
 that are float32 values: each is rounded in turn, lowest degree first, and the
@@ -54,6 +55,7 @@ EXP_DEGREE = 5
 EXP_REDUCED = 0.75
 
 HALF_LOG2_TAIL_DEGREE = 6
+HALF_LOG2_SLOPE_DEGREE = 7
 HALF_EXP2_DEGREE = 4
 
 TANH_DEGREE = 6
@@ -185,16 +187,25 @@ def main():
 
 
 def half_fits():
-    """The coarser fits of GELU's forward for float16 and bfloat16 storage
+    """The coarser fits of GELU for float16 and bfloat16 storage
     (GeluErfHalf, math::exp2_coarse), whose results need about 2^-12
-    relative accuracy before their final rounding: Q(t) = log2 Phi(-t) on
-    [0, 4] for least absolute error (an absolute error in the exponent is
-    the same relative error, times ln 2, in Phi), and 2^f - 1 = f p(f) on
-    |f| <= 1/2 for least relative error of 2^f."""
+    relative accuracy before their final rounding: Q(t) = log2 Phi(-t) and
+    log2((Phi(-t) - t phi(t)) / (t0 - t)) on [0, 4] for least absolute error
+    (an absolute error in the exponent is the same relative error, times
+    ln 2, in the result), and 2^f - 1 = f p(f) on |f| <= 1/2 for least
+    relative error of 2^f."""
     t = np.linspace(0.0, CORE_T_MAX, 4001).astype(np.float32).astype(np.float64)
     log2_tail = np.array([float(mpmath.log(mpmath.ncdf(-mpmath.mpf(float(v))), 2)) for v in t])
     coefficients, err = fit_one_plus(t, log2_tail + 1.0, np.ones_like(t), HALF_LOG2_TAIL_DEGREE)
     print(f"// log2_tail(t) = -1 + t p(t): max absolute error of the fit {err:.2e}")
+    for c in coefficients[::-1]:
+        print(f"    {str(np.float32(c))}f,")
+    root = gelu_slope_root()
+    log2_slope = slope_exponent(t, root) / np.log(2.0) - t * t / (2.0 * np.log(2.0)) - 1.0
+    coefficients, err = fit_float32(t, log2_slope, HALF_LOG2_SLOPE_DEGREE, CORE_REWEIGHTING_ROUNDS,
+                                    absolute=True)
+    print(f"// log2_slope(t) = log2((Phi(-t) - t phi(t)) / (t0 - t)): max absolute error of the "
+          f"fit {err:.2e}")
     for c in coefficients[::-1]:
         print(f"    {str(np.float32(c))}f,")
     f = np.linspace(-0.5, 0.5, 20001)

@@ -418,7 +418,7 @@ template <class S> bool float_slope_rounds_alike(const ActivationParams& p) {
 // (hardsigmoid, hardswish's forward, hardtanh), or, where Op's float32
 // bits cost double arithmetic or float32 accuracy that the storage types
 // cannot hold, forms in float arithmetic within one ulp of the storage
-// type (gelu's forward, silu's backward, elu's and selu's backward from y,
+// type (gelu, silu's backward, elu's and selu's backward from y,
 // hardswish's backward).
 template <class Op> struct HalfForm {
   using Forward = Op;
@@ -442,7 +442,7 @@ template <> struct HalfForm<act::Silu> {
 };
 template <> struct HalfForm<act::GeluErf> {
   using Forward = act::GeluErfHalf;
-  using Backward = act::GeluErf;
+  using Backward = act::GeluErfHalf;
 };
 template <> struct HalfForm<act::Elu> {
   using Forward = act::Elu;
