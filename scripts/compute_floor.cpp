@@ -94,8 +94,7 @@ template <class Op> void report(const char* name, Data& d, ActivationParams q) {
 // backward from x, or from y where from_y is set, on the stored values.
 template <class Op, class S>
 void report_half(const char* name, const Data& d, ActivationParams q, bool from_y) {
-  using Forward = typename loops::HalfForm<Op>::Forward;
-  using Backward = typename loops::HalfForm<Op>::Backward;
+  using Forward = typename loops::HalfForward<Op>::Form;
   const loops::BlockMode mode{loops::block_storage_of<S>(), false};
   std::vector<S> x(kElements), g(kElements), y(kElements), out(kElements);
   for (int i = 0; i < kElements; ++i) {
@@ -109,15 +108,15 @@ void report_half(const char* name, const Data& d, ActivationParams q, bool from_
   if constexpr (Op::kBackwardFromY) {
     if (from_y) {
       b = ns_per_element([&] {
-        loops::backward_block<Backward, float, true>(out.data(), g.data(), y.data(), kElements,
-                                                     q, mode);
+        loops::backward_block<typename loops::HalfBackward<Op, true>::Form, float, true>(
+            out.data(), g.data(), y.data(), kElements, q, mode);
       });
     }
   }
   if (!from_y) {
     b = ns_per_element([&] {
-      loops::backward_block<Backward, float, false>(out.data(), g.data(), x.data(), kElements, q,
-                                                    mode);
+      loops::backward_block<typename loops::HalfBackward<Op, false>::Form, float, false>(
+          out.data(), g.data(), x.data(), kElements, q, mode);
     });
   }
   std::printf("%-12s %8.3f %9.3f%s\n", name, f, b, from_y ? "  (backward from y)" : "");

@@ -429,17 +429,39 @@ template <class S> bool float_slope_rounds_alike(const ActivationParams& p) {
 // bits cost double arithmetic or float32 accuracy that the storage types
 // cannot hold, forms in float arithmetic within one ulp of the storage
 // type (gelu, silu's backward, elu's and selu's backward from y,
-// hardswish's backward).
-template <class Op> struct HalfForm {
-  using Forward = Op;
-  using Backward = Op;
+// hardswish's backward). The backward's form goes by what it reads: elu's
+// and selu's change only the backward from y, and their backward from x
+// keeps Op's instantiation rather than compiling the same arithmetic
+// again under a second type.
+template <class Op> struct HalfForward {
+  using Form = Op;
 };
-// The backward's form by what it reads. Elu's and selu's own forms change
-// only the backward from y, so their backward from x names Op, not the
-// derived form: the same arithmetic compiled under a second type was about
-// 44 KB of code over the three instruction sets.
+template <> struct HalfForward<act::Hardsigmoid> {
+  using Form = act::HardsigmoidHalf;
+};
+template <> struct HalfForward<act::Hardswish> {
+  using Form = act::HardswishHalf;
+};
+template <> struct HalfForward<act::Hardtanh> {
+  using Form = act::HardtanhHalf;
+};
+template <> struct HalfForward<act::GeluErf> {
+  using Form = act::GeluErfHalf;
+};
 template <class Op, bool kFromOutput> struct HalfBackward {
-  using Form = typename HalfForm<Op>::Backward;
+  using Form = Op;
+};
+template <bool kFromOutput> struct HalfBackward<act::Hardsigmoid, kFromOutput> {
+  using Form = act::HardsigmoidHalf;
+};
+template <bool kFromOutput> struct HalfBackward<act::Hardswish, kFromOutput> {
+  using Form = act::HardswishHalf;
+};
+template <bool kFromOutput> struct HalfBackward<act::Silu, kFromOutput> {
+  using Form = act::SiluHalf;
+};
+template <bool kFromOutput> struct HalfBackward<act::GeluErf, kFromOutput> {
+  using Form = act::GeluErfHalf;
 };
 template <> struct HalfBackward<act::Elu, true> {
   using Form = act::EluHalf;
@@ -447,38 +469,18 @@ template <> struct HalfBackward<act::Elu, true> {
 template <> struct HalfBackward<act::Selu, true> {
   using Form = act::SeluHalf;
 };
-template <> struct HalfForm<act::Hardsigmoid> {
-  using Forward = act::HardsigmoidHalf;
-  using Backward = act::HardsigmoidHalf;
-};
-template <> struct HalfForm<act::Hardswish> {
-  using Forward = act::HardswishHalf;
-  using Backward = act::HardswishHalf;
-};
-template <> struct HalfForm<act::Hardtanh> {
-  using Forward = act::HardtanhHalf;
-  using Backward = act::Hardtanh;
-};
-template <> struct HalfForm<act::Silu> {
-  using Forward = act::Silu;
-  using Backward = act::SiluHalf;
-};
-template <> struct HalfForm<act::GeluErf> {
-  using Forward = act::GeluErfHalf;
-  using Backward = act::GeluErfHalf;
-};
 
 // The arithmetic of Op's kernels for storage type S: on the half types,
-// HalfForm's, and leaky_relu multiplies in float where that rounds alike
-// (over 2^24 elements on 2 threads, 0.51-0.65x the time of the double
-// product).
+// HalfForward's and HalfBackward's forms, and leaky_relu multiplies in
+// float where that rounds alike (over 2^24 elements on 2 threads,
+// 0.51-0.65x the time of the double product).
 template <class Op, class S> ForwardArithmetic<S> forward_arithmetic(const ActivationParams& p) {
   if constexpr (sizeof(S) == sizeof(uint16_t)) {
     if constexpr (std::is_same_v<Op, act::LeakyRelu>) {
       if (float_slope_rounds_alike<S>(p))
         return {&forward_block<act::LeakyReluFloatSlope, float>};
     }
-    return {&forward_block<typename HalfForm<Op>::Forward, float>};
+    return {&forward_block<typename HalfForward<Op>::Form, float>};
   }
   ForwardArithmetic<S> fns{&forward_block<Op, ComputeOf<S>>};
   if constexpr (std::is_same_v<S, double>) fns.strided = &forward_strided_f64<Op>;
