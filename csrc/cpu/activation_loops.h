@@ -63,26 +63,21 @@ constexpr int64_t kHalfChunk = kCoreBlock;
 constexpr int64_t kHalfChunk = kHalfBlock;
 #endif
 
-// Asks for the two 64-byte lines of the half-type chunk at src + at (2
-// bytes a value), 16 chunks (2 KiB) ahead of its widening. A chunk is tens
-// of instructions per two input lines where a copy is a few, so fewer of
-// its loads are in flight at once: with the inputs out of the cache,
-// bfloat16 relu over 2^24 elements (2 threads) ran at 63-66% of a copy,
-// with the prefetches at 93% (4 chunks ahead: 70%).
+// Asks for the 64-byte lines of `values` half-type values at src + at (2
+// bytes a value), ahead of their widening. The light chunks take their
+// two lines 16 chunks (2 KiB) ahead: a chunk is tens of instructions per
+// two input lines where a copy is a few, so fewer of its loads are in
+// flight at once: with the inputs out of the cache, bfloat16 relu over
+// 2^24 elements (2 threads) ran at 63-66% of a copy, with the prefetches
+// at 93% (4 chunks ahead: 70%). The exponential activations' blocks take
+// their eight lines 2 KiB ahead too: their arithmetic is heavier still per
+// line, and in the bench, whose PyTorch calls run between ours, their
+// inputs come from memory.
 constexpr int64_t kHalfPrefetchAhead = 16 * kHalfChunk;
-inline void prefetch_chunk(const void* src, int64_t at) {
-  const char* p = static_cast<const char*>(src) + 2 * at;
-  __builtin_prefetch(p, 0, 3);
-  __builtin_prefetch(p + 64, 0, 3);
-}
-// The same for the eight lines of a kHalfBlock of the exponential
-// activations' blocks (below), 2 KiB ahead: their arithmetic is heavier
-// still per line, and in the bench, whose PyTorch calls run between ours,
-// their inputs come from memory.
 constexpr int64_t kHalfBlockPrefetchAhead = 1024;
-inline void prefetch_block(const void* src, int64_t at) {
+template <int64_t kValues> inline void prefetch_values(const void* src, int64_t at) {
   const char* p = static_cast<const char*>(src) + 2 * at;
-  for (int64_t line = 0; line < 2 * kHalfBlock; line += 64) __builtin_prefetch(p + line, 0, 3);
+  for (int64_t line = 0; line < 2 * kValues; line += 64) __builtin_prefetch(p + line, 0, 3);
 }
 
 // Widens the m <= kHalfChunk stored values at src + at into dst, and
@@ -162,7 +157,7 @@ inline void stored_blocks(void* out, const void* const (&in)[K], int64_t n, Bloc
     for (int64_t b = 0; b < n; b += kHalfChunk) {
       const int64_t m = std::min(kHalfChunk, n - b);
       for (int k = 0; k < K; ++k) {
-        prefetch_chunk(in[k], b + kHalfPrefetchAhead);
+        prefetch_values<64>(in[k], b + kHalfPrefetchAhead);
         widen_chunk(mode.storage, in[k], b, widened[k], m);
       }
       run(results, ins, kHalfChunk, false);
@@ -179,7 +174,7 @@ inline void stored_blocks(void* out, const void* const (&in)[K], int64_t n, Bloc
       float* o;
       if (staged) {
         for (int k = 0; k < K; ++k) {
-          prefetch_block(in[k], b + kHalfBlockPrefetchAhead);
+          prefetch_values<kHalfBlock>(in[k], b + kHalfBlockPrefetchAhead);
           widen_stored(mode.storage, in[k], b, widened[k], m);
           ins[k] = widened[k];
         }
