@@ -161,6 +161,13 @@ def test_infinities_follow_pytorch():
     assert np.isnan(fn.activation_backward("gelu", one, x=x)).all()
     kinks = np.array([-3.0, 3.0], dtype=np.float32)
     assert fn.activation_backward("hardswish", np.ones(2, np.float32), x=kinks).tolist() == [0, 1]
+    # At hardswish's root, inside its active range, the derivative is a
+    # product (x / 3 + 1/2 = 0), not a selected 0: an infinite or NaN
+    # gradient gives NaN, in the kernel and the reference alike.
+    root = np.full(3, -1.5, np.float32)
+    bad = np.array([np.inf, -np.inf, np.nan], np.float32)
+    assert np.isnan(fn.activation_backward("hardswish", bad, x=root)).all()
+    assert np.isnan(ref.activation_backward("hardswish", bad, x=root)).all()
 
 
 # ---- parameters ----------------------------------------------------------------

@@ -244,8 +244,7 @@ def test_every_input_with_many_gradients_within_one_ulp(name, params, saved, bou
     uniform in [0.5, 2]. elu's and selu's g (y + alpha) in float from alpha
     as a float pair (y + alpha cancels near y = -alpha; alpha not a float
     for 1.1 and 1000 / 3); silu's derivative cancels around its root near
-    -1.28, and gelu's around -0.75. (At hardswish's root x = -1.5 the reference selects 0 where g
-    is NaN, which the kernels, as PyTorch, multiply.)"""
+    -1.28, and gelu's around -0.75."""
     dtype = DTYPES[dtype_name]
     y = every_value(dtype)
     with np.errstate(invalid="ignore"):

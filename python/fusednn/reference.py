@@ -374,6 +374,11 @@ _FROM_OUTPUT = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtan
 # PyTorch: an infinite or NaN grad_output still gives 0 there.
 _ZERO_SELECTING = {"relu", "hardsigmoid", "hardswish", "hardtanh"}
 
+# Where one of them has a root inside its active range, PyTorch multiplies
+# there (hardswish' = x / 3 + 1/2 is 0 at x = -1.5), so an infinite or NaN
+# grad_output gives NaN.
+_ACTIVE_ROOTS = {"hardswish": -1.5}
+
 
 def _accepts_output(name, params):
     if name not in _FROM_OUTPUT:
@@ -403,7 +408,12 @@ def activation_backward(name, grad_output, *, x=None, y=None, **params):
         d = _DERIVATIVE[name](keep_dtype(x), **params)
     else:
         raise ValueError(f"the derivative of {name} needs x, the forward input")
-    return np.where(d == 0, 0.0, g * d) if name in _ZERO_SELECTING else g * d
+    if name not in _ZERO_SELECTING:
+        return g * d
+    selected = d == 0
+    if name in _ACTIVE_ROOTS:
+        selected &= _f64(x) != _ACTIVE_ROOTS[name]
+    return np.where(selected, 0.0, g * d)
 
 
 # ---- batch normalization ---------------------------------------------------
