@@ -9,6 +9,7 @@ without graph breaks. Skips when PyTorch is not installed.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import numpy as np
@@ -155,15 +156,11 @@ def test_in_place_backward_writes_the_gradients_bits_over_it(x_format, grad_form
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_inductor_writes_convolution_gradients_over_themselves(layout):
-    # Under inductor, a block whose gradient comes straight from a
-    # convolution's backward (and is dead after batch norm's backward)
-    # runs batch_norm_backward_in_place; the last block, whose gradient
-    # comes from the pooling, keeps batch_norm_backward. The step's
-    # gradients match eager's.
+@functools.lru_cache(maxsize=None)
+def compiled_cnn_backward(layout):
+    """The generated backward code of an inductor-compiled step of a small
+    CNN (three conv-BN-ReLU blocks, pooling, linear) in `layout`, after
+    checking the step's gradients against eager's."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -190,12 +187,87 @@ def test_inductor_writes_convolution_gradients_over_themselves(layout):
         _, code = run_and_get_code(lambda: step(compiled))
     for a, b in zip(model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
-    backward = code[1]
+    return code[1]
+
+
+def strides_in(code, name):
+    """The strides the generated code gives the buffer or input `name`."""
+    found = re.search(rf"{name} = empty_strided_cpu\(\([\d, ]+\), \(([\d, ]+)\)", code) or \
+        re.search(rf"assert_size_stride\({name}, \([\d, ]+\), \(([\d, ]+)\)", code)
+    return tuple(int(s) for s in found.group(1).split(",") if s.strip())
+
+
+@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inductor_writes_convolution_gradients_over_themselves(layout):
+    # Under inductor, a block whose gradient comes straight from a
+    # convolution's backward (and is dead after batch norm's backward)
+    # runs batch_norm_backward_in_place; the last block, whose gradient
+    # comes from the pooling, keeps batch_norm_backward. The step's
+    # gradients match eager's.
+    backward = compiled_cnn_backward(layout)
     in_place = re.findall(r"fusednn\.batch_norm_backward_in_place\.default\((buf\d+),", backward)
     from_convolutions = {out for out, src in re.findall(r"(buf\d+) = (buf\d+)\[0\]", backward)
                          if f"{src} = torch.ops.aten.convolution_backward" in backward}
     assert len(in_place) == 2 and set(in_place) <= from_convolutions
     assert len(re.findall(r"fusednn\.batch_norm_backward\.default\(", backward)) == 1
+
+
+@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_inductor_lays_the_last_blocks_gradient_out_like_x(layout):
+    # The last block's gradient comes from the pooling, which inductor
+    # computes itself; its layout constraint on batch_norm_backward has
+    # it written in x's layout (channels_last, a convolution's output,
+    # even in an NCHW model) and the saved output copied to it, so that
+    # the kernel takes them as they come. Under inductor's default (the
+    # traced NCHW strides) both were NCHW against a channels_last x.
+    backward = compiled_cnn_backward(layout)
+    (call,) = re.findall(r"fusednn\.batch_norm_backward\.default\((\w+), (\w+), .*, (\w+)\)",
+                         backward)
+    grad_output, x, relu_output = call
+    assert strides_in(backward, x) == (576, 1, 96, 16)  # channels_last (4, 16, 6, 6)
+    assert strides_in(backward, grad_output) == strides_in(backward, relu_output) == \
+        strides_in(backward, x)
+    assert "threshold_backward" not in backward
+
+
+@pytest.mark.filterwarnings(TORCH_AUTOGRAD_FUNCTION_WARNING)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
+def test_inductor_layout_constraint_takes_dynamic_shapes():
+    # With dynamic shapes x's strides are symbolic (after strided
+    # convolutions, expressions whose order holds only for sizes inductor
+    # assumes); the constraint orders them as inductor's own constraints
+    # do. The last block's inputs still come laid out like x, and the
+    # gradients match eager's.
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layers = []
+    for i, (n_in, n_out) in enumerate(((3, 8), (8, 16), (16, 16))):
+        layers += [torch.nn.Conv2d(n_in, n_out, 3, stride=1 if i == 0 else 2, padding=1,
+                                   bias=False),
+                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)]
+    model = ft.patch(torch.nn.Sequential(*layers)).model
+    compiled_model = copy.deepcopy(model)
+    x = normals(4, 3, 12, 12, dtype=F32)
+
+    def step(m):
+        m(x).square().sum().backward()
+
+    step(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        _, code = run_and_get_code(lambda: step(compiled))
+    for a, b in zip(model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+    assert "fusednn.batch_norm_backward.default(" in code[1]
+    assert "threshold_backward" not in code[1]
 
 
 # ---- modules --------------------------------------------------------------------------

@@ -19,11 +19,13 @@ Python (its own autograd and ADInplaceOrView kernels, a backend wrapper,
 argument defaults, a dynamo-disable wrapper) that cost a batch-norm call
 about 70 us on top of the kernel's 30 us, and a compiled graph calls the
 operators through all of them. A kernel registered per dispatch key is
-one Python call behind the C++ dispatcher. Batch norm, its backward and
-the activations carry the ``flexible_layout`` tag: they take any strides
+one Python call behind the C++ dispatcher. Batch norm and the
+activations carry the ``flexible_layout`` tag: they take any strides
 (channels_last included) and their outputs follow the input's, so that
 inductor, which keeps convolution outputs channels_last on the CPU, does
-not copy them to NCHW and back around each operator.
+not copy them to NCHW and back around each operator. Batch norm's
+backward instead has inductor lay grad_output and relu_output out like x
+(``_laid_out_like_x``).
 
 Dropout takes its random stream as ``rng``, a CPU int64 tensor
 ``[seed, offset]`` (read modulo 2**64), rather than Python integers: a
@@ -489,17 +491,21 @@ def _laid_out_like(x: Tensor, grad_output: Tensor, relu_output: Optional[Tensor]
 def _batch_norm_backward_fake(grad_output, x, weight, save_mean, save_invstd, training, axis,
                               relu_output=None):
     _offer_in_place_backward_to_inductor()
+    _offer_layout_constraint_to_inductor()
     channels = x.shape[axis]
     dtype = _statistics_dtype(x)
     return (torch.empty_like(x), x.new_empty(channels, dtype=dtype),
             x.new_empty(channels, dtype=dtype))
 
 
+# No flexible_layout tag: under inductor its inputs take the layout
+# constraint below (grad_output and relu_output laid out like x), which a
+# tag would override.
 batch_norm_backward = _define(
     "batch_norm_backward",
     "(Tensor grad_output, Tensor x, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
     "bool training, SymInt axis, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
-    _batch_norm_backward_kernel, _batch_norm_backward_fake, tags=_FLEXIBLE)
+    _batch_norm_backward_kernel, _batch_norm_backward_fake, tags=_FIXED)
 
 
 def _batch_norm_backward_in_place_kernel(grad_output: Tensor, x: Tensor, weight: Optional[Tensor],
@@ -548,8 +554,9 @@ def _reinplace_batch_norm_backward(node) -> bool:
     grad_output unused afterwards). Taken for a gradient straight from a
     convolution's backward, which inductor lays out like the convolution's
     output, x: the layout the quick path writes in place. A gradient from
-    elsewhere (the pooling after the last block) can be laid out unlike x,
-    and writing over it would cost a copy back. On yes, the node's users
+    elsewhere (the pooling after the last block) could be laid out unlike
+    x, since the in-place operator has no layout constraint, and writing
+    over it would cost a copy back. On yes, the node's users
     are renumbered for the two results of the in-place operator, and those
     of grad_input read grad_output, which holds it after the call. CPU
     only: torch's CUDA caching allocator keeps freed memory, and a CUDA
@@ -597,6 +604,62 @@ def _offer_in_place_backward_to_inductor() -> None:
     if hasattr(reinplace, "inplaceable_ops") and hasattr(reinplace, "InplaceableOp"):
         reinplace.inplaceable_ops[batch_norm_backward] = reinplace.InplaceableOp(
             batch_norm_backward_in_place, 0, extra_check=_reinplace_batch_norm_backward)
+
+
+def _laid_out_like_x(fx_node, *args, **kwargs):
+    """Inductor's layout constraint for batch_norm_backward: grad_output
+    and relu_output in the stride order of x, as the kernels read them
+    (any other layout costs a copy in the kernel). A gradient that
+    inductor computes itself (the pooling's before a CNN's last block) is
+    then written in that layout at no cost; a tensor already laid out
+    otherwise is copied by inductor. x itself is left as it comes: a
+    convolution's output, channels_last on the CPU even in an NCHW
+    model."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    args = list(args)
+    x = args[1]
+    try:
+        layout = x.get_layout()
+    except (AttributeError, NotImplementedError):
+        return tuple(args), kwargs
+    if isinstance(layout, ir.FlexibleLayout):
+        return tuple(args), kwargs
+    # The shape environment orders symbolic strides (dynamic shapes).
+    order = ir.get_stride_order(layout.stride, V.graph.sizevars.shape_env)
+
+    def like_x(t):
+        return t if t is None else ir.ExternKernel.require_stride_order(t, order)
+
+    args[0] = like_x(args[0])
+    if len(args) > 7:
+        args[7] = like_x(args[7])
+    if kwargs.get("relu_output") is not None:
+        kwargs = {**kwargs, "relu_output": like_x(kwargs["relu_output"])}
+    return tuple(args), kwargs
+
+
+_layout_offered_to_inductor = False
+
+
+def _offer_layout_constraint_to_inductor() -> None:
+    """Registers batch_norm_backward's lowering with the layout constraint
+    above, the first time a backward is traced once inductor is loaded (as
+    _offer_in_place_backward_to_inductor, and for the same reason). A torch
+    without these (private) functions lowers the operator with inductor's
+    default for operators without a layout tag, the strides seen when
+    tracing: correct, with copies around it."""
+    global _layout_offered_to_inductor
+    if _layout_offered_to_inductor:
+        return
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is None:
+        return
+    _layout_offered_to_inductor = True
+    if hasattr(lowering, "make_fallback") and batch_norm_backward not in lowering.lowerings:
+        lowering.make_fallback(batch_norm_backward, layout_constraint=_laid_out_like_x,
+                               warn=False)
 
 
 class _BatchNorm(torch.autograd.Function):
