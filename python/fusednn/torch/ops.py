@@ -465,9 +465,10 @@ def _batch_norm_backward_kernel(grad_output: Tensor, x: Tensor, weight: Optional
 def _laid_out_like(x: Tensor, grad_output: Tensor, relu_output: Optional[Tensor]
                    ) -> tuple[Tensor, Optional[Tensor]]:
     """grad_output and relu_output in x's memory format, which the kernels
-    need. Under torch.compile they can differ: inductor lays convolution
-    outputs (x) out channels_last, but keeps a saved batch-norm output that
-    no convolution reads (the last block's, before the pooling) in the
+    need. Under torch.compile without the layout constraint
+    (_laid_out_like_x) they can differ: inductor lays convolution outputs
+    (x) out channels_last, but keeps a saved batch-norm output that no
+    convolution reads (the last block's, before the pooling) in the
     strides seen when tracing, and makes the pooling's gradient
     C-contiguous. When relu_output and grad_output share a layout unlike
     x's, the mask is applied in that layout first (torch's
