@@ -11,6 +11,15 @@
 //   g++ -std=c++17 -O2 -ffp-contract=off -fno-math-errno -fopenmp -mfma \
 //       -Icsrc/include scripts/exhaustive_f32.cpp -o /tmp/exhaustive_f32
 //   /tmp/exhaustive_f32 gelu 20
+// BOUND `all` takes every one of the 2^32 bit patterns: infinities and NaN
+// too, where a result counts as exact if it is the reference's value (an
+// infinity) or both are NaN.
+//
+// Built for AVX-512 (add -DFUSEDNN_ISA=avx512 -Icsrc -mavx512f -mavx512bw
+// -mavx512dq -mavx512vl -mavx2 -mf16c), it also runs the gelu forward's
+// inputs through the CPU kernels' own loop (cpu/activation_runs.h, whose
+// core blocks evaluate the header's form a vector at a time) and counts
+// the results whose bits differ from the per-element evaluation.
 // Kernels: gelu gelu_b gelu_tanh gelu_tanh_b silu silu_b sigmoid sigmoid_b tanh
 // tanh_b elu elu_b selu selu_b softplus softplus_b mish mish_b.
 // A kernel takes one to two minutes on two cores for |x| <= 20.
@@ -23,6 +32,12 @@
 #include <string>
 
 #include "fusednn/activations.h"
+#if defined(FUSEDNN_ISA)
+#include "cpu/activation_runs.h"
+#endif
+
+#define FUSEDNN_STRINGIFY_VALUE(x) #x
+#define FUSEDNN_STRINGIFY(x) FUSEDNN_STRINGIFY_VALUE(x)
 
 namespace {
 
@@ -126,7 +141,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string kernel = argv[1];
-  const float bound = std::strtof(argv[2], nullptr);
+  const bool every_pattern = std::string(argv[2]) == "all";
+  const float bound = every_pattern ? INFINITY : std::strtof(argv[2], nullptr);
   Evaluation probe;
   if (!evaluate(kernel, 1.0f, probe)) {
     std::fprintf(stderr, "unknown kernel %s\n", kernel.c_str());
@@ -134,18 +150,44 @@ int main(int argc, char** argv) {
   }
   uint32_t top;
   std::memcpy(&top, &bound, sizeof top);
+  if (every_pattern) top = 0x7fffffffu;
   double worst_ulp = 0, worst_ulp_x = 0, worst_cancel = 0, worst_cancel_x = 0;
+  int64_t loop_differs = 0;
 #pragma omp parallel
   {
     double ulp = 0, ulp_x = 0, cancel = 0, cancel_x = 0;
+    int64_t differs = 0;
 #pragma omp for schedule(dynamic, 1 << 20)
     for (int64_t magnitude = 0; magnitude <= static_cast<int64_t>(top); ++magnitude) {
+#if defined(FUSEDNN_ISA)
+      // A chunk of consecutive magnitudes of both signs through the loop.
+      constexpr int64_t kChunk = 4096;
+      if (kernel == "gelu" && magnitude % kChunk == 0) {
+        static thread_local float xs[2 * kChunk], ys[2 * kChunk];
+        const int64_t count = std::min<int64_t>(kChunk, static_cast<int64_t>(top) - magnitude + 1);
+        for (int64_t k = 0; k < count; ++k) {
+          for (uint32_t half : {0u, 1u}) {
+            const uint32_t bits = static_cast<uint32_t>(magnitude + k) | (half << 31);
+            std::memcpy(&xs[2 * k + half], &bits, sizeof bits);
+          }
+        }
+        const float* in = xs;
+        fusednn::cpu::FUSEDNN_ISA::activation_run<act::GeluErf>(
+            ys, 2 * count, ActivationParams{}, [=](int64_t i) { return in[i]; },
+            [](int64_t, float y) { return y; });
+        for (int64_t k = 0; k < 2 * count; ++k) {
+          const float scalar = act::GeluErf::forward<float>(xs[k], ActivationParams{});
+          differs += std::memcmp(&scalar, &ys[k], sizeof scalar) != 0;
+        }
+      }
+#endif
       for (uint32_t sign : {0u, 0x80000000u}) {
         const uint32_t bits = static_cast<uint32_t>(magnitude) | sign;
         float x;
         std::memcpy(&x, &bits, sizeof x);
         Evaluation e;
         evaluate(kernel, x, e);
+        if (e.got == e.reference || (std::isnan(e.got) && std::isnan(e.reference))) continue;
         const double error = std::fabs(e.got - e.reference);
         if (e.largest_term >= 2.0 * std::fabs(e.reference)) {
           const double scaled = error / (8.0 * std::ldexp(1.0, -24));
@@ -158,12 +200,19 @@ int main(int argc, char** argv) {
     }
 #pragma omp critical
     {
+      loop_differs += differs;
       if (!(ulp <= worst_ulp)) worst_ulp = ulp, worst_ulp_x = ulp_x;
       if (!(cancel <= worst_cancel)) worst_cancel = cancel, worst_cancel_x = cancel_x;
     }
   }
-  std::printf("%s, every float32 |x| <= %g: max %.3f ulp at x = %.9g; where the terms cancel: "
+  std::printf("%s, every float32 %s%g: max %.3f ulp at x = %.9g; where the terms cancel: "
               "max |error| = %.3f x 8 * 2^-24 at x = %.9g\n",
-              kernel.c_str(), bound, worst_ulp, worst_ulp_x, worst_cancel, worst_cancel_x);
+              kernel.c_str(), every_pattern ? "(NaN too), |x| <= " : "|x| <= ", bound, worst_ulp,
+              worst_ulp_x, worst_cancel, worst_cancel_x);
+#if defined(FUSEDNN_ISA)
+  if (kernel == "gelu")
+    std::printf("gelu forward through the %s loop: %lld results differ from the per-element "
+                "evaluation\n", FUSEDNN_STRINGIFY(FUSEDNN_ISA), static_cast<long long>(loop_differs));
+#endif
   return 0;
 }

@@ -24,6 +24,14 @@ The tanh form, below |x| = 0.75, is x / 2 + x^2 P(x^2) with derivative
 1/2 + x R(x^2), where P = tanh(u) / (2x) and R = (tanh(u) / 2 +
 x u' sech^2(u) / 2) / x, u = sqrt(2/pi) (x + 0.044715 x^3).
 
+With --pieces, the piecewise core of GELU's float32 forward on the CPU
+(GeluErf::forward_core_pieces): Phi(-t) on 0 <= t < 3.875 as 16
+polynomials of degree 6, piece i = round(4t) in s = 4t - i (exact, |s| <=
+1/2), each fitted for least maximum relative error on the float32 values
+of t in its piece, coefficients rounded to float32 in turn. Printed
+negated, as the kernel's table holds them (-t times the polynomial joins
+x or -0 in one fused multiply-add).
+
 With --half, the coarser fits of GELU's forward for float16 and bfloat16
 storage instead (GeluErfHalf): log2 Phi(-t) and the log2 of the
 derivative's S(t) / (t0 - t) as polynomials in t, and the base-2
@@ -53,6 +61,11 @@ CORE_REWEIGHTING_ROUNDS = 14
 ESTIMATE_REWEIGHTING_ROUNDS = 30
 EXP_DEGREE = 5
 EXP_REDUCED = 0.75
+
+PIECE_COUNT = 16
+PIECES_PER_UNIT = 4  # pieces of width 1/4: s = 4t - i is exact
+PIECE_DEGREE = 6
+PIECE_SAMPLES = 2000
 
 HALF_LOG2_TAIL_DEGREE = 6
 HALF_LOG2_SLOPE_DEGREE = 7
@@ -214,6 +227,29 @@ def half_fits():
     report("2^f = 1 + f p(f), exp2_coarse", *fit_one_plus(f, exp2 - 1.0, exp2, HALF_EXP2_DEGREE))
 
 
+def tail_pieces():
+    """Phi(-t) = P_i(s), s = 4t - i, i = round(4t), for t in [0, 3.875):
+    each piece fitted for least maximum relative error on the float32 t of
+    [(i - 1/2) / 4, (i + 1/2) / 4] (t >= 0), float32 coefficients. Prints
+    the negated coefficients, degree 0 first, one row of 16 pieces per
+    degree, and the largest relative error of a piece."""
+    rows = np.zeros((PIECE_DEGREE + 1, PIECE_COUNT))
+    worst = 0.0
+    for i in range(PIECE_COUNT):
+        low = max(0.0, (i - 0.5) / PIECES_PER_UNIT)
+        high = (i + 0.5) / PIECES_PER_UNIT
+        t = np.unique(np.linspace(low, high, PIECE_SAMPLES).astype(np.float32)).astype(np.float64)
+        s = PIECES_PER_UNIT * t - i
+        tail = np.array([float(mpmath.ncdf(-mpmath.mpf(float(v)))) for v in t])
+        coefficients, err = fit_float32(s, tail, PIECE_DEGREE, CORE_REWEIGHTING_ROUNDS)
+        rows[:, i] = -coefficients
+        worst = max(worst, err)
+    print(f"// -Phi(-t) in {PIECE_COUNT} pieces of degree {PIECE_DEGREE}: max relative error of "
+          f"the fit {worst:.2e}")
+    for row in rows:
+        print("    {" + ", ".join(f"{str(np.float32(c))}f" for c in row) + "},")
+
+
 def fit_one_plus(variable, target, scale, degree):
     """target = v p(v), p of degree - 1 with float32 coefficients (lowest
     degree first), for least maximum error relative to `scale`: the
@@ -233,4 +269,9 @@ def fit_one_plus(variable, target, scale, degree):
 
 if __name__ == "__main__":
     import sys
-    half_fits() if sys.argv[1:] == ["--half"] else main()
+    if sys.argv[1:] == ["--half"]:
+        half_fits()
+    elif sys.argv[1:] == ["--pieces"]:
+        tail_pieces()
+    else:
+        main()

@@ -212,12 +212,14 @@ def every_float32(low: float, high: float) -> np.ndarray:
 # (where a kernel's cheaper float32 evaluation hands over to the full one),
 # the hand-overs inside them (the tanh form's central polynomial, the
 # softplus threshold, e^x - 1 rounding to -1, gelu's s = |x| - 2 turning
-# exact at 1), and each kernel's worst
+# exact at 1, the gelu forward's first, middle and last joins of its core
+# pieces at |x| = 0.125, 2.125 and 3.625), and each kernel's worst
 # point in scripts/exhaustive_f32.cpp (the gelu forward's was 4.2 ulp near
 # -1.834 before its product was rounded once).
 TANH_GELU = {"approximate": "tanh"}
-CORE_WINDOWS = [("gelu", {}, [(1.82, 1.87), (3.99, 4.01), (0.74, 0.76), (0.99, 1.01),
-                             (0.3349, 0.3351), (0.00179, 0.00181)]),
+CORE_WINDOWS = [("gelu", {}, [(1.82, 1.87), (3.99, 4.01), (3.87, 3.88), (0.74, 0.76),
+                             (0.99, 1.01), (0.3349, 0.3351), (0.00179, 0.00181),
+                             (0.1245, 0.1255), (2.124, 2.126), (3.624, 3.626)]),
                 ("gelu", TANH_GELU, [(8.99, 9.01), (0.74, 0.76), (1.37, 1.39), (3.14, 3.142),
                                    (1.217, 1.2172)]),
                 ("silu", {}, [(4.99, 5.01), (63.9, 64.1), (1.27, 1.29)]),

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cpu/elementwise.h"
+#include "cpu/lanes.h"
 #include "fusednn/activations.h"
 
 namespace fusednn {
@@ -47,6 +48,78 @@ inline ActivationCost activation_cost(Activation act) {
 // half as many doubles.
 template <class T> constexpr double cost_of(double ns) { return ns * sizeof(T) / sizeof(float); }
 
+// Whether Op's float32 forward core is forward_core_pieces, which the
+// loops evaluate a vector of FloatLanes at a time (cpu/lanes.h).
+template <class Op, class = void> struct HasForwardCorePieces : std::false_type {};
+template <class Op>
+struct HasForwardCorePieces<Op, std::void_t<decltype(Op::kForwardCorePieces)>>
+    : std::bool_constant<Op::kForwardCorePieces> {};
+
+#if defined(FUSEDNN_FLOAT_LANES)
+// The values of a forward core in pieces for a line of kLineElems<float>
+// inputs at k into line: the core form a vector of FloatLanes at a time
+// (forward_core_pieces), and unless `inside` (every input of the line in
+// the core range), forward_outer_f32 where an input lies beyond (NaN
+// included): Op::forward's values. Then finish, as activation_run's.
+template <class Op, class Input, class Finish>
+FUSEDNN_INLINE_LAMBDA inline void pieces_line(float* line, int64_t k, bool inside, Input z,
+                                              Finish finish) {
+  constexpr int64_t kLine = kLineElems<float>;
+  for (int64_t v = 0; v < kLine; v += FloatLanes::kCount) {
+    alignas(64) float inputs[FloatLanes::kCount];
+#pragma omp simd
+    for (int64_t j = 0; j < FloatLanes::kCount; ++j) inputs[j] = z(k + v + j);
+    Op::forward_core_pieces(FloatLanes::load(inputs)).store(line + v);
+  }
+  if (!inside) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLine; ++j) {
+      const float x = z(k + j);
+      const float outer = Op::forward_outer_f32(x);
+      line[j] = math::magnitude(x) <= Op::kForwardCoreBound ? line[j] : outer;
+    }
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < kLine; ++j) line[j] = finish(k + j, line[j]);
+}
+
+// activation_run for a forward core in pieces, a line at a time into
+// registers, then streamed (where `stream` is set; out is then 64-byte
+// aligned) or stored, as write_lines does. Blocks of kCoreBlock whose
+// inputs all lie in the core range (core_block_inside) skip the outer
+// form; the last partial line takes its inputs from a copy padded with
+// zeros, whose values go unused.
+template <class Op, bool kLines, class Input, class Finish>
+inline void activation_run_pieces(float* out, int64_t m, Input z, Finish finish, bool stream) {
+  constexpr int64_t kLine = kLineElems<float>;
+  int64_t i = 0;
+  for (; i + kCoreBlock <= m; i += kCoreBlock) {
+    const bool inside = core_block_inside(z, i, Op::kForwardCoreBound);
+    for (int64_t l = i; l < i + kCoreBlock; l += kLine) {
+      alignas(64) float line[kLine];
+      pieces_line<Op>(line, l, inside, z, finish);
+      if (kLines && __builtin_expect(stream, false)) {
+        stream_line(out + l, load_line(line));
+      } else {
+        std::memcpy(out + l, line, sizeof line);
+      }
+    }
+  }
+  for (; i < m; i += kLine) {
+    const int64_t n = std::min(kLine, m - i);
+    alignas(64) float inputs[kLine];
+    for (int64_t j = 0; j < kLine; ++j) inputs[j] = j < n ? z(i + j) : 0.0f;
+    const float* in = inputs;
+    const int64_t at = i;
+    alignas(64) float line[kLine];
+    pieces_line<Op>(
+        line, 0, false, [=](int64_t k) FUSEDNN_INLINE_LAMBDA { return in[k]; },
+        [=](int64_t k, float y) FUSEDNN_INLINE_LAMBDA { return finish(at + k, y); });
+    std::memcpy(out + i, line, n * sizeof(float));
+  }
+}
+#endif
+
 // out[k] = finish(k, act(z(k))) for k in [0, m). With kLines, a line at a
 // time (write_lines), streamed where `stream` is set; otherwise in single
 // vectorized loops.
@@ -56,6 +129,12 @@ inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z,
   const auto value = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
     return finish(k, Op::template forward<T>(z(k), q));
   };
+#if defined(FUSEDNN_FLOAT_LANES)
+  if constexpr (std::is_same_v<T, float> && HasForwardCorePieces<Op>::value) {
+    activation_run_pieces<Op, kLines>(out, m, z, finish, stream);
+    return;
+  }
+#endif
   if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return finish(k, Op::forward_core_f32(z(k), q));

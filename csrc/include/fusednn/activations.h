@@ -57,6 +57,9 @@ namespace act {
 
 using math::abs_;
 using math::exp_;
+using math::keep_nonnegative;
+using math::lookup16;
+using math::magnitude;
 
 constexpr double kSeluScale = 1.0507009873554804934193349852946;
 constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
@@ -300,13 +303,56 @@ struct GeluErf {
   static constexpr float kInvSqrt2PiHi = 0.3989423f;
   static constexpr float kInvSqrt2PiLo = -1.133517e-08f;
 
-  // The core range |x| <= 4 holds nearly every input in practice; there
-  // Phi(-t) and the derivative's Phi(-t) - t phi(t) are each one
-  // exponential, e^(c(t) - p / 2) / 2 (math::half_exp_pair_plus_core),
-  // with the logarithm of their smooth factor folded into the exponent as
-  // a polynomial c: no division, no clamps, no 2^64 offset.
-  static constexpr float kForwardCoreBound = 4.0f;
+  // The core ranges hold nearly every input in practice: |x| < 3.875 for
+  // the forward (below, where round(4t) names one of 16 pieces) and
+  // |x| <= 4 for the derivative. There the CPU's forward is a polynomial
+  // of Phi(-t) per piece (forward_core_pieces), and the derivative and
+  // the GPU's forward are one exponential each, e^(c(t) - p / 2) / 2
+  // (math::half_exp_pair_plus_core), with the logarithm of their smooth
+  // factor folded into the exponent as a polynomial c: no division, no
+  // clamps, no 2^64 offset.
+  static constexpr float kForwardCoreBound = 3.8749998f;  // the float below 15.5 / 4
   static constexpr float kBackwardCoreBound = 4.0f;
+
+  // Phi(-t) for 0 <= t < 3.875 in 16 pieces, i = round(4t), each a
+  // degree-6 polynomial in s = 4t - i (|s| <= 1/2), fitted by
+  // scripts/fit_normal_tail.py --pieces for least relative error on the
+  // float32 t of its piece (3.3e-8 with float32 coefficients); the table
+  // holds them negated, lowest degree first, a row of 16 pieces per
+  // degree. Horner's scheme over coefficients looked up per element: where
+  // the CPU evaluates a vector at a time (cpu/lanes.h), each look-up is one
+  // permute of a 16-entry row held in a register, and the whole form about
+  // 19 vector operations where the single exponential takes about 40.
+  // round(4t) is left in the low bits of 4t + 1.5 * 2^23, whose difference
+  // from 4t is exact (|s| <= 1/2, Sterbenz for i >= 1). A GPU would look
+  // the rows up in memory, one load per coefficient; it keeps the
+  // exponential (forward_core_f32).
+  static constexpr bool kForwardCorePieces = true;
+  static constexpr float kPieceShifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr int kPieceDegree = 6;
+  static constexpr float kMinusTailPieces[kPieceDegree + 1][16] = {
+      {-0.5f, -0.40129367f, -0.30853754f, -0.22662735f, -0.15865526f, -0.10564978f, -0.0668072f, -0.040059157f, -0.022750132f, -0.012224473f, -0.0062096654f, -0.0029797633f, -0.001349898f, -0.00057702506f, -0.00023262909f, -8.8417284e-05f},
+      {0.09973557f, 0.09666703f, 0.08801633f, 0.075284354f, 0.060492683f, 0.045662273f, 0.0323794f, 0.02156933f, 0.013497742f, 0.007934913f, 0.0043820753f, 0.0022733908f, 0.0011079621f, 0.000507262f, 0.00021817068f, 8.814892e-05f},
+      {-7.934063e-08f, -0.0030214484f, -0.005500751f, -0.007058066f, -0.007561453f, -0.007134534f, -0.006071029f, -0.0047183014f, -0.0033744464f, -0.0022316694f, -0.0013693917f, -0.00078147335f, -0.0004154844f, -0.00020607428f, -9.5449315e-05f, -4.1319847e-05f},
+      {-0.0010381873f, -0.00094395736f, -0.0006876444f, -0.00034300378f, -5.9125348e-08f, 0.00026749453f, 0.00042156677f, 0.0004633946f, 0.0004218014f, 0.00033578026f, 0.00023964053f, 0.00015540395f, 9.232984e-05f, 5.0527833e-05f, 2.5566615e-05f, 1.1994235e-05f},
+      {-2.9011733e-06f, 5.2380685e-05f, 7.604548e-05f, 9.111981e-05f, 7.74825e-05f, 5.1495717e-05f, 2.2669192e-05f, -1.4240618e-06f, -1.7461645e-05f, -2.420989e-05f, -2.3240971e-05f, -1.861142e-05f, -1.2996703e-05f, -8.125357e-06f, -4.6017094e-06f, -2.3804796e-06f},
+      {1.5035785e-05f, 7.924719e-06f, 4.599586e-06f, -5.042515e-07f, -3.6707581e-06f, -5.554474e-06f, -5.5360365e-06f, -4.1780695e-06f, -2.192156e-06f, -4.167286e-07f, 6.64863e-07f, 1.1085459e-06f, 1.0827677e-06f, 8.4646825e-07f, 5.6650083e-07f, 3.3435578e-07f},
+      {-3.6456488e-06f, -1.6314365e-05f, 6.287559e-06f, -4.4495405e-06f, 2.6664786e-06f, 4.617097e-06f, 2.7196681e-06f, 2.0547326e-08f, 3.5851684e-08f, 8.1082953e-07f, 2.661224e-07f, 1.2249207e-07f, 2.80971e-09f, -2.6815556e-08f, -3.659929e-08f, -3.2733446e-08f},
+  };
+  // -t Phi(-t) + (x or -0), as forward_core_f32 below forms it. F is float
+  // or one of the CPU's vectors of float lanes (cpu/lanes.h), which
+  // provide the same operations, each rounding alike lane by lane: the
+  // vector and scalar forms give the same bits.
+  template <class F> static F forward_core_pieces(F x) {
+    const F t = magnitude(x);
+    const F shifted = fmadd(t, F(4.0f), F(kPieceShifter));
+    const F s = fmadd(t, F(4.0f), F(kPieceShifter) - shifted);
+    const auto piece = bits_of(shifted);
+    F q = lookup16(kMinusTailPieces[kPieceDegree], piece);
+    for (int degree = kPieceDegree - 1; degree >= 0; --degree)
+      q = fmadd(q, s, lookup16(kMinusTailPieces[degree], piece));
+    return fmadd(t, q, keep_nonnegative(x));
+  }
 
   // The polynomials c(t) of the core exponents, in s = t - 2 (exact for
   // t >= 1; below, its rounding moves c by at most 2e-8), fitted by
@@ -352,12 +398,16 @@ struct GeluErf {
   static constexpr float kRootHi = 0.75179154f;
   static constexpr float kRootLo = -1.211445e-08f;
 
-  // x Phi(x) for |x| <= 4: x Phi(-t) below zero, x - x Phi(-t) above, as
-  // -|x| Phi(-t) + (x or -0): the zeros keep their sign, since -0 + -0 is
-  // -0 and -0 + +0 is +0. t^2 + t = t v, v = t + 1, is the exact pair
+  // x Phi(x) in the core range: x Phi(-t) below zero, x - x Phi(-t)
+  // above, as -|x| Phi(-t) + (x or -0): the zeros keep their sign, since
+  // -0 + -0 is -0 and -0 + +0 is +0. On the CPU, the pieces above; on the
+  // GPU, one exponential, with t^2 + t = t v, v = t + 1, as the exact pair
   // p + p_lo: v - 1 and t - (v - 1), v's rounding error, are exact for
   // every v in [1, 5].
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
+#if !defined(__CUDA_ARCH__)
+    return forward_core_pieces(x);
+#else
     const float t = math::magnitude(x);
     const float v = t + 1.0f;
     const float v_lo = t - (v - 1.0f);
@@ -368,6 +418,7 @@ struct GeluErf {
         math::half_exp_pair_plus_core(p, p_lo, mills_exponent(s), mills_exponent_estimate(s));
     const float tail = fmadd(e.scale, e.m1, e.scale);  // Phi(-t)
     return fmadd(-t, tail, x >= 0.0f ? x : -0.0f);
+#endif
   }
   // Beyond the core: the tail, where Phi(-t) reaches the subnormals, and
   // the special values.
@@ -462,6 +513,8 @@ struct GeluErf {
 // float32 evaluation (the tails, where the results reach the subnormals,
 // and the special values).
 struct GeluErfHalf : GeluErf {
+  static constexpr float kForwardCoreBound = 4.0f;
+  static constexpr bool kForwardCorePieces = false;
   FUSEDNN_HD static float log2_tail(float t) {
     float q = 3.5524343e-05f;
     q = fmadd(q, t, -0.00078557356f);

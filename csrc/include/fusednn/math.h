@@ -1,6 +1,7 @@
 // Elementary functions for the kernels, written once for float and double,
 // for the host and the device. They are branch-free (selects, no loops or
-// table look-ups) so that a CPU loop calling them vectorizes, and they keep
+// table look-ups, but for lookup16, whose callers the CPU evaluates a vector
+// at a time: cpu/lanes.h) so that a CPU loop calling them vectorizes, and they keep
 // their accuracy over the whole input range: exp is within about 1 ulp,
 // expm1 and log1p keep relative accuracy near zero. Special values follow
 // IEEE: NaN in gives NaN out, overflow gives infinity, underflow degrades
@@ -66,6 +67,16 @@ template <class T> FUSEDNN_HD T abs_(T x) { return x < T(0) ? -x : x; }  // -0 -
 // |x| by clearing the sign bit: one instruction where abs_ takes a compare
 // and a select (NaN keeps its payload, -0 becomes +0).
 FUSEDNN_HD float magnitude(float x) { return float_from_bits(bits_of(x) & 0x7fffffffu); }
+
+// x where x >= 0 (and NaN), -0 below zero: the addend that keeps the sign
+// of GELU's zeros. As written, x86 vector code takes it as one maximum,
+// max(-0, x), which returns its second operand x for zeros and NaN.
+FUSEDNN_HD float keep_nonnegative(float x) { return x < 0.0f ? -0.0f : x; }
+
+// table[index mod 16]: a coefficient of one of 16 polynomial pieces
+// (activations.h), as the CPU's vector permutes look it up (cpu/lanes.h).
+// Not for the GPU, whose device code cannot read a host table.
+inline float lookup16(const float* table, uint32_t index) { return table[index & 15u]; }
 
 template <class T> FUSEDNN_HD T copysign_(T magnitude, T sign_source) {
   using Tr = Traits<T>;
