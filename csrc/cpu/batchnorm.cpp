@@ -134,6 +134,14 @@ constexpr int64_t kResidentChannelBytes = int64_t(1) << 20;
 // input and output) made that forward 1.08-1.17x slower than one channel
 // at a time.
 constexpr int64_t kResidentBandBytes = int64_t(1) << 19;
+// The same for the backward's bands of several channels, which do not ask
+// for the next band while they write: up to 1.5 MiB (eight 64x16x16
+// channels of x, dy and grad_input). Two channels a band with the next
+// band asked for row by row as each was written took 1.2-1.45 times as
+// long for a 64x64x16x16 backward (one and two threads, medians of 15);
+// the prefetch instructions and the loads they raced with were most of
+// the write's time.
+constexpr int64_t kResidentBackwardBandBytes = int64_t(3) << 19;
 
 // The compute type of storage type S.
 template <class S> using ComputeOf = typename Storage<S>::Compute;
@@ -874,9 +882,10 @@ bool channel_resident(const ChannelView& v, int64_t item, int reads,
 }
 
 // The channels of one resident band: as many as keep the band's inputs
-// (reads operands) and its output within kResidentBandBytes, at least one.
-int64_t resident_band_channels(const ChannelView& v, int64_t item, int reads) {
-  return std::max<int64_t>(1, kResidentBandBytes / (v.outer * v.inner * item * (reads + 1)));
+// (reads operands) and its output within band_bytes, at least one.
+int64_t resident_band_channels(const ChannelView& v, int64_t item, int reads,
+                               int64_t band_bytes = kResidentBandBytes) {
+  return std::max<int64_t>(1, band_bytes / (v.outer * v.inner * item * (reads + 1)));
 }
 
 // Runs fn(c0, c1, next) for bands of consecutive channels that cover [0,
@@ -2052,9 +2061,15 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
     Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
     double* lanes = scratch.take<double>(nc * 2 * kLanes);
     const CallCost cost = call_cost<S>(count * channels, kResidentBackwardNanoseconds);
+    // Channels too large for two a band keep one a band and ask for the
+    // next while they write (see write_band_rows); smaller ones go in
+    // bands of up to kResidentBackwardBandBytes, without.
+    const int64_t band_channels =
+        resident_band_channels(xv, sizeof(S), reads) == 1
+            ? 1
+            : resident_band_channels(xv, sizeof(S), reads, kResidentBackwardBandBytes);
     for_each_resident_band(
-        channels, resident_band_channels(xv, sizeof(S), reads), cost,
-        [&](int64_t c0, int64_t c1, bool next) {
+        channels, band_channels, cost, [&](int64_t c0, int64_t c1, bool next) {
           band_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, c0, c1, mean,
                                                 lanes + c0 * 2 * kLanes, partials);
           for (int64_t c = c0; c < c1; ++c)
@@ -2065,8 +2080,8 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
             const S* g = dy_data + o * gv.stride_outer + c * gv.stride_channel + start;
             const S* v = x_data + o * xv.stride_outer + c * xv.stride_channel + start;
             const S* y = m_data + o * mv.stride_outer + c * mv.stride_channel + start;
-            if (next) {
-              const int64_t ahead = c1 - c0;
+            if (next && c1 - c0 == 1) {
+              const int64_t ahead = 1;
               prefetch_to_l2(g + ahead * gv.stride_channel, len);
               prefetch_to_l2(v + ahead * xv.stride_channel, len);
               if (Grad::kReadsOutput) prefetch_to_l2(y + ahead * mv.stride_channel, len);
