@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <type_traits>
 
 #if defined(__SSE2__)
@@ -18,6 +17,7 @@
 #endif
 
 #include "cpu/array.h"
+#include "cpu/strided_dims.h"
 #include "cpu/threadpool.h"
 
 #if !defined(FUSEDNN_ISA)
@@ -32,7 +32,6 @@ namespace cpu {
 // from the generic build on a CPU without AVX-512.
 namespace FUSEDNN_ISA {
 
-constexpr int kMaxDims = 64;
 // Work per task below which handing it to another thread does not pay: a
 // worker joins an empty parallel region in about 2 us here (bench --sweep's
 // pool row), but a gelu of 2^14 elements (14 us) measured no faster on two
@@ -72,45 +71,13 @@ template <int N> struct StridedLoop {
   int64_t strides[N][kMaxDims];  // in elements
 
   // All operands share `shape`; strides are in bytes (0 broadcasts). Out
-  // of line: it runs once per call, and inlined it was copied into every
-  // kernel instantiation.
+  // of line: inlined, the call's setup was copied into every kernel
+  // instantiation.
   __attribute__((noinline)) StridedLoop(int in_ndim, const int64_t* in_shape,
                                         const int64_t* const in_strides[N],
                                         const int itemsizes[N]) {
-    if (in_ndim > kMaxDims) throw std::invalid_argument("too many dimensions");
-    size = 1;
-    for (int d = 0; d < in_ndim; ++d) size *= in_shape[d];
-    // Build from the innermost dimension outwards, skipping length-1 axes
-    // and merging an axis into the previous one when every operand steps
-    // over it as one contiguous extent.
-    int64_t rev_shape[kMaxDims];
-    int64_t rev_strides[N][kMaxDims];
-    int count = 0;
-    for (int d = in_ndim - 1; d >= 0; --d) {
-      if (in_shape[d] == 1) continue;
-      bool mergeable = count > 0;
-      for (int k = 0; k < N && mergeable; ++k) {
-        const int64_t s = in_strides[k][d] / itemsizes[k];
-        mergeable = s == rev_strides[k][count - 1] * rev_shape[count - 1];
-      }
-      if (mergeable) {
-        rev_shape[count - 1] *= in_shape[d];
-      } else {
-        rev_shape[count] = in_shape[d];
-        for (int k = 0; k < N; ++k) rev_strides[k][count] = in_strides[k][d] / itemsizes[k];
-        ++count;
-      }
-    }
-    if (count == 0) {
-      rev_shape[0] = 1;
-      for (int k = 0; k < N; ++k) rev_strides[k][0] = 1;
-      count = 1;
-    }
-    ndim = count;
-    for (int d = 0; d < count; ++d) {
-      shape[d] = rev_shape[count - 1 - d];
-      for (int k = 0; k < N; ++k) strides[k][d] = rev_strides[k][count - 1 - d];
-    }
+    ndim = merge_dimensions(N, in_ndim, in_shape, in_strides, itemsizes, shape, strides[0],
+                            &size);
   }
 
   // Calls body(ptrs, len, inner_strides) for consecutive runs along the
