@@ -86,19 +86,10 @@ template <int N> struct StridedLoop {
   void walk(char* const base[N], const int itemsizes[N], int64_t begin, int64_t end,
             Body& body) const {
     int64_t index[kMaxDims];
-    int64_t rest = begin;
-    for (int d = ndim - 1; d >= 0; --d) {
-      index[d] = rest % shape[d];
-      rest /= shape[d];
-    }
     char* ptr[N];
+    locate_flat_index(N, ndim, shape, strides[0], itemsizes, base, begin, index, ptr);
     int64_t inner[N];
-    for (int k = 0; k < N; ++k) {
-      int64_t offset = 0;
-      for (int d = 0; d < ndim; ++d) offset += index[d] * strides[k][d];
-      ptr[k] = base[k] + offset * itemsizes[k];
-      inner[k] = strides[k][ndim - 1];
-    }
+    for (int k = 0; k < N; ++k) inner[k] = strides[k][ndim - 1];
     const int last = ndim - 1;
     int64_t pos = begin;
     while (pos < end) {

@@ -1,5 +1,5 @@
-// merge_dimensions (strided_dims.h), compiled once for every instruction
-// set's kernels.
+// merge_dimensions and locate_flat_index (strided_dims.h), compiled once
+// for every instruction set's kernels.
 #include "cpu/strided_dims.h"
 
 #include <algorithm>
@@ -42,6 +42,21 @@ int merge_dimensions(int operands, int in_ndim, const int64_t* in_shape,
   for (int k = 0; k < operands; ++k)
     std::reverse(strides + k * kMaxDims, strides + k * kMaxDims + count);
   return count;
+}
+
+void locate_flat_index(int operands, int ndim, const int64_t* shape, const int64_t* strides,
+                       const int* itemsizes, char* const* base, int64_t begin, int64_t* index,
+                       char** ptr) {
+  int64_t rest = begin;
+  for (int d = ndim - 1; d >= 0; --d) {
+    index[d] = rest % shape[d];
+    rest /= shape[d];
+  }
+  for (int k = 0; k < operands; ++k) {
+    int64_t offset = 0;
+    for (int d = 0; d < ndim; ++d) offset += index[d] * strides[k * kMaxDims + d];
+    ptr[k] = base[k] + offset * itemsizes[k];
+  }
 }
 
 }  // namespace cpu

@@ -22,5 +22,13 @@ int merge_dimensions(int operands, int in_ndim, const int64_t* in_shape,
                      const int64_t* const* in_strides, const int* itemsizes, int64_t* shape,
                      int64_t* strides, int64_t* size);
 
+// Where flat index `begin` of a merged loop (shape and strides as
+// merge_dimensions writes them, ndim >= 1) lies: its index along each
+// dimension, and each operand's address, ptr[k] = base[k] plus its offset
+// in bytes. Once per slice of a walk, so also compiled once.
+void locate_flat_index(int operands, int ndim, const int64_t* shape, const int64_t* strides,
+                       const int* itemsizes, char* const* base, int64_t begin, int64_t* index,
+                       char** ptr);
+
 }  // namespace cpu
 }  // namespace fusednn
