@@ -4,9 +4,13 @@ For every activation, forward and backward (from x, and from y where the
 activation allows it), evaluates the kernel on a sweep of float32 inputs
 (+-0, subnormals, +-inf, NaN, magnitudes up to 3.4e38, a dense grid over
 [-20, 20] and random bit patterns) and prints the largest error in float32
-ulp of the reference value. Backward errors near a root of the derivative,
-where its terms cancel, are also reported in units of 2^-24 * |grad|, the
-bound that applies there. Run after installing:  python scripts/accuracy.py
+ulp of the reference value. The backward from x runs twice: with gradients
+in [0.5, 2], and with large ones, 2^k for k uniform in [0, 127.9] (both
+signs), where g f'(x) stays a normal number while f'(x) alone is subnormal
+or 0, or where g times a factor of f' would overflow first. Backward errors
+near a root of the derivative, where its terms cancel, are also reported
+in units of 2^-24 * |grad|, the bound that applies there. Run after
+installing:  python scripts/accuracy.py
 """
 from __future__ import annotations
 
@@ -74,18 +78,22 @@ def measure(name: str, params: dict, x: np.ndarray, rng) -> dict:
     y = fn.activation(name, x, **params)
     row["forward"] = float(ulp_error(y, ref.activation(name, x, **params)).max())
     g = rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
-    gi = fn.activation_backward(name, g, x=x, **params)
-    expected = ref.activation_backward(name, g, x=x, **params)
-    err = ulp_error(gi, expected)
-    if name in ROOT_CANCELLING:
-        with np.errstate(all="ignore"):
-            abs_units = np.abs(gi.astype(np.float64) - expected) / (2.0**-24 * np.abs(g))
-            slope = ref.activation_backward(name, np.ones_like(x), x=x, **params)
-            near_root = (np.abs(slope) < CANCELLING_BELOW) & (x > -5) & (x < 0)
-        row["backward_x"] = float(np.where(near_root, 0, err).max())
-        row["near_root_abs"] = float(np.where(near_root, abs_units, 0).max())
-    else:
-        row["backward_x"] = float(err.max())
+    large = (rng.choice([-1.0, 1.0], x.shape) * np.exp2(rng.uniform(0.0, 127.9, x.shape)))
+    for key, grad in (("backward_x", g), ("backward_x_large", large.astype(np.float32))):
+        with np.errstate(over="ignore"):
+            gi = fn.activation_backward(name, grad, x=x, **params)
+        expected = ref.activation_backward(name, grad, x=x, **params)
+        err = ulp_error(gi, expected)
+        if name in ROOT_CANCELLING:
+            with np.errstate(all="ignore"):
+                abs_units = np.abs(gi.astype(np.float64) - expected) / (2.0**-24 * np.abs(grad))
+                slope = ref.activation_backward(name, np.ones_like(x), x=x, **params)
+                near_root = (np.abs(slope) < CANCELLING_BELOW) & (x > -5) & (x < 0)
+            row[key] = float(np.where(near_root, 0, err).max())
+            row["near_root_abs"] = max(row.get("near_root_abs", 0.0),
+                                       float(np.where(near_root, abs_units, 0).max()))
+        else:
+            row[key] = float(err.max())
     try:
         gy = fn.activation_backward(name, g, y=y, **params)
     except ValueError:
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
     print(f"fusednn {fn.info()['version']}, simd {fn.info()['simd']}, {x.size} float32 inputs")
     print("max error in float32 ulp; near-root: max |error| / (2^-24 |grad|) where the "
           f"derivative's terms cancel (|f'| < {CANCELLING_BELOW} around its root; bound 8)")
-    print(f"{'activation':<34} {'forward':>8} {'bwd(x)':>8} {'bwd(y)':>8}  near-root")
+    print(f"{'activation':<34} {'forward':>8} {'bwd(x)':>8} {'large g':>8} {'bwd(y)':>8}  near-root")
     worst = 0.0
     failed = []
     for name in fn.ACTIVATIONS:
@@ -114,8 +122,10 @@ def main(argv=None) -> int:
             label = name + ("" if not params else " " + ",".join(f"{k}={v}" for k, v in params.items()))
             by = "-" if row["backward_y"] is None else f"{row['backward_y']:.2f}"
             root = f"{row['near_root_abs']:.2f}" if "near_root_abs" in row else ""
-            print(f"{label:<34} {row['forward']:8.2f} {row['backward_x']:8.2f} {by:>8}  {root}")
-            values = [row["forward"], row["backward_x"]] + ([row["backward_y"]] if row["backward_y"] is not None else [])
+            print(f"{label:<34} {row['forward']:8.2f} {row['backward_x']:8.2f} "
+                  f"{row['backward_x_large']:8.2f} {by:>8}  {root}")
+            values = [row["forward"], row["backward_x"], row["backward_x_large"]] + (
+                [row["backward_y"]] if row["backward_y"] is not None else [])
             worst = max(worst, *values)
             if name in EXACT and row["forward"] > 0.5:
                 failed.append(f"{label} forward not exact")

@@ -20,7 +20,7 @@ import fusednn as fn
 from conftest import (DTYPES, INPUT_KINDS, PARAM_IDS, PARAM_SETS, accepts_output,
                       assert_gelu_tail_exact, assert_matches, check_backward_x,
                       check_backward_y, check_forward, grad_for, make_inputs, magnitudes,
-                      may_overflow, random_normals, same_bits, special_values)
+                      may_overflow, param_id, random_normals, same_bits, special_values)
 from fusednn import _cpu
 from fusednn import reference as ref
 
@@ -288,6 +288,52 @@ def test_an_input_outside_the_core_anywhere_in_a_block_is_seen(name, params, out
                                                       **params)[0] for i in picks])
     assert same_bits(forward[picks], alone_forward)
     assert same_bits(backward[picks], alone_backward)
+
+
+# The activations whose derivative decays exponentially, with every
+# parameter set, for the large gradients below.
+EXPONENTIAL = [(n, p) for n, p in PARAM_SETS
+               if n in {"sigmoid", "tanh", "elu", "selu", "gelu", "silu", "softplus", "mish"}]
+LARGE_GRADIENTS = [2.0 ** 40, 2.0 ** 100, 1.7e38, 3.4e38]
+LARGE_GRADIENTS_F64 = [2.0 ** 300, 2.0 ** 900, 1.7e308]
+
+
+def tail_inputs(dtype) -> np.ndarray:
+    """Both signs over [0, 200] (float32: past every |x| where g f'(x) can
+    be a normal number) and [0, 760] (float64), dense in the tails."""
+    if dtype == np.float32:
+        x = np.concatenate([np.linspace(0.0, 200.0, 40_001), np.linspace(60.0, 120.0, 20_001)])
+    else:
+        x = np.concatenate([np.linspace(0.0, 760.0, 40_001), np.linspace(700.0, 760.0, 20_001)])
+    return np.concatenate([x, -x]).astype(dtype)
+
+
+@pytest.mark.parametrize("name,params", EXPONENTIAL,
+                         ids=[param_id(n, p) for n, p in EXPONENTIAL])
+@dtypes
+def test_large_gradients_over_the_tails(name, params, dtype, restore_simd):
+    """g f'(x) for g up to the dtype's largest value, where f'(x) alone is
+    subnormal or 0 while g f'(x) is a normal number (the exponential
+    activations' tails, past |x| = 87 in float32), and where a product of g
+    with a constant factor of f' would overflow first (selu's 1.76, the
+    scaled exponentials): within the bound wherever the true result is
+    finite, and infinite only where it overflows, on every SIMD path.
+    float64's derivatives are themselves subnormal past |x| = 708, where
+    the reference forms g f' from them as the kernels do (docs: the
+    remaining region): checked where f' is normal."""
+    x = tail_inputs(dtype)
+    derivative = ref.activation_backward(name, np.ones(x.shape), x=x, **params)
+    if dtype == np.float64:
+        with np.errstate(invalid="ignore"):
+            x = x[~(np.abs(derivative) < np.finfo(np.float64).smallest_normal)]
+    grads = LARGE_GRADIENTS if dtype == np.float32 else LARGE_GRADIENTS_F64
+    g = np.concatenate([np.full(x.size, sign * value) for value in grads for sign in (1, -1)])
+    g = g.astype(dtype)
+    x = np.tile(x, 2 * len(grads))
+    for path in _cpu.available_simd():
+        _cpu.set_simd(path)
+        gi = fn.activation_backward(name, g, x=x, **params)
+        check_backward_x(name, params, g, x, gi, what=f"{name}{params} large g, {path}")
 
 
 @pytest.mark.parametrize(("name", "params"), [

@@ -225,34 +225,15 @@ def patterns_of(dtype) -> np.ndarray:
     return (np.arange(64, dtype=np.uint32) * 1024 + 517).astype(np.uint16).view(dtype)
 
 
-# (name, params, the saved input, the bound on |input| of the own form:
-# beyond it the float32 kernel's evaluation runs, whose derivative of silu
-# underflows float32 below x = -87 even where g times it would not).
-OWN_BACKWARD = [("elu", {}, "y", np.inf), ("elu", {"alpha": 0.5}, "y", np.inf),
-                ("elu", {"alpha": 1.1}, "y", np.inf), ("elu", {"alpha": 3.0e-5}, "y", np.inf),
-                ("elu", {"alpha": 1000.0 / 3.0}, "y", np.inf), ("selu", {}, "y", np.inf),
-                ("silu", {}, "x", 40.0), ("hardswish", {}, "x", np.inf), ("gelu", {}, "x", 4.0)]
+# (name, params, the saved input).
+OWN_BACKWARD = [("elu", {}, "y"), ("elu", {"alpha": 0.5}, "y"), ("elu", {"alpha": 1.1}, "y"),
+                ("elu", {"alpha": 3.0e-5}, "y"), ("elu", {"alpha": 1000.0 / 3.0}, "y"),
+                ("selu", {}, "y"), ("silu", {}, "x"), ("hardswish", {}, "x"), ("gelu", {}, "x")]
 
 
-@pytest.mark.parametrize("dtype_name", DTYPES)
-@pytest.mark.parametrize("name,params,saved,bound", OWN_BACKWARD,
-                         ids=[param_id(n, p) + "-" + v for n, p, v, _ in OWN_BACKWARD])
-def test_every_input_with_many_gradients_within_one_ulp(name, params, saved, bound, dtype_name):
-    """The half types' own backward forms: within 1 ulp of the float64
-    reference for every stored input times 128 finite gradients, 64 spread
-    over every sign and exponent of the type (subnormals included) and 64
-    uniform in [0.5, 2]. elu's and selu's g (y + alpha) in float from alpha
-    as a float pair (y + alpha cancels near y = -alpha; alpha not a float
-    for 1.1 and 1000 / 3); silu's derivative cancels around its root near
-    -1.28, and gelu's around -0.75."""
+def assert_every_input_times_gradients_within_one_ulp(name, params, saved, dtype_name, g):
     dtype = DTYPES[dtype_name]
     y = every_value(dtype)
-    with np.errstate(invalid="ignore"):
-        y = y[np.abs(y.astype(np.float64)) <= bound]
-        finite = np.isfinite(patterns_of(dtype).astype(np.float32))
-    patterns = np.where(finite, patterns_of(dtype), np.asarray(1.0, dtype))
-    uniform = np.random.default_rng(3).uniform(0.5, 2.0, 64).astype(dtype)
-    g = np.concatenate([patterns, uniform])
     ys = np.repeat(y[None, :], g.size, axis=0)
     gs = np.repeat(g[:, None], y.size, axis=1)
     with np.errstate(all="ignore"):
@@ -261,6 +242,53 @@ def test_every_input_with_many_gradients_within_one_ulp(name, params, saved, bou
     err = ulp_error(dtype_name, gy, expected)
     worst = np.unravel_index(np.argmax(err), err.shape)
     assert err.max() <= 1.0, (err.max(), ys[worst], gs[worst], gy[worst], expected[worst])
+
+
+def every_exponent_gradients(dtype) -> np.ndarray:
+    """The finite ones of patterns_of: every sign and exponent."""
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(patterns_of(dtype).astype(np.float32))
+    return np.where(finite, patterns_of(dtype), np.asarray(1.0, dtype))
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name,params,saved", OWN_BACKWARD,
+                         ids=[param_id(n, p) + "-" + v for n, p, v in OWN_BACKWARD])
+def test_every_input_with_many_gradients_within_one_ulp(name, params, saved, dtype_name):
+    """The half types' own backward forms: within 1 ulp of the float64
+    reference for every stored input times 128 finite gradients, 64 spread
+    over every sign and exponent of the type (subnormals included) and 64
+    uniform in [0.5, 2]. elu's and selu's g (y + alpha) in float from alpha
+    as a float pair (y + alpha cancels near y = -alpha; alpha not a float
+    for 1.1 and 1000 / 3); silu's derivative cancels around its root near
+    -1.28, and gelu's around -0.75; beyond their core ranges both take the
+    float32 kernel's tails, where for bfloat16 g f'(x) is a normal number
+    with f'(x) alone subnormal or 0 (x down to -181)."""
+    dtype = DTYPES[dtype_name]
+    uniform = np.random.default_rng(3).uniform(0.5, 2.0, 64).astype(dtype)
+    g = np.concatenate([every_exponent_gradients(dtype), uniform])
+    assert_every_input_times_gradients_within_one_ulp(name, params, saved, dtype_name, g)
+
+
+# The other activations whose derivative decays exponentially, from x.
+EXPONENTIAL_FROM_X = [("sigmoid", {}), ("tanh", {}), ("elu", {}), ("elu", {"alpha": 0.5}),
+                      ("selu", {}), ("softplus", {}), ("softplus", {"beta": 2.5, "threshold": 15.0}),
+                      ("mish", {}), ("gelu", {"approximate": "tanh"})]
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name,params", EXPONENTIAL_FROM_X,
+                         ids=[param_id(n, p) for n, p in EXPONENTIAL_FROM_X])
+def test_every_input_with_gradients_of_every_exponent(name, params, dtype_name, restore_simd):
+    """Every stored input times 64 gradients over every sign and exponent,
+    on every SIMD path, within 1 ulp: for bfloat16, whose range is float32's,
+    g f'(x) is a normal number far into the tails where f'(x) alone is
+    subnormal or 0 (|x| up to 176), and selu's g times its constant 1.76
+    would overflow for the largest g."""
+    g = every_exponent_gradients(DTYPES[dtype_name])
+    for path in _cpu.available_simd():
+        _cpu.set_simd(path)
+        assert_every_input_times_gradients_within_one_ulp(name, params, "x", dtype_name, g)
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)

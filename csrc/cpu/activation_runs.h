@@ -159,7 +159,7 @@ inline void activation_backward_run(T* out, int64_t m, const ActivationParams q,
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return Op::backward_core_f32(dy(k), z(k), q);
     };
-    run_core_blocks<kLines>(out, m, Op::kBackwardCoreBound, z, core, value, stream);
+    run_core_blocks<kLines>(out, m, backward_core_bound<Op>(q), z, core, value, stream);
   } else if constexpr (kLines) {
     write_lines(out, m, stream, value);
   } else {

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "fusednn/math.h"
 
@@ -91,14 +92,21 @@ struct Sigmoid {
     const float e_rounded = e.rounded();
     return g * (e_rounded / math::one_plus_squared(e_rounded));
   }
+  // Beyond the core e < 2^-92, so the derivative is e to within 2e, and
+  // g e rounds once (math::times_wide): e itself is subnormal from |x| = 87
+  // on, while g e stays a normal float to |x| = 176.
+  FUSEDNN_HD static float backward_outer_f32(float g, float x) {
+    return math::times_wide(g, math::exp_neg_wide(math::magnitude(x)).value());
+  }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
+    } else {
+      using Tr = math::Traits<T>;
+      const T scaled = math::exp_scaled_nonpositive(-abs_(x));
+      const T e = scaled * Tr::kExpUnscale;
+      return g * ((scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
     }
-    using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled_nonpositive(-abs_(x));
-    const T e = scaled * Tr::kExpUnscale;
-    return g * ((scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
   }
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
     return g * (y * (T(1) - y));
@@ -130,14 +138,20 @@ struct Tanh {
     const float e_rounded = e.rounded();
     return g * (4.0f * e_rounded / math::one_plus_squared(e_rounded));
   }
+  // Beyond the core e < 2^-115: the derivative is 4e to within 8e, and g
+  // times it rounds once, as in Sigmoid (2|x| overflows only past the clamp).
+  FUSEDNN_HD static float backward_outer_f32(float g, float x) {
+    return math::times_wide(g, 4.0 * math::exp_neg_wide(2.0f * math::magnitude(x)).value());
+  }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
+    } else {
+      using Tr = math::Traits<T>;
+      const T scaled = math::exp_scaled_nonpositive(T(-2) * abs_(x));
+      const T e = scaled * Tr::kExpUnscale;
+      return g * ((T(4) * scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
     }
-    using Tr = math::Traits<T>;
-    const T scaled = math::exp_scaled_nonpositive(T(-2) * abs_(x));
-    const T e = scaled * Tr::kExpUnscale;
-    return g * ((T(4) * scaled / math::one_plus_squared(e)) * Tr::kExpUnscale);
   }
   // (1 - y)(1 + y) is exact where y*y would cancel.
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
@@ -208,15 +222,25 @@ struct Elu {
     }
     return x > T(0) ? x : T(p.a) * math::expm1_nonpositive(x);
   }
+  // float: g (alpha e^x), not (g alpha) e^x: g alpha overflows for the
+  // largest g where the result does not.
   static constexpr float kBackwardCoreBound = 80.0f;
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams& p) {
-    return x <= 0.0f ? g * float(p.a) * math::exp_core(x) : g;
+    return x <= 0.0f ? g * (float(p.a) * math::exp_core(x)) : g;
+  }
+  // Beyond the core e^x < 2^-115 is subnormal from x = -87 on, while g
+  // alpha e^x can stay a normal float to x = -176 (further for a large
+  // alpha): formed in double, alpha unrounded, and rounded once.
+  FUSEDNN_HD static float backward_outer_f32(float g, float x, const ActivationParams& p) {
+    return x <= 0.0f ? math::times_wide(g, p.a * math::exp_neg_wide(-x).value()) : g;
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p)
+                                           : backward_outer_f32(g, x, p);
+    } else {
+      return x <= T(0) ? math::times_constant_exp(g, T(p.a), exp_(x)) : g;
     }
-    return x <= T(0) ? g * T(p.a) * exp_(x) : g;
   }
   // y + alpha in double: near y = -alpha it cancels, and alpha need not be
   // a float32 value. Where the tail has rounded y to -alpha (or below), the
@@ -240,16 +264,24 @@ struct Selu {
     return x > T(0) ? T(kSeluScale) * x
                     : T(kSeluScale * kSeluAlpha) * math::expm1_nonpositive(x);
   }
+  // As Elu's: g (scale alpha e^x), since g scale alpha (1.76 g) overflows
+  // for g > 1.9e38 where the result does not.
   static constexpr float kBackwardCoreBound = 80.0f;
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams&) {
-    return x <= 0.0f ? g * float(kSeluScale * kSeluAlpha) * math::exp_core(x)
+    return x <= 0.0f ? g * (float(kSeluScale * kSeluAlpha) * math::exp_core(x))
+                     : g * float(kSeluScale);
+  }
+  FUSEDNN_HD static float backward_outer_f32(float g, float x) {
+    return x <= 0.0f ? math::times_wide(g, kSeluScale * kSeluAlpha * math::exp_neg_wide(-x).value())
                      : g * float(kSeluScale);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
+    } else {
+      return x <= T(0) ? math::times_constant_exp(g, T(kSeluScale * kSeluAlpha), exp_(x))
+                       : g * T(kSeluScale);
     }
-    return x <= T(0) ? g * T(kSeluScale * kSeluAlpha) * exp_(x) : g * T(kSeluScale);
   }
   // As Elu::backward_y, with alpha = scale * alpha.
   template <class T> FUSEDNN_HD static T backward_y(T g, T y, const ActivationParams&) {
@@ -452,18 +484,29 @@ struct GeluErf {
     // g (1 - S) in one rounding (an infinite g would give inf - inf).
     return x < 0.0f ? g * slope : math::mul_one_plus(g, -slope);
   }
+  // Beyond the core the derivative is 1 - D above zero and D below, D =
+  // e^(-t^2/2) (t / sqrt(2 pi) - M(t)) (math::mills_f32), D formed in double
+  // with the exponential's scale (math::WideExpParts) so that g D rounds
+  // once: D is subnormal from t = 13.3 on, and g D for g up to 2^128 a
+  // normal float to t = 18.9 (beyond kBackwardTail, to t = 20, every g D
+  // rounds to 0).
+  static constexpr float kBackwardTail = 20.0f;
   FUSEDNN_HD static float backward_outer_f32(float g, float x) {
-    const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
-    const float minus_mills = fmadd(-n.w, fmadd(n.k, n.mills_m1, n.k), n.t * kInvSqrt2PiLo);
-    const float diff = fmadd(n.t, kInvSqrt2PiHi, minus_mills);
-    const float diff_scaled = n.gauss.scale * fmadd(n.gauss.m1, diff, diff);
-    const float unscale = math::Traits<float>::kExpUnscale;
-    const float below = (g * -diff_scaled) * unscale;
-    const float above = math::mul_one_plus(g, diff_scaled * unscale);
-    // Beyond, phi has underflowed: the derivative is 1 or 0 plus x * 0, NaN
-    // at the infinities as in PyTorch.
-    const float beyond = g * ((x > 0.0f ? 1.0f : 0.0f) + x * 0.0f);
-    return n.beyond ? beyond : (x < 0.0f ? below : above);
+    const float t = abs_(x);
+    const bool beyond = t > kBackwardTail;
+    const float tc = beyond ? kBackwardTail : t;  // NaN passes and propagates
+    const math::MillsF32 m = math::mills_f32(tc);
+    const float minus_mills = fmadd(-m.w, fmadd(m.k, m.mills_m1, m.k), tc * kInvSqrt2PiLo);
+    const float diff = fmadd(tc, kInvSqrt2PiHi, minus_mills);
+    const float sq = tc * tc;
+    const math::WideExpParts gauss = math::exp_neg_pair_wide(0.5f * sq, 0.5f * fmadd(tc, tc, -sq));
+    const double slope = gauss.scale * double(fmadd(gauss.m1, diff, diff));
+    const float below = math::times_wide(g, -slope);
+    const float above = math::mul_one_plus(g, float(slope));
+    // Beyond, the derivative is 1 or 0 plus x * 0, NaN at the infinities as
+    // in PyTorch.
+    const float far = g * ((x > 0.0f ? 1.0f : 0.0f) + x * 0.0f);
+    return beyond ? far : (x < 0.0f ? below : above);
   }
   FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams& p) {
     return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_outer_f32(g, x);
@@ -601,7 +644,7 @@ struct GeluTanh {
     return fmadd(r, sq, 0.7978846f);
   }
 
-  // |2u| = hi + lo, to about 2^-44 relative, for t = |x| <= kBeyond: every
+  // |2u| = hi + lo, to about 2^-44 relative, for t = |x| <= 14: every
   // product and the sum carry their rounding error, since the exponential
   // turns an absolute error in |2u| into the same relative error.
   FUSEDNN_HD static void two_u_pair(float t, float sq, float& hi, float& lo) {
@@ -689,22 +732,28 @@ struct GeluTanh {
     return t < kCentral ? central : tail;
   }
   // sigmoid(2u) + x sigmoid'(2u) 2u' with e = e^-|2u| and q = 1 + e:
-  // e (q + x 2u') / q^2 below zero, 1 + e (x 2u' - q) / q^2 above.
+  // e (q + x 2u') / q^2 below zero, 1 + e (x 2u' - q) / q^2 above. Below
+  // zero the derivative is formed in double with the exponential's scale
+  // (math::WideExpParts), so that g times it rounds once: it is subnormal
+  // from |x| = 10.2 on, and g times it a normal float to |x| = 13.1 for g
+  // up to 2^128; beyond kBackwardBeyond (|2u| > 218) every such product
+  // rounds to 0.
+  static constexpr float kBackwardBeyond = 14.0f;
   FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     const float t = abs_(x);
-    const bool beyond = t > kBeyond;
-    const float tc = beyond ? kBeyond : t;
+    const bool beyond = t > kBackwardBeyond;
+    const float tc = beyond ? kBackwardBeyond : t;
     const float sq = tc * tc;
     float hi, lo;
     two_u_pair(tc, sq, hi, lo);
-    const math::ExpParts e = math::exp_neg_pair_parts(hi, lo);
-    const float unscale = math::Traits<float>::kExpUnscale;
-    const float e_unscaled = e.scale * fmadd(e.m1, unscale, unscale);
+    const math::WideExpParts e = math::exp_neg_pair_wide(hi, lo);
+    const float e_unscaled = e.rounded();
     const float q_squared = math::one_plus_squared(e_unscaled);
     const float q = 1.0f + e_unscaled;
     const float slope = fmadd(kSlopeCubic, sq, kLinearHi);  // 2u'
     const float below_sum = q_minus_slope(tc, sq, e_unscaled, q);
-    const float below = ((g * (e.scale * fmadd(e.m1, below_sum, below_sum))) / q_squared) * unscale;
+    const float below = math::times_wide(
+        g, e.scale * double(fmadd(e.m1, below_sum, below_sum) / q_squared));
     // Above zero, 1 + e (x 2u' - q) / q^2: the rounding of the quotient is
     // scaled down by e.
     const float above = math::mul_one_plus(g, e_unscaled * (fmadd(tc, slope, -q) / q_squared));
@@ -793,27 +842,22 @@ struct Silu {
     const float below = g * (e.scale * fmadd(e.m1, ratio, ratio));
     return positive ? above : below;
   }
-  // Beyond |x| = 64, e^-|x| 2^64 (|x| + 1) < 2^-20: there g times the
-  // scaled derivative cannot overflow.
-  static constexpr float kScaledFirst = 64.0f;
   // silu' < 0.5 everywhere below zero; its terms cancel around the root
   // near -1.28, and past -5 they no longer do.
   static constexpr float kCancelling = 5.0f;
   // With e = e^-|x| and q = 1 + e: 1 + e (x - q) / q^2 above zero, where
   // the small term's rounding is scaled down by e, and e (q + x) / q^2
   // below, where q + x = (1 + x) + e (1 + x exact near the root) cancels
-  // with the derivative. One division serves both. The exponential stays
-  // unrounded (math::ExpParts) and scaled by 2^64 until the last product,
-  // so the subnormal tail rounds once; beyond |x| = 64 the scaled
-  // derivative is small enough to take g first without overflowing.
-  // Below kExpMin the derivative is x * 0, as in the float64 path.
+  // with the derivative. One division serves both. Below zero the
+  // exponential stays unrounded, its scale in double (math::WideExpParts),
+  // until the product with g, which rounds once: the derivative is
+  // subnormal from x = -92 on, and g times it a normal float to x = -181 for
+  // g up to 2^128. Below -kWideExpMax the derivative is x * 0, as in the
+  // float64 path.
   FUSEDNN_HD static float backward_x_f32(float g, float x, const ActivationParams&) {
-    using Tr = math::Traits<float>;
     const float t = abs_(x);
-    const float tc = t > -Tr::kExpMin ? -Tr::kExpMin : t;  // NaN passes and propagates
-    const math::ExpParts e = math::exp_neg_pair_parts(tc, 0.0f);
-    const float unscale = Tr::kExpUnscale;
-    const float e_unscaled = e.scale * fmadd(e.m1, unscale, unscale);
+    const math::WideExpParts e = math::exp_neg_wide(t);
+    const float e_unscaled = e.rounded();
     const float q = 1.0f + e_unscaled;
     const bool positive = x >= 0.0f;
     const float numerator = positive ? x - q : (1.0f + x) + e_unscaled;
@@ -831,10 +875,9 @@ struct Silu {
     // (1 + x) + (e - sum w) rounds once; 1 + x is exact for x in [-2^24, -1].
     const float far = (1.0f + x) + fmadd(-numerator, w, e_unscaled);
     const float below_ratio = t > kCancelling ? far : ratio;
-    const float below_scaled = e.scale * fmadd(e.m1, below_ratio, below_ratio);
-    const float below = t > kScaledFirst ? (g * below_scaled) * unscale
-                                         : g * (below_scaled * unscale);
-    return x < Tr::kExpMin ? g * (x * 0.0f) : (positive ? above : below);
+    const float below =
+        math::times_wide(g, e.scale * double(fmadd(e.m1, below_ratio, below_ratio)));
+    return x < -math::kWideExpMax ? g * (x * 0.0f) : (positive ? above : below);
   }
 
   // s (1 + x (1 - s)) = a (q + x b) / q^2 with q = 1 + e, e = exp(-|x|),
@@ -913,16 +956,57 @@ template <bool kUnitBeta> struct SoftplusWith {
     const T sp = (positive ? hi : T(0)) + (math::log1p_unit(e) + (positive ? lo : T(0)));
     return hi > T(p.b) ? x : (kUnitBeta ? sp : sp * T(1.0 / p.a));
   }
-  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
-    T hi, lo;
+  // float: g / (1 + e) above zero and g e / (1 + e) below, e = e^-|beta x|,
+  // the latter formed in double with the exponential's scale
+  // (math::WideExpParts), so that g times it rounds once: e is subnormal
+  // from |beta x| = 87 on, and g e a normal float to |beta x| = 176 for g
+  // up to 2^128.
+  FUSEDNN_HD static float backward_f32(float g, float x, const ActivationParams& p) {
+    float hi, lo;
     scaled(x, p, hi, lo);
-    const bool positive = hi >= T(0);
-    const T tail = -abs_(hi);
-    const T e = kUnitBeta ? math::exp_(tail) : math::exp_pair(tail, positive ? -lo : lo);
-    return hi > T(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+    const bool positive = hi >= 0.0f;
+    const math::WideExpParts e = math::exp_neg_pair_wide(abs_(hi), positive ? lo : -lo);
+    const float inverse = 1.0f / (1.0f + e.rounded());
+    const float below = math::times_wide(g, e.scale * double(fmadd(e.m1, inverse, inverse)));
+    return hi > float(p.b) ? g : (positive ? g * inverse : below);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return backward_f32(g, x, p);
+    } else {
+      T hi, lo;
+      scaled(x, p, hi, lo);
+      const bool positive = hi >= T(0);
+      const T tail = -abs_(hi);
+      const T e = kUnitBeta ? math::exp_(tail) : math::exp_pair(tail, positive ? -lo : lo);
+      return hi > T(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+    }
   }
 };
-using Softplus = SoftplusWith<false>;
+// beta != 1, with a backward core range |beta x| <= 80, where e = e^-|beta x|
+// is normal and the derivative takes the float exponential rounded: the
+// tails' double scale (backward_f32), on every element, made the backward
+// 1.5-2.2 times slower.
+struct Softplus : SoftplusWith<false> {
+  static constexpr float kBackwardCoreBound = 80.0f;  // on |beta x|
+  FUSEDNN_HD static float backward_core_bound(const ActivationParams& p) {
+    return float(double(kBackwardCoreBound) / abs_(p.a));
+  }
+  FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams& p) {
+    float hi, lo;
+    scaled(x, p, hi, lo);
+    const bool positive = hi >= 0.0f;
+    const float e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
+    return hi > float(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+  }
+  template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
+    if constexpr (sizeof(T) == sizeof(float)) {
+      return abs_(x) <= backward_core_bound(p) ? backward_core_f32(g, x, p) : backward_f32(g, x, p);
+    } else {
+      return SoftplusWith<false>::backward_x(g, x, p);
+    }
+  }
+};
 
 // The default beta = 1, with float32 core evaluations: within |x| <= 80
 // e = e^-|x| is normal, and log1p(e) = e G(e) takes a polynomial instead
@@ -967,9 +1051,10 @@ struct SoftplusUnitBeta : SoftplusWith<true> {
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
-      if (abs_(x) <= kBackwardCoreBound) return backward_core_f32(g, x, p);
+      return abs_(x) <= kBackwardCoreBound ? backward_core_f32(g, x, p) : backward_f32(g, x, p);
+    } else {
+      return SoftplusWith<true>::backward_x(g, x, p);
     }
-    return SoftplusWith<true>::backward_x(g, x, p);
   }
 };
 
@@ -981,16 +1066,15 @@ struct SoftplusUnitBeta : SoftplusWith<true> {
 // D = e (e + 2) + 2, and 1 - 2e^2 / P above, P = 2e (e + 1) + 1, so
 // above zero the result is x (1 + small) with the small term's rounding
 // scaled down, and below it the exponential stays unrounded and scaled by
-// 2^64 (math::ExpParts) until the last product, so the subnormal tail
-// rounds once. Below kExpMin the results are x * 0, as in the float64 path.
+// 2^64 (math::ExpParts; the derivative's scale a double, see
+// backward_outer_f32) until the last product, so the subnormal tail rounds
+// once. Below kExpMin the forward is x * 0 (the derivative below
+// -kWideExpMax), as in the float64 path.
 // Inside the core range the same formulas run without the offset and the
 // guards. float64 evaluates its exponential in double and the rest likewise.
 struct Mish {
   static constexpr bool kBackwardFromY = false;
   static constexpr double kCap = 40.0;
-  // Beyond |x| = 64 the scaled derivative, below e^-64 2^64 (4|x| + 4),
-  // can take g first without overflowing.
-  static constexpr float kScaledFirst = 64.0f;
 
   // e = e^-|x| (clamped below kExpMin) as unrounded parts and rounded, and
   // the denominator of either sign: P above zero, D below.
@@ -1072,26 +1156,31 @@ struct Mish {
   // 1 + 2e^2 (2x (1 + e) - P) / P^2 above zero and
   // e ((e + 2) D + 4x (e + 1)) / D^2 below, whose bracket cancels around
   // the root near -1.19; one division serves both.
+  // Below zero the exponential stays unrounded, its scale in double
+  // (math::WideExpParts), until the product with g, which rounds once: the
+  // derivative is subnormal from x = -92 on, and g times it a normal float
+  // to x = -181 for g up to 2^128.
   FUSEDNN_HD static float backward_outer_f32(float g, float x) {
     using Tr = math::Traits<float>;
     const float t = abs_(x);
     const bool positive = x >= 0.0f;
-    const SoftplusTanhF32 s = softplus_tanh_f32(t, positive);
+    const math::WideExpParts wide = math::exp_neg_wide(t);
+    const float e = wide.rounded();
+    const float c = positive ? 1.0f : 2.0f;
+    const float den = fmadd(positive ? 2.0f * e : e, e + c, c);
     const float x_capped = positive && t > -Tr::kExpMin ? -Tr::kExpMin : x;
     // Below zero the bracket over D^2 is taken as
     // (1 + x) - e ((1 + e) D + x (4 + 8e + 4e^2 + e^3)) / D^2 (from
     // D^2 - 4 (1 + e) = e (4 + 8e + 4e^2 + e^3)): the quotient's roundings,
     // D^2's included, are scaled down by e. 1 + x is an exact pair: its
     // rounding (for |x| < 1/2) would otherwise reach the result at full size.
-    const float quotient = derivative_numerator(x_capped, positive, s.e, s.den) / (s.den * s.den);
+    const float quotient = derivative_numerator(x_capped, positive, e, den) / (den * den);
     // Where e^2 has underflowed the term is x * 0: NaN at +inf, as in PyTorch.
-    const float small = t > -Tr::kExpMin ? x * 0.0f : (2.0f * (s.e * s.e)) * quotient;
+    const float small = t > -Tr::kExpMin ? x * 0.0f : (2.0f * (e * e)) * quotient;
     const float above = math::mul_one_plus(g, small);
-    const float ratio = below_ratio(x, s.e, quotient);
-    const float below_scaled = s.parts.scale * fmadd(s.parts.m1, ratio, ratio);
-    const float below = t > kScaledFirst ? (g * below_scaled) * Tr::kExpUnscale
-                                         : g * (below_scaled * Tr::kExpUnscale);
-    return x < Tr::kExpMin ? g * (x * 0.0f) : (positive ? above : below);
+    const float ratio = below_ratio(x, e, quotient);
+    const float below = math::times_wide(g, wide.scale * double(fmadd(wide.m1, ratio, ratio)));
+    return x < -math::kWideExpMax ? g * (x * 0.0f) : (positive ? above : below);
   }
 
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
@@ -1259,6 +1348,22 @@ struct HasForwardCore<Op, std::void_t<decltype(Op::kForwardCoreBound)>> : std::t
 template <class Op, class = void> struct HasBackwardCore : std::false_type {};
 template <class Op>
 struct HasBackwardCore<Op, std::void_t<decltype(Op::kBackwardCoreBound)>> : std::true_type {};
+
+// The bound on |x| of Op's backward core range: kBackwardCoreBound, or
+// Op::backward_core_bound(p) where the range depends on the parameters
+// (softplus with beta != 1: |beta x| <= 80).
+template <class Op, class = void> struct HasParameterCoreBound : std::false_type {};
+template <class Op>
+struct HasParameterCoreBound<
+    Op, std::void_t<decltype(Op::backward_core_bound(std::declval<const ActivationParams&>()))>>
+    : std::true_type {};
+template <class Op> FUSEDNN_HD float backward_core_bound(const ActivationParams& p) {
+  if constexpr (HasParameterCoreBound<Op>::value) {
+    return Op::backward_core_bound(p);
+  } else {
+    return Op::kBackwardCoreBound;
+  }
+}
 
 // Calls fn(Op{}) with the struct for `a`; used by the CPU and CUDA
 // dispatchers so that the list of activations lives in one place.

@@ -204,6 +204,53 @@ FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
   return {pow2i<float>(k + Tr::kExpScale), fmadd(-p, lo, p - lo)};
 }
 
+// e^-(hi + lo) as scale (1 + m1), scale = 2^k a double, for an argument
+// pair as exp_neg_pair_parts takes it, hi clamped to [0, kWideExpMax] (NaN
+// passes). Where a gradient g times the derivative is a normal float while
+// the derivative alone is not (e^-hi below 2^-126, hi > 87; or g times a
+// factor of it overflows first), the float scales of ExpParts run out: 2^64
+// keeps e^-hi normal only to hi = 131, and g up to 2^128 leaves g e^-hi a
+// nonzero float to hi = 176 (more with a polynomial factor). The double
+// scale reaches e^-700 and is exact, so that the derivative's float
+// factors, times it and times g (times_wide), round once.
+struct WideExpParts {
+  double scale;
+  float m1;
+  // scale (1 + m1) in double, without rounding 1 + m1 to float.
+  FUSEDNN_HD double value() const { return fmadd(double(m1), scale, scale); }
+  // The same rounded to float: 0 or subnormal far down, for the sums with 1
+  // that the derivatives' ratios take.
+  FUSEDNN_HD float rounded() const { return float(value()); }
+};
+
+// Beyond this argument every derivative here times any float g rounds to
+// 0 (e^-700 = 2^-1010 times g <= 2^128 and polynomial factors below 2^20),
+// and 2^k stays a normal double.
+constexpr float kWideExpMax = 700.0f;
+
+FUSEDNN_HD WideExpParts exp_neg_pair_wide(float hi, float lo) {
+  float kf;
+  int32_t k;
+  const bool clamped = hi > kWideExpMax;
+  const float r = reduce_ln2(-(clamped ? kWideExpMax : hi), kf, k);
+  const float p = expm1_reduced(r);
+  // (1 + p) e^-lo = 1 + (p - lo - p lo) to within lo^2; past the clamp lo
+  // (a rounding error of a larger hi) no longer belongs to the argument.
+  const float lo_kept = clamped ? 0.0f : lo;
+  return {pow2i<double>(int64_t(k)), fmadd(-p, lo_kept, p - lo_kept)};
+}
+FUSEDNN_HD WideExpParts exp_neg_wide(float t) { return exp_neg_pair_wide(t, 0.0f); }
+
+// g d rounded once to float, for a derivative d formed in double from
+// float factors and a WideExpParts scale: neither g d's overflow where it
+// is finite nor a subnormal d's lost bits reach the result. An infinite g
+// gives g times d rounded to float, as a float derivative would: NaN where
+// d rounds to 0 (PyTorch forms the derivative first).
+FUSEDNN_HD float times_wide(float g, double d) {
+  const float product = float(double(g) * d);
+  return magnitude(g) <= Traits<float>::kMaxFinite ? product : g * float(d);
+}
+
 // The core-range exponentials below serve the activations' core
 // evaluations (see activations.h), whose arguments keep e^-x far from the
 // subnormals: no 2^64 offset, no clamps, and degree-7 polynomials, whose
@@ -403,6 +450,14 @@ template <class T> FUSEDNN_HD T mul_one_plus(T g, T small) {
   return abs_(g) <= Traits<T>::kMaxFinite ? fmadd(g, small, g) : g * (T(1) + small);
 }
 
+// g c e for a constant c and e = e^x <= 1 (elu's and selu's float64
+// derivative): (g c) e, whose product rounds once where e is subnormal,
+// and g (c e) where g c overflows while the result need not.
+template <class T> FUSEDNN_HD T times_constant_exp(T g, T c, T e) {
+  const T gc = g * c;
+  return abs_(gc) <= Traits<T>::kMaxFinite ? gc * e : g * (c * e);
+}
+
 // (1 + e)^2 for e in [0, 1] with one rounding after the exact-ish e + 2.
 template <class T> FUSEDNN_HD T one_plus_squared(T e) { return fmadd(e, e + T(2), T(1)); }
 
@@ -430,13 +485,16 @@ struct NormalTailF32 {
   bool beyond;     // t > 16 (or infinite): every float32 GELU tail term underflows
 };
 
-FUSEDNN_HD NormalTailF32 normal_tail_f32(float t) {
-  NormalTailF32 n;
-  n.beyond = t > 16.0f;
-  const float tc = n.beyond ? 16.0f : t;  // NaN passes and propagates
-  n.t = tc;
-  const float sq = tc * tc;
-  n.gauss = exp_neg_pair_parts(0.5f * sq, 0.5f * fmadd(tc, tc, -sq));
+// M(t) = w K (1 + mills_m1) of NormalTailF32 alone, for 0 <= t <= 20: K's
+// fit on [0, 16] holds M within 4.4e-7 (relative) to t = 20, where the
+// derivative's t / sqrt(2 pi) - M, 400 times M, needs it within 2^-16.
+struct MillsF32 {
+  float w;
+  float k;
+  float mills_m1;
+};
+FUSEDNN_HD MillsF32 mills_f32(float tc) {
+  MillsF32 n;
   // t + 4 = d + d_lo exactly (the error of adding the smaller term).
   const float d = tc + 4.0f;
   const float d_lo = (tc > 4.0f ? 4.0f : tc) - (d - (tc > 4.0f ? tc : 4.0f));
@@ -459,6 +517,20 @@ FUSEDNN_HD NormalTailF32 normal_tail_f32(float t) {
   k = fmadd(k, v, 0.094410643f);
   n.w = w;
   n.k = k;
+  return n;
+}
+
+FUSEDNN_HD NormalTailF32 normal_tail_f32(float t) {
+  NormalTailF32 n;
+  n.beyond = t > 16.0f;
+  const float tc = n.beyond ? 16.0f : t;  // NaN passes and propagates
+  n.t = tc;
+  const float sq = tc * tc;
+  n.gauss = exp_neg_pair_parts(0.5f * sq, 0.5f * fmadd(tc, tc, -sq));
+  const MillsF32 mills = mills_f32(tc);
+  n.w = mills.w;
+  n.k = mills.k;
+  n.mills_m1 = mills.mills_m1;
   return n;
 }
 
