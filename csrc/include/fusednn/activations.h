@@ -457,8 +457,8 @@ struct GeluErf {
   FUSEDNN_HD static float forward_outer_f32(float x) {
     const math::NormalTailF32 n = math::normal_tail_f32(abs_(x));
     // e^(-t^2/2) M(t) with both factors' corrections in one rounding.
-    const float m1 = fmadd(n.gauss.m1, n.mills_m1, n.gauss.m1 + n.mills_m1);
-    const float mills = n.w * n.k;
+    const float m1 = fmadd(n.gauss.m1, n.mills.mills_m1, n.gauss.m1 + n.mills.mills_m1);
+    const float mills = n.mills.w * n.mills.k;
     const float tail_scaled = n.beyond ? 0.0f : n.gauss.scale * fmadd(m1, mills, mills);
     const float unscale = math::Traits<float>::kExpUnscale;
     const float below = (x * tail_scaled) * unscale;  // 0 * -inf: NaN, as in PyTorch

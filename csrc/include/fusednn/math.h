@@ -476,22 +476,20 @@ template <class T> FUSEDNN_HD T tanh_(T x) {
 // pair, so e^(-t^2/2) is as accurate as the float exponential, and the
 // factors are returned unrounded (see ExpParts) so that each caller rounds
 // the product once.
-struct NormalTailF32 {
-  ExpParts gauss;  // e^(-t^2/2) 2^64
-  float w;         // M(t) = w K (1 + mills_m1)
-  float k;
-  float mills_m1;
-  float t;         // t, clamped to 16
-  bool beyond;     // t > 16 (or infinite): every float32 GELU tail term underflows
-};
-
-// M(t) = w K (1 + mills_m1) of NormalTailF32 alone, for 0 <= t <= 20: K's
-// fit on [0, 16] holds M within 4.4e-7 (relative) to t = 20, where the
-// derivative's t / sqrt(2 pi) - M, 400 times M, needs it within 2^-16.
+//
+// M(t) = w K (1 + mills_m1), alone for 0 <= t <= 20: K's fit on [0, 16]
+// holds M within 4.4e-7 (relative) to t = 20, where the derivative's
+// t / sqrt(2 pi) - M, 400 times M, needs it within 2^-16.
 struct MillsF32 {
   float w;
   float k;
   float mills_m1;
+};
+struct NormalTailF32 {
+  ExpParts gauss;  // e^(-t^2/2) 2^64
+  MillsF32 mills;  // M(t)
+  float t;         // t, clamped to 16
+  bool beyond;     // t > 16 (or infinite): every float32 GELU tail term underflows
 };
 FUSEDNN_HD MillsF32 mills_f32(float tc) {
   MillsF32 n;
@@ -527,10 +525,7 @@ FUSEDNN_HD NormalTailF32 normal_tail_f32(float t) {
   n.t = tc;
   const float sq = tc * tc;
   n.gauss = exp_neg_pair_parts(0.5f * sq, 0.5f * fmadd(tc, tc, -sq));
-  const MillsF32 mills = mills_f32(tc);
-  n.w = mills.w;
-  n.k = mills.k;
-  n.mills_m1 = mills.mills_m1;
+  n.mills = mills_f32(tc);
   return n;
 }
 
