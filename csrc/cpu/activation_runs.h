@@ -49,11 +49,10 @@ inline ActivationCost activation_cost(Activation act) {
 template <class T> constexpr double cost_of(double ns) { return ns * sizeof(T) / sizeof(float); }
 
 // Whether Op's float32 forward core is forward_core_pieces, which the
-// loops evaluate a vector of FloatLanes at a time (cpu/lanes.h).
-template <class Op, class = void> struct HasForwardCorePieces : std::false_type {};
-template <class Op>
-struct HasForwardCorePieces<Op, std::void_t<decltype(Op::kForwardCorePieces)>>
-    : std::bool_constant<Op::kForwardCorePieces> {};
+// loops evaluate a vector of FloatLanes at a time (cpu/lanes.h): GeluErf's
+// alone, named rather than inherited, since GeluErfHalf derives from it
+// with a core of its own.
+template <class Op> constexpr bool kHasForwardCorePieces = std::is_same_v<Op, act::GeluErf>;
 
 #if defined(FUSEDNN_FLOAT_LANES)
 // The values of a forward core in pieces for a line of kLineElems<float>
@@ -130,7 +129,7 @@ inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z,
     return finish(k, Op::template forward<T>(z(k), q));
   };
 #if defined(FUSEDNN_FLOAT_LANES)
-  if constexpr (std::is_same_v<T, float> && HasForwardCorePieces<Op>::value) {
+  if constexpr (std::is_same_v<T, float> && kHasForwardCorePieces<Op>) {
     activation_run_pieces<Op, kLines>(out, m, z, finish, stream);
     return;
   }

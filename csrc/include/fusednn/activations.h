@@ -359,7 +359,6 @@ struct GeluErf {
   // from 4t is exact (|s| <= 1/2, Sterbenz for i >= 1). A GPU would look
   // the rows up in memory, one load per coefficient; it keeps the
   // exponential (forward_core_f32).
-  static constexpr bool kForwardCorePieces = true;
   static constexpr float kPieceShifter = 12582912.0f;  // 1.5 * 2^23
   static constexpr int kPieceDegree = 6;
   static constexpr float kMinusTailPieces[kPieceDegree + 1][16] = {
@@ -557,15 +556,10 @@ struct GeluErf {
 // and the special values).
 struct GeluErfHalf : GeluErf {
   static constexpr float kForwardCoreBound = 4.0f;
-  static constexpr bool kForwardCorePieces = false;
   FUSEDNN_HD static float log2_tail(float t) {
-    float q = 3.5524343e-05f;
-    q = fmadd(q, t, -0.00078557356f);
-    q = fmadd(q, t, 0.008110524f);
-    q = fmadd(q, t, -0.05340435f);
-    q = fmadd(q, t, -0.4588332f);
-    q = fmadd(q, t, -1.1511577f);
-    return fmadd(q, t, -1.0f);
+    return math::horner(
+        t, 3.5524343e-05f, -0.00078557356f, 0.008110524f, -0.05340435f, -0.4588332f, -1.1511577f,
+        -1.0f);
   }
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const float t = math::magnitude(x);
@@ -579,14 +573,9 @@ struct GeluErfHalf : GeluErf {
   // log2 of the derivative's S(t) / (t0 - t), S = Phi(-t) - t phi(t), a
   // degree-7 polynomial in t (absolute error 3.8e-6).
   FUSEDNN_HD static float log2_slope(float t) {
-    float q = -1.42e-05f;
-    q = fmadd(q, t, 0.0002830291f);
-    q = fmadd(q, t, -0.00254106f);
-    q = fmadd(q, t, 0.013935737f);
-    q = fmadd(q, t, -0.053859428f);
-    q = fmadd(q, t, -0.5612089f);
-    q = fmadd(q, t, -0.38308084f);
-    return fmadd(q, t, -0.58840835f);
+    return math::horner(
+        t, -1.42e-05f, 0.0002830291f, -0.00254106f, 0.013935737f, -0.053859428f, -0.5612089f,
+        -0.38308084f, -0.58840835f);
   }
   // g S below zero and g (1 - S) above, as GeluErf's core forms them, with
   // S = (t0 - t) 2^log2_slope(t): t0 - t exact near the root (Sterbenz),
@@ -626,22 +615,14 @@ struct GeluTanh {
   // its rounding, and that of (1 + e)^2, would reach the result at full size.
   static constexpr float kCentral = 0.75f;
   FUSEDNN_HD static float central_half_tanh_ratio(float sq) {
-    float p = 0.0006415121f;
-    p = fmadd(p, sq, -0.0010950686f);
-    p = fmadd(p, sq, 0.00081076054f);
-    p = fmadd(p, sq, -0.0014469649f);
-    p = fmadd(p, sq, 0.010228807f);
-    p = fmadd(p, sq, -0.06682082f);
-    return fmadd(p, sq, 0.3989423f);
+    return math::horner(
+        sq, 0.0006415121f, -0.0010950686f, 0.00081076054f, -0.0014469649f, 0.010228807f,
+        -0.06682082f, 0.3989423f);
   }
   FUSEDNN_HD static float central_slope_odd(float sq) {
-    float r = 0.0012366446f;
-    r = fmadd(r, sq, -0.0021909585f);
-    r = fmadd(r, sq, 0.0025249838f);
-    r = fmadd(r, sq, -0.010342758f);
-    r = fmadd(r, sq, 0.061262954f);
-    r = fmadd(r, sq, -0.26728058f);
-    return fmadd(r, sq, 0.7978846f);
+    return math::horner(
+        sq, 0.0012366446f, -0.0021909585f, 0.0025249838f, -0.010342758f, 0.061262954f,
+        -0.26728058f, 0.7978846f);
   }
 
   // |2u| = hi + lo, to about 2^-44 relative, for t = |x| <= 14: every
@@ -868,9 +849,7 @@ struct Silu {
     // w = 1 - 1 / q^2 = e (e + 2) (1 - 2e + 3e^2 - 4e^3) to within 5e^4
     // (e < 0.007): w's roundings are scaled down by w, where rounding q^2
     // would cost up to an ulp.
-    float inverse_series = fmadd(-4.0f, e_unscaled, 3.0f);
-    inverse_series = fmadd(inverse_series, e_unscaled, -2.0f);
-    inverse_series = fmadd(inverse_series, e_unscaled, 1.0f);
+    const float inverse_series = math::horner(e_unscaled, -4.0f, 3.0f, -2.0f, 1.0f);
     const float w = (e_unscaled * (e_unscaled + 2.0f)) * inverse_series;
     // (1 + x) + (e - sum w) rounds once; 1 + x is exact for x in [-2^24, -1].
     const float far = (1.0f + x) + fmadd(-numerator, w, e_unscaled);
@@ -1018,16 +997,9 @@ struct SoftplusUnitBeta : SoftplusWith<true> {
   // scripts/fit_softplus.py (relative error 5.3e-9); the constant 1 is
   // added exactly in the last fused multiply-add.
   FUSEDNN_HD static float log1p_ratio(float e) {
-    float q = -0.0033144243f;
-    q = fmadd(q, e, 0.020184098f);
-    q = fmadd(q, e, -0.057621263f);
-    q = fmadd(q, e, 0.1067564f);
-    q = fmadd(q, e, -0.15352122f);
-    q = fmadd(q, e, 0.19694112f);
-    q = fmadd(q, e, -0.249583f);
-    q = fmadd(q, e, 0.3333048f);
-    q = fmadd(q, e, -0.4999993f);
-    return fmadd(q, e, 1.0f);
+    return math::horner(
+        e, -0.0033144243f, 0.020184098f, -0.057621263f, 0.1067564f, -0.15352122f, 0.19694112f,
+        -0.249583f, 0.3333048f, -0.4999993f, 1.0f);
   }
   // max(x, 0) + e G(e), with e = scale (1 + m1) left unrounded in the
   // product: below zero it is the whole result.

@@ -64,6 +64,14 @@ template <class T> FUSEDNN_HD bool is_nan(T x) { return x != x; }
 
 template <class T> FUSEDNN_HD T abs_(T x) { return x < T(0) ? -x : x; }  // -0 -> -0 is fine here
 
+// c x^n + next x^(n-1) + ... by Horner's scheme, coefficients from the
+// highest degree down: one fused multiply-add per degree, in that order,
+// so every polynomial here rounds the same way wherever it is evaluated.
+template <class T> FUSEDNN_HD T horner(T, T constant) { return constant; }
+template <class T, class... Lower> FUSEDNN_HD T horner(T x, T c, T next, Lower... lower) {
+  return horner(x, fmadd(c, x, next), lower...);
+}
+
 // |x| by clearing the sign bit: one instruction where abs_ takes a compare
 // and a select (NaN keeps its payload, -0 becomes +0).
 FUSEDNN_HD float magnitude(float x) { return float_from_bits(bits_of(x) & 0x7fffffffu); }
@@ -113,30 +121,16 @@ FUSEDNN_HD T reduce_ln2(T x, T& kf, typename Traits<T>::SBits& k) {
 // e^r - 1 for |r| <= 0.35: Taylor series, to degree 8 (float) or 14 (double),
 // whose truncation error is far below half an ulp.
 FUSEDNN_HD float expm1_reduced(float r) {
-  float p = 1.0f / 40320;
-  p = fmadd(p, r, 1.0f / 5040);
-  p = fmadd(p, r, 1.0f / 720);
-  p = fmadd(p, r, 1.0f / 120);
-  p = fmadd(p, r, 1.0f / 24);
-  p = fmadd(p, r, 1.0f / 6);
-  p = fmadd(p, r, 0.5f);
+  const float p = horner(
+      r, 1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f);
   return fmadd(p, r * r, r);
 }
 
 FUSEDNN_HD double expm1_reduced(double r) {
-  double p = 1.0 / 87178291200.0;
-  p = fmadd(p, r, 1.0 / 6227020800.0);
-  p = fmadd(p, r, 1.0 / 479001600.0);
-  p = fmadd(p, r, 1.0 / 39916800.0);
-  p = fmadd(p, r, 1.0 / 3628800.0);
-  p = fmadd(p, r, 1.0 / 362880.0);
-  p = fmadd(p, r, 1.0 / 40320.0);
-  p = fmadd(p, r, 1.0 / 5040.0);
-  p = fmadd(p, r, 1.0 / 720.0);
-  p = fmadd(p, r, 1.0 / 120.0);
-  p = fmadd(p, r, 1.0 / 24.0);
-  p = fmadd(p, r, 1.0 / 6.0);
-  p = fmadd(p, r, 0.5);
+  const double p = horner(
+      r, 1.0 / 87178291200.0, 1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+      1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0,
+      1.0 / 24.0, 1.0 / 6.0, 0.5);
   return fmadd(p, r * r, r);
 }
 
@@ -194,14 +188,21 @@ struct ExpParts {
   FUSEDNN_HD float rounded() const { return fmadd(scale, m1, scale); }
 };
 
-FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
-  using Tr = Traits<float>;
+// e^-(hi + lo) = 2^k (1 + m1), returning m1 and setting k, for the
+// argument pair of exp_neg_pair_parts; the two forms below differ only in
+// the type and offset of their scale 2^k.
+FUSEDNN_HD float exp_neg_pair_mantissa(float hi, float lo, int32_t& k) {
   float kf;
-  int32_t k;
   const float r = reduce_ln2(-hi, kf, k);
   const float p = expm1_reduced(r);
   // (1 + p) e^-lo = 1 + (p - lo - p lo) to within lo^2.
-  return {pow2i<float>(k + Tr::kExpScale), fmadd(-p, lo, p - lo)};
+  return fmadd(-p, lo, p - lo);
+}
+
+FUSEDNN_HD ExpParts exp_neg_pair_parts(float hi, float lo) {
+  int32_t k;
+  const float m1 = exp_neg_pair_mantissa(hi, lo, k);
+  return {pow2i<float>(k + Traits<float>::kExpScale), m1};
 }
 
 // e^-(hi + lo) as scale (1 + m1), scale = 2^k a double, for an argument
@@ -229,15 +230,12 @@ struct WideExpParts {
 constexpr float kWideExpMax = 700.0f;
 
 FUSEDNN_HD WideExpParts exp_neg_pair_wide(float hi, float lo) {
-  float kf;
-  int32_t k;
   const bool clamped = hi > kWideExpMax;
-  const float r = reduce_ln2(-(clamped ? kWideExpMax : hi), kf, k);
-  const float p = expm1_reduced(r);
-  // (1 + p) e^-lo = 1 + (p - lo - p lo) to within lo^2; past the clamp lo
-  // (a rounding error of a larger hi) no longer belongs to the argument.
-  const float lo_kept = clamped ? 0.0f : lo;
-  return {pow2i<double>(int64_t(k)), fmadd(-p, lo_kept, p - lo_kept)};
+  // Past the clamp lo (a rounding error of a larger hi) no longer belongs
+  // to the argument.
+  int32_t k;
+  const float m1 = exp_neg_pair_mantissa(clamped ? kWideExpMax : hi, clamped ? 0.0f : lo, k);
+  return {pow2i<double>(int64_t(k)), m1};
 }
 FUSEDNN_HD WideExpParts exp_neg_wide(float t) { return exp_neg_pair_wide(t, 0.0f); }
 
@@ -263,13 +261,7 @@ FUSEDNN_HD ExpParts exp_neg_core(float x) {
   float kf;
   const int32_t k = unshift(fmadd(x, -1.4426950408889634f, Tr::kRoundShifter), kf);
   const float r = fmadd(kf, -Tr::kLn2Lo, fmadd(kf, -Tr::kLn2Hi, -x));
-  float p = 1.0f / 5040;
-  p = fmadd(p, r, 1.0f / 720);
-  p = fmadd(p, r, 1.0f / 120);
-  p = fmadd(p, r, 1.0f / 24);
-  p = fmadd(p, r, 1.0f / 6);
-  p = fmadd(p, r, 0.5f);
-  p = fmadd(p, r, 1.0f);
+  const float p = horner(r, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f);
   return {pow2i<float>(k), p * r};
 }
 
@@ -323,12 +315,8 @@ FUSEDNN_HD ExpParts half_exp_pair_plus_core(float p, float p_lo, float c, float 
   const float kf = shifted - kShifter;
   const float exact = fmadd(kf, -2.0f * Tr::kLn2Hi, -p);
   const float u = fmadd(c, 2.0f, exact) - fmadd(kf, 2.0f * Tr::kLn2Lo, p_lo);
-  float q = 2.1688616e-05f;
-  q = fmadd(q, u, 0.00026162813f);
-  q = fmadd(q, u, 0.0026042128f);
-  q = fmadd(q, u, 0.020833123f);
-  q = fmadd(q, u, 0.12499999f);
-  q = fmadd(q, u, 0.5f);
+  const float q = horner(
+      u, 2.1688616e-05f, 0.00026162813f, 0.0026042128f, 0.020833123f, 0.12499999f, 0.5f);
   return {float_from_bits(bits_of(shifted) << 23), q * u};
 }
 
@@ -343,11 +331,7 @@ FUSEDNN_HD float exp2_coarse(float q) {
   constexpr float kShifter = 12583039.0f;  // 1.5 * 2^23 + 127
   const float shifted = q + kShifter;
   const float f = q - (shifted - kShifter);
-  float p = 0.009582941f;
-  p = fmadd(p, f, 0.05590498f);
-  p = fmadd(p, f, 0.24024087f);
-  p = fmadd(p, f, 0.69312435f);
-  p = fmadd(p, f, 1.0f);
+  const float p = horner(f, 0.009582941f, 0.05590498f, 0.24024087f, 0.69312435f, 1.0f);
   return p * float_from_bits(bits_of(shifted) << 23);
 }
 
@@ -379,24 +363,14 @@ template <class T> FUSEDNN_HD T expm1_nonpositive(T x) {
 // reduced argument (no rounding), the rest reduces 1 + u by a factor 2 and
 // adds back the rounding error of 1 + u. Series in s = f / (2 + f).
 FUSEDNN_HD float log1p_series(float z) {
-  float r = 2.0f / 9;
-  r = fmadd(r, z, 2.0f / 7);
-  r = fmadd(r, z, 2.0f / 5);
-  r = fmadd(r, z, 2.0f / 3);
+  const float r = horner(z, 2.0f / 9, 2.0f / 7, 2.0f / 5, 2.0f / 3);
   return r * z;
 }
 
 FUSEDNN_HD double log1p_series(double z) {
-  double r = 2.0 / 21;
-  r = fmadd(r, z, 2.0 / 19);
-  r = fmadd(r, z, 2.0 / 17);
-  r = fmadd(r, z, 2.0 / 15);
-  r = fmadd(r, z, 2.0 / 13);
-  r = fmadd(r, z, 2.0 / 11);
-  r = fmadd(r, z, 2.0 / 9);
-  r = fmadd(r, z, 2.0 / 7);
-  r = fmadd(r, z, 2.0 / 5);
-  r = fmadd(r, z, 2.0 / 3);
+  const double r = horner(
+      z, 2.0 / 21, 2.0 / 19, 2.0 / 17, 2.0 / 15, 2.0 / 13, 2.0 / 11, 2.0 / 9, 2.0 / 7, 2.0 / 5,
+      2.0 / 3);
   return r * z;
 }
 
@@ -503,16 +477,9 @@ FUSEDNN_HD MillsF32 mills_f32(float tc) {
   // v = 1 - w (1 + mills_m1): near t = 0 w's error would otherwise reach v
   // at full size (w is about 2 there).
   const float v = fmadd(-w, n.mills_m1, 1.0f - w);
-  float k = -1.6832455e-05f;
-  k = fmadd(k, v, 2.2403046e-05f);
-  k = fmadd(k, v, 0.00019666464f);
-  k = fmadd(k, v, -0.0004394569f);
-  k = fmadd(k, v, -0.0009410649f);
-  k = fmadd(k, v, 0.0075507178f);
-  k = fmadd(k, v, -0.023315318f);
-  k = fmadd(k, v, 0.048392069f);
-  k = fmadd(k, v, -0.07598708f);
-  k = fmadd(k, v, 0.094410643f);
+  const float k = horner(
+      v, -1.6832455e-05f, 2.2403046e-05f, 0.00019666464f, -0.0004394569f, -0.0009410649f,
+      0.0075507178f, -0.023315318f, 0.048392069f, -0.07598708f, 0.094410643f);
   n.w = w;
   n.k = k;
   return n;
@@ -561,15 +528,7 @@ FUSEDNN_HD double normal_pdf_scaled(double x) {
 FUSEDNN_HD double normal_tail_series(double t) {
   const double tc = t < kNormalTail ? kNormalTail : t;
   const double u = 1.0 / (tc * tc);
-  double s = 2027025.0;
-  s = fmadd(s, u, -135135.0);
-  s = fmadd(s, u, 10395.0);
-  s = fmadd(s, u, -945.0);
-  s = fmadd(s, u, 105.0);
-  s = fmadd(s, u, -15.0);
-  s = fmadd(s, u, 3.0);
-  s = fmadd(s, u, -1.0);
-  return fmadd(s, u, 1.0);
+  return horner(u, 2027025.0, -135135.0, 10395.0, -945.0, 105.0, -15.0, 3.0, -1.0, 1.0);
 }
 
 // Phi(x) * 2^kExpScale, given pdf_s = normal_pdf_scaled(x) and
