@@ -1,7 +1,8 @@
 """Shared numerics for the tests: the accuracy bounds of DESIGN section 6,
 the inputs they are checked on, an error measure in units in the last place
-(ulp), and fixtures that restore the global CPU settings (thread count, SIMD
-path) a test changes.
+(ulp), fixtures that restore the global CPU settings (thread count, SIMD
+path) a test changes, and, for the PyTorch tests, an inductor-compiled
+training step whose generated code they inspect.
 
 A kernel's result is compared with the float64 reference of
 ``fusednn.reference``. Its error is measured in ulp of the reference value
@@ -13,6 +14,7 @@ reasons are given beside them.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -495,3 +497,45 @@ def library_call_data(x: np.ndarray, seed: int = 0) -> dict:
 def flat_results(result) -> list:
     """A call's arrays, in order (tuples and named tuples flattened)."""
     return list(result) if isinstance(result, tuple) else [result]
+
+
+def conv_bn_relu_blocks(strides=(1, 1, 1)) -> list:
+    """Layers of a small CNN: three blocks of a 3x3 convolution (no bias,
+    the block's stride), BatchNorm2d and ReLU, 3 -> 8 -> 16 -> 16 channels,
+    drawn from torch's seeded generator."""
+    import torch
+
+    torch.manual_seed(0)
+    layers = []
+    for (n_in, n_out), stride in zip(((3, 8), (8, 16), (16, 16)), strides):
+        layers += [torch.nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=False),
+                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
+    return layers
+
+
+def compiled_training_step(model, x, *, dynamic=False) -> list:
+    """One training step (loss: the output's sum of squares) of `model`
+    eagerly and of a copy compiled by inductor, whose output and gradients
+    must match eager's; returns the generated code, forward then backward."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    compiled_model = copy.deepcopy(model)
+
+    def step(m):
+        out = m(x)
+        out.square().sum().backward()
+        return out
+
+    expected = step(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=dynamic)
+    # A graph cached by a build with other registrations would hide what
+    # the callers check.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        got, code = run_and_get_code(lambda: step(compiled))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+    return code

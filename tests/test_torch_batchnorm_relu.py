@@ -8,7 +8,6 @@ without graph breaks. Skips when PyTorch is not installed.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import re
 
@@ -21,6 +20,7 @@ import fusednn as fn  # noqa: E402
 import fusednn.torch as ft  # noqa: E402
 from fusednn.torch import nn as fnn  # noqa: E402
 from fusednn.torch import ops  # noqa: E402
+from conftest import compiled_training_step, conv_bn_relu_blocks  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 GEN = torch.Generator().manual_seed(11)
@@ -156,38 +156,24 @@ def test_in_place_backward_writes_the_gradients_bits_over_it(x_format, grad_form
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
+def patched_pooled_cnn(strides=(1, 1, 1)):
+    """conv_bn_relu_blocks, global average pooling and a linear layer, patched."""
+    layers = conv_bn_relu_blocks(strides) + [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                             torch.nn.Linear(16, 4)]
+    return ft.patch(torch.nn.Sequential(*layers)).model
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_cnn_backward(layout):
     """The generated backward code of an inductor-compiled step of a small
     CNN (three conv-BN-ReLU blocks, pooling, linear) in `layout`, after
-    checking the step's gradients against eager's."""
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    layers = []
-    for n_in, n_out in ((3, 8), (8, 16), (16, 16)):
-        layers += [torch.nn.Conv2d(n_in, n_out, 3, padding=1, bias=False),
-                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
-    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)]
-    model = ft.patch(torch.nn.Sequential(*layers)).model
+    checking the step against eager's."""
+    model = patched_pooled_cnn()
     x = normals(4, 3, 6, 6, dtype=F32)
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    compiled_model = copy.deepcopy(model)
-
-    def step(m):
-        m(x).square().sum().backward()
-
-    step(model)
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        _, code = run_and_get_code(lambda: step(compiled))
-    for a, b in zip(model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
-    return code[1]
+    return compiled_training_step(model, x)[1]
 
 
 def strides_in(code, name):
@@ -242,30 +228,8 @@ def test_inductor_layout_constraint_takes_dynamic_shapes():
     # assumes); the constraint orders them as inductor's own constraints
     # do. The last block's inputs still come laid out like x, and the
     # gradients match eager's.
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    layers = []
-    for i, (n_in, n_out) in enumerate(((3, 8), (8, 16), (16, 16))):
-        layers += [torch.nn.Conv2d(n_in, n_out, 3, stride=1 if i == 0 else 2, padding=1,
-                                   bias=False),
-                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
-    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)]
-    model = ft.patch(torch.nn.Sequential(*layers)).model
-    compiled_model = copy.deepcopy(model)
-    x = normals(4, 3, 12, 12, dtype=F32)
-
-    def step(m):
-        m(x).square().sum().backward()
-
-    step(model)
-    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True)
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        _, code = run_and_get_code(lambda: step(compiled))
-    for a, b in zip(model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+    model = patched_pooled_cnn(strides=(1, 2, 2))
+    code = compiled_training_step(model, normals(4, 3, 12, 12, dtype=F32), dynamic=True)
     assert "fusednn.batch_norm_backward.default(" in code[1]
     assert "threshold_backward" not in code[1]
 

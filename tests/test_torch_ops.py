@@ -10,7 +10,6 @@ batch norm without layout copies. Skips when PyTorch is not installed.
 """
 from __future__ import annotations
 
-import copy
 import re
 
 import numpy as np
@@ -20,6 +19,7 @@ torch = pytest.importorskip("torch")
 
 import fusednn as fn  # noqa: E402
 from fusednn.torch import ops  # noqa: E402
+from conftest import compiled_training_step, conv_bn_relu_blocks  # noqa: E402
 
 F64 = torch.float64
 GEN = torch.Generator().manual_seed(5)
@@ -435,33 +435,10 @@ def test_inductor_hands_convolution_outputs_to_batch_norm_as_they_are():
     # norm's flexible_layout tag lets it pass them on without a copy to the
     # NCHW strides seen when tracing. Checked on the generated code of a
     # training step, and the step against eager.
-    from torch._inductor.utils import run_and_get_code
     import fusednn.torch as ft
 
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    layers = []
-    for n_in, n_out in ((3, 8), (8, 16), (16, 16)):
-        layers += [torch.nn.Conv2d(n_in, n_out, 3, padding=1, bias=False),
-                   torch.nn.BatchNorm2d(n_out), torch.nn.ReLU()]
-    model = ft.patch(torch.nn.Sequential(*layers)).model
-    compiled_model = copy.deepcopy(model)
-    x = torch.randn(2, 3, 8, 8)
-
-    def step(m):
-        out = m(x)
-        out.square().sum().backward()
-        return out
-
-    expected = step(model)
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    # A cached graph compiled under other tags would hide what is checked.
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        got, code = run_and_get_code(lambda: step(compiled))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for a, b in zip(model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4)
+    model = ft.patch(torch.nn.Sequential(*conv_bn_relu_blocks())).model
+    code = compiled_training_step(model, torch.randn(2, 3, 8, 8))
     forward = code[0]
     convolutions = set(re.findall(r"(buf\d+) = extern_kernels\.convolution\(", forward))
     batch_norm_inputs = re.findall(r"torch\.ops\.fusednn\.batch_norm\.default\((buf\d+),",
