@@ -132,16 +132,6 @@ def _cupy(function: str):
     return cupy
 
 
-def _real(value, name: str, function: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"fusednn.init.{function}: {name} must be a real number, "
-                        f"not {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"fusednn.init.{function}: {name} must be finite, got {value}")
-    return value
-
-
 def _draw(sample, shape, seed, dtype, device, function: str):
     """Calls sample(rng, shape) once every argument has been checked, so a
     bad argument leaves a passed Generator where it was."""
@@ -191,8 +181,8 @@ def uniform(shape, low=0.0, high=1.0, *, seed=None, dtype="float32", device="cpu
     signal by 1/3 per layer."""
     function = "uniform"
     dims = _shape(shape, function)
-    low = _real(low, "low", function)
-    high = _real(high, "high", function)
+    low = _backend.check_real(low, "low", f"init.{function}")
+    high = _backend.check_real(high, "high", f"init.{function}")
     if low > high:
         raise ValueError(f"fusednn.init.{function}: low ({low}) must not exceed high ({high})")
     return _draw(_uniform_sampler(low, high), dims, seed, dtype, device, function)
@@ -202,8 +192,8 @@ def normal(shape, mean=0.0, std=1.0, *, seed=None, dtype="float32", device="cpu"
     """Values from N(mean, std^2), untruncated."""
     function = "normal"
     dims = _shape(shape, function)
-    mean = _real(mean, "mean", function)
-    std = _real(std, "std", function)
+    mean = _backend.check_real(mean, "mean", f"init.{function}")
+    std = _backend.check_real(std, "std", f"init.{function}")
     if std < 0:
         raise ValueError(f"fusednn.init.{function}: std must be non-negative, got {std}")
     return _draw(_normal_sampler(mean, std), dims, seed, dtype, device, function)
@@ -298,7 +288,7 @@ def _initialize(function: str, shape, numerator, fan_of, seed, dtype, device, *,
 
 
 def _gain(gain, function: str) -> float:
-    gain = _real(gain, "gain", function)
+    gain = _backend.check_real(gain, "gain", f"init.{function}")
     if gain < 0:
         raise ValueError(f"fusednn.init.{function}: gain must be non-negative, got {gain}")
     return gain
@@ -310,7 +300,7 @@ def _glorot(function, shape, gain, seed, dtype, device):
 
 
 def _he(function, shape, a, mode, seed, dtype, device):
-    a = _real(a, "a", function)
+    a = _backend.check_real(a, "a", f"init.{function}")
     _fan(0, 0, mode, function)
     return _initialize(function, shape, 2.0 / (1.0 + a * a),
                        lambda fan_in, fan_out: _fan(fan_in, fan_out, mode, function),
@@ -370,7 +360,7 @@ def orthogonal(shape, *, gain=1.0, seed=None, dtype="float32", device="cpu"):
         raise ValueError(f"fusednn.init.{function}: needs a shape with at least 2 dimensions, "
                          f"got {dims!r}")
     _warn_if_channels_last(dims, function)
-    gain = _real(gain, "gain", function)
+    gain = _backend.check_real(gain, "gain", f"init.{function}")
 
     def sample(rng, shape):
         rows = shape[0]
@@ -405,8 +395,8 @@ def trunc_normal(shape, *, mean=0.0, std=1.0, a=-2.0, b=2.0, seed=None, dtype="f
     of its draws."""
     function = "trunc_normal"
     dims = _shape(shape, function)
-    mean = _real(mean, "mean", function)
-    std = _real(std, "std", function)
+    mean = _backend.check_real(mean, "mean", f"init.{function}")
+    std = _backend.check_real(std, "std", f"init.{function}")
     a = _bound(a, "a", function)
     b = _bound(b, "b", function)
     if std <= 0:
