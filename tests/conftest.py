@@ -444,6 +444,28 @@ def restore_simd():
     _cpu.set_simd(original)
 
 
+@pytest.fixture
+def restore_settings(restore_threads, restore_simd):
+    """Restores both the thread count and the SIMD path."""
+    yield
+
+
+def numeric_gradient(loss, array: np.ndarray, step: float = 1e-6) -> np.ndarray:
+    """d loss / d array by central differences, perturbing array in place
+    (and restoring it)."""
+    grad = np.zeros_like(array)
+    flat, flat_grad = array.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + step
+        up = loss()
+        flat[i] = saved - step
+        down = loss()
+        flat[i] = saved
+        flat_grad[i] = (up - down) / (2 * step)
+    return grad
+
+
 # ---- every public function, on arrays of any library ------------------------------------
 
 # Each entry calls one public function with its arrays made by `make` from

@@ -13,6 +13,7 @@ import pytest
 import fusednn as fn
 from fusednn import _cpu
 from fusednn import reference as ref
+from conftest import numeric_gradient
 
 DTYPES = (np.float32, np.float64)
 # y and grad_input tolerance: absolute, on outputs of order one.
@@ -35,15 +36,6 @@ LAYOUTS = [
     ((3, 700, 2), 1),
     ((3, 2, 100001), 1),
 ]
-
-
-@pytest.fixture
-def restore_settings():
-    threads = fn.get_num_threads()
-    simd = _cpu.simd()
-    yield
-    fn.set_num_threads(threads)
-    _cpu.set_simd(simd)
 
 
 def _data(shape, axis, dtype, seed=0, loc=1.0, scale=3.0):
@@ -127,20 +119,6 @@ def test_statistics_are_stable_for_an_outlying_first_sample():
     _check_close(result.y, expected.y, np.float64)
 
 
-def _numeric_gradient(f, values, eps=1e-6):
-    grad = np.zeros_like(values)
-    flat = values.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        up = f()
-        flat[i] = saved - eps
-        down = f()
-        flat[i] = saved
-        grad.reshape(-1)[i] = (up - down) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((2, 3, 4), 1), ((3, 2, 2, 3), -1)])
 def test_reference_gradients_match_finite_differences(shape, axis):
     x, gamma, beta = _data(shape, axis, np.float64)
@@ -152,9 +130,9 @@ def test_reference_gradients_match_finite_differences(shape, axis):
     forward = ref.batch_norm(x, gamma, beta, axis=axis)
     grad_x, grad_gamma, grad_beta = ref.batch_norm_backward(
         weights, x, gamma, forward.save_mean, forward.save_invstd, axis=axis)
-    np.testing.assert_allclose(grad_x, _numeric_gradient(loss, x), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(grad_gamma, _numeric_gradient(loss, gamma), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(grad_beta, _numeric_gradient(loss, beta), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad_x, numeric_gradient(loss, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad_gamma, numeric_gradient(loss, gamma), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad_beta, numeric_gradient(loss, beta), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

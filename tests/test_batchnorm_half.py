@@ -53,15 +53,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture
-def restore_settings():
-    threads = fn.get_num_threads()
-    simd = _cpu.simd()
-    yield
-    fn.set_num_threads(threads)
-    _cpu.set_simd(simd)
-
-
 def spacing(dtype_name: str, value) -> np.ndarray:
     """The distance between neighbouring values of the storage type around
     |value| (the larger one at a power of two)."""

@@ -15,6 +15,7 @@ import pytest
 import fusednn as fn
 from fusednn import _cpu
 from fusednn import reference as ref
+from conftest import numeric_gradient
 
 DTYPES = (np.float32, np.float64)
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -35,15 +36,6 @@ LAYOUTS = [
     ((70, 32, 45, 45), 1),
     ((12_000, 15, 24), -1),
 ]
-
-
-@pytest.fixture
-def restore_settings():
-    threads = fn.get_num_threads()
-    simd = _cpu.simd()
-    yield
-    fn.set_num_threads(threads)
-    _cpu.set_simd(simd)
 
 
 def _data(shape, axis, dtype, seed=0):
@@ -122,20 +114,6 @@ def test_fused_matches_reference(shape, axis, dtype, training):
         np.testing.assert_allclose(got, want_sum, rtol=0, atol=4 * TOL[dtype] * np.sqrt(m))
 
 
-def _numeric_gradient(f, values, eps=1e-6):
-    grad = np.zeros_like(values)
-    flat = values.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + eps
-        up = f()
-        flat[i] = saved - eps
-        down = f()
-        flat[i] = saved
-        grad.reshape(-1)[i] = (up - down) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape,axis", [((6, 3), 1), ((2, 3, 4), 1), ((3, 2, 2, 3), -1)])
 def test_reference_gradients_match_finite_differences(shape, axis, training):
@@ -157,7 +135,7 @@ def test_reference_gradients_match_finite_differences(shape, axis, training):
     grads = ref.batch_norm_backward(weights, x, gamma, result.save_mean, result.save_invstd,
                                     axis=axis, training=training, activation="relu", y=result.y)
     for got, values in zip(grads, (x, gamma, beta)):
-        np.testing.assert_allclose(got, _numeric_gradient(loss, values), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(got, numeric_gradient(loss, values), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,20 +13,6 @@ SIZES = [0, 1, 3, 4, 5, 7, 8, 9, 63, 64, 65, 1000, 4097, 2**16 + 13, 3 * 2**17 +
 STREAMS = [(0, 0), (1, 2), (2**32 + 5, 2**32 + 7), (2**64 - 1, 2**64 - 1), (987654321, 2**40)]
 
 
-@pytest.fixture
-def restore_threads():
-    before = fn.get_num_threads()
-    yield
-    fn.set_num_threads(before)
-
-
-@pytest.fixture
-def restore_simd():
-    before = _cpu.simd()
-    yield
-    _cpu.set_simd(before)
-
-
 def unpacked(mask, n):
     return np.unpackbits(mask, bitorder="little")[:n].astype(bool)
 

@@ -13,28 +13,13 @@ import pytest
 
 import fusednn as fn
 from fusednn import nn
+from conftest import numeric_gradient
 
-FD_STEP = 1e-6
 FD_TOLERANCE = 1e-6
 
 
 def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
-
-
-def numeric_gradient(loss, array: np.ndarray) -> np.ndarray:
-    """d loss / d array by central differences, perturbing array in place."""
-    grad = np.zeros_like(array)
-    flat, flat_grad = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        saved = flat[i]
-        flat[i] = saved + FD_STEP
-        up = loss()
-        flat[i] = saved - FD_STEP
-        down = loss()
-        flat[i] = saved
-        flat_grad[i] = (up - down) / (2 * FD_STEP)
-    return grad
 
 
 def check_gradients(layer, x: np.ndarray, seed=0):
