@@ -88,6 +88,24 @@ def check_element_count(dims: tuple, function: str) -> tuple:
     return dims
 
 
+def check_shape(shape, function: str) -> tuple:
+    """A shape argument (an integer or a sequence of integers) as a tuple
+    of ints, with its element count checked by check_element_count."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"fusednn.{function}: shape must be an integer or a tuple of "
+                        f"integers, not {type(shape).__name__}") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"fusednn.{function}: shape must hold integers, got {shape!r}")
+        if d < 0:
+            raise ValueError(f"fusednn.{function}: shape must not be negative, got {shape!r}")
+    return check_element_count(tuple(int(d) for d in dims), function)
+
+
 def check_real(value, name: str, function: str) -> float:
     if type(value) is float and math.isfinite(value):  # the common case, checked first
         return value

@@ -78,22 +78,6 @@ def _check_start(value, size: int, function: str) -> int:
     return value
 
 
-def _check_shape(shape, function: str) -> tuple:
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, (bool, np.bool_)):
-        shape = (shape,)
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise TypeError(f"fusednn.{function}: shape must be an integer or a tuple of "
-                        f"integers, not {type(shape).__name__}") from None
-    for d in dims:
-        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
-            raise TypeError(f"fusednn.{function}: shape must hold integers, got {shape!r}")
-        if d < 0:
-            raise ValueError(f"fusednn.{function}: shape must not be negative, got {shape!r}")
-    return _backend.check_element_count(tuple(int(d) for d in dims), function)
-
-
 def _mask_bytes(size: int) -> int:
     return (size + 7) // 8
 
@@ -198,7 +182,7 @@ def dropout_mask(shape, p, *, seed, offset=0, start=0, device="cpu"):
     takes (that library, on that array's device). The bytes are the same
     everywhere."""
     function = "dropout_mask"
-    shape = _check_shape(shape, function)
+    shape = _backend.check_shape(shape, function)
     p = _check_p(p, function)
     seed = _check_counter(seed, "seed", function)
     offset = _check_counter(offset, "offset", function)

@@ -69,22 +69,6 @@ INITIALIZERS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal",
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def _shape(shape, function: str) -> tuple[int, ...]:
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
-        shape = (shape,)
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise TypeError(f"fusednn.init.{function}: shape must be a tuple of integers, "
-                        f"not {type(shape).__name__}") from None
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
-            raise TypeError(f"fusednn.init.{function}: shape must hold integers, got {shape!r}")
-        if d < 0:
-            raise ValueError(f"fusednn.init.{function}: shape has a negative dimension: {shape!r}")
-    return _backend.check_element_count(tuple(int(d) for d in dims), f"init.{function}")
-
-
 def fans(shape) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a weight of this shape, as PyTorch computes
     them for ``(out, in, *kernel)``."""
@@ -180,7 +164,7 @@ def uniform(shape, low=0.0, high=1.0, *, seed=None, dtype="float32", device="cpu
     1/sqrt(n))``, the plain rule whose variance ``1 / (3 n)`` shrinks the
     signal by 1/3 per layer."""
     function = "uniform"
-    dims = _shape(shape, function)
+    dims = _backend.check_shape(shape, f"init.{function}")
     low = _backend.check_real(low, "low", f"init.{function}")
     high = _backend.check_real(high, "high", f"init.{function}")
     if low > high:
@@ -191,7 +175,7 @@ def uniform(shape, low=0.0, high=1.0, *, seed=None, dtype="float32", device="cpu
 def normal(shape, mean=0.0, std=1.0, *, seed=None, dtype="float32", device="cpu"):
     """Values from N(mean, std^2), untruncated."""
     function = "normal"
-    dims = _shape(shape, function)
+    dims = _backend.check_shape(shape, f"init.{function}")
     mean = _backend.check_real(mean, "mean", f"init.{function}")
     std = _backend.check_real(std, "std", f"init.{function}")
     if std < 0:
@@ -200,7 +184,7 @@ def normal(shape, mean=0.0, std=1.0, *, seed=None, dtype="float32", device="cpu"
 
 
 def _fans_of(shape, function: str) -> tuple[tuple[int, ...], int, int]:
-    dims = _shape(shape, function)
+    dims = _backend.check_shape(shape, f"init.{function}")
     if len(dims) < 2:
         raise ValueError(f"fusednn.init.{function}: fan in and fan out can not be computed for "
                          f"a shape with fewer than 2 dimensions, got {dims!r}; weights are "
@@ -355,7 +339,7 @@ def orthogonal(shape, *, gain=1.0, seed=None, dtype="float32", device="cpu"):
     matrix, with the signs of R's diagonal moved into Q, which makes Q
     uniform over the orthogonal matrices (Mezzadri 2007)."""
     function = "orthogonal"
-    dims = _shape(shape, function)
+    dims = _backend.check_shape(shape, f"init.{function}")
     if len(dims) < 2:
         raise ValueError(f"fusednn.init.{function}: needs a shape with at least 2 dimensions, "
                          f"got {dims!r}")
@@ -394,7 +378,7 @@ def trunc_normal(shape, *, mean=0.0, std=1.0, a=-2.0, b=2.0, seed=None, dtype="f
     interval's near end in a tail. Every proposal accepts at least a third
     of its draws."""
     function = "trunc_normal"
-    dims = _shape(shape, function)
+    dims = _backend.check_shape(shape, f"init.{function}")
     mean = _backend.check_real(mean, "mean", f"init.{function}")
     std = _backend.check_real(std, "std", f"init.{function}")
     a = _bound(a, "a", function)
