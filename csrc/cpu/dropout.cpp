@@ -509,6 +509,12 @@ inline __m512 multiply_to_odd_lanes(__m512 a, __m512 b) {
   return _mm512_castsi512_ps(r);
 }
 
+// How far ahead (elements, 2 KiB) apply_bits_half asks for x's lines: the
+// Philox draws between its pieces of 128 elements leave no loads in flight,
+// and without the prefetch bfloat16 dropout of 2^24 elements on 2 threads
+// took 13.6 ms (float16 8.3 ms), with it 7.1-7.4 ms (6.6-6.9 ms).
+constexpr int64_t kHalfDropoutPrefetchAhead = 1024;
+
 // apply_bits for float16 and bfloat16: y[k] = x[k] * (keep_k ? scale : 0)
 // computed in float32 and rounded once (multiply_to_odd, then the
 // storage type's rounding), 32 elements (one output line) a step, from
@@ -537,6 +543,7 @@ void apply_bits_half(const S* x, S* y, int64_t n, const uint8_t* bits, int64_t f
     k = head;
   }
   for (; k + 32 <= n; k += 32) {
+    __builtin_prefetch(x + k + kHalfDropoutPrefetchAhead, 0, 3);
     const HalfLine line = narrow_lines(reinterpret_cast<Line<float>>(lanes(k, all)),
                                        reinterpret_cast<Line<float>>(lanes(k + 16, all)), S{});
     uint16_t* out = reinterpret_cast<uint16_t*>(y + k);
