@@ -82,7 +82,13 @@ template <class Ready> bool spin_until(std::chrono::microseconds limit, Ready re
     if (ready()) return true;
     cpu_relax();
     // The clock costs tens of nanoseconds: read it every 64 pauses.
-    if (i % 64 == 0 && std::chrono::steady_clock::now() >= deadline) return ready();
+    if (i % 64 == 0) {
+      if (std::chrono::steady_clock::now() >= deadline) return ready();
+      // The thread waited for may be queued on this very core: a worker
+      // woken after a few milliseconds asleep was placed on the caller's
+      // core here, behind the caller's spin, until that core's next tick.
+      std::this_thread::yield();
+    }
   }
 }
 
