@@ -110,7 +110,7 @@ __attribute__((noclone)) void forward_loops(const ActivationParams& params,
     }
   };
   loop.run(base, sizes, storage_cost<S>(ns_per_element),
-           [&] { return Body{params, stream, fns}; });
+           [&] { return Body{params, stream, fns}; }, kMinElementwiseTaskNanoseconds);
 }
 
 // grad_input = g * f'(.) for storage type S, from x or y as `fns` do.
@@ -150,7 +150,7 @@ __attribute__((noclone)) void backward_loops(const ActivationParams& params,
     }
   };
   loop.run(base, sizes, storage_cost<S>(ns_per_element),
-           [&] { return Body{params, stream, fns}; });
+           [&] { return Body{params, stream, fns}; }, kMinElementwiseTaskNanoseconds);
 }
 
 #define FUSEDNN_LOOPS(S)                                                                     \
@@ -195,7 +195,8 @@ template <class T> void copy_typed(const ArrayRef& src, const ArrayRef& dst) {
       if (stream) store_fence();
     }
   };
-  loop.run(base, sizes, cost_of<T>(kCopyNanoseconds), [&] { return Body{stream}; });
+  loop.run(base, sizes, cost_of<T>(kCopyNanoseconds), [&] { return Body{stream}; },
+           kMinElementwiseTaskNanoseconds);
 }
 
 // dst = src converted between float32 and a half type S (one of From, To),
@@ -222,7 +223,7 @@ template <class From, class To> void convert_typed(const ArrayRef& src, const Ar
     }
     void finish() {}
   };
-  loop.run(base, sizes, kCopyNanoseconds, [] { return Body{}; });
+  loop.run(base, sizes, kCopyNanoseconds, [] { return Body{}; }, kMinElementwiseTaskNanoseconds);
 }
 
 }  // namespace

@@ -405,7 +405,7 @@ constexpr double kDropoutNanoseconds = 0.6;
 // kSliceAlign, and calls fn(begin, end) for each on the pool.
 template <class Fn> void for_each_slice(int64_t size, double ns_per_element, Fn fn) {
   if (size == 0) return;
-  const int64_t slices = slice_count(size, ns_per_element);
+  const int64_t slices = slice_count(size, ns_per_element, kMinElementwiseTaskNanoseconds);
   parallel_for(slices, [&](int64_t s) {
     const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~(kSliceAlign - 1);
     const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~(kSliceAlign - 1);

@@ -34,22 +34,32 @@ namespace FUSEDNN_ISA {
 
 // Work per task below which handing it to another thread does not pay: a
 // worker joins an empty parallel region in about 2 us here (bench --sweep's
-// pool row), but a gelu of 2^14 elements (14 us) measured no faster on two
-// threads than on one, while 2^15 was.
+// pool row). This minimum goes with batch norm's costs (cpu/batchnorm.cpp),
+// which were measured on whole calls.
 constexpr double kMinTaskNanoseconds = 8000;
+// The same minimum for the elementwise loops, whose costs
+// (cpu/activation_runs.h, kCopyNanoseconds, dropout's) are a loop's
+// marginal cost in L1. A layer-sized call reads from L2 and costs more than
+// that. Back-to-back calls on one and two threads: a relu of 2^17 elements
+// (10.5 us at its cost) took 22.5 and 13.5 us, a silu of 2^15 (10.2 us)
+// 11.0 and 10.1, a gelu of 2^15 (9.8 us) 11.2 and 10.8, a dropout of 2^15
+// (19.7 us) 21.2 and 17.6: a call splits in two from 10 us at these costs,
+// where the second thread's gain begins.
+constexpr double kMinElementwiseTaskNanoseconds = 5000;
 
 // How many slices to split `size` elements costing about ns_per_element
 // each (float32, one core, data in cache) into: one per thread, fewer where
-// a slice would carry less than kMinTaskNanoseconds. A fixed element count
-// would split a relu (0.1 ns per element) as finely as a gelu (0.8 ns).
-inline int64_t slice_count(int64_t size, double ns_per_element) {
-  const double slices = double(size) * ns_per_element / kMinTaskNanoseconds;
+// a slice would carry less than min_task_ns. A fixed element count would
+// split a relu (0.08 ns per element) as finely as a gelu backward (0.75 ns).
+inline int64_t slice_count(int64_t size, double ns_per_element,
+                           double min_task_ns = kMinTaskNanoseconds) {
+  const double slices = double(size) * ns_per_element / min_task_ns;
   return slices < 2 ? 1 : std::min<int64_t>(num_threads(), int64_t(slices));
 }
 
 // Per-element costs of the loops that are not activations, measured like
 // the activations' (cpu/activation_runs.h).
-constexpr double kCopyNanoseconds = 0.1;
+constexpr double kCopyNanoseconds = 0.05;
 // Outputs at least this large are streamed past the cache.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // Size of the cache-resident staging buffer for the streamed outputs of
@@ -112,9 +122,9 @@ template <int N> struct StridedLoop {
   // returns the body for one slice; its finish() runs when the slice ends.
   template <class MakeBody>
   void run(char* const base[N], const int itemsizes[N], double ns_per_element,
-           MakeBody make_body) const {
+           MakeBody make_body, double min_task_ns = kMinTaskNanoseconds) const {
     if (size == 0) return;
-    const int64_t slices = slice_count(size, ns_per_element);
+    const int64_t slices = slice_count(size, ns_per_element, min_task_ns);
     parallel_for(slices, [&](int64_t s) {
       const int64_t begin = s == 0 ? 0 : (size * s / slices) & ~int64_t(63);
       const int64_t end = s == slices - 1 ? size : (size * (s + 1) / slices) & ~int64_t(63);
