@@ -434,7 +434,8 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
 
 // The sums of the units of channel blocks [block_begin, block_end) over
 // outer block `unit` when inner == 1 (blocks of channels over a block of
-// outer rows), into partials[c * units + unit] for their channels c.
+// outer rows), into partials[unit * channels + c] for their channels c:
+// a unit's partials side by side (see unit_rows_moments).
 // centers: one per channel, or null to center each channel of a unit on the
 // median of three of its samples.
 // The blocks are walked together, a row block of kPartialRows rows at a
@@ -451,7 +452,6 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
                                                        int64_t block_end, int64_t unit,
                                                        Partial* partials) {
   using T = ComputeOf<S>;
-  const int64_t units = part.units_per_channel();
   const S* x = reinterpret_cast<const S*>(xv.data);
   const S* g = reinterpret_cast<const S*>(gv.data);
   const S* m = reinterpret_cast<const S*>(mv.data);
@@ -662,12 +662,13 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
     }
   }
   const double rows_summed = static_cast<double>(o1 - o0);
-  for (int64_t k = 0; k < width; ++k)
-    partials[(c0 + k) * units + unit] = Partial{rows_summed, center[k], s1[k], s2[k]};
+  Partial* row = partials + unit * part.channels + c0;
+  for (int64_t k = 0; k < width; ++k) row[k] = Partial{rows_summed, center[k], s1[k], s2[k]};
 }
 
-// Fills partials[c * units_per_channel + u] for every channel c and unit u
-// (channels * units_per_channel entries, all written).
+// Fills the partials of every channel c and unit u (channels *
+// units_per_channel entries, all written): partials[c * units_per_channel
+// + u] when inner > 1, partials[u * channels + c] when inner == 1.
 // centers: one per channel, or null to center each unit on the median of
 // three of its samples. mv: the fused ReLU's output, read when Grad masks g.
 template <class Sums, class Grad, class S>
@@ -1765,6 +1766,82 @@ void sum_units(const Partial* p, int64_t units, double invstd, double& sum_dy,
   sum_dy_xhat = s2 * invstd;
 }
 
+// Channels per block of the merges below: their running results stay in L1.
+constexpr int64_t kMergeBlock = 256;
+
+// mean[c] and m2[c] for channels [c0, c1) from channels-last partials,
+// which lie a unit's channels side by side (partials[u * channels + c]):
+// merge_units's operations, in its unit order, with the channels across
+// the vector. A channel's partials one after another, merged one channel
+// at a time, were written a unit apart: those strided stores and the
+// scalar merge took about a fifth of a (8192, 1024) statistics pass.
+void unit_rows_moments(const Partial* partials, int64_t units, int64_t channels, int64_t c0,
+                       int64_t c1, double* mean, double* m2) {
+  for (int64_t b = c0; b < c1; b += kMergeBlock) {
+    const int64_t n = std::min(kMergeBlock, c1 - b);
+    double count[kMergeBlock];
+    double* mu = mean + b;
+    double* mm = m2 + b;
+    const Partial* p = partials + b;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      const Moments m = moments_from_shifted_sums(p[k].count, p[k].center, p[k].s1, p[k].s2);
+      count[k] = m.count;
+      mu[k] = m.mean;
+      mm[k] = m.m2;
+    }
+    for (int64_t u = 1; u < units; ++u) {
+      const Partial* q = p + u * channels;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const Moments m = merge_moments(
+            Moments{count[k], mu[k], mm[k]},
+            moments_from_shifted_sums(q[k].count, q[k].center, q[k].s1, q[k].s2));
+        count[k] = m.count;
+        mu[k] = m.mean;
+        mm[k] = m.m2;
+      }
+    }
+  }
+}
+
+// sum_units for channels [c0, c1) of channels-last partials laid out as in
+// unit_rows_moments: the same additions in the same order.
+void unit_rows_sums(const Partial* partials, int64_t units, int64_t channels, int64_t c0,
+                    int64_t c1, const double* invstd, double* sum_dy, double* sum_dy_xhat) {
+  for (int64_t b = c0; b < c1; b += kMergeBlock) {
+    const int64_t n = std::min(kMergeBlock, c1 - b);
+    double s2[kMergeBlock];
+    double* s1 = sum_dy + b;
+    const Partial* p = partials + b;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      s1[k] = 0.0;
+      s2[k] = 0.0;
+    }
+    for (int64_t u = 0; u < units; ++u) {
+      const Partial* q = p + u * channels;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        s1[k] += q[k].s1;
+        s2[k] += q[k].s2;
+      }
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) sum_dy_xhat[b + k] = s2[k] * invstd[b + k];
+  }
+}
+
+// Runs fn(c0, c1) over runs of channels that cover [0, channels) on the
+// pool, a run per task of about kUnitElements partials.
+template <class Fn> void for_each_channel_run(int64_t channels, int64_t units, const Fn& fn) {
+  const int64_t per_task =
+      std::max<int64_t>(1, kUnitElements / std::max<int64_t>(1, units));
+  parallel_for((channels + per_task - 1) / per_task, [&](int64_t t) {
+    fn(t * per_task, std::min(channels, (t + 1) * per_task));
+  });
+}
+
 // Every channel's mean and M2 over a view with at least one element per
 // channel. With one unit per channel (every batch of up to 256 rows in
 // the channels-last layout), merging is one vectorized loop over the
@@ -1784,6 +1861,12 @@ void channel_moments(const ChannelView& xv, double* mean, double* m2) {
       mean[c] = m.mean;
       m2[c] = m.m2;
     }
+    return;
+  }
+  if (part.inner == 1) {
+    for_each_channel_run(xv.channels, units, [&](int64_t c0, int64_t c1) {
+      unit_rows_moments(partials, units, xv.channels, c0, c1, mean, m2);
+    });
     return;
   }
   for_each_channel(xv.channels, units, [&](int64_t c) {
@@ -1808,6 +1891,12 @@ void gradient_sums(const ChannelView& xv, const ChannelView& gv, const ChannelVi
 #pragma omp simd
     for (int64_t c = 0; c < xv.channels; ++c)
       sum_units(partials + c, 1, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+    return;
+  }
+  if (part.inner == 1) {
+    for_each_channel_run(xv.channels, units, [&](int64_t c0, int64_t c1) {
+      unit_rows_sums(partials, units, xv.channels, c0, c1, invstd, sum_dy, sum_dy_xhat);
+    });
     return;
   }
   for_each_channel(xv.channels, units, [&](int64_t c) {
@@ -1870,11 +1959,7 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
               xv, xv, xv, part, nullptr, 0, part.channel_blocks, unit, partials);
         },
         [&] {  // as channel_moments and the two-pass branch below
-          for (int64_t c = 0; c < channels; ++c) {
-            const Moments m = merge_units(partials + c * units, units);
-            mean[c] = m.mean;
-            m2[c] = m.m2;
-          }
+          unit_rows_moments(partials, units, channels, 0, channels, mean, m2);
           for (size_t i = 0; i < nc; ++i) var[i] = m2[i] / static_cast<double>(count);
           set_coefficients(0, channels);
           tables.repeat();
@@ -2041,8 +2126,7 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
                                                          part.channel_blocks, unit, partials);
         },
         [&] {  // as gradient_sums and the two-pass branch below
-          for (int64_t c = 0; c < channels; ++c)
-            sum_units(partials + c * units, units, invstd[c], sum_dy[c], sum_dy_xhat[c]);
+          unit_rows_sums(partials, units, channels, 0, channels, invstd, sum_dy, sum_dy_xhat);
           fill_tables();
         },
         [&](int64_t begin, int64_t end) {

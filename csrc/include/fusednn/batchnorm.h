@@ -113,12 +113,18 @@ struct GradientThroughRelu {
 // Chan's pairwise merge; the result depends on the order of merging, so
 // callers merge partials in a fixed order to get the same bits every run.
 FUSEDNN_HD Moments merge_moments(const Moments& a, const Moments& b) {
-  if (b.count == 0.0) return a;
-  if (a.count == 0.0) return b;
   const double count = a.count + b.count;
   const double delta = b.mean - a.mean;
   const double weight_b = b.count / count;
-  return {count, a.mean + delta * weight_b, a.m2 + b.m2 + delta * delta * a.count * weight_b};
+  const double mean = a.mean + delta * weight_b;
+  const double m2 = a.m2 + b.m2 + delta * delta * a.count * weight_b;
+  // An empty side leaves the other as it is. Selects rather than early
+  // returns, so that merges across a vector of channels vectorize.
+  const bool keep_a = b.count == 0.0;
+  const bool keep_b = !keep_a && a.count == 0.0;
+  return {keep_a ? a.count : keep_b ? b.count : count,
+          keep_a ? a.mean : keep_b ? b.mean : mean,
+          keep_a ? a.m2 : keep_b ? b.m2 : m2};
 }
 
 // The statistics of rows[0..ranks) merged in row order: rank r holds
