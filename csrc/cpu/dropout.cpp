@@ -929,6 +929,15 @@ bool bias_act_forward_rows(const ActivationParams& params, double ns_per_element
     };
     const auto piece = [&](const uint8_t* bits, int64_t first_bit, int64_t done, int64_t m) {
       if (done < stage_begin || done + m > stage_end) fill(done);
+      // The lines of h a stage ahead of this piece's, so that the next
+      // fill's loads are spread over this stage's pieces, in flight during
+      // their Philox arithmetic: filled in a burst of their own, they made
+      // bias+gelu+dropout over (8192, 4096) float32 1.2x slower, and
+      // bias+silu+dropout 1.34x, than evaluating each piece between draws.
+      const int64_t ahead = std::min(done + kStage, len);
+      const char* next = reinterpret_cast<const char*>(hp + begin + ahead);
+      const int64_t next_bytes = std::min(m, len - ahead) * int64_t(sizeof(T));
+      for (int64_t line = 0; line < next_bytes; line += 64) __builtin_prefetch(next + line, 0, 3);
       apply_bits(stage + (done - stage_begin), op + begin + done, m, bits, first_bit, scale,
                  stream);
     };
