@@ -949,16 +949,21 @@ template <bool kUnitBeta> struct SoftplusWith {
     const float below = math::times_wide(g, e.scale * double(fmadd(e.m1, inverse, inverse)));
     return hi > float(p.b) ? g : (positive ? g * inverse : below);
   }
+  // g sigmoid(beta x) from the exponential evaluated in T and rounded:
+  // float64's form, and float32's where e is normal (Softplus's core).
+  template <class T> FUSEDNN_HD static T backward_rounded(T g, T x, const ActivationParams& p) {
+    T hi, lo;
+    scaled(x, p, hi, lo);
+    const bool positive = hi >= T(0);
+    const T tail = -abs_(hi);
+    const T e = kUnitBeta ? math::exp_(tail) : math::exp_pair(tail, positive ? -lo : lo);
+    return hi > T(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+  }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
       return backward_f32(g, x, p);
     } else {
-      T hi, lo;
-      scaled(x, p, hi, lo);
-      const bool positive = hi >= T(0);
-      const T tail = -abs_(hi);
-      const T e = kUnitBeta ? math::exp_(tail) : math::exp_pair(tail, positive ? -lo : lo);
-      return hi > T(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+      return backward_rounded(g, x, p);
     }
   }
 };
@@ -972,17 +977,13 @@ struct Softplus : SoftplusWith<false> {
     return float(double(kBackwardCoreBound) / abs_(p.a));
   }
   FUSEDNN_HD static float backward_core_f32(float g, float x, const ActivationParams& p) {
-    float hi, lo;
-    scaled(x, p, hi, lo);
-    const bool positive = hi >= 0.0f;
-    const float e = math::exp_pair(-abs_(hi), positive ? -lo : lo);
-    return hi > float(p.b) ? g : g * math::sigmoid_from_exp(hi, e);
+    return backward_rounded(g, x, p);
   }
   template <class T> FUSEDNN_HD static T backward_x(T g, T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
       return abs_(x) <= backward_core_bound(p) ? backward_core_f32(g, x, p) : backward_f32(g, x, p);
     } else {
-      return SoftplusWith<false>::backward_x(g, x, p);
+      return backward_rounded(g, x, p);
     }
   }
 };
