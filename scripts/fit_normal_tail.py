@@ -35,7 +35,8 @@ x or -0 in one fused multiply-add).
 With --half, the coarser fits of GELU's forward for float16 and bfloat16
 storage instead (GeluErfHalf): log2 Phi(-t) and the log2 of the
 derivative's S(t) / (t0 - t) as polynomials in t, and the base-2
-exponential's polynomial.
+exponential's polynomial; and the polynomial of 2^f - 1 that the other
+half-type cores' exponential takes (math::exp_coarse_parts).
 
 Every other fit is for least maximum relative error, with coefficients
 that are float32 values: each is rounded in turn, lowest degree first, and the
@@ -70,6 +71,7 @@ PIECE_SAMPLES = 2000
 HALF_LOG2_TAIL_DEGREE = 6
 HALF_LOG2_SLOPE_DEGREE = 7
 HALF_EXP2_DEGREE = 4
+HALF_EXPM1_DEGREE = 4  # f P(f), P of degree 3
 
 TANH_DEGREE = 6
 CENTRAL = 0.75
@@ -206,7 +208,9 @@ def half_fits():
     log2((Phi(-t) - t phi(t)) / (t0 - t)) on [0, 4] for least absolute error
     (an absolute error in the exponent is the same relative error, times
     ln 2, in the result), and 2^f - 1 = f p(f) on |f| <= 1/2 for least
-    relative error of 2^f."""
+    relative error of 2^f; and for the other half-type forms
+    (math::exp_coarse_parts) 2^f - 1 = f P(f) for least relative error of
+    2^f - 1 itself."""
     t = np.linspace(0.0, CORE_T_MAX, 4001).astype(np.float32).astype(np.float64)
     log2_tail = np.array([float(mpmath.log(mpmath.ncdf(-mpmath.mpf(float(v))), 2)) for v in t])
     coefficients, err = fit_one_plus(t, log2_tail + 1.0, np.ones_like(t), HALF_LOG2_TAIL_DEGREE)
@@ -225,6 +229,8 @@ def half_fits():
     f = f[np.abs(f) > 1e-6]
     exp2 = np.array([float(mpmath.power(2, mpmath.mpf(v))) for v in f])
     report("2^f = 1 + f p(f), exp2_coarse", *fit_one_plus(f, exp2 - 1.0, exp2, HALF_EXP2_DEGREE))
+    report("2^f - 1 = f P(f), exp_coarse_parts",
+           *fit_one_plus(f, exp2 - 1.0, exp2 - 1.0, HALF_EXPM1_DEGREE))
 
 
 def tail_pieces():

@@ -4,10 +4,11 @@ activations, forward and backward, over every one of the 65,536 inputs of
 each type: each result within 1 ulp of the storage type of the float64
 reference (relu, leaky_relu and hardtanh correctly rounded), and the
 float32 kernel's result rounded once, except where the half types take a
-cheaper float32 form of their own (gelu's exact form, silu's and
-hardswish's backward, elu's and selu's backward from y), which the tests hold to the
-bound over every input and, for the backward passes, every input with 128
-gradients. Plus the array plumbing:
+cheaper float32 form of their own (the forward of sigmoid, tanh, elu,
+selu, silu and gelu's exact form, the backward of silu and hardswish,
+elu's and selu's backward from y), which the tests hold to
+the bound over every input and, for the backward passes, every input with
+128 gradients. Plus the array plumbing:
 strides, out=, in place, torch and JAX tensors. Batch norm's half
 precision is tested in test_batchnorm_half.py.
 """
@@ -36,13 +37,19 @@ PARAMS = [(name, {}) for name in fn.ACTIVATIONS] + [
     ("hardtanh", {"min_val": -2.0, "max_val": 0.5})]
 EXACT = {"relu", "leaky_relu", "hardtanh"}
 FROM_Y = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
-# The half types' own float32 forms (fusednn/activations.h: GeluErfHalf,
-# SiluHalf, HardswishHalf, EluHalf, SeluHalf): within the bound, but not
-# always the float32 kernel's result rounded, from which they may differ
-# by one ulp.
-OWN_FORWARD = {"gelu"}  # the exact form (approximate="none")
-OWN_FROM_X = {"gelu", "silu", "hardswish"}  # gelu: the exact form
+# The half types' own float32 forms (fusednn/activations.h: the
+# forward_core_half and backward_core_half cores, GeluErfHalf, SiluHalf,
+# HardswishHalf, EluHalf, SeluHalf): within the bound, but not always the
+# float32 kernel's result rounded, from which they may differ by one ulp.
+OWN_FORWARD = {"sigmoid", "tanh", "elu", "selu", "silu", "gelu"}  # gelu: the exact form
+OWN_FROM_X = {"gelu", "silu", "hardswish"}
 OWN_FROM_Y = {"elu", "selu"}
+
+
+def own_form(names, name, params) -> bool:
+    """Whether the half types take a form of their own for these
+    parameters: of gelu, the exact form only."""
+    return name in names and params.get("approximate", "none") == "none"
 
 
 def every_value(dtype) -> np.ndarray:
@@ -186,13 +193,13 @@ def test_every_input_rounds_the_float32_result_once(name, params, dtype_name):
     x = every_value(dtype)
     grad = np.random.default_rng(1).uniform(0.5, 2.0, x.shape).astype(dtype)
     x32, grad32 = x.astype(np.float32), grad.astype(np.float32)
-    own_forward = name in OWN_FORWARD and params.get("approximate", "none") == "none"
+    own_forward = own_form(OWN_FORWARD, name, params)
     with np.errstate(all="ignore"):
         y = fn.activation(name, x, **params)
         (assert_at_most_one_ulp_apart if own_forward else assert_same_values)(
             y, fn.activation(name, x32, **params).astype(dtype))
         gi = fn.activation_backward(name, grad, x=x, **params)
-        own_backward = name in OWN_FROM_X and params.get("approximate", "none") == "none"
+        own_backward = own_form(OWN_FROM_X, name, params)
         (assert_at_most_one_ulp_apart if own_backward else assert_same_values)(
             gi, fn.activation_backward(name, grad32, x=x32, **params).astype(dtype))
         if name in FROM_Y:
@@ -292,6 +299,23 @@ def test_every_input_with_gradients_of_every_exponent(name, params, dtype_name, 
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "elu", "selu", "silu"])
+def test_own_cores_give_the_same_bits_in_every_block(name, dtype_name):
+    """A block with an input beyond the core range (a NaN every 61 inputs
+    here) takes the full evaluation, which must give the half core's
+    values wherever the input lies inside the bound: the blocking may
+    decide speed, never bits."""
+    x = every_value(DTYPES[dtype_name])
+    spoiled = x.copy()
+    spoiled[::61] = np.nan
+    with np.errstate(all="ignore"):
+        clean, mixed = fn.activation(name, x), fn.activation(name, spoiled)
+    kept = np.ones(x.shape, bool)
+    kept[::61] = False
+    assert_same_values(mixed[kept], clean[kept])
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("name", ["hardsigmoid", "leaky_relu"])
 def test_every_gradient_rounds_the_float32_result_once(name, dtype_name):
     """The half kernels multiply hardsigmoid's g by the float nearest 1/6
@@ -367,14 +391,20 @@ def test_large_arrays_take_the_streaming_path(dtype_name):
     g = np.roll(x, 12345)
     with np.errstate(all="ignore"):
         x32, g32 = x.astype(np.float32), g.astype(np.float32)
-        assert_same_values(fn.tanh(x), fn.tanh(x32).astype(dtype))
+        assert_same_values(fn.mish(x), fn.mish(x32).astype(dtype))
         assert_same_values(fn.relu(x), fn.relu(x32).astype(dtype))
+        # tanh's forward is the half types' own form: streamed, the bits of
+        # cached runs.
+        step = 1 << 20
+        streamed = fn.tanh(x)
+        assert_same_values(streamed, np.concatenate([fn.tanh(x[i:i + step])
+                                                     for i in range(0, x.size, step)]))
+        assert_at_most_one_ulp_apart(streamed, fn.tanh(x32).astype(dtype))
         assert_same_values(fn.activation_backward("hardsigmoid", g, x=x),
                            fn.activation_backward("hardsigmoid", g32, x=x32).astype(dtype))
         # hardswish's backward is the half types' own form: the streamed
         # run gives the bits of cached runs (pieces of 2^20 elements).
         streamed = fn.activation_backward("hardswish", g, x=x)
-        step = 1 << 20
         pieces = [fn.activation_backward("hardswish", g[i:i + step], x=x[i:i + step])
                   for i in range(0, x.size, step)]
         assert_same_values(streamed, np.concatenate(pieces))

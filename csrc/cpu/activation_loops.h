@@ -201,12 +201,14 @@ template <class Op, class T>
 __attribute__((noinline)) void forward_block(void* o, const void* x, int64_t n,
                                              const ActivationParams q, BlockMode mode) {
   const void* const ins[1] = {x};
+  const bool half = mode.storage != BlockStorage::compute;
   stored_blocks<T, !HasForwardCore<Op>::value>(
-      o, ins, n, mode, [q](T* out, const T* const* src, int64_t m, bool stream) FUSEDNN_INLINE_LAMBDA {
+      o, ins, n, mode,
+      [q, half](T* out, const T* const* src, int64_t m, bool stream) FUSEDNN_INLINE_LAMBDA {
     const T* xs = src[0];
     const auto input = [=](int64_t i) FUSEDNN_INLINE_LAMBDA { return xs[i]; };
     const auto as_is = [](int64_t, T v) FUSEDNN_INLINE_LAMBDA { return v; };
-    activation_run<Op, true>(out, m, q, input, as_is, stream);
+    activation_run<Op, true, true>(out, m, q, input, as_is, stream, half);
   });
 }
 
@@ -424,10 +426,13 @@ template <class S> bool float_slope_rounds_alike(const ActivationParams& p) {
 // bits cost double arithmetic or float32 accuracy that the storage types
 // cannot hold, forms in float arithmetic within one ulp of the storage
 // type (gelu, silu's backward, elu's and selu's backward from y,
-// hardswish's backward). The backward's form goes by what it reads: elu's
-// and selu's change only the backward from y, and their backward from x
-// keeps Op's instantiation rather than compiling the same arithmetic
-// again under a second type.
+// hardswish's backward). sigmoid, tanh, elu, selu and silu keep Op for
+// their forward and take its forward_core_half inside the same
+// instantiation (activation_run), where a form of their own would have
+// compiled all of a block's loops again. The backward's form goes by
+// what it reads: elu's and selu's change only the backward from y, and
+// their backward from x keeps Op's instantiation rather than compiling
+// the same arithmetic again under a second type.
 template <class Op> struct HalfForward {
   using Form = Op;
 };

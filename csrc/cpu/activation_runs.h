@@ -122,10 +122,16 @@ inline void activation_run_pieces(float* out, int64_t m, Input z, Finish finish,
 
 // out[k] = finish(k, act(z(k))) for k in [0, m). With kLines, a line at a
 // time (write_lines), streamed where `stream` is set; otherwise in single
-// vectorized loops.
-template <class Op, bool kLines = false, class T, class Input, class Finish>
+// vectorized loops. With kStored (the activation kernels' blocks, which
+// may hold float16 or bfloat16 values), `half` says the values are to be
+// rounded to one of those, and an activation with a core of the half
+// types' own (HasHalfForwardCore) takes it wherever |z| lies within its
+// core bound, in the same function as the float32 core: the half types'
+// kernels share the float32 kernels' instantiation, and a second core
+// loop costs a fraction of the code of a second instantiation.
+template <class Op, bool kLines = false, bool kStored = false, class T, class Input, class Finish>
 inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z, Finish finish,
-                           bool stream = kLines) {
+                           bool stream = kLines, bool half = false) {
   const auto value = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
     return finish(k, Op::template forward<T>(z(k), q));
   };
@@ -135,7 +141,28 @@ inline void activation_run(T* out, int64_t m, const ActivationParams q, Input z,
     return;
   }
 #endif
-  if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
+  if constexpr (kStored && std::is_same_v<T, float> && HasHalfForwardCore<Op>::value) {
+    const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+      return finish(k, Op::forward_core_f32(z(k), q));
+    };
+    const auto half_core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+      return finish(k, Op::forward_core_half(z(k), q));
+    };
+    // Beyond the core blocks, the half core wherever |z| is inside the
+    // bound all the same, so that the blocking never decides bits. The
+    // bound is -1 for float32, a per-element select rather than a branch
+    // on `half`, which the compiler would answer with a second copy of the
+    // loop.
+    const float half_bound = half ? Op::kForwardCoreBound : -1.0f;
+    const auto either = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
+      const float x = z(k);
+      const float own = Op::forward_core_half(x, q);
+      const float full = Op::template forward<T>(x, q);
+      return finish(k, math::magnitude(x) <= half_bound ? own : full);
+    };
+    run_core_blocks<kLines>(out, m, Op::kForwardCoreBound, z, core, half_core, half, either,
+                            stream);
+  } else if constexpr (std::is_same_v<T, float> && HasForwardCore<Op>::value) {
     const auto core = [=](int64_t k) FUSEDNN_INLINE_LAMBDA {
       return finish(k, Op::forward_core_f32(z(k), q));
     };

@@ -371,6 +371,37 @@ inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core co
   write(out + done, count - done, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(done + j); });
 }
 
+// run_core_blocks with a second core evaluation, alternate_core, taken
+// instead of core where `alternate` is set (the half types' cores: see
+// activation_run): one more loop for the blocks inside the bound, while
+// the rarer blocks beyond it share full's loop, which must then equal
+// alternate_core inside the bound where `alternate` is set.
+template <bool kLines, class T, class Arg, class Core, class AlternateCore, class Full>
+inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core,
+                            AlternateCore alternate_core, bool alternate, Full full, bool stream) {
+  const auto write = [stream](T* dst, int64_t n, auto value) FUSEDNN_INLINE_LAMBDA {
+    if constexpr (kLines) {
+      write_lines(dst, n, stream, value);
+    } else {
+      write_run<false>(dst, n, value);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kCoreBlock <= count; i += kCoreBlock) {
+    const int64_t at = i;
+    if (!core_block_inside(arg, at, bound)) {
+      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(at + j); });
+    } else if (alternate) {
+      write(out + at, kCoreBlock,
+            [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return alternate_core(at + j); });
+    } else {
+      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
+    }
+  }
+  const int64_t done = i;
+  write(out + done, count - done, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(done + j); });
+}
+
 }  // namespace FUSEDNN_ISA
 }  // namespace cpu
 }  // namespace fusednn

@@ -76,6 +76,12 @@ struct Sigmoid {
     const float numerator = x >= 0.0f ? 1.0f : e_rounded;
     return numerator / (1.0f + e_rounded);
   }
+  // For float16 and bfloat16 storage (see HasHalfForwardCore): the same
+  // division, e from math::exp_coarse_parts (relative error 1.5e-5).
+  FUSEDNN_HD static float forward_core_half(float x, const ActivationParams&) {
+    const float e = math::exp_coarse_parts(-math::magnitude(x)).exp();
+    return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+  }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
       return abs_(x) <= kForwardCoreBound ? forward_core_f32(x, p) : math::sigmoid_(x);
@@ -121,6 +127,13 @@ struct Tanh {
   // tanh|x| = -m / (m + 2) with m = e^-2|x| - 1, as math::tanh_ forms it.
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const float m = math::expm1_core_plus_zero(-2.0f * math::magnitude(x));
+    return math::copysign_(-m / (m + 2.0f), x);
+  }
+  // For float16 and bfloat16 storage: the same quotient, m from
+  // math::exp_coarse_parts (relative error about 3.6e-5 where m is near
+  // -0.3, its largest; 1.5e-5 near zero, where f P(f) is m itself).
+  FUSEDNN_HD static float forward_core_half(float x, const ActivationParams&) {
+    const float m = math::exp_coarse_parts(-2.0f * math::magnitude(x)).expm1();
     return math::copysign_(-m / (m + 2.0f), x);
   }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
@@ -216,6 +229,11 @@ struct Elu {
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams& p) {
     return x > 0.0f ? x : float(p.a) * math::expm1_core(x);
   }
+  // For float16 and bfloat16 storage: e^x - 1 from math::exp_coarse_parts
+  // (which keeps the sign of zero).
+  FUSEDNN_HD static float forward_core_half(float x, const ActivationParams& p) {
+    return x > 0.0f ? x : float(p.a) * math::exp_coarse_parts(x).expm1();
+  }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
       if (abs_(x) <= kForwardCoreBound) return forward_core_f32(x, p);
@@ -256,6 +274,10 @@ struct Selu {
   static constexpr float kForwardCoreBound = 80.0f;
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     return x > 0.0f ? float(kSeluScale) * x : float(kSeluScale * kSeluAlpha) * math::expm1_core(x);
+  }
+  FUSEDNN_HD static float forward_core_half(float x, const ActivationParams&) {
+    return x > 0.0f ? float(kSeluScale) * x
+                    : float(kSeluScale * kSeluAlpha) * math::exp_coarse_parts(x).expm1();
   }
   template <class T> FUSEDNN_HD static T forward(T x, const ActivationParams& p) {
     if constexpr (sizeof(T) == sizeof(float)) {
@@ -794,6 +816,12 @@ struct Silu {
     const float numerator = x >= 0.0f ? x : e.scale * fmadd(x, e.m1, x);
     return numerator / (1.0f + e_rounded);
   }
+  // For float16 and bfloat16 storage: x / (1 + e) and x e / (1 + e) with e
+  // from math::exp_coarse_parts, rounded.
+  FUSEDNN_HD static float forward_core_half(float x, const ActivationParams&) {
+    const float e = math::exp_coarse_parts(-math::magnitude(x)).exp();
+    return (x >= 0.0f ? x : x * e) / (1.0f + e);
+  }
   template <class T> FUSEDNN_HD static T forward_full(T x) {
     using Tr = math::Traits<T>;
     const T scaled = math::exp_scaled_nonpositive(-abs_(x));
@@ -1321,6 +1349,19 @@ struct HasForwardCore<Op, std::void_t<decltype(Op::kForwardCoreBound)>> : std::t
 template <class Op, class = void> struct HasBackwardCore : std::false_type {};
 template <class Op>
 struct HasBackwardCore<Op, std::void_t<decltype(Op::kBackwardCoreBound)>> : std::true_type {};
+
+// Whether an activation has a forward core of its own for float16 and
+// bfloat16 storage: forward_core_half(x, p) within the same bound as
+// forward_core_f32, in cheaper float arithmetic whose results, once
+// rounded to the storage type, lie within one ulp of the exact values but
+// are not always the float32 core's rounded. The half types' kernels take
+// it for every element inside the bound (cpu/activation_runs.h:
+// activation_run).
+template <class Op, class = void> struct HasHalfForwardCore : std::false_type {};
+template <class Op>
+struct HasHalfForwardCore<
+    Op, std::void_t<decltype(Op::forward_core_half(0.0f, std::declval<const ActivationParams&>()))>>
+    : std::true_type {};
 
 // The bound on |x| of Op's backward core range: kBackwardCoreBound, or
 // Op::backward_core_bound(p) where the range depends on the parameters
