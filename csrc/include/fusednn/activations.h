@@ -561,27 +561,27 @@ struct GeluErf {
 // backward, where a result
 // needs about 2^-12 relative accuracy before its final rounding, not
 // float32's 2^-24: within the core range |x| <= 4 Phi(-t) = 2^Q(t), t =
-// |x|, with Q = log2 Phi(-t) a degree-6 polynomial in t (absolute error
-// 2.3e-6, fitted by scripts/fit_normal_tail.py --half) and the coarse base-2
+// |x|, with Q = log2 Phi(-t) a degree-5 polynomial in t (absolute error
+// 8.2e-5, fitted by scripts/fit_normal_tail.py --half) and the coarse base-2
 // exponential (math::exp2_coarse). Q's constant term is exactly -1, so
 // that for every t > 0 that float16 holds Phi(-t) rounds below 1/2, and
 // x Phi(x) = x / 2 + x^2 phi(0) + ... lands on the right side of the
 // storage type's ties between subnormals (x / 2 for odd multiples of the
-// smallest subnormal): about 19 vector operations where
-// GeluErf's core takes about 40. The result, -t Phi(-t) + (x or -0) as in
-// GeluErf, lies within 6e-6 (relative, rounding included) of x Phi(x),
-// so after its final rounding within 0.52 ulp of either type: not the
-// float32 kernel's bits rounded (the two differ where the float32 values
-// straddle a rounding boundary of the storage type), but within the same
-// one-ulp bound; the backward likewise, below. Beyond the core, GeluErf's
+// smallest subnormal): about 18 vector operations where GeluErf's core
+// takes about 40 (a degree-6 Q, absolute error 2.3e-6, took the half
+// blocks 1.08-1.15x the time). The result, -t Phi(-t) + (x or -0) as in
+// GeluErf, lies within 6.1e-5 (relative, rounding included) of x Phi(x),
+// so after its final rounding within 0.63 ulp of float16 and 0.52 of
+// bfloat16: not the float32 kernel's bits rounded (the two differ where
+// the float32 values straddle a rounding boundary of the storage type),
+// but within the same one-ulp bound; the backward likewise, below. Beyond the core, GeluErf's
 // float32 evaluation (the tails, where the results reach the subnormals,
 // and the special values).
 struct GeluErfHalf : GeluErf {
   static constexpr float kForwardCoreBound = 4.0f;
   FUSEDNN_HD static float log2_tail(float t) {
     return math::horner(
-        t, 3.5524343e-05f, -0.00078557356f, 0.008110524f, -0.05340435f, -0.4588332f, -1.1511577f,
-        -1.0f);
+        t, -0.00036708987f, 0.0062758923f, -0.049750306f, -0.46201515f, -1.1502539f, -1.0f);
   }
   FUSEDNN_HD static float forward_core_f32(float x, const ActivationParams&) {
     const float t = math::magnitude(x);
