@@ -413,6 +413,19 @@ template <class Fn> void for_each_slice(int64_t size, double ns_per_element, Fn 
   });
 }
 
+// Runs fn(group) for each of the `groups` row groups of a grad_bias
+// reduction over `size` elements. The groups are fixed by the shape (so
+// are the sums' bits); whether they go to the pool follows for_each_slice's
+// rule: where one slice would do, the calling thread runs them all and the
+// call skips the hand-off to a worker. A loop here calling fn directly
+// compiled each kernel's body a second time (82 KB of the three-ISA
+// module); parallel_for's thread limit keeps one copy.
+template <class Fn>
+void for_each_group(int64_t groups, int64_t size, double ns_per_element, const Fn& fn) {
+  const bool split = slice_count(size, ns_per_element, kMinElementwiseTaskNanoseconds) > 1;
+  parallel_for(groups, fn, split ? kMaxThreads : 1);
+}
+
 // Walks each slice of for_each_slice; make_body(begin, end) builds a
 // slice's body.
 template <int N, class MakeBody>
@@ -1059,7 +1072,8 @@ __attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
   const int64_t groups = std::max<int64_t>(1, std::min(outer, kBiasGroups));
   std::vector<double> partial(static_cast<size_t>(groups * channels), 0.0);
   if (inner > 0) {
-    parallel_for(groups, [&](int64_t group) {
+    for_each_group(groups, outer * channels * inner, cost_of<T>(kCopyNanoseconds),
+                   [&](int64_t group) {
       double* acc = partial.data() + group * channels;
       const int64_t first = bias_group_row(outer, channels, inner, group, groups);
       const int64_t last = bias_group_row(outer, channels, inner, group + 1, groups);
@@ -1090,7 +1104,8 @@ __attribute__((noinline)) void bias_grad_typed(const ArrayRef& grad_h, int axis,
 // start on a kSliceAlign boundary (its keep bits are drawn on their own)
 // or the groups would share the threads unevenly.
 template <class T>
-bool bias_act_backward_runs(const ActivationParams& params, const DropoutSpec& spec,
+bool bias_act_backward_runs(const ActivationParams& params, double activation_ns,
+                            const DropoutSpec& spec,
                             const StridedLoop<4>& loop, char* const base[4], const int sizes[4],
                             bool stream, int64_t channels, int64_t run_length,
                             FusedBackwardBlock<T> act, const ArrayRef& grad_bias) {
@@ -1109,7 +1124,8 @@ bool bias_act_backward_runs(const ActivationParams& params, const DropoutSpec& s
       return false;
   }
   std::vector<double> partial(static_cast<size_t>(groups * channels), 0.0);
-  parallel_for(groups, [&](int64_t group) {
+  for_each_group(groups, loop.size, cost_of<T>(activation_ns + kDropoutNanoseconds),
+                 [&](int64_t group) {
     const int64_t row_elements = channels * run_length;
     const int64_t begin = bias_group_row(outer, channels, run_length, group, groups) * row_elements;
     const int64_t end = bias_group_row(outer, channels, run_length, group + 1, groups) * row_elements;
@@ -1150,8 +1166,8 @@ __attribute__((noinline)) void bias_act_backward_walk(
   if (!fused_sums) {
     int64_t inner = 1;
     for (int d = axis + 1; d < gh.ndim; ++d) inner *= gh.shape[d];
-    if (contiguous && bias_act_backward_runs<T>(params, spec, loop, base, sizes, stream, channels,
-                                                inner, act, grad_bias))
+    if (contiguous && bias_act_backward_runs<T>(params, activation_ns, spec, loop, base, sizes,
+                                                stream, channels, inner, act, grad_bias))
       return;
     run_slices(loop, base, sizes, cost_of<T>(activation_ns + kDropoutNanoseconds),
                [&](int64_t begin, int64_t end) {
@@ -1164,7 +1180,8 @@ __attribute__((noinline)) void bias_act_backward_walk(
   const int64_t outer = loop.size / channels;
   const int64_t groups = std::max<int64_t>(1, std::min(outer, kBiasGroups));
   std::vector<double> partial(static_cast<size_t>(groups * channels), 0.0);
-  parallel_for(groups, [&](int64_t group) {
+  for_each_group(groups, loop.size, cost_of<T>(activation_ns + kDropoutNanoseconds),
+                 [&](int64_t group) {
     const int64_t begin = bias_group_row(outer, channels, 1, group, groups) * channels;
     const int64_t end = bias_group_row(outer, channels, 1, group + 1, groups) * channels;
     if (begin == end) return;

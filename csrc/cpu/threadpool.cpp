@@ -106,10 +106,14 @@ class Pool {
     spin_.store(spin_time(threads));
   }
 
-  void run(int64_t ntasks, const TaskRef& task) {
+  void run(int64_t ntasks, const TaskRef& task, int max_threads) {
     if (ntasks <= 0) return;
+    if (ntasks == 1 || max_threads <= 1 || t_inside_task) {
+      run_serially(ntasks, task);
+      return;
+    }
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::try_to_lock);
-    if (ntasks == 1 || threads_ <= 1 || t_inside_task || !run_lock.owns_lock()) {
+    if (threads_ <= 1 || !run_lock.owns_lock()) {
       run_serially(ntasks, task);
       return;
     }
@@ -123,7 +127,7 @@ class Pool {
       next_.store(0);
       remaining_.store(ntasks);
       error_ = nullptr;
-      active_workers_ = std::min<int64_t>(threads_ - 1, ntasks - 1);
+      active_workers_ = std::min<int64_t>(std::min(threads_, max_threads) - 1, ntasks - 1);
       generation_.fetch_add(1);
     }
     // Cheap when no worker sleeps: spinning ones see the new generation.
@@ -258,8 +262,10 @@ int num_threads() { return pool().threads(); }
 
 void set_num_threads(int n) { pool().resize(std::max(1, std::min(n, kMaxThreads))); }
 
-void parallel_for(int64_t ntasks, TaskRef task) {
-  pool().run(ntasks, task);
+void parallel_for(int64_t ntasks, TaskRef task) { pool().run(ntasks, task, kMaxThreads); }
+
+void parallel_for(int64_t ntasks, TaskRef task, int max_threads) {
+  pool().run(ntasks, task, max_threads);
 }
 
 }  // namespace cpu

@@ -41,6 +41,11 @@ class TaskRef {
 // rethrown here. Calls made from inside a task, or while another caller is
 // using the pool, run serially on the calling thread.
 void parallel_for(int64_t ntasks, TaskRef task);
+// The same on at most max_threads threads (1: the calling thread alone, for
+// work too small to pay for a hand-off whose tasks are fixed by the shape).
+// An overload, not a default argument, so that the other call sites pass
+// nothing more.
+void parallel_for(int64_t ntasks, TaskRef task, int max_threads);
 
 }  // namespace cpu
 }  // namespace fusednn
