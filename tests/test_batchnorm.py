@@ -291,6 +291,47 @@ def test_banded_channels_last_with_concurrent_callers(restore_settings):
     _assert_concurrent_callers_agree(_relu_outputs, x, dy, gamma, beta)
 
 
+# Channels-last batches whose rows all fall in one unit (up to 256 rows of
+# 256 channels or more) share the unit's rows out among threads: each
+# thread sums its rows, the first thread's sums take the others' partial
+# sums in row order, and each thread writes the rows it read. The
+# additions are one thread's, in its order: same bits for any thread
+# count, in place too, and where a float32 partial overflows (a channel
+# summed again in double) or meets a NaN. 1030 channels leave a
+# remainder past the vector blocks and 200 rows a partial row block.
+SHARED_UNIT = [(256, 1024), (200, 1030)]
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, np.float16])
+@pytest.mark.parametrize("shape", SHARED_UNIT)
+def test_shared_unit_gives_the_bits_of_one_thread(shape, dtype, restore_settings):
+    x, gamma, beta = _data(shape, -1, dtype)
+    dy = np.random.default_rng(11).standard_normal(shape).astype(dtype)
+    wild = x.copy()
+    if dtype == np.float32:
+        wild[:, 3] *= np.float32(1e25)
+    wild[7, 5] = np.nan
+
+    def outputs():
+        in_place = x.copy()
+        fn.batch_norm(in_place, gamma, beta, axis=-1, out=in_place)
+        return [*_relu_outputs(x, dy, gamma, beta), *_all_outputs(x, dy, -1),
+                *_all_outputs(wild, dy, -1), in_place]
+
+    fn.set_num_threads(1)
+    baseline = outputs()
+    for threads in (2, 3):
+        fn.set_num_threads(threads)
+        for got, want in zip(outputs(), baseline):
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_shared_unit_with_concurrent_callers(restore_settings):
+    x, gamma, beta = _data(SHARED_UNIT[0], -1, np.float32)
+    dy = np.random.default_rng(12).standard_normal(SHARED_UNIT[0]).astype(np.float32)
+    _assert_concurrent_callers_agree(_relu_outputs, x, dy, gamma, beta)
+
+
 # Batches with the channel axis inside (NCHW) whose channels fit a core's
 # cache are reduced and written in bands of channels, each band walked in
 # memory order (an image's rows of the band, then the next image's); rows

@@ -12,7 +12,7 @@
 // rows), one task reduces a channel and then writes its outputs while the
 // samples are still cached, so the inputs come from memory once instead of
 // twice. Channels-last training batches do the same in bands of rows, one
-// per thread (run_bands). The units and their merge order are those of the
+// per thread (run_row_bands). The units and their merge order are those of the
 // two-pass loop, so every path gives the same bits.
 //
 // Determinism: the reductions are split into units that depend on the
@@ -432,6 +432,60 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
   for (int64_t i = 0; i < size; i += 64) __builtin_prefetch(bytes + i, 0, 2);
 }
 
+// One thread's share of a channels-last unit that several threads sum
+// (a batch of up to 256 rows is one unit per channel block, see
+// split_unit_count): rows [begin, end) from the unit's first row, whole
+// row blocks of kPartialRows. The first share (begin == 0) leaves each
+// channel's center and double sums s1 and s2 over its rows in sums (three
+// arrays of one entry per channel); every later share leaves its
+// data-type partial sums of each row block in kept, which
+// finish_split_unit adds into those doubles in row block order: the
+// additions one thread makes over the whole unit, so the same bits.
+struct UnitShare {
+  int64_t begin, end;
+  double* sums;
+  void* kept;
+};
+
+// The end of a channels-last unit's sums over channels [c0, c0 + width):
+// channels whose data-type partials overflowed are summed again in double,
+// and each channel's (count, center, s1, s2) goes to partials[unit *
+// channels + c].
+template <class Sums, class Grad, class S>
+void finish_channels_last_unit(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                               const Partition& part, int64_t unit, int64_t c0, int64_t width,
+                               const double* center, double* s1, double* s2, Partial* partials) {
+  const S* xc = reinterpret_cast<const S*>(xv.data) + c0 * xv.stride_channel;
+  const S* gc = reinterpret_cast<const S*>(gv.data) + c0 * gv.stride_channel;
+  const S* mc = reinterpret_cast<const S*>(mv.data) + c0 * mv.stride_channel;
+  const int64_t o0 = unit * part.outer_block;
+  const int64_t o1 = std::min(part.outer, o0 + part.outer_block);
+  // A data-type partial overflows where the inputs' spread does (float32
+  // squares above about 1e19); those channels' sums are taken again in
+  // double, which cannot overflow for finite float inputs. NaN inputs
+  // land here too and stay NaN.
+  int finite = 1;
+#pragma omp simd reduction(& : finite)
+  for (int64_t k = 0; k < width; ++k) finite &= std::isfinite(s1[k]) & std::isfinite(s2[k]);
+  if (__builtin_expect(finite == 0, 0)) {
+    for (int64_t k = 0; k < width; ++k) {
+      if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
+      s1[k] = s2[k] = 0.0;
+      const S* xk = xc + k * xv.stride_channel;
+      const S* gk = gc + k * gv.stride_channel;
+      const S* mk = mc + k * mv.stride_channel;
+      for (int64_t o = o0; o < o1; ++o)
+        Sums::add(s1[k], s2[k], load_value(xk[o * xv.stride_outer]),
+                  Grad::gradient(load_value(gk[o * gv.stride_outer]),
+                                 load_value(mk[o * mv.stride_outer])),
+                  center[k]);
+    }
+  }
+  const double rows_summed = static_cast<double>(o1 - o0);
+  Partial* row = partials + unit * part.channels + c0;
+  for (int64_t k = 0; k < width; ++k) row[k] = Partial{rows_summed, center[k], s1[k], s2[k]};
+}
+
 // The sums of the units of channel blocks [block_begin, block_end) over
 // outer block `unit` when inner == 1 (blocks of channels over a block of
 // outer rows), into partials[unit * channels + c] for their channels c:
@@ -445,12 +499,16 @@ template <class T> inline void prefetch_to_l2(const T* p, int64_t n) {
 // channels there are. Each channel's operations and their order are those
 // of its block alone, so which blocks a task groups never changes a bit.
 // Out of line: the bands and reduce_units share one copy.
+// share: null for the whole unit; else one thread's share of a unit split
+// by rows (see UnitShare), whose sums are left there for
+// finish_split_unit instead of becoming the unit's partials.
 template <class Sums, class Grad, class S>
 __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, const ChannelView& gv,
                                                        const ChannelView& mv, const Partition& part,
                                                        const double* centers, int64_t block_begin,
                                                        int64_t block_end, int64_t unit,
-                                                       Partial* partials) {
+                                                       Partial* partials,
+                                                       const UnitShare* share = nullptr) {
   using T = ComputeOf<S>;
   const S* x = reinterpret_cast<const S*>(xv.data);
   const S* g = reinterpret_cast<const S*>(gv.data);
@@ -519,8 +577,18 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
   const int64_t block_bytes = kPartialRows * width * int64_t(sizeof(S));
   const int64_t rows_ahead =
       kPartialRows * std::max<int64_t>(1, (kRowPrefetchBytes + block_bytes - 1) / block_bytes);
-  for (int64_t row_block = o0; row_block < o1; row_block += kPartialRows) {
-    const int64_t row_end = std::min(o1, row_block + kPartialRows);
+  // The rows summed here, the end of those asked for ahead, and where a
+  // later share keeps each row block's partials (2 * channels a row
+  // block: s1's, then s2's).
+  const int64_t r0 = share != nullptr ? o0 + share->begin : o0;
+  const int64_t r1 = share != nullptr ? std::min(o1, o0 + share->end) : o1;
+  const int64_t ahead_end = share != nullptr ? r1 : part.outer;
+  T* kept = share != nullptr && share->begin > 0 ? static_cast<T*>(share->kept) : nullptr;
+  for (int64_t row_block = r0; row_block < r1; row_block += kPartialRows) {
+    const int64_t row_end = std::min(r1, row_block + kPartialRows);
+    T* kept1 = kept != nullptr
+                   ? kept + (row_block - r0) / kPartialRows * 2 * part.channels + c0
+                   : nullptr;
     const int64_t rows = row_end - row_block;
     // The wide channels a vector block at a time over the row block's
     // rows, each channel's partials in a register, the channels across
@@ -544,7 +612,7 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
           const auto* xr = xb + r * xs + k0;
           const auto* gr = gb + r * gs + k0;
           const auto* mr = mb + r * ms + k0;
-          if (prefetch && row_block + r + rows_ahead < part.outer) {
+          if (prefetch && row_block + r + rows_ahead < ahead_end) {
             prefetch_to_l2(xr + rows_ahead * xs, kWide);
             if (Sums::kReadsGradient) prefetch_to_l2(gr + rows_ahead * gs, kWide);
             if (Grad::kReadsOutput) prefetch_to_l2(mr + rows_ahead * ms, kWide);
@@ -553,6 +621,11 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
           for (int64_t j = 0; j < kWide; ++j)
             Sums::add_partial(a1[j], a2[j], T(xr[j]), Grad::gradient(T(gr[j]), T(mr[j])), hi[j],
                               lo[j]);
+        }
+        if (kept1 != nullptr) {
+          std::copy_n(a1, kWide, kept1 + k0);
+          std::copy_n(a2, kWide, kept1 + part.channels + k0);
+          continue;
         }
         double* t1 = s1 + k0;
         double* t2 = s2 + k0;
@@ -570,7 +643,7 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
       // Widened row by row, each row asked for as the one rows_ahead
       // before it is widened.
       for (int64_t r = 0; wide > 0 && r < rows; ++r) {
-        if (row_block + r + rows_ahead < part.outer) {
+        if (row_block + r + rows_ahead < ahead_end) {
           prefetch_to_l2(xb + (r + rows_ahead) * xv.stride_outer, wide);
           if (Sums::kReadsGradient) prefetch_to_l2(gb + (r + rows_ahead) * gv.stride_outer, wide);
           if (Grad::kReadsOutput) prefetch_to_l2(mb + (r + rows_ahead) * mv.stride_outer, wide);
@@ -596,7 +669,7 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
       const S* gr = gc + o * gv.stride_outer;
       const S* mr = mc + o * mv.stride_outer;
       if (contiguous) {
-        if (wide == 0 && o + rows_ahead < part.outer) {  // rows narrower than a vector block
+        if (wide == 0 && o + rows_ahead < ahead_end) {  // rows narrower than a vector block
           prefetch_to_l2(xr + rows_ahead * xv.stride_outer, width);
           if (Sums::kReadsGradient) prefetch_to_l2(gr + rows_ahead * gv.stride_outer, width);
           if (Grad::kReadsOutput) prefetch_to_l2(mr + rows_ahead * mv.stride_outer, width);
@@ -634,36 +707,27 @@ __attribute__((noinline)) void channels_last_unit_sums(const ChannelView& xv, co
                                          load_value(mr[k * mv.stride_channel])),
                           center_hi[k], center_lo[k]);
     }
+    if (kept1 != nullptr) {
+      std::copy(p1 + wide, p1 + width, kept1 + wide);
+      std::copy(p2 + wide, p2 + width, kept1 + part.channels + wide);
+      continue;
+    }
 #pragma omp simd
     for (int64_t k = wide; k < width; ++k) {
       s1[k] += static_cast<double>(p1[k]);
       s2[k] += static_cast<double>(p2[k]);
     }
   }
-  // A data-type partial overflows where the inputs' spread does (float32
-  // squares above about 1e19); those channels' sums are taken again in
-  // double, which cannot overflow for finite float inputs. NaN inputs
-  // land here too and stay NaN.
-  int finite = 1;
-#pragma omp simd reduction(& : finite)
-  for (int64_t k = 0; k < width; ++k) finite &= std::isfinite(s1[k]) & std::isfinite(s2[k]);
-  if (__builtin_expect(finite == 0, 0)) {
-    for (int64_t k = 0; k < width; ++k) {
-      if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
-      s1[k] = s2[k] = 0.0;
-      const S* xk = xc + k * xv.stride_channel;
-      const S* gk = gc + k * gv.stride_channel;
-      const S* mk = mc + k * mv.stride_channel;
-      for (int64_t o = o0; o < o1; ++o)
-        Sums::add(s1[k], s2[k], load_value(xk[o * xv.stride_outer]),
-                  Grad::gradient(load_value(gk[o * gv.stride_outer]),
-                                 load_value(mk[o * mv.stride_outer])),
-                  center[k]);
+  if (share != nullptr) {
+    if (share->begin == 0) {
+      std::copy_n(center, width, share->sums + c0);
+      std::copy_n(s1, width, share->sums + part.channels + c0);
+      std::copy_n(s2, width, share->sums + 2 * part.channels + c0);
     }
+    return;
   }
-  const double rows_summed = static_cast<double>(o1 - o0);
-  Partial* row = partials + unit * part.channels + c0;
-  for (int64_t k = 0; k < width; ++k) row[k] = Partial{rows_summed, center[k], s1[k], s2[k]};
+  finish_channels_last_unit<Sums, Grad, S>(xv, gv, mv, part, unit, c0, width, center, s1, s2,
+                                           partials);
 }
 
 // Fills the partials of every channel c and unit u (channels *
@@ -706,8 +770,9 @@ void reduce_units(const ChannelView& xv, const ChannelView& gv, const ChannelVie
 // A channels-last batch whose inputs, split into one band of rows per
 // thread, fit in the threads' own caches is reduced and written in one
 // parallel region: each thread sums its band's units, the channels'
-// coefficients are made once from every unit, and each thread then writes
-// its band while the band's inputs are still in its cache, so that they
+// coefficients are made once from every unit (a run of channels per
+// thread), and each thread then writes its band while the band's inputs
+// are still in its cache, so that they
 // come from the shared cache or memory once instead of twice (a
 // 16x32x32x32 channels-last forward on two threads: the two-pass loops
 // read 2 MB twice from the shared L3, the bands 1 MB once per core). The
@@ -742,32 +807,40 @@ int64_t band_count(const Partition& part, int reads, double ns_per_element) {
 // another on one thread, as it does inside another region or while
 // another caller holds it): each band's first step is claimed by the
 // first thread to reach it, and a task claims its own band's and then any
-// unclaimed band's before it waits, so it waits only for first steps
-// running on other threads. join() runs once, on the first thread past
-// the wait; the others wait for it. Nothing in the steps may throw.
+// unclaimed band's after it before it waits, so it waits only for first steps
+// running on other threads. The join itself is cut into `slices` parts,
+// claimed the same way once every first step is in; last() runs once,
+// on the thread that ends the last part, and every thread waits for it.
+// Nothing in the steps may throw.
 class BandJoin {
  public:
-  explicit BandJoin(int64_t bands) : bands_(bands) {}
+  BandJoin(int64_t bands, int64_t slices) : bands_(bands), slices_(slices) {}
 
-  template <class First, class Join>
-  void first_steps(int64_t band, const First& first, const Join& join) {
-    claim(band, first);
-    for (int64_t b = 0; b < bands_; ++b) claim(b, first);
-    wait_until([this] { return done_.load(std::memory_order_acquire) == bands_; });
-    int idle = 0;
-    if (join_state_.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
-      join();
-      join_state_.store(2, std::memory_order_release);
-    } else {
-      wait_until([this] { return join_state_.load(std::memory_order_acquire) == 2; });
+  void first_steps(int64_t band, TaskRef first, TaskRef join, TaskRef last) {
+    for (int64_t i = 0; i < bands_; ++i) {
+      const int64_t b = (band + i) % bands_;
+      if (claim(claimed_[b])) {
+        first(b);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+      }
     }
+    wait_until([this] { return done_.load(std::memory_order_acquire) == bands_; });
+    for (int64_t i = 0; i < slices_; ++i) {
+      const int64_t s = (band + i) % slices_;
+      if (claim(join_claimed_[s])) {
+        join(s);
+        if (joined_.fetch_add(1, std::memory_order_acq_rel) + 1 == slices_) {
+          last(0);
+          finished_.store(true, std::memory_order_release);
+        }
+      }
+    }
+    wait_until([this] { return finished_.load(std::memory_order_acquire); });
   }
 
  private:
-  template <class First> void claim(int64_t band, const First& first) {
-    if (claimed_[band].exchange(true, std::memory_order_acq_rel)) return;
-    first(band);
-    done_.fetch_add(1, std::memory_order_acq_rel);
+  static bool claim(std::atomic<bool>& flag) {
+    return !flag.exchange(true, std::memory_order_acq_rel);
   }
 
   // Spins, yielding now and then: the thread waited for may share a core.
@@ -780,40 +853,197 @@ class BandJoin {
     }
   }
 
-  int64_t bands_;
+  int64_t bands_, slices_;
   std::atomic<bool> claimed_[kMaxBands] = {};
+  std::atomic<bool> join_claimed_[kMaxBands] = {};
   std::atomic<int64_t> done_{0};
-  std::atomic<int> join_state_{0};
+  std::atomic<int64_t> joined_{0};
+  std::atomic<bool> finished_{false};
 };
 
-// Runs a banded region: first(unit) for each of every band's outer
-// blocks (every channel block of it), join() once all have run, then
-// second(begin, end) over each band's flat elements, a range at a time.
-template <class First, class Join, class Second>
-void run_bands(const Partition& part, int64_t bands, const First& first, const Join& join,
-               const Second& second) {
-  BandJoin barrier(bands);
-  const auto blocks = [&](int64_t band) {
-    return std::make_pair(part.outer_blocks * band / bands, part.outer_blocks * (band + 1) / bands);
+// A callable as f(begin, end), referred to, not owned (as TaskRef).
+class RangeRef {
+ public:
+  template <class F>
+  RangeRef(const F& f)
+      : f_(&f), call_([](const void* g, int64_t a, int64_t b) { (*static_cast<const F*>(g))(a, b); }) {}
+  void operator()(int64_t a, int64_t b) const { call_(f_, a, b); }
+
+ private:
+  const void* f_;
+  void (*call_)(const void*, int64_t, int64_t);
+};
+
+// Runs a banded region over `bands` bands of rows, band b being rows
+// [bounds[b], bounds[b + 1]) of `channels` channels: first(b) for each
+// band, join(s) for s in [0, slices) once all have run, last(0) once all
+// of those have, then second(begin, end) over each band's flat elements,
+// a chunk at a time. A task writes its own band's chunks and then helps
+// with the others' still unclaimed: on this shared machine one thread
+// often runs behind, and with each band's chunks its own thread's, the
+// other waited for it (a cycles profile of a (256, 4096) forward on two
+// threads: 4% of the first thread's samples in that wait). Out of line
+// and through references, one copy for every kernel.
+__attribute__((noinline)) void run_row_bands(int64_t bands, int64_t slices, int64_t channels,
+                                             const int64_t* bounds, TaskRef first, TaskRef join,
+                                             TaskRef last, RangeRef second) {
+  BandJoin barrier(bands, slices);
+  struct alignas(64) Claimed {
+    std::atomic<int64_t> chunks{0};
   };
-  const auto sums = [&](int64_t band) {
-    const auto [u0, u1] = blocks(band);
-    for (int64_t unit = u0; unit < u1; ++unit) first(unit);
-  };
+  Claimed claimed[kMaxBands];
   parallel_for(bands, [&](int64_t band) {
-    barrier.first_steps(band, sums, join);
-    // The band's elements in chunks from its end backwards: the first
+    barrier.first_steps(band, first, join, last);
+    // Each band's elements in chunks from its end backwards: the first
     // step read the end last, so where the band is larger than the cache
     // its end is still there.
-    const auto [u0, u1] = blocks(band);
-    const int64_t begin = u0 * part.outer_block * part.channels;
-    int64_t end = std::min(part.outer, u1 * part.outer_block) * part.channels;
-    while (end > begin) {
-      const int64_t start = std::max(begin, end - kPassChunk);
-      second(start, end);
-      end = start;
+    for (int64_t k = 0; k < bands; ++k) {
+      const int64_t b = (band + k) % bands;
+      const int64_t begin = bounds[b] * channels;
+      const int64_t end = bounds[b + 1] * channels;
+      for (int64_t i = claimed[b].chunks.fetch_add(1, std::memory_order_relaxed);
+           end - i * kPassChunk > begin;
+           i = claimed[b].chunks.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t stop = end - i * kPassChunk;
+        second(std::max(begin, stop - kPassChunk), stop);
+      }
     }
   });
+}
+
+// The outer blocks [u0, u1) of band b of `bands` bands of whole outer
+// blocks.
+inline std::pair<int64_t, int64_t> band_units(const Partition& part, int64_t bands, int64_t b) {
+  return {part.outer_blocks * b / bands, part.outer_blocks * (b + 1) / bands};
+}
+
+// The first row of each of `count` bands of rows and the end of the last
+// (run_row_bands), in scratch: bands of whole outer blocks, or the shares
+// of a split unit.
+int64_t* band_bounds(ScratchScope& scratch, const Partition& part, int64_t count,
+                     const UnitShare* shares) {
+  int64_t* bounds = scratch.take<int64_t>(static_cast<size_t>(count + 1));
+  for (int64_t b = 0; b < count; ++b)
+    bounds[b] = shares != nullptr ? shares[b].begin : band_units(part, count, b).first * part.outer_block;
+  bounds[count] = part.outer;
+  return bounds;
+}
+
+// ---- channels-last batches of one outer block, split by rows ---------------
+//
+// A channels-last batch whose rows all fall in one outer block (up to 256
+// rows at 256 channels or more) has one unit per channel block, so the
+// bands above cannot cut it. Its unit is shared out by rows instead, one
+// run of row blocks per thread (UnitShare): each thread sums its rows of
+// every channel, the first thread's double sums take the others' row
+// block partials in row block order once all are in (finish_split_unit),
+// and each thread then writes the rows it read. The join is shared out
+// by channels (join_channels). The two-pass loops split the sums by
+// channel blocks and the write by rows, so each thread wrote from data
+// the other core had read.
+
+// The most bytes of a share's inputs and output: a core's L2 here, so
+// that each thread writes from its own cache. Two threads at (256, 1024)
+// took 0.80-0.92 of the two-pass loops' time forward and 0.85-0.89
+// backward, (256, 2048) forward 0.88-0.95; at (256, 4096), whose shares
+// take twice this, 0.94-1.10 (the kept partials and the join cost what
+// the cache saves).
+constexpr int64_t kShareBytes = int64_t(2) << 20;
+
+// How many shares a contiguous channels-last call of `reads` operands (and
+// one output) splits its one outer block into, or 0 where it does not: at
+// least two (as many as the work pays threads for), each of whole row
+// blocks, each share's bytes at most kShareBytes.
+template <class S>
+int64_t split_unit_count(const Partition& part, int reads, double ns_per_element) {
+  if (part.inner != 1 || part.outer_blocks != 1) return 0;
+  const int64_t size = part.outer * part.channels;
+  const int64_t row_blocks = (part.outer + kPartialRows - 1) / kPartialRows;
+  const int64_t shares =
+      std::min({row_blocks, call_cost<S>(size, ns_per_element).slices(), kMaxBands});
+  if (shares < 2 || size * int64_t(sizeof(S)) * (reads + 1) > shares * kShareBytes) return 0;
+  return shares;
+}
+
+// `count` shares of the one unit's rows, with the first share's sums and
+// the later shares' kept partials (of the compute type T) in scratch.
+template <class T>
+UnitShare* split_unit_shares(ScratchScope& scratch, const Partition& part, int64_t count) {
+  UnitShare* shares = scratch.take<UnitShare>(static_cast<size_t>(count));
+  const int64_t row_blocks = (part.outer + kPartialRows - 1) / kPartialRows;
+  for (int64_t b = 0; b < count; ++b) {
+    const int64_t k0 = row_blocks * b / count, k1 = row_blocks * (b + 1) / count;
+    UnitShare& share = shares[b];
+    share.begin = k0 * kPartialRows;
+    share.end = std::min(part.outer, k1 * kPartialRows);
+    share.sums = b == 0 ? scratch.take<double>(static_cast<size_t>(3 * part.channels)) : nullptr;
+    share.kept = b == 0 ? nullptr
+                        : scratch.take<T>(static_cast<size_t>((k1 - k0) * 2 * part.channels));
+  }
+  return shares;
+}
+
+// A row's bytes that a share sums at a time: its rows a group of channel
+// blocks at a time, as reduce_units groups them on two threads.
+constexpr int64_t kShareGroupBytes = 4096;
+
+// Share `share` of the one unit's sums (see UnitShare), a group of channel
+// blocks at a time; centers as in channels_last_unit_sums.
+template <class Sums, class Grad, class S>
+void sum_unit_share(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                    const Partition& part, const double* centers, const UnitShare& share) {
+  const int64_t group =
+      std::max<int64_t>(1, kShareGroupBytes / (part.channel_block * int64_t(sizeof(S))));
+  for (int64_t b = 0; b < part.channel_blocks; b += group)
+    channels_last_unit_sums<Sums, Grad, S>(xv, gv, mv, part, centers, b,
+                                           std::min(part.channel_blocks, b + group), 0, nullptr,
+                                           &share);
+}
+
+// Channels [c0, c1) of the first share's double sums (see UnitShare) with
+// the later shares' row block partials added in row block order.
+template <class T>
+void add_kept_partials(const UnitShare* shares, int64_t count, int64_t channels, int64_t c0,
+                       int64_t c1) {
+  double* s1 = shares[0].sums + channels;
+  double* s2 = s1 + channels;
+  for (int64_t b = 1; b < count; ++b) {
+    const T* kept = static_cast<const T*>(shares[b].kept);
+    for (int64_t r = shares[b].begin; r < shares[b].end; r += kPartialRows, kept += 2 * channels) {
+#pragma omp simd
+      for (int64_t k = c0; k < c1; ++k) {
+        s1[k] += static_cast<double>(kept[k]);
+        s2[k] += static_cast<double>(kept[channels + k]);
+      }
+    }
+  }
+}
+
+// The unit's partials of channels [c0, c1) (partials[c]) from its `count`
+// shares once all have been summed: as channels_last_unit_sums ends.
+template <class Sums, class Grad, class S>
+void finish_split_unit(const ChannelView& xv, const ChannelView& gv, const ChannelView& mv,
+                       const Partition& part, const UnitShare* shares, int64_t count, int64_t c0,
+                       int64_t c1, Partial* partials) {
+  const int64_t channels = part.channels;
+  add_kept_partials<ComputeOf<S>>(shares, count, channels, c0, c1);
+  const double* center = shares[0].sums;
+  double* s1 = shares[0].sums + channels;
+  double* s2 = s1 + channels;
+  finish_channels_last_unit<Sums, Grad, S>(xv, gv, mv, part, 0, c0, c1 - c0, center + c0, s1 + c0,
+                                           s2 + c0, partials);
+}
+
+// The channels of join part s of `slices` (run_row_bands): whole runs of
+// kJoinChannels, so that parts write no line in common.
+constexpr int64_t kJoinChannels = 64;
+inline int64_t join_slices(int64_t shares, int64_t channels) {
+  return std::max<int64_t>(1, std::min(shares, (channels + kJoinChannels - 1) / kJoinChannels));
+}
+inline std::pair<int64_t, int64_t> join_channels(int64_t s, int64_t slices, int64_t channels) {
+  const int64_t runs = (channels + kJoinChannels - 1) / kJoinChannels;
+  return {std::min(channels, runs * s / slices * kJoinChannels),
+          std::min(channels, runs * (s + 1) / slices * kJoinChannels)};
 }
 
 // ---- channels-last batches of few rows in bands of channels -----------------
@@ -1947,29 +2177,54 @@ void forward_typed(const ArrayRef& x, const ArrayRef& y, const BatchNormForwardA
       banded && bands == 0 && apart
           ? column_band_count<S>(part, kReduceNanoseconds + kPassNanoseconds)
           : 0;
-  if (bands > 0) {
+  // Rows of one outer block shared out among threads (in place too: every
+  // share is summed before any is written).
+  const int64_t split = banded && bands == 0 && columns == 0
+                            ? split_unit_count<S>(part, 1, kReduceNanoseconds + kPassNanoseconds)
+                            : 0;
+  if (bands > 0 || split > 0) {
     const int64_t units = part.units_per_channel();
     Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
+    const UnitShare* shares =
+        split > 0 ? split_unit_shares<ComputeOf<S>>(scratch, part, split) : nullptr;
     const NormalizeSegment<S> segment = tables.segment(static_cast<const S*>(x.data), args.relu);
     const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
-    run_bands(
-        part, bands,
-        [&](int64_t unit) {
-          channels_last_unit_sums<StatisticsSums, GradientAsGiven, S>(
-              xv, xv, xv, part, nullptr, 0, part.channel_blocks, unit, partials);
+    // Channels [c0, c1) once every unit is summed: as channel_moments and
+    // the two-pass branch below.
+    const auto join = [&](int64_t c0, int64_t c1) {
+      if (shares != nullptr)
+        finish_split_unit<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, shares, split,
+                                                              c0, c1, partials);
+      unit_rows_moments(partials, units, channels, c0, c1, mean, m2);
+      for (int64_t c = c0; c < c1; ++c) var[c] = m2[c] / static_cast<double>(count);
+      set_coefficients(c0, c1);
+    };
+    const auto write = [&](int64_t begin, int64_t end) {
+      if (tables.any_wide) return;  // the whole array below, in double
+      map_range(static_cast<S*>(y.data), begin, end, channels, 1, coefficient_period(channels),
+                stream, segment);
+      if (stream) store_fence();
+    };
+    const int64_t regions = shares != nullptr ? split : bands;
+    const int64_t slices = join_slices(regions, channels);
+    run_row_bands(
+        regions, slices, channels, band_bounds(scratch, part, regions, shares),
+        [&](int64_t b) {
+          if (shares != nullptr) {
+            sum_unit_share<StatisticsSums, GradientAsGiven, S>(xv, xv, xv, part, nullptr,
+                                                               shares[b]);
+            return;
+          }
+          const auto [u0, u1] = band_units(part, bands, b);
+          for (int64_t unit = u0; unit < u1; ++unit)
+            channels_last_unit_sums<StatisticsSums, GradientAsGiven, S>(
+                xv, xv, xv, part, nullptr, 0, part.channel_blocks, unit, partials);
         },
-        [&] {  // as channel_moments and the two-pass branch below
-          unit_rows_moments(partials, units, channels, 0, channels, mean, m2);
-          for (size_t i = 0; i < nc; ++i) var[i] = m2[i] / static_cast<double>(count);
-          set_coefficients(0, channels);
-          tables.repeat();
+        [&](int64_t s) {
+          const auto [c0, c1] = join_channels(s, slices, channels);
+          join(c0, c1);
         },
-        [&](int64_t begin, int64_t end) {
-          if (tables.any_wide) return;  // the whole array below, in double
-          map_range(static_cast<S*>(y.data), begin, end, channels, 1,
-                    coefficient_period(channels), stream, segment);
-          if (stream) store_fence();
-        });
+        [&](int64_t) { tables.repeat(); }, write);
     if (tables.any_wide) tables.apply(x, y, args.axis, mean, args.relu);
   } else if (columns > 0) {
     Partial* partials = scratch.take<Partial>(nc);
@@ -2083,11 +2338,10 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   const S* dy_data = static_cast<const S*>(dy.data);
   const S* x_data = static_cast<const S*>(x.data);
   const S* m_data = static_cast<const S*>(m.data);
-  // Every channel's coefficients once the sums are in; out of line, the
-  // bands and the two-pass loops share one copy.
-  const auto fill_tables = [&]() __attribute__((noinline)) {
-    tables.fill(0, channels, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
-    tables.repeat();
+  // Channels [c0, c1)'s coefficients once their sums are in; out of line,
+  // the column bands, the row bands and the two-pass loops share one copy.
+  const auto fill_tables = [&](int64_t c0, int64_t c1) __attribute__((noinline)) {
+    tables.fill(c0, c1, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
   };
   const int reads = Grad::kReadsOutput ? 3 : 2;
   const Partition part(xv);
@@ -2108,32 +2362,58 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
       channels_last_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, mean, b0, b1, 0, partials);
       for (int64_t c = c0; c < c1; ++c)  // as gradient_sums and the two-pass branch
         sum_units(partials + c, 1, invstd[c], sum_dy[c], sum_dy_xhat[c]);
-      tables.fill(c0, c1, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
+      fill_tables(c0, c1);
       map_columns(static_cast<S*>(dx.data), count, channels, c0, c1, segment);
     });
     store_parameter_grads();
     return;
   }
-  if (bands > 0) {
+  // Rows of one outer block shared out among threads, as in the forward.
+  const int64_t split =
+      args.training && bands == 0 && columns == 0 && is_contiguous(dy) && is_contiguous(x) &&
+              is_contiguous(m) && is_contiguous(dx)
+          ? split_unit_count<S>(part, reads, kReduceNanoseconds + kPassNanoseconds)
+          : 0;
+  if (bands > 0 || split > 0) {
     const int64_t units = part.units_per_channel();
     Partial* partials = scratch.take<Partial>(nc * static_cast<size_t>(units));
+    const UnitShare* shares =
+        split > 0 ? split_unit_shares<ComputeOf<S>>(scratch, part, split) : nullptr;
     const InputGradSegment<S, Grad> segment = tables.template segment<Grad>(dy_data, x_data, m_data);
     const bool stream = count * channels * int64_t(sizeof(S)) >= kStreamBytes;
-    run_bands(
-        part, bands,
-        [&](int64_t unit) {
-          channels_last_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, mean, 0,
-                                                         part.channel_blocks, unit, partials);
+    // Channels [c0, c1) once every unit is summed: as gradient_sums and
+    // the two-pass branch below.
+    const auto join = [&](int64_t c0, int64_t c1) {
+      if (shares != nullptr)
+        finish_split_unit<GradientSums, Grad, S>(xv, gv, mv, part, shares, split, c0, c1,
+                                                 partials);
+      unit_rows_sums(partials, units, channels, c0, c1, invstd, sum_dy, sum_dy_xhat);
+      fill_tables(c0, c1);
+    };
+    const auto write = [&](int64_t begin, int64_t end) {
+      map_range(static_cast<S*>(dx.data), begin, end, channels, 1, coefficient_period(channels),
+                stream, segment);
+      if (stream) store_fence();
+    };
+    const int64_t regions = shares != nullptr ? split : bands;
+    const int64_t slices = join_slices(regions, channels);
+    run_row_bands(
+        regions, slices, channels, band_bounds(scratch, part, regions, shares),
+        [&](int64_t b) {
+          if (shares != nullptr) {
+            sum_unit_share<GradientSums, Grad, S>(xv, gv, mv, part, mean, shares[b]);
+            return;
+          }
+          const auto [u0, u1] = band_units(part, bands, b);
+          for (int64_t unit = u0; unit < u1; ++unit)
+            channels_last_unit_sums<GradientSums, Grad, S>(xv, gv, mv, part, mean, 0,
+                                                           part.channel_blocks, unit, partials);
         },
-        [&] {  // as gradient_sums and the two-pass branch below
-          unit_rows_sums(partials, units, channels, 0, channels, invstd, sum_dy, sum_dy_xhat);
-          fill_tables();
+        [&](int64_t s) {
+          const auto [c0, c1] = join_channels(s, slices, channels);
+          join(c0, c1);
         },
-        [&](int64_t begin, int64_t end) {
-          map_range(static_cast<S*>(dx.data), begin, end, channels, 1,
-                    coefficient_period(channels), stream, segment);
-          if (stream) store_fence();
-        });
+        [&](int64_t) { tables.repeat(); }, write);
     store_parameter_grads();
     return;
   }
@@ -2158,7 +2438,7 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
                                                 lanes + c0 * 2 * kLanes, partials);
           for (int64_t c = c0; c < c1; ++c)
             sum_units(partials + c * units, units, invstd[c], sum_dy[c], sum_dy_xhat[c]);
-          tables.fill(c0, c1, n, mean, invstd, gamma, sum_dy, sum_dy_xhat);
+          fill_tables(c0, c1);
           write_band_rows<S>(dv, c0, c1, stream,
                              [&](S* dst, int64_t o, int64_t c, int64_t start, int64_t len) {
             const S* g = dy_data + o * gv.stride_outer + c * gv.stride_channel + start;
@@ -2179,7 +2459,8 @@ void backward_typed(const ArrayRef& dy, const ArrayRef& x, const ArrayRef& m, co
   gradient_sums<S, Grad>(xv, gv, mv, mean, invstd, sum_dy, sum_dy_xhat);
   store_parameter_grads();
   if (args.training) {
-    fill_tables();
+    fill_tables(0, channels);
+    tables.repeat();
     input_grad_pass<S>(dy, x, m, dx, args.axis,
                        tables.template segment<Grad>(dy_data, x_data, m_data));
     return;
