@@ -447,6 +447,21 @@ struct UnitShare {
   void* kept;
 };
 
+// Whether s1[k] and s2[k] are finite for every k < n. Out of line, as
+// store_partials: one copy for every kernel.
+__attribute__((noinline)) bool all_finite(const double* s1, const double* s2, int64_t n) {
+  int finite = 1;
+#pragma omp simd reduction(& : finite)
+  for (int64_t k = 0; k < n; ++k) finite &= std::isfinite(s1[k]) & std::isfinite(s2[k]);
+  return finite != 0;
+}
+
+// partials[k] = (count, center[k], s1[k], s2[k]) for k < n.
+__attribute__((noinline)) void store_partials(Partial* partials, double count, const double* center,
+                                              const double* s1, const double* s2, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) partials[k] = Partial{count, center[k], s1[k], s2[k]};
+}
+
 // The end of a channels-last unit's sums over channels [c0, c0 + width):
 // channels whose data-type partials overflowed are summed again in double,
 // and each channel's (count, center, s1, s2) goes to partials[unit *
@@ -464,10 +479,7 @@ void finish_channels_last_unit(const ChannelView& xv, const ChannelView& gv, con
   // squares above about 1e19); those channels' sums are taken again in
   // double, which cannot overflow for finite float inputs. NaN inputs
   // land here too and stay NaN.
-  int finite = 1;
-#pragma omp simd reduction(& : finite)
-  for (int64_t k = 0; k < width; ++k) finite &= std::isfinite(s1[k]) & std::isfinite(s2[k]);
-  if (__builtin_expect(finite == 0, 0)) {
+  if (__builtin_expect(!all_finite(s1, s2, width), 0)) {
     for (int64_t k = 0; k < width; ++k) {
       if (std::isfinite(s1[k]) && std::isfinite(s2[k])) continue;
       s1[k] = s2[k] = 0.0;
@@ -481,9 +493,8 @@ void finish_channels_last_unit(const ChannelView& xv, const ChannelView& gv, con
                   center[k]);
     }
   }
-  const double rows_summed = static_cast<double>(o1 - o0);
-  Partial* row = partials + unit * part.channels + c0;
-  for (int64_t k = 0; k < width; ++k) row[k] = Partial{rows_summed, center[k], s1[k], s2[k]};
+  store_partials(partials + unit * part.channels + c0, static_cast<double>(o1 - o0), center, s1,
+                 s2, width);
 }
 
 // The sums of the units of channel blocks [block_begin, block_end) over
