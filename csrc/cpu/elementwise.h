@@ -341,41 +341,18 @@ template <class Arg> inline bool core_block_inside(Arg arg, int64_t at, float bo
 // out[k] = full(k) for k in [0, count), where blocks of kCoreBlock whose
 // arguments arg(k) all lie in [-bound, bound] (NaN lies outside) take
 // core(k) instead: a cheaper evaluation that equals full(k) there, so the
-// blocking decides speed, never bits. Each of the three loops vectorizes;
-// only the choice between them branches. With kLines the loops are
+// blocking decides speed, never bits. Each loop vectorizes; only the
+// choice between them branches. With kLines the loops are
 // write_lines, streaming where `stream` is set; otherwise write_run's
 // single loops.
 // The callables are taken by value, so that once inlined their captures
 // are locals the compiler keeps in registers rather than reloads through a
 // reference that the stores to out might alias.
-template <bool kLines = false, class T, class Arg, class Core, class Full>
-inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core, Full full,
-                            bool stream = kLines) {
-  const auto write = [stream](T* dst, int64_t n, auto value) FUSEDNN_INLINE_LAMBDA {
-    if constexpr (kLines) {
-      write_lines(dst, n, stream, value);
-    } else {
-      write_run<false>(dst, n, value);
-    }
-  };
-  int64_t i = 0;
-  for (; i + kCoreBlock <= count; i += kCoreBlock) {
-    const int64_t at = i;
-    if (core_block_inside(arg, at, bound)) {
-      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
-    } else {
-      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(at + j); });
-    }
-  }
-  const int64_t done = i;
-  write(out + done, count - done, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(done + j); });
-}
-
-// run_core_blocks with a second core evaluation, alternate_core, taken
-// instead of core where `alternate` is set (the half types' cores: see
-// activation_run): one more loop for the blocks inside the bound, while
-// the rarer blocks beyond it share full's loop, which must then equal
-// alternate_core inside the bound where `alternate` is set.
+// With a second core evaluation, alternate_core, taken instead of core
+// where `alternate` is set (the half types' cores: see activation_run):
+// one more loop for the blocks inside the bound, while the rarer blocks
+// beyond it share full's loop, which must then equal alternate_core inside
+// the bound where `alternate` is set.
 template <bool kLines, class T, class Arg, class Core, class AlternateCore, class Full>
 inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core,
                             AlternateCore alternate_core, bool alternate, Full full, bool stream) {
@@ -391,15 +368,22 @@ inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core co
     const int64_t at = i;
     if (!core_block_inside(arg, at, bound)) {
       write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(at + j); });
-    } else if (alternate) {
+    } else if (!alternate) {
+      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
+    } else {
       write(out + at, kCoreBlock,
             [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return alternate_core(at + j); });
-    } else {
-      write(out + at, kCoreBlock, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return core(at + j); });
     }
   }
   const int64_t done = i;
   write(out + done, count - done, [=](int64_t j) FUSEDNN_INLINE_LAMBDA { return full(done + j); });
+}
+
+// run_core_blocks with core alone: `alternate` false folds the second loop away.
+template <bool kLines = false, class T, class Arg, class Core, class Full>
+inline void run_core_blocks(T* out, int64_t count, float bound, Arg arg, Core core, Full full,
+                            bool stream = kLines) {
+  run_core_blocks<kLines>(out, count, bound, arg, core, core, false, full, stream);
 }
 
 }  // namespace FUSEDNN_ISA
