@@ -38,7 +38,7 @@ PARAMS = [(name, {}) for name in fn.ACTIVATIONS] + [
 EXACT = {"relu", "leaky_relu", "hardtanh"}
 FROM_Y = {"sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "hardtanh"}
 # The half types' own float32 forms (fusednn/activations.h: the
-# forward_core_half and backward_core_half cores, GeluErfHalf, SiluHalf,
+# forward_core_half cores, GeluErfHalf, SiluHalf,
 # HardswishHalf, EluHalf, SeluHalf): within the bound, but not always the
 # float32 kernel's result rounded, from which they may differ by one ulp.
 OWN_FORWARD = {"sigmoid", "tanh", "elu", "selu", "silu", "gelu"}  # gelu: the exact form
