@@ -115,7 +115,7 @@ def test_bench_sweep_reports_every_point(tiny_sweep, tmp_path, capsys, restore_t
                  "--peers", "none", "--json", str(path)]) == 0
     assert fn.get_num_threads() == before
     out = capsys.readouterr().out
-    assert "2 threads: a region of 2 empty tasks" in out
+    assert "2 threads: a region of 2 tasks that all join" in out
     assert "#### relu" in out and "#### dropout backward" in out
     document = json.loads(path.read_text())
     points = document["points"]

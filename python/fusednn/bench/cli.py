@@ -316,7 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "once, outside the timings")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="FILE",
-                        help="also write a PNG bar chart of %% of roof (needs matplotlib)")
+                        help="also write a PNG: a bar chart of %% of roof, or with --sweep GB/s "
+                             "against size (needs matplotlib)")
     parser.add_argument("--compare", metavar="OLD.json",
                         help="print each row's time against an earlier --json file of the same "
                              "machine and options, marking changes beyond the noise of the "

@@ -9,7 +9,8 @@ PyTorch eager's op writing a preallocated output (aten ``.out`` overloads;
 PyTorch's dropout has no out= form and allocates) and a copy of the same
 bytes (the roof: at sizes that fit a cache level it is that level's copy
 speed). It also times batch norm on the shapes of real layers, and the
-pool itself: a parallel region of two empty tasks, and the CPU the process
+pool itself: a parallel region of two tasks that each wait until the
+other has started (so that both threads must join), and the CPU the process
 burns while idle after a call.
 
 Each point is the median of rounds that interleave fusednn, PyTorch and the
@@ -226,7 +227,8 @@ def copy_call(src: np.ndarray, dst: np.ndarray) -> Callable:
 
 
 def pool_probe(threads: int, repeat: int) -> dict:
-    """A parallel region of `threads` empty tasks: its median cost over
+    """A parallel region of `threads` tasks that wait until all have
+    started (empty ones would time only the caller): its median cost over
     back-to-back regions, and the process's CPU use while idle from 1 ms
     after the last region to 100 ms later (worker threads included)."""
     set_num_threads(threads)
@@ -420,7 +422,7 @@ def run(args, peers: frozenset) -> int:
         set_num_threads(previous)
     lines = ["## pool", ""]
     for entry in pool:
-        lines.append(f"  {entry['threads']} threads: a region of {entry['threads']} empty tasks "
+        lines.append(f"  {entry['threads']} threads: a region of {entry['threads']} tasks that all join "
                      f"{entry['region_us']:.2f} us; idle CPU 1-101 ms after it "
                      f"{entry['idle_cpu_percent']:.1f}%")
     lines += ["", "## sweep (float32)", ""] + format_sweep(points, threads_list)
