@@ -437,6 +437,28 @@ def restore_threads():
 
 
 @pytest.fixture
+def restore_thread_pool():
+    """Restores the thread-pool choice a test changes."""
+    original = fn.get_thread_pool()
+    yield
+    fn.set_thread_pool(original)
+
+
+@pytest.fixture
+def openmp_team(restore_thread_pool, restore_threads):
+    """Regions on the process's GNU OpenMP team, on 2 threads: PyTorch
+    loaded (its CPU builds load libgomp), the choice "openmp"; skips where
+    there is no such team."""
+    torch = pytest.importorskip("torch")
+    fn.set_thread_pool("openmp")
+    fn.set_num_threads(2)
+    if not _cpu.openmp_team_available():
+        pytest.skip(f"no GNU OpenMP team in this process "
+                    f"({torch.__config__.parallel_info().splitlines()[-1].strip()})")
+    return torch
+
+
+@pytest.fixture
 def restore_simd():
     """Restores the SIMD path a test changes."""
     original = _cpu.simd()

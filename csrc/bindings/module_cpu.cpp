@@ -115,6 +115,26 @@ PYBIND11_MODULE(_cpu, m) {
   m.attr("max_num_threads") = cpu::kMaxThreads;
   m.def("get_num_threads", &cpu::num_threads);
   m.def("set_num_threads", &cpu::set_num_threads);
+  m.def("set_thread_pool", [](const std::string& kind) {
+    if (kind == "auto") {
+      cpu::set_pool_choice(cpu::PoolChoice::automatic);
+    } else if (kind == "openmp") {
+      cpu::set_pool_choice(cpu::PoolChoice::openmp);
+    } else if (kind == "fusednn") {
+      cpu::set_pool_choice(cpu::PoolChoice::own);
+    } else {
+      throw py::value_error("set_thread_pool: kind must be 'auto', 'openmp' or 'fusednn', got '" +
+                            kind + "'");
+    }
+  });
+  m.def("get_thread_pool", [] {
+    switch (cpu::pool_choice()) {
+      case cpu::PoolChoice::openmp: return std::string("openmp");
+      case cpu::PoolChoice::own: return std::string("fusednn");
+      default: return std::string("auto");
+    }
+  });
+  m.def("openmp_team_available", &cpu::openmp_team_available);
   // The bench's probe of the pool itself: the median seconds of one
   // parallel region over `regions` back-to-back regions, timed here so that
   // no Python call is counted. Each of the region's tasks waits until all

@@ -18,6 +18,22 @@ constexpr int kMaxThreads = 1024;
 int num_threads();
 void set_num_threads(int n);
 
+// Which threads run a parallel region. openmp: the calling thread's
+// OpenMP team, where the process has GNU OpenMP (libgomp) loaded, as
+// PyTorch's CPU builds do, and this thread is in no OpenMP region;
+// automatic: the same, but only while the team's other members are awake
+// (running or spinning, as after PyTorch's operators) and the caller has
+// been busy; own: the pool's own workers. Where the team is not used the
+// pool's own workers run the region. FUSEDNN_THREAD_POOL (auto, openmp,
+// fusednn) sets the first choice.
+enum class PoolChoice : int { automatic, openmp, own };
+void set_pool_choice(PoolChoice choice);
+PoolChoice pool_choice();
+// Whether a parallel region started from this thread may run on the
+// OpenMP team (the runtime is loaded, the choice allows it, more than one
+// thread).
+bool openmp_team_available();
+
 // A task callable as task(i), referred to, not owned: it must outlive the
 // parallel_for it is passed to (a lambda written in the call does). A
 // std::function copied each kernel's lambda (to the heap where its

@@ -13,7 +13,7 @@ memory copy, the reference and PyTorch; ``python -m fusednn info`` prints
 the build configuration.
 """
 from . import reference
-from ._backend import get_num_threads, info, set_num_threads
+from ._backend import get_num_threads, get_thread_pool, info, set_num_threads, set_thread_pool
 from .batchnorm import BatchNormResult, batch_norm, batch_norm_backward
 from .batchnorm_split import (BatchNormMoments, BatchNormStats, batch_norm_apply,
                               batch_norm_backward_apply, batch_norm_backward_reduce,
@@ -32,7 +32,7 @@ __all__ = [
     "activation_backward", "batch_norm", "batch_norm_apply", "batch_norm_backward",
     "batch_norm_backward_apply", "batch_norm_backward_reduce", "batch_norm_combine",
     "batch_norm_finalize", "batch_norm_stats", "bias_act_dropout", "bias_act_dropout_backward", "dropout",
-    "dropout_backward", "dropout_mask", "elu", "gelu", "get_num_threads",
+    "dropout_backward", "dropout_mask", "elu", "gelu", "get_num_threads", "get_thread_pool",
     "hardsigmoid", "hardswish", "hardtanh", "info", "init", "leaky_relu", "mish", "nn",
-    "reference", "relu", "selu", "set_num_threads", "sigmoid", "silu", "softplus", "tanh",
+    "reference", "relu", "selu", "set_num_threads", "set_thread_pool", "sigmoid", "silu", "softplus", "tanh",
 ]

@@ -133,9 +133,39 @@ def set_num_threads(n: int) -> None:
     _cpu.set_num_threads(int(n))
 
 
+def set_thread_pool(kind: str) -> None:
+    """Chooses the threads that run the CPU kernels' parallel regions;
+    results do not depend on it.
+
+    Where the process has GNU OpenMP loaded (PyTorch's CPU builds load it),
+    a region can run on the calling thread's OpenMP team, the threads
+    PyTorch's own operators run on, which under OpenMP's default wait
+    policy spin for milliseconds after each operator on the cores
+    fusednn's own workers would need. ``"auto"`` (the default) takes the
+    team while its other threads are awake (running or spinning) and the
+    caller has kept busy for some milliseconds, as in a training loop, and
+    fusednn's own pool otherwise; ``"openmp"`` takes the team whenever the
+    runtime is there; ``"fusednn"`` always fusednn's own pool. Where there
+    is no GNU OpenMP, or inside an OpenMP region, or in a child process
+    forked after the team ran, fusednn's own pool serves whatever the
+    choice. ``FUSEDNN_THREAD_POOL`` in the environment sets the first
+    choice.
+    """
+    if kind not in ("auto", "openmp", "fusednn"):
+        raise ValueError(f"fusednn.set_thread_pool: kind must be 'auto', 'openmp' or "
+                         f"'fusednn', got {kind!r}")
+    _cpu.set_thread_pool(kind)
+
+
+def get_thread_pool() -> str:
+    """The choice set_thread_pool made: ``"auto"``, ``"openmp"`` or
+    ``"fusednn"``."""
+    return _cpu.get_thread_pool()
+
+
 def info() -> dict:
     """Build configuration: version, cuda_built, cuda_archs (SASS), cuda_ptx,
-    simd, threads."""
+    simd, threads, thread_pool."""
     result = {
         "version": _cpu.version,
         "cuda_built": _cuda is not None,
@@ -146,6 +176,10 @@ def info() -> dict:
         "simd": _cpu.simd(),
         "simd_available": list(_cpu.available_simd()),
         "threads": _cpu.get_num_threads(),
+        # The threads this thread's parallel regions may run on: the
+        # choice ("auto", "openmp") where the process's GNU OpenMP team is
+        # within reach, "fusednn" (its own pool) where it is not.
+        "thread_pool": _cpu.get_thread_pool() if _cpu.openmp_team_available() else "fusednn",
     }
     if _cuda is not None:
         result["cuda_runtime"] = _cuda.runtime_version()

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._backend import _cpu, get_num_threads, set_num_threads
+from .._backend import _cpu, get_num_threads, get_thread_pool, set_num_threads, set_thread_pool
 from .cases import BenchError
 from .output import progress, require_matplotlib
 from .timing import wall_seconds
@@ -229,19 +229,31 @@ def copy_call(src: np.ndarray, dst: np.ndarray) -> Callable:
 def pool_probe(threads: int, repeat: int) -> dict:
     """A parallel region of `threads` tasks that wait until all have
     started (empty ones would time only the caller): its median cost over
-    back-to-back regions, and the process's CPU use while idle from 1 ms
-    after the last region to 100 ms later (worker threads included)."""
+    back-to-back regions on fusednn's own pool, and the process's CPU use
+    while idle from 1 ms after the last region to 100 ms later (worker
+    threads included); where the process's OpenMP team is within reach
+    (PyTorch loaded), the region's cost on it too."""
     set_num_threads(threads)
-    regions = [_cpu.pool_region_seconds(threads, 2000) for _ in range(repeat)]
-    time.sleep(0.001)
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    wall = time.perf_counter()
-    time.sleep(0.1)
-    wall = time.perf_counter() - wall
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    choice = get_thread_pool()
+    try:
+        set_thread_pool("fusednn")
+        regions = [_cpu.pool_region_seconds(threads, 2000) for _ in range(repeat)]
+        time.sleep(0.001)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        wall = time.perf_counter()
+        time.sleep(0.1)
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        set_thread_pool("openmp")
+        team = None
+        if _cpu.openmp_team_available():
+            team = statistics.median(
+                _cpu.pool_region_seconds(threads, 2000) for _ in range(repeat)) * 1e6
+    finally:
+        set_thread_pool(choice)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"threads": threads, "region_us": statistics.median(regions) * 1e6,
-            "idle_cpu_percent": 100.0 * cpu / wall}
+            "idle_cpu_percent": 100.0 * cpu / wall, "openmp_region_us": team}
 
 
 @dataclass
@@ -422,9 +434,11 @@ def run(args, peers: frozenset) -> int:
         set_num_threads(previous)
     lines = ["## pool", ""]
     for entry in pool:
-        lines.append(f"  {entry['threads']} threads: a region of {entry['threads']} tasks that all join "
-                     f"{entry['region_us']:.2f} us; idle CPU 1-101 ms after it "
-                     f"{entry['idle_cpu_percent']:.1f}%")
+        team = entry["openmp_region_us"]
+        lines.append(f"  {entry['threads']} threads: a region of {entry['threads']} tasks that all "
+                     f"join {entry['region_us']:.2f} us on fusednn's pool (idle CPU 1-101 ms "
+                     f"after it {entry['idle_cpu_percent']:.1f}%)"
+                     + (f", {team:.2f} us on the process's OpenMP team" if team else ""))
     lines += ["", "## sweep (float32)", ""] + format_sweep(points, threads_list)
     if layers:
         lines += ["## batch norm at layer shapes (float32)", ""]
