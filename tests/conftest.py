@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -423,6 +424,27 @@ def grad_for(x: np.ndarray, seed=1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     g = rng.uniform(0.5, 2.0, x.shape) * rng.choice([-1.0, 1.0], x.shape)
     return g.astype(x.dtype)
+
+
+def run_at_once(count: int, work) -> list:
+    """Calls work(i) for i in range(count) on as many Python threads,
+    released together; returns the exceptions they raised."""
+    start = threading.Barrier(count)
+    errors = []
+
+    def run(i):
+        try:
+            start.wait()
+            work(i)
+        except Exception as error:  # reported to the caller
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 # ---- fixtures ------------------------------------------------------------------

@@ -18,7 +18,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ from fusednn import _cpu
 from fusednn.__main__ import main
 from fusednn.bench import sweep
 
-from conftest import same_bits
+from conftest import run_at_once, same_bits
 
 
 def process_cpu_seconds() -> float:
@@ -154,23 +153,13 @@ def test_concurrent_callers_beside_the_team(openmp_team):
     inputs = [np.random.default_rng(s).standard_normal(1_000_000, dtype=np.float32)
               for s in range(4)]
     expected = [fn.silu(x) for x in inputs]
-    results, errors = [None] * 4, []
-    start = threading.Barrier(4)
+    results = [None] * 4
 
     def work(i):
-        try:
-            start.wait()
-            for _ in range(5):
-                results[i] = fn.silu(inputs[i])
-        except Exception as error:  # reported by the main thread
-            errors.append(error)
+        for _ in range(5):
+            results[i] = fn.silu(inputs[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_at_once(4, work)
     for got, want in zip(results, expected):
         assert same_bits(got, want)
 
