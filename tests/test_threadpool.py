@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,42 @@ def test_idle_workers_stop_using_cpu(restore_threads, restore_thread_pool):
     time.sleep(0.3)
     used = (process_cpu_seconds() - before) / (time.perf_counter() - start)
     assert used < 0.1, f"{used:.0%} of a core while idle"
+
+
+def current_cpu() -> int:
+    """The core the calling thread runs on (field 39 of its stat line)."""
+    with open("/proc/thread-self/stat", encoding="ascii") as file:
+        return int(file.read().rsplit(")", 1)[1].split()[36])
+
+
+def pool_threads() -> list[int]:
+    tasks = Path("/proc/self/task")
+    return [int(t.name) for t in tasks.iterdir()
+            if (t / "comm").read_text().strip() == "fusednn-pool"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_workers_keep_off_the_callers_core(restore_threads, restore_thread_pool):
+    # A region on the pool's own workers sets their affinity to the caller's
+    # cores less the one it runs on. The caller may move between the region
+    # and the check, so the check is retried; a pool that leaves the masks
+    # alone never passes.
+    fn.set_thread_pool("fusednn")
+    fn.set_num_threads(2)
+    x = np.ones(2**20, np.float32)
+    for _ in range(50):
+        fn.relu(x, out=x)
+        cpu = current_cpu()
+        masks = [os.sched_getaffinity(tid) for tid in pool_threads()]
+        if masks and all(m and cpu not in m for m in masks):
+            break
+    else:
+        pytest.fail(f"pool threads' masks {masks} include the caller's core {cpu}")
+    # With more threads than cores no worker is kept off a core.
+    fn.set_num_threads(2 * len(os.sched_getaffinity(0)))
+    fn.relu(x, out=x)
+    assert all(os.sched_getaffinity(tid) == os.sched_getaffinity(0) for tid in pool_threads())
 
 
 @pytest.mark.parametrize("name", ["relu", "gelu", "hardtanh"])
