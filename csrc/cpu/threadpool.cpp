@@ -167,6 +167,12 @@ class OpenMpLookup {
 // where the pool's own caller takes a late worker's tasks itself.
 class TeamWatch {
  public:
+  TeamWatch() {
+    for (auto& c : clocks_) c.store(kUnknown);
+    for (auto& c : cores_) c.store(-1);
+    for (double& c : cpu_) c = -1.0;
+  }
+
   // The calling member notes its clock and the core it ran on (any member
   // but the caller).
   void note_member(int member) {
@@ -260,12 +266,6 @@ class TeamWatch {
   std::chrono::steady_clock::time_point looked_{};
   bool awake_ = true;
 
- public:
-  TeamWatch() {
-    for (auto& c : clocks_) c.store(kUnknown);
-    for (auto& c : cores_) c.store(-1);
-    for (double& c : cpu_) c = -1.0;
-  }
 };
 #else
 class OpenMpLookup {
@@ -438,17 +438,7 @@ class Pool {
   // spins without yielding, and a member woken onto the caller's core here
   // waited behind that spin until the next scheduler tick.
   void work_on_team() {
-    const bool was_inside = t_inside_task;
-    t_inside_task = true;
-    for (int64_t i = next_.fetch_add(1); i < ntasks_; i = next_.fetch_add(1)) {
-      try {
-        (*task_)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-      }
-    }
-    t_inside_task = was_inside;
+    take_tasks();
     const int member = team_->thread_num();
     if (member != 0) {
       watch_.note_member(member);
@@ -479,24 +469,31 @@ class Pool {
 #endif
   }
 
-  // Takes tasks until none are left; records the first exception.
-  void work() {
+  // Takes tasks from the shared counter until none are left, recording the
+  // first exception (none leaves: an OpenMP runtime's frames may be
+  // above); returns how many it ran.
+  int64_t take_tasks() {
+    const bool was_inside = t_inside_task;
     t_inside_task = true;
-    int64_t done_here = 0;
-    for (;;) {
-      const int64_t i = next_.fetch_add(1);
-      if (i >= ntasks_) break;
+    int64_t ran = 0;
+    for (int64_t i = next_.fetch_add(1); i < ntasks_; i = next_.fetch_add(1)) {
       try {
         (*task_)(i);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!error_) error_ = std::current_exception();
       }
-      ++done_here;
+      ++ran;
     }
-    t_inside_task = false;
+    t_inside_task = was_inside;
+    return ran;
+  }
+
+  // A share of a region on the pool's own workers.
+  void work() {
+    const int64_t ran = take_tasks();
     std::lock_guard<std::mutex> lock(mutex_);
-    remaining_.fetch_sub(done_here);
+    remaining_.fetch_sub(ran);
     if (finished()) done_.notify_all();
   }
 
